@@ -1,0 +1,985 @@
+"""The broker: sessions, routing, bounded queues, limits and shutdown.
+
+The broker runs inside the caller's event loop (``async with Broker(...)`` or
+``await broker.start()`` / ``await broker.close()``), or standalone through
+``daemoneye-eventbus serve``. Each connection is a :class:`_SocketSession`, a
+thin ``asyncio.Protocol`` pump around a sans-I/O
+:class:`~daemoneye_eventbus.protocol.Connection`. In-process subscribers (the
+agent itself, through :class:`~daemoneye_eventbus.bus.DaemoneyeEventBus`) are
+:class:`LocalSession` objects that share the same routing and the same bounds.
+
+Delivery is at most once [protocol §5]: every subscriber has an outbound queue
+bounded in messages and bytes. When it is full, new events for it are dropped
+and counted, and its per-subscription sequence numbers show the gap; the
+publisher and the other subscribers are never held up. A subscriber whose
+socket stays backed up past ``slow_consumer_timeout`` is disconnected.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Final, Self
+
+from daemoneye.eventbus.v1 import frames_pb2, registry
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus.correlation import CorrelationMatcher, validate_metadata
+from daemoneye_eventbus.errors import (
+    AccessDenied,
+    BrokerError,
+    ClosedResourceError,
+    EventBusError,
+    InvalidCorrelation,
+    InvalidTopic,
+    LimitExceeded,
+    PayloadTypeMismatch,
+    RemoteProtocolError,
+    ServerError,
+    UnknownSubscription,
+)
+from daemoneye_eventbus.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HANDSHAKE_MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Connection,
+    Role,
+    State,
+    error_frame,
+)
+from daemoneye_eventbus.topics import SubscriptionTrie, validate_filter, validate_topic
+from daemoneye_eventbus.transport import (
+    PeerCredentials,
+    bind_unix_socket,
+    peer_credentials,
+    remove_socket,
+)
+
+__all__ = [
+    "Broker",
+    "BrokerConfig",
+    "BrokerStatistics",
+    "ConnectionStatistics",
+    "LocalDelivery",
+    "LocalSession",
+    "SubscriptionStatistics",
+]
+
+log = logging.getLogger("daemoneye_eventbus.broker")
+
+# Transport write buffer bounds: above HIGH the socket counts as backed up and
+# frames wait in the session's bounded queue instead.
+_WRITE_HIGH: Final = 256 * 1024
+_WRITE_LOW: Final = 64 * 1024
+# Topics whose routing is remembered; the cache is cleared when it grows past
+# this, and whenever a subscription is added or removed.
+_ROUTE_CACHE_SIZE: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Limits and deadlines of a broker. Every one is enforced."""
+
+    #: Largest frame body after the handshake, in bytes.
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: Largest frame body before the handshake completes, in bytes.
+    handshake_max_frame_bytes: int = HANDSHAKE_MAX_FRAME_BYTES
+    #: Seconds a client has to complete the handshake, however slowly it sends.
+    handshake_timeout: float = 2.0
+    #: Open connections at most, in total.
+    max_connections: int = 1024
+    #: Open connections at most per peer uid.
+    max_connections_per_uid: int = 256
+    #: Subscriptions at most per connection.
+    max_subscriptions: int = 1024
+    #: Longest topic or filter, in bytes.
+    max_topic_bytes: int = 255
+    #: Most levels in a topic or filter.
+    max_topic_levels: int = 16
+    #: Messages queued at most for one subscriber before drops start.
+    max_queue_messages: int = 1000
+    #: Bytes queued at most for one subscriber before drops start.
+    max_queue_bytes: int = 8 * 1024 * 1024
+    #: Seconds a subscriber's socket may stay backed up before it is disconnected.
+    slow_consumer_timeout: float = 10.0
+    #: Seconds of silence after which the broker pings a client.
+    heartbeat_interval: float = 5.0
+    #: Seconds of silence after which the broker disconnects a client.
+    idle_timeout: float = 15.0
+    #: Seconds a graceful shutdown may spend draining queues.
+    drain_timeout: float = 5.0
+    #: Accept topics the schema does not declare (as public topics).
+    allow_undeclared_topics: bool = False
+    #: Permission bits of the socket file.
+    socket_mode: int = 0o600
+    #: Group of the socket file (gid), or None to keep the broker's.
+    socket_group: int | None = None
+
+    def limits(self) -> frames_pb2.Limits:
+        """The limits as announced in ``Welcome``."""
+        return frames_pb2.Limits(
+            max_frame_bytes=self.max_frame_bytes,
+            max_topic_bytes=self.max_topic_bytes,
+            max_topic_levels=self.max_topic_levels,
+            max_subscriptions=self.max_subscriptions,
+            max_queue_messages=self.max_queue_messages,
+            max_queue_bytes=self.max_queue_bytes,
+            heartbeat_interval_ms=int(self.heartbeat_interval * 1000),
+            idle_timeout_ms=int(self.idle_timeout * 1000),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    """A snapshot of one subscription's figures."""
+
+    session_id: str
+    subscription_id: int
+    filter: str
+    delivered: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """A snapshot of one connection's figures."""
+
+    session_id: str
+    client_name: str
+    component: str
+    peer: PeerCredentials | None
+    queue_messages: int
+    queue_bytes: int
+    published: int
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatistics:
+    """A snapshot of the broker's figures."""
+
+    connections: int
+    connections_total: int
+    published: int
+    delivered: int
+    dropped: int
+    refused: int
+    connection_stats: tuple[ConnectionStatistics, ...]
+    subscription_stats: tuple[SubscriptionStatistics, ...]
+
+    def to_proto(self, request_id: int = 0) -> frames_pb2.StatsResponse:
+        """The snapshot as a ``StatsResponse`` frame body."""
+        return frames_pb2.StatsResponse(
+            request_id=request_id,
+            connections=self.connections,
+            connections_total=self.connections_total,
+            published=self.published,
+            delivered=self.delivered,
+            dropped=self.dropped,
+            refused=self.refused,
+            connection_stats=[
+                frames_pb2.ConnectionStats(
+                    session_id=c.session_id,
+                    client_name=c.client_name,
+                    component=c.component,
+                    peer_pid=c.peer.pid if c.peer else 0,
+                    peer_uid=c.peer.uid if c.peer else 0,
+                    queue_messages=c.queue_messages,
+                    queue_bytes=c.queue_bytes,
+                    published=c.published,
+                )
+                for c in self.connection_stats
+            ],
+            subscription_stats=[
+                frames_pb2.SubscriptionStats(
+                    session_id=s.session_id,
+                    subscription_id=s.subscription_id,
+                    filter=s.filter,
+                    delivered=s.delivered,
+                    dropped=s.dropped,
+                )
+                for s in self.subscription_stats
+            ],
+        )
+
+
+@dataclass(eq=False, slots=True)
+class _Subscription:
+    """One subscription of one session; hashed by identity in the trie."""
+
+    session: _Session
+    subscription_id: int
+    filter: str
+    matcher: CorrelationMatcher | None
+    #: Deliver control topics to this subscription.
+    wants_control: bool
+    sequence: int = 0
+    delivered: int = 0
+    dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _TopicInfo:
+    """What routing needs to know about a published topic, cached per name."""
+
+    payload_type: str | None
+    control: bool
+
+
+class _Session(abc.ABC):  # noqa: B024 - the abstract methods are below
+    """What the router needs of a subscriber or publisher, socket or local."""
+
+    session_id: str
+    client_name: str = ""
+    component: str = ""
+    peer: PeerCredentials | None = None
+    published: int = 0
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.session_id = secrets.token_hex(8)
+        self.subscriptions: dict[int, _Subscription] = {}
+
+    @abc.abstractmethod
+    def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
+        """Queue one event for ``sub``; False if its queue is full (dropped)."""
+
+    @abc.abstractmethod
+    def queue_depth(self) -> tuple[int, int]:
+        """Messages and bytes waiting for this session."""
+
+
+class Broker:
+    """The message broker, listening on a Unix domain socket.
+
+    Use as ``async with Broker(path) as broker:`` or call :meth:`start` and
+    :meth:`close`. The socket file and a directory created for it are removed
+    on close.
+    """
+
+    def __init__(self, path: str, config: BrokerConfig | None = None) -> None:
+        self.path = path
+        self.config = config or BrokerConfig()
+        self._trie: SubscriptionTrie[_Subscription] = SubscriptionTrie(
+            max_bytes=self.config.max_topic_bytes, max_levels=self.config.max_topic_levels
+        )
+        self._route_cache: dict[str, tuple[_Subscription, ...]] = {}
+        self._topic_cache: dict[str, _TopicInfo] = {}
+        self._sessions: set[_SocketSession] = set()
+        self._local_sessions: set[LocalSession] = set()
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        self._dirty: set[_SocketSession] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._housekeeper: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+        self.connections_total = 0
+        self.published = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.refused = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the socket and start accepting connections."""
+        if self._server is not None:
+            raise BrokerError("broker already started")
+        loop = asyncio.get_running_loop()
+        sock = bind_unix_socket(
+            self.path, mode=self.config.socket_mode, group=self.config.socket_group
+        )
+        self._inode = os.stat(self.path).st_ino
+        self._server = await loop.create_unix_server(lambda: _SocketSession(self), sock=sock)
+        self._housekeeper = asyncio.create_task(
+            self._housekeeping(), name=f"eventbus[broker {self.path}].housekeeping"
+        )
+        log.info("broker listening on %s", self.path)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def is_serving(self) -> bool:
+        return self._server is not None and not self._closing
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Shut down: stop accepting, say goodbye, drain within ``timeout``, close.
+
+        ``timeout`` defaults to the configured ``drain_timeout``. The socket
+        file is removed whatever happens.
+        """
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        deadline = self.config.drain_timeout if timeout is None else timeout
+        try:
+            if self._server is not None:
+                self._server.close()
+            remove_socket(self.path, self._inode)
+            for session in list(self._sessions):
+                session.goodbye("broker shutting down")
+            for local in list(self._local_sessions):
+                local.close()
+            if self._sessions:
+                waiters = [s.closed for s in self._sessions]
+                _, pending = await asyncio.wait(waiters, timeout=deadline)
+                if pending:
+                    log.warning("%d connections did not drain in time", len(pending))
+                for session in list(self._sessions):
+                    session.abort()
+            if self._housekeeper is not None:
+                self._housekeeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._housekeeper
+            if self._server is not None:
+                await self._server.wait_closed()
+        finally:
+            remove_socket(self.path, self._inode)
+            self._closed.set()
+            log.info("broker on %s closed", self.path)
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` has finished."""
+        await self._closed.wait()
+
+    # -- statistics -------------------------------------------------------------
+
+    def statistics(self) -> BrokerStatistics:
+        """A frozen snapshot of the broker's figures."""
+        sessions: list[_Session] = [*self._sessions, *self._local_sessions]
+        conns = []
+        subs = []
+        for s in sessions:
+            depth_msgs, depth_bytes = s.queue_depth()
+            conns.append(
+                ConnectionStatistics(
+                    s.session_id, s.client_name, s.component, s.peer,
+                    depth_msgs, depth_bytes, s.published,
+                )
+            )
+            subs.extend(
+                SubscriptionStatistics(
+                    s.session_id, sub.subscription_id, sub.filter, sub.delivered, sub.dropped
+                )
+                for sub in s.subscriptions.values()
+            )
+        return BrokerStatistics(
+            connections=len(self._sessions),
+            connections_total=self.connections_total,
+            published=self.published,
+            delivered=self.delivered,
+            dropped=self.dropped,
+            refused=self.refused,
+            connection_stats=tuple(conns),
+            subscription_stats=tuple(subs),
+        )
+
+    # -- sessions -------------------------------------------------------------
+
+    def _admit(self, session: _SocketSession) -> str | None:
+        """Count a new connection in, or say why it is refused."""
+        if self._closing:
+            return "broker is shutting down"
+        if len(self._sessions) >= self.config.max_connections:
+            return f"connection limit of {self.config.max_connections} reached"
+        uid = session.peer.uid if session.peer else -1
+        if self._per_uid[uid] >= self.config.max_connections_per_uid:
+            return f"connection limit of {self.config.max_connections_per_uid} per user reached"
+        self._sessions.add(session)
+        self._per_uid[uid] += 1
+        self.connections_total += 1
+        return None
+
+    def _forget(self, session: _SocketSession) -> None:
+        if session in self._sessions:
+            self._sessions.discard(session)
+            uid = session.peer.uid if session.peer else -1
+            self._per_uid[uid] -= 1
+            if self._per_uid[uid] <= 0:
+                del self._per_uid[uid]
+        self._dirty.discard(session)
+        self._drop_subscriptions(session)
+
+    def _drop_subscriptions(self, session: _Session) -> None:
+        for sub in session.subscriptions.values():
+            self._trie.remove(sub.filter, sub)
+        if session.subscriptions:
+            session.subscriptions.clear()
+            self._route_cache.clear()
+
+    def local_session(self, name: str = "in-process", component: str = "") -> LocalSession:
+        """A session for in-process publishers and subscribers (no socket)."""
+        if self._closing:
+            raise ClosedResourceError("broker is closed")
+        session = LocalSession(self, name, component)
+        self._local_sessions.add(session)
+        return session
+
+    # -- subscriptions ----------------------------------------------------------
+
+    def subscribe(
+        self,
+        session: _Session,
+        subscription_id: int,
+        filter: str,
+        correlation_filter: CorrelationFilter | None,
+        include_control: bool = False,
+    ) -> _Subscription:
+        """Add a subscription; raise a typed error with the reason if refused."""
+        cfg = self.config
+        if subscription_id <= 0 or subscription_id in session.subscriptions:
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID,
+                f"subscription id {subscription_id} is 0 or already in use",
+            )
+        if len(session.subscriptions) >= cfg.max_subscriptions:
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
+                f"subscription limit of {cfg.max_subscriptions} per connection reached",
+            )
+        try:
+            validate_filter(filter, max_bytes=cfg.max_topic_bytes, max_levels=cfg.max_topic_levels)
+        except InvalidTopic as exc:
+            raise _Refusal(ErrorCode.ERROR_CODE_INVALID_FILTER, str(exc)) from None
+        matcher = None
+        if correlation_filter is not None and correlation_filter.ByteSize():
+            try:
+                matcher = CorrelationMatcher(correlation_filter)
+            except InvalidCorrelation as exc:
+                raise _Refusal(ErrorCode.ERROR_CODE_INVALID_CORRELATION, str(exc)) from None
+        # A filter that names the control tree explicitly asks for control topics.
+        wants_control = include_control or filter.startswith("control.") or filter == "control"
+        sub = _Subscription(session, subscription_id, filter, matcher, wants_control)
+        self._trie.insert(filter, sub)
+        session.subscriptions[subscription_id] = sub
+        self._route_cache.clear()
+        return sub
+
+    def unsubscribe(self, session: _Session, subscription_id: int) -> None:
+        """Remove a subscription; raise if the session has no such subscription."""
+        sub = session.subscriptions.pop(subscription_id, None)
+        if sub is None:
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION,
+                f"no subscription with id {subscription_id}",
+            )
+        self._trie.remove(sub.filter, sub)
+        self._route_cache.clear()
+
+    # -- routing ------------------------------------------------------------------
+
+    def _topic_info(self, topic: str) -> _TopicInfo:
+        info = self._topic_cache.get(topic)
+        if info is not None:
+            return info
+        cfg = self.config
+        try:
+            validate_topic(topic, max_bytes=cfg.max_topic_bytes, max_levels=cfg.max_topic_levels)
+        except InvalidTopic as exc:
+            raise _Refusal(ErrorCode.ERROR_CODE_INVALID_TOPIC, str(exc)) from None
+        declared = registry.lookup(topic)
+        if declared is not None:
+            info = _TopicInfo(declared.payload_name, declared.control)
+        elif cfg.allow_undeclared_topics:
+            info = _TopicInfo(None, False)
+        else:
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_INVALID_TOPIC,
+                f"topic {topic!r} is not declared in the schema",
+            )
+        if len(self._topic_cache) >= _ROUTE_CACHE_SIZE:
+            self._topic_cache.clear()
+        self._topic_cache[topic] = info
+        return info
+
+    def route(self, session: _Session, publish: frames_pb2.Publish) -> int:
+        """Check and route one published event; return how many queues took it.
+
+        Raises :class:`_Refusal` (an :class:`EventBusError`) with an error code
+        when the event is refused; nothing is delivered then.
+        """
+        topic = publish.topic
+        info = self._topic_info(topic)
+        if info.payload_type is not None and publish.payload_type != info.payload_type:
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH,
+                f"topic {topic!r} carries {info.payload_type}, not {publish.payload_type!r}",
+            )
+        correlation: CorrelationMetadata | None = None
+        if publish.HasField("correlation"):
+            correlation = publish.correlation
+            try:
+                validate_metadata(correlation)
+            except InvalidCorrelation as exc:
+                raise _Refusal(ErrorCode.ERROR_CODE_INVALID_CORRELATION, str(exc)) from None
+        session.published += 1
+        self.published += 1
+        subs = self._route_cache.get(topic)
+        if subs is None:
+            subs = tuple(self._trie.match(topic))
+            if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
+                self._route_cache.clear()
+            self._route_cache[topic] = subs
+        if not subs:
+            return 0
+        data: bytes | None = None
+        taken = 0
+        for sub in subs:
+            if info.control and not sub.wants_control:
+                continue
+            if sub.matcher is not None and not sub.matcher.matches(correlation):
+                continue
+            if data is None:
+                # Unknown fields are never forwarded; the payload stays opaque.
+                publish.DiscardUnknownFields()
+                data = publish.SerializeToString()
+            sub.sequence += 1
+            if sub.session.enqueue(sub, publish, data):
+                sub.delivered += 1
+                taken += 1
+            else:
+                sub.dropped += 1
+                self.dropped += 1
+        self.delivered += taken
+        return taken
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for session in dirty:
+            session.flush()
+
+    async def _housekeeping(self) -> None:
+        """Heartbeats, idle peers and stuck subscribers, a few times a second."""
+        cfg = self.config
+        tick = max(0.02, min(0.25, cfg.heartbeat_interval / 4, cfg.slow_consumer_timeout / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for session in list(self._sessions):
+                session.check(now)
+
+
+class _Refusal(EventBusError):
+    """A request refused with an error code; the connection stays open."""
+
+    def __init__(self, code: ErrorCode.ValueType, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _SocketSession(_Session, asyncio.Protocol):
+    """One client connection: the asyncio pump around a sans-I/O Connection."""
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__(broker)
+        cfg = broker.config
+        self.conn = Connection(
+            Role.BROKER,
+            max_frame_bytes=cfg.max_frame_bytes,
+            handshake_max_frame_bytes=cfg.handshake_max_frame_bytes,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._paused_since: float | None = None
+        self._last_rx = 0.0
+        self._ping_sent = False
+        self._nonce = itertools.count(1)
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                self.peer = peer_credentials(sock)
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        refusal = self.broker._admit(self)
+        if refusal is not None:
+            self.broker.refused += 1
+            log.warning("refused connection from %s: %s", self.peer, refusal)
+            code = (
+                ErrorCode.ERROR_CODE_SHUTTING_DOWN
+                if self.broker._closing
+                else ErrorCode.ERROR_CODE_CONNECTION_LIMIT
+            )
+            self._fail(code, refusal)
+            return
+        self._handshake_timer = loop.call_later(
+            self.broker.config.handshake_timeout, self._handshake_expired
+        )
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.receive_data(data)
+        self._last_rx = asyncio.get_running_loop().time()
+        self._ping_sent = False
+        for frame in conn.events_received():
+            try:
+                self._handle(frame)
+            except _Refusal as exc:
+                self.broker.refused += 1
+                self._refuse(exc, frame)
+            except RemoteProtocolError as exc:
+                conn.fail(exc)
+        if conn.error is not None:
+            log.info("session %s: protocol violation: %s", self.session_id, conn.error)
+        self.broker._flush_dirty()
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_eof()
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.close()
+        for timer in (self._handshake_timer, self._abort_timer):
+            if timer is not None:
+                timer.cancel()
+        self.broker._forget(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused_since = asyncio.get_running_loop().time()
+
+    def resume_writing(self) -> None:
+        self._paused_since = None
+        self.flush()
+
+    # frames -------------------------------------------------------------------
+
+    def _handle(self, frame: Frame) -> None:
+        kind = frame.WhichOneof("kind")
+        broker = self.broker
+        if kind == "publish":
+            broker.route(self, frame.publish)
+        elif kind == "subscribe":
+            req = frame.subscribe
+            flt = req.correlation_filter if req.HasField("correlation_filter") else None
+            broker.subscribe(self, req.subscription_id, req.filter, flt, req.include_control)
+            self._send(Frame(subscribe_ack=frames_pb2.SubscribeAck(subscription_id=req.subscription_id)))
+        elif kind == "unsubscribe":
+            sid = frame.unsubscribe.subscription_id
+            broker.unsubscribe(self, sid)
+            self._send(Frame(unsubscribe_ack=frames_pb2.UnsubscribeAck(subscription_id=sid)))
+        elif kind == "ping":
+            self._send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))
+        elif kind == "pong":
+            pass  # liveness is noted for every frame received
+        elif kind == "hello":
+            self._hello(frame.hello)
+        elif kind == "stats_request":
+            stats = broker.statistics().to_proto(frame.stats_request.request_id)
+            self._send(Frame(stats_response=stats))
+        elif kind == "goodbye":
+            log.debug("session %s said goodbye: %s", self.session_id, frame.goodbye.reason)
+        elif kind == "error":
+            log.info("session %s reported error: %s", self.session_id, frame.error.message)
+
+    def _hello(self, hello: frames_pb2.Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"protocol version {hello.protocol_version} is not supported; "
+                f"this broker speaks {PROTOCOL_VERSION}",
+                ErrorCode.ERROR_CODE_UNSUPPORTED_VERSION,
+            )
+        self.client_name = hello.client_name[:128]
+        self.component = hello.component[:128]
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        welcome = frames_pb2.Welcome(
+            protocol_version=PROTOCOL_VERSION,
+            session_id=self.session_id,
+            limits=self.broker.config.limits(),
+            component=self.component,
+        )
+        self._send(Frame(welcome=welcome))
+
+    def _refuse(self, exc: _Refusal, frame: Frame) -> None:
+        kind = frame.WhichOneof("kind")
+        sub_id = 0
+        topic = ""
+        if kind == "publish":
+            topic = frame.publish.topic[:256]
+        elif kind == "subscribe":
+            sub_id = frame.subscribe.subscription_id
+            topic = frame.subscribe.filter[:256]
+        elif kind == "unsubscribe":
+            sub_id = frame.unsubscribe.subscription_id
+        self._send(error_frame(exc.code, str(exc), fatal=False, subscription_id=sub_id, topic=topic))
+
+    def _send(self, frame: Frame) -> None:
+        if self.conn.state is State.OPEN or frame.WhichOneof("kind") in ("welcome", "error"):
+            self.conn.send(frame)
+            # A peer that asks and never reads cannot grow this queue unbounded.
+            if self.conn.buffered_bytes > self.broker.config.max_queue_bytes + _WRITE_HIGH:
+                self._fail(ErrorCode.ERROR_CODE_SLOW_CONSUMER, "peer does not read its replies")
+
+    # delivery ------------------------------------------------------------------
+
+    def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
+        conn = self.conn
+        cfg = self.broker.config
+        if conn.state is not State.OPEN:
+            return False
+        if (
+            conn.buffered_frames >= cfg.max_queue_messages
+            or conn.buffered_bytes + len(data) > cfg.max_queue_bytes
+        ):
+            return False
+        conn.send_deliver(sub.subscription_id, sub.sequence, data)
+        self.broker._dirty.add(self)
+        return True
+
+    def queue_depth(self) -> tuple[int, int]:
+        buffered = self.transport.get_write_buffer_size() if self.transport else 0
+        return self.conn.buffered_frames, self.conn.buffered_bytes + buffered
+
+    def flush(self) -> None:
+        """Write what is queued, unless the socket is backed up."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._paused_since is None or self.conn.close_expected:
+            data = self.conn.data_to_send()
+            if data:
+                transport.write(data)
+        if self.conn.close_expected:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        # close() waits for the buffer to drain; a peer that never reads gets aborted.
+        self._abort_timer = asyncio.get_running_loop().call_later(1.0, transport.abort)
+
+    def _fail(self, code: ErrorCode.ValueType, message: str) -> None:
+        self.conn.fail(RemoteProtocolError(message, code))
+        self._paused_since = None  # let the Error frame through the flush
+        self.flush()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.conn.state is State.CONNECTING:
+            log.info("session %s: handshake deadline passed", self.session_id)
+            self._fail(
+                ErrorCode.ERROR_CODE_HANDSHAKE_TIMEOUT,
+                f"handshake not completed within {self.broker.config.handshake_timeout} s",
+            )
+
+    def check(self, now: float) -> None:
+        """Heartbeat, idle and slow-consumer checks, called by the housekeeper."""
+        cfg = self.broker.config
+        if self.conn.state is not State.OPEN:
+            return
+        if self._paused_since is not None and now - self._paused_since > cfg.slow_consumer_timeout:
+            log.warning("session %s: slow consumer, disconnecting", self.session_id)
+            self.conn.data_to_send()  # its backlog is dropped, not delivered
+            self._fail(
+                ErrorCode.ERROR_CODE_SLOW_CONSUMER,
+                f"subscriber did not read for {cfg.slow_consumer_timeout} s",
+            )
+            return
+        silent = now - self._last_rx
+        if silent > cfg.idle_timeout:
+            self._fail(ErrorCode.ERROR_CODE_IDLE_TIMEOUT, f"peer silent for {silent:.1f} s")
+        elif silent > cfg.heartbeat_interval and not self._ping_sent:
+            self._ping_sent = True
+            self._send(Frame(ping=frames_pb2.Ping(nonce=next(self._nonce))))
+            self.flush()
+
+    def goodbye(self, reason: str) -> None:
+        """Tell the client the broker is going away, then close after the queue drains."""
+        if self.conn.state is State.OPEN:
+            self.conn.send(Frame(goodbye=frames_pb2.Goodbye(reason=reason)))
+            self._paused_since = None
+            self.flush()
+        elif not self.conn.close_expected:
+            self._fail(ErrorCode.ERROR_CODE_SHUTTING_DOWN, reason)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDelivery:
+    """An event delivered to an in-process subscription."""
+
+    subscription_id: int
+    sequence: int
+    publish: frames_pb2.Publish
+
+
+@dataclass(eq=False)
+class _LocalQueue:
+    items: collections.deque[tuple[LocalDelivery, int]] = field(default_factory=collections.deque)
+    nbytes: int = 0
+    waiter: asyncio.Future[None] | None = None
+
+
+class LocalSession(_Session):
+    """An in-process session: publishes and subscribes without a socket.
+
+    Deliveries wait in a bounded queue per subscription (the broker's
+    ``max_queue_messages`` and ``max_queue_bytes``); when it is full, events
+    are dropped and counted exactly as for a socket subscriber.
+    """
+
+    def __init__(self, broker: Broker, name: str, component: str) -> None:
+        super().__init__(broker)
+        self.client_name = name
+        self.component = component
+        self.peer = PeerCredentials(os.getpid(), os.getuid(), os.getgid())
+        self._queues: dict[int, _LocalQueue] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._on_close: list[Callable[[], None]] = []
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def publish(self, publish: frames_pb2.Publish) -> int:
+        """Route one event; raises :class:`EventBusError` subclasses when refused."""
+        if self._closed:
+            raise ClosedResourceError("local session is closed")
+        try:
+            return self.broker.route(self, publish)
+        except _Refusal as exc:
+            self.broker.refused += 1
+            raise _to_local_error(exc) from None
+
+    def subscribe(
+        self,
+        filter: str,
+        correlation_filter: CorrelationFilter | None = None,
+        include_control: bool = False,
+    ) -> int:
+        """Subscribe; returns the subscription id to pass to :meth:`get`."""
+        if self._closed:
+            raise ClosedResourceError("local session is closed")
+        sid = next(self._ids)
+        try:
+            self.broker.subscribe(self, sid, filter, correlation_filter, include_control)
+        except _Refusal as exc:
+            raise _to_local_error(exc) from None
+        self._queues[sid] = _LocalQueue()
+        return sid
+
+    def unsubscribe(self, subscription_id: int) -> None:
+        """End a subscription; events already queued for it are discarded."""
+        try:
+            self.broker.unsubscribe(self, subscription_id)
+        except _Refusal as exc:
+            raise _to_local_error(exc) from None
+        queue = self._queues.pop(subscription_id, None)
+        if queue is not None and queue.waiter is not None and not queue.waiter.done():
+            queue.waiter.set_result(None)
+
+    def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
+        queue = self._queues.get(sub.subscription_id)
+        cfg = self.broker.config
+        if queue is None or self._closed:
+            return False
+        if len(queue.items) >= cfg.max_queue_messages or queue.nbytes + len(data) > cfg.max_queue_bytes:
+            return False
+        # The subscriber gets its own copy: the publisher may reuse its message.
+        copy = frames_pb2.Publish()
+        copy.CopyFrom(publish)
+        queue.items.append((LocalDelivery(sub.subscription_id, sub.sequence, copy), len(data)))
+        queue.nbytes += len(data)
+        if queue.waiter is not None and not queue.waiter.done():
+            queue.waiter.set_result(None)
+        return True
+
+    def queue_depth(self) -> tuple[int, int]:
+        return (
+            sum(len(q.items) for q in self._queues.values()),
+            sum(q.nbytes for q in self._queues.values()),
+        )
+
+    def get_nowait(self, subscription_id: int) -> LocalDelivery | None:
+        """The next queued delivery of a subscription, or None."""
+        queue = self._queues.get(subscription_id)
+        if queue is None or not queue.items:
+            return None
+        item, size = queue.items.popleft()
+        queue.nbytes -= size
+        return item
+
+    async def get(self, subscription_id: int) -> LocalDelivery | None:
+        """Wait for the next delivery; None once the subscription or session ends."""
+        while True:
+            queue = self._queues.get(subscription_id)
+            if queue is None:
+                return None
+            item = self.get_nowait(subscription_id)
+            if item is not None:
+                return item
+            if self._closed:
+                return None
+            queue.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await queue.waiter
+            finally:
+                queue.waiter = None
+
+    def close(self) -> None:
+        """End every subscription of this session and wake its readers."""
+        if self._closed:
+            return
+        self._closed = True
+        self.broker._drop_subscriptions(self)
+        self.broker._local_sessions.discard(self)
+        for queue in self._queues.values():
+            if queue.waiter is not None and not queue.waiter.done():
+                queue.waiter.set_result(None)
+
+
+_LOCAL_ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {
+    ErrorCode.ERROR_CODE_INVALID_TOPIC: InvalidTopic,
+    ErrorCode.ERROR_CODE_INVALID_FILTER: InvalidTopic,
+    ErrorCode.ERROR_CODE_INVALID_CORRELATION: InvalidCorrelation,
+    ErrorCode.ERROR_CODE_LIMIT_EXCEEDED: LimitExceeded,
+    ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH: PayloadTypeMismatch,
+    ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION: UnknownSubscription,
+    ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: UnknownSubscription,
+    ErrorCode.ERROR_CODE_ACCESS_DENIED: AccessDenied,
+}
+
+
+def _to_local_error(exc: _Refusal) -> EventBusError:
+    """The typed error an in-process caller sees for a refusal."""
+    factory = _LOCAL_ERRORS.get(exc.code)
+    return factory(str(exc)) if factory is not None else ServerError(str(exc), exc.code)

@@ -1,0 +1,141 @@
+"""Exceptions raised by daemoneye-eventbus.
+
+Every exception the library raises on purpose derives from
+:class:`EventBusError`. Where a builtin describes the failure, the exception
+inherits it too, so callers can catch either::
+
+    EventBusError
+    ├── InvalidTopic (ValueError)            a topic or filter breaks the grammar
+    ├── InvalidCorrelation (ValueError)      correlation metadata or filter out of bounds
+    ├── SchemaError                          the schema or the topic registry is broken
+    ├── UnknownTopic (LookupError)           no topic of that name in the registry
+    ├── UnknownSubscription (LookupError)    no subscription with that id
+    ├── PayloadTypeMismatch (TypeError)      a message of the wrong type for a topic
+    ├── AccessDenied (PermissionError)       the broker refused the peer
+    ├── LimitExceeded                        a configured limit was reached
+    ├── ProtocolError                        the wire protocol was broken
+    │   ├── LocalProtocolError               ... by us (a bug or misuse)
+    │   └── RemoteProtocolError              ... by the peer; closes that connection
+    ├── ConnectionClosed (ConnectionError)   the connection is gone
+    │   ├── ClosedResourceError              ... because we closed it
+    │   └── BrokenResourceError              ... because the peer or the broker did
+    ├── BrokerError                          the broker could not start or run
+    │   └── BrokerAlreadyRunning             another broker answers on the socket
+    ├── ServerError                          the broker answered with an Error frame
+    └── RequestTimeout (TimeoutError)        an answer did not come in time
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "BrokenResourceError",
+    "BrokerAlreadyRunning",
+    "BrokerError",
+    "ClosedResourceError",
+    "ConnectionClosed",
+    "EventBusError",
+    "InvalidCorrelation",
+    "InvalidTopic",
+    "LimitExceeded",
+    "LocalProtocolError",
+    "PayloadTypeMismatch",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RequestTimeout",
+    "SchemaError",
+    "ServerError",
+    "UnknownSubscription",
+    "UnknownTopic",
+]
+
+
+class EventBusError(Exception):
+    """Base class of every exception raised by daemoneye-eventbus."""
+
+
+class InvalidTopic(EventBusError, ValueError):
+    """A topic or topic filter breaks the topic grammar; the message says why."""
+
+
+class InvalidCorrelation(EventBusError, ValueError):
+    """Correlation metadata or a correlation filter is out of bounds or malformed."""
+
+
+class SchemaError(EventBusError):
+    """The schema is broken: duplicate topic, missing or unknown payload type, ..."""
+
+
+class UnknownTopic(EventBusError, LookupError):
+    """No topic of that name is declared in the registry."""
+
+
+class UnknownSubscription(EventBusError, LookupError):
+    """No active subscription has that id, or the id is invalid or taken."""
+
+
+class PayloadTypeMismatch(EventBusError, TypeError):
+    """A message's type is not the payload type declared for the topic."""
+
+
+class AccessDenied(EventBusError, PermissionError):
+    """The peer may not do what it asked."""
+
+
+class LimitExceeded(EventBusError):
+    """A configured limit (connections, subscriptions, queue, ...) was reached."""
+
+
+class ProtocolError(EventBusError):
+    """The wire protocol was broken."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol forbids: a bug or a misuse."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids.
+
+    ``code`` is the ``ErrorCode`` value sent to the peer in the ``Error`` frame
+    that closes the connection.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionClosed(EventBusError, ConnectionError):
+    """The connection is closed; nothing more can be sent or received."""
+
+
+class ClosedResourceError(ConnectionClosed):
+    """The connection was closed by this side."""
+
+
+class BrokenResourceError(ConnectionClosed):
+    """The connection was closed by the peer, or broken."""
+
+
+class BrokerError(EventBusError):
+    """The broker could not start or keep running."""
+
+
+class BrokerAlreadyRunning(BrokerError):
+    """Another broker is live on the socket path; it is never taken over."""
+
+
+class ServerError(EventBusError):
+    """The broker refused a request with an ``Error`` frame.
+
+    ``code`` is the ``ErrorCode`` value the broker sent.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RequestTimeout(EventBusError, TimeoutError):
+    """An answer from the broker did not arrive in time."""

@@ -1,0 +1,419 @@
+"""The wire protocol, sans I/O: bytes in, frames out; frames in, bytes out.
+
+A :class:`Connection` holds the state of one end of a connection and never
+touches a socket or an event loop. The asyncio layer feeds it what it reads
+(:meth:`Connection.receive_data`, :meth:`Connection.receive_eof`), handles what
+it parsed (:meth:`Connection.events_received`), and writes what it produced
+(:meth:`Connection.data_to_send`). The rules implemented here are those of
+``docs/protocol.md``; comments cite its sections as ``[protocol §N]``.
+
+Framing [protocol §1]: each frame is one serialized ``Frame`` message preceded
+by its length as a protobuf varint (the "delimited" form). The declared length
+is checked against the limit as soon as the prefix is read, before any byte of
+the body is kept.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "HANDSHAKE_MAX_FRAME_BYTES",
+    "MAX_PREFIX_BYTES",
+    "PROTOCOL_VERSION",
+    "RECEIVABLE",
+    "SENDABLE",
+    "TRANSITIONS",
+    "Connection",
+    "Role",
+    "State",
+    "decode_varint",
+    "encode_deliver",
+    "encode_frame",
+    "encode_varint",
+    "error_frame",
+]
+
+#: The protocol version this implementation speaks [protocol §3].
+PROTOCOL_VERSION: Final = 1
+#: Default limit on a frame body, in bytes [protocol §1].
+DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
+#: Limit on a frame body before the handshake completes [protocol §1].
+HANDSHAKE_MAX_FRAME_BYTES: Final = 4096
+#: A length prefix is at most 5 bytes: 35 bits cover every allowed length.
+MAX_PREFIX_BYTES: Final = 5
+
+
+class Role(enum.Enum):
+    """Which end of the connection this is."""
+
+    CLIENT = "client"
+    BROKER = "broker"
+
+
+class State(enum.Enum):
+    """Connection states [protocol §2]."""
+
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+#: The legal state transitions, and the only ones [protocol §2].
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    State.CONNECTING: frozenset({State.OPEN, State.CLOSING, State.CLOSED}),
+    State.OPEN: frozenset({State.CLOSING, State.CLOSED}),
+    State.CLOSING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+_CLIENT_OPEN = frozenset(
+    {"publish", "subscribe", "unsubscribe", "ping", "pong", "error", "goodbye", "stats_request"}
+)
+_BROKER_OPEN = frozenset(
+    {
+        "deliver",
+        "subscribe_ack",
+        "unsubscribe_ack",
+        "ping",
+        "pong",
+        "error",
+        "goodbye",
+        "stats_response",
+    }
+)
+
+#: Frame kinds each role may send in each state [protocol §2]. Nothing is sent
+#: once the connection is closing, except by :meth:`Connection.fail`.
+SENDABLE: Final[dict[tuple[Role, State], frozenset[str]]] = {
+    (Role.CLIENT, State.CONNECTING): frozenset({"hello", "goodbye"}),
+    (Role.CLIENT, State.OPEN): _CLIENT_OPEN,
+    (Role.BROKER, State.CONNECTING): frozenset({"welcome", "error"}),
+    (Role.BROKER, State.OPEN): _BROKER_OPEN,
+}
+
+#: Frame kinds each role may receive in each state: what the peer may send.
+RECEIVABLE: Final[dict[tuple[Role, State], frozenset[str]]] = {
+    (Role.BROKER, State.CONNECTING): frozenset({"hello", "goodbye"}),
+    (Role.BROKER, State.OPEN): _CLIENT_OPEN,
+    (Role.CLIENT, State.CONNECTING): frozenset({"welcome", "error"}),
+    (Role.CLIENT, State.OPEN): _BROKER_OPEN,
+}
+
+
+def encode_varint(value: int) -> bytes:
+    """Encode a non-negative integer as a protobuf varint."""
+    if value < 0:
+        raise ValueError("a varint cannot be negative")
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int] | None:
+    """Decode a length prefix at ``pos``: ``(value, next_pos)``, or None if incomplete.
+
+    Raises :class:`RemoteProtocolError` if the prefix is longer than
+    :data:`MAX_PREFIX_BYTES` [protocol §1].
+    """
+    value = 0
+    shift = 0
+    end = len(data)
+    while pos < end:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 7 * MAX_PREFIX_BYTES:
+            raise RemoteProtocolError(
+                f"length prefix longer than {MAX_PREFIX_BYTES} bytes",
+                ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
+            )
+    return None
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Serialize ``frame`` with its length prefix [protocol §1]."""
+    body = frame.SerializeToString()
+    return encode_varint(len(body)) + body
+
+
+# Field tags (field number << 3 | wire type) of the frames built by hand below.
+_TAG_FRAME_DELIVER: Final = b"\x22"  # Frame.deliver = 4, length-delimited
+_TAG_DELIVER_SUB: Final = b"\x08"  # Deliver.subscription_id = 1, varint
+_TAG_DELIVER_SEQ: Final = b"\x10"  # Deliver.sequence = 2, varint
+_TAG_DELIVER_PUB: Final = b"\x1a"  # Deliver.publish = 3, length-delimited
+
+
+def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes:
+    """A length-prefixed ``Frame(deliver=Deliver(...))`` around an encoded ``Publish``.
+
+    The broker forwards the publisher's event without decoding its payload or
+    re-encoding the ``Publish`` for every subscriber [protocol §5]; the bytes
+    are exactly what ``encode_frame`` would produce for the same message.
+    """
+    inner = b"".join(
+        (
+            _TAG_DELIVER_SUB,
+            encode_varint(subscription_id),
+            _TAG_DELIVER_SEQ,
+            encode_varint(sequence),
+            _TAG_DELIVER_PUB,
+            encode_varint(len(publish)),
+            publish,
+        )
+    )
+    body_len = 1 + len(encode_varint(len(inner))) + len(inner)
+    return b"".join(
+        (encode_varint(body_len), _TAG_FRAME_DELIVER, encode_varint(len(inner)), inner)
+    )
+
+
+def error_frame(
+    code: ErrorCode.ValueType,
+    message: str,
+    *,
+    fatal: bool,
+    subscription_id: int = 0,
+    topic: str = "",
+) -> Frame:
+    """An ``Error`` frame."""
+    return Frame(
+        error=frames_pb2.Error(
+            code=code,
+            message=message,
+            fatal=fatal,
+            subscription_id=subscription_id,
+            topic=topic,
+        )
+    )
+
+
+class Connection:
+    """One end of a connection, as a state machine with byte buffers.
+
+    ``max_frame_bytes`` applies once the handshake is complete;
+    ``handshake_max_frame_bytes`` before [protocol §1]. A protocol violation by
+    the peer queues a fatal ``Error`` frame, moves to ``CLOSING`` and is kept in
+    :attr:`error`; the frames parsed before it are still returned by
+    :meth:`events_received`. The caller writes :meth:`data_to_send` and closes
+    the transport once :attr:`close_expected` is true.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        handshake_max_frame_bytes: int = HANDSHAKE_MAX_FRAME_BYTES,
+    ) -> None:
+        self.role = role
+        self.state = State.CONNECTING
+        self.max_frame_bytes = max_frame_bytes
+        self.handshake_max_frame_bytes = handshake_max_frame_bytes
+        #: The peer's protocol violation, once there was one.
+        self.error: RemoteProtocolError | None = None
+        self._buffer = bytearray()
+        self._body_len: int | None = None
+        self._events: list[Frame] = []
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._out_frames = 0
+        self._hello_seen = False
+        self._eof = False
+
+    # -- state ---------------------------------------------------------------
+
+    def _set_state(self, new: State) -> None:
+        if new is self.state:
+            return
+        if new not in TRANSITIONS[self.state]:
+            raise LocalProtocolError(f"illegal transition {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def close_expected(self) -> bool:
+        """True once the transport should be closed after writing what is pending."""
+        return self.state in (State.CLOSING, State.CLOSED)
+
+    @property
+    def frame_limit(self) -> int:
+        """The frame size limit in force now [protocol §1]."""
+        if self.state is State.CONNECTING:
+            return self.handshake_max_frame_bytes
+        return self.max_frame_bytes
+
+    # -- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the peer; parse as many whole frames as they hold."""
+        if self.close_expected or not data:
+            return
+        buf = self._buffer
+        buf += data
+        pos = 0
+        try:
+            while True:
+                if self._body_len is None:
+                    prefix = decode_varint(buf, pos)
+                    if prefix is None:
+                        break
+                    length, pos = prefix
+                    self._check_length(length)
+                    self._body_len = length
+                end = pos + self._body_len
+                if end > len(buf):
+                    break
+                self._body_len = None
+                self._receive_frame(bytes(buf[pos:end]))
+                pos = end
+                if self.close_expected:
+                    break
+        except RemoteProtocolError as exc:
+            self.fail(exc)
+            return
+        del buf[:pos]
+
+    def _check_length(self, length: int) -> None:
+        limit = self.frame_limit
+        if length > limit:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds the limit of {limit} bytes",
+                ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
+            )
+        if length == 0:
+            raise RemoteProtocolError(
+                "empty frame: a frame must set exactly one kind",
+                ErrorCode.ERROR_CODE_MALFORMED_FRAME,
+            )
+
+    def _receive_frame(self, body: bytes) -> None:
+        try:
+            frame = Frame.FromString(body)
+        except (DecodeError, RecursionError) as exc:
+            raise RemoteProtocolError(
+                f"undecodable frame: {exc}", ErrorCode.ERROR_CODE_MALFORMED_FRAME
+            ) from None
+        kind = frame.WhichOneof("kind")
+        if kind is None:
+            raise RemoteProtocolError(
+                "frame sets no known kind", ErrorCode.ERROR_CODE_MALFORMED_FRAME
+            )
+        if kind not in RECEIVABLE.get((self.role, self.state), frozenset()):
+            raise RemoteProtocolError(
+                f"{kind} frame not allowed while {self.state.value}",
+                ErrorCode.ERROR_CODE_UNEXPECTED_FRAME,
+            )
+        if kind == "hello":
+            if self._hello_seen:
+                raise RemoteProtocolError(
+                    "second hello frame", ErrorCode.ERROR_CODE_UNEXPECTED_FRAME
+                )
+            self._hello_seen = True
+        elif kind == "welcome":
+            self._set_state(State.OPEN)
+        elif kind == "goodbye" or (kind == "error" and frame.error.fatal):
+            self._set_state(State.CLOSING)
+        self._events.append(frame)
+
+    def receive_eof(self) -> None:
+        """The peer closed its side: the connection is closed."""
+        self._eof = True
+        self._buffer.clear()
+        self._body_len = None
+        self._set_state(State.CLOSED)
+
+    def events_received(self) -> list[Frame]:
+        """The frames parsed since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    @property
+    def buffered_input(self) -> int:
+        """Bytes of an incomplete frame held in memory."""
+        return len(self._buffer)
+
+    # -- sending -------------------------------------------------------------
+
+    def send(self, frame: Frame) -> None:
+        """Queue ``frame`` for the peer; raise :class:`LocalProtocolError` if illegal now."""
+        kind = frame.WhichOneof("kind")
+        if kind is None:
+            raise LocalProtocolError("cannot send a frame that sets no kind")
+        if kind not in SENDABLE.get((self.role, self.state), frozenset()):
+            raise LocalProtocolError(f"cannot send a {kind} frame while {self.state.value}")
+        data = encode_frame(frame)
+        if len(data) - 1 > self.max_frame_bytes:
+            raise LocalProtocolError(
+                f"{kind} frame of {len(data)} bytes exceeds the limit of "
+                f"{self.max_frame_bytes} bytes"
+            )
+        self._append(data)
+        if kind == "welcome":
+            self._set_state(State.OPEN)
+        elif kind == "goodbye" or (kind == "error" and frame.error.fatal):
+            self._set_state(State.CLOSING)
+
+    def send_deliver(self, subscription_id: int, sequence: int, publish: bytes) -> int:
+        """Queue a ``Deliver`` frame (broker side, open state); return its size."""
+        if self.state is not State.OPEN or self.role is not Role.BROKER:
+            raise LocalProtocolError(f"cannot deliver while {self.state.value}")
+        data = encode_deliver(subscription_id, sequence, publish)
+        self._append(data)
+        return len(data)
+
+    def _append(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._out_frames += 1
+
+    def fail(self, exc: RemoteProtocolError) -> None:
+        """Record the peer's violation, queue a fatal ``Error`` frame and start closing."""
+        if self.close_expected:
+            return
+        self.error = exc
+        self._buffer.clear()
+        self._body_len = None
+        self._append(encode_frame(error_frame(exc.code, str(exc), fatal=True)))
+        self._set_state(State.CLOSING)
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call, as one chunk."""
+        if not self._out:
+            return b""
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        self._out_frames = 0
+        return data
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes queued for the peer and not yet taken by :meth:`data_to_send`."""
+        return self._out_bytes
+
+    @property
+    def buffered_frames(self) -> int:
+        """Frames queued for the peer and not yet taken by :meth:`data_to_send`."""
+        return self._out_frames
+
+    def close(self) -> None:
+        """The transport is closed: no more frames either way."""
+        self._buffer.clear()
+        self._body_len = None
+        if self.state is not State.CLOSED:
+            self._set_state(State.CLOSED)

@@ -1,0 +1,146 @@
+"""Local transports: the Unix domain socket the broker listens on.
+
+This module knows nothing of frames, sessions or routing. It creates the
+listening socket safely (see :func:`bind_unix_socket`), reads the peer's
+credentials from the kernel, and computes default socket paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemoneye_eventbus.errors import BrokerAlreadyRunning, BrokerError
+
+__all__ = [
+    "DEFAULT_SOCKET_PATH",
+    "PeerCredentials",
+    "bind_unix_socket",
+    "default_socket_path",
+    "peer_credentials",
+    "remove_socket",
+]
+
+#: Where the broker listens unless told otherwise.
+DEFAULT_SOCKET_PATH = "/tmp/daemoneye.sock"
+
+
+def default_socket_path(instance: str | None = None) -> str:
+    """``/tmp/daemoneye.sock``, or ``/tmp/daemoneye-{instance}.sock`` for a named instance."""
+    if not instance:
+        return DEFAULT_SOCKET_PATH
+    if not all(c.isalnum() or c in "-_" for c in instance):
+        raise ValueError(f"instance name {instance!r} may hold only letters, digits, '-' and '_'")
+    return f"/tmp/daemoneye-{instance}.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """Who is at the other end of a Unix socket, as the kernel says."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
+    """Read the peer's credentials from the kernel (never from what it claims)."""
+    if sys.platform.startswith("linux"):
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        return PeerCredentials(pid, uid, gid)
+    if hasattr(os, "getpeereid"):  # pragma: no cover - macOS and the BSDs
+        uid, gid = os.getpeereid(sock.fileno())
+        return PeerCredentials(0, uid, gid)
+    return None  # pragma: no cover - no way to ask this kernel
+
+
+def _is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        # Cannot tell (e.g. no permission): assume somebody is there.
+        return True
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def _reclaim(path: str) -> None:
+    """Make room for a new socket at ``path``, or refuse [security: never steal, never follow]."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise BrokerError(f"{path} is a symbolic link; refusing to use or remove it")
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "directory" if stat.S_ISDIR(st.st_mode) else "file that is not a socket"
+        raise BrokerError(f"{path} is a {kind}; refusing to use or remove it")
+    if _is_live(path):
+        raise BrokerAlreadyRunning(f"another broker is listening on {path}")
+    os.unlink(path)
+
+
+def bind_unix_socket(
+    path: str,
+    *,
+    mode: int = 0o600,
+    group: int | None = None,
+    backlog: int = 512,
+) -> socket.socket:
+    """Create a listening Unix socket at ``path`` that is never more open than ``mode``.
+
+    A missing parent directory is created with mode 0700. A stale socket
+    (nothing listening) is removed; a live one raises
+    :class:`BrokerAlreadyRunning`; a symlink or any other file raises
+    :class:`BrokerError` and is left alone. The socket file is created under a
+    0177 umask, so it is 0600 from the moment it exists; ``mode`` and ``group``
+    are applied before ``listen()``, so before any peer can connect.
+    """
+    parent = Path(path).parent
+    if not parent.exists():
+        parent.mkdir(mode=0o700, parents=True)
+        os.chmod(parent, 0o700)
+    _reclaim(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        raise
+    return sock
+
+
+def remove_socket(path: str, inode: int | None) -> None:
+    """Remove the socket file at ``path`` if it is still ours (same inode)."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and (inode is None or st.st_ino == inode):
+            os.unlink(path)
