@@ -26,14 +26,17 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
+
+from google.protobuf.message import Message
 
 from daemoneye.eventbus.v1 import frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.correlation import CorrelationMatcher, validate_metadata
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import (
     AccessDenied,
     BrokerError,
@@ -69,7 +72,6 @@ __all__ = [
     "BrokerConfig",
     "BrokerStatistics",
     "ConnectionStatistics",
-    "LocalDelivery",
     "LocalSession",
     "SubscriptionStatistics",
 ]
@@ -367,8 +369,8 @@ class Broker:
     def statistics(self) -> BrokerStatistics:
         """A frozen snapshot of the broker's figures."""
         sessions: list[_Session] = [*self._sessions, *self._local_sessions]
-        conns = []
-        subs = []
+        conns: list[ConnectionStatistics] = []
+        subs: list[SubscriptionStatistics] = []
         for s in sessions:
             depth_msgs, depth_bytes = s.queue_depth()
             conns.append(
@@ -832,28 +834,13 @@ class _SocketSession(_Session, asyncio.Protocol):
             self.transport.abort()
 
 
-@dataclass(frozen=True, slots=True)
-class LocalDelivery:
-    """An event delivered to an in-process subscription."""
-
-    subscription_id: int
-    sequence: int
-    publish: frames_pb2.Publish
-
-
-@dataclass(eq=False)
-class _LocalQueue:
-    items: collections.deque[tuple[LocalDelivery, int]] = field(default_factory=collections.deque)
-    nbytes: int = 0
-    waiter: asyncio.Future[None] | None = None
-
-
 class LocalSession(_Session):
     """An in-process session: publishes and subscribes without a socket.
 
-    Deliveries wait in a bounded queue per subscription (the broker's
-    ``max_queue_messages`` and ``max_queue_bytes``); when it is full, events
-    are dropped and counted exactly as for a socket subscriber.
+    Each subscription delivers into an :class:`EventQueue` (several may share
+    one). The broker's ``max_queue_messages`` and ``max_queue_bytes`` bound
+    every queue it creates; when one is full, events are dropped and counted
+    exactly as for a socket subscriber.
     """
 
     def __init__(self, broker: Broker, name: str, component: str) -> None:
@@ -861,14 +848,18 @@ class LocalSession(_Session):
         self.client_name = name
         self.component = component
         self.peer = PeerCredentials(os.getpid(), os.getuid(), os.getgid())
-        self._queues: dict[int, _LocalQueue] = {}
+        self._queues: dict[int, EventQueue[Message]] = {}
         self._ids = itertools.count(1)
         self._closed = False
-        self._on_close: list[Callable[[], None]] = []
 
     @property
     def is_closed(self) -> bool:
         return self._closed
+
+    def new_queue(self) -> EventQueue[Message]:
+        """An empty queue with the broker's bounds."""
+        cfg = self.broker.config
+        return EventQueue(cfg.max_queue_messages, cfg.max_queue_bytes)
 
     def publish(self, publish: frames_pb2.Publish) -> int:
         """Route one event; raises :class:`EventBusError` subclasses when refused."""
@@ -883,10 +874,11 @@ class LocalSession(_Session):
     def subscribe(
         self,
         filter: str,
+        queue: EventQueue[Message],
         correlation_filter: CorrelationFilter | None = None,
         include_control: bool = False,
     ) -> int:
-        """Subscribe; returns the subscription id to pass to :meth:`get`."""
+        """Subscribe, delivering into ``queue``; returns the subscription id."""
         if self._closed:
             raise ClosedResourceError("local session is closed")
         sid = next(self._ids)
@@ -894,77 +886,52 @@ class LocalSession(_Session):
             self.broker.subscribe(self, sid, filter, correlation_filter, include_control)
         except _Refusal as exc:
             raise _to_local_error(exc) from None
-        self._queues[sid] = _LocalQueue()
+        self._queues[sid] = queue
         return sid
 
     def unsubscribe(self, subscription_id: int) -> None:
-        """End a subscription; events already queued for it are discarded."""
+        """End a subscription; events already queued stay readable."""
         try:
             self.broker.unsubscribe(self, subscription_id)
         except _Refusal as exc:
             raise _to_local_error(exc) from None
-        queue = self._queues.pop(subscription_id, None)
-        if queue is not None and queue.waiter is not None and not queue.waiter.done():
-            queue.waiter.set_result(None)
+        self._queues.pop(subscription_id, None)
 
     def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
         queue = self._queues.get(sub.subscription_id)
-        cfg = self.broker.config
         if queue is None or self._closed:
             return False
-        if len(queue.items) >= cfg.max_queue_messages or queue.nbytes + len(data) > cfg.max_queue_bytes:
-            return False
-        # The subscriber gets its own copy: the publisher may reuse its message.
-        copy = frames_pb2.Publish()
-        copy.CopyFrom(publish)
-        queue.items.append((LocalDelivery(sub.subscription_id, sub.sequence, copy), len(data)))
-        queue.nbytes += len(data)
-        if queue.waiter is not None and not queue.waiter.done():
-            queue.waiter.set_result(None)
-        return True
+        event: ReceivedEvent[Message] = ReceivedEvent(
+            publish.topic,
+            publish.payload_type,
+            publish.payload,
+            _copy_correlation(publish) if publish.HasField("correlation") else None,
+            sub.sequence,
+            sub.subscription_id,
+        )
+        return queue.put_nowait(event, len(data))
 
     def queue_depth(self) -> tuple[int, int]:
-        return (
-            sum(len(q.items) for q in self._queues.values()),
-            sum(q.nbytes for q in self._queues.values()),
-        )
-
-    def get_nowait(self, subscription_id: int) -> LocalDelivery | None:
-        """The next queued delivery of a subscription, or None."""
-        queue = self._queues.get(subscription_id)
-        if queue is None or not queue.items:
-            return None
-        item, size = queue.items.popleft()
-        queue.nbytes -= size
-        return item
-
-    async def get(self, subscription_id: int) -> LocalDelivery | None:
-        """Wait for the next delivery; None once the subscription or session ends."""
-        while True:
-            queue = self._queues.get(subscription_id)
-            if queue is None:
-                return None
-            item = self.get_nowait(subscription_id)
-            if item is not None:
-                return item
-            if self._closed:
-                return None
-            queue.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await queue.waiter
-            finally:
-                queue.waiter = None
+        queues = {id(q): q for q in self._queues.values()}.values()
+        return sum(len(q) for q in queues), sum(q.nbytes for q in queues)
 
     def close(self) -> None:
-        """End every subscription of this session and wake its readers."""
+        """End every subscription of this session; readers see the end of their queues."""
         if self._closed:
             return
         self._closed = True
         self.broker._drop_subscriptions(self)
         self.broker._local_sessions.discard(self)
         for queue in self._queues.values():
-            if queue.waiter is not None and not queue.waiter.done():
-                queue.waiter.set_result(None)
+            queue.close()
+        self._queues.clear()
+
+
+def _copy_correlation(publish: frames_pb2.Publish) -> CorrelationMetadata:
+    # Each subscriber gets its own copy: the publisher may reuse its message.
+    copy = CorrelationMetadata()
+    copy.CopyFrom(publish.correlation)
+    return copy
 
 
 _LOCAL_ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar, overload
 
-from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from daemoneye.eventbus.v1 import frames_pb2
@@ -34,6 +33,7 @@ from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, Correlation
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye.eventbus.v1.registry import Topic
 from daemoneye_eventbus.correlation import validate_metadata
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import (
     AccessDenied,
     BrokenResourceError,
@@ -61,10 +61,10 @@ from daemoneye_eventbus.transport import DEFAULT_SOCKET_PATH
 __all__ = [
     "Client",
     "ClientStatistics",
-    "ReceivedEvent",
     "Subscription",
     "build_publish",
     "connect",
+    "error_from_frame",
 ]
 
 log = logging.getLogger("daemoneye_eventbus.client")
@@ -99,39 +99,6 @@ def build_publish(
         validate_metadata(correlation)
         publish.correlation.CopyFrom(correlation)
     return publish
-
-
-def _message_class(full_name: str) -> type[Message] | None:
-    try:
-        desc = descriptor_pool.Default().FindMessageTypeByName(full_name)
-    except KeyError:
-        return None
-    return message_factory.GetMessageClass(desc)
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedEvent(Generic[P]):
-    """An event received on a subscription."""
-
-    topic: str
-    #: Fully qualified name of the payload type, as published.
-    payload_type: str
-    #: The serialized payload.
-    payload: bytes
-    #: Correlation metadata, or None if the event had none.
-    correlation: CorrelationMetadata | None
-    #: Per-subscription sequence number; a gap means events were dropped.
-    sequence: int
-    subscription_id: int
-    _cls: type[P] | None = None
-
-    def message(self) -> P:
-        """Decode the payload into its message type."""
-        cls: type[Any] | None = self._cls or _message_class(self.payload_type)
-        if cls is None:
-            raise PayloadTypeMismatch(f"unknown payload type {self.payload_type!r}")
-        msg: P = cls.FromString(self.payload)
-        return msg
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +140,12 @@ def error_from_frame(error: frames_pb2.Error) -> EventBusError:
 class Subscription(Generic[P]):
     """Events matching one filter: an async iterator and async context manager.
 
-    Received events wait in a queue bounded by ``max_pending``; when the
-    application does not keep up, new events are dropped and counted in
-    :attr:`dropped`. Events the broker dropped show as gaps in
-    :attr:`ReceivedEvent.sequence` and are counted in :attr:`missed`.
+    Received events wait in an :class:`EventQueue` bounded by ``max_pending``;
+    when the application does not keep up, new events are dropped and counted
+    in :attr:`dropped`. Events the broker dropped show as gaps in
+    :attr:`ReceivedEvent.sequence` and are counted in :attr:`missed`. Several
+    subscriptions may share one queue (pass ``queue=`` to
+    :meth:`Client.subscribe`).
     """
 
     def __init__(
@@ -186,100 +155,63 @@ class Subscription(Generic[P]):
         filter: str,
         correlation_filter: CorrelationFilter | None,
         include_control: bool,
-        payload_cls: type[P] | None,
-        max_pending: int,
+        payload_class: type[P] | None,
+        queue: EventQueue[P],
     ) -> None:
         self.client = client
         self.subscription_id = subscription_id
         self.filter = filter
         self.correlation_filter = correlation_filter
         self.include_control = include_control
-        self.max_pending = max_pending
-        self._cls = payload_cls
-        self._queue: collections.deque[ReceivedEvent[P]] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._last_sequence = 0
-        self._error: BaseException | None = None
+        self.queue = queue
+        self._cls = payload_class
         self._active = True
-        #: Events dropped here because the application did not keep up.
-        self.dropped = 0
-        #: Events the broker dropped, from sequence gaps.
-        self.missed = 0
-        #: Events received.
-        self.received = 0
 
     @property
     def active(self) -> bool:
         return self._active
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    @property
+    def dropped(self) -> int:
+        """Events dropped here because the application did not keep up."""
+        return self.queue.dropped
+
+    @property
+    def missed(self) -> int:
+        """Events the broker dropped, from sequence gaps."""
+        return self.queue.missed
+
+    @property
+    def received(self) -> int:
+        return self.queue.received
 
     def _deliver(self, deliver: frames_pb2.Deliver) -> None:
-        seq = deliver.sequence
-        if seq > self._last_sequence + 1:
-            self.missed += seq - self._last_sequence - 1
-        self._last_sequence = seq
-        if len(self._queue) >= self.max_pending:
-            self.dropped += 1
-            return
         pub = deliver.publish
-        self._queue.append(
-            ReceivedEvent(
-                pub.topic,
-                pub.payload_type,
-                pub.payload,
-                pub.correlation if pub.HasField("correlation") else None,
-                seq,
-                self.subscription_id,
-                self._cls,
-            )
+        event = ReceivedEvent(
+            pub.topic,
+            pub.payload_type,
+            pub.payload,
+            pub.correlation if pub.HasField("correlation") else None,
+            deliver.sequence,
+            self.subscription_id,
+            self._cls,
         )
-        self.received += 1
-        self._wake()
-
-    def _restart(self) -> None:
-        """A new session started (reconnect): sequence numbers start again."""
-        self._last_sequence = 0
+        self.queue.put_nowait(event, len(pub.payload))
 
     def _end(self, error: BaseException | None) -> None:
         self._active = False
-        if error is not None and self._error is None:
-            self._error = error
-        self._wake()
+        self.queue.close(error)
 
     def get_nowait(self) -> ReceivedEvent[P] | None:
         """The next queued event, or None."""
-        return self._queue.popleft() if self._queue else None
+        return self.queue.get_nowait()
 
     async def get(self, timeout: float | None = None) -> ReceivedEvent[P]:
         """The next event; raises :class:`ConnectionClosed` once none can come."""
-        while not self._queue:
-            if not self._active:
-                if self._error is not None:
-                    raise self._error
-                raise ClosedResourceError("subscription ended")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-            except TimeoutError:
-                raise RequestTimeout(f"no event within {timeout} s") from None
-            finally:
-                self._waiter = None
-        return self._queue.popleft()
+        return await self.queue.get(timeout)
 
     def __aiter__(self) -> AsyncIterator[ReceivedEvent[P]]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[ReceivedEvent[P]]:
-        while True:
-            try:
-                event = await self.get()
-            except ClosedResourceError:
-                return
-            yield event
+        return aiter(self.queue)
 
     async def unsubscribe(self) -> None:
         """End the subscription (idempotent)."""
@@ -525,7 +457,7 @@ class Client:
                 continue
             self._reconnects += 1
             for sub in list(self._subs.values()):
-                sub._restart()
+                sub.queue.restart_sequence(sub.subscription_id)
                 try:
                     await self._request_subscribe(sub)
                 except EventBusError as exc:
@@ -714,6 +646,7 @@ class Client:
         correlation_filter: CorrelationFilter | None = None,
         include_control: bool = False,
         max_pending: int | None = None,
+        queue: EventQueue[P] | None = None,
     ) -> Subscription[P]: ...
 
     @overload
@@ -724,6 +657,7 @@ class Client:
         correlation_filter: CorrelationFilter | None = None,
         include_control: bool = False,
         max_pending: int | None = None,
+        queue: EventQueue[Message] | None = None,
     ) -> Subscription[Message]: ...
 
     async def subscribe(
@@ -733,6 +667,7 @@ class Client:
         correlation_filter: CorrelationFilter | None = None,
         include_control: bool = False,
         max_pending: int | None = None,
+        queue: EventQueue[Any] | None = None,
     ) -> Subscription[Any]:
         """Subscribe to a topic or a filter with ``+`` / ``#`` wildcards.
 
@@ -757,7 +692,7 @@ class Client:
             correlation_filter,
             include_control,
             cls,
-            max_pending or self.max_pending,
+            queue if queue is not None else EventQueue(max_pending or self.max_pending),
         )
         self._subs[sub.subscription_id] = sub
         try:
@@ -811,11 +746,12 @@ class Client:
     def statistics(self) -> ClientStatistics:
         """A frozen snapshot of this client's figures."""
         subs = list(self._subs.values())
+        queues = {id(s.queue): s.queue for s in subs}.values()
         return ClientStatistics(
             published=self._published,
-            received=sum(s.received for s in subs),
-            dropped=sum(s.dropped for s in subs),
-            missed=sum(s.missed for s in subs),
+            received=sum(q.received for q in queues),
+            dropped=sum(q.dropped for q in queues),
+            missed=sum(q.missed for q in queues),
             refused=self._refused,
             subscriptions=len(subs),
             reconnects=self._reconnects,

@@ -388,7 +388,8 @@ class Connection:
         self.error = exc
         self._buffer.clear()
         self._body_len = None
-        self._append(encode_frame(error_frame(exc.code, str(exc), fatal=True)))
+        code = ErrorCode.ValueType(exc.code)
+        self._append(encode_frame(error_frame(code, str(exc), fatal=True)))
         self._set_state(State.CLOSING)
 
     def data_to_send(self) -> bytes:

@@ -1,0 +1,390 @@
+"""The reference API, in Python form.
+
+Users of the Rust crate this project follows know these names::
+
+    broker = await DaemoneyeBroker.new("/tmp/daemoneye.sock")
+    event_bus = await DaemoneyeEventBus.from_broker(broker)
+    await event_bus.publish(
+        CollectionEvent(process=ProcessEvent(pid=1234, name="example_process")),
+        "correlation-123",
+    )
+
+:class:`EventBus` is the protocol; :class:`DaemoneyeEventBus` implements it
+twice: in process, on the agent's own broker (``from_broker``: no socket), and
+over the socket from any other process (``connect``). Both route through the
+same broker code, with correlation filters applied by the broker and control
+topics delivered only to subscriptions that opt in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Protocol, Self, runtime_checkable
+
+from google.protobuf.message import Message
+
+from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
+from daemoneye.eventbus.v1.events_pb2 import CollectionEvent, ProcessEventKind
+from daemoneye.eventbus.v1.registry import Topic
+from daemoneye_eventbus.broker import Broker, BrokerConfig, BrokerStatistics, LocalSession
+from daemoneye_eventbus.client import Client, Subscription, build_publish
+from daemoneye_eventbus.correlation import new_correlation
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
+from daemoneye_eventbus.errors import ClosedResourceError, SchemaError, UnknownSubscription
+from daemoneye_eventbus.transport import DEFAULT_SOCKET_PATH
+
+__all__ = [
+    "DEFAULT_EVENT_PATTERNS",
+    "BusEvent",
+    "DaemoneyeBroker",
+    "DaemoneyeEventBus",
+    "EventBus",
+    "EventBusStatistics",
+    "EventReceiver",
+    "EventSubscription",
+    "topic_for_event",
+]
+
+#: What a subscription without topic patterns listens to: every event topic.
+DEFAULT_EVENT_PATTERNS: Final = ("events.#",)
+
+_PROCESS_TOPICS: Final[dict[int, Topic[events_pb2.ProcessEvent]]] = {
+    ProcessEventKind.PROCESS_EVENT_KIND_UNSPECIFIED: registry.EVENTS_PROCESS_LIFECYCLE,
+    ProcessEventKind.PROCESS_EVENT_KIND_START: registry.EVENTS_PROCESS_LIFECYCLE,
+    ProcessEventKind.PROCESS_EVENT_KIND_STOP: registry.EVENTS_PROCESS_LIFECYCLE,
+    ProcessEventKind.PROCESS_EVENT_KIND_EXIT: registry.EVENTS_PROCESS_LIFECYCLE,
+    ProcessEventKind.PROCESS_EVENT_KIND_SNAPSHOT: registry.EVENTS_PROCESS_LIFECYCLE,
+    ProcessEventKind.PROCESS_EVENT_KIND_METADATA_UPDATE: registry.EVENTS_PROCESS_METADATA,
+    ProcessEventKind.PROCESS_EVENT_KIND_TREE_CHANGE: registry.EVENTS_PROCESS_TREE,
+    ProcessEventKind.PROCESS_EVENT_KIND_INTEGRITY_CHECK: registry.EVENTS_PROCESS_INTEGRITY,
+    ProcessEventKind.PROCESS_EVENT_KIND_ANOMALY: registry.EVENTS_PROCESS_ANOMALY,
+}
+
+# CollectionEvent's oneof field for each payload type, to rebuild it on receipt.
+_EVENT_FIELDS: Final[dict[str, str]] = {
+    f.message_type.full_name: f.name
+    for f in CollectionEvent.DESCRIPTOR.oneofs_by_name["event"].fields
+    if f.message_type is not None
+}
+
+
+def topic_for_event(event: CollectionEvent) -> tuple[Topic[Any], Message]:
+    """The topic an event is published on, and the payload to publish.
+
+    Process events go to the topic of their ``kind``; every other event type
+    has exactly one topic in the registry.
+    """
+    which = event.WhichOneof("event")
+    if which is None:
+        raise ValueError("CollectionEvent holds no event")
+    payload: Message = getattr(event, which)
+    if which == "process":
+        return _PROCESS_TOPICS.get(event.process.kind, registry.EVENTS_PROCESS_LIFECYCLE), payload
+    topics = registry.topics_for_payload(type(payload))
+    if len(topics) != 1:
+        raise SchemaError(
+            f"{type(payload).DESCRIPTOR.full_name} has {len(topics)} topics in the registry, "
+            "expected exactly one"
+        )
+    return topics[0], payload
+
+
+@dataclass(frozen=True, slots=True)
+class EventSubscription:
+    """What a subscriber wants to receive."""
+
+    subscriber_id: str
+    #: Topic filters with ``+`` / ``#``; empty means every event topic.
+    topic_patterns: Sequence[str] = ()
+    #: Only events whose correlation metadata matches (applied by the broker).
+    correlation_filter: CorrelationFilter | None = None
+    #: Deliver control topics that the patterns match through a wildcard.
+    include_control: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BusEvent:
+    """An event as a subscriber of the :class:`EventBus` sees it."""
+
+    topic: str
+    #: The event as a CollectionEvent, or None for a control message.
+    event: CollectionEvent | None
+    #: The payload message itself (ProcessEvent, Heartbeat, ...).
+    message: Message
+    correlation: CorrelationMetadata | None
+    sequence: int
+    subscriber_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventBusStatistics:
+    """A snapshot of the bus's figures as one subscriber side sees them."""
+
+    published: int
+    received: int
+    dropped: int
+    subscribers: int
+    broker: BrokerStatistics | None = None
+
+
+class EventReceiver:
+    """The events of one :class:`EventSubscription`: an async iterator."""
+
+    def __init__(self, subscriber_id: str, queue: EventQueue[Message]) -> None:
+        self.subscriber_id = subscriber_id
+        self.queue = queue
+
+    def _convert(self, received: ReceivedEvent[Message]) -> BusEvent:
+        message = received.message()
+        field_name = _EVENT_FIELDS.get(received.payload_type)
+        event = None
+        if field_name is not None and not received.topic.startswith("control."):
+            event = CollectionEvent()
+            getattr(event, field_name).CopyFrom(message)
+        return BusEvent(
+            received.topic,
+            event,
+            message,
+            received.correlation,
+            received.sequence,
+            self.subscriber_id,
+        )
+
+    async def recv(self, timeout: float | None = None) -> BusEvent:
+        """The next event; raises :class:`ClosedResourceError` once unsubscribed."""
+        return self._convert(await self.queue.get(timeout))
+
+    def __aiter__(self) -> AsyncIterator[BusEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[BusEvent]:
+        async for received in self.queue:
+            yield self._convert(received)
+
+    @property
+    def dropped(self) -> int:
+        return self.queue.dropped
+
+
+@runtime_checkable
+class EventBus(Protocol):
+    """What every event bus offers, in process or over the socket."""
+
+    async def publish(
+        self, event: CollectionEvent, correlation: str | CorrelationMetadata | None = None
+    ) -> None:
+        """Publish an event on the topic its type and kind call for."""
+
+    async def subscribe(self, subscription: EventSubscription) -> EventReceiver:
+        """Start receiving what ``subscription`` asks for."""
+
+    async def unsubscribe(self, subscriber_id: str) -> None:
+        """Stop a subscriber; its receiver ends."""
+
+    async def statistics(self) -> EventBusStatistics:
+        """A snapshot of the figures."""
+
+    async def shutdown(self) -> None:
+        """Stop every subscriber and release the bus."""
+
+
+def _correlation(value: str | CorrelationMetadata | None) -> CorrelationMetadata | None:
+    if value is None or isinstance(value, CorrelationMetadata):
+        return value
+    return new_correlation(value)
+
+
+class DaemoneyeBroker:
+    """A running broker, as the reference API names it."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    @classmethod
+    async def new(
+        cls, path: str = DEFAULT_SOCKET_PATH, config: BrokerConfig | None = None
+    ) -> DaemoneyeBroker:
+        """Start a broker listening on ``path``."""
+        broker = Broker(path, config)
+        await broker.start()
+        return cls(broker)
+
+    @property
+    def path(self) -> str:
+        return self.broker.path
+
+    def statistics(self) -> BrokerStatistics:
+        return self.broker.statistics()
+
+    async def shutdown(self) -> None:
+        """Graceful shutdown: goodbye, drain, close, remove the socket."""
+        await self.broker.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+
+@dataclass
+class _Subscriber:
+    receiver: EventReceiver
+    handles: list[Any] = field(default_factory=list)
+
+
+class DaemoneyeEventBus:
+    """The :class:`EventBus`, in process (``from_broker``) or over the socket (``connect``)."""
+
+    def __init__(self, *, local: LocalSession | None = None, client: Client | None = None) -> None:
+        if (local is None) == (client is None):
+            raise ValueError("give exactly one of local= or client=")
+        self._local = local
+        self._client = client
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._published = 0
+        self._closed = False
+
+    @classmethod
+    async def from_broker(
+        cls, broker: DaemoneyeBroker | Broker, *, name: str = "daemoneye-agent"
+    ) -> DaemoneyeEventBus:
+        """An in-process bus on the agent's own broker: no socket involved."""
+        inner = broker.broker if isinstance(broker, DaemoneyeBroker) else broker
+        return cls(local=inner.local_session(name=name, component=name))
+
+    @classmethod
+    async def connect(cls, path: str = DEFAULT_SOCKET_PATH, **kwargs: Any) -> DaemoneyeEventBus:
+        """A bus over the broker's socket, for another process. ``kwargs`` go to :class:`Client`."""
+        client = Client(path, **kwargs)
+        await client.connect()
+        return cls(client=client)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("event bus is shut down")
+
+    async def publish(
+        self, event: CollectionEvent, correlation: str | CorrelationMetadata | None = None
+    ) -> None:
+        """Publish an event; a string correlation becomes a new correlation with that id."""
+        self._check()
+        topic, payload = topic_for_event(event)
+        meta = _correlation(correlation)
+        if self._local is not None:
+            self._local.publish(build_publish(topic, payload, meta))
+        else:
+            assert self._client is not None
+            await self._client.publish(topic, payload, correlation=meta)
+        self._published += 1
+
+    async def publish_to(
+        self, topic: Topic[Any], message: Message, correlation: str | CorrelationMetadata | None = None
+    ) -> None:
+        """Publish any message (a control message, say) on an explicit topic."""
+        self._check()
+        meta = _correlation(correlation)
+        if self._local is not None:
+            self._local.publish(build_publish(topic, message, meta))
+        else:
+            assert self._client is not None
+            await self._client.publish(topic, message, correlation=meta)
+        self._published += 1
+
+    async def subscribe(self, subscription: EventSubscription) -> EventReceiver:
+        """Subscribe to every pattern of ``subscription``; one receiver gets them all."""
+        self._check()
+        if subscription.subscriber_id in self._subscribers:
+            raise UnknownSubscription(
+                f"subscriber {subscription.subscriber_id!r} is already subscribed"
+            )
+        patterns = list(subscription.topic_patterns) or list(DEFAULT_EVENT_PATTERNS)
+        handles: list[Any] = []
+        try:
+            if self._local is not None:
+                queue = self._local.new_queue()
+                for pattern in patterns:
+                    handles.append(
+                        self._local.subscribe(
+                            pattern, queue, subscription.correlation_filter,
+                            subscription.include_control,
+                        )
+                    )
+            else:
+                assert self._client is not None
+                queue = EventQueue(self._client.max_pending)
+                for pattern in patterns:
+                    handles.append(
+                        await self._client.subscribe(
+                            pattern,
+                            correlation_filter=subscription.correlation_filter,
+                            include_control=subscription.include_control,
+                            queue=queue,
+                        )
+                    )
+        except BaseException:
+            await self._release(handles)
+            raise
+        receiver = EventReceiver(subscription.subscriber_id, queue)
+        self._subscribers[subscription.subscriber_id] = _Subscriber(receiver, handles)
+        return receiver
+
+    async def _release(self, handles: list[Any]) -> None:
+        for handle in handles:
+            if isinstance(handle, Subscription):
+                with contextlib.suppress(ClosedResourceError):
+                    await handle.unsubscribe()
+            elif self._local is not None:
+                self._local.unsubscribe(handle)
+
+    async def unsubscribe(self, subscriber_id: str) -> None:
+        """Stop a subscriber; its receiver ends after the events already queued."""
+        sub = self._subscribers.pop(subscriber_id, None)
+        if sub is None:
+            raise UnknownSubscription(f"no subscriber {subscriber_id!r}")
+        await self._release(sub.handles)
+        sub.receiver.queue.close()
+
+    async def statistics(self) -> EventBusStatistics:
+        """Figures of this bus; in process, the broker's snapshot too."""
+        queues = [s.receiver.queue for s in self._subscribers.values()]
+        return EventBusStatistics(
+            published=self._published,
+            received=sum(q.received for q in queues),
+            dropped=sum(q.dropped for q in queues),
+            subscribers=len(self._subscribers),
+            broker=self._local.broker.statistics() if self._local is not None else None,
+        )
+
+    async def shutdown(self) -> None:
+        """Unsubscribe everyone and release the session or the connection."""
+        if self._closed:
+            return
+        for subscriber_id in list(self._subscribers):
+            with contextlib.suppress(ClosedResourceError):
+                await self.unsubscribe(subscriber_id)
+        self._closed = True
+        if self._local is not None:
+            self._local.close()
+        if self._client is not None:
+            await self._client.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()

@@ -1,0 +1,168 @@
+"""Received events and the bounded queues they wait in.
+
+Shared by the socket client and by in-process subscribers of the broker, so
+both see the same types and the same drop accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import Message
+
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
+from daemoneye_eventbus.errors import ClosedResourceError, PayloadTypeMismatch, RequestTimeout
+
+__all__ = ["EventQueue", "ReceivedEvent", "message_class"]
+
+P = TypeVar("P", bound=Message)
+
+
+def message_class(full_name: str) -> type[Message] | None:
+    """The generated class of a message type, by its fully qualified name."""
+    try:
+        desc = descriptor_pool.Default().FindMessageTypeByName(full_name)
+    except KeyError:
+        return None
+    return message_factory.GetMessageClass(desc)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedEvent(Generic[P]):
+    """An event received on a subscription."""
+
+    topic: str
+    #: Fully qualified name of the payload type, as published.
+    payload_type: str
+    #: The serialized payload, as the publisher sent it.
+    payload: bytes
+    #: Correlation metadata, or None if the event had none.
+    correlation: CorrelationMetadata | None
+    #: Per-subscription sequence number from 1; a gap means events were dropped.
+    sequence: int
+    subscription_id: int
+    payload_class: type[P] | None = None
+
+    def message(self) -> P:
+        """Decode the payload into its message type."""
+        cls: type[Any] | None = self.payload_class or message_class(self.payload_type)
+        if cls is None:
+            raise PayloadTypeMismatch(f"unknown payload type {self.payload_type!r}")
+        msg: P = cls.FromString(self.payload)
+        return msg
+
+
+class EventQueue(Generic[P]):
+    """A queue of received events bounded in messages and bytes.
+
+    :meth:`put_nowait` never blocks: when the queue is full the event is
+    dropped and counted in :attr:`dropped`. Sequence gaps per subscription are
+    counted in :attr:`missed`. Several subscriptions may share one queue.
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int | None = None) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._items: collections.deque[tuple[ReceivedEvent[P], int]] = collections.deque()
+        self._bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self._last_sequence: dict[int, int] = {}
+        #: Events dropped because the queue was full.
+        self.dropped = 0
+        #: Events missing from the sequence numbers (dropped before reaching us).
+        self.missed = 0
+        #: Events accepted into the queue.
+        self.received = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of payload waiting."""
+        return self._bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put_nowait(self, event: ReceivedEvent[P], size: int) -> bool:
+        """Queue ``event``; return False (and count it) if it had to be dropped."""
+        sid = event.subscription_id
+        last = self._last_sequence.get(sid, 0)
+        if event.sequence > last + 1:
+            self.missed += event.sequence - last - 1
+        self._last_sequence[sid] = event.sequence
+        if self._closed or len(self._items) >= self.max_messages or (
+            self.max_bytes is not None and self._bytes + size > self.max_bytes
+        ):
+            self.dropped += 1
+            return False
+        self._items.append((event, size))
+        self._bytes += size
+        self.received += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def restart_sequence(self, subscription_id: int) -> None:
+        """A new session began for this subscription: its numbering starts again."""
+        self._last_sequence.pop(subscription_id, None)
+
+    def get_nowait(self) -> ReceivedEvent[P] | None:
+        """The next event, or None if none is waiting."""
+        if not self._items:
+            return None
+        event, size = self._items.popleft()
+        self._bytes -= size
+        return event
+
+    async def get(self, timeout: float | None = None) -> ReceivedEvent[P]:
+        """Wait for the next event.
+
+        Raises :class:`ClosedResourceError` (or the error the queue was closed
+        with) once the queue is closed and empty, and :class:`RequestTimeout`
+        after ``timeout`` seconds.
+        """
+        while not self._items:
+            if self._closed:
+                raise self._error or ClosedResourceError("subscription ended")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                raise RequestTimeout(f"no event within {timeout} s") from None
+            finally:
+                self._waiter = None
+        event, size = self._items.popleft()
+        self._bytes -= size
+        return event
+
+    def close(self, error: BaseException | None = None) -> None:
+        """No more events will come; waiting readers wake up."""
+        self._closed = True
+        if error is not None and self._error is None:
+            self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> AsyncIterator[ReceivedEvent[P]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ReceivedEvent[P]]:
+        while True:
+            try:
+                event = await self.get()
+            except ClosedResourceError:
+                return
+            yield event
