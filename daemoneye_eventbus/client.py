@@ -123,6 +123,7 @@ _ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {
     ErrorCode.ERROR_CODE_INVALID_CORRELATION: InvalidCorrelation,
     ErrorCode.ERROR_CODE_ACCESS_DENIED: AccessDenied,
     ErrorCode.ERROR_CODE_LIMIT_EXCEEDED: LimitExceeded,
+    ErrorCode.ERROR_CODE_CONNECTION_LIMIT: LimitExceeded,
     ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH: PayloadTypeMismatch,
     ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION: UnknownSubscription,
     ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: UnknownSubscription,

@@ -1,0 +1,869 @@
+"""End-to-end benchmark: a standalone broker process and one OS process per client.
+
+Run::
+
+    python -m benchmarks.e2e [--messages N] [--duration-cap S] [--scenario NAME ...] [--json PATH]
+
+Scenarios (see ``benchmarks/README.md``):
+
+* ``1to1``, ``4to1``, ``1to4``: throughput of ~256-byte ``ProcessEvent`` payloads
+  published on ``events.process.lifecycle`` as fast as the publishers can, received
+  by subscribers of ``events.process.#``;
+* ``latency``: round-trip time through the broker with one message in flight.
+
+The broker is ``python -m daemoneye_eventbus.cli serve``, started afresh for each
+scenario and stopped with SIGTERM. Publishers and subscribers are ``spawn``
+processes running the worker functions of this module. Every scenario is bounded
+by ``--duration-cap``: past it the workers are killed and the row is marked
+incomplete. Timestamps are ``time.perf_counter_ns()`` (CLOCK_MONOTONIC on Linux),
+which every process on the machine shares, so they compare across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.queues import Queue as MpQueue
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import Any, Final
+
+from google.protobuf.internal import api_implementation
+
+from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye_eventbus.client import Client
+from daemoneye_eventbus.errors import ConnectionClosed, RequestTimeout
+
+__all__ = ["ScenarioResult", "main", "make_event", "run_scenario"]
+
+REPO: Final = Path(__file__).resolve().parents[1]
+
+#: Topic the throughput publishers and the latency pinger publish on.
+TOPIC: Final = registry.EVENTS_PROCESS_LIFECYCLE
+#: Topic the latency echo process answers on.
+ECHO_TOPIC: Final = registry.EVENTS_PROCESS_METADATA
+#: Filter of the throughput subscribers.
+FILTER: Final = "events.process.#"
+#: Serialized size of every event's payload, in bytes.
+PAYLOAD_BYTES: Final = 256
+#: pids count up from here: every pid below 2**28 is a 4-byte varint, so the
+#: payload size stays the same for every event.
+PID_BASE: Final = 1 << 21
+
+THROUGHPUT_SCENARIOS: Final[dict[str, tuple[int, int]]] = {
+    # name: (publishers, subscribers)
+    "1to1": (1, 1),
+    "4to1": (4, 1),
+    "1to4": (1, 4),
+}
+SCENARIOS: Final = (*THROUGHPUT_SCENARIOS, "latency")
+
+DEFAULT_MESSAGES: Final = 200_000
+DEFAULT_LATENCY_MESSAGES: Final = 5_000
+DEFAULT_WARMUP: Final = 500
+DEFAULT_DURATION_CAP: Final = 60.0
+#: A subscriber stops this long after the last event once the publishers are done.
+IDLE_AFTER_PUBLISHERS: Final = 2.0
+#: Publishers yield to the event loop every this many events.
+YIELD_EVERY: Final = 256
+#: Events a subscriber's client queue holds before it drops (client side).
+SUB_MAX_PENDING: Final = 100_000
+BROKER_MAX_QUEUE_MESSAGES: Final = 10_000
+
+#: (kind, role, index, payload): "ready", "done" or "error" from a worker.
+WorkerMessage = tuple[str, str, int, dict[str, Any]]
+
+_NS: Final = 1_000_000_000
+
+
+class _ScenarioAbort(Exception):
+    """The scenario cannot complete: cap reached, a worker failed, the broker died."""
+
+
+# -- payload ---------------------------------------------------------------------
+
+
+def make_event(size: int = PAYLOAD_BYTES) -> events_pb2.ProcessEvent:
+    """A ``ProcessEvent`` whose serialized form is exactly ``size`` bytes.
+
+    The command line is padded to reach the size; ``pid`` may then be set to
+    any value in ``[PID_BASE, 2**28)`` without changing it.
+    """
+    event = events_pb2.ProcessEvent(
+        pid=PID_BASE,
+        name="bench-process",
+        executable_path="/usr/bin/bench-process",
+        ppid=1,
+        user_id=1000,
+        kind=events_pb2.PROCESS_EVENT_KIND_START,
+    )
+    event.observed_at.seconds = 1_700_000_000
+    event.observed_at.nanos = 123_456_789
+    prefix = "/usr/bin/bench-process --padding="
+    for pad in range(size):
+        event.command_line = prefix + "x" * pad
+        if event.ByteSize() >= size:
+            break
+    if event.ByteSize() != size:
+        # A length prefix grew by a byte and skipped the size: trim the name.
+        event.name = event.name[:-1]
+    if event.ByteSize() != size:
+        raise ValueError(f"cannot build a ProcessEvent of exactly {size} bytes")
+    return event
+
+
+# -- workers (each runs in its own spawned process) -------------------------------
+
+
+def _run_worker(role: str, index: int, results: MpQueue[WorkerMessage], coro: Any) -> None:
+    try:
+        payload: dict[str, Any] = asyncio.run(coro)
+    except BaseException:
+        results.put(("error", role, index, {"traceback": traceback.format_exc()}))
+        raise SystemExit(1) from None
+    results.put(("done", role, index, payload))
+
+
+def subscriber_main(
+    path: str,
+    index: int,
+    expected: int,
+    results: MpQueue[WorkerMessage],
+    publishers_done: MpEvent,
+    deadline_ns: int,
+) -> None:
+    """Entry point of a throughput subscriber process."""
+    _run_worker(
+        "sub",
+        index,
+        results,
+        _subscriber(path, index, expected, results, publishers_done, deadline_ns),
+    )
+
+
+async def _subscriber(
+    path: str,
+    index: int,
+    expected: int,
+    results: MpQueue[WorkerMessage],
+    publishers_done: MpEvent,
+    deadline_ns: int,
+) -> dict[str, Any]:
+    idle_ns = int(IDLE_AFTER_PUBLISHERS * _NS)
+    async with Client(path, name=f"bench-sub-{index}", request_timeout=30.0) as client:
+        sub = await client.subscribe(FILTER, max_pending=SUB_MAX_PENDING)
+        results.put(("ready", "sub", index, {}))
+        count = 0
+        first_ns = last_ns = 0
+        last_progress = time.perf_counter_ns()
+        reason = "complete"
+        while count < expected:
+            try:
+                await sub.get(timeout=0.25)
+            except RequestTimeout:
+                now = time.perf_counter_ns()
+                if now > deadline_ns:
+                    reason = "deadline"
+                    break
+                if publishers_done.is_set() and now - last_progress > idle_ns:
+                    reason = "idle"
+                    break
+                continue
+            except ConnectionClosed as exc:
+                reason = f"connection closed: {exc}"
+                break
+            # Whatever else already arrived is taken in the same batch: one
+            # timestamp per batch keeps the clock out of the per-event cost.
+            batch = 1
+            while sub.get_nowait() is not None:
+                batch += 1
+            now = time.perf_counter_ns()
+            if not first_ns:
+                first_ns = now
+            last_ns = last_progress = now
+            count += batch
+        stats = client.statistics()
+        return {
+            "received": count,
+            "first_ns": first_ns,
+            "last_ns": last_ns,
+            "missed": sub.missed,
+            "dropped": sub.dropped,
+            "client_received": stats.received,
+            "reason": reason,
+        }
+
+
+def publisher_main(
+    path: str,
+    index: int,
+    count: int,
+    results: MpQueue[WorkerMessage],
+    go: MpEvent,
+    deadline_ns: int,
+) -> None:
+    """Entry point of a throughput publisher process."""
+    _run_worker("pub", index, results, _publisher(path, index, count, results, go, deadline_ns))
+
+
+async def _wait_go(go: MpEvent, deadline_ns: int) -> None:
+    timeout = max(0.0, (deadline_ns - time.perf_counter_ns()) / _NS)
+    if not await asyncio.to_thread(go.wait, timeout):
+        raise TimeoutError("no start signal before the deadline")
+
+
+async def _publisher(
+    path: str,
+    index: int,
+    count: int,
+    results: MpQueue[WorkerMessage],
+    go: MpEvent,
+    deadline_ns: int,
+) -> dict[str, Any]:
+    event = make_event()
+    topic = TOPIC
+    async with Client(path, name=f"bench-pub-{index}", request_timeout=30.0) as client:
+        results.put(("ready", "pub", index, {}))
+        await _wait_go(go, deadline_ns)
+        start_ns = time.perf_counter_ns()
+        sent = 0
+        for i in range(count):
+            event.pid = PID_BASE + i
+            await client.publish(topic, event)
+            sent += 1
+            if sent % YIELD_EVERY == 0:
+                # Let the client's coalesced writes go out (and the reader run).
+                await asyncio.sleep(0)
+                if time.perf_counter_ns() > deadline_ns:
+                    break
+        published_ns = time.perf_counter_ns()
+        await client.flush()
+        flushed_ns = time.perf_counter_ns()
+        return {
+            "sent": sent,
+            "start_ns": start_ns,
+            "published_ns": published_ns,
+            "flushed_ns": flushed_ns,
+        }
+
+
+def pinger_main(
+    path: str,
+    count: int,
+    warmup: int,
+    results: MpQueue[WorkerMessage],
+    go: MpEvent,
+    deadline_ns: int,
+) -> None:
+    """Entry point of the latency-measuring process."""
+    _run_worker("ping", 0, results, _pinger(path, count, warmup, results, go, deadline_ns))
+
+
+async def _pinger(
+    path: str,
+    count: int,
+    warmup: int,
+    results: MpQueue[WorkerMessage],
+    go: MpEvent,
+    deadline_ns: int,
+) -> dict[str, Any]:
+    event = make_event()
+    rtts: list[int] = []
+    lost = 0
+    stale = 0
+    async with Client(path, name="bench-ping", request_timeout=30.0) as client:
+        sub = await client.subscribe(ECHO_TOPIC, max_pending=SUB_MAX_PENDING)
+        results.put(("ready", "ping", 0, {}))
+        await _wait_go(go, deadline_ns)
+        start_ns = time.perf_counter_ns()
+        end_ns = start_ns
+        for i in range(warmup + count):
+            if time.perf_counter_ns() > deadline_ns:
+                break
+            pid = PID_BASE + i
+            event.pid = pid
+            t0 = time.perf_counter_ns()
+            await client.publish(TOPIC, event)
+            while True:
+                try:
+                    echo = await sub.get(timeout=2.0)
+                except RequestTimeout:
+                    lost += 1
+                    break
+                t1 = time.perf_counter_ns()
+                if echo.message().pid == pid:
+                    if i >= warmup:
+                        rtts.append(t1 - t0)
+                    break
+                stale += 1  # a late echo of an earlier message
+            end_ns = time.perf_counter_ns()
+        return {
+            "rtts_ns": rtts,
+            "lost": lost,
+            "stale": stale,
+            "start_ns": start_ns,
+            "end_ns": end_ns,
+            "missed": sub.missed,
+            "dropped": sub.dropped,
+        }
+
+
+def echo_main(
+    path: str,
+    results: MpQueue[WorkerMessage],
+    stop: MpEvent,
+    deadline_ns: int,
+) -> None:
+    """Entry point of the latency echo process."""
+    _run_worker("echo", 0, results, _echo(path, results, stop, deadline_ns))
+
+
+async def _echo(
+    path: str,
+    results: MpQueue[WorkerMessage],
+    stop: MpEvent,
+    deadline_ns: int,
+) -> dict[str, Any]:
+    echoed = 0
+    async with Client(path, name="bench-echo", request_timeout=30.0) as client:
+        sub = await client.subscribe(TOPIC, max_pending=SUB_MAX_PENDING)
+        results.put(("ready", "echo", 0, {}))
+        while not stop.is_set() and time.perf_counter_ns() < deadline_ns:
+            try:
+                event = await sub.get(timeout=0.25)
+            except RequestTimeout:
+                continue
+            except ConnectionClosed:
+                break
+            await client.publish(ECHO_TOPIC, event.message())
+            echoed += 1
+        return {"echoed": echoed, "missed": sub.missed, "dropped": sub.dropped}
+
+
+# -- results ------------------------------------------------------------------------
+
+
+@dataclass
+class ScenarioResult:
+    """The figures of one scenario."""
+
+    scenario: str
+    publishers: int
+    subscribers: int
+    #: Events published in total (throughput) or round trips measured (latency).
+    messages: int
+    #: Events the subscribers should have received in total.
+    expected: int = 0
+    received: int = 0
+    #: Received events per second, all subscribers together, from the first
+    #: publish to the last receive (latency: round trips per second).
+    received_per_s: float | None = None
+    #: Published events per second, from the first publish to the last flush.
+    published_per_s: float | None = None
+    delivered_pct: float | None = None
+    #: Broker CPU time over the wall time of the run, in percent of one core.
+    broker_cpu_pct: float | None = None
+    broker_cpu_s: float | None = None
+    run_s: float | None = None
+    #: Broker drops seen as sequence gaps, and drops in the subscribers' own queues.
+    missed: int = 0
+    dropped: int = 0
+    latency_us: dict[str, float] | None = None
+    lost: int = 0
+    #: The broker's own totals, from its exit line.
+    broker_published: int | None = None
+    broker_delivered: int | None = None
+    broker_dropped: int | None = None
+    broker_exit_code: int | None = None
+    complete: bool = False
+    wall_s: float = 0.0
+    subscriber_end: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        stat = f.read()
+    # The command name may hold spaces and parentheses; fields follow the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (``q`` in ``[0, 100]``)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+# -- the broker process ----------------------------------------------------------------
+
+
+class _BrokerProcess:
+    """``daemoneye-eventbus serve`` in a child process, output to a log file."""
+
+    def __init__(self, path: str, workdir: str) -> None:
+        self.path = path
+        self.log_path = os.path.join(workdir, "broker.log")
+        env = dict(os.environ)
+        extra = [str(REPO), str(REPO / "generated")]
+        if env.get("PYTHONPATH"):
+            extra.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(extra)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daemoneye_eventbus.cli",
+                "serve",
+                "--socket",
+                path,
+                "--max-queue-messages",
+                str(BROKER_MAX_QUEUE_MESSAGES),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_listening(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise _ScenarioAbort(f"broker exited with {self.proc.returncode}: {self.output()}")
+            if "listening on" in self.output() and os.path.exists(self.path):
+                return
+            time.sleep(0.02)
+        raise _ScenarioAbort("broker did not start listening in time")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait; the exit code, or None if it had to be killed."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return None
+        finally:
+            self._log.close()
+
+
+_STOPPED_RE: Final = re.compile(r"broker stopped: (\d+) published, (\d+) delivered, (\d+) dropped")
+
+
+# -- running a scenario ----------------------------------------------------------------
+
+
+class _Run:
+    """The workers of one scenario and the messages they send back."""
+
+    def __init__(self, ctx: SpawnContext, broker: _BrokerProcess, deadline: float) -> None:
+        self.ctx = ctx
+        self.broker = broker
+        self.deadline = deadline
+        self.results: MpQueue[WorkerMessage] = ctx.Queue()
+        self.procs: dict[tuple[str, int], SpawnProcess] = {}
+        self.ready: set[tuple[str, int]] = set()
+        self.done: dict[tuple[str, int], dict[str, Any]] = {}
+        self._exited_at: dict[tuple[str, int], float] = {}
+        #: (time ns, broker CPU seconds), sampled while waiting.
+        self.cpu_samples: list[tuple[int, float]] = []
+
+    def spawn(self, role: str, index: int, target: Any, *args: Any) -> None:
+        proc = self.ctx.Process(
+            target=target, args=args, name=f"bench-{role}-{index}", daemon=True
+        )
+        proc.start()
+        self.procs[(role, index)] = proc
+
+    def sample_cpu(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.cpu_samples.append((time.perf_counter_ns(), _cpu_seconds(self.broker.pid)))
+
+    def _poll(self) -> None:
+        """Take one worker message (or time out after a short while); check health."""
+        try:
+            kind, role, index, payload = self.results.get(timeout=0.05)
+        except queue.Empty:
+            pass
+        else:
+            key = (role, index)
+            if kind == "ready":
+                self.ready.add(key)
+            elif kind == "done":
+                self.done[key] = payload
+            else:
+                raise _ScenarioAbort(f"{role} {index} failed:\n{payload.get('traceback', '')}")
+        self.sample_cpu()
+        now = time.monotonic()
+        if now > self.deadline:
+            raise _ScenarioAbort("duration cap reached")
+        if self.broker.proc.poll() is not None:
+            raise _ScenarioAbort(f"broker exited with {self.broker.proc.returncode}")
+        for key, proc in self.procs.items():
+            if key in self.done or proc.exitcode is None:
+                continue
+            # Give the message a worker sent just before exiting time to arrive.
+            first = self._exited_at.setdefault(key, now)
+            if proc.exitcode != 0 or now - first > 2.0:
+                raise _ScenarioAbort(f"{key[0]} {key[1]} exited with {proc.exitcode}")
+
+    def wait_ready(self, keys: set[tuple[str, int]]) -> None:
+        while not keys <= self.ready:
+            self._poll()
+
+    def wait_done(self, keys: set[tuple[str, int]]) -> None:
+        while not keys <= set(self.done):
+            self._poll()
+
+    def cpu_at(self, t_ns: int) -> tuple[int, float] | None:
+        """The first CPU sample taken at or after ``t_ns``."""
+        for sample in self.cpu_samples:
+            if sample[0] >= t_ns:
+                return sample
+        return self.cpu_samples[-1] if self.cpu_samples else None
+
+    def terminate(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs.values():
+            proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        self.results.cancel_join_thread()
+        self.results.close()
+
+
+def run_scenario(
+    name: str,
+    messages: int,
+    *,
+    duration_cap: float = DEFAULT_DURATION_CAP,
+    latency_messages: int = DEFAULT_LATENCY_MESSAGES,
+    warmup: int = DEFAULT_WARMUP,
+) -> ScenarioResult:
+    """Run one scenario against a fresh broker; never takes much longer than the cap."""
+    ctx = multiprocessing.get_context("spawn")
+    wall0 = time.monotonic()
+    deadline = wall0 + duration_cap
+    deadline_ns = time.perf_counter_ns() + int(duration_cap * _NS)
+    if name == "latency":
+        result = ScenarioResult(name, 1, 1, latency_messages)
+    else:
+        pubs, subs = THROUGHPUT_SCENARIOS[name]
+        result = ScenarioResult(name, pubs, subs, messages)
+    workdir = tempfile.mkdtemp(prefix="deb-bench-", dir="/tmp")
+    path = os.path.join(workdir, "b.sock")
+    broker = _BrokerProcess(path, workdir)
+    run = _Run(ctx, broker, deadline)
+    try:
+        broker.wait_listening(min(deadline, time.monotonic() + 20.0))
+        if name == "latency":
+            _latency(run, path, latency_messages, warmup, deadline_ns, result)
+        else:
+            _throughput(run, path, messages, deadline_ns, result)
+        result.complete = not result.errors and result.received >= result.expected
+    except _ScenarioAbort as exc:
+        result.errors.append(str(exc))
+    finally:
+        run.terminate()
+        result.broker_exit_code = broker.stop()
+        if result.broker_exit_code != 0:
+            result.errors.append(f"broker exit code {result.broker_exit_code}")
+            result.complete = False
+        stopped = _STOPPED_RE.search(broker.output())
+        if stopped:
+            result.broker_published, result.broker_delivered, result.broker_dropped = (
+                int(g) for g in stopped.groups()
+            )
+        shutil.rmtree(workdir, ignore_errors=True)
+        result.wall_s = time.monotonic() - wall0
+    return result
+
+
+def _throughput(
+    run: _Run, path: str, messages: int, deadline_ns: int, result: ScenarioResult
+) -> None:
+    ctx = run.ctx
+    go = ctx.Event()
+    publishers_done = ctx.Event()
+    n_pubs, n_subs = result.publishers, result.subscribers
+    shares = [messages // n_pubs + (1 if i < messages % n_pubs else 0) for i in range(n_pubs)]
+    result.expected = messages * n_subs
+    subs = {("sub", i) for i in range(n_subs)}
+    pubs = {("pub", i) for i in range(n_pubs)}
+    for _, i in sorted(subs):
+        run.spawn(
+            "sub", i, subscriber_main, path, i, messages, run.results, publishers_done, deadline_ns
+        )
+    run.wait_ready(subs)  # every subscription is acknowledged by the broker
+    for _, i in sorted(pubs):
+        run.spawn("pub", i, publisher_main, path, i, shares[i], run.results, go, deadline_ns)
+    run.wait_ready(pubs)
+    run.sample_cpu()
+    go.set()
+    run.wait_done(pubs)
+    publishers_done.set()
+    run.wait_done(subs)
+    run.sample_cpu()
+
+    pub_results = [run.done[k] for k in sorted(pubs)]
+    sub_results = [run.done[k] for k in sorted(subs)]
+    start_ns = min(p["start_ns"] for p in pub_results)
+    flushed_ns = max(p["flushed_ns"] for p in pub_results)
+    sent = sum(p["sent"] for p in pub_results)
+    result.received = sum(s["received"] for s in sub_results)
+    result.missed = sum(s["missed"] for s in sub_results)
+    result.dropped = sum(s["dropped"] for s in sub_results)
+    result.subscriber_end = [s["reason"] for s in sub_results]
+    if sent < messages:
+        result.errors.append(f"publishers sent {sent} of {messages} before the deadline")
+    last_ns = max((s["last_ns"] for s in sub_results if s["received"]), default=0)
+    if last_ns > start_ns:
+        result.run_s = (last_ns - start_ns) / _NS
+        result.received_per_s = result.received / result.run_s
+    if flushed_ns > start_ns:
+        result.published_per_s = sent / ((flushed_ns - start_ns) / _NS)
+    result.delivered_pct = 100.0 * result.received / result.expected if result.expected else None
+    _broker_cpu(run, start_ns, max(last_ns, flushed_ns), result)
+
+
+def _latency(
+    run: _Run, path: str, count: int, warmup: int, deadline_ns: int, result: ScenarioResult
+) -> None:
+    ctx = run.ctx
+    go = ctx.Event()
+    stop = ctx.Event()
+    run.spawn("echo", 0, echo_main, path, run.results, stop, deadline_ns)
+    run.wait_ready({("echo", 0)})
+    run.spawn("ping", 0, pinger_main, path, count, warmup, run.results, go, deadline_ns)
+    run.wait_ready({("ping", 0)})
+    run.sample_cpu()
+    go.set()
+    run.wait_done({("ping", 0)})
+    run.sample_cpu()
+    stop.set()
+    run.wait_done({("echo", 0)})
+
+    ping = run.done[("ping", 0)]
+    rtts = sorted(ping["rtts_ns"])
+    result.expected = count
+    result.received = len(rtts)
+    result.lost = ping["lost"]
+    result.missed = ping["missed"] + run.done[("echo", 0)]["missed"]
+    result.dropped = ping["dropped"] + run.done[("echo", 0)]["dropped"]
+    result.delivered_pct = 100.0 * len(rtts) / count if count else None
+    start_ns, end_ns = ping["start_ns"], ping["end_ns"]
+    if end_ns > start_ns:
+        result.run_s = (end_ns - start_ns) / _NS
+        # Round trips per second (the warm-up included: it is in the interval).
+        result.received_per_s = (warmup + count - ping["lost"]) / result.run_s
+    if rtts:
+        result.latency_us = {
+            "p50": percentile(rtts, 50) / 1000,
+            "p99": percentile(rtts, 99) / 1000,
+            "p99.9": percentile(rtts, 99.9) / 1000,
+            "min": rtts[0] / 1000,
+            "max": rtts[-1] / 1000,
+            "mean": sum(rtts) / len(rtts) / 1000,
+        }
+    _broker_cpu(run, start_ns, end_ns, result)
+
+
+def _broker_cpu(run: _Run, start_ns: int, end_ns: int, result: ScenarioResult) -> None:
+    """Broker CPU between the samples around ``start_ns`` and ``end_ns``."""
+    before = [s for s in run.cpu_samples if s[0] <= start_ns]
+    first = before[-1] if before else run.cpu_at(start_ns)
+    last = run.cpu_at(end_ns)
+    if first is None or last is None or last[0] <= first[0]:
+        return
+    result.broker_cpu_s = last[1] - first[1]
+    result.broker_cpu_pct = 100.0 * result.broker_cpu_s / ((last[0] - first[0]) / _NS)
+
+
+# -- reporting -------------------------------------------------------------------------
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU model, core count, Python and protobuf implementation."""
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "protobuf": api_implementation.Type(),
+        "platform": platform.platform(),
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(results: Sequence[ScenarioResult]) -> str:
+    """One row per scenario."""
+    lines = [
+        "| scenario | messages | received/s | delivered % | broker CPU % "
+        "| p50 µs | p99 µs | p99.9 µs | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lat = r.latency_us or {}
+        notes: list[str] = []
+        if not r.complete:
+            notes.append("INCOMPLETE")
+        if r.missed:
+            notes.append(f"broker drops {r.missed}")
+        if r.dropped:
+            notes.append(f"client drops {r.dropped}")
+        if r.lost:
+            notes.append(f"lost {r.lost}")
+        if r.published_per_s is not None:
+            notes.append(f"published/s {r.published_per_s:,.0f}")
+        notes.extend(e.splitlines()[0] for e in r.errors if e)
+        lines.append(
+            f"| {r.scenario} | {r.messages:,} | {_fmt(r.received_per_s, ',.0f')} "
+            f"| {_fmt(r.delivered_pct, '.2f')} | {_fmt(r.broker_cpu_pct, '.0f')} "
+            f"| {_fmt(lat.get('p50'), '.0f')} | {_fmt(lat.get('p99'), '.0f')} "
+            f"| {_fmt(lat.get('p99.9'), '.0f')} | {'; '.join(notes)} |"
+        )
+    return "\n".join(lines)
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.e2e",
+        description="End-to-end throughput and latency of daemoneye-eventbus, "
+        "one OS process per broker, publisher and subscriber.",
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=DEFAULT_MESSAGES,
+        help=f"events published per throughput scenario (default {DEFAULT_MESSAGES:,})",
+    )
+    parser.add_argument(
+        "--latency-messages",
+        type=int,
+        default=DEFAULT_LATENCY_MESSAGES,
+        help=f"measured round trips (default {DEFAULT_LATENCY_MESSAGES:,})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=DEFAULT_WARMUP,
+        help=f"round trips before measuring (default {DEFAULT_WARMUP})",
+    )
+    parser.add_argument(
+        "--duration-cap",
+        type=float,
+        default=DEFAULT_DURATION_CAP,
+        help=f"seconds a scenario may take before it is killed (default {DEFAULT_DURATION_CAP:g})",
+    )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        metavar="NAME",
+        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scenarios, print the table; 1 if any scenario is incomplete."""
+    args = _parser().parse_args(argv)
+    if args.messages < 1 or args.latency_messages < 1 or args.warmup < 0:
+        _parser().error("--messages and --latency-messages must be positive")
+    names = list(dict.fromkeys(args.scenario or SCENARIOS))
+    machine = machine_description()
+    results: list[ScenarioResult] = []
+    for n, name in enumerate(names, 1):
+        count = args.latency_messages if name == "latency" else args.messages
+        _progress(f"[{n}/{len(names)}] {name}: {count:,} messages ...")
+        result = run_scenario(
+            name,
+            args.messages,
+            duration_cap=args.duration_cap,
+            latency_messages=args.latency_messages,
+            warmup=args.warmup,
+        )
+        results.append(result)
+        status = "done" if result.complete else "INCOMPLETE"
+        _progress(
+            f"[{n}/{len(names)}] {name}: {status} in {result.wall_s:.1f} s, "
+            f"{_fmt(result.received_per_s, ',.0f')} received/s, "
+            f"{_fmt(result.delivered_pct, '.2f')}% delivered"
+            + "".join(f"\n    {line}" for e in result.errors for line in e.splitlines())
+        )
+    print(
+        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['implementation']} {machine['python']}, protobuf {machine['protobuf']}; "
+        f"payload {PAYLOAD_BYTES} B\n"
+    )
+    print(markdown_table(results))
+    if args.json:
+        doc = {
+            "machine": machine,
+            "settings": {
+                "messages": args.messages,
+                "latency_messages": args.latency_messages,
+                "warmup": args.warmup,
+                "duration_cap": args.duration_cap,
+                "payload_bytes": PAYLOAD_BYTES,
+                "broker_max_queue_messages": BROKER_MAX_QUEUE_MESSAGES,
+            },
+            "results": [asdict(r) for r in results],
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return 0 if all(r.complete for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

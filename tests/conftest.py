@@ -1,0 +1,60 @@
+"""Shared fixtures: real brokers on short temporary socket paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from daemoneye_eventbus.broker import Broker, BrokerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers.py"
+
+#: Deadlines short enough for tests, long enough for a loaded CI machine.
+TEST_CONFIG = BrokerConfig(
+    handshake_timeout=1.0,
+    heartbeat_interval=0.5,
+    idle_timeout=3.0,
+    slow_consumer_timeout=1.0,
+    drain_timeout=2.0,
+)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short private directory: Unix socket paths are limited to ~104 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="deb-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sock_path(sock_dir: Path) -> str:
+    return str(sock_dir / "bus.sock")
+
+
+@pytest.fixture
+async def broker(sock_path: str) -> AsyncIterator[Broker]:
+    async with Broker(sock_path, TEST_CONFIG) as b:
+        yield b
+
+
+def worker_cmd(*args: str) -> list[str]:
+    """Command line running tests/workers.py in a separate Python process."""
+    return [sys.executable, str(WORKERS), *args]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(REPO / "generated"), env.get("PYTHONPATH", "")]
+    )
+    return env

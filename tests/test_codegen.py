@@ -1,0 +1,823 @@
+"""Tests of the code generator (codegen/) and of the generated topic registry.
+
+Three parts:
+
+* the schema checks: small schemas written to a temporary directory, compiled
+  with protoc and fed to :func:`codegen.schema.collect_topics`, which must
+  refuse every broken one with a clear :class:`SchemaError`;
+* the generator: ``python -m codegen check`` on the repository, staleness
+  detection, determinism and the "DO NOT EDIT" header;
+* the committed registry at run time: lookups, templates, payload index,
+  access table and the topic hierarchy the project requires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codegen.build import PACKAGE, compile_schema, generate
+from codegen.render import HEADER, render
+from codegen.schema import TopicDecl, collect_topics
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
+from daemoneye.eventbus.v1.options_pb2 import AccessLevel
+from daemoneye_eventbus.errors import SchemaError
+from daemoneye_eventbus.topics import matches, validate_filter, validate_topic
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO = ROOT / "proto"
+GENERATED = ROOT / "generated"
+PKG_DIR = Path(*PACKAGE.split("."))
+REGISTRY_FILE = (PKG_DIR / "registry.py").as_posix()
+
+PUBLIC = AccessLevel.ACCESS_LEVEL_PUBLIC
+RESTRICTED = AccessLevel.ACCESS_LEVEL_RESTRICTED
+PRIVILEGED = AccessLevel.ACCESS_LEVEL_PRIVILEGED
+
+# --------------------------------------------------------------------------
+# Helpers: small schemas in a temporary directory
+
+_MESSAGES = """\
+// Messages of the small test schema.
+syntax = "proto3";
+
+package daemoneye.eventbus.v1;
+
+import "google/protobuf/timestamp.proto";
+
+// A colour; not a topic enum, so its values need no (topic) option.
+enum Colour {
+  // Not set.
+  COLOUR_UNSPECIFIED = 0;
+  // Red.
+  COLOUR_RED = 1;
+}
+
+// A small event.
+message SmallEvent {
+  // Some text.
+  string text = 1;
+  // When it happened.
+  google.protobuf.Timestamp at = 2;
+  // A nested message.
+  message Part {
+    // A number.
+    int32 n = 1;
+  }
+}
+
+// A small command.
+message SmallCommand {
+  // What to do.
+  string action = 1;
+  // Its colour.
+  Colour colour = 2;
+}
+"""
+
+_TOPICS_HEAD = """\
+// Topics of the small test schema.
+syntax = "proto3";
+
+package daemoneye.eventbus.v1;
+
+import "daemoneye/eventbus/v1/options.proto";
+
+// Every topic.
+enum Topic {
+  // Not a topic.
+  TOPIC_UNSPECIFIED = 0;
+"""
+
+SMALL_EVENT = "daemoneye.eventbus.v1.SmallEvent"
+SMALL_COMMAND = "daemoneye.eventbus.v1.SmallCommand"
+
+
+def _topic(
+    name: str | None,
+    *,
+    value: str = "TOPIC_A",
+    number: int = 1,
+    access: str | None = "ACCESS_LEVEL_PUBLIC",
+    payload: str | None = SMALL_EVENT,
+    publishers: Sequence[str] = (),
+    subscribers: Sequence[str] = (),
+    control: bool = False,
+    comment: str | None = None,
+) -> str:
+    """One value of the ``Topic`` enum; ``None`` leaves a field out."""
+    fields: list[str] = []
+    if name is not None:
+        fields.append(f"name: {json.dumps(name, ensure_ascii=False)}")
+    if access is not None:
+        fields.append(f"access: {access}")
+    if publishers:
+        fields.append(f"publishers: {json.dumps(list(publishers))}")
+    if subscribers:
+        fields.append(f"subscribers: {json.dumps(list(subscribers))}")
+    if payload is not None:
+        fields.append(f"payload: {json.dumps(payload)}")
+    if control:
+        fields.append("control: true")
+    body = "\n".join(f"  {f}" for f in fields)
+    lead = f"// {comment}\n" if comment is not None else ""
+    return f"{lead}{value} = {number} [(topic) = {{\n{body}\n}}];\n"
+
+
+def _write_schema(root: Path, *values: str, messages: str = _MESSAGES) -> Path:
+    """Write options.proto, a messages file and a topics file under ``root``."""
+    pkg = root / PKG_DIR
+    pkg.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PROTO / PKG_DIR / "options.proto", pkg / "options.proto")
+    (pkg / "events.proto").write_text(messages)
+    body = textwrap.indent("".join(values), "  ")
+    (pkg / "topics.proto").write_text(f"{_TOPICS_HEAD}{body}}}\n")
+    return root
+
+
+def _collect(tmp_path: Path, *values: str) -> list[TopicDecl]:
+    return collect_topics(compile_schema(_write_schema(tmp_path / "proto", *values)))
+
+
+def _reject(tmp_path: Path, *values: str) -> str:
+    """Compile the schema (which must compile) and return collect_topics' error."""
+    fds = compile_schema(_write_schema(tmp_path / "proto", *values))
+    with pytest.raises(SchemaError) as info:
+        collect_topics(fds)
+    return str(info.value)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def _run_codegen(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(GENERATED)])}
+    return subprocess.run(
+        [sys.executable, "-m", "codegen", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _stale_files(stderr: str) -> list[str]:
+    """The file names that ``check`` lists as differing (indented by two spaces)."""
+    return re.findall(r"^  (\S.*)$", stderr, re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def real_decls() -> list[TopicDecl]:
+    return collect_topics(compile_schema(PROTO))
+
+
+# --------------------------------------------------------------------------
+# Schema: a valid schema
+
+
+def test_valid_schema_yields_declarations(tmp_path: Path) -> None:
+    decls = _collect(
+        tmp_path,
+        _topic(
+            "svc.events.small",
+            value="TOPIC_SVC_EVENTS_SMALL",
+            access="ACCESS_LEVEL_RESTRICTED",
+            publishers=["smalld", "other-d"],
+            subscribers=["daemoneye-agent"],
+            comment="Small events from smalld.",
+        ),
+        _topic(
+            "svc.task.{kind}.{id}",
+            value="TOPIC_SVC_TASK_TARGETED",
+            number=2,
+            access="ACCESS_LEVEL_PRIVILEGED",
+            publishers=["daemoneye-agent"],
+            subscribers=["smalld"],
+            payload="." + SMALL_COMMAND,
+            control=True,
+            comment="Commands to one service.",
+        ),
+        _topic(
+            "svc.health.part",
+            value="TOPIC_SVC_HEALTH_PART",
+            number=3,
+            payload=SMALL_EVENT + ".Part",
+        ),
+    )
+    names = [d.name for d in decls]
+    assert names == ["svc.events.small", "svc.task.{kind}.{id}", "svc.health.part"]
+    events, task, part = decls
+
+    assert events.enum_value == "TOPIC_SVC_EVENTS_SMALL"
+    assert events.constant == "SVC_EVENTS_SMALL"
+    assert events.access == "RESTRICTED"
+    assert events.publishers == ("smalld", "other-d")
+    assert events.subscribers == ("daemoneye-agent",)
+    assert events.payload == SMALL_EVENT
+    assert events.payload_file == "daemoneye/eventbus/v1/events.proto"
+    assert events.control is False
+    assert events.parameters == ()
+    assert not events.is_template
+    assert events.comment == "Small events from smalld."
+
+    assert task.constant == "SVC_TASK_TARGETED"
+    assert task.access == "PRIVILEGED"
+    assert task.publishers == ("daemoneye-agent",)
+    assert task.subscribers == ("smalld",)
+    assert task.payload == SMALL_COMMAND  # the leading dot is dropped
+    assert task.control is True
+    assert task.parameters == ("kind", "id")
+    assert task.is_template
+    assert task.comment == "Commands to one service."
+
+    assert part.access == "PUBLIC"
+    assert part.publishers == part.subscribers == ()
+    assert part.payload == SMALL_EVENT + ".Part"
+    assert part.comment == ""
+
+
+def test_real_schema_declarations_match_registry(real_decls: list[TopicDecl]) -> None:
+    concrete = [d for d in real_decls if not d.is_template]
+    templates = [d for d in real_decls if d.is_template]
+    assert [d.name for d in concrete] == list(registry.TOPICS)
+    assert [d.name for d in templates] == [t.pattern for t in registry.TEMPLATES]
+    for d in real_decls:
+        assert d.access in {"PUBLIC", "RESTRICTED", "PRIVILEGED"}, d.name
+        assert d.comment, f"{d.name} has no comment"
+        obj = getattr(registry, d.constant)
+        assert obj.payload_name == d.payload
+
+
+# --------------------------------------------------------------------------
+# Schema: broken schemas
+
+
+def test_duplicate_topic_name(tmp_path: Path) -> None:
+    message = _reject(
+        tmp_path,
+        _topic("events.dup", value="TOPIC_FIRST"),
+        _topic("events.dup", value="TOPIC_SECOND", number=2, payload=SMALL_COMMAND),
+    )
+    assert "duplicate topic 'events.dup'" in message
+    assert "TOPIC_FIRST" in message
+    assert "TOPIC_SECOND" in message
+
+
+def test_topic_value_without_option(tmp_path: Path) -> None:
+    message = _reject(tmp_path, _topic("events.a"), "TOPIC_BARE = 2;\n")
+    assert "topics.proto" in message
+    assert "Topic.TOPIC_BARE declares no (topic) option" in message
+
+
+def test_zero_value_cannot_declare_a_topic(tmp_path: Path) -> None:
+    pkg = _write_schema(tmp_path / "proto", _topic("events.a")) / PKG_DIR
+    topics = pkg / "topics.proto"
+    text = topics.read_text().replace(
+        "TOPIC_UNSPECIFIED = 0;",
+        'TOPIC_UNSPECIFIED = 0 [(topic) = {name: "events.zero" access: ACCESS_LEVEL_PUBLIC '
+        f'payload: "{SMALL_EVENT}"}}];',
+    )
+    topics.write_text(text)
+    fds = compile_schema(tmp_path / "proto")
+    with pytest.raises(SchemaError, match=r"TOPIC_UNSPECIFIED: the zero value cannot declare"):
+        collect_topics(fds)
+
+
+def test_schema_without_topics(tmp_path: Path) -> None:
+    assert _reject(tmp_path) == "the schema declares no topic"
+
+
+def test_topic_without_payload(tmp_path: Path) -> None:
+    message = _reject(tmp_path, _topic("events.a", payload=None))
+    assert message.endswith("Topic.TOPIC_A: topic 'events.a' has no payload type")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "daemoneye.eventbus.v1.Missing",
+        "SmallEvent",  # not fully qualified
+        "daemoneye.eventbus.v1.Colour",  # an enum, not a message
+        "daemoneye.eventbus.v1.SmallEvent.Missing",
+    ],
+)
+def test_payload_type_that_does_not_exist(tmp_path: Path, payload: str) -> None:
+    message = _reject(tmp_path, _topic("events.a", payload=payload))
+    assert f"payload type {payload!r} of topic 'events.a' does not exist" in message
+    assert "Topic.TOPIC_A" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("events..x", "consecutive '..'"),
+        (".events", "leading '.'"),
+        ("events.", "trailing '.'"),
+        ("Events.bad name", "character ' '"),
+        ("events.#", "wildcard '#'"),
+        ("events.+", "wildcard '+'"),
+        ("events.a#", "wildcard '#'"),
+        ("events.café", "character 'é'"),
+    ],
+)
+def test_invalid_topic_name(tmp_path: Path, name: str, reason: str) -> None:
+    message = _reject(tmp_path, _topic(name))
+    assert f"Topic.TOPIC_A: invalid topic name {name!r}" in message
+    assert reason in message
+
+
+def test_empty_topic_name(tmp_path: Path) -> None:
+    assert "Topic.TOPIC_A: the topic has no name" in _reject(tmp_path, _topic(None))
+
+
+@pytest.mark.parametrize("name", ["a.x{id}", "a.{id}x", "a.{id", "a.id}", "a.{ID}", "a.{}"])
+def test_placeholder_must_be_a_whole_level(tmp_path: Path, name: str) -> None:
+    message = _reject(tmp_path, _topic(name))
+    assert f"a placeholder must be a whole level in {name!r}" in message
+
+
+def test_repeated_placeholder(tmp_path: Path) -> None:
+    message = _reject(tmp_path, _topic("a.{id}.b.{id}"))
+    assert "topic template 'a.{id}.b.{id}' repeats a parameter" in message
+
+
+@pytest.mark.parametrize("access", ["RESTRICTED", "PRIVILEGED"])
+@pytest.mark.parametrize(
+    ("publishers", "subscribers"),
+    [((), ()), (("smalld",), ()), ((), ("daemoneye-agent",))],
+    ids=["neither", "no-subscribers", "no-publishers"],
+)
+def test_non_public_topic_must_list_publishers_and_subscribers(
+    tmp_path: Path, access: str, publishers: tuple[str, ...], subscribers: tuple[str, ...]
+) -> None:
+    message = _reject(
+        tmp_path,
+        _topic(
+            "events.a",
+            access=f"ACCESS_LEVEL_{access}",
+            publishers=publishers,
+            subscribers=subscribers,
+        ),
+    )
+    assert f"{access.lower()} topic 'events.a' must list publishers and subscribers" in message
+
+
+@pytest.mark.parametrize("access", ["ACCESS_LEVEL_UNSPECIFIED", None])
+def test_access_level_unspecified(tmp_path: Path, access: str | None) -> None:
+    message = _reject(tmp_path, _topic("events.a", access=access))
+    assert "Topic.TOPIC_A: topic 'events.a' has no access level" in message
+
+
+@pytest.mark.parametrize("component", ["Procmond", "bad name", "", "-x"])
+def test_invalid_component_name(tmp_path: Path, component: str) -> None:
+    message = _reject(tmp_path, _topic("events.a", publishers=[component]))
+    assert f"invalid component name {component!r}" in message
+
+
+# --------------------------------------------------------------------------
+# Schema: an accepted schema must give a registry that works
+#
+# Each schema below is run through generate() and the resulting registry is
+# imported in a fresh interpreter, which checks every declared constant,
+# builder function, lookup and payload. Refusing the schema with a
+# SchemaError is an equally good outcome.
+
+_SOUNDNESS = """
+import json, sys
+import daemoneye.eventbus.v1.registry as r
+
+assert len(r.__all__) == len(set(r.__all__)), "duplicate names in __all__"
+for d in json.loads(sys.argv[1]):
+    obj = getattr(r, d["constant"])
+    assert obj.payload_name == d["payload"], (obj, d)
+    if d["parameters"]:
+        assert isinstance(obj, r.TopicTemplate) and obj.pattern == d["name"], (obj, d)
+        values = {p: f"v{i}" for i, p in enumerate(d["parameters"])}
+        built = getattr(r, d["constant"].lower())(**values)
+        assert built == obj.build(**values), (built, d)
+        assert r.lookup(built.name) == built, (r.lookup(built.name), built)
+    else:
+        assert isinstance(obj, r.Topic) and obj.name == d["name"], (obj, d)
+        assert r.TOPICS[d["name"]] is obj and r.lookup(d["name"]) is obj, d
+        assert r.topics_for_payload(obj.payload_type).count(obj) == 1, d
+"""
+
+
+def _assert_rejected_or_sound(tmp_path: Path, *values: str) -> None:
+    proto = _write_schema(tmp_path / "proto", *values)
+    try:
+        decls = collect_topics(compile_schema(proto))
+    except SchemaError:
+        return
+    out = tmp_path / "out"
+    generate(proto, out)
+    spec = [
+        {"constant": d.constant, "name": d.name, "parameters": d.parameters, "payload": d.payload}
+        for d in decls
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SOUNDNESS, json.dumps(spec)],
+        cwd=out,
+        env={**os.environ, "PYTHONPATH": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"schema accepted, but its registry is broken:\n{proc.stderr}"
+
+
+def _bug(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param(
+            (
+                _topic("svc.events.small", value="TOPIC_SVC_EVENTS_SMALL"),
+                _topic("svc.task.{kind}.{id}", value="TOPIC_SVC_TASK", number=2),
+                _topic(
+                    "svc.part",
+                    value="TOPIC_SVC_PART",
+                    number=3,
+                    payload=SMALL_EVENT + ".Part",
+                    access="ACCESS_LEVEL_RESTRICTED",
+                    publishers=["smalld"],
+                    subscribers=["daemoneye-agent"],
+                ),
+            ),
+            id="valid",
+        ),
+        # BUG: placeholders may be Python keywords; the builder function
+        # `def svc_task(*, from: str)` is a SyntaxError.
+        pytest.param(
+            (_topic("svc.{from}", value="TOPIC_SVC_TASK"),),
+            id="keyword-parameter",
+            marks=_bug("a placeholder named like a Python keyword gives a SyntaxError"),
+        ),
+        # BUG: a template's enum value may lower-case to a Python keyword
+        # (TOPIC_IMPORT -> `def import(...)`), a SyntaxError.
+        pytest.param(
+            (_topic("svc.{x}", value="TOPIC_IMPORT"),),
+            id="keyword-function",
+            marks=_bug("a template constant that lower-cases to a keyword gives a SyntaxError"),
+        ),
+        # BUG: a placeholder named `self` collides with TopicTemplate.build's
+        # own `self`: build(self=...) raises TypeError, so lookup() does too.
+        pytest.param(
+            (_topic("svc.{self}", value="TOPIC_SVC_TASK"),),
+            id="self-parameter",
+            marks=_bug("a placeholder named 'self' breaks TopicTemplate.build and lookup"),
+        ),
+        # BUG: a payload from another proto package (here google.protobuf) is
+        # accepted, but the registry imports it as daemoneye.eventbus.v1.timestamp_pb2.
+        pytest.param(
+            (_topic("svc.time", payload="google.protobuf.Timestamp"),),
+            id="payload-from-other-package",
+            marks=_bug("a payload outside the schema package renders a broken import"),
+        ),
+        # BUG: the constant of TOPIC_TOPICS is TOPICS, which the TOPICS mapping
+        # then overwrites.
+        pytest.param(
+            (_topic("svc.a", value="TOPIC_TOPICS"),),
+            id="constant-shadowed-by-registry-name",
+            marks=_bug("a topic constant may collide with the registry's own names"),
+        ),
+        # BUG: the builder function of template TOPIC_LOOKUP is `lookup`, which
+        # the registry's lookup() then overwrites.
+        pytest.param(
+            (_topic("svc.{x}", value="TOPIC_LOOKUP"),),
+            id="function-shadowed-by-registry-name",
+            marks=_bug("a template builder function may collide with lookup()"),
+        ),
+        # BUG: two templates that differ only in their parameter names match
+        # the same topics; the duplicate is not detected and lookup() always
+        # picks the first.
+        pytest.param(
+            (
+                _topic("svc.{kind}", value="TOPIC_SVC_BY_KIND"),
+                _topic("svc.{name}", value="TOPIC_SVC_BY_NAME", number=2, payload=SMALL_COMMAND),
+            ),
+            id="templates-with-same-pattern",
+            marks=_bug("templates equal up to parameter names are not reported as duplicates"),
+        ),
+    ],
+)
+def test_accepted_schema_gives_working_registry(tmp_path: Path, values: tuple[str, ...]) -> None:
+    _assert_rejected_or_sound(tmp_path, *values)
+
+
+# --------------------------------------------------------------------------
+# Generator: check, staleness, determinism, header
+
+
+def test_check_passes_on_repository() -> None:
+    proc = _run_codegen("check")
+    assert proc.returncode == 0, proc.stderr
+    assert "is fresh" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "name",
+    [REGISTRY_FILE, (PKG_DIR / "events_pb2.pyi").as_posix(), (PKG_DIR / "py.typed").as_posix()],
+)
+def test_check_reports_changed_file(tmp_path: Path, name: str) -> None:
+    out = tmp_path / "generated"
+    shutil.copytree(GENERATED, out, ignore=shutil.ignore_patterns("__pycache__"))
+    path = out / name
+    data = bytearray(path.read_bytes())
+    if data:
+        data[len(data) // 2] ^= 0x01  # change exactly one byte
+    else:
+        data += b"\n"
+    path.write_bytes(bytes(data))
+
+    proc = _run_codegen("check", "--out", out)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "is stale" in proc.stderr
+    assert _stale_files(proc.stderr) == [name]
+
+
+def test_check_reports_missing_and_extra_files(tmp_path: Path) -> None:
+    out = tmp_path / "generated"
+    shutil.copytree(GENERATED, out, ignore=shutil.ignore_patterns("__pycache__"))
+    (out / PKG_DIR / "py.typed").unlink()
+    (out / PKG_DIR / "leftover_pb2.py").write_text("")
+    proc = _run_codegen("check", "--out", out)
+    assert proc.returncode == 1
+    assert sorted(_stale_files(proc.stderr)) == sorted(
+        [(PKG_DIR / "leftover_pb2.py").as_posix(), (PKG_DIR / "py.typed").as_posix()]
+    )
+
+
+def test_check_on_broken_schema_exits_2(tmp_path: Path) -> None:
+    proto = _write_schema(tmp_path / "proto", _topic("events..x"))
+    proc = _run_codegen("check", "--proto", proto)
+    assert proc.returncode == 2
+    assert "broken schema" in proc.stderr
+    assert "invalid topic name 'events..x'" in proc.stderr
+
+
+def test_generate_leaves_output_untouched_on_broken_schema(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    generate(PROTO, out)
+    before = _files(out)
+    proto = _write_schema(tmp_path / "proto", _topic("events.a", payload=None))
+    with pytest.raises(SchemaError, match="has no payload type"):
+        generate(proto, out)
+    assert _files(out) == before
+
+
+def test_generate_is_deterministic(tmp_path: Path) -> None:
+    first = generate(PROTO, tmp_path / "a")
+    second = generate(PROTO, tmp_path / "b")
+    assert [p.relative_to(tmp_path / "a") for p in first] == [
+        p.relative_to(tmp_path / "b") for p in second
+    ]
+    files = _files(tmp_path / "a")
+    assert files == _files(tmp_path / "b")
+    assert REGISTRY_FILE in files
+    # Generating again into the same directory replaces it by the same bytes.
+    generate(PROTO, tmp_path / "a")
+    assert _files(tmp_path / "a") == files
+
+
+def test_generated_files_carry_do_not_edit_header(tmp_path: Path) -> None:
+    generate(PROTO, tmp_path)
+    registry_text = (tmp_path / REGISTRY_FILE).read_text()
+    assert registry_text.startswith(HEADER)
+    assert "DO NOT EDIT" in registry_text.splitlines()[0]
+    for init in sorted(tmp_path.rglob("__init__.py")):
+        assert init.read_text().startswith(HEADER), init
+    # The committed registry carries it too.
+    assert (GENERATED / REGISTRY_FILE).read_text().startswith(HEADER)
+
+
+def test_render_is_pure_and_matches_committed_registry(real_decls: list[TopicDecl]) -> None:
+    text = render(real_decls, PACKAGE)
+    assert text == render(list(real_decls), PACKAGE)
+    assert text == (GENERATED / REGISTRY_FILE).read_text()
+
+
+# --------------------------------------------------------------------------
+# Registry at run time
+
+TARGETED = "control.collector.task.{type}.{id}"
+PROCESS_EVENT_TOPICS = {
+    "events.process.lifecycle",
+    "events.process.metadata",
+    "events.process.tree",
+    "events.process.integrity",
+    "events.process.anomaly",
+}
+
+
+@pytest.mark.parametrize("name", list(registry.TOPICS))
+def test_lookup_every_topic(name: str) -> None:
+    topic = registry.TOPICS[name]
+    assert topic.name == name
+    assert str(topic) == name
+    assert topic.template is None
+    assert registry.lookup(name) is topic
+    validate_topic(name)
+
+
+def test_lookup_targeted_task_topic() -> None:
+    topic = registry.lookup("control.collector.task.scan.procmond-1")
+    assert topic is not None
+    assert topic.name == "control.collector.task.scan.procmond-1"
+    assert topic.payload_type is control_pb2.TaskAssignment
+    assert topic.payload_name == "daemoneye.eventbus.v1.TaskAssignment"
+    assert topic.template == TARGETED
+    assert topic.access == PRIVILEGED
+    assert topic.control is True
+    assert topic == registry.control_collector_task_targeted(type="scan", id="procmond-1")
+    assert registry.CONTROL_COLLECTOR_TASK_TARGETED.match(topic.name) == {
+        "type": "scan",
+        "id": "procmond-1",
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "events.process.unknown",
+        "events.process",
+        "events",
+        "",
+        "control.collector.task.scan",
+        "control.collector.task.scan.procmond-1.extra",
+        "control.collector.task.+.+",
+        "control.collector.task.scan.#",
+        "control.collector.task.a b.c",
+        "control.collector.task..c",
+        "events.process.#",
+        "EVENTS.PROCESS.LIFECYCLE",
+    ],
+)
+def test_lookup_unknown_returns_none(name: str) -> None:
+    assert registry.lookup(name) is None
+
+
+def test_template_build() -> None:
+    template = registry.CONTROL_COLLECTOR_TASK_TARGETED
+    assert template.pattern == TARGETED
+    assert template.parameters == ("type", "id")
+    topic = template.build(type="hash", id="fsmond_2")
+    assert topic.name == "control.collector.task.hash.fsmond_2"
+    assert topic.template == TARGETED
+    assert topic.payload_type is control_pb2.TaskAssignment
+    assert topic.access == template.access == PRIVILEGED
+    assert topic.publishers == template.publishers
+    assert topic.subscribers == template.subscribers
+    assert topic.control == template.control
+    assert template in registry.TEMPLATES
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"type": "scan"},
+        {"id": "procmond-1"},
+        {"type": "scan", "id": "procmond-1", "extra": "x"},
+        {"type": "scan", "ident": "procmond-1"},
+    ],
+    ids=["none", "missing-id", "missing-type", "extra", "misnamed"],
+)
+def test_template_build_rejects_wrong_parameters(values: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match=r"takes parameters \['type', 'id'\]"):
+        registry.CONTROL_COLLECTOR_TASK_TARGETED.build(**values)
+
+
+@pytest.mark.parametrize("bad", ["a.b", "", "+", "#", "a b", "x/y", "café", "a\n"])
+@pytest.mark.parametrize("param", ["type", "id"])
+def test_template_build_rejects_values_that_are_not_one_level(param: str, bad: str) -> None:
+    values = {"type": "scan", "id": "procmond-1", param: bad}
+    with pytest.raises(ValueError, match=f"parameter '{param}' .* must be one topic level"):
+        registry.CONTROL_COLLECTOR_TASK_TARGETED.build(**values)
+    with pytest.raises(ValueError, match="must be one topic level"):
+        registry.control_collector_task_targeted(**values)
+
+
+def test_template_filter() -> None:
+    template = registry.CONTROL_COLLECTOR_TASK_TARGETED
+    assert template.filter == "control.collector.task.+.+"
+    validate_filter(template.filter)
+    built = registry.control_collector_task_targeted(type="scan", id="procmond-1")
+    assert matches(template.filter, built.name)
+    assert not matches(template.filter, registry.CONTROL_COLLECTOR_TASK.name)
+
+
+def test_topics_for_payload() -> None:
+    process = registry.topics_for_payload(events_pb2.ProcessEvent)
+    assert len(process) == 5
+    assert {t.name for t in process} == PROCESS_EVENT_TOPICS
+    assert all(t.payload_type is events_pb2.ProcessEvent for t in process)
+    # In schema order.
+    assert [t.name for t in process] == [n for n in registry.TOPICS if n in PROCESS_EVENT_TOPICS]
+    assert registry.topics_for_payload(events_pb2.ProcessBatch) == (registry.EVENTS_PROCESS_BATCH,)
+    assert registry.topics_for_payload(control_pb2.TaskAssignment) == (
+        registry.CONTROL_COLLECTOR_TASK,
+    )
+    assert registry.topics_for_payload(events_pb2.CollectionEvent) == ()
+
+
+def test_every_topic_has_an_access_level() -> None:
+    declared: list[registry.Topic[Any] | registry.TopicTemplate[Any]] = [
+        *registry.TOPICS.values(),
+        *registry.TEMPLATES,
+    ]
+    assert declared
+    for t in declared:
+        assert t.access in {PUBLIC, RESTRICTED, PRIVILEGED}, t
+        assert t.access != AccessLevel.ACCESS_LEVEL_UNSPECIFIED, t
+    assert AccessLevel.ACCESS_LEVEL_UNSPECIFIED not in registry.ACCESS_TABLE.values()
+
+
+def test_access_table_covers_topics_and_templates() -> None:
+    patterns = {t.pattern: t for t in registry.TEMPLATES}
+    assert set(registry.ACCESS_TABLE) == set(registry.TOPICS) | set(patterns)
+    assert len(registry.ACCESS_TABLE) == len(registry.TOPICS) + len(patterns)
+    for name, access in registry.ACCESS_TABLE.items():
+        declared = registry.TOPICS.get(name) or patterns[name]
+        assert declared.access == access, name
+
+
+_PROCESS_PUBLISHERS = frozenset({"procmond"})
+
+
+@pytest.mark.parametrize(
+    ("name", "access", "publishers"),
+    [
+        ("events.process.lifecycle", RESTRICTED, _PROCESS_PUBLISHERS),
+        ("events.process.metadata", RESTRICTED, _PROCESS_PUBLISHERS),
+        ("events.process.tree", RESTRICTED, _PROCESS_PUBLISHERS),
+        ("events.process.integrity", RESTRICTED, _PROCESS_PUBLISHERS),
+        ("events.process.batch", RESTRICTED, _PROCESS_PUBLISHERS),
+        ("events.process.anomaly", PUBLIC, None),
+        ("control.collector.lifecycle", PRIVILEGED, None),
+        ("control.collector.config", PRIVILEGED, None),
+        ("control.collector.task", PRIVILEGED, None),
+        ("control.collector.registration", RESTRICTED, None),
+        ("control.agent.orchestration", PRIVILEGED, None),
+        ("control.agent.policy", PRIVILEGED, None),
+        ("control.health.heartbeat", PUBLIC, None),
+        ("control.health.status", PUBLIC, None),
+        ("control.health.diagnostics", PUBLIC, None),
+    ],
+)
+def test_required_topic(
+    name: str, access: AccessLevel.ValueType, publishers: frozenset[str] | None
+) -> None:
+    topic = registry.TOPICS.get(name)
+    assert topic is not None, f"the schema does not declare {name}"
+    assert topic.access == access
+    assert registry.ACCESS_TABLE[name] == access
+    if publishers is not None:
+        assert topic.publishers == publishers
+    if access != PUBLIC:
+        assert topic.publishers
+        assert topic.subscribers
+    assert topic.control is name.startswith("control.")
+
+
+def test_required_targeted_task_template() -> None:
+    templates = {t.pattern: t for t in registry.TEMPLATES}
+    assert TARGETED in templates
+    template = templates[TARGETED]
+    assert template is registry.CONTROL_COLLECTOR_TASK_TARGETED
+    assert template.access == PRIVILEGED
+    assert registry.ACCESS_TABLE[TARGETED] == PRIVILEGED
+    assert template.payload_type is control_pb2.TaskAssignment
+    assert template.control is True
+
+
+@pytest.mark.parametrize("family", ["events.network.", "events.filesystem.", "events.performance."])
+def test_required_restricted_event_family(family: str) -> None:
+    topics = [t for name, t in registry.TOPICS.items() if name.startswith(family)]
+    assert topics, f"no {family}* topic"
+    assert any(t.access == RESTRICTED for t in topics)
+    for t in topics:
+        assert t.access == RESTRICTED, t.name
+        assert t.publishers
+        assert t.subscribers

@@ -1,0 +1,52 @@
+"""Right uses of the typed topic registry: mypy --strict must accept them all.
+
+Checked by tests/test_registry_typing.py; excluded from the project's own mypy
+and ruff runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, assert_type
+
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2
+from daemoneye.eventbus.v1.registry import (
+    CONTROL_COLLECTOR_TASK,
+    CONTROL_COLLECTOR_TASK_TARGETED,
+    EVENTS_NETWORK_CONNECTIONS,
+    EVENTS_PROCESS_BATCH,
+    EVENTS_PROCESS_LIFECYCLE,
+    Topic,
+    TopicTemplate,
+    control_collector_task_targeted,
+    lookup,
+    topics_for_payload,
+)
+from daemoneye_eventbus.client import build_publish
+
+# Each topic carries its own payload type.
+process: frames_pb2.Publish = build_publish(EVENTS_PROCESS_LIFECYCLE, events_pb2.ProcessEvent())
+batch = build_publish(EVENTS_PROCESS_BATCH, events_pb2.ProcessBatch())
+network = build_publish(EVENTS_NETWORK_CONNECTIONS, events_pb2.NetworkEvent())
+broadcast = build_publish(CONTROL_COLLECTOR_TASK, control_pb2.TaskAssignment(task_id="t-1"))
+
+# A topic template takes every parameter by name and keeps the payload type.
+targeted = control_collector_task_targeted(type="scan", id="procmond-1")
+assert_type(targeted, Topic[control_pb2.TaskAssignment])
+assert_type(CONTROL_COLLECTOR_TASK_TARGETED, TopicTemplate[control_pb2.TaskAssignment])
+assert_type(
+    CONTROL_COLLECTOR_TASK_TARGETED.build(type="scan", id="procmond-1"),
+    Topic[control_pb2.TaskAssignment],
+)
+task = build_publish(targeted, control_pb2.TaskAssignment(task_id="t-2"))
+
+# The payload type is part of the topic's type.
+process_topic: Topic[events_pb2.ProcessEvent] = EVENTS_PROCESS_LIFECYCLE
+assert_type(
+    topics_for_payload(events_pb2.ProcessEvent), tuple[Topic[events_pb2.ProcessEvent], ...]
+)
+
+# A topic found by name at run time has an unknown payload type.
+found = lookup("events.process.lifecycle")
+assert_type(found, Topic[Any] | None)
+if found is not None:
+    dynamic = build_publish(found, events_pb2.ProcessEvent())

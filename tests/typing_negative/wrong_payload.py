@@ -1,0 +1,30 @@
+"""Wrong uses of the typed topic registry: mypy must reject each ``# E:`` line.
+
+Checked by tests/test_registry_typing.py; excluded from the project's own mypy
+and ruff runs.
+"""
+
+from __future__ import annotations
+
+from daemoneye.eventbus.v1 import events_pb2
+from daemoneye.eventbus.v1.registry import (
+    EVENTS_PROCESS_LIFECYCLE,
+    Topic,
+    control_collector_task_targeted,
+)
+from daemoneye_eventbus.client import build_publish
+
+# A NetworkEvent published on a topic that carries ProcessEvent.
+build_publish(EVENTS_PROCESS_LIFECYCLE, events_pb2.NetworkEvent())  # E: Cannot infer value of type parameter "P" of "build_publish"
+
+# A topic template built without one of its parameters.
+control_collector_task_targeted(type="x")  # E: Missing named argument "id" for "control_collector_task_targeted"
+
+# A topic's payload type is part of its type.
+network_topic: Topic[events_pb2.NetworkEvent] = EVENTS_PROCESS_LIFECYCLE  # E: Incompatible types in assignment (expression has type "Topic[ProcessEvent]", variable has type "Topic[NetworkEvent]")
+
+# A targeted task topic carries TaskAssignment, not ProcessEvent.
+build_publish(control_collector_task_targeted(type="scan", id="procmond-1"), events_pb2.ProcessEvent())  # E: Cannot infer value of type parameter "P" of "build_publish"
+
+# A topic template takes no parameter it does not declare.
+control_collector_task_targeted(type="scan", id="procmond-1", host="h")  # E: Unexpected keyword argument "host" for "control_collector_task_targeted"

@@ -1,0 +1,100 @@
+"""Publisher and subscriber processes for the integration tests.
+
+Run as ``python tests/workers.py publish|subscribe ...``. Each prints one JSON
+line per event received (subscribe) and a final JSON summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
+from daemoneye_eventbus.client import Client
+from daemoneye_eventbus.correlation import new_correlation
+from daemoneye_eventbus.errors import RequestTimeout
+
+
+async def publish(args: argparse.Namespace) -> None:
+    topic = registry.lookup(args.topic)
+    assert topic is not None, args.topic
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with Client(args.socket, name=f"publisher-{args.publisher}") as client:
+        for i in range(args.count):
+            if args.rate and i % 100 == 0:
+                # Paced: never more than --rate events per second.
+                ahead = start + i / args.rate - loop.time()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            event = events_pb2.ProcessEvent(pid=i, name=f"p{args.publisher}", ppid=args.publisher)
+            meta = None
+            if args.correlation:
+                meta = new_correlation(f"{args.correlation}-{i % 2}")
+            await client.publish(topic, event, correlation=meta)
+            if i % 256 == 0:
+                await asyncio.sleep(0)
+        await client.flush()
+        print(json.dumps({"published": args.count}), flush=True)
+
+
+async def subscribe(args: argparse.Namespace) -> None:
+    flt = CorrelationFilter(correlation_ids=args.correlation) if args.correlation else None
+    async with Client(args.socket, name="subscriber") as client:
+        sub = await client.subscribe(args.filter, correlation_filter=flt)
+        print(json.dumps({"ready": True}), flush=True)
+        got = 0
+        last_pid: dict[int, int] = {}
+        ordered = True
+        while args.count is None or got < args.count:
+            try:
+                event = await sub.get(timeout=args.timeout)
+            except RequestTimeout:
+                break
+            got += 1
+            msg = event.message()
+            assert isinstance(msg, events_pb2.ProcessEvent)
+            if last_pid.get(msg.ppid, -1) >= msg.pid:
+                ordered = False
+            last_pid[msg.ppid] = msg.pid
+            if args.quiet:
+                continue
+            corr = event.correlation.correlation_id if event.correlation else None
+            record = {
+                "topic": event.topic,
+                "seq": event.sequence,
+                "pid": msg.pid,
+                "publisher": msg.ppid,
+                "corr": corr,
+            }
+            print(json.dumps(record), flush=True)
+        summary = {"done": got, "missed": sub.missed, "dropped": sub.dropped, "ordered": ordered}
+        print(json.dumps(summary), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=["publish", "subscribe"])
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--topic", default="events.process.lifecycle")
+    parser.add_argument("--filter", default="events.#")
+    parser.add_argument("--count", type=int)
+    parser.add_argument("--publisher", type=int, default=0)
+    parser.add_argument("--correlation", action="append")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, help="publish at most this many events/s")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    args = parser.parse_args()
+    if args.role == "publish":
+        if args.correlation:
+            args.correlation = args.correlation[0]
+        asyncio.run(publish(args))
+    else:
+        asyncio.run(subscribe(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
