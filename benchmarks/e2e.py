@@ -395,6 +395,8 @@ class ScenarioResult:
     broker_exit_code: int | None = None
     complete: bool = False
     wall_s: float = 0.0
+    #: CPU use of every process over the run, in percent of one core.
+    cpu_pct: dict[str, float] = field(default_factory=dict)
     subscriber_end: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -499,8 +501,8 @@ class _Run:
         self.ready: set[tuple[str, int]] = set()
         self.done: dict[tuple[str, int], dict[str, Any]] = {}
         self._exited_at: dict[tuple[str, int], float] = {}
-        #: (time ns, broker CPU seconds), sampled while waiting.
-        self.cpu_samples: list[tuple[int, float]] = []
+        #: (time ns, CPU seconds by process), sampled while waiting.
+        self.cpu_samples: list[tuple[int, dict[str, float]]] = []
 
     def spawn(self, role: str, index: int, target: Any, *args: Any) -> None:
         proc = self.ctx.Process(
@@ -510,8 +512,14 @@ class _Run:
         self.procs[(role, index)] = proc
 
     def sample_cpu(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.cpu_samples.append((time.perf_counter_ns(), _cpu_seconds(self.broker.pid)))
+        now = time.perf_counter_ns()
+        pids = {"broker": self.broker.pid}
+        pids.update({f"{r}{i}": p.pid for (r, i), p in self.procs.items() if p.pid is not None})
+        cpu: dict[str, float] = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(OSError, ValueError):
+                cpu[name] = _cpu_seconds(pid)
+        self.cpu_samples.append((now, cpu))
 
     def _poll(self) -> None:
         """Take one worker message (or time out after a short while); check health."""
@@ -548,13 +556,6 @@ class _Run:
     def wait_done(self, keys: set[tuple[str, int]]) -> None:
         while not keys <= set(self.done):
             self._poll()
-
-    def cpu_at(self, t_ns: int) -> tuple[int, float] | None:
-        """The first CPU sample taken at or after ``t_ns``."""
-        for sample in self.cpu_samples:
-            if sample[0] >= t_ns:
-                return sample
-        return self.cpu_samples[-1] if self.cpu_samples else None
 
     def terminate(self) -> None:
         for proc in self.procs.values():
@@ -706,14 +707,26 @@ def _latency(
 
 
 def _broker_cpu(run: _Run, start_ns: int, end_ns: int, result: ScenarioResult) -> None:
-    """Broker CPU between the samples around ``start_ns`` and ``end_ns``."""
-    before = [s for s in run.cpu_samples if s[0] <= start_ns]
-    first = before[-1] if before else run.cpu_at(start_ns)
-    last = run.cpu_at(end_ns)
-    if first is None or last is None or last[0] <= first[0]:
-        return
-    result.broker_cpu_s = last[1] - first[1]
-    result.broker_cpu_pct = 100.0 * result.broker_cpu_s / ((last[0] - first[0]) / _NS)
+    """CPU use of the broker and of each worker from ``start_ns`` to ``end_ns``.
+
+    Each process's figure spans its last sample before the start and its first
+    sample after the end (or its last sample, if it exited before that).
+    """
+    names = {name for _, cpu in run.cpu_samples for name in cpu}
+    for name in sorted(names):
+        samples = [(t, cpu[name]) for t, cpu in run.cpu_samples if name in cpu]
+        before = [s for s in samples if s[0] <= start_ns]
+        after = [s for s in samples if s[0] >= end_ns]
+        first = before[-1] if before else samples[0]
+        last = after[0] if after else samples[-1]
+        if last[0] <= first[0]:
+            continue
+        seconds = last[1] - first[1]
+        pct = 100.0 * seconds / ((last[0] - first[0]) / _NS)
+        result.cpu_pct[name] = round(pct, 1)
+        if name == "broker":
+            result.broker_cpu_s = seconds
+            result.broker_cpu_pct = pct
 
 
 # -- reporting -------------------------------------------------------------------------
@@ -761,6 +774,9 @@ def markdown_table(results: Sequence[ScenarioResult]) -> str:
             notes.append(f"lost {r.lost}")
         if r.published_per_s is not None:
             notes.append(f"published/s {r.published_per_s:,.0f}")
+        workers = [f"{k} {v:.0f}" for k, v in r.cpu_pct.items() if k != "broker"]
+        if workers:
+            notes.append("CPU % " + ", ".join(workers))
         notes.extend(e.splitlines()[0] for e in r.errors if e)
         lines.append(
             f"| {r.scenario} | {r.messages:,} | {_fmt(r.received_per_s, ',.0f')} "

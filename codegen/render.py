@@ -129,12 +129,22 @@ def topics_for_payload(payload_type: type[P]) -> tuple[Topic[P], ...]:
 '''
 
 
-def _module(decl: TopicDecl) -> str:
-    return decl.payload_file.rsplit("/", 1)[-1].removesuffix(".proto") + "_pb2"
+def _import(decl: TopicDecl, package: str) -> tuple[str, str, str]:
+    """``(from, module, alias)`` importing the generated module of the payload's file."""
+    path = decl.payload_file.removesuffix(".proto").split("/")
+    parent, module = ".".join(path[:-1]), path[-1] + "_pb2"
+    alias = module if decl.payload_package == package else "_".join(path) + "_pb2"
+    return parent, module, alias
 
 
 def _class(decl: TopicDecl, package: str) -> str:
-    return f"{_module(decl)}.{decl.payload.removeprefix(package + '.')}"
+    name = decl.payload.removeprefix(decl.payload_package + ".") if decl.payload_package else decl.payload
+    return f"{_import(decl, package)[2]}.{name}"
+
+
+def _import_line(parent: str, module: str, alias: str) -> str:
+    suffix = "" if alias == module else f" as {alias}"
+    return f"from {parent} import {module}{suffix}\n" if parent else f"import {module}{suffix}\n"
 
 
 def _strs(items: Sequence[str]) -> str:
@@ -145,7 +155,7 @@ def _strs(items: Sequence[str]) -> str:
 
 def render(decls: Sequence[TopicDecl], package: str) -> str:
     """The text of the typed registry module for ``decls``."""
-    modules = sorted({_module(d) for d in decls})
+    imports = sorted({_import(d, package) for d in decls})
     pypkg = package
     constants = [d.constant for d in decls]
     functions = [d.constant.lower() for d in decls if d.is_template]
@@ -164,7 +174,7 @@ def render(decls: Sequence[TopicDecl], package: str) -> str:
         "from typing import Any, Final, Generic, TypeVar\n\n",
         "from google.protobuf.message import Message\n\n",
     ]
-    out += [f"from {pypkg} import {m}\n" for m in modules]
+    out += [_import_line(*imp) for imp in imports]
     out.append(f"from {pypkg}.options_pb2 import AccessLevel\n\n")
     out.append("__all__ = [\n" + "".join(f'    "{n}",\n' for n in names) + "]\n")
     out.append(_RUNTIME)

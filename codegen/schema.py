@@ -8,11 +8,16 @@ broken schema with a :class:`SchemaError` that says what is wrong and where.
 
 from __future__ import annotations
 
+import keyword
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.extension_dict import _ExtensionFieldDescriptor
 
 from daemoneye_eventbus.errors import InvalidTopic, SchemaError
 from daemoneye_eventbus.topics import validate_topic
@@ -29,6 +34,16 @@ _COMPONENT = re.compile(r"[a-z][a-z0-9_-]*\Z")
 
 # AccessLevel enum numbers (options.proto); 0 is ACCESS_LEVEL_UNSPECIFIED.
 _ACCESS_NAMES = {1: "PUBLIC", 2: "RESTRICTED", 3: "PRIVILEGED"}
+
+#: Names the generated registry defines or imports itself; a topic constant or
+#: template function may not take one of them.
+RESERVED_NAMES = frozenset(
+    {
+        "ACCESS_TABLE", "TEMPLATES", "TOPICS", "Topic", "TopicTemplate", "lookup",
+        "topics_for_payload", "P", "AccessLevel", "Any", "Final", "Generic", "Mapping",
+        "MappingProxyType", "Message", "TypeVar", "annotations", "dataclass", "re",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class TopicDecl:
     payload: str
     #: Proto file that defines the payload message, e.g. ``daemoneye/eventbus/v1/events.proto``.
     payload_file: str
+    #: Proto package of ``payload_file``, e.g. ``daemoneye.eventbus.v1``.
+    payload_package: str
     control: bool
     #: Template parameters in order; empty for a concrete topic.
     parameters: tuple[str, ...]
@@ -63,18 +80,18 @@ class TopicDecl:
         return bool(self.parameters)
 
 
-def _message_files(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, str]:
-    """Map every message's fully qualified name to the file defining it."""
-    out: dict[str, str] = {}
+def _message_files(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, tuple[str, str]]:
+    """Map every message's fully qualified name to its file and that file's package."""
+    out: dict[str, tuple[str, str]] = {}
 
-    def walk(prefix: str, messages: list[descriptor_pb2.DescriptorProto], file: str) -> None:
+    def walk(prefix: str, messages: list[descriptor_pb2.DescriptorProto], fp: Any) -> None:
         for m in messages:
             full = f"{prefix}.{m.name}" if prefix else m.name
-            out[full] = file
-            walk(full, list(m.nested_type), file)
+            out[full] = (fp.name, fp.package)
+            walk(full, list(m.nested_type), fp)
 
     for f in fds.file:
-        walk(f.package, list(f.message_type), f.name)
+        walk(f.package, list(f.message_type), f)
     return out
 
 
@@ -97,7 +114,9 @@ def collect_topics(fds: descriptor_pb2.FileDescriptorSet) -> list[TopicDecl]:
     for f in fds.file:
         pool.Add(f)
     try:
-        ext = pool.FindExtensionByName(OPTION_NAME)
+        ext = cast(
+            "_ExtensionFieldDescriptor[Message, Message]", pool.FindExtensionByName(OPTION_NAME)
+        )
     except KeyError:
         raise SchemaError(f"the schema does not define the option {OPTION_NAME}") from None
     classes = message_factory.GetMessageClassesForFiles([f.name for f in fds.file], pool)
@@ -120,24 +139,70 @@ def collect_topics(fds: descriptor_pb2.FileDescriptorSet) -> list[TopicDecl]:
                     continue
                 if value.number == 0:
                     raise SchemaError(f"{where}: the zero value cannot declare a topic")
-                topic = opts.Extensions[ext]
+                topic: Message = opts.Extensions[ext]
                 decl = _check(topic, where, value.name, messages, comments.get((5, ei, 2, vi), ""))
-                if decl.name in seen:
+                # Templates that differ only in parameter names match the same topics.
+                shape = _PLACEHOLDER.sub("{}", decl.name)
+                if shape in seen:
                     raise SchemaError(
-                        f"{where}: duplicate topic {decl.name!r}, already declared by {seen[decl.name]}"
+                        f"{where}: duplicate topic {decl.name!r}, already declared by {seen[shape]}"
                     )
-                seen[decl.name] = where
+                seen[shape] = where
                 decls.append(decl)
     if not decls:
         raise SchemaError("the schema declares no topic")
+    _check_names(decls)
+    _check_overlaps(decls)
     return decls
+
+
+def _check_names(decls: list[TopicDecl]) -> None:
+    """Every generated Python name must be a legal, unique identifier."""
+    names: dict[str, str] = {}
+    for d in decls:
+        generated = [d.constant] + ([d.constant.lower()] if d.is_template else [])
+        for name in generated:
+            if (
+                not name.isidentifier()
+                or keyword.iskeyword(name)
+                or keyword.issoftkeyword(name)
+                or name in RESERVED_NAMES
+                or name.startswith("_")
+            ):
+                raise SchemaError(
+                    f"{d.enum_value}: generates the Python name {name!r}, which is a keyword "
+                    "or reserved by the registry; rename the enum value"
+                )
+            if name in names:
+                raise SchemaError(
+                    f"{d.enum_value}: generates the Python name {name!r}, "
+                    f"already generated for {names[name]}"
+                )
+            names[name] = d.enum_value
+
+
+def _check_overlaps(decls: list[TopicDecl]) -> None:
+    """A concrete topic must not also be a topic its template could build."""
+    templates = [d for d in decls if d.is_template]
+    for d in decls:
+        if d.is_template:
+            continue
+        levels = d.name.split(".")
+        for t in templates:
+            pattern = t.name.split(".")
+            if len(pattern) == len(levels) and all(
+                p.startswith("{") or p == lv for p, lv in zip(pattern, levels, strict=True)
+            ):
+                raise SchemaError(
+                    f"{d.enum_value}: topic {d.name!r} is also built by template {t.name!r}"
+                )
 
 
 def _check(
     topic: Message,
     where: str,
     enum_value: str,
-    messages: dict[str, str],
+    messages: dict[str, tuple[str, str]],
     comment: str,
 ) -> TopicDecl:
     name: str = getattr(topic, "name")
@@ -150,6 +215,12 @@ def _check(
     parameters = tuple(_PLACEHOLDER.findall(name))
     if len(set(parameters)) != len(parameters):
         raise SchemaError(f"{where}: topic template {name!r} repeats a parameter")
+    for param in parameters:
+        if keyword.iskeyword(param) or keyword.issoftkeyword(param) or param == "self":
+            raise SchemaError(
+                f"{where}: parameter {param!r} of topic template {name!r} is a Python keyword "
+                "or reserved name"
+            )
     for level in name.split("."):
         if ("{" in level or "}" in level) and not _PLACEHOLDER.fullmatch(level):
             raise SchemaError(f"{where}: a placeholder must be a whole level in {name!r}")
@@ -179,7 +250,8 @@ def _check(
         publishers=publishers,
         subscribers=subscribers,
         payload=payload,
-        payload_file=messages[payload],
+        payload_file=messages[payload][0],
+        payload_package=messages[payload][1],
         control=bool(getattr(topic, "control")),
         parameters=parameters,
         comment=comment,

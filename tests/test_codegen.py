@@ -444,10 +444,6 @@ def _assert_rejected_or_sound(tmp_path: Path, *values: str) -> None:
     assert proc.returncode == 0, f"schema accepted, but its registry is broken:\n{proc.stderr}"
 
 
-def _bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
 @pytest.mark.parametrize(
     "values",
     [
@@ -467,49 +463,43 @@ def _bug(reason: str) -> pytest.MarkDecorator:
             ),
             id="valid",
         ),
-        # BUG: placeholders may be Python keywords; the builder function
+        # Once accepted and broken: placeholders may be Python keywords; the builder function
         # `def svc_task(*, from: str)` is a SyntaxError.
         pytest.param(
             (_topic("svc.{from}", value="TOPIC_SVC_TASK"),),
             id="keyword-parameter",
-            marks=_bug("a placeholder named like a Python keyword gives a SyntaxError"),
         ),
-        # BUG: a template's enum value may lower-case to a Python keyword
+        # Once accepted and broken: a template's enum value may lower-case to a Python keyword
         # (TOPIC_IMPORT -> `def import(...)`), a SyntaxError.
         pytest.param(
             (_topic("svc.{x}", value="TOPIC_IMPORT"),),
             id="keyword-function",
-            marks=_bug("a template constant that lower-cases to a keyword gives a SyntaxError"),
         ),
-        # BUG: a placeholder named `self` collides with TopicTemplate.build's
+        # Once accepted and broken: a placeholder named `self` collides with TopicTemplate.build's
         # own `self`: build(self=...) raises TypeError, so lookup() does too.
         pytest.param(
             (_topic("svc.{self}", value="TOPIC_SVC_TASK"),),
             id="self-parameter",
-            marks=_bug("a placeholder named 'self' breaks TopicTemplate.build and lookup"),
         ),
-        # BUG: a payload from another proto package (here google.protobuf) is
+        # Once accepted and broken: a payload from another proto package (here google.protobuf) is
         # accepted, but the registry imports it as daemoneye.eventbus.v1.timestamp_pb2.
         pytest.param(
             (_topic("svc.time", payload="google.protobuf.Timestamp"),),
             id="payload-from-other-package",
-            marks=_bug("a payload outside the schema package renders a broken import"),
         ),
-        # BUG: the constant of TOPIC_TOPICS is TOPICS, which the TOPICS mapping
+        # Once accepted and broken: the constant of TOPIC_TOPICS is TOPICS, which the TOPICS mapping
         # then overwrites.
         pytest.param(
             (_topic("svc.a", value="TOPIC_TOPICS"),),
             id="constant-shadowed-by-registry-name",
-            marks=_bug("a topic constant may collide with the registry's own names"),
         ),
-        # BUG: the builder function of template TOPIC_LOOKUP is `lookup`, which
+        # Once accepted and broken: the builder function of template TOPIC_LOOKUP is `lookup`, which
         # the registry's lookup() then overwrites.
         pytest.param(
             (_topic("svc.{x}", value="TOPIC_LOOKUP"),),
             id="function-shadowed-by-registry-name",
-            marks=_bug("a template builder function may collide with lookup()"),
         ),
-        # BUG: two templates that differ only in their parameter names match
+        # Once accepted and broken: two templates that differ only in their parameter names match
         # the same topics; the duplicate is not detected and lookup() always
         # picks the first.
         pytest.param(
@@ -518,7 +508,6 @@ def _bug(reason: str) -> pytest.MarkDecorator:
                 _topic("svc.{name}", value="TOPIC_SVC_BY_NAME", number=2, payload=SMALL_COMMAND),
             ),
             id="templates-with-same-pattern",
-            marks=_bug("templates equal up to parameter names are not reported as duplicates"),
         ),
     ],
 )
