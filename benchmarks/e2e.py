@@ -398,6 +398,8 @@ class ScenarioResult:
     #: CPU use of every process over the run, in percent of one core.
     cpu_pct: dict[str, float] = field(default_factory=dict)
     subscriber_end: list[str] = field(default_factory=list)
+    #: With ``--cpu-timeline``: (seconds since the start, CPU seconds by process).
+    cpu_timeline: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -505,9 +507,7 @@ class _Run:
         self.cpu_samples: list[tuple[int, dict[str, float]]] = []
 
     def spawn(self, role: str, index: int, target: Any, *args: Any) -> None:
-        proc = self.ctx.Process(
-            target=target, args=args, name=f"bench-{role}-{index}", daemon=True
-        )
+        proc = self.ctx.Process(target=target, args=args, name=f"bench-{role}-{index}", daemon=True)
         proc.start()
         self.procs[(role, index)] = proc
 
@@ -577,6 +577,7 @@ def run_scenario(
     duration_cap: float = DEFAULT_DURATION_CAP,
     latency_messages: int = DEFAULT_LATENCY_MESSAGES,
     warmup: int = DEFAULT_WARMUP,
+    cpu_timeline: bool = False,
 ) -> ScenarioResult:
     """Run one scenario against a fresh broker; never takes much longer than the cap."""
     ctx = multiprocessing.get_context("spawn")
@@ -614,6 +615,9 @@ def run_scenario(
             )
         shutil.rmtree(workdir, ignore_errors=True)
         result.wall_s = time.monotonic() - wall0
+        if cpu_timeline and run.cpu_samples:
+            t0 = run.cpu_samples[0][0]
+            result.cpu_timeline = [((t - t0) / _NS, cpu) for t, cpu in run.cpu_samples]
     return result
 
 
@@ -829,6 +833,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--cpu-timeline",
+        action="store_true",
+        help="keep every CPU sample (about 20 a second) of every process in the JSON",
+    )
     return parser
 
 
@@ -849,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             duration_cap=args.duration_cap,
             latency_messages=args.latency_messages,
             warmup=args.warmup,
+            cpu_timeline=args.cpu_timeline,
         )
         results.append(result)
         status = "done" if result.complete else "INCOMPLETE"

@@ -39,9 +39,25 @@ _ACCESS_NAMES = {1: "PUBLIC", 2: "RESTRICTED", 3: "PRIVILEGED"}
 #: template function may not take one of them.
 RESERVED_NAMES = frozenset(
     {
-        "ACCESS_TABLE", "TEMPLATES", "TOPICS", "Topic", "TopicTemplate", "lookup",
-        "topics_for_payload", "P", "AccessLevel", "Any", "Final", "Generic", "Mapping",
-        "MappingProxyType", "Message", "TypeVar", "annotations", "dataclass", "re",
+        "ACCESS_TABLE",
+        "TEMPLATES",
+        "TOPICS",
+        "Topic",
+        "TopicTemplate",
+        "lookup",
+        "topics_for_payload",
+        "P",
+        "AccessLevel",
+        "Any",
+        "Final",
+        "Generic",
+        "Mapping",
+        "MappingProxyType",
+        "Message",
+        "TypeVar",
+        "annotations",
+        "dataclass",
+        "re",
     }
 )
 
@@ -199,17 +215,17 @@ def _check_overlaps(decls: list[TopicDecl]) -> None:
 
 
 def _check(
-    topic: Message,
+    topic: Any,  # the dynamic TopicOptions class, built from the schema at run time
     where: str,
     enum_value: str,
     messages: dict[str, tuple[str, str]],
     comment: str,
 ) -> TopicDecl:
-    name: str = getattr(topic, "name")
-    access: int = getattr(topic, "access")
-    payload: str = getattr(topic, "payload")
-    publishers = tuple(getattr(topic, "publishers"))
-    subscribers = tuple(getattr(topic, "subscribers"))
+    name: str = topic.name
+    access: int = topic.access
+    payload: str = topic.payload
+    publishers = tuple(topic.publishers)
+    subscribers = tuple(topic.subscribers)
     if not name:
         raise SchemaError(f"{where}: the topic has no name")
     parameters = tuple(_PLACEHOLDER.findall(name))
@@ -241,7 +257,8 @@ def _check(
             raise SchemaError(f"{where}: invalid component name {component!r}")
     if _ACCESS_NAMES[access] != "PUBLIC" and not (publishers and subscribers):
         raise SchemaError(
-            f"{where}: {_ACCESS_NAMES[access].lower()} topic {name!r} must list publishers and subscribers"
+            f"{where}: {_ACCESS_NAMES[access].lower()} topic {name!r} "
+            "must list publishers and subscribers"
         )
     return TopicDecl(
         enum_value=enum_value,
@@ -252,7 +269,7 @@ def _check(
         payload=payload,
         payload_file=messages[payload][0],
         payload_package=messages[payload][1],
-        control=bool(getattr(topic, "control")),
+        control=bool(topic.control),
         parameters=parameters,
         comment=comment,
     )

@@ -236,7 +236,7 @@ class _TopicInfo:
     control: bool
 
 
-class _Session(abc.ABC):  # noqa: B024 - the abstract methods are below
+class _Session(abc.ABC):
     """What the router needs of a subscriber or publisher, socket or local."""
 
     session_id: str
@@ -375,8 +375,13 @@ class Broker:
             depth_msgs, depth_bytes = s.queue_depth()
             conns.append(
                 ConnectionStatistics(
-                    s.session_id, s.client_name, s.component, s.peer,
-                    depth_msgs, depth_bytes, s.published,
+                    s.session_id,
+                    s.client_name,
+                    s.component,
+                    s.peer,
+                    depth_msgs,
+                    depth_bytes,
+                    s.published,
                 )
             )
             subs.extend(
@@ -686,7 +691,9 @@ class _SocketSession(_Session, asyncio.Protocol):
             req = frame.subscribe
             flt = req.correlation_filter if req.HasField("correlation_filter") else None
             broker.subscribe(self, req.subscription_id, req.filter, flt, req.include_control)
-            self._send(Frame(subscribe_ack=frames_pb2.SubscribeAck(subscription_id=req.subscription_id)))
+            self._send(
+                Frame(subscribe_ack=frames_pb2.SubscribeAck(subscription_id=req.subscription_id))
+            )
         elif kind == "unsubscribe":
             sid = frame.unsubscribe.subscription_id
             broker.unsubscribe(self, sid)
@@ -736,7 +743,9 @@ class _SocketSession(_Session, asyncio.Protocol):
             topic = frame.subscribe.filter[:256]
         elif kind == "unsubscribe":
             sub_id = frame.unsubscribe.subscription_id
-        self._send(error_frame(exc.code, str(exc), fatal=False, subscription_id=sub_id, topic=topic))
+        self._send(
+            error_frame(exc.code, str(exc), fatal=False, subscription_id=sub_id, topic=topic)
+        )
 
     def _send(self, frame: Frame) -> None:
         if self.conn.state is State.OPEN or frame.WhichOneof("kind") in ("welcome", "error"):

@@ -288,7 +288,10 @@ class DaemoneyeEventBus:
         self._published += 1
 
     async def publish_to(
-        self, topic: Topic[Any], message: Message, correlation: str | CorrelationMetadata | None = None
+        self,
+        topic: Topic[Any],
+        message: Message,
+        correlation: str | CorrelationMetadata | None = None,
     ) -> None:
         """Publish any message (a control message, say) on an explicit topic."""
         self._check()
@@ -315,7 +318,9 @@ class DaemoneyeEventBus:
                 for pattern in patterns:
                     handles.append(
                         self._local.subscribe(
-                            pattern, queue, subscription.correlation_filter,
+                            pattern,
+                            queue,
+                            subscription.correlation_filter,
                             subscription.include_control,
                         )
                     )

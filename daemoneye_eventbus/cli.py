@@ -160,7 +160,9 @@ async def _stats(args: argparse.Namespace) -> int:
     async with Client(_socket(args), name=args.name) as client:
         stats = await client.broker_statistics()
     if args.json:
-        print(json.dumps(json_format.MessageToDict(stats, always_print_fields_with_no_presence=True)))
+        print(
+            json.dumps(json_format.MessageToDict(stats, always_print_fields_with_no_presence=True))
+        )
         return 0
     print(f"connections: {stats.connections} open, {stats.connections_total} since start")
     print(
@@ -223,7 +225,9 @@ async def _demo(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", metavar="PATH", help="broker socket (default /tmp/daemoneye.sock)")
+    common.add_argument(
+        "--socket", metavar="PATH", help="broker socket (default /tmp/daemoneye.sock)"
+    )
     common.add_argument(
         "--instance", metavar="NAME", help="named instance: /tmp/daemoneye-NAME.sock"
     )
@@ -234,7 +238,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmds = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = cmds.add_parser("serve", parents=[common], help="run a standalone broker until SIGINT/SIGTERM")
+    serve = cmds.add_parser(
+        "serve", parents=[common], help="run a standalone broker until SIGINT/SIGTERM"
+    )
     d = BrokerConfig()
     serve.add_argument("--max-connections", type=int, default=d.max_connections)
     serve.add_argument("--max-subscriptions", type=int, default=d.max_subscriptions)
@@ -253,7 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--name", default="daemoneye-eventbus-cli", help="client name for the broker's logs")
+    client.add_argument(
+        "--name", default="daemoneye-eventbus-cli", help="client name for the broker's logs"
+    )
     client.add_argument("--component", default="", help="component to claim (e.g. procmond)")
 
     pub = cmds.add_parser("pub", parents=[common, client], help="publish one event")
@@ -266,8 +274,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("filter", help="topic filter, with + (one level) and # (the rest)")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
     sub.add_argument("--correlation-root", action="append", metavar="ID", help="only this workflow")
-    sub.add_argument("--correlation-id", action="append", metavar="ID", help="only this correlation id")
-    sub.add_argument("--include-control", action="store_true", help="wildcards also match control topics")
+    sub.add_argument(
+        "--correlation-id", action="append", metavar="ID", help="only this correlation id"
+    )
+    sub.add_argument(
+        "--include-control", action="store_true", help="wildcards also match control topics"
+    )
     sub.add_argument("--count", type=int, help="exit after this many events")
     sub.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
 

@@ -17,7 +17,6 @@ batch, not per event. The client answers the broker's heartbeats on its own.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -361,7 +360,9 @@ class Client:
                 welcome = await self._welcome
         except TimeoutError:
             self._abort()
-            raise RequestTimeout(f"no handshake with {self.path} within {self.connect_timeout} s") from None
+            raise RequestTimeout(
+                f"no handshake with {self.path} within {self.connect_timeout} s"
+            ) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise BrokenResourceError(f"no broker at {self.path}: {exc.strerror}") from exc
         self.session_id = welcome.session_id
@@ -437,7 +438,9 @@ class Client:
         self._out_bytes = 0
         error = self._closed_error
         if not isinstance(error, EventBusError):
-            error = BrokenResourceError(f"connection to {self.path} lost" + (f": {exc}" if exc else ""))
+            error = BrokenResourceError(
+                f"connection to {self.path} lost" + (f": {exc}" if exc else "")
+            )
         if self._closing:
             return
         self._finish(error)
@@ -470,8 +473,10 @@ class Client:
     def _check_open(self) -> None:
         if self._conn.state is not State.OPEN or self._closing:
             if self._closed_error is not None:
-                raise ClosedResourceError(str(self._closed_error)) if self._closing else BrokenResourceError(
-                    str(self._closed_error)
+                raise (
+                    ClosedResourceError(str(self._closed_error))
+                    if self._closing
+                    else BrokenResourceError(str(self._closed_error))
                 )
             raise ClosedResourceError("client is not connected")
 
@@ -502,7 +507,9 @@ class Client:
             elif kind == "error":
                 self._error_received(frame.error)
             elif kind == "goodbye":
-                self._closed_error = BrokenResourceError(f"broker said goodbye: {frame.goodbye.reason}")
+                self._closed_error = BrokenResourceError(
+                    f"broker said goodbye: {frame.goodbye.reason}"
+                )
         if conn.error is not None:
             self._closed_error = conn.error
             log.warning("protocol violation by the broker: %s", conn.error)
@@ -580,7 +587,8 @@ class Client:
         """
         self._check_open()
         protocol = self._protocol
-        assert protocol is not None and protocol.transport is not None
+        assert protocol is not None
+        assert protocol.transport is not None
         if self._out_bytes + protocol.transport.get_write_buffer_size() > self.max_buffer_bytes:
             raise LimitExceeded(f"more than {self.max_buffer_bytes} bytes wait to be written")
         self._send(Frame(publish=build_publish(topic, message, correlation)))
@@ -635,7 +643,9 @@ class Client:
             async with asyncio.timeout(self.request_timeout):
                 return await fut
         except TimeoutError:
-            raise RequestTimeout(f"no answer from the broker within {self.request_timeout} s") from None
+            raise RequestTimeout(
+                f"no answer from the broker within {self.request_timeout} s"
+            ) from None
         finally:
             self._pending.pop(key, None)
 
@@ -764,4 +774,3 @@ async def connect(path: str = DEFAULT_SOCKET_PATH, **kwargs: Any) -> Client:
     client = Client(path, **kwargs)
     await client.connect()
     return client
-

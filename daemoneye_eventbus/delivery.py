@@ -100,8 +100,10 @@ class EventQueue(Generic[P]):
         if event.sequence > last + 1:
             self.missed += event.sequence - last - 1
         self._last_sequence[sid] = event.sequence
-        if self._closed or len(self._items) >= self.max_messages or (
-            self.max_bytes is not None and self._bytes + size > self.max_bytes
+        if (
+            self._closed
+            or len(self._items) >= self.max_messages
+            or (self.max_bytes is not None and self._bytes + size > self.max_bytes)
         ):
             self.dropped += 1
             return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
@@ -52,11 +53,8 @@ def enumerate_processes(limit: int) -> list[events_pb2.ProcessEvent]:
         cmdline = _read(base / "cmdline")
         if cmdline:
             event.command_line = cmdline.replace("\0", " ").strip()
-        with_exe = base / "exe"
-        try:
-            event.executable_path = os.readlink(with_exe)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            event.executable_path = os.readlink(base / "exe")
         stat = _read(base / "stat")
         if stat and ")" in stat:
             fields = stat.rsplit(")", 1)[1].split()
@@ -106,8 +104,16 @@ async def run_demo(path: str | None = None, *, count: int = 20) -> int:
             )
             print(f"agent subscribed to events.process.# for workflow {scan_id}")
             collector = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "daemoneye_eventbus.demo", "collector",
-                "--socket", sock, "--scan-id", scan_id, "--count", str(count),
+                sys.executable,
+                "-m",
+                "daemoneye_eventbus.demo",
+                "collector",
+                "--socket",
+                sock,
+                "--scan-id",
+                scan_id,
+                "--count",
+                str(count),
             )
             print(f"collector process {collector.pid} started")
             received = 0

@@ -178,9 +178,7 @@ def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes
         )
     )
     body_len = 1 + len(encode_varint(len(inner))) + len(inner)
-    return b"".join(
-        (encode_varint(body_len), _TAG_FRAME_DELIVER, encode_varint(len(inner)), inner)
-    )
+    return b"".join((encode_varint(body_len), _TAG_FRAME_DELIVER, encode_varint(len(inner)), inner))
 
 
 def error_frame(

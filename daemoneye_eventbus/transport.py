@@ -70,10 +70,8 @@ def _is_live(path: str) -> bool:
     except (ConnectionRefusedError, FileNotFoundError):
         return False
     except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            return False
         # Cannot tell (e.g. no permission): assume somebody is there.
-        return True
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
     else:
         return True
     finally:

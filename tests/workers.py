@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 
 from daemoneye.eventbus.v1 import events_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
@@ -97,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
