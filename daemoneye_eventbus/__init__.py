@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "registry": "daemoneye.eventbus.v1",
+    "registry": "daemoneye.eventbus.v1.registry",
     "CorrelationFilter": "daemoneye.eventbus.v1.correlation_pb2",
     "CorrelationMetadata": "daemoneye.eventbus.v1.correlation_pb2",
     "CollectionEvent": "daemoneye.eventbus.v1.events_pb2",
@@ -193,7 +193,9 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    imported = importlib.import_module(module)
+    # A module exported under its own name (``registry``) is the module itself.
+    value = imported if module.rsplit(".", 1)[-1] == name else getattr(imported, name)
     globals()[name] = value
     return value
 

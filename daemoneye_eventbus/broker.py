@@ -45,6 +45,7 @@ from daemoneye_eventbus.errors import (
     InvalidCorrelation,
     InvalidTopic,
     LimitExceeded,
+    LocalProtocolError,
     PayloadTypeMismatch,
     RemoteProtocolError,
     ServerError,
@@ -52,6 +53,7 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
+    DELIVER_OVERHEAD,
     HANDSHAKE_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Connection,
@@ -177,8 +179,30 @@ class BrokerStatistics:
     connection_stats: tuple[ConnectionStatistics, ...]
     subscription_stats: tuple[SubscriptionStatistics, ...]
 
-    def to_proto(self, request_id: int = 0) -> frames_pb2.StatsResponse:
-        """The snapshot as a ``StatsResponse`` frame body."""
+    def to_proto(
+        self, request_id: int = 0, max_bytes: int | None = None
+    ) -> frames_pb2.StatsResponse:
+        """The snapshot as a ``StatsResponse`` frame body of at most ``max_bytes``.
+
+        When the per-connection and per-subscription lists do not fit, the
+        longest is shortened until they do and ``truncated`` is set.
+        """
+        out = self._to_proto(request_id)
+        if max_bytes is None:
+            return out
+        budget = max_bytes - DELIVER_OVERHEAD  # room for the Frame envelope
+        while out.ByteSize() > budget:
+            out.truncated = True
+            conns, subs = out.connection_stats, out.subscription_stats
+            if not conns and not subs:
+                break
+            if len(subs) >= len(conns):
+                del subs[len(subs) // 2 :]
+            else:
+                del conns[len(conns) // 2 :]
+        return out
+
+    def _to_proto(self, request_id: int) -> frames_pb2.StatsResponse:
         return frames_pb2.StatsResponse(
             request_id=request_id,
             connections=self.connections,
@@ -527,6 +551,13 @@ class Broker:
         """
         topic = publish.topic
         info = self._topic_info(topic)
+        limit = self.config.max_frame_bytes - DELIVER_OVERHEAD
+        if publish.ByteSize() > limit:
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
+                f"event of {publish.ByteSize()} bytes cannot be delivered within the frame "
+                f"limit; events may be at most {limit} bytes",
+            )
         if info.payload_type is not None and publish.payload_type != info.payload_type:
             raise _Refusal(
                 ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH,
@@ -655,6 +686,11 @@ class _SocketSession(_Session, asyncio.Protocol):
                 self._refuse(exc, frame)
             except RemoteProtocolError as exc:
                 conn.fail(exc)
+            except LocalProtocolError as exc:  # a bug here must not take the broker down
+                log.exception("session %s: internal error", self.session_id)
+                conn.fail(
+                    RemoteProtocolError(f"internal error: {exc}", ErrorCode.ERROR_CODE_INTERNAL)
+                )
         if conn.error is not None:
             log.info("session %s: protocol violation: %s", self.session_id, conn.error)
         self.broker._flush_dirty()
@@ -705,7 +741,9 @@ class _SocketSession(_Session, asyncio.Protocol):
         elif kind == "hello":
             self._hello(frame.hello)
         elif kind == "stats_request":
-            stats = broker.statistics().to_proto(frame.stats_request.request_id)
+            stats = broker.statistics().to_proto(
+                frame.stats_request.request_id, broker.config.max_frame_bytes
+            )
             self._send(Frame(stats_response=stats))
         elif kind == "goodbye":
             log.debug("session %s said goodbye: %s", self.session_id, frame.goodbye.reason)
@@ -748,11 +786,14 @@ class _SocketSession(_Session, asyncio.Protocol):
         )
 
     def _send(self, frame: Frame) -> None:
-        if self.conn.state is State.OPEN or frame.WhichOneof("kind") in ("welcome", "error"):
-            self.conn.send(frame)
-            # A peer that asks and never reads cannot grow this queue unbounded.
-            if self.conn.buffered_bytes > self.broker.config.max_queue_bytes + _WRITE_HIGH:
-                self._fail(ErrorCode.ERROR_CODE_SLOW_CONSUMER, "peer does not read its replies")
+        # Frames parsed before a violation in the same read get no answer: the
+        # connection is already closing with its Error frame [protocol §7].
+        if self.conn.close_expected:
+            return
+        self.conn.send(frame)
+        # A peer that asks and never reads cannot grow this queue unbounded.
+        if self.conn.buffered_bytes > self.broker.config.max_queue_bytes + _WRITE_HIGH:
+            self._fail(ErrorCode.ERROR_CODE_SLOW_CONSUMER, "peer does not read its replies")
 
     # delivery ------------------------------------------------------------------
 
@@ -765,7 +806,13 @@ class _SocketSession(_Session, asyncio.Protocol):
             conn.buffered_frames >= cfg.max_queue_messages
             or conn.buffered_bytes + len(data) > cfg.max_queue_bytes
         ):
-            return False
+            # The queue holds what waits while the socket is backed up; if it
+            # is not, hand the batch to the socket now instead of dropping.
+            if self._paused_since is not None:
+                return False
+            self.flush()
+            if self._paused_since is not None and conn.buffered_frames >= cfg.max_queue_messages:
+                return False
         conn.send_deliver(sub.subscription_id, sub.sequence, data)
         self.broker._dirty.add(self)
         return True
@@ -791,8 +838,10 @@ class _SocketSession(_Session, asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         transport.close()
-        # close() waits for the buffer to drain; a peer that never reads gets aborted.
-        self._abort_timer = asyncio.get_running_loop().call_later(1.0, transport.abort)
+        # close() waits for the buffer to drain; a peer that never reads is
+        # aborted: at once after an error, after the drain deadline on goodbye.
+        grace = 1.0 if self.conn.error is not None else self.broker.config.drain_timeout
+        self._abort_timer = asyncio.get_running_loop().call_later(grace, transport.abort)
 
     def _fail(self, code: ErrorCode.ValueType, message: str) -> None:
         self.conn.fail(RemoteProtocolError(message, code))
@@ -900,6 +949,9 @@ class LocalSession(_Session):
 
     def unsubscribe(self, subscription_id: int) -> None:
         """End a subscription; events already queued stay readable."""
+        if self._closed:  # the session (or the broker) already ended everything
+            self._queues.pop(subscription_id, None)
+            return
         try:
             self.broker.unsubscribe(self, subscription_id)
         except _Refusal as exc:

@@ -27,7 +27,7 @@ from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import ReceivedEvent
-from daemoneye_eventbus.errors import EventBusError
+from daemoneye_eventbus.errors import ClosedResourceError, EventBusError, RequestTimeout
 from daemoneye_eventbus.transport import default_socket_path
 
 __all__ = ["main"]
@@ -141,10 +141,12 @@ async def _sub(args: argparse.Namespace) -> int:
         while args.count is None or seen < args.count:
             try:
                 event = await sub.get(timeout=args.timeout)
-            except EventBusError:
-                if args.timeout is not None and seen == 0:
+            except RequestTimeout:
+                if seen == 0:
                     raise
-                break
+                break  # --timeout after some events: done
+            except ClosedResourceError:
+                break  # unsubscribed
             seen += 1
             line = json.dumps(_event_dict(event)) if args.json else _event_line(event)
             print(line, flush=True)

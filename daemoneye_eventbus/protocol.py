@@ -26,6 +26,7 @@ from daemoneye_eventbus.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "DELIVER_OVERHEAD",
     "HANDSHAKE_MAX_FRAME_BYTES",
     "MAX_PREFIX_BYTES",
     "PROTOCOL_VERSION",
@@ -50,6 +51,11 @@ DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
 HANDSHAKE_MAX_FRAME_BYTES: Final = 4096
 #: A length prefix is at most 5 bytes: 35 bits cover every allowed length.
 MAX_PREFIX_BYTES: Final = 5
+#: The most a ``Deliver`` frame adds around the ``Publish`` it carries: the
+#: Frame and Publish tags and lengths (1 + 5 and 1 + 5) and the subscription
+#: id and sequence fields (1 + 5 and 1 + 10). A broker refuses a publish whose
+#: body exceeds ``max_frame_bytes - DELIVER_OVERHEAD`` [protocol §5].
+DELIVER_OVERHEAD: Final = 29
 
 
 class Role(enum.Enum):
@@ -284,7 +290,12 @@ class Connection:
         except RemoteProtocolError as exc:
             self.fail(exc)
             return
-        del buf[:pos]
+        if self.close_expected:
+            # The peer said goodbye (or a fatal error): what follows is never read.
+            buf.clear()
+            self._body_len = None
+        else:
+            del buf[:pos]
 
     def _check_length(self, length: int) -> None:
         limit = self.frame_limit
@@ -354,13 +365,13 @@ class Connection:
             raise LocalProtocolError("cannot send a frame that sets no kind")
         if kind not in SENDABLE.get((self.role, self.state), frozenset()):
             raise LocalProtocolError(f"cannot send a {kind} frame while {self.state.value}")
-        data = encode_frame(frame)
-        if len(data) - 1 > self.max_frame_bytes:
+        body = frame.SerializeToString()
+        if len(body) > self.max_frame_bytes:
             raise LocalProtocolError(
-                f"{kind} frame of {len(data)} bytes exceeds the limit of "
+                f"{kind} frame of {len(body)} bytes exceeds the limit of "
                 f"{self.max_frame_bytes} bytes"
             )
-        self._append(data)
+        self._append(encode_varint(len(body)) + body)
         if kind == "welcome":
             self._set_state(State.OPEN)
         elif kind == "goodbye" or (kind == "error" and frame.error.fatal):
@@ -371,6 +382,11 @@ class Connection:
         if self.state is not State.OPEN or self.role is not Role.BROKER:
             raise LocalProtocolError(f"cannot deliver while {self.state.value}")
         data = encode_deliver(subscription_id, sequence, publish)
+        if len(publish) > self.max_frame_bytes - DELIVER_OVERHEAD:
+            raise LocalProtocolError(
+                f"deliver frame of {len(data)} bytes would exceed the limit of "
+                f"{self.max_frame_bytes} bytes"
+            )
         self._append(data)
         return len(data)
 

@@ -20,6 +20,7 @@ import pytest
 from conftest import worker_env
 
 from daemoneye.eventbus.v1 import registry
+from daemoneye.eventbus.v1.events_pb2 import ProcessEvent
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.broker import Broker
 from daemoneye_eventbus.client import Client
@@ -147,7 +148,7 @@ def test_topics_table_lists_every_topic_with_access() -> None:
     result = run_sync("topics")
     assert result.returncode == 0, result
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line}
-    expected = {**{name: t.access for name, t in registry.TOPICS.items()}}
+    expected = {name: t.access for name, t in registry.TOPICS.items()}
     expected.update({t.pattern: t.access for t in registry.TEMPLATES})
     assert set(rows) == set(expected)
     for name, access in expected.items():
@@ -261,11 +262,25 @@ async def test_sub_timeout_without_events(broker: Broker, sock_path: str) -> Non
 
 
 async def test_sub_timeout_after_events_exits_0(broker: Broker, sock_path: str) -> None:
-    sub = await start_sub("#", "--json", "--timeout", "2", "--socket", sock_path)
-    await pub(sock_path, "--count", "2")
+    sub = await start_sub("#", "--json", "--timeout", "1.5", "--socket", sock_path)
+    # Published from here, at once: a publisher process might start later than the timeout.
+    async with Client(sock_path) as c:
+        for pid in (1, 2):
+            await c.publish(registry.EVENTS_PROCESS_LIFECYCLE, ProcessEvent(pid=pid))
+        await c.flush()
     result = await finish(sub)
     assert result.returncode == 0, result
-    assert len(result.json_lines()) == 2
+    assert [r["payload"]["pid"] for r in result.json_lines()] == [1, 2]
+
+
+async def test_sub_broker_gone_is_an_error(broker: Broker, sock_path: str) -> None:
+    sub = await start_sub("#", "--json", "--count", "5", "--socket", sock_path)
+    await pub(sock_path)
+    await broker.close()
+    result = await finish(sub)
+    assert len(result.json_lines()) == 1
+    assert result.returncode == 1
+    assert "error" in result.stderr
 
 
 async def test_pub_undeclared_topic(broker: Broker, sock_path: str) -> None:

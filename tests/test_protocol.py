@@ -19,6 +19,7 @@ from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from daemoneye_eventbus.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
+    DELIVER_OVERHEAD,
     HANDSHAKE_MAX_FRAME_BYTES,
     MAX_PREFIX_BYTES,
     PROTOCOL_VERSION,
@@ -739,13 +740,8 @@ def test_frames_after_goodbye_in_the_same_read_are_ignored() -> None:
     assert broker.data_to_send() == b""
 
 
-# BUG: after the peer's Goodbye (or fatal Error) the rest of the read stays in
-# the input buffer until close(): buffered_input is then no longer bounded by
-# the frame limit plus the prefix (here 10 000 bytes with a 4 096-byte limit).
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.py keeps the bytes after a Goodbye in the input buffer",
-)
+# After the peer's Goodbye (or fatal Error) the rest of the read is dropped, so
+# buffered_input stays bounded by the frame limit plus the prefix.
 def test_bytes_after_goodbye_are_not_kept() -> None:
     broker = connection(Role.BROKER)
     broker.receive_data(encode_frame(goodbye()) + b"\x00" * 10_000)
@@ -863,6 +859,50 @@ def test_hello_wire_bytes() -> None:
     assert encode_frame(frame).hex(" ") == (
         "18 0a 16 08 01 12 08 70 72 6f 63 6d 6f 6e 64 1a 08 70 72 6f 63 6d 6f 6e 64"
     )
+
+
+def test_welcome_wire_bytes() -> None:
+    """The second worked example of docs/protocol.md §3 (default limits)."""
+    limits = frames_pb2.Limits(
+        max_frame_bytes=1_048_576,
+        max_topic_bytes=255,
+        max_topic_levels=16,
+        max_subscriptions=1024,
+        max_queue_messages=1000,
+        max_queue_bytes=8 * 1024 * 1024,
+        heartbeat_interval_ms=5000,
+        idle_timeout_ms=15000,
+    )
+    frame = Frame(
+        welcome=frames_pb2.Welcome(
+            protocol_version=1,
+            session_id="0123456789abcdef",
+            limits=limits,
+            component="procmond",
+        )
+    )
+    assert encode_frame(frame).hex(" ") == (
+        "3c 12 3a 08 01 12 10 30 31 32 33 34 35 36 37 38 39 61 62 63 64 65 66"
+        " 1a 1a 08 80 80 40 10 ff 01 18 10 20 80 08 28 e8 07 30 80 80 80 04"
+        " 38 88 27 40 98 75 22 08 70 72 6f 63 6d 6f 6e 64"
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    subscription_id=st.integers(1, UINT32_MAX),
+    sequence=st.integers(1, UINT64_MAX),
+    payload_size=st.one_of(st.integers(0, 300), st.integers(16_000, 17_000)),
+)
+def test_deliver_envelope_adds_6_to_21_bytes(
+    subscription_id: int, sequence: int, payload_size: int
+) -> None:
+    """docs/protocol.md §5: a Deliver body is 6 to 21 bytes larger than its Publish frame's."""
+    pub = publish(b"\x01" * payload_size)
+    deliver = encode_deliver(subscription_id, sequence, pub.publish.SerializeToString())
+    (frame,) = decode_stream(deliver)
+    extra = frame.ByteSize() - pub.ByteSize()
+    assert 6 <= extra <= 21
 
 
 # --------------------------------------------------------------------------
@@ -1123,13 +1163,7 @@ def test_send_refuses_a_frame_over_the_limit() -> None:
     assert conn.state is State.OPEN
 
 
-# BUG: send() compares len(prefix + body) - 1 with the limit, so a frame whose
-# body is exactly max_frame_bytes (and whose prefix is 2+ bytes) is refused
-# locally although the peer accepts it.
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.py Connection.send counts all but one prefix byte against the limit",
-)
+# send() compares the body (not prefix + body) with the limit, as the peer does.
 def test_send_accepts_a_frame_exactly_at_the_limit() -> None:
     limit = 5000
     conn = connection(Role.CLIENT, State.OPEN, max_frame_bytes=limit)
@@ -1184,27 +1218,23 @@ def test_ping_pong_nonce_round_trip() -> None:
     assert got.broker[0].pong.nonce == UINT64_MAX
 
 
-# BUG: a Publish the broker accepts (body <= max_frame_bytes) becomes a Deliver
-# frame that is larger by the Deliver envelope (tag, length, subscription id,
-# sequence: at least 7 bytes). A subscriber that applies the same limit (the
-# client sets its limit from Welcome.limits.max_frame_bytes) fails the
-# connection with FRAME_TOO_LARGE. send_deliver checks no limit at all.
-@pytest.mark.xfail(
-    strict=True,
-    reason="Deliver of a Publish near max_frame_bytes exceeds max_frame_bytes",
-)
-def test_deliver_of_the_largest_accepted_publish_fits_the_limit() -> None:
+def test_largest_deliverable_publish_fits_the_limit() -> None:
+    """docs/protocol.md §5: a Publish up to max_frame_bytes - DELIVER_OVERHEAD is delivered
+    in a Deliver frame within the limit; a larger one is refused before delivery."""
     limit = 5000
     pair = Pair(max_frame_bytes=limit)
     pair.handshake()
-    big = publish_of_size(limit - 2)  # also clear of the send() bug above
-    pair.client.send(big)
-    got = pair.pump()
-    assert got.broker == [big]
-    pair.broker.send_deliver(1, 1, big.publish.SerializeToString())
-    got = pair.pump()
-    assert pair.client.error is None
-    assert kinds(got.client) == ["deliver"]
+    for sub_id, seq in ((1, 1), (UINT32_MAX, UINT64_MAX)):
+        pub = frames_pb2.Publish(topic="a", payload=b"")
+        pub.payload = b"x" * (limit - DELIVER_OVERHEAD - pub.ByteSize() - 3)
+        raw = pub.SerializeToString()
+        assert len(raw) == limit - DELIVER_OVERHEAD
+        pair.broker.send_deliver(sub_id, seq, raw)
+        got = pair.pump()
+        assert pair.client.error is None
+        assert kinds(got.client) == ["deliver"]
+    with pytest.raises(LocalProtocolError, match="exceed the limit"):
+        pair.broker.send_deliver(1, 1, b"x" * (limit - DELIVER_OVERHEAD + 1))
 
 
 # --------------------------------------------------------------------------
@@ -1302,12 +1332,10 @@ def test_broker_survives_any_input(chunks: list[bytes], opened: bool) -> None:
         allowed = RECEIVABLE.get((Role.BROKER, state), frozenset())
         assert all(f.WhichOneof("kind") in allowed for f in new)
         received += new
-        if conn.error is not None:
+        if conn.close_expected:
             assert conn.buffered_input == 0
-        elif not conn.close_expected:
+        else:
             assert conn.buffered_input <= conn.frame_limit + MAX_PREFIX_BYTES
-        # else: closing on the peer's own Goodbye or fatal Error; see
-        # test_bytes_after_goodbye_are_not_kept (BUG) for the buffer then.
     out = decode_stream(conn.data_to_send())
     event(ErrorCode.Name(ErrorCode.ValueType(conn.error.code)) if conn.error else conn.state.value)
     event("frames received" if received else "no frame received")

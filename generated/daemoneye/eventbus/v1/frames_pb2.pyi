@@ -750,6 +750,7 @@ class StatsResponse(_message.Message):
     REFUSED_FIELD_NUMBER: _builtins.int
     CONNECTION_STATS_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_STATS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """The request's id."""
     connections: _builtins.int
@@ -764,6 +765,8 @@ class StatsResponse(_message.Message):
     """Events dropped because a subscriber's queue was full."""
     refused: _builtins.int
     """Publishes refused (invalid topic, access denied, ...)."""
+    truncated: _builtins.bool
+    """True when the lists above were shortened to fit the frame size limit."""
     @_builtins.property
     def connection_stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectionStats]:
         """Per-connection figures."""
@@ -784,10 +787,11 @@ class StatsResponse(_message.Message):
         refused: _builtins.int = ...,
         connection_stats: _abc.Iterable[Global___ConnectionStats] | None = ...,
         subscription_stats: _abc.Iterable[Global___SubscriptionStats] | None = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,176 @@
+"""Micro benchmarks of the hot paths (pytest-benchmark).
+
+These are benchmarks, not tests: nothing here asserts on time. The few
+assertions only check that each benchmark measures what it says. Run::
+
+    pytest benchmarks/test_hot_paths.py --benchmark-enable --benchmark-only
+
+With ``--benchmark-disable`` (the project's default) each body runs once: a
+smoke test.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from daemoneye.eventbus.v1 import frames_pb2, registry
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
+from daemoneye.eventbus.v1.frames_pb2 import Frame
+from daemoneye_eventbus.broker import Broker, BrokerConfig
+from daemoneye_eventbus.correlation import (
+    CorrelationMatcher,
+    correlation_filter,
+    new_correlation,
+    with_stage,
+    with_tags,
+)
+from daemoneye_eventbus.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    Role,
+    State,
+    encode_deliver,
+    encode_frame,
+)
+from daemoneye_eventbus.topics import SubscriptionTrie
+
+PAYLOAD = bytes(range(256))
+TOPIC = registry.EVENTS_PROCESS_LIFECYCLE
+
+
+def _publish() -> frames_pb2.Publish:
+    """A ``Publish`` of a 256-byte payload on ``events.process.lifecycle``."""
+    return frames_pb2.Publish(topic=TOPIC.name, payload_type=TOPIC.payload_name, payload=PAYLOAD)
+
+
+# -- framing ----------------------------------------------------------------------
+
+
+def test_encode_frame_publish(benchmark: BenchmarkFixture) -> None:
+    frame = Frame(publish=_publish())
+    data = benchmark(encode_frame, frame)
+    assert len(data) > 256
+
+
+def test_encode_deliver(benchmark: BenchmarkFixture) -> None:
+    body = _publish().SerializeToString()
+    data = benchmark(encode_deliver, 7, 123_456, body)
+    assert data.endswith(body)
+
+
+def _open_broker_connection() -> Connection:
+    """A broker-side Connection taken to OPEN through the public API."""
+    conn = Connection(Role.BROKER)
+    hello = frames_pb2.Hello(protocol_version=PROTOCOL_VERSION, client_name="bench")
+    conn.receive_data(encode_frame(Frame(hello=hello)))
+    assert [f.WhichOneof("kind") for f in conn.events_received()] == ["hello"]
+    welcome = frames_pb2.Welcome(protocol_version=PROTOCOL_VERSION, session_id="bench")
+    conn.send(Frame(welcome=welcome))
+    conn.data_to_send()
+    assert conn.state is State.OPEN
+    return conn
+
+
+def test_receive_100_publish_frames(benchmark: BenchmarkFixture) -> None:
+    conn = _open_broker_connection()
+    buffer = encode_frame(Frame(publish=_publish())) * 100
+
+    def receive() -> list[Frame]:
+        conn.receive_data(buffer)
+        return conn.events_received()
+
+    frames = benchmark(receive)
+    assert len(frames) == 100
+    assert conn.state is State.OPEN
+    assert conn.buffered_input == 0
+
+
+# -- topic matching ----------------------------------------------------------------
+
+_VOCABULARY = [f"w{i}" for i in range(32)]
+_MATCH_TOPIC = "w1.w2.w3.w4"
+
+
+@functools.cache
+def _trie(size: int) -> SubscriptionTrie[int]:
+    """``size`` filters of four levels over 32 words: a third exact, a third with
+    one or two ``+``, a third ending in ``#``; a few of each match the topic."""
+    rng = random.Random(size)
+    trie: SubscriptionTrie[int] = SubscriptionTrie()
+    for value in range(size):
+        levels = [rng.choice(_VOCABULARY) for _ in range(4)]
+        kind = value % 3
+        if kind == 1:
+            for i in rng.sample(range(4), rng.choice((1, 2))):
+                levels[i] = "+"
+        elif kind == 2:
+            levels = [*levels[: rng.choice((1, 2, 3))], "#"]
+        trie.insert(".".join(levels), value)
+    # Matches whatever the size: one of each kind.
+    for value, flt in enumerate(("w1.w2.w3.w4", "w1.+.w3.+", "w1.w2.#"), start=size):
+        trie.insert(flt, value)
+    return trie
+
+
+@pytest.mark.parametrize("size", [10, 1_000, 100_000])
+def test_subscription_trie_match(benchmark: BenchmarkFixture, size: int) -> None:
+    trie = _trie(size)
+    matched = benchmark(trie.match, _MATCH_TOPIC)
+    assert {size, size + 1, size + 2} <= matched
+
+
+# -- correlation -------------------------------------------------------------------
+
+
+def _metadata() -> CorrelationMetadata:
+    meta = new_correlation("scan-2024-000123")
+    meta = with_stage(meta, "collection")
+    return with_tags(meta, {"host": "web-01", "severity": "high", "source": "procmond"})
+
+
+_FILTERS: dict[str, CorrelationFilter] = {
+    "64-ids": correlation_filter(correlation_ids=[f"scan-2024-{i:06d}" for i in range(100, 164)]),
+    "roots+stage+tags": correlation_filter(
+        root_ids=["scan-2024-000123"],
+        stages=["collection", "analysis"],
+        required_tags={"host": "web-01", "source": "procmond"},
+    ),
+    "glob-patterns": correlation_filter(patterns=["audit-*", "scan-2023-*", "scan-2024-*"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(_FILTERS))
+def test_correlation_matcher_matches(benchmark: BenchmarkFixture, kind: str) -> None:
+    matcher = CorrelationMatcher(_FILTERS[kind])
+    meta = _metadata()
+    assert benchmark(matcher.matches, meta) is True
+
+
+# -- routing -----------------------------------------------------------------------
+
+
+def test_broker_route_10_local_subscribers(benchmark: BenchmarkFixture) -> None:
+    # Routing needs no running broker: no socket, no event loop.
+    broker = Broker("/nonexistent/bench.sock", BrokerConfig())
+    session = broker.local_session("bench")
+    filters = ["events.process.lifecycle", "events.process.#", "events.+.lifecycle", "#"]
+    queues = []
+    for i in range(10):
+        queue = session.new_queue()
+        session.subscribe(filters[i % len(filters)], queue)
+        queues.append(queue)
+    publish = _publish()
+
+    def route() -> int:
+        taken = broker.route(session, publish)
+        for queue in queues:  # keep the queues from filling up: 10 cheap pops
+            queue.get_nowait()
+        return taken
+
+    assert benchmark(route) == 10
+    assert broker.dropped == 0
+    session.close()
