@@ -219,7 +219,10 @@ def _topics(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from daemoneye_eventbus.demo import run_demo
 
-    return await run_demo(_socket(args), count=args.count)
+    # Without --socket or --instance the demo uses a private temporary socket, so
+    # that it never clashes with a broker on the default path.
+    path = _socket(args) if args.socket or args.instance else None
+    return await run_demo(path, count=args.count)
 
 
 # -- parser ----------------------------------------------------------------------
