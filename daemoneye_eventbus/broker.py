@@ -25,7 +25,6 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -38,18 +37,13 @@ from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.correlation import CorrelationMatcher, validate_metadata
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import (
-    AccessDenied,
     BrokerError,
     ClosedResourceError,
     EventBusError,
     InvalidCorrelation,
     InvalidTopic,
-    LimitExceeded,
     LocalProtocolError,
-    PayloadTypeMismatch,
     RemoteProtocolError,
-    ServerError,
-    UnknownSubscription,
 )
 from daemoneye_eventbus.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -59,6 +53,7 @@ from daemoneye_eventbus.protocol import (
     Connection,
     Role,
     State,
+    error_for_code,
     error_frame,
 )
 from daemoneye_eventbus.topics import SubscriptionTrie, validate_filter, validate_topic
@@ -927,7 +922,7 @@ class LocalSession(_Session):
             return self.broker.route(self, publish)
         except _Refusal as exc:
             self.broker.refused += 1
-            raise _to_local_error(exc) from None
+            raise error_for_code(exc.code, str(exc)) from None
 
     def subscribe(
         self,
@@ -943,7 +938,7 @@ class LocalSession(_Session):
         try:
             self.broker.subscribe(self, sid, filter, correlation_filter, include_control)
         except _Refusal as exc:
-            raise _to_local_error(exc) from None
+            raise error_for_code(exc.code, str(exc)) from None
         self._queues[sid] = queue
         return sid
 
@@ -955,7 +950,7 @@ class LocalSession(_Session):
         try:
             self.broker.unsubscribe(self, subscription_id)
         except _Refusal as exc:
-            raise _to_local_error(exc) from None
+            raise error_for_code(exc.code, str(exc)) from None
         self._queues.pop(subscription_id, None)
 
     def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
@@ -993,21 +988,3 @@ def _copy_correlation(publish: frames_pb2.Publish) -> CorrelationMetadata:
     copy = CorrelationMetadata()
     copy.CopyFrom(publish.correlation)
     return copy
-
-
-_LOCAL_ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {
-    ErrorCode.ERROR_CODE_INVALID_TOPIC: InvalidTopic,
-    ErrorCode.ERROR_CODE_INVALID_FILTER: InvalidTopic,
-    ErrorCode.ERROR_CODE_INVALID_CORRELATION: InvalidCorrelation,
-    ErrorCode.ERROR_CODE_LIMIT_EXCEEDED: LimitExceeded,
-    ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH: PayloadTypeMismatch,
-    ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION: UnknownSubscription,
-    ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: UnknownSubscription,
-    ErrorCode.ERROR_CODE_ACCESS_DENIED: AccessDenied,
-}
-
-
-def _to_local_error(exc: _Refusal) -> EventBusError:
-    """The typed error an in-process caller sees for a refusal."""
-    factory = _LOCAL_ERRORS.get(exc.code)
-    return factory(str(exc)) if factory is not None else ServerError(str(exc), exc.code)

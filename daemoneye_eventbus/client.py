@@ -34,18 +34,13 @@ from daemoneye.eventbus.v1.registry import Topic
 from daemoneye_eventbus.correlation import validate_metadata
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import (
-    AccessDenied,
     BrokenResourceError,
     ClosedResourceError,
     ConnectionClosed,
     EventBusError,
-    InvalidCorrelation,
-    InvalidTopic,
     LimitExceeded,
     PayloadTypeMismatch,
     RequestTimeout,
-    ServerError,
-    UnknownSubscription,
 )
 from daemoneye_eventbus.protocol import (
     PROTOCOL_VERSION,
@@ -53,6 +48,7 @@ from daemoneye_eventbus.protocol import (
     Role,
     State,
     encode_frame,
+    error_for_code,
 )
 from daemoneye_eventbus.topics import validate_filter, validate_topic
 from daemoneye_eventbus.transport import DEFAULT_SOCKET_PATH
@@ -116,25 +112,11 @@ class ClientStatistics:
     reconnects: int
 
 
-_ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {
-    ErrorCode.ERROR_CODE_INVALID_TOPIC: InvalidTopic,
-    ErrorCode.ERROR_CODE_INVALID_FILTER: InvalidTopic,
-    ErrorCode.ERROR_CODE_INVALID_CORRELATION: InvalidCorrelation,
-    ErrorCode.ERROR_CODE_ACCESS_DENIED: AccessDenied,
-    ErrorCode.ERROR_CODE_LIMIT_EXCEEDED: LimitExceeded,
-    ErrorCode.ERROR_CODE_CONNECTION_LIMIT: LimitExceeded,
-    ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH: PayloadTypeMismatch,
-    ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION: UnknownSubscription,
-    ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: UnknownSubscription,
-}
-
-
 def error_from_frame(error: frames_pb2.Error) -> EventBusError:
     """The typed exception for an ``Error`` frame from the broker."""
     name = ErrorCode.Name(error.code) if error.code in ErrorCode.values() else str(error.code)
     message = f"{error.message} ({name})"
-    factory = _ERRORS.get(error.code)
-    return factory(message) if factory is not None else ServerError(message, error.code)
+    return error_for_code(error.code, message)
 
 
 class Subscription(Generic[P]):

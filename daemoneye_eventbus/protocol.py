@@ -16,13 +16,25 @@ the body is kept.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Final
 
 from google.protobuf.message import DecodeError
 
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus.errors import LocalProtocolError, RemoteProtocolError
+from daemoneye_eventbus.errors import (
+    AccessDenied,
+    EventBusError,
+    InvalidCorrelation,
+    InvalidTopic,
+    LimitExceeded,
+    LocalProtocolError,
+    PayloadTypeMismatch,
+    RemoteProtocolError,
+    ServerError,
+    UnknownSubscription,
+)
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -37,6 +49,7 @@ __all__ = [
     "Role",
     "State",
     "decode_varint",
+    "error_for_code",
     "encode_deliver",
     "encode_frame",
     "encode_varint",
@@ -185,6 +198,26 @@ def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes
     )
     body_len = 1 + len(encode_varint(len(inner))) + len(inner)
     return b"".join((encode_varint(body_len), _TAG_FRAME_DELIVER, encode_varint(len(inner)), inner))
+
+
+_ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {
+    ErrorCode.ERROR_CODE_INVALID_TOPIC: InvalidTopic,
+    ErrorCode.ERROR_CODE_INVALID_FILTER: InvalidTopic,
+    ErrorCode.ERROR_CODE_INVALID_CORRELATION: InvalidCorrelation,
+    ErrorCode.ERROR_CODE_ACCESS_DENIED: AccessDenied,
+    ErrorCode.ERROR_CODE_LIMIT_EXCEEDED: LimitExceeded,
+    ErrorCode.ERROR_CODE_CONNECTION_LIMIT: LimitExceeded,
+    ErrorCode.ERROR_CODE_FRAME_TOO_LARGE: LimitExceeded,
+    ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH: PayloadTypeMismatch,
+    ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION: UnknownSubscription,
+    ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: UnknownSubscription,
+}
+
+
+def error_for_code(code: int, message: str) -> EventBusError:
+    """The typed exception for an error code [protocol §7]; :class:`ServerError` by default."""
+    factory = _ERRORS.get(code)
+    return factory(message) if factory is not None else ServerError(message, code)
 
 
 def error_frame(
