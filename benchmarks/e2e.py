@@ -890,6 +890,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Events dropped under load are reported (delivered %), not failures.
     """
     args = _parser().parse_args(argv)
+    # On SIGTERM, unwind through the cleanup: workers killed, broker stopped, files removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.messages < 1 or args.latency_messages < 1 or args.warmup < 0:
         _parser().error("--messages and --latency-messages must be positive")
     names = list(dict.fromkeys(args.scenario or SCENARIOS))

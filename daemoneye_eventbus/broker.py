@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -79,6 +80,8 @@ log = logging.getLogger("daemoneye_eventbus.broker")
 # frames wait in the session's bounded queue instead.
 _WRITE_HIGH: Final = 256 * 1024
 _WRITE_LOW: Final = 64 * 1024
+# Error messages sent to peers are cut to this many characters.
+_MAX_ERROR_MESSAGE: Final = 512
 # Topics whose routing is remembered; the cache is cleared when it grows past
 # this, and whenever a subscription is added or removed.
 _ROUTE_CACHE_SIZE: Final = 4096
@@ -122,6 +125,10 @@ class BrokerConfig:
     socket_mode: int = 0o600
     #: Group of the socket file (gid), or None to keep the broker's.
     socket_group: int | None = None
+    #: Kernel send buffer asked for on each connection (SO_SNDBUF), or None for
+    #: the system default. A larger buffer absorbs a subscriber's short stalls
+    #: without drops; the kernel caps it at net.core.wmem_max.
+    socket_send_buffer: int | None = 1024 * 1024
 
     def limits(self) -> frames_pb2.Limits:
         """The limits as announced in ``Welcome``."""
@@ -613,6 +620,10 @@ class Broker:
                 session.check(now)
 
 
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class _Refusal(EventBusError):
     """A request refused with an error code; the connection stays open."""
 
@@ -651,6 +662,11 @@ class _SocketSession(_Session, asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 self.peer = peer_credentials(sock)
+            if self.broker.config.socket_send_buffer:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_SNDBUF, self.broker.config.socket_send_buffer
+                    )
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
         refusal = self.broker._admit(self)
@@ -674,6 +690,8 @@ class _SocketSession(_Session, asyncio.Protocol):
         self._last_rx = asyncio.get_running_loop().time()
         self._ping_sent = False
         for frame in conn.events_received():
+            if conn.close_expected:
+                break  # a violation found while handling an earlier frame ends the read
             try:
                 self._handle(frame)
             except _Refusal as exc:
@@ -776,9 +794,9 @@ class _SocketSession(_Session, asyncio.Protocol):
             topic = frame.subscribe.filter[:256]
         elif kind == "unsubscribe":
             sub_id = frame.unsubscribe.subscription_id
-        self._send(
-            error_frame(exc.code, str(exc), fatal=False, subscription_id=sub_id, topic=topic)
-        )
+        # Messages quote what the peer sent: keep them short.
+        message = _shorten(str(exc), _MAX_ERROR_MESSAGE)
+        self._send(error_frame(exc.code, message, fatal=False, subscription_id=sub_id, topic=topic))
 
     def _send(self, frame: Frame) -> None:
         # Frames parsed before a violation in the same read get no answer: the

@@ -43,12 +43,16 @@ from daemoneye_eventbus.errors import (
     RequestTimeout,
 )
 from daemoneye_eventbus.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DELIVER_OVERHEAD,
     PROTOCOL_VERSION,
     Connection,
     Role,
     State,
-    encode_frame,
+    encode_publish,
+    encode_varint,
     error_for_code,
+    publish_header,
 )
 from daemoneye_eventbus.topics import validate_filter, validate_topic
 from daemoneye_eventbus.transport import DEFAULT_SOCKET_PATH
@@ -70,6 +74,8 @@ P = TypeVar("P", bound=Message)
 # the current loop iteration, so that bursts of publishes share one write.
 _FLUSH_BYTES: Final = 64 * 1024
 _WRITE_HIGH: Final = 1024 * 1024
+# Encoded topic fields kept per topic name; cleared when it grows past this.
+_HEADER_CACHE_SIZE: Final = 1024
 
 
 def build_publish(
@@ -302,6 +308,7 @@ class Client:
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
         self._out: list[bytes] = []
+        self._headers: dict[str, tuple[bytes, bytes]] = {}
         self._out_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._closing = False
@@ -474,7 +481,8 @@ class Client:
                 if sub is not None:
                     sub._deliver(frame.deliver)
             elif kind == "ping":
-                conn.send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))
+                if not conn.close_expected:  # no answers once closing [protocol §8]
+                    conn.send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))
             elif kind == "pong":
                 self._resolve(("pong", frame.pong.nonce), None)
             elif kind == "subscribe_ack":
@@ -551,13 +559,38 @@ class Client:
 
     def _send(self, frame: Frame) -> None:
         self._check_open()
-        data = encode_frame(frame)
-        if len(data) > self.limits.max_frame_bytes + 5 and self.limits.max_frame_bytes:
+        body = frame.SerializeToString()
+        limit = self.limits.max_frame_bytes
+        if limit and len(body) > limit:
             raise LimitExceeded(
-                f"frame of {len(data)} bytes exceeds the broker's limit of "
-                f"{self.limits.max_frame_bytes} bytes"
+                f"frame of {len(body)} bytes exceeds the broker's limit of {limit} bytes"
             )
-        self._queue(data)
+        self._queue(encode_varint(len(body)) + body)
+
+    def _encode_publish(
+        self, topic: Topic[P], message: P, correlation: CorrelationMetadata | None
+    ) -> bytes:
+        """The Publish frame, built from cached topic fields without protobuf objects."""
+        if type(message) is not topic.payload_type:
+            build_publish(topic, message, correlation)  # raises the precise error
+        header = self._headers.get(topic.name)
+        if header is None:
+            if len(self._headers) >= _HEADER_CACHE_SIZE:
+                self._headers.clear()
+            header = self._headers[topic.name] = publish_header(topic.name, topic.payload_name)
+        corr = None
+        if correlation is not None:
+            validate_metadata(correlation)
+            corr = correlation.SerializeToString()
+        data = encode_publish(header, message.SerializeToString(), corr)
+        # The Publish message (frame minus its 1-byte tag and two prefixes) must
+        # leave room for the Deliver envelope [protocol §5].
+        limit = (self.limits.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES) - DELIVER_OVERHEAD
+        if len(data) > limit:
+            raise LimitExceeded(
+                f"event of about {len(data)} bytes exceeds the limit of {limit} bytes"
+            )
+        return data
 
     def publish_nowait(
         self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
@@ -573,7 +606,7 @@ class Client:
         assert protocol.transport is not None
         if self._out_bytes + protocol.transport.get_write_buffer_size() > self.max_buffer_bytes:
             raise LimitExceeded(f"more than {self.max_buffer_bytes} bytes wait to be written")
-        self._send(Frame(publish=build_publish(topic, message, correlation)))
+        self._queue(self._encode_publish(topic, message, correlation))
         self._published += 1
 
     async def publish(
@@ -592,7 +625,7 @@ class Client:
         if protocol.paused:
             await protocol.drain()
             self._check_open()
-        self._send(Frame(publish=build_publish(topic, message, correlation)))
+        self._queue(self._encode_publish(topic, message, correlation))
         self._published += 1
 
     async def publish_raw(

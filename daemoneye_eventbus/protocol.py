@@ -52,8 +52,10 @@ __all__ = [
     "error_for_code",
     "encode_deliver",
     "encode_frame",
+    "encode_publish",
     "encode_varint",
     "error_frame",
+    "publish_header",
 ]
 
 #: The protocol version this implementation speaks [protocol §3].
@@ -129,10 +131,18 @@ RECEIVABLE: Final[dict[tuple[Role, State], frozenset[str]]] = {
 }
 
 
+# One-byte varints, prebuilt: most lengths, ids and tags on the hot path are small.
+_ONE_BYTE: Final = tuple(bytes((i,)) for i in range(0x80))
+
+
 def encode_varint(value: int) -> bytes:
     """Encode a non-negative integer as a protobuf varint."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     if value < 0:
         raise ValueError("a varint cannot be negative")
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -185,19 +195,67 @@ def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes
     re-encoding the ``Publish`` for every subscriber [protocol §5]; the bytes
     are exactly what ``encode_frame`` would produce for the same message.
     """
-    inner = b"".join(
+    varint = encode_varint
+    head = b"".join(
         (
             _TAG_DELIVER_SUB,
-            encode_varint(subscription_id),
+            varint(subscription_id),
             _TAG_DELIVER_SEQ,
-            encode_varint(sequence),
+            varint(sequence),
             _TAG_DELIVER_PUB,
-            encode_varint(len(publish)),
-            publish,
+            varint(len(publish)),
         )
     )
-    body_len = 1 + len(encode_varint(len(inner))) + len(inner)
-    return b"".join((encode_varint(body_len), _TAG_FRAME_DELIVER, encode_varint(len(inner)), inner))
+    inner_len = len(head) + len(publish)
+    inner_prefix = varint(inner_len)
+    body_len = 1 + len(inner_prefix) + inner_len
+    return b"".join((varint(body_len), _TAG_FRAME_DELIVER, inner_prefix, head, publish))
+
+
+# Field tags of Publish (numbers 1-4) and of Frame.publish (3), for encode_publish.
+_TAG_PUB_TOPIC: Final = b"\x0a"
+_TAG_PUB_CORRELATION: Final = b"\x12"
+_TAG_PUB_TYPE: Final = b"\x1a"
+_TAG_PUB_PAYLOAD: Final = b"\x22"
+_TAG_FRAME_PUBLISH: Final = b"\x1a"
+
+
+def publish_header(topic: str, payload_type: str) -> tuple[bytes, bytes]:
+    """The encoded topic and payload-type fields of a ``Publish``, for :func:`encode_publish`.
+
+    A publisher computes them once per topic.
+    """
+    t = topic.encode()
+    p = payload_type.encode()
+    # proto3 leaves empty strings and bytes out of the encoding; so do we.
+    return (
+        _TAG_PUB_TOPIC + encode_varint(len(t)) + t if t else b"",
+        _TAG_PUB_TYPE + encode_varint(len(p)) + p if p else b"",
+    )
+
+
+def encode_publish(
+    header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
+) -> bytes:
+    """A length-prefixed ``Frame(publish=Publish(...))`` without building messages.
+
+    ``header`` comes from :func:`publish_header`, ``correlation`` is a
+    serialized ``CorrelationMetadata`` (or None for none). The bytes equal
+    ``encode_frame`` of the same frame: fields in field-number order.
+    """
+    varint = encode_varint
+    topic_field, type_field = header
+    parts = [topic_field]
+    if correlation is not None:
+        parts += (_TAG_PUB_CORRELATION, varint(len(correlation)), correlation)
+    parts.append(type_field)
+    if payload:
+        parts += (_TAG_PUB_PAYLOAD, varint(len(payload)), payload)
+    inner = b"".join(parts)
+    inner_prefix = varint(len(inner))
+    return b"".join(
+        (varint(1 + len(inner_prefix) + len(inner)), _TAG_FRAME_PUBLISH, inner_prefix, inner)
+    )
 
 
 _ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {

@@ -360,7 +360,10 @@ async def test_killed_client_is_cleaned_up(broker: Broker, sock_path: str) -> No
 
 
 async def test_stalled_subscriber_does_not_slow_others(sock_path: str) -> None:
-    config = BrokerConfig(slow_consumer_timeout=1.0, heartbeat_interval=5, idle_timeout=30)
+    # A small kernel buffer, so that the stalled peer's backlog reaches the broker's queue.
+    config = BrokerConfig(
+        slow_consumer_timeout=1.0, heartbeat_interval=5, idle_timeout=30, socket_send_buffer=65536
+    )
     n = 10_000
     async with Broker(sock_path, config) as broker:
         stalled = await RawPeer.connect(sock_path)

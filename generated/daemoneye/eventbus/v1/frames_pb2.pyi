@@ -34,7 +34,9 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_UNSPECIFIED: _ErrorCode.ValueType  # 0
     """Not set."""
     ERROR_CODE_FRAME_TOO_LARGE: _ErrorCode.ValueType  # 1
-    """A frame's declared length exceeds the limit."""
+    """A frame's declared length exceeds the limit (fatal), or a published
+    event is too large to be delivered within the limit (non-fatal).
+    """
     ERROR_CODE_MALFORMED_FRAME: _ErrorCode.ValueType  # 2
     """A frame could not be decoded, or had no content."""
     ERROR_CODE_UNEXPECTED_FRAME: _ErrorCode.ValueType  # 3
@@ -76,7 +78,9 @@ class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
 ERROR_CODE_UNSPECIFIED: ErrorCode.ValueType  # 0
 """Not set."""
 ERROR_CODE_FRAME_TOO_LARGE: ErrorCode.ValueType  # 1
-"""A frame's declared length exceeds the limit."""
+"""A frame's declared length exceeds the limit (fatal), or a published
+event is too large to be delivered within the limit (non-fatal).
+"""
 ERROR_CODE_MALFORMED_FRAME: ErrorCode.ValueType  # 2
 """A frame could not be decoded, or had no content."""
 ERROR_CODE_UNEXPECTED_FRAME: ErrorCode.ValueType  # 3
@@ -232,8 +236,9 @@ class Hello(_message.Message):
     """Free-form name of the client, for logs and statistics."""
     component: _builtins.str
     """The component the client claims to be (e.g. `procmond`); empty for an
-    anonymous client. The broker checks the claim against the peer's
-    credentials from the kernel.
+    anonymous client. The claim is to be checked against the peer's
+    credentials from the kernel (see docs/security.md once access control is
+    in place); until then it is informational.
     """
     def __init__(
         self,
@@ -764,7 +769,9 @@ class StatsResponse(_message.Message):
     dropped: _builtins.int
     """Events dropped because a subscriber's queue was full."""
     refused: _builtins.int
-    """Publishes refused (invalid topic, access denied, ...)."""
+    """Requests refused (invalid topic or filter, wrong payload type, limits)
+    and connections refused at the connection limits.
+    """
     truncated: _builtins.bool
     """True when the lists above were shortened to fit the frame size limit."""
     @_builtins.property
