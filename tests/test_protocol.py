@@ -32,8 +32,10 @@ from daemoneye_eventbus.protocol import (
     decode_varint,
     encode_deliver,
     encode_frame,
+    encode_publish,
     encode_varint,
     error_frame,
+    publish_header,
 )
 
 # --------------------------------------------------------------------------
@@ -1360,3 +1362,32 @@ def test_broker_survives_any_input(chunks: list[bytes], opened: bool) -> None:
             )
         else:
             assert conn.state is (State.OPEN if opened else State.CONNECTING)
+
+
+# --------------------------------------------------------------------------
+# Hand-built Publish frames (the client's hot path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=st.text(max_size=40),
+    payload_type=st.text(max_size=40),
+    payload=st.binary(max_size=20_000),
+    correlation=st.one_of(
+        st.none(),
+        st.builds(
+            lambda cid, seq: CorrelationMetadata(correlation_id=cid, sequence_number=seq),
+            st.text(max_size=300),
+            st.integers(0, UINT64_MAX),
+        ),
+    ),
+)
+def test_encode_publish_equals_protobuf_encoding(
+    topic: str, payload_type: str, payload: bytes, correlation: CorrelationMetadata | None
+) -> None:
+    pub = frames_pb2.Publish(topic=topic, payload_type=payload_type, payload=payload)
+    if correlation is not None:
+        pub.correlation.CopyFrom(correlation)
+    expected = encode_frame(Frame(publish=pub))
+    corr = correlation.SerializeToString() if correlation is not None else None
+    assert encode_publish(publish_header(topic, payload_type), payload, corr) == expected
