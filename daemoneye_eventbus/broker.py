@@ -28,16 +28,26 @@ import secrets
 import socket
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 from google.protobuf.message import Message
 
 from daemoneye.eventbus.v1 import frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus.access import (
+    ANONYMOUS,
+    AuditLog,
+    Identity,
+    Policy,
+    TopicAccess,
+    may_publish,
+    may_read,
+)
 from daemoneye_eventbus.correlation import CorrelationMatcher, validate_metadata
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import (
+    AccessDenied,
     BrokerError,
     ClosedResourceError,
     EventBusError,
@@ -57,7 +67,12 @@ from daemoneye_eventbus.protocol import (
     error_for_code,
     error_frame,
 )
-from daemoneye_eventbus.topics import SubscriptionTrie, validate_filter, validate_topic
+from daemoneye_eventbus.topics import (
+    SubscriptionTrie,
+    filters_overlap,
+    validate_filter,
+    validate_topic,
+)
 from daemoneye_eventbus.transport import (
     PeerCredentials,
     bind_unix_socket,
@@ -125,6 +140,8 @@ class BrokerConfig:
     socket_mode: int = 0o600
     #: Group of the socket file (gid), or None to keep the broker's.
     socket_group: int | None = None
+    #: Which peers may act as which component; None for :meth:`Policy.default`.
+    policy: Policy | None = None
     #: Kernel send buffer asked for on each connection (SO_SNDBUF), or None for
     #: the system default. A larger buffer absorbs a subscriber's short stalls
     #: without drops; the kernel caps it at net.core.wmem_max.
@@ -260,6 +277,7 @@ class _TopicInfo:
 
     payload_type: str | None
     control: bool
+    access: TopicAccess
 
 
 class _Session(abc.ABC):
@@ -267,9 +285,14 @@ class _Session(abc.ABC):
 
     session_id: str
     client_name: str = ""
-    component: str = ""
     peer: PeerCredentials | None = None
+    identity: Identity = ANONYMOUS
     published: int = 0
+
+    @property
+    def component(self) -> str:
+        """The accepted component, or "" for an anonymous peer."""
+        return self.identity.component
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -296,6 +319,10 @@ class Broker:
     def __init__(self, path: str, config: BrokerConfig | None = None) -> None:
         self.path = path
         self.config = config or BrokerConfig()
+        #: Who may act as which component (the default policy without a file).
+        self.policy = self.config.policy or Policy.default(os.geteuid())
+        #: Structured, rate-limited log of refusals.
+        self.audit = AuditLog()
         self._trie: SubscriptionTrie[_Subscription] = SubscriptionTrie(
             max_bytes=self.config.max_topic_bytes, max_levels=self.config.max_topic_levels
         )
@@ -494,6 +521,19 @@ class Broker:
             validate_filter(filter, max_bytes=cfg.max_topic_bytes, max_levels=cfg.max_topic_levels)
         except InvalidTopic as exc:
             raise _Refusal(ErrorCode.ERROR_CODE_INVALID_FILTER, str(exc)) from None
+        if not cfg.allow_undeclared_topics and not _readable(session.identity, filter):
+            self.audit.record(
+                "subscribe_refused",
+                session.peer,
+                session=session.session_id,
+                component=session.identity.component or "-",
+                filter=filter,
+            )
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_ACCESS_DENIED,
+                f"filter {filter!r} matches no topic that "
+                f"{session.identity.component or 'an anonymous peer'} may read",
+            )
         matcher = None
         if correlation_filter is not None and correlation_filter.ByteSize():
             try:
@@ -532,9 +572,10 @@ class Broker:
             raise _Refusal(ErrorCode.ERROR_CODE_INVALID_TOPIC, str(exc)) from None
         declared = registry.lookup(topic)
         if declared is not None:
-            info = _TopicInfo(declared.payload_name, declared.control)
+            access = TopicAccess(declared.access, declared.publishers, declared.subscribers)
+            info = _TopicInfo(declared.payload_name, declared.control, access)
         elif cfg.allow_undeclared_topics:
-            info = _TopicInfo(None, False)
+            info = _TopicInfo(None, False, _UNDECLARED_ACCESS)
         else:
             raise _Refusal(
                 ErrorCode.ERROR_CODE_INVALID_TOPIC,
@@ -553,6 +594,17 @@ class Broker:
         """
         topic = publish.topic
         info = self._topic_info(topic)
+        denied = may_publish(session.identity, info.access)
+        if denied is not None:
+            self.audit.record(
+                "publish_refused",
+                session.peer,
+                session=session.session_id,
+                component=session.identity.component or "-",
+                topic=topic,
+                reason=denied,
+            )
+            raise _Refusal(ErrorCode.ERROR_CODE_ACCESS_DENIED, f"publish on {topic!r}: {denied}")
         limit = self.config.max_frame_bytes - DELIVER_OVERHEAD
         if publish.ByteSize() > limit:
             raise _Refusal(
@@ -576,7 +628,15 @@ class Broker:
         self.published += 1
         subs = self._route_cache.get(topic)
         if subs is None:
-            subs = tuple(self._trie.match(topic))
+            # Who receives this topic: the subscriptions that match it, that want
+            # control topics if it is one, and whose owner may read it. Cached
+            # until a subscription changes, so every delivery is checked.
+            subs = tuple(
+                s
+                for s in self._trie.match(topic)
+                if (s.wants_control or not info.control)
+                and may_read(s.session.identity, info.access)
+            )
             if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
                 self._route_cache.clear()
             self._route_cache[topic] = subs
@@ -585,8 +645,6 @@ class Broker:
         data: bytes | None = None
         taken = 0
         for sub in subs:
-            if info.control and not sub.wants_control:
-                continue
             if sub.matcher is not None and not sub.matcher.matches(correlation):
                 continue
             if data is None:
@@ -618,6 +676,33 @@ class Broker:
             now = loop.time()
             for session in list(self._sessions):
                 session.check(now)
+
+
+def _executable(pid: int) -> str | None:
+    """The peer's executable, for policies that name executables (Linux only)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+# Undeclared topics, where the broker allows them, are public.
+_UNDECLARED_ACCESS: Final = TopicAccess(1)
+
+
+def _readable(identity: Identity, filter: str) -> bool:
+    """Whether ``filter`` can match at least one declared topic ``identity`` may read."""
+    decls: list[registry.Topic[Any] | registry.TopicTemplate[Any]] = [
+        *registry.TOPICS.values(),
+        *registry.TEMPLATES,
+    ]
+    for decl in decls:
+        pattern = decl.name if isinstance(decl, registry.Topic) else decl.filter
+        if filters_overlap(filter, pattern) and may_read(
+            identity, TopicAccess(decl.access, decl.publishers, decl.subscribers)
+        ):
+            return True
+    return False
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -672,7 +757,7 @@ class _SocketSession(_Session, asyncio.Protocol):
         refusal = self.broker._admit(self)
         if refusal is not None:
             self.broker.refused += 1
-            log.warning("refused connection from %s: %s", self.peer, refusal)
+            self.broker.audit.record("connection_refused", self.peer, reason=refusal)
             code = (
                 ErrorCode.ERROR_CODE_SHUTTING_DOWN
                 if self.broker._closing
@@ -771,7 +856,24 @@ class _SocketSession(_Session, asyncio.Protocol):
                 ErrorCode.ERROR_CODE_UNSUPPORTED_VERSION,
             )
         self.client_name = hello.client_name[:128]
-        self.component = hello.component[:128]
+        claimed = hello.component
+        policy = self.broker.policy
+        executable = None
+        if self.peer is not None and policy.needs_executable(claimed):
+            executable = _executable(self.peer.pid)
+        try:
+            self.identity = policy.authenticate(self.peer, claimed, executable)
+        except AccessDenied as exc:
+            self.broker.refused += 1
+            self.broker.audit.record(
+                "handshake_refused",
+                self.peer,
+                session=self.session_id,
+                claimed=claimed[:128] or "-",
+                executable=executable or "-",
+                reason=str(exc),
+            )
+            raise RemoteProtocolError(str(exc), ErrorCode.ERROR_CODE_ACCESS_DENIED) from None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -917,7 +1019,8 @@ class LocalSession(_Session):
     def __init__(self, broker: Broker, name: str, component: str) -> None:
         super().__init__(broker)
         self.client_name = name
-        self.component = component
+        # In-process code runs inside the agent and holds the broker itself.
+        self.identity = Identity(None, component, privileged=True, trusted=True)
         self.peer = PeerCredentials(os.getpid(), os.getuid(), os.getgid())
         self._queues: dict[int, EventQueue[Message]] = {}
         self._ids = itertools.count(1)

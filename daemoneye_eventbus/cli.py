@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import grp
 import json
 import logging
 import signal
@@ -23,6 +24,7 @@ from google.protobuf.message import Message
 from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
+from daemoneye_eventbus.access import Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
@@ -38,6 +40,29 @@ log = logging.getLogger("daemoneye_eventbus.cli")
 def _socket(args: argparse.Namespace) -> str:
     path: str | None = args.socket
     return path or default_socket_path(args.instance)
+
+
+def _mode(text: str) -> int:
+    """An octal socket mode such as 0600 or 0660; never wider than 0666."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+    if mode & ~0o666:
+        raise argparse.ArgumentTypeError(f"socket mode {text} may only hold read/write bits")
+    return mode
+
+
+def _group(name: str | None) -> int | None:
+    """A group given by name or number, as a gid."""
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise EventBusError(f"no group named {name!r}") from None
 
 
 def _access_name(level: int) -> str:
@@ -60,6 +85,10 @@ async def _serve(args: argparse.Namespace) -> int:
         slow_consumer_timeout=args.slow_consumer_timeout,
         drain_timeout=args.drain_timeout,
         allow_undeclared_topics=args.allow_undeclared_topics,
+        max_connections_per_uid=args.max_connections_per_uid,
+        socket_mode=args.socket_mode,
+        socket_group=_group(args.socket_group),
+        policy=Policy.load(args.policy) if args.policy else None,
     )
     broker = Broker(_socket(args), config)
     await broker.start()
@@ -67,7 +96,11 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"daemoneye-eventbus broker listening on {broker.path}", flush=True)
+    print(
+        f"daemoneye-eventbus broker listening on {broker.path} "
+        f"(mode {config.socket_mode:04o}, policy {broker.policy.source})",
+        flush=True,
+    )
     try:
         await stop.wait()
     finally:
@@ -257,6 +290,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
     serve.add_argument("--slow-consumer-timeout", type=float, default=d.slow_consumer_timeout)
     serve.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
+    serve.add_argument("--max-connections-per-uid", type=int, default=d.max_connections_per_uid)
+    serve.add_argument(
+        "--socket-mode",
+        type=_mode,
+        default=d.socket_mode,
+        metavar="MODE",
+        help="permissions of the socket file, e.g. 0660 (default 0600)",
+    )
+    serve.add_argument(
+        "--socket-group", metavar="GROUP", help="group (name or gid) of the socket file"
+    )
+    serve.add_argument(
+        "--policy", metavar="FILE", help="TOML policy: which peers may act as which component"
+    )
     serve.add_argument(
         "--allow-undeclared-topics",
         action="store_true",

@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_TOPIC_BYTES",
     "DEFAULT_MAX_TOPIC_LEVELS",
     "SubscriptionTrie",
+    "filters_overlap",
     "matches",
     "split_topic",
     "validate_filter",
@@ -210,6 +211,26 @@ def matches(filter: str, topic: str) -> bool:
         if flevel != _ONE and flevel != tlevels[i]:
             return False
     return len(flevels) == tcount
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Return whether some topic matches both filters ``a`` and ``b``.
+
+    Both are assumed valid. ``+`` in either filter matches any one level of
+    the other; ``#`` matches whatever remains of the other, including nothing.
+    """
+    alevels = a.split(_SEP)
+    blevels = b.split(_SEP)
+    for i in range(max(len(alevels), len(blevels))):
+        x = alevels[i] if i < len(alevels) else None
+        y = blevels[i] if i < len(blevels) else None
+        if x == _ANY or y == _ANY:
+            return True
+        if x is None or y is None:
+            return False
+        if x != y and x != _ONE and y != _ONE:
+            return False
+    return True
 
 
 class _Node(Generic[T]):

@@ -1,0 +1,334 @@
+"""Who may connect as which component, and who may publish or read which topic.
+
+Pure code: no sockets, no event loop. The broker asks the kernel who a peer is
+(:class:`~daemoneye_eventbus.transport.PeerCredentials`), then:
+
+1. :meth:`Policy.authenticate` turns the peer's credentials and the component
+   its ``Hello`` claims into an :class:`Identity`, or refuses the claim;
+2. :func:`may_publish` and :func:`may_read` decide, from the access level and
+   the publisher and subscriber lists that the schema declares for a topic,
+   whether that identity may publish on it or receive it.
+
+The rules (docs/security.md gives the reasoning):
+
+* **public** topics are open to every connected peer, anonymous or not;
+* **restricted** topics only to the components the schema lists as
+  publishers (to publish) or subscribers (to receive);
+* **privileged** topics are published only by listed components that the
+  policy marks as privileged (the agent), and received only by listed
+  components.
+
+A policy is a TOML file::
+
+    [components.procmond]
+    uids = [0, 1001]                     # peers with one of these uids ...
+    gids = [1002]                        # ... or this primary gid
+    executables = ["/usr/sbin/procmond"] # optional: and /proc/<pid>/exe is one of these
+
+    [components.daemoneye-agent]
+    uids = [0]
+    privileged = true
+
+    [anonymous]
+    allow = true                         # peers claiming no component: public topics only
+
+Without a policy file, :meth:`Policy.default` applies: peers running as the
+broker's own uid or as root may act as any component, ``daemoneye-agent`` is
+privileged, and every other peer may only connect anonymously.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from daemoneye_eventbus.errors import AccessDenied, EventBusError
+from daemoneye_eventbus.transport import PeerCredentials
+
+__all__ = [
+    "DEFAULT_PRIVILEGED",
+    "ANONYMOUS",
+    "AuditLog",
+    "ComponentRule",
+    "Identity",
+    "Policy",
+    "PolicyError",
+    "TopicAccess",
+    "may_publish",
+    "may_read",
+]
+
+#: Components privileged by the default policy.
+DEFAULT_PRIVILEGED: Final = frozenset({"daemoneye-agent"})
+
+# AccessLevel numbers of the schema (options.proto).
+_PUBLIC: Final = 1
+_RESTRICTED: Final = 2
+_PRIVILEGED: Final = 3
+
+
+class PolicyError(EventBusError, ValueError):
+    """The policy file is unreadable or malformed; the message says where."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection is, as established at the handshake."""
+
+    #: What the kernel says; None for an in-process session.
+    peer: PeerCredentials | None
+    #: The accepted component, or "" for an anonymous peer.
+    component: str = ""
+    #: May publish on privileged topics it is listed for.
+    privileged: bool = False
+    #: In-process code of the agent that embeds the broker: it holds the broker
+    #: object itself, so topic access rules do not apply to it.
+    trusted: bool = False
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.component
+
+    def describe(self) -> str:
+        who = self.component or "anonymous"
+        if self.trusted:
+            return f"{who} (in process)"
+        return f"{who} (pid {self.peer.pid}, uid {self.peer.uid}, gid {self.peer.gid})"
+
+
+#: The identity of a peer before its handshake, or one that claims nothing.
+ANONYMOUS: Final = Identity(None)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicAccess:
+    """What access control needs to know of a topic (from the registry)."""
+
+    #: AccessLevel number: 1 public, 2 restricted, 3 privileged.
+    access: int
+    publishers: frozenset[str] = frozenset()
+    subscribers: frozenset[str] = frozenset()
+
+
+def may_publish(identity: Identity, topic: TopicAccess) -> str | None:
+    """None if ``identity`` may publish on ``topic``, else the reason it may not."""
+    if topic.access == _PUBLIC or identity.trusted:
+        return None
+    if identity.anonymous:
+        return "anonymous peers may publish only on public topics"
+    if identity.component not in topic.publishers:
+        return f"component {identity.component!r} is not a publisher of this topic"
+    if topic.access == _PRIVILEGED and not identity.privileged:
+        return f"component {identity.component!r} is not privileged"
+    if topic.access not in (_RESTRICTED, _PRIVILEGED):
+        return "topic has no access level"
+    return None
+
+
+def may_read(identity: Identity, topic: TopicAccess) -> bool:
+    """Whether ``identity`` may receive events of ``topic``."""
+    if topic.access == _PUBLIC or identity.trusted:
+        return True
+    if topic.access not in (_RESTRICTED, _PRIVILEGED):
+        return False
+    return not identity.anonymous and identity.component in topic.subscribers
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentRule:
+    """Which peers may act as one component."""
+
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    #: If set, the peer's executable (``/proc/<pid>/exe``) must be one of these.
+    executables: frozenset[str] | None = None
+    privileged: bool = False
+
+    def allows(self, peer: PeerCredentials, executable: str | None) -> str | None:
+        """None if ``peer`` matches the rule, else why not."""
+        if peer.uid not in self.uids and peer.gid not in self.gids:
+            return f"uid {peer.uid} / gid {peer.gid} is not allowed"
+        if self.executables is not None and executable not in self.executables:
+            return f"executable {executable or '(unknown)'} is not allowed"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Which peers may act as which components."""
+
+    components: Mapping[str, ComponentRule] = field(default_factory=dict)
+    #: Peers that may act as any component (the default policy's trusted uids).
+    trusted_uids: frozenset[int] = frozenset()
+    #: Components that trusted peers acting as them are privileged as.
+    trusted_privileged: frozenset[str] = DEFAULT_PRIVILEGED
+    #: Whether peers claiming no component may connect (public topics only).
+    allow_anonymous: bool = True
+    #: Where the policy came from, for logs.
+    source: str = "default"
+
+    @classmethod
+    def default(cls, broker_uid: int) -> Policy:
+        """The policy without a file: the broker's uid and root are trusted."""
+        return cls(trusted_uids=frozenset({broker_uid, 0}), source="default")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Read a policy file; raise :class:`PolicyError` naming what is wrong."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise PolicyError(f"cannot read policy {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"policy {path} is not valid TOML: {exc}") from None
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "<mapping>") -> Policy:
+        """Build a policy from parsed TOML."""
+        unknown = set(data) - {"components", "anonymous"}
+        if unknown:
+            raise PolicyError(f"{source}: unknown section(s) {sorted(unknown)}")
+        components: dict[str, ComponentRule] = {}
+        raw_components = data.get("components", {})
+        if not isinstance(raw_components, dict):
+            raise PolicyError(f"{source}: [components] must be a table")
+        for name, raw in raw_components.items():
+            components[name] = _rule(raw, f"{source}: [components.{name}]")
+        anonymous = data.get("anonymous", {})
+        if not isinstance(anonymous, dict) or set(anonymous) - {"allow"}:
+            raise PolicyError(f"{source}: [anonymous] takes only allow = true|false")
+        allow = anonymous.get("allow", True)
+        if not isinstance(allow, bool):
+            raise PolicyError(f"{source}: [anonymous] allow must be true or false")
+        return cls(components=components, allow_anonymous=allow, source=source)
+
+    def authenticate(
+        self, peer: PeerCredentials | None, claimed: str, executable: str | None = None
+    ) -> Identity:
+        """The identity of a peer that claims ``claimed`` (or "" for none).
+
+        Raises :class:`AccessDenied` with the reason when the claim is refused.
+        ``executable`` is the peer's ``/proc/<pid>/exe``, when it could be read.
+        """
+        if not claimed:
+            if not self.allow_anonymous:
+                raise AccessDenied("anonymous peers are not allowed by the policy")
+            return Identity(peer)
+        if peer is None:
+            raise AccessDenied("the peer's credentials are unknown; no component claim is allowed")
+        rule = self.components.get(claimed)
+        if rule is not None:
+            reason = rule.allows(peer, executable)
+            if reason is None:
+                return Identity(peer, claimed, rule.privileged)
+            raise AccessDenied(f"component {claimed!r} refused: {reason}")
+        if peer.uid in self.trusted_uids:
+            return Identity(peer, claimed, claimed in self.trusted_privileged)
+        raise AccessDenied(f"uid {peer.uid} may not act as component {claimed!r}")
+
+    def needs_executable(self, claimed: str) -> bool:
+        """Whether :meth:`authenticate` needs the peer's executable path for this claim."""
+        rule = self.components.get(claimed)
+        return rule is not None and rule.executables is not None
+
+
+def _ids(raw: Any, where: str, key: str) -> frozenset[int]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise PolicyError(f"{where}: {key} must be a list of non-negative integers")
+    return frozenset(value)
+
+
+def _rule(raw: Any, where: str) -> ComponentRule:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where} must be a table")
+    unknown = set(raw) - {"uids", "gids", "executables", "privileged"}
+    if unknown:
+        raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}")
+    executables = raw.get("executables")
+    if executables is not None and (
+        not isinstance(executables, list)
+        or not all(isinstance(e, str) and e.startswith("/") for e in executables)
+    ):
+        raise PolicyError(f"{where}: executables must be a list of absolute paths")
+    privileged = raw.get("privileged", False)
+    if not isinstance(privileged, bool):
+        raise PolicyError(f"{where}: privileged must be true or false")
+    rule = ComponentRule(
+        uids=_ids(raw, where, "uids"),
+        gids=_ids(raw, where, "gids"),
+        executables=frozenset(executables) if executables is not None else None,
+        privileged=privileged,
+    )
+    if not rule.uids and not rule.gids:
+        raise PolicyError(f"{where}: give uids or gids (or both)")
+    return rule
+
+
+class AuditLog:
+    """Structured audit lines for refusals, rate-limited per peer uid.
+
+    Each line goes to the ``daemoneye_eventbus.audit`` logger at WARNING with
+    ``key=value`` fields (also passed as ``extra={"audit": {...}}``). A peer
+    gets at most ``burst`` lines per ``window`` seconds; the lines suppressed
+    beyond that are counted and reported in its next line.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger | None = None,
+        *,
+        burst: int = 20,
+        window: float = 10.0,
+        max_peers: int = 4096,
+    ) -> None:
+        self.logger = logger or logging.getLogger("daemoneye_eventbus.audit")
+        self.burst = burst
+        self.window = window
+        self.max_peers = max_peers
+        self._buckets: dict[int, list[float]] = {}  # uid -> [window start, count, suppressed]
+        #: Lines suppressed in total.
+        self.suppressed = 0
+
+    def record(self, event: str, peer: PeerCredentials | None, **fields: object) -> bool:
+        """Log one refusal; return False if it was suppressed by the rate limit."""
+        key = peer.uid if peer is not None else -1
+        now = time.monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None or now - bucket[0] >= self.window:
+            if bucket is None and len(self._buckets) >= self.max_peers:
+                self._buckets.clear()
+            suppressed = int(bucket[2]) if bucket is not None else 0
+            bucket = self._buckets[key] = [now, 0.0, 0.0]
+        else:
+            suppressed = 0
+        if bucket[1] >= self.burst:
+            bucket[2] += 1
+            self.suppressed += 1
+            return False
+        bucket[1] += 1
+        record: dict[str, object] = {"event": event}
+        if peer is not None:
+            record.update(pid=peer.pid, uid=peer.uid, gid=peer.gid)
+        record.update(fields)
+        if suppressed:
+            record["suppressed_before"] = suppressed
+        text = " ".join(f"{k}={_quote(v)}" for k, v in record.items())
+        self.logger.warning("audit %s", text, extra={"audit": record})
+        return True
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text) or not text.isprintable():
+        return '"' + text.encode("unicode_escape").decode().replace('"', '\\"')[:256] + '"'
+    return text[:256]
