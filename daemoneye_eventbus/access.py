@@ -98,6 +98,8 @@ class Identity:
         who = self.component or "anonymous"
         if self.trusted:
             return f"{who} (in process)"
+        if self.peer is None:
+            return f"{who} (credentials unknown)"
         return f"{who} (pid {self.peer.pid}, uid {self.peer.uid}, gid {self.peer.gid})"
 
 
