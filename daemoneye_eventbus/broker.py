@@ -87,6 +87,7 @@ __all__ = [
     "ConnectionStatistics",
     "LocalSession",
     "SubscriptionStatistics",
+    "protobuf_backend",
 ]
 
 log = logging.getLogger("daemoneye_eventbus.broker")
@@ -337,6 +338,8 @@ class Broker:
         self._housekeeper: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
+        #: The protobuf runtime, checked at start-up ("upb" expected).
+        self.protobuf_backend = ""
         self.connections_total = 0
         self.published = 0
         self.delivered = 0
@@ -349,6 +352,14 @@ class Broker:
         """Bind the socket and start accepting connections."""
         if self._server is not None:
             raise BrokerError("broker already started")
+        self.protobuf_backend = protobuf_backend()
+        if self.protobuf_backend != "upb":
+            # The pure-Python decoder is much slower and recurses on nesting.
+            log.warning(
+                "protobuf backend is %r, not the fast 'upb' one: install a protobuf "
+                "wheel for this platform (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION unset)",
+                self.protobuf_backend,
+            )
         loop = asyncio.get_running_loop()
         sock = bind_unix_socket(
             self.path, mode=self.config.socket_mode, group=self.config.socket_group
@@ -676,6 +687,13 @@ class Broker:
             now = loop.time()
             for session in list(self._sessions):
                 session.check(now)
+
+
+def protobuf_backend() -> str:
+    """The protobuf runtime in use: 'upb' (fast, C), 'cpp' or 'python'."""
+    from google.protobuf.internal import api_implementation
+
+    return str(api_implementation.Type())
 
 
 def _executable(pid: int) -> str | None:
