@@ -11,6 +11,11 @@ Scenarios (see ``benchmarks/README.md``):
   by subscribers of ``events.process.#``;
 * ``latency``: round-trip time through the broker with one message in flight.
 
+Clients claim the components the schema's access rules ask for: publishers of
+``events.process.*`` claim ``procmond``, their subscribers ``daemoneye-agent``.
+The latency pinger and echo each publish one of these topics and receive the
+other, so each holds two connections, one per component.
+
 The broker is ``python -m daemoneye_eventbus.cli serve``, started afresh for each
 scenario and stopped with SIGTERM. Publishers and subscribers are ``spawn``
 processes running the worker functions of this module. Every scenario is bounded
@@ -62,6 +67,10 @@ TOPIC: Final = registry.EVENTS_PROCESS_LIFECYCLE
 ECHO_TOPIC: Final = registry.EVENTS_PROCESS_METADATA
 #: Filter of the throughput subscribers.
 FILTER: Final = "events.process.#"
+#: Component claimed by the clients that publish (the process collector).
+PUBLISHER: Final = "procmond"
+#: Component claimed by the clients that subscribe (the agent).
+SUBSCRIBER: Final = "daemoneye-agent"
 #: Serialized size of every event's payload, in bytes.
 PAYLOAD_BYTES: Final = 256
 #: pids count up from here: every pid below 2**28 is a 4-byte varint, so the
@@ -175,7 +184,9 @@ async def _subscriber(
     deadline_ns: int,
 ) -> dict[str, Any]:
     idle_ns = int(IDLE_AFTER_PUBLISHERS * _NS)
-    async with Client(path, name=f"bench-sub-{index}", request_timeout=30.0) as client:
+    async with Client(
+        path, name=f"bench-sub-{index}", component=SUBSCRIBER, request_timeout=30.0
+    ) as client:
         sub = await client.subscribe(FILTER, max_pending=SUB_MAX_PENDING)
         results.put(("ready", "sub", index, {}))
         count = 0
@@ -255,7 +266,9 @@ async def _publisher(
     event = make_event()
     topic = TOPIC
     ns_per_event = _NS / rate if rate > 0 else 0.0
-    async with Client(path, name=f"bench-pub-{index}", request_timeout=30.0) as client:
+    async with Client(
+        path, name=f"bench-pub-{index}", component=PUBLISHER, request_timeout=30.0
+    ) as client:
         results.put(("ready", "pub", index, {}))
         await _wait_go(go, deadline_ns)
         start_ns = time.perf_counter_ns()
@@ -307,8 +320,12 @@ async def _pinger(
     rtts: list[int] = []
     lost = 0
     stale = 0
-    async with Client(path, name="bench-ping", request_timeout=30.0) as client:
-        sub = await client.subscribe(ECHO_TOPIC, max_pending=SUB_MAX_PENDING)
+    # Two connections: one publishes as procmond, the other receives as the agent.
+    async with (
+        Client(path, name="bench-ping-in", component=SUBSCRIBER, request_timeout=30.0) as rx,
+        Client(path, name="bench-ping-out", component=PUBLISHER, request_timeout=30.0) as tx,
+    ):
+        sub = await rx.subscribe(ECHO_TOPIC, max_pending=SUB_MAX_PENDING)
         results.put(("ready", "ping", 0, {}))
         await _wait_go(go, deadline_ns)
         start_ns = time.perf_counter_ns()
@@ -319,7 +336,7 @@ async def _pinger(
             pid = PID_BASE + i
             event.pid = pid
             t0 = time.perf_counter_ns()
-            await client.publish(TOPIC, event)
+            await tx.publish(TOPIC, event)
             while True:
                 try:
                     echo = await sub.get(timeout=2.0)
@@ -361,8 +378,12 @@ async def _echo(
     deadline_ns: int,
 ) -> dict[str, Any]:
     echoed = 0
-    async with Client(path, name="bench-echo", request_timeout=30.0) as client:
-        sub = await client.subscribe(TOPIC, max_pending=SUB_MAX_PENDING)
+    # Two connections: one receives as the agent, the other publishes as procmond.
+    async with (
+        Client(path, name="bench-echo-in", component=SUBSCRIBER, request_timeout=30.0) as rx,
+        Client(path, name="bench-echo-out", component=PUBLISHER, request_timeout=30.0) as tx,
+    ):
+        sub = await rx.subscribe(TOPIC, max_pending=SUB_MAX_PENDING)
         results.put(("ready", "echo", 0, {}))
         while not stop.is_set() and time.perf_counter_ns() < deadline_ns:
             try:
@@ -371,7 +392,7 @@ async def _echo(
                 continue
             except ConnectionClosed:
                 break
-            await client.publish(ECHO_TOPIC, event.message())
+            await tx.publish(ECHO_TOPIC, event.message())
             echoed += 1
         return {"echoed": echoed, "missed": sub.missed, "dropped": sub.dropped}
 

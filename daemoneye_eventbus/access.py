@@ -330,7 +330,9 @@ class AuditLog:
 
 
 def _quote(value: object) -> str:
-    text = str(value)
-    if not text or any(c.isspace() or c in '"=' for c in text) or not text.isprintable():
-        return '"' + text.encode("unicode_escape").decode().replace('"', '\\"')[:256] + '"'
-    return text[:256]
+    # Cut first, then escape: a cut inside an escape could unbalance the quotes
+    # and let a peer-controlled value forge the fields after it.
+    text = str(value)[:256]
+    if not text or any(c.isspace() or c in '"=\\' for c in text) or not text.isprintable():
+        return '"' + text.encode("unicode_escape").decode().replace('"', '\\"') + '"'
+    return text

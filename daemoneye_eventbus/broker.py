@@ -28,7 +28,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Final, Self
 
 from google.protobuf.message import Message
 
@@ -333,6 +333,7 @@ class Broker:
         self._local_sessions: set[LocalSession] = set()
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._dirty: set[_SocketSession] = set()
+        self._flush_handle: asyncio.Handle | None = None
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
         self._housekeeper: asyncio.Task[None] | None = None
@@ -532,7 +533,13 @@ class Broker:
             validate_filter(filter, max_bytes=cfg.max_topic_bytes, max_levels=cfg.max_topic_levels)
         except InvalidTopic as exc:
             raise _Refusal(ErrorCode.ERROR_CODE_INVALID_FILTER, str(exc)) from None
-        if not cfg.allow_undeclared_topics and not _readable(session.identity, filter):
+        declared, readable = _filter_reach(session.identity, filter)
+        if not cfg.allow_undeclared_topics and not declared:
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_INVALID_FILTER,
+                f"filter {filter!r} matches no topic declared in the schema",
+            )
+        if not cfg.allow_undeclared_topics and not readable:
             self.audit.record(
                 "subscribe_refused",
                 session.peer,
@@ -672,7 +679,13 @@ class Broker:
         self.delivered += taken
         return taken
 
+    def _schedule_flush(self) -> None:
+        """Write queued deliveries at the end of this loop turn (in-process publishes)."""
+        if self._dirty and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_dirty)
+
     def _flush_dirty(self) -> None:
+        self._flush_handle = None
         dirty, self._dirty = self._dirty, set()
         for session in dirty:
             session.flush()
@@ -708,19 +721,25 @@ def _executable(pid: int) -> str | None:
 _UNDECLARED_ACCESS: Final = TopicAccess(1)
 
 
-def _readable(identity: Identity, filter: str) -> bool:
-    """Whether ``filter`` can match at least one declared topic ``identity`` may read."""
-    decls: list[registry.Topic[Any] | registry.TopicTemplate[Any]] = [
-        *registry.TOPICS.values(),
-        *registry.TEMPLATES,
-    ]
-    for decl in decls:
-        pattern = decl.name if isinstance(decl, registry.Topic) else decl.filter
-        if filters_overlap(filter, pattern) and may_read(
-            identity, TopicAccess(decl.access, decl.publishers, decl.subscribers)
-        ):
-            return True
-    return False
+# Every declared topic or template as (filter pattern, access), for subscribe checks.
+_DECLARED: Final[tuple[tuple[str, TopicAccess], ...]] = (
+    *(
+        (t.name, TopicAccess(t.access, t.publishers, t.subscribers))
+        for t in registry.TOPICS.values()
+    ),
+    *((t.filter, TopicAccess(t.access, t.publishers, t.subscribers)) for t in registry.TEMPLATES),
+)
+
+
+def _filter_reach(identity: Identity, filter: str) -> tuple[bool, bool]:
+    """Whether ``filter`` can match any declared topic, and any that ``identity`` may read."""
+    declared = readable = False
+    for pattern, access in _DECLARED:
+        if filters_overlap(filter, pattern):
+            declared = True
+            if may_read(identity, access):
+                return True, True
+    return declared, readable
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -860,6 +879,10 @@ class _SocketSession(_Session, asyncio.Protocol):
             stats = broker.statistics().to_proto(
                 frame.stats_request.request_id, broker.config.max_frame_bytes
             )
+            if not self.identity.privileged:
+                # Who is connected and what they read is for the agent only.
+                del stats.connection_stats[:]
+                del stats.subscription_stats[:]
             self._send(Frame(stats_response=stats))
         elif kind == "goodbye":
             log.debug("session %s said goodbye: %s", self.session_id, frame.goodbye.reason)
@@ -1058,10 +1081,13 @@ class LocalSession(_Session):
         if self._closed:
             raise ClosedResourceError("local session is closed")
         try:
-            return self.broker.route(self, publish)
+            taken = self.broker.route(self, publish)
         except _Refusal as exc:
             self.broker.refused += 1
             raise error_for_code(exc.code, str(exc)) from None
+        # Socket subscribers it reached get their batch at the end of this turn.
+        self.broker._schedule_flush()
+        return taken
 
     def subscribe(
         self,

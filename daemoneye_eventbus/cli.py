@@ -192,7 +192,7 @@ async def _sub(args: argparse.Namespace) -> int:
 
 
 async def _stats(args: argparse.Namespace) -> int:
-    async with Client(_socket(args), name=args.name) as client:
+    async with Client(_socket(args), name=args.name, component=args.component) as client:
         stats = await client.broker_statistics()
     if args.json:
         print(
@@ -335,9 +335,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=int, help="exit after this many events")
     sub.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
 
-    stats = cmds.add_parser("stats", parents=[common], help="print the broker's statistics")
+    stats = cmds.add_parser(
+        "stats",
+        parents=[common, client],
+        help="print the broker's statistics (per connection only for a privileged component)",
+    )
     stats.add_argument("--json", action="store_true")
-    stats.add_argument("--name", default="daemoneye-eventbus-cli")
 
     topics = cmds.add_parser("topics", parents=[common], help="list the topic registry")
     topics.add_argument("--json", action="store_true")

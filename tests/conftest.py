@@ -16,6 +16,13 @@ from daemoneye_eventbus.broker import Broker, BrokerConfig
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers.py"
 
+#: Components that clients claim (``Client(path, component=...)``). The tests run as
+#: root (or as the broker's own user), whom the default policy lets act as any component.
+#: The agent subscribes to the collectors' events and publishes the privileged control topics.
+AGENT = "daemoneye-agent"
+#: The process collector: publishes ``events.process.*`` and receives collector control topics.
+PROCMOND = "procmond"
+
 #: Deadlines short enough for tests, long enough for a loaded CI machine.
 TEST_CONFIG = BrokerConfig(
     handshake_timeout=1.0,

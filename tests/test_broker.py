@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_CONFIG, worker_cmd, worker_env
+from conftest import AGENT, PROCMOND, TEST_CONFIG, worker_cmd, worker_env
 
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.broker import Broker, BrokerConfig
-from daemoneye_eventbus.client import Client
+from daemoneye_eventbus.client import Client, build_publish
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import ReceivedEvent
 from daemoneye_eventbus.errors import (
@@ -37,6 +37,10 @@ from daemoneye_eventbus.errors import (
 from daemoneye_eventbus.protocol import PROTOCOL_VERSION, decode_varint, encode_frame
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
+#: Public: any peer, anonymous or not, may publish and receive it. Used where one
+#: connection both publishes and receives, since no component may do both on the
+#: restricted process topics (procmond publishes them, the agent receives them).
+ANOMALY = registry.EVENTS_PROCESS_ANOMALY
 
 
 def proc(pid: int, name: str = "x") -> events_pb2.ProcessEvent:
@@ -66,11 +70,15 @@ class RawPeer:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, path: str, *, hello: bool = True) -> RawPeer:
+    async def connect(cls, path: str, *, hello: bool = True, component: str = "") -> RawPeer:
         reader, writer = await asyncio.open_unix_connection(path)
         peer = cls(reader, writer)
         if hello:
-            await peer.send(Frame(hello=frames_pb2.Hello(protocol_version=PROTOCOL_VERSION)))
+            await peer.send(
+                Frame(
+                    hello=frames_pb2.Hello(protocol_version=PROTOCOL_VERSION, component=component)
+                )
+            )
             assert (await peer.recv()).WhichOneof("kind") == "welcome"
         return peer
 
@@ -111,7 +119,10 @@ class RawPeer:
 
 
 async def test_publish_subscribe_roundtrip(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path) as sub_client, Client(sock_path) as pub_client:
+    async with (
+        Client(sock_path, component=AGENT) as sub_client,
+        Client(sock_path, component=PROCMOND) as pub_client,
+    ):
         sub = await sub_client.subscribe(LIFECYCLE)
         meta = new_correlation("corr-1")
         await pub_client.publish(LIFECYCLE, proc(42, "init"), correlation=meta)
@@ -134,14 +145,20 @@ async def test_wildcard_routing(broker: Broker, sock_path: str) -> None:
         "exact": "events.process.tree",
         "network": "events.network.#",
     }
-    async with Client(sock_path) as subs_client, Client(sock_path) as pub:
+    async with (
+        Client(sock_path, component=AGENT) as subs_client,
+        Client(sock_path, component=PROCMOND) as pub,
+        Client(sock_path, component="netmond") as net_pub,
+    ):
         subs = {k: await subs_client.subscribe(f) for k, f in filters.items()}
         await pub.publish(registry.EVENTS_PROCESS_LIFECYCLE, proc(1))
         await pub.publish(registry.EVENTS_PROCESS_TREE, proc(2))
-        await pub.publish(
+        # Network events are netmond's to publish.
+        await net_pub.publish(
             registry.EVENTS_NETWORK_CONNECTIONS, events_pb2.NetworkEvent(local_port=3)
         )
         await pub.flush()
+        await net_pub.flush()
         got = {k: sorted(e.topic for e in await drain(s)) for k, s in subs.items()}
     assert got == {
         "all": [
@@ -157,7 +174,10 @@ async def test_wildcard_routing(broker: Broker, sock_path: str) -> None:
 
 
 async def test_correlation_filter_applied_by_broker(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path) as sub_client, Client(sock_path) as pub:
+    async with (
+        Client(sock_path, component=AGENT) as sub_client,
+        Client(sock_path, component=PROCMOND) as pub,
+    ):
         wanted = await sub_client.subscribe(
             "events.#", correlation_filter=CorrelationFilter(root_correlation_ids=["wf-a"])
         )
@@ -176,7 +196,10 @@ async def test_correlation_filter_applied_by_broker(broker: Broker, sock_path: s
 
 
 async def test_control_topics_need_opt_in(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path) as c, Client(sock_path) as pub:
+    async with (
+        Client(sock_path, component=AGENT) as c,
+        Client(sock_path, component=PROCMOND) as pub,
+    ):
         everything = await c.subscribe("#")
         with_control = await c.subscribe("#", include_control=True)
         explicit = await c.subscribe("control.health.#")
@@ -192,7 +215,11 @@ async def test_control_topics_need_opt_in(broker: Broker, sock_path: str) -> Non
 
 
 async def test_template_topic(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path) as c, Client(sock_path) as pub:
+    # Privileged: the agent assigns tasks, the collectors receive them.
+    async with (
+        Client(sock_path, component=PROCMOND) as c,
+        Client(sock_path, component=AGENT) as pub,
+    ):
         sub = await c.subscribe(registry.CONTROL_COLLECTOR_TASK_TARGETED.filter)
         topic = registry.control_collector_task_targeted(type="scan", id="procmond-1")
         await pub.publish(topic, control_pb2.TaskAssignment(task_id="t1"))
@@ -205,7 +232,9 @@ async def test_template_topic(broker: Broker, sock_path: str) -> None:
 
 async def test_refusals_are_typed_and_keep_the_connection(broker: Broker, sock_path: str) -> None:
     errors: list[Exception] = []
-    async with Client(sock_path) as c:
+    # procmond may publish on events.process.lifecycle: the refusals are for the
+    # topic and the payload type, not for access.
+    async with Client(sock_path, component=PROCMOND) as c:
         c.on_error = errors.append
         # Undeclared topic, and a payload type that is not the topic's.
         await c.publish_raw("events.unknown.thing", "daemoneye.eventbus.v1.ProcessEvent", b"")
@@ -217,15 +246,18 @@ async def test_refusals_are_typed_and_keep_the_connection(broker: Broker, sock_p
         # Invalid filters are refused before anything is sent, with a reason.
         with pytest.raises(InvalidTopic, match="level"):
             await c.subscribe("events.#.x")
-        # The connection is still usable.
+        # The connection is still usable (on a public topic, which procmond may also read).
         sub = await c.subscribe("events.#")
-        await c.publish(LIFECYCLE, proc(5))
+        await c.publish(ANOMALY, proc(5))
         assert pid_of(await sub.get(timeout=3)) == 5
     assert broker.statistics().refused == 2
 
 
 async def test_unsubscribe_stops_delivery(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path) as c, Client(sock_path) as pub:
+    async with (
+        Client(sock_path, component=AGENT) as c,
+        Client(sock_path, component=PROCMOND) as pub,
+    ):
         sub = await c.subscribe("events.#")
         await pub.publish(LIFECYCLE, proc(1))
         assert pid_of(await sub.get(timeout=3)) == 1
@@ -242,8 +274,9 @@ async def test_unsubscribe_stops_delivery(broker: Broker, sock_path: str) -> Non
 async def test_subscription_limit(sock_path: str) -> None:
     config = BrokerConfig(max_subscriptions=3)
     async with Broker(sock_path, config), Client(sock_path) as c:
-        for i in range(3):
-            await c.subscribe(f"events.process.x{i}")
+        # Public filters: any peer may subscribe to them.
+        for flt in ("events.process.anomaly", "control.health.heartbeat", "control.health.#"):
+            await c.subscribe(flt)
         with pytest.raises(LimitExceeded, match="subscription limit of 3"):
             await c.subscribe("events.#")
         await c.flush()  # still connected
@@ -269,17 +302,45 @@ async def test_connection_limit_and_slots_freed(sock_path: str) -> None:
 
 
 async def test_stats_request(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path, name="stats-client") as c:
+    async with (
+        Client(sock_path, name="stats-client") as c,
+        Client(sock_path, name="agent", component="daemoneye-agent") as agent,
+    ):
         await c.subscribe("events.#")
-        await c.publish(LIFECYCLE, proc(1))
+        await c.publish(ANOMALY, proc(1))  # public: this one client publishes and receives
         await c.flush()
-        stats = await c.broker_statistics()
-    assert stats.connections == 1
+        anonymous_view = await c.broker_statistics()
+        stats = await agent.broker_statistics()
+    # Totals for everyone; who is connected and what they read only for the agent.
+    assert (anonymous_view.connections, anonymous_view.published) == (2, 1)
+    assert not anonymous_view.connection_stats
+    assert not anonymous_view.subscription_stats
+    assert stats.connections == 2
     assert stats.published == 1
     assert stats.delivered == 1
-    assert stats.connection_stats[0].client_name == "stats-client"
-    assert stats.connection_stats[0].peer_pid == os.getpid()
+    by_name = {c.client_name: c for c in stats.connection_stats}
+    assert by_name["stats-client"].peer_pid == os.getpid()
+    assert by_name["agent"].component == "daemoneye-agent"
     assert stats.subscription_stats[0].filter == "events.#"
+
+
+async def test_in_process_publish_reaches_socket_subscribers_promptly(sock_path: str) -> None:
+    # Heartbeats far apart: delivery must not wait for the subscriber to say anything.
+    config = BrokerConfig(heartbeat_interval=30, idle_timeout=60)
+    async with Broker(sock_path, config) as broker, Client(sock_path, component=AGENT) as c:
+        sub = await c.subscribe(LIFECYCLE)
+        local = broker.local_session("agent", AGENT)
+        for pid in range(3):
+            local.publish(build_publish(LIFECYCLE, proc(pid)))
+        got = [pid_of(await sub.get(timeout=2)) for _ in range(3)]
+        assert got == [0, 1, 2]
+
+
+async def test_filter_matching_no_declared_topic_is_invalid(broker: Broker, sock_path: str) -> None:
+    async with Client(sock_path, component=AGENT) as c:
+        with pytest.raises(InvalidTopic, match="matches no topic declared"):
+            await c.subscribe("events.nothing.here")
+        await c.subscribe("events.process.#")  # the connection stays usable
 
 
 # -- separate processes ------------------------------------------------------------
@@ -355,7 +416,7 @@ async def test_killed_client_is_cleaned_up(broker: Broker, sock_path: str) -> No
     # Others are unaffected.
     async with Client(sock_path) as c:
         s = await c.subscribe("#")
-        await c.publish(LIFECYCLE, proc(7))
+        await c.publish(ANOMALY, proc(7))
         assert pid_of(await s.get(timeout=3)) == 7
 
 
@@ -366,7 +427,7 @@ async def test_stalled_subscriber_does_not_slow_others(sock_path: str) -> None:
     )
     n = 10_000
     async with Broker(sock_path, config) as broker:
-        stalled = await RawPeer.connect(sock_path)
+        stalled = await RawPeer.connect(sock_path, component=AGENT)
         await stalled.send(
             Frame(subscribe=frames_pb2.Subscribe(subscription_id=1, filter="events.#"))
         )
@@ -429,7 +490,7 @@ async def test_handshake_deadline_error_frame(broker: Broker, sock_path: str) ->
 
 
 async def test_publish_before_hello_is_a_protocol_error(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path) as watcher:
+    async with Client(sock_path, component=AGENT) as watcher:  # would see a routed lifecycle event
         sub = await watcher.subscribe("#")
         peer = await RawPeer.connect(sock_path, hello=False)
         await peer.send(Frame(publish=frames_pb2.Publish(topic="events.process.lifecycle")))
@@ -449,7 +510,7 @@ async def test_oversized_frame_closes_only_that_connection(broker: Broker, sock_
         assert frame.error.code == ErrorCode.ERROR_CODE_FRAME_TOO_LARGE
         assert await peer.closed()
         peer.close()
-        await good.publish(LIFECYCLE, proc(3))
+        await good.publish(ANOMALY, proc(3))
         assert pid_of(await sub.get(timeout=3)) == 3
 
 
@@ -570,7 +631,7 @@ async def test_restart_after_kill_with_stale_socket_and_reconnect(sock_path: str
                 await asyncio.sleep(0.02)
             assert c.statistics().reconnects == 1
             await c.flush()  # re-subscribed before the round trip completes
-            await c.publish(LIFECYCLE, proc(11))
+            await c.publish(ANOMALY, proc(11))
             event = await sub.get(timeout=3)
             assert pid_of(event) == 11
             assert event.sequence == 1  # a new session numbers from 1 again

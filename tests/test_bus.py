@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_CONFIG, worker_env
+from conftest import AGENT, PROCMOND, TEST_CONFIG, worker_env
 
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
@@ -90,10 +90,24 @@ ROUTES: list[tuple[str, CollectionEvent, str]] = [
 ]
 
 
+#: Process events of this kind go to events.process.anomaly, a public topic: any peer
+#: may publish and receive them. Used where one socket bus both publishes and
+#: receives, since no component may do both on the restricted process topics.
+ANOMALY = ProcessEventKind.PROCESS_EVENT_KIND_ANOMALY
+
+
 def proc_event(
     pid: int, kind: ProcessEventKind.ValueType = ProcessEventKind.PROCESS_EVENT_KIND_UNSPECIFIED
 ) -> CollectionEvent:
     return CollectionEvent(process=ProcessEvent(pid=pid, name=f"p{pid}", kind=kind))
+
+
+def publisher_of(topic: str) -> str:
+    """The component the schema lets publish on ``topic`` ("" for a public topic)."""
+    declared = registry.lookup(topic)
+    assert declared is not None, topic
+    assert len(declared.publishers) <= 1, topic
+    return next(iter(declared.publishers), "")
 
 
 def pid_of(event: BusEvent) -> int:
@@ -103,12 +117,18 @@ def pid_of(event: BusEvent) -> int:
 
 
 @asynccontextmanager
-async def open_bus(mode: str, broker: Broker, **kwargs: Any) -> AsyncIterator[DaemoneyeEventBus]:
-    """An in-process bus on ``broker`` or one connected to its socket."""
+async def open_bus(
+    mode: str, broker: Broker, component: str = "", **kwargs: Any
+) -> AsyncIterator[DaemoneyeEventBus]:
+    """An in-process bus on ``broker`` or one connected to its socket.
+
+    Over the socket, the bus claims ``component`` (anonymous if ""); in process,
+    the bus is trusted and ``component`` does not apply.
+    """
     if mode == "local":
         bus = await DaemoneyeEventBus.from_broker(broker, **kwargs)
     else:
-        bus = await DaemoneyeEventBus.connect(broker.path, **kwargs)
+        bus = await DaemoneyeEventBus.connect(broker.path, component=component, **kwargs)
     try:
         yield bus
     finally:
@@ -195,7 +215,10 @@ def test_topic_for_empty_event() -> None:
 async def test_publish_routes_by_type_and_kind(
     broker: Broker, mode: str, event: CollectionEvent, topic: str
 ) -> None:
-    async with open_bus("local", broker) as observer, open_bus(mode, broker) as bus:
+    async with (
+        open_bus("local", broker) as observer,
+        open_bus(mode, broker, publisher_of(topic)) as bus,
+    ):
         everything = await observer.subscribe(EventSubscription("all", ["#"]))
         exact = await observer.subscribe(EventSubscription("exact", [topic]))
         await bus.publish(event, "route-1")
@@ -214,7 +237,10 @@ async def test_publish_routes_by_type_and_kind(
 
 @pytest.mark.parametrize(("pub_mode", "sub_mode"), [("local", "socket"), ("socket", "local")])
 async def test_cross_transport_delivery(broker: Broker, pub_mode: str, sub_mode: str) -> None:
-    async with open_bus(sub_mode, broker) as sub_bus, open_bus(pub_mode, broker) as pub_bus:
+    async with (
+        open_bus(sub_mode, broker, AGENT) as sub_bus,
+        open_bus(pub_mode, broker, PROCMOND) as pub_bus,
+    ):
         receiver = await sub_bus.subscribe(EventSubscription("sub", ["events.process.#"]))
         meta = new_correlation("wf-7")
         await pub_bus.publish(proc_event(1, ProcessEventKind.PROCESS_EVENT_KIND_START), "corr-1")
@@ -245,7 +271,7 @@ async def test_cross_transport_delivery(broker: Broker, pub_mode: str, sub_mode:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_correlation_filter_applied(broker: Broker, mode: str) -> None:
-    async with open_bus(mode, broker) as bus, open_bus("local", broker) as pub:
+    async with open_bus(mode, broker, AGENT) as bus, open_bus("local", broker) as pub:
         receiver = await bus.subscribe(
             EventSubscription("wanted", correlation_filter=CorrelationFilter(correlation_ids=["a"]))
         )
@@ -262,7 +288,7 @@ async def test_correlation_filter_applied(broker: Broker, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_control_topics_need_include_control(broker: Broker, mode: str) -> None:
-    async with open_bus(mode, broker) as bus, open_bus("local", broker) as pub:
+    async with open_bus(mode, broker, AGENT) as bus, open_bus("local", broker) as pub:
         plain = await bus.subscribe(EventSubscription("plain", ["#"]))
         control = await bus.subscribe(EventSubscription("control", ["#"], include_control=True))
         default = await bus.subscribe(EventSubscription("default"))
@@ -295,7 +321,7 @@ async def test_explicit_control_pattern(broker: Broker, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_several_patterns_one_receiver(broker: Broker, mode: str) -> None:
-    async with open_bus(mode, broker) as bus, open_bus("local", broker) as pub:
+    async with open_bus(mode, broker, AGENT) as bus, open_bus("local", broker) as pub:
         receiver = await bus.subscribe(
             EventSubscription("multi", ["events.network.#", "events.process.anomaly"])
         )
@@ -338,7 +364,7 @@ async def publish_marker(bus: DaemoneyeEventBus, pub: DaemoneyeEventBus, pid: in
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_unsubscribe_ends_iteration(broker: Broker, mode: str) -> None:
-    async with open_bus(mode, broker) as bus, open_bus("local", broker) as pub:
+    async with open_bus(mode, broker, AGENT) as bus, open_bus("local", broker) as pub:
         receiver = await bus.subscribe(EventSubscription("it"))
 
         async def consume() -> list[int]:
@@ -371,13 +397,13 @@ async def test_unsubscribe_keeps_queued_events(broker: Broker) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_duplicate_subscriber_id(broker: Broker, mode: str) -> None:
-    async with open_bus(mode, broker) as bus:
+    async with open_bus(mode, broker, AGENT) as bus:
         receiver = await bus.subscribe(EventSubscription("dup", ["events.process.#"]))
         with pytest.raises(UnknownSubscription, match="dup"):
             await bus.subscribe(EventSubscription("dup", ["events.network.#"]))
         assert issubclass(UnknownSubscription, EventBusError)
         # The first subscription is intact and the second left nothing behind.
-        await bus.publish(proc_event(1))
+        await bus.publish(proc_event(1, ANOMALY))
         assert pid_of(await receiver.recv(timeout=WAIT)) == 1
         assert (await bus.statistics()).subscribers == 1
         await sync(bus)
@@ -389,12 +415,12 @@ async def test_duplicate_subscriber_id(broker: Broker, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_statistics(broker: Broker, mode: str) -> None:
-    async with open_bus(mode, broker) as bus:
+    async with open_bus(mode, broker, AGENT) as bus:
         empty = await bus.statistics()
         assert (empty.published, empty.received, empty.dropped, empty.subscribers) == (0, 0, 0, 0)
         receiver = await bus.subscribe(EventSubscription("s"))
         for pid in range(3):
-            await bus.publish(proc_event(pid))
+            await bus.publish(proc_event(pid, ANOMALY))
         for _ in range(3):
             await receiver.recv(timeout=WAIT)
         stats = await bus.statistics()
@@ -415,7 +441,7 @@ async def test_shutdown_is_idempotent(broker: Broker, mode: str) -> None:
     bus = await (
         DaemoneyeEventBus.from_broker(broker)
         if mode == "local"
-        else DaemoneyeEventBus.connect(broker.path)
+        else DaemoneyeEventBus.connect(broker.path, component=AGENT)
     )
     receiver = await bus.subscribe(EventSubscription("s"))
     await bus.shutdown()
@@ -440,7 +466,7 @@ async def test_shutdown_is_idempotent(broker: Broker, mode: str) -> None:
 async def test_shutdown_after_broker_closed(sock_path: str, mode: str) -> None:
     broker = await DaemoneyeBroker.new(sock_path, TEST_CONFIG)
     try:
-        async with open_bus(mode, broker.broker) as bus:
+        async with open_bus(mode, broker.broker, AGENT) as bus:
             receiver = await bus.subscribe(EventSubscription("agent"))
             await broker.shutdown()
             # The receiver ends (over the socket, with the broker's goodbye).
@@ -455,7 +481,7 @@ async def test_shutdown_after_broker_closed(sock_path: str, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_failed_subscribe_leaves_nothing_behind(broker: Broker, mode: str) -> None:
-    async with open_bus(mode, broker) as bus:
+    async with open_bus(mode, broker, AGENT) as bus:
         with pytest.raises(InvalidTopic):
             await bus.subscribe(EventSubscription("bad", ["events.process.#", "events.#.x"]))
         assert (await bus.statistics()).subscribers == 0
@@ -463,7 +489,7 @@ async def test_failed_subscribe_leaves_nothing_behind(broker: Broker, mode: str)
         assert broker.statistics().subscription_stats == ()
         # The id is free again.
         receiver = await bus.subscribe(EventSubscription("bad", ["events.process.#"]))
-        await bus.publish(proc_event(1))
+        await bus.publish(proc_event(1, ANOMALY))
         assert pid_of(await receiver.recv(timeout=WAIT)) == 1
 
 
@@ -508,7 +534,9 @@ SUBSCRIBER_SCRIPT = textwrap.dedent(
     from daemoneye_eventbus.bus import DaemoneyeEventBus, EventSubscription
 
     async def main(path: str, count: int) -> None:
-        async with await DaemoneyeEventBus.connect(path, name="remote-subscriber") as bus:
+        async with await DaemoneyeEventBus.connect(
+            path, name="remote-subscriber", component="daemoneye-agent"
+        ) as bus:
             receiver = await bus.subscribe(
                 EventSubscription("remote", ["events.process.#", "events.network.#"])
             )

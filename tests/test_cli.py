@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import worker_env
+from conftest import AGENT, PROCMOND, worker_env
 
 from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.events_pb2 import ProcessEvent
@@ -83,9 +83,9 @@ async def run(*args: str) -> Result:
     return await finish(await start(*args))
 
 
-async def start_sub(*args: str) -> asyncio.subprocess.Process:
-    """Start ``sub`` and wait until its subscription is in place."""
-    proc = await start("sub", *args)
+async def start_sub(*args: str, component: str = AGENT) -> asyncio.subprocess.Process:
+    """Start ``sub`` as ``component`` and wait until its subscription is in place."""
+    proc = await start("sub", *args, "--component", component)
     assert proc.stderr is not None
     try:
         line = await asyncio.wait_for(proc.stderr.readline(), PROC_TIMEOUT)
@@ -99,8 +99,16 @@ async def start_sub(*args: str) -> asyncio.subprocess.Process:
     return proc
 
 
-async def pub(sock_path: str, *args: str, topic: str = LIFECYCLE, payload: str = PAYLOAD) -> None:
-    result = await run("pub", topic, "--json", payload, "--socket", sock_path, *args)
+async def pub(
+    sock_path: str,
+    *args: str,
+    topic: str = LIFECYCLE,
+    payload: str = PAYLOAD,
+    component: str = PROCMOND,
+) -> None:
+    result = await run(
+        "pub", topic, "--json", payload, "--socket", sock_path, "--component", component, *args
+    )
     assert result.returncode == 0, result
     assert result.stdout == ""
 
@@ -264,7 +272,7 @@ async def test_sub_timeout_without_events(broker: Broker, sock_path: str) -> Non
 async def test_sub_timeout_after_events_exits_0(broker: Broker, sock_path: str) -> None:
     sub = await start_sub("#", "--json", "--timeout", "1.5", "--socket", sock_path)
     # Published from here, at once: a publisher process might start later than the timeout.
-    async with Client(sock_path) as c:
+    async with Client(sock_path, component=PROCMOND) as c:
         for pid in (1, 2):
             await c.publish(registry.EVENTS_PROCESS_LIFECYCLE, ProcessEvent(pid=pid))
         await c.flush()
@@ -298,7 +306,9 @@ async def test_pub_undeclared_topic(broker: Broker, sock_path: str) -> None:
     ["{bad", "", "[1]", "5", "null", '{"pid": "abc"}', '{"nope": 1}', '{"pid": -1}'],
 )
 async def test_pub_invalid_json(broker: Broker, sock_path: str, payload: str) -> None:
-    result = await run("pub", LIFECYCLE, "--json", payload, "--socket", sock_path)
+    result = await run(
+        "pub", LIFECYCLE, "--json", payload, "--socket", sock_path, "--component", PROCMOND
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.startswith("daemoneye-eventbus pub: error: ")
@@ -350,11 +360,11 @@ def test_nothing_listening(dead_socket: str, args: list[str]) -> None:
 
 
 async def test_stats_text(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path, name="watcher") as watcher:
+    async with Client(sock_path, name="watcher", component=AGENT) as watcher:
         sub = await watcher.subscribe("events.#")
         await pub(sock_path, "--count", "3", "--name", "cli-pub")
         await connections_settle(broker, 1)
-        result = await run("stats", "--socket", sock_path)
+        result = await run("stats", "--socket", sock_path, "--component", "daemoneye-agent")
         for _ in range(3):
             await sub.get(timeout=5)
     assert result.returncode == 0, result
@@ -368,11 +378,20 @@ async def test_stats_text(broker: Broker, sock_path: str) -> None:
 
 
 async def test_stats_json(broker: Broker, sock_path: str) -> None:
-    async with Client(sock_path, name="watcher") as watcher:
+    async with Client(sock_path, name="watcher", component=AGENT) as watcher:
         await watcher.subscribe("events.#")
         await pub(sock_path, "--count", "2")
         await connections_settle(broker, 1)
-        result = await run("stats", "--json", "--socket", sock_path, "--name", "stats-cli")
+        result = await run(
+            "stats",
+            "--json",
+            "--socket",
+            sock_path,
+            "--name",
+            "stats-cli",
+            "--component",
+            "daemoneye-agent",
+        )
     assert result.returncode == 0, result
     stats = json.loads(result.stdout)
     # uint64 fields are strings in protobuf's JSON mapping.
@@ -411,11 +430,23 @@ def test_serve_instance_and_sigint(instance: str) -> None:
     try:
         assert server.stdout is not None
         line = server.stdout.readline()
-        assert line.strip() == f"daemoneye-eventbus broker listening on {path}"
+        # The line also names the socket mode and the access policy in force.
+        assert line.strip() == (
+            f"daemoneye-eventbus broker listening on {path} (mode 0600, policy default)"
+        )
         assert os.path.exists(path)
         # Other commands find it by instance name too.
         published = run_sync(
-            "pub", LIFECYCLE, "--json", PAYLOAD, "--count", "2", "--instance", instance
+            "pub",
+            LIFECYCLE,
+            "--json",
+            PAYLOAD,
+            "--count",
+            "2",
+            "--instance",
+            instance,
+            "--component",
+            PROCMOND,
         )
         assert published.returncode == 0, published
         stats = run_sync("stats", "--json", "--instance", instance)

@@ -2,6 +2,10 @@
 
 Run as ``python tests/workers.py publish|subscribe ...``. Each prints one JSON
 line per event received (subscribe) and a final JSON summary line.
+
+``--component`` is the component the client claims: by default ``procmond`` for
+``publish`` (the publisher of ``events.process.*``) and ``daemoneye-agent`` for
+``subscribe`` (their subscriber).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ async def publish(args: argparse.Namespace) -> None:
     assert topic is not None, args.topic
     loop = asyncio.get_running_loop()
     start = loop.time()
-    async with Client(args.socket, name=f"publisher-{args.publisher}") as client:
+    async with Client(
+        args.socket, name=f"publisher-{args.publisher}", component=args.component
+    ) as client:
         for i in range(args.count):
             if args.rate and i % 100 == 0:
                 # Paced: never more than --rate events per second.
@@ -42,7 +48,7 @@ async def publish(args: argparse.Namespace) -> None:
 
 async def subscribe(args: argparse.Namespace) -> None:
     flt = CorrelationFilter(correlation_ids=args.correlation) if args.correlation else None
-    async with Client(args.socket, name="subscriber") as client:
+    async with Client(args.socket, name="subscriber", component=args.component) as client:
         sub = await client.subscribe(args.filter, correlation_filter=flt)
         print(json.dumps({"ready": True}), flush=True)
         got = 0
@@ -86,7 +92,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--rate", type=float, help="publish at most this many events/s")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument(
+        "--component",
+        help="component to claim (default: procmond to publish, daemoneye-agent to subscribe)",
+    )
     args = parser.parse_args()
+    if args.component is None:
+        args.component = "procmond" if args.role == "publish" else "daemoneye-agent"
     if args.role == "publish":
         if args.correlation:
             args.correlation = args.correlation[0]
