@@ -56,10 +56,29 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
         return PeerCredentials(pid, uid, gid)
-    if hasattr(os, "getpeereid"):  # pragma: no cover - macOS and the BSDs
-        uid, gid = os.getpeereid(sock.fileno())
-        return PeerCredentials(0, uid, gid)
+    if sys.platform == "darwin":  # pragma: no cover - macOS only
+        return _darwin_peer_credentials(sock)
     return None  # pragma: no cover - no way to ask this kernel
+
+
+# macOS <sys/un.h>: SOL_LOCAL is 0; LOCAL_PEERCRED returns a struct xucred
+# {u_int cr_version; uid_t cr_uid; short cr_ngroups; gid_t cr_groups[16]};
+# LOCAL_PEERPID returns the peer's pid_t.
+_SOL_LOCAL = 0
+_LOCAL_PEERCRED = 0x001
+_LOCAL_PEERPID = 0x002
+_XUCRED = struct.Struct("=IIh2x16I")
+
+
+def _darwin_peer_credentials(sock: socket.socket) -> PeerCredentials:  # pragma: no cover
+    raw = sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED.size)
+    _, uid, ngroups, *groups = _XUCRED.unpack(raw[: _XUCRED.size])
+    gid = groups[0] if ngroups > 0 else -1
+    try:
+        pid = struct.unpack("=i", sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERPID, 4))[0]
+    except OSError:
+        pid = 0
+    return PeerCredentials(pid, uid, gid)
 
 
 def _is_live(path: str) -> bool:
