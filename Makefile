@@ -4,13 +4,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
+TS     := clients/typescript
 
-.PHONY: setup venv node gen gen-check lint buf-lint types test check demo bench bench-smoke clean
+.PHONY: setup venv node ts-node gen gen-check lint buf-lint buf-breaking types test ts-test \
+	check demo bench bench-smoke fuzz fuzz-smoke soak soak-smoke clean
 
-setup: venv node
+FUZZ_SECONDS ?= 60
+FUZZ_DIR     ?= build/fuzz
+SOAK_SECONDS ?= 120
+
+setup: venv node ts-node
 
 venv: $(VENV)/.installed
 node: node_modules/.installed
+ts-node: $(TS)/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,16 +29,29 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-gen: venv
-	$(PY) -m codegen gen
+$(TS)/node_modules/.installed: $(TS)/package.json $(TS)/package-lock.json
+	npm ci --prefix $(TS) --no-audit --no-fund --loglevel=error
+	touch $@
 
-gen-check: venv
-	$(PY) -m codegen check
+# Python classes and registry, TypeScript SDK code, shared wire vectors.
+gen: venv ts-node
+	$(PY) -m codegen gen --ts-out $(TS)/src/gen
+	$(PY) tests/vectors/generate.py
+
+gen-check: venv ts-node
+	$(PY) -m codegen check --ts-out $(TS)/src/gen
+	$(PY) tests/vectors/generate.py --check
 
 buf-lint: node
 	npx --no-install buf lint
 
-lint: venv buf-lint
+# A wire-incompatible schema change against the previous commit of main fails.
+buf-breaking: node
+	@if git rev-parse --verify --quiet 'main~1^{commit}' >/dev/null; then \
+	  npx --no-install buf breaking --against '.git#branch=main,ref=HEAD~1,subdir=proto'; \
+	else echo "buf breaking: skipped, main has no previous commit"; fi
+
+lint: venv buf-lint buf-breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -39,10 +59,13 @@ types: venv
 	$(BIN)/mypy
 
 # pytest exits 5 when it collects nothing: like every non-zero exit, that fails.
-test: venv
+test: venv ts-node
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest tests benchmarks/test_hot_paths.py
 
-check: gen-check lint types test bench-smoke
+ts-test: ts-node
+	npm test --prefix $(TS)
+
+check: gen-check lint types ts-test test bench-smoke fuzz-smoke soak-smoke
 
 demo: venv
 	$(BIN)/daemoneye-eventbus demo
@@ -53,5 +76,26 @@ bench: venv
 bench-smoke: venv
 	$(PY) -m benchmarks.e2e --messages 5000 --latency-messages 500 --duration-cap 60
 
+# Coverage-guided fuzzing of the frame decoder and of the broker's per-connection
+# handling; crashes land in $(FUZZ_DIR)/artifacts (see fuzz/README.md).
+fuzz: venv
+	mkdir -p $(FUZZ_DIR)/frames $(FUZZ_DIR)/session $(FUZZ_DIR)/artifacts
+	$(PY) -m fuzz.fuzz_frames -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_DIR)/artifacts/frames- $(FUZZ_DIR)/frames fuzz/corpus/frames
+	$(PY) -m fuzz.fuzz_session -max_total_time=$(FUZZ_SECONDS) -timeout=10 -max_len=8192 \
+	    -print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/artifacts/session- \
+	    $(FUZZ_DIR)/session fuzz/corpus/session
+
+fuzz-smoke: venv
+	$(MAKE) fuzz FUZZ_SECONDS=15
+
+# Publishers, subscribers and hostile clients together; fails if a well-behaved
+# subscriber loses an event, the broker dies or its memory exceeds the bound.
+soak: venv
+	$(PY) -m benchmarks.soak --duration $(SOAK_SECONDS)
+
+soak-smoke: venv
+	$(PY) -m benchmarks.soak --duration 10
+
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) node_modules $(TS)/node_modules $(TS)/dist .mypy_cache .pytest_cache .ruff_cache

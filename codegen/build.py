@@ -11,6 +11,7 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 
 from codegen.render import render, render_init
+from codegen.render_ts import generate_ts
 from codegen.schema import collect_topics
 from daemoneye_eventbus.errors import SchemaError
 
@@ -62,7 +63,7 @@ def compile_schema(proto_root: Path, out: Path | None = None) -> descriptor_pb2.
         return descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
 
 
-def generate(proto_root: Path, out: Path) -> list[Path]:
+def generate(proto_root: Path, out: Path, ts_out: Path | None = None) -> list[Path]:
     """Regenerate ``out`` from ``proto_root`` and return the files written.
 
     Output goes to a scratch directory first, so a broken schema leaves the
@@ -82,4 +83,7 @@ def generate(proto_root: Path, out: Path) -> list[Path]:
             shutil.rmtree(top)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copytree(scratch / "daemoneye", top)
-    return sorted(p for p in top.rglob("*") if p.is_file())
+    written = sorted(p for p in top.rglob("*") if p.is_file())
+    if ts_out is not None:
+        written += generate_ts(proto_root, ts_out)
+    return written

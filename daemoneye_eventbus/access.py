@@ -230,15 +230,21 @@ class Policy:
             reason = rule.allows(peer, executable)
             if reason is None:
                 return Identity(peer, claimed, rule.privileged)
-            raise AccessDenied(f"component {claimed!r} refused: {reason}")
+            raise AccessDenied(f"component {_show(claimed)} refused: {reason}")
         if peer.uid in self.trusted_uids:
             return Identity(peer, claimed, claimed in self.trusted_privileged)
-        raise AccessDenied(f"uid {peer.uid} may not act as component {claimed!r}")
+        raise AccessDenied(f"uid {peer.uid} may not act as component {_show(claimed)}")
 
     def needs_executable(self, claimed: str) -> bool:
         """Whether :meth:`authenticate` needs the peer's executable path for this claim."""
         rule = self.components.get(claimed)
         return rule is not None and rule.executables is not None
+
+
+def _show(claimed: str) -> str:
+    """A claimed name as quoted in messages: short, whatever the peer sent."""
+    text = repr(claimed)
+    return text if len(text) <= 66 else text[:64] + "…'"
 
 
 def _ids(raw: Any, where: str, key: str) -> frozenset[int]:

@@ -811,9 +811,13 @@ class _SocketSession(_Session, asyncio.Protocol):
         conn.receive_data(data)
         self._last_rx = asyncio.get_running_loop().time()
         self._ping_sent = False
+        # Frames parsed before a goodbye or a violation in this read are handled
+        # (their answers are not sent: the connection is closing) [protocol §1];
+        # a violation found while *handling* a frame ends the read there.
+        closing_already = conn.close_expected
         for frame in conn.events_received():
-            if conn.close_expected:
-                break  # a violation found while handling an earlier frame ends the read
+            if conn.close_expected and not closing_already:
+                break
             try:
                 self._handle(frame)
             except _Refusal as exc:

@@ -393,6 +393,7 @@ class Client:
         if protocol is None or protocol.transport is None:
             self._finish(ClosedResourceError("client closed"))
             return
+        self._write_now()  # what was published before close() goes out first
         if self._conn.state is State.OPEN:
             self._conn.send(Frame(goodbye=frames_pb2.Goodbye(reason="client closing")))
         self._write_now()

@@ -64,6 +64,9 @@ PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
 #: Limit on a frame body before the handshake completes [protocol §1].
 HANDSHAKE_MAX_FRAME_BYTES: Final = 4096
+#: Longest message of an Error frame this side sends, in characters: even in
+#: UTF-8 (at most 4 bytes each) it fits the handshake frame limit.
+MAX_ERROR_MESSAGE: Final = 512
 #: A length prefix is at most 5 bytes: 35 bits cover every allowed length.
 MAX_PREFIX_BYTES: Final = 5
 #: The most a ``Deliver`` frame adds around the ``Publish`` it carries: the
@@ -494,7 +497,9 @@ class Connection:
         self._buffer.clear()
         self._body_len = None
         code = ErrorCode.ValueType(exc.code)
-        self._append(encode_frame(error_frame(code, str(exc), fatal=True)))
+        # Short enough for the peer's smallest (handshake) limit [protocol §1].
+        message = str(exc)[:MAX_ERROR_MESSAGE]
+        self._append(encode_frame(error_frame(code, message, fatal=True)))
         self._set_state(State.CLOSING)
 
     def data_to_send(self) -> bytes:

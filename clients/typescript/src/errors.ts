@@ -1,0 +1,138 @@
+/**
+ * Errors thrown by the client, mirroring `daemoneye_eventbus.errors`:
+ *
+ * ```
+ * EventBusError
+ * ├── InvalidTopic            a topic or filter breaks the grammar (INVALID_TOPIC, _FILTER)
+ * ├── InvalidCorrelation      correlation metadata or filter out of bounds
+ * ├── PayloadTypeMismatch     a message of the wrong type for a topic
+ * ├── AccessDenied            the broker refused the peer (ACCESS_DENIED)
+ * ├── LimitExceeded           a limit was reached (LIMIT_EXCEEDED, FRAME_TOO_LARGE, ...)
+ * ├── UnknownSubscription     UNKNOWN_SUBSCRIPTION, INVALID_SUBSCRIPTION_ID
+ * ├── ProtocolError           the wire protocol was broken
+ * │   ├── LocalProtocolError  ... by us (a bug or misuse)
+ * │   └── RemoteProtocolError ... by the broker; closes the connection
+ * ├── ConnectionClosed        the connection is gone
+ * │   ├── ClosedResourceError ... because we closed it
+ * │   └── BrokenResourceError ... because the broker did, or it broke
+ * ├── ServerError             any other Error frame from the broker
+ * └── RequestTimeout          an answer did not come in time
+ * ```
+ *
+ * An error built from an `Error` frame of the broker carries its `code`,
+ * `fatal`, `subscriptionId` and `topic` ([protocol §7]); a local error has
+ * `code === undefined`.
+ *
+ * @module
+ */
+
+import { ErrorCode, type Error as ErrorFrame } from "./gen/daemoneye/eventbus/v1/frames_pb.js";
+
+/** Where an error came from, when the broker sent it. */
+export interface ErrorDetails {
+  /** The `ErrorCode` of the broker's `Error` frame. */
+  code?: ErrorCode | undefined;
+  /** Whether the broker closes the connection after the error. */
+  fatal?: boolean | undefined;
+  /** The subscription the error concerns, 0 if none. */
+  subscriptionId?: number | undefined;
+  /** The topic or filter the error concerns, "" if none. */
+  topic?: string | undefined;
+  /** The underlying error. */
+  cause?: unknown;
+}
+
+/** Base class of every error the client throws on purpose. */
+export class EventBusError extends Error {
+  /** The broker's error code; undefined for an error raised locally. */
+  readonly code: ErrorCode | undefined;
+  /** Whether the broker closed the connection with this error. */
+  readonly fatal: boolean;
+  /** The subscription concerned, 0 if none. */
+  readonly subscriptionId: number;
+  /** The topic or filter concerned, "" if none. */
+  readonly topic: string;
+
+  constructor(message: string, details: ErrorDetails = {}) {
+    super(message, details.cause === undefined ? undefined : { cause: details.cause });
+    this.name = new.target.name;
+    this.code = details.code;
+    this.fatal = details.fatal ?? false;
+    this.subscriptionId = details.subscriptionId ?? 0;
+    this.topic = details.topic ?? "";
+  }
+
+  /** The name of `code` without its prefix, e.g. `ACCESS_DENIED`; undefined if local. */
+  get codeName(): string | undefined {
+    return this.code === undefined ? undefined : errorCodeName(this.code);
+  }
+}
+
+/** A topic or topic filter breaks the grammar. */
+export class InvalidTopic extends EventBusError {}
+/** Correlation metadata or a correlation filter is out of bounds. */
+export class InvalidCorrelation extends EventBusError {}
+/** A message is not of the payload type declared for the topic. */
+export class PayloadTypeMismatch extends EventBusError {}
+/** The broker refused what this peer asked for. */
+export class AccessDenied extends EventBusError {}
+/** A limit was reached (subscriptions, frame size, connections, buffered output). */
+export class LimitExceeded extends EventBusError {}
+/** No active subscription has that id, or the id is invalid or taken. */
+export class UnknownSubscription extends EventBusError {}
+/** The wire protocol was broken. */
+export class ProtocolError extends EventBusError {}
+/** We tried to do something the protocol forbids. */
+export class LocalProtocolError extends ProtocolError {}
+/** The broker sent something the protocol forbids; `code` is what we answer with. */
+export class RemoteProtocolError extends ProtocolError {}
+/** The connection is closed; nothing more can be sent or received. */
+export class ConnectionClosed extends EventBusError {}
+/** The connection was closed by this side. */
+export class ClosedResourceError extends ConnectionClosed {}
+/** The connection was closed by the broker, or broken. */
+export class BrokenResourceError extends ConnectionClosed {}
+/** The broker refused a request with an error code that has no class of its own. */
+export class ServerError extends EventBusError {}
+/** An answer from the broker did not arrive in time. */
+export class RequestTimeout extends EventBusError {}
+
+type ErrorClass = new (message: string, details?: ErrorDetails) => EventBusError;
+
+const BY_CODE: ReadonlyMap<ErrorCode, ErrorClass> = new Map<ErrorCode, ErrorClass>([
+  [ErrorCode.INVALID_TOPIC, InvalidTopic],
+  [ErrorCode.INVALID_FILTER, InvalidTopic],
+  [ErrorCode.INVALID_CORRELATION, InvalidCorrelation],
+  [ErrorCode.ACCESS_DENIED, AccessDenied],
+  [ErrorCode.LIMIT_EXCEEDED, LimitExceeded],
+  [ErrorCode.CONNECTION_LIMIT, LimitExceeded],
+  [ErrorCode.FRAME_TOO_LARGE, LimitExceeded],
+  [ErrorCode.PAYLOAD_MISMATCH, PayloadTypeMismatch],
+  [ErrorCode.UNKNOWN_SUBSCRIPTION, UnknownSubscription],
+  [ErrorCode.INVALID_SUBSCRIPTION_ID, UnknownSubscription],
+]);
+
+/** `ERROR_CODE_ACCESS_DENIED` -> `ACCESS_DENIED`; unknown codes as their number. */
+export function errorCodeName(code: number): string {
+  const name: unknown = (ErrorCode as unknown as Record<number, unknown>)[code];
+  return typeof name === "string" ? name : String(code);
+}
+
+/** The typed error for an error code [protocol §7]; `ServerError` by default. */
+export function errorForCode(
+  code: number,
+  message: string,
+  details: ErrorDetails = {},
+): EventBusError {
+  const cls = BY_CODE.get(code) ?? ServerError;
+  return new cls(message, { ...details, code });
+}
+
+/** The typed error for an `Error` frame from the broker. */
+export function errorFromFrame(frame: ErrorFrame): EventBusError {
+  return errorForCode(frame.code, `${frame.message} (${errorCodeName(frame.code)})`, {
+    fatal: frame.fatal,
+    subscriptionId: frame.subscriptionId,
+    topic: frame.topic,
+  });
+}

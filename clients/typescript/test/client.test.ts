@@ -1,0 +1,389 @@
+// The client against a scripted fake broker on a Unix socket: handshake,
+// heartbeats, coalesced writes, close order, errors, violations. The real
+// broker is exercised by tests/test_interop.py.
+
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import * as net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, describe, test } from "node:test";
+
+import { create, fromBinary } from "@bufbuild/protobuf";
+
+import {
+  BrokenResourceError,
+  ClosedResourceError,
+  EVENTS_PROCESS_LIFECYCLE,
+  ErrorCode,
+  LimitExceeded,
+  PayloadTypeMismatch,
+  ProcessEventSchema,
+  RequestTimeout,
+  connect,
+  decodeFrameBody,
+  decodeLengthPrefix,
+  encodeFrame,
+  frame,
+  type FrameInit,
+} from "../src/index.js";
+import { PublishSchema, type Frame } from "../src/gen/daemoneye/eventbus/v1/frames_pb.js";
+
+const DIR = mkdtempSync(join(tmpdir(), "deb-ts-"));
+after(() => rmSync(DIR, { recursive: true, force: true }));
+let counter = 0;
+
+type Reply = (frame: Frame, peer: Peer) => void;
+
+/** One connection to the fake broker. */
+class Peer {
+  readonly frames: Frame[] = [];
+  chunks = 0;
+  private buf = new Uint8Array(0);
+  ended = false;
+
+  constructor(
+    readonly socket: net.Socket,
+    onFrame: Reply,
+  ) {
+    socket.on("data", (chunk: Buffer) => {
+      this.chunks += 1;
+      this.buf = new Uint8Array(Buffer.concat([this.buf, chunk]));
+      for (;;) {
+        const prefix = decodeLengthPrefix(this.buf);
+        if (prefix === undefined || prefix[1] + prefix[0] > this.buf.length) {
+          break;
+        }
+        const f = decodeFrameBody(this.buf.subarray(prefix[1], prefix[1] + prefix[0]));
+        this.buf = this.buf.subarray(prefix[1] + prefix[0]);
+        this.frames.push(f);
+        onFrame(f, this);
+      }
+    });
+    socket.on("end", () => {
+      this.ended = true;
+      socket.end();
+    });
+    socket.on("error", () => undefined);
+  }
+
+  send(kind: FrameInit): void {
+    this.socket.write(encodeFrame(frame(kind)));
+  }
+
+  raw(bytes: Uint8Array): void {
+    this.socket.write(bytes);
+  }
+
+  kinds(): (string | undefined)[] {
+    return this.frames.map((f) => f.kind.case);
+  }
+}
+
+const WELCOME: FrameInit = {
+  case: "welcome",
+  value: {
+    protocolVersion: 1,
+    sessionId: "0123456789abcdef",
+    limits: { maxFrameBytes: 1 << 20, maxTopicBytes: 255, maxTopicLevels: 16 },
+    component: "procmond",
+  },
+};
+
+/** A broker that welcomes, answers pings and subscribes, then runs `extra`. */
+function standard(extra?: Reply): Reply {
+  return (f, peer) => {
+    switch (f.kind.case) {
+      case "hello":
+        peer.send(WELCOME);
+        break;
+      case "ping":
+        peer.send({ case: "pong", value: { nonce: f.kind.value.nonce } });
+        break;
+      case "subscribe":
+        peer.send({ case: "subscribeAck", value: { subscriptionId: f.kind.value.subscriptionId } });
+        break;
+      case "unsubscribe":
+        peer.send({
+          case: "unsubscribeAck",
+          value: { subscriptionId: f.kind.value.subscriptionId },
+        });
+        break;
+      default:
+        break;
+    }
+    extra?.(f, peer);
+  };
+}
+
+async function fakeBroker(
+  onFrame: Reply,
+): Promise<{ path: string; peers: Peer[]; close(): Promise<void> }> {
+  const path = join(DIR, `fake-${counter++}.sock`);
+  const peers: Peer[] = [];
+  const server = net.createServer((socket) => peers.push(new Peer(socket, onFrame)));
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  return {
+    path,
+    peers,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const p of peers) {
+          p.socket.destroy();
+        }
+        server.close(() => resolve());
+      }),
+  };
+}
+
+async function until(check: () => boolean, what: string, ms = 2000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) {
+      throw new Error(`timed out waiting for ${what}`);
+    }
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+const event = (pid: number) => create(ProcessEventSchema, { pid, name: `p${pid}` });
+
+describe("client against a fake broker", () => {
+  test("handshake claims the component and keeps the limits", async () => {
+    const fake = await fakeBroker(standard());
+    const client = await connect(fake.path, { name: "unit", component: "procmond" });
+    const hello = fake.peers[0]?.frames[0];
+    assert.equal(hello?.kind.case, "hello");
+    assert.deepEqual(
+      hello?.kind.case === "hello" && [
+        hello.kind.value.protocolVersion,
+        hello.kind.value.clientName,
+        hello.kind.value.component,
+      ],
+      [1, "unit", "procmond"],
+    );
+    assert.equal(client.sessionId, "0123456789abcdef");
+    assert.equal(client.acceptedComponent, "procmond");
+    assert.equal(client.limits?.maxFrameBytes, 1 << 20);
+    assert.ok(client.isConnected);
+    await client.close();
+    await fake.close();
+  });
+
+  test("a fatal error in place of welcome rejects connect with a typed error", async () => {
+    const fake = await fakeBroker((f, peer) => {
+      if (f.kind.case === "hello") {
+        peer.send({
+          case: "error",
+          value: { code: ErrorCode.CONNECTION_LIMIT, message: "full", fatal: true },
+        });
+      }
+    });
+    await assert.rejects(connect(fake.path), (err: unknown) => {
+      assert.ok(err instanceof LimitExceeded);
+      assert.equal(err.code, ErrorCode.CONNECTION_LIMIT);
+      assert.equal(err.codeName, "CONNECTION_LIMIT");
+      assert.equal(err.fatal, true);
+      return true;
+    });
+    await fake.close();
+  });
+
+  test("no broker, and a broker that never answers", async () => {
+    await assert.rejects(connect(join(DIR, "nothing.sock")), (err: unknown) => {
+      assert.ok(err instanceof BrokenResourceError);
+      assert.match(err.message, /no broker at/);
+      return true;
+    });
+    const silent = await fakeBroker(() => undefined);
+    await assert.rejects(connect(silent.path, { connectTimeoutMs: 100 }), RequestTimeout);
+    await silent.close();
+  });
+
+  test("answers the broker's pings with the same nonce", async () => {
+    const fake = await fakeBroker(
+      standard((f, peer) => {
+        if (f.kind.case === "hello") {
+          peer.send({ case: "ping", value: { nonce: 18446744073709551615n } });
+        }
+      }),
+    );
+    const client = await connect(fake.path);
+    const peer = fake.peers[0];
+    assert.ok(peer);
+    await until(() => peer.kinds().includes("pong"), "a pong");
+    const pong = peer.frames.find((f) => f.kind.case === "pong");
+    assert.equal(pong?.kind.case === "pong" && pong.kind.value.nonce, 18446744073709551615n);
+    await client.close();
+    await fake.close();
+  });
+
+  test("coalesces publishes into few writes; flush is a ping round trip", async () => {
+    const fake = await fakeBroker(standard());
+    const client = await connect(fake.path);
+    const peer = fake.peers[0];
+    assert.ok(peer);
+    await until(() => peer.chunks === 1, "the hello");
+    for (let i = 0; i < 200; i++) {
+      await client.publish(EVENTS_PROCESS_LIFECYCLE, event(i));
+    }
+    const rtt = await client.flush();
+    assert.ok(rtt >= 0);
+    assert.equal(peer.kinds().filter((k) => k === "publish").length, 200);
+    assert.ok(peer.chunks <= 3, `200 publishes and a ping took ${peer.chunks - 1} reads`);
+    const pub = peer.frames[1];
+    assert.equal(pub?.kind.case, "publish");
+    if (pub?.kind.case === "publish") {
+      assert.equal(pub.kind.value.topic, "events.process.lifecycle");
+      assert.equal(pub.kind.value.payloadType, "daemoneye.eventbus.v1.ProcessEvent");
+      assert.equal(fromBinary(ProcessEventSchema, pub.kind.value.payload).pid, 0);
+    }
+    assert.equal(client.statistics().published, 200);
+    await client.close();
+    await fake.close();
+  });
+
+  test("close: pending publishes, then a flush, then goodbye last", async () => {
+    const fake = await fakeBroker(standard());
+    const client = await connect(fake.path);
+    client.publishNowait(EVENTS_PROCESS_LIFECYCLE, event(1));
+    client.publishNowait(EVENTS_PROCESS_LIFECYCLE, event(2), {
+      correlation: { correlationId: "c", rootCorrelationId: "c" },
+    });
+    await client.close();
+    await client.close(); // idempotent
+    const peer = fake.peers[0];
+    assert.ok(peer);
+    await until(() => peer.ended, "the end of the connection");
+    assert.deepEqual(peer.kinds(), ["hello", "publish", "publish", "ping", "goodbye"]);
+    const second = peer.frames[2];
+    assert.equal(
+      second?.kind.case === "publish" && second.kind.value.correlation?.correlationId,
+      "c",
+    );
+    await assert.rejects(client.publish(EVENTS_PROCESS_LIFECYCLE, event(3)), ClosedResourceError);
+    await fake.close();
+  });
+
+  test("typed subscription: decoding, sequence gaps, unsubscribe", async () => {
+    const fake = await fakeBroker(
+      standard((f, peer) => {
+        if (f.kind.case !== "subscribe") {
+          return;
+        }
+        const id = f.kind.value.subscriptionId;
+        for (const sequence of [1n, 2n, 5n]) {
+          const payload = create(PublishSchema, {
+            topic: "events.process.lifecycle",
+            payloadType: "daemoneye.eventbus.v1.ProcessEvent",
+            payload: new Uint8Array([0x08, Number(sequence)]),
+          });
+          peer.send({ case: "deliver", value: { subscriptionId: id, sequence, publish: payload } });
+        }
+      }),
+    );
+    const client = await connect(fake.path, { component: "daemoneye-agent" });
+    const sub = await client.subscribe(EVENTS_PROCESS_LIFECYCLE, {
+      correlationFilter: { rootCorrelationIds: ["r"] },
+    });
+    const subscribe = fake.peers[0]?.frames.find((f) => f.kind.case === "subscribe");
+    assert.ok(subscribe?.kind.case === "subscribe");
+    assert.equal(subscribe.kind.value.filter, "events.process.lifecycle");
+    assert.deepEqual(subscribe.kind.value.correlationFilter?.rootCorrelationIds, ["r"]);
+    const pids: number[] = [];
+    for await (const ev of sub) {
+      pids.push(ev.message().pid);
+      if (pids.length === 3) {
+        break;
+      }
+    }
+    assert.deepEqual(pids, [1, 2, 5]);
+    assert.equal(sub.missed, 2);
+    assert.equal(sub.received, 3);
+    await sub.unsubscribe();
+    assert.equal(sub.active, false);
+    assert.ok(fake.peers[0]?.kinds().includes("unsubscribe"));
+    await client.close();
+    await fake.close();
+  });
+
+  test("a refused subscribe rejects with the typed error and its code", async () => {
+    const fake = await fakeBroker((f, peer) => {
+      if (f.kind.case === "hello") {
+        peer.send(WELCOME);
+      } else if (f.kind.case === "ping") {
+        peer.send({ case: "pong", value: { nonce: f.kind.value.nonce } });
+      } else if (f.kind.case === "subscribe") {
+        peer.send({
+          case: "error",
+          value: {
+            code: ErrorCode.ACCESS_DENIED,
+            message: "no",
+            subscriptionId: f.kind.value.subscriptionId,
+            topic: f.kind.value.filter,
+          },
+        });
+      }
+    });
+    const client = await connect(fake.path);
+    await assert.rejects(client.subscribe("events.#"), (err: unknown) => {
+      assert.equal((err as { name: string }).name, "AccessDenied");
+      assert.equal((err as { code: number }).code, ErrorCode.ACCESS_DENIED);
+      assert.equal((err as { topic: string }).topic, "events.#");
+      return true;
+    });
+    assert.ok(client.isConnected);
+    await client.close();
+    await fake.close();
+  });
+
+  test("a wrong message type is refused at run time too", async () => {
+    const fake = await fakeBroker(standard());
+    const client = await connect(fake.path);
+    const wrong = create(PublishSchema) as never;
+    await assert.rejects(client.publish(EVENTS_PROCESS_LIFECYCLE, wrong), PayloadTypeMismatch);
+    await client.close();
+    await fake.close();
+  });
+
+  test("a broker violation: fatal MALFORMED_FRAME sent back, subscriptions broken", async () => {
+    const fake = await fakeBroker(standard());
+    const client = await connect(fake.path);
+    const sub = await client.subscribe("events.#");
+    const peer = fake.peers[0];
+    assert.ok(peer);
+    peer.raw(Uint8Array.of(0)); // an empty frame
+    await assert.rejects(sub.get(2000), BrokenResourceError);
+    await until(() => peer.kinds().includes("error"), "the client's error");
+    const error = peer.frames.find((f) => f.kind.case === "error");
+    assert.ok(error?.kind.case === "error");
+    assert.equal(error.kind.value.code, ErrorCode.MALFORMED_FRAME);
+    assert.equal(error.kind.value.fatal, true);
+    assert.equal(client.isConnected, false);
+    await client.close();
+    await fake.close();
+  });
+
+  test("the broker's goodbye ends iteration with BrokenResourceError", async () => {
+    const fake = await fakeBroker(
+      standard((f, peer) => {
+        if (f.kind.case === "subscribe") {
+          peer.send({ case: "goodbye", value: { reason: "broker shutting down" } });
+          peer.socket.end();
+        }
+      }),
+    );
+    const client = await connect(fake.path);
+    const sub = await client.subscribe("#");
+    await assert.rejects(
+      (async () => {
+        for await (const _ of sub) {
+          // nothing is delivered
+        }
+      })(),
+      (err: unknown) => err instanceof BrokenResourceError && /goodbye/.test(err.message),
+    );
+    await client.close();
+    await fake.close();
+  });
+});

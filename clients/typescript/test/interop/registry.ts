@@ -1,0 +1,28 @@
+// Print the generated TypeScript registry as JSON, for comparison with the
+// Python registry (tests/test_interop.py).
+
+import { ACCESS_TABLE, TEMPLATES, TOPICS, lookup } from "../../src/index.js";
+import { emit } from "./common.js";
+
+emit({
+  topics: [...TOPICS.values()].map((t) => ({
+    name: t.name,
+    payload: t.payloadName,
+    access: t.access,
+    publishers: t.publishers,
+    subscribers: t.subscribers,
+    control: t.control,
+  })),
+  templates: TEMPLATES.map((t) => ({
+    pattern: t.pattern,
+    parameters: t.parameters,
+    filter: t.filter,
+    payload: t.payloadName,
+    access: t.access,
+    publishers: t.publishers,
+    subscribers: t.subscribers,
+    control: t.control,
+  })),
+  access: Object.fromEntries(ACCESS_TABLE),
+  lookupTemplate: lookup("control.collector.task.scan.procmond-1")?.template ?? null,
+});

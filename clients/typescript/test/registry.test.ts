@@ -1,0 +1,93 @@
+// The generated topic registry (codegen/render_ts.py), at run time.
+
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+
+import { TaskAssignmentSchema } from "../src/gen/daemoneye/eventbus/v1/control_pb.js";
+import { ProcessEventSchema } from "../src/gen/daemoneye/eventbus/v1/events_pb.js";
+import {
+  ACCESS_TABLE,
+  AccessLevel,
+  CONTROL_COLLECTOR_TASK_TARGETED,
+  EVENTS_PROCESS_ANOMALY,
+  EVENTS_PROCESS_LIFECYCLE,
+  PAYLOAD_REGISTRY,
+  TEMPLATES,
+  TOPICS,
+  Topic,
+  controlCollectorTaskTargeted,
+  lookup,
+  topicsForPayload,
+} from "../src/gen/daemoneye/eventbus/v1/registry.js";
+import { validateFilter, validateTopic, matches } from "../src/topics.js";
+
+describe("registry", () => {
+  test("a topic constant carries its declaration", () => {
+    assert.equal(EVENTS_PROCESS_LIFECYCLE.name, "events.process.lifecycle");
+    assert.equal(EVENTS_PROCESS_LIFECYCLE.schema, ProcessEventSchema);
+    assert.equal(EVENTS_PROCESS_LIFECYCLE.payloadName, "daemoneye.eventbus.v1.ProcessEvent");
+    assert.equal(EVENTS_PROCESS_LIFECYCLE.access, AccessLevel.RESTRICTED);
+    assert.deepEqual(EVENTS_PROCESS_LIFECYCLE.publishers, ["procmond"]);
+    assert.deepEqual(EVENTS_PROCESS_LIFECYCLE.subscribers, ["daemoneye-agent"]);
+    assert.equal(EVENTS_PROCESS_LIFECYCLE.control, false);
+    assert.equal(String(EVENTS_PROCESS_LIFECYCLE), "events.process.lifecycle");
+    assert.ok(Object.isFrozen(EVENTS_PROCESS_LIFECYCLE));
+    assert.ok(Object.isFrozen(EVENTS_PROCESS_LIFECYCLE.publishers));
+    assert.equal(EVENTS_PROCESS_ANOMALY.access, AccessLevel.PUBLIC);
+  });
+
+  test("every topic name is valid, and every template builds valid topics", () => {
+    for (const [name, topic] of TOPICS) {
+      assert.equal(topic.name, name);
+      validateTopic(name);
+      assert.ok(PAYLOAD_REGISTRY.getMessage(topic.payloadName), topic.payloadName);
+    }
+    for (const template of TEMPLATES) {
+      validateFilter(template.filter);
+    }
+  });
+
+  test("template builders", () => {
+    const topic = controlCollectorTaskTargeted({ type: "scan", id: "procmond-1" });
+    assert.ok(topic instanceof Topic);
+    assert.equal(topic.name, "control.collector.task.scan.procmond-1");
+    assert.equal(topic.schema, TaskAssignmentSchema);
+    assert.equal(topic.template, "control.collector.task.{type}.{id}");
+    assert.equal(topic.control, true);
+    assert.equal(CONTROL_COLLECTOR_TASK_TARGETED.filter, "control.collector.task.+.+");
+    assert.ok(matches(CONTROL_COLLECTOR_TASK_TARGETED.filter, topic.name));
+    assert.throws(() => controlCollectorTaskTargeted({ type: "a.b", id: "x" }), TypeError);
+    assert.throws(() => controlCollectorTaskTargeted({ type: "", id: "x" }), TypeError);
+    assert.throws(
+      () => CONTROL_COLLECTOR_TASK_TARGETED.build({ type: "a" } as { type: string; id: string }),
+      TypeError,
+    );
+    assert.deepEqual(CONTROL_COLLECTOR_TASK_TARGETED.match("control.collector.task.scan.p1"), {
+      type: "scan",
+      id: "p1",
+    });
+    assert.equal(CONTROL_COLLECTOR_TASK_TARGETED.match("control.collector.task.scan"), undefined);
+  });
+
+  test("lookup finds topics and template instances", () => {
+    assert.equal(lookup("events.process.lifecycle"), EVENTS_PROCESS_LIFECYCLE);
+    const built = lookup("control.collector.task.hash.fsmond");
+    assert.equal(built?.template, "control.collector.task.{type}.{id}");
+    assert.equal(built?.payloadName, "daemoneye.eventbus.v1.TaskAssignment");
+    assert.equal(lookup("events.nope"), undefined);
+    assert.equal(lookup("control.collector.task.a.b.c"), undefined);
+  });
+
+  test("topicsForPayload and the access table", () => {
+    const names = topicsForPayload(ProcessEventSchema).map((t) => t.name);
+    assert.deepEqual(names, [
+      "events.process.lifecycle",
+      "events.process.metadata",
+      "events.process.tree",
+      "events.process.integrity",
+      "events.process.anomaly",
+    ]);
+    assert.equal(ACCESS_TABLE.get("control.collector.task.{type}.{id}"), AccessLevel.PRIVILEGED);
+    assert.equal(ACCESS_TABLE.size, TOPICS.size + TEMPLATES.length);
+  });
+});

@@ -1,0 +1,56 @@
+// Compile-time checks, type-checked by `npm run typecheck` (never run): each
+// `@ts-expect-error` line MUST be a type error, or tsc fails.
+
+import { create } from "@bufbuild/protobuf";
+
+import {
+  EVENTS_NETWORK_CONNECTIONS,
+  EVENTS_PROCESS_LIFECYCLE,
+  NetworkEventSchema,
+  ProcessEventSchema,
+  TaskAssignmentSchema,
+  controlCollectorTaskTargeted,
+  lookup,
+  type Client,
+  type NetworkEvent,
+  type ProcessEvent,
+} from "../src/index.js";
+
+export async function typedPublish(client: Client): Promise<void> {
+  const process = create(ProcessEventSchema, { pid: 1, name: "init" });
+  const network = create(NetworkEventSchema, { localPort: 22 });
+  await client.publish(EVENTS_PROCESS_LIFECYCLE, process);
+  await client.publish(EVENTS_NETWORK_CONNECTIONS, network);
+  // @ts-expect-error a NetworkEvent on a process topic
+  await client.publish(EVENTS_PROCESS_LIFECYCLE, network);
+  // @ts-expect-error a ProcessEvent on a network topic
+  client.publishNowait(EVENTS_NETWORK_CONNECTIONS, process);
+  // @ts-expect-error a plain object is not a message
+  await client.publish(EVENTS_PROCESS_LIFECYCLE, { pid: 1, name: "init" });
+  // @ts-expect-error a ProcessEvent on a TaskAssignment template topic
+  await client.publish(controlCollectorTaskTargeted({ type: "scan", id: "p1" }), process);
+  await client.publish(
+    controlCollectorTaskTargeted({ type: "scan", id: "p1" }),
+    create(TaskAssignmentSchema),
+  );
+  // @ts-expect-error a template parameter is missing
+  controlCollectorTaskTargeted({ type: "scan" });
+  // lookup() of a literal name is typed by its payload.
+  await client.publish(lookup("events.network.connections"), network);
+  // @ts-expect-error the looked-up topic carries NetworkEvent
+  await client.publish(lookup("events.network.connections"), process);
+}
+
+export async function typedSubscribe(client: Client): Promise<void> {
+  const sub = await client.subscribe(EVENTS_PROCESS_LIFECYCLE);
+  for await (const event of sub) {
+    const message: ProcessEvent = event.message();
+    // @ts-expect-error a process subscription decodes ProcessEvent
+    const wrong: NetworkEvent = event.message();
+    void message;
+    void wrong;
+  }
+  const any = await client.subscribe("events.#");
+  const decoded = (await any.get()).message();
+  void decoded.$typeName;
+}
