@@ -52,6 +52,7 @@ from daemoneye_eventbus.transport import PeerCredentials
 
 __all__ = [
     "DEFAULT_PRIVILEGED",
+    "MAX_COMPONENT_CHARS",
     "ANONYMOUS",
     "AuditLog",
     "ComponentRule",
@@ -62,6 +63,9 @@ __all__ = [
     "may_publish",
     "may_read",
 ]
+
+#: Longest component name a peer may claim.
+MAX_COMPONENT_CHARS: Final = 128
 
 #: Components privileged by the default policy.
 DEFAULT_PRIVILEGED: Final = frozenset({"daemoneye-agent"})
@@ -219,6 +223,10 @@ class Policy:
         Raises :class:`AccessDenied` with the reason when the claim is refused.
         ``executable`` is the peer's ``/proc/<pid>/exe``, when it could be read.
         """
+        if len(claimed) > MAX_COMPONENT_CHARS:
+            raise AccessDenied(
+                f"a component name is at most {MAX_COMPONENT_CHARS} characters, not {len(claimed)}"
+            )
         if not claimed:
             if not self.allow_anonymous:
                 raise AccessDenied("anonymous peers are not allowed by the policy")

@@ -96,6 +96,8 @@ log = logging.getLogger("daemoneye_eventbus.broker")
 # frames wait in the session's bounded queue instead.
 _WRITE_HIGH: Final = 256 * 1024
 _WRITE_LOW: Final = 64 * 1024
+# Connections the kernel queues before the broker accepts them.
+_LISTEN_BACKLOG: Final = 512
 # Error messages sent to peers are cut to this many characters.
 _MAX_ERROR_MESSAGE: Final = 512
 # Topics whose routing is remembered; the cache is cleared when it grows past
@@ -366,7 +368,9 @@ class Broker:
             self.path, mode=self.config.socket_mode, group=self.config.socket_group
         )
         self._inode = os.stat(self.path).st_ino
-        self._server = await loop.create_unix_server(lambda: _SocketSession(self), sock=sock)
+        self._server = await loop.create_unix_server(
+            lambda: _SocketSession(self), sock=sock, backlog=_LISTEN_BACKLOG
+        )
         self._housekeeper = asyncio.create_task(
             self._housekeeping(), name=f"eventbus[broker {self.path}].housekeeping"
         )
