@@ -96,6 +96,11 @@ log = logging.getLogger("daemoneye_eventbus.broker")
 # frames wait in the session's bounded queue instead.
 _WRITE_HIGH: Final = 256 * 1024
 _WRITE_LOW: Final = 64 * 1024
+# Topics whose publish permission a session remembers; cleared when full.
+_PUBLISH_CHECKS_SIZE: Final = 1024
+# A cache miss, distinct from "allowed" (None).
+_UNCHECKED: Final = "\0unchecked"
+_CLOSING_STATES: Final = (State.CLOSING, State.CLOSED)
 # Connections the kernel queues before the broker accepts them.
 _LISTEN_BACKLOG: Final = 512
 # Error messages sent to peers are cut to this many characters.
@@ -301,6 +306,8 @@ class _Session(abc.ABC):
         self.broker = broker
         self.session_id = secrets.token_hex(8)
         self.subscriptions: dict[int, _Subscription] = {}
+        #: may_publish's verdict per topic for this session's identity.
+        self.publish_checks: dict[str, str | None] = {}
 
     @abc.abstractmethod
     def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
@@ -616,7 +623,14 @@ class Broker:
         """
         topic = publish.topic
         info = self._topic_info(topic)
-        denied = may_publish(session.identity, info.access)
+        checks = session.publish_checks
+        denied = checks.get(topic, _UNCHECKED)
+        if denied is _UNCHECKED:
+            # The identity is fixed at the handshake: remember the verdict per topic.
+            denied = may_publish(session.identity, info.access)
+            if len(checks) >= _PUBLISH_CHECKS_SIZE:
+                checks.clear()
+            checks[topic] = denied
         if denied is not None:
             self.audit.record(
                 "publish_refused",
@@ -820,7 +834,7 @@ class _SocketSession(_Session, asyncio.Protocol):
         # a violation found while *handling* a frame ends the read there.
         closing_already = conn.close_expected
         for frame in conn.events_received():
-            if conn.close_expected and not closing_already:
+            if not closing_already and conn.state in _CLOSING_STATES:
                 break
             try:
                 self._handle(frame)

@@ -377,9 +377,9 @@ class Connection:
                 if end > len(buf):
                     break
                 self._body_len = None
-                self._receive_frame(bytes(buf[pos:end]))
+                closing = self._receive_frame(bytes(buf[pos:end]))
                 pos = end
-                if self.close_expected:
+                if closing:
                     break
         except RemoteProtocolError as exc:
             self.fail(exc)
@@ -404,7 +404,8 @@ class Connection:
                 ErrorCode.ERROR_CODE_MALFORMED_FRAME,
             )
 
-    def _receive_frame(self, body: bytes) -> None:
+    def _receive_frame(self, body: bytes) -> bool:
+        """Decode and check one frame; True if the peer is closing the connection."""
         try:
             frame = Frame.FromString(body)
         except (DecodeError, RecursionError) as exc:
@@ -431,7 +432,10 @@ class Connection:
             self._set_state(State.OPEN)
         elif kind == "goodbye" or (kind == "error" and frame.error.fatal):
             self._set_state(State.CLOSING)
+            self._events.append(frame)
+            return True
         self._events.append(frame)
+        return False
 
     def receive_eof(self) -> None:
         """The peer closed its side: the connection is closed."""
