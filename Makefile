@@ -7,7 +7,7 @@ PY     := $(BIN)/python
 TS     := clients/typescript
 
 .PHONY: setup venv node ts-node gen gen-check lint buf-lint buf-breaking types test ts-test \
-	check demo bench bench-smoke fuzz fuzz-smoke soak soak-smoke clean
+	check demo bench bench-quick bench-e2e bench-smoke fuzz fuzz-smoke soak soak-smoke clean
 
 FUZZ_SECONDS ?= 60
 FUZZ_DIR     ?= build/fuzz
@@ -22,7 +22,7 @@ ts-node: $(TS)/node_modules/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -60,17 +60,28 @@ types: venv
 
 # pytest exits 5 when it collects nothing: like every non-zero exit, that fails.
 test: venv ts-node
-	PYTHONASYNCIODEBUG=1 $(BIN)/pytest tests benchmarks/test_hot_paths.py
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest tests benchmarks/test_hot_paths.py benchmarks/test_suite_smoke.py
 
 ts-test: ts-node
 	npm test --prefix $(TS)
 
-check: gen-check lint types ts-test test bench-smoke fuzz-smoke soak-smoke
+check: gen-check lint types ts-test test bench-smoke bench-quick fuzz-smoke soak-smoke
 
 demo: venv
 	$(BIN)/daemoneye-eventbus demo
 
+# This bus side by side with ZeroMQ, NATS and Mosquitto (installed by the suite
+# if missing): benchmarks/RESULTS.md and benchmarks/results.png, about 7 minutes.
 bench: venv
+	$(PY) -m benchmarks.suite
+
+# The same on small counts, for CI (about 30 s); written under build/ so that
+# the committed results stay.
+bench-quick: venv
+	$(PY) -m benchmarks.suite --quick --out build/bench/RESULTS.md --chart build/bench/results.png
+
+# The end-to-end harness of this bus alone.
+bench-e2e: venv
 	$(PY) -m benchmarks.e2e
 
 bench-smoke: venv

@@ -146,6 +146,8 @@ def encode_varint(value: int) -> bytes:
         raise ValueError("a varint cannot be negative")
     if value < 0x4000:
         return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:  # sequence numbers spend most of their life here
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

@@ -1,0 +1,171 @@
+"""Smoke test of the side-by-side suite (``benchmarks/suite.py``), so that it cannot rot.
+
+It runs every workload against this bus only, on tiny counts, renders the
+Markdown report and the chart, and checks that the peers' adapters import
+and spell topics and filters as their systems expect. The peers themselves
+are not run here: ``make bench`` (or ``python -m benchmarks.suite --quick``)
+does that.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from benchmarks.peers import ADAPTERS, SYSTEMS, adapter
+from benchmarks.peers.base import PAYLOAD_BYTES, TOPIC, WILDCARD, payload, routing_filters
+from benchmarks.peers.daemoneye_peer import make_event
+from benchmarks.suite import (
+    WORKLOADS,
+    Settings,
+    _parser,
+    importable_chart,
+    markdown_report,
+    run_suite,
+    self_time,
+    settings_from,
+    write_chart,
+)
+
+TINY = Settings(
+    messages=400,
+    latency_messages=40,
+    warmup=10,
+    filter_counts=(10, 300),
+    routing_messages=400,
+    idle_clients=8,
+    cap=30.0,
+    repeat=1,
+    quick=True,
+)
+
+
+@pytest.mark.timeout(90)
+def test_daemoneye_runs_every_workload_and_the_report_renders(tmp_path: Path) -> None:
+    results, machine = run_suite(["daemoneye"], list(WORKLOADS), TINY, install=False)
+    failed = [(r.workload, r.status, r.errors) for r in results if not r.ok]
+    assert not failed
+    # One row per workload, E once per filter count.
+    assert [r.workload for r in results] == ["A", "B", "C", "D", "E", "E", "F"]
+    for r in results:
+        if r.workload in "ABCEF":
+            assert r.received == r.expected > 0, r  # nothing is dropped at this pace
+            assert r.received_per_s
+            assert r.broker_cpu_pct is not None
+    latency = next(r for r in results if r.workload == "D")
+    assert latency.latency_us is not None
+    assert latency.latency_us["p50"] <= latency.latency_us["p99"] <= latency.latency_us["p99.9"]
+    memory = next(r for r in results if r.workload == "F").memory
+    assert {"rss_empty_kib", "rss_clients_kib", "rss_before_kib", "peak_kib"} <= set(memory)
+
+    report = markdown_report(results, machine, TINY, "python -m benchmarks.suite (test)")
+    for w, title in WORKLOADS.items():
+        assert f"## {w}: {title}" in report
+    assert report.count("| daemoneye-eventbus | Unix socket |") == 5  # A, B, C, D, F
+    assert "| daemoneye-eventbus | 300 |" in report  # E, per filter count
+    assert "## Targets" in report
+    assert machine["versions"]["protobuf"]
+
+    if importable_chart():
+        chart = tmp_path / "results.png"
+        assert write_chart(results, chart) is None
+        assert chart.stat().st_size > 10_000
+
+
+def test_an_unavailable_peer_gets_a_row_not_silence() -> None:
+    from benchmarks.suite import Result
+
+    results = [
+        Result("daemoneye", "daemoneye-eventbus", "A", transport="Unix socket"),
+        Result("nats", "NATS", "A", status="unavailable", errors=["nats-server not found"]),
+    ]
+    report = markdown_report(results, _machine(), TINY, "test")
+    assert "| NATS | - | n/a | n/a | n/a | n/a | NOT AVAILABLE: nats-server not found |" in report
+
+
+@pytest.mark.parametrize("name", SYSTEMS)
+def test_peer_adapters_import(name: str) -> None:
+    system = adapter(name)
+    assert system.name == name
+    assert isinstance(system, ADAPTERS[name])
+    roles = importlib.import_module(system.module).ROLES
+    assert set(roles) == {"pub", "sub", "stalled", "holder", "idle", "echo", "ping"}
+
+
+def test_peers_spell_filters_in_their_own_syntax() -> None:
+    from benchmarks.peers.mqtt_peer import topic_name
+    from benchmarks.peers.nats_peer import subject
+    from benchmarks.peers.zmq_peer import prefix
+
+    assert subject(WILDCARD) == "events.process.>"
+    assert subject(("events", "+", "n1")) == "events.*.n1"
+    assert topic_name(WILDCARD) == "events/process/#"
+    assert prefix(WILDCARD) == b"events.process."
+    assert prefix(TOPIC).startswith(prefix(WILDCARD))
+    filters = routing_filters(3_000)
+    assert len(set(filters)) == len(filters) == 3_000
+    # None of the routing filters may match the measured topic, in any syntax.
+    topic = ".".join(TOPIC).encode()
+    assert not any(topic.startswith(prefix(f)) for f in filters)
+
+
+def test_payloads_are_256_bytes() -> None:
+    assert len(payload()) == PAYLOAD_BYTES
+    assert make_event().ByteSize() == PAYLOAD_BYTES
+
+
+def test_quick_settings_and_arguments() -> None:
+    args = _parser().parse_args(["--quick", "--systems", "daemoneye,nats", "--workloads", "A,E"])
+    assert args.systems == ["daemoneye", "nats"]
+    assert args.workloads == ["A", "E"]
+    settings = settings_from(args)
+    assert settings.quick
+    assert settings.messages == 5_000
+    assert max(settings.filter_counts) == 10_000
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--systems", "kafka"])
+
+
+def test_repeated_runs_show_the_median() -> None:
+    from benchmarks.suite import Result, _median_runs
+
+    def run(rate: float, status: str = "ok") -> list[Result]:
+        return [Result("zmq", "ZeroMQ proxy", "A", status=status, received_per_s=rate)]
+
+    failed = run(0.0, "incomplete")
+    failed[0].errors.append("cap reached: workers killed")
+    chosen = _median_runs([run(300.0), run(100.0), run(200.0), failed])
+    assert [r.received_per_s for r in chosen] == [200.0]
+    assert chosen[0].notes[0] == (
+        "median of 4 runs by received/s (100, 200, 300; 1 incomplete: cap reached: workers killed)"
+    )
+
+
+def test_self_time_aggregates_py_spy_raw_stacks() -> None:
+    from benchmarks.suite import WAITING
+
+    raw = (
+        "<module> (a.py:1);run (a.py:5);route (broker.py:600) 30\n"
+        "<module> (a.py:1);run (a.py:5);route (broker.py:610) 10\n"
+        "<module> (a.py:1);run (a.py:6) 60\n"
+        "<module> (a.py:1);select (selectors.py:9);EpollSelector.select (selectors.py:468) 100\n"
+    )
+    assert self_time(raw) == [
+        (WAITING, 50.0),
+        ("run (a.py)", 60.0),
+        ("route (broker.py)", 40.0),
+    ]
+
+
+def _machine() -> dict[str, object]:
+    return {
+        "cpu_model": "test",
+        "cores": 2,
+        "memory": "1 GiB",
+        "kernel": "Linux",
+        "python": "CPython 3.11",
+        "versions": {},
+        "date": "today",
+    }
