@@ -128,34 +128,10 @@ class DaemoneyeAdapter(Adapter):
 
 
 def make_event(size: int = PAYLOAD_BYTES) -> Any:
-    """A ``ProcessEvent`` whose serialized form is exactly ``size`` bytes.
+    """A ``ProcessEvent`` of exactly ``size`` bytes: the e2e harness's event."""
+    from benchmarks.e2e import make_event as e2e_event
 
-    The command line is padded to reach the size; ``pid`` may then be set to
-    any value in ``[PID_BASE, 2**28)`` without changing it. (The same event as
-    ``benchmarks.e2e.make_event``.)
-    """
-    from daemoneye.eventbus.v1 import events_pb2
-
-    event = events_pb2.ProcessEvent(
-        pid=PID_BASE,
-        name="bench-process",
-        executable_path="/usr/bin/bench-process",
-        ppid=1,
-        user_id=1000,
-        kind=events_pb2.PROCESS_EVENT_KIND_START,
-    )
-    event.observed_at.seconds = 1_700_000_000
-    event.observed_at.nanos = 123_456_789
-    prefix = "/usr/bin/bench-process --padding="
-    for pad in range(size):
-        event.command_line = prefix + "x" * pad
-        if event.ByteSize() >= size:
-            break
-    if event.ByteSize() != size:
-        event.name = event.name[:-1]  # a length prefix grew by a byte: trim the name
-    if event.ByteSize() != size:
-        raise ValueError(f"cannot build a ProcessEvent of exactly {size} bytes")
-    return event
+    return e2e_event(size)
 
 
 # -- roles -------------------------------------------------------------------------------
