@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -53,6 +52,7 @@ from typing import Any, Final
 
 from google.protobuf.internal import api_implementation
 
+from benchmarks.peers.base import cpu_model, percentile, stat_cpu_seconds
 from daemoneye.eventbus.v1 import events_pb2, registry
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import ConnectionClosed, RequestTimeout
@@ -447,24 +447,6 @@ class ScenarioResult:
     errors: list[str] = field(default_factory=list)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        stat = f.read()
-    # The command name may hold spaces and parentheses; fields follow the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(sorted_values: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile of already sorted values (``q`` in ``[0, 100]``)."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return float(sorted_values[min(rank, len(sorted_values)) - 1])
-
-
 # -- the broker process ----------------------------------------------------------------
 
 
@@ -559,7 +541,7 @@ class _Run:
         cpu: dict[str, float] = {}
         for name, pid in pids.items():
             with contextlib.suppress(OSError, ValueError):
-                cpu[name] = _cpu_seconds(pid)
+                cpu[name] = stat_cpu_seconds(pid)
         self.cpu_samples.append((now, cpu))
 
     def _poll(self) -> None:
@@ -791,14 +773,8 @@ def _broker_cpu(run: _Run, start_ns: int, end_ns: int, result: ScenarioResult) -
 
 def machine_description() -> dict[str, Any]:
     """CPU model, core count, Python and protobuf implementation."""
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),

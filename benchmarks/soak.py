@@ -72,6 +72,7 @@ from typing import Any, Final
 
 from google.protobuf.message import Message
 
+from benchmarks.peers.base import stat_cpu_seconds
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.client import Client
@@ -686,11 +687,9 @@ def _rss_kib(pid: int) -> int | None:
 
 def _cpu_seconds(pid: int) -> float | None:
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return stat_cpu_seconds(pid)
+    except (OSError, ValueError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Sampler(threading.Thread):

@@ -60,8 +60,10 @@ from benchmarks.peers.base import (
     BrokerProcess,
     Ctl,
     WorkerMessage,
+    cpu_model,
     cpu_seconds,
     memory_kib,
+    percentile,
     pip_install,
     routing_filters,
     worker_main,
@@ -407,14 +409,6 @@ def _cpu_between(run: _Run, start_ns: int, end_ns: int) -> dict[str, tuple[float
         seconds = last[1] - first[1]
         out[name] = (seconds, 100.0 * seconds / ((last[0] - first[0]) / _NS))
     return out
-
-
-def percentile(sorted_values: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile of already sorted values (``q`` in ``[0, 100]``)."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return float(sorted_values[min(rank, len(sorted_values)) - 1])
 
 
 # -- one run of one workload --------------------------------------------------------------
@@ -914,12 +908,6 @@ def _raise_fd_limit(wanted: int) -> None:
 
 def machine_description(versions: dict[str, str]) -> dict[str, Any]:
     """CPU model, cores, kernel, Python and package versions."""
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     mem = ""
     with contextlib.suppress(OSError), open("/proc/meminfo", encoding="utf-8") as f:
         first = f.readline().split()
@@ -930,7 +918,7 @@ def machine_description(versions: dict[str, str]) -> dict[str, Any]:
 
         versions.setdefault("matplotlib", version("matplotlib"))
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "memory": mem,
         "kernel": f"{platform.system()} {platform.release()}",

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import os
+import platform
 import signal
 import subprocess
 import time
@@ -151,6 +153,24 @@ def stat_cpu_seconds(pid: int) -> float:
     # The command name may hold spaces and parentheses; fields follow the last ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (``q`` in ``[0, 100]``)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo``."""
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return model
 
 
 def memory_kib(pid: int) -> dict[str, int]:
