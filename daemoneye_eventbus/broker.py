@@ -641,11 +641,15 @@ class Broker:
                 reason=denied,
             )
             raise _Refusal(ErrorCode.ERROR_CODE_ACCESS_DENIED, f"publish on {topic!r}: {denied}")
+        # Encoded once, for the size check and for every subscriber. Unknown
+        # fields are never forwarded; the payload stays opaque.
+        publish.DiscardUnknownFields()
+        data = publish.SerializeToString()
         limit = self.config.max_frame_bytes - DELIVER_OVERHEAD
-        if publish.ByteSize() > limit:
+        if len(data) > limit:
             raise _Refusal(
                 ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
-                f"event of {publish.ByteSize()} bytes cannot be delivered within the frame "
+                f"event of {len(data)} bytes cannot be delivered within the frame "
                 f"limit; events may be at most {limit} bytes",
             )
         if info.payload_type is not None and publish.payload_type != info.payload_type:
@@ -678,15 +682,10 @@ class Broker:
             self._route_cache[topic] = subs
         if not subs:
             return 0
-        data: bytes | None = None
         taken = 0
         for sub in subs:
             if sub.matcher is not None and not sub.matcher.matches(correlation):
                 continue
-            if data is None:
-                # Unknown fields are never forwarded; the payload stays opaque.
-                publish.DiscardUnknownFields()
-                data = publish.SerializeToString()
             sub.sequence += 1
             if sub.session.enqueue(sub, publish, data):
                 sub.delivered += 1

@@ -50,7 +50,6 @@ from daemoneye_eventbus.protocol import (
     Role,
     State,
     encode_publish,
-    encode_varint,
     error_for_code,
     publish_header,
 )
@@ -307,9 +306,7 @@ class Client:
         self._subs: dict[int, Subscription[Any]] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
-        self._out: list[bytes] = []
         self._headers: dict[str, tuple[bytes, bytes]] = {}
-        self._out_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._closing = False
         self._closed_error: BaseException | None = None
@@ -393,7 +390,7 @@ class Client:
         if protocol is None or protocol.transport is None:
             self._finish(ClosedResourceError("client closed"))
             return
-        self._write_now()  # what was published before close() goes out first
+        # One output buffer: the goodbye goes out after everything published before.
         if self._conn.state is State.OPEN:
             self._conn.send(Frame(goodbye=frames_pb2.Goodbye(reason="client closing")))
         self._write_now()
@@ -424,8 +421,6 @@ class Client:
 
     def _connection_lost(self, exc: Exception | None) -> None:
         self._conn.close()
-        self._out.clear()
-        self._out_bytes = 0
         error = self._closed_error
         if not isinstance(error, EventBusError):
             error = BrokenResourceError(
@@ -535,10 +530,9 @@ class Client:
 
     # -- sending --------------------------------------------------------------------
 
-    def _queue(self, data: bytes) -> None:
-        self._out.append(data)
-        self._out_bytes += len(data)
-        if self._out_bytes >= _FLUSH_BYTES:
+    def _coalesce(self) -> None:
+        """Write now past _FLUSH_BYTES, else at the end of this loop turn."""
+        if self._conn.buffered_bytes >= _FLUSH_BYTES:
             self._write_now()
         elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
@@ -552,21 +546,13 @@ class Client:
             return
         pending = self._conn.data_to_send()
         if pending:
-            self._out.insert(0, pending)
-        if self._out:
-            protocol.transport.write(b"".join(self._out))
-            self._out.clear()
-            self._out_bytes = 0
+            protocol.transport.write(pending)
 
     def _send(self, frame: Frame) -> None:
         self._check_open()
-        body = frame.SerializeToString()
-        limit = self.limits.max_frame_bytes
-        if limit and len(body) > limit:
-            raise LimitExceeded(
-                f"frame of {len(body)} bytes exceeds the broker's limit of {limit} bytes"
-            )
-        self._queue(encode_varint(len(body)) + body)
+        # Raises LocalProtocolError for a frame over the broker's limit (a misuse).
+        self._conn.send(frame)
+        self._coalesce()
 
     def _encode_publish(
         self, topic: Topic[P], message: P, correlation: CorrelationMetadata | None
@@ -605,9 +591,11 @@ class Client:
         protocol = self._protocol
         assert protocol is not None
         assert protocol.transport is not None
-        if self._out_bytes + protocol.transport.get_write_buffer_size() > self.max_buffer_bytes:
+        waiting = self._conn.buffered_bytes + protocol.transport.get_write_buffer_size()
+        if waiting > self.max_buffer_bytes:
             raise LimitExceeded(f"more than {self.max_buffer_bytes} bytes wait to be written")
-        self._queue(self._encode_publish(topic, message, correlation))
+        self._conn.send_encoded(self._encode_publish(topic, message, correlation))
+        self._coalesce()
         self._published += 1
 
     async def publish(
@@ -626,7 +614,8 @@ class Client:
         if protocol.paused:
             await protocol.drain()
             self._check_open()
-        self._queue(self._encode_publish(topic, message, correlation))
+        self._conn.send_encoded(self._encode_publish(topic, message, correlation))
+        self._coalesce()
         self._published += 1
 
     async def publish_raw(

@@ -477,16 +477,26 @@ class Connection:
         elif kind == "goodbye" or (kind == "error" and frame.error.fatal):
             self._set_state(State.CLOSING)
 
+    def send_encoded(self, data: bytes) -> None:
+        """Queue a frame already encoded with its prefix (:func:`encode_publish`).
+
+        For the client's publish hot path, which builds frames without protobuf
+        objects; only while open, and the caller checks the size.
+        """
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send while {self.state.value}")
+        self._append(data)
+
     def send_deliver(self, subscription_id: int, sequence: int, publish: bytes) -> int:
         """Queue a ``Deliver`` frame (broker side, open state); return its size."""
         if self.state is not State.OPEN or self.role is not Role.BROKER:
             raise LocalProtocolError(f"cannot deliver while {self.state.value}")
-        data = encode_deliver(subscription_id, sequence, publish)
         if len(publish) > self.max_frame_bytes - DELIVER_OVERHEAD:
             raise LocalProtocolError(
-                f"deliver frame of {len(data)} bytes would exceed the limit of "
+                f"deliver frame for a {len(publish)}-byte publish would exceed the limit of "
                 f"{self.max_frame_bytes} bytes"
             )
+        data = encode_deliver(subscription_id, sequence, publish)
         self._append(data)
         return len(data)
 
