@@ -45,7 +45,7 @@ from daemoneye_eventbus.access import (
     may_read,
 )
 from daemoneye_eventbus.correlation import CorrelationMatcher, validate_metadata
-from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent, received_batch
 from daemoneye_eventbus.errors import (
     AccessDenied,
     BrokerError,
@@ -58,6 +58,7 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
+    DELIVER_BATCH_OVERHEAD,
     DELIVER_OVERHEAD,
     HANDSHAKE_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -66,6 +67,8 @@ from daemoneye_eventbus.protocol import (
     State,
     error_for_code,
     error_frame,
+    publish_body,
+    publish_header,
 )
 from daemoneye_eventbus.topics import (
     SubscriptionTrie,
@@ -312,6 +315,17 @@ class _Session(abc.ABC):
     @abc.abstractmethod
     def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
         """Queue one event for ``sub``; False if its queue is full (dropped)."""
+
+    @abc.abstractmethod
+    def enqueue_batch(
+        self,
+        sub: _Subscription,
+        batch: frames_pb2.PublishBatch,
+        data: bytes,
+        first: int,
+        count: int,
+    ) -> bool:
+        """Queue ``count`` events numbered from ``first`` for ``sub``, all or none."""
 
     @abc.abstractmethod
     def queue_depth(self) -> tuple[int, int]:
@@ -621,7 +635,85 @@ class Broker:
         Raises :class:`_Refusal` (an :class:`EventBusError`) with an error code
         when the event is refused; nothing is delivered then.
         """
-        topic = publish.topic
+        # Encoded once, for the size check and for every subscriber. Unknown
+        # fields are never forwarded; the payload stays opaque.
+        publish.DiscardUnknownFields()
+        data = publish.SerializeToString()
+        correlation = publish.correlation if publish.HasField("correlation") else None
+        subs = self._accept(
+            session,
+            publish.topic,
+            publish.payload_type,
+            correlation,
+            len(data),
+            self.config.max_frame_bytes - DELIVER_OVERHEAD,
+            1,
+        )
+        taken = 0
+        for sub in subs:
+            if sub.matcher is not None and not sub.matcher.matches(correlation):
+                continue
+            sub.sequence += 1
+            if sub.session.enqueue(sub, publish, data):
+                sub.delivered += 1
+                taken += 1
+            else:
+                sub.dropped += 1
+                self.dropped += 1
+        self.delivered += taken
+        return taken
+
+    def route_batch(self, session: _Session, batch: frames_pb2.PublishBatch) -> int:
+        """Check and route a batch of events; return how many events queues took.
+
+        The batch is accepted or refused as a whole, and each subscriber takes
+        or drops it as a whole: its events keep consecutive sequence numbers.
+        """
+        count = len(batch.payloads)
+        if not count:
+            raise _Refusal(ErrorCode.ERROR_CODE_MALFORMED_FRAME, "publish batch holds no events")
+        batch.DiscardUnknownFields()
+        data = batch.SerializeToString()
+        correlation = batch.correlation if batch.HasField("correlation") else None
+        subs = self._accept(
+            session,
+            batch.topic,
+            batch.payload_type,
+            correlation,
+            len(data),
+            self.config.max_frame_bytes - DELIVER_BATCH_OVERHEAD,
+            count,
+        )
+        taken = 0
+        for sub in subs:
+            if sub.matcher is not None and not sub.matcher.matches(correlation):
+                continue
+            first = sub.sequence + 1
+            sub.sequence += count
+            if sub.session.enqueue_batch(sub, batch, data, first, count):
+                sub.delivered += count
+                taken += count
+            else:
+                sub.dropped += count
+                self.dropped += count
+        self.delivered += taken
+        return taken
+
+    def _accept(
+        self,
+        session: _Session,
+        topic: str,
+        payload_type: str,
+        correlation: CorrelationMetadata | None,
+        size: int,
+        limit: int,
+        count: int,
+    ) -> tuple[_Subscription, ...]:
+        """Check ``count`` events (``size`` bytes encoded) published on ``topic``.
+
+        Returns the subscriptions that may receive them (correlation filters
+        not yet applied); raises :class:`_Refusal` when they are refused.
+        """
         info = self._topic_info(topic)
         checks = session.publish_checks
         denied = checks.get(topic, _UNCHECKED)
@@ -641,31 +733,25 @@ class Broker:
                 reason=denied,
             )
             raise _Refusal(ErrorCode.ERROR_CODE_ACCESS_DENIED, f"publish on {topic!r}: {denied}")
-        # Encoded once, for the size check and for every subscriber. Unknown
-        # fields are never forwarded; the payload stays opaque.
-        publish.DiscardUnknownFields()
-        data = publish.SerializeToString()
-        limit = self.config.max_frame_bytes - DELIVER_OVERHEAD
-        if len(data) > limit:
+        if size > limit:
+            what = f"event of {size} bytes" if count == 1 else f"batch of {count} events"
             raise _Refusal(
                 ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
-                f"event of {len(data)} bytes cannot be delivered within the frame "
-                f"limit; events may be at most {limit} bytes",
+                f"{what} cannot be delivered within the frame limit; "
+                f"an encoded event or batch may be at most {limit} bytes, this is {size}",
             )
-        if info.payload_type is not None and publish.payload_type != info.payload_type:
+        if info.payload_type is not None and payload_type != info.payload_type:
             raise _Refusal(
                 ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH,
-                f"topic {topic!r} carries {info.payload_type}, not {publish.payload_type!r}",
+                f"topic {topic!r} carries {info.payload_type}, not {payload_type!r}",
             )
-        correlation: CorrelationMetadata | None = None
-        if publish.HasField("correlation"):
-            correlation = publish.correlation
+        if correlation is not None:
             try:
                 validate_metadata(correlation)
             except InvalidCorrelation as exc:
                 raise _Refusal(ErrorCode.ERROR_CODE_INVALID_CORRELATION, str(exc)) from None
-        session.published += 1
-        self.published += 1
+        session.published += count
+        self.published += count
         subs = self._route_cache.get(topic)
         if subs is None:
             # Who receives this topic: the subscriptions that match it, that want
@@ -680,21 +766,7 @@ class Broker:
             if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
                 self._route_cache.clear()
             self._route_cache[topic] = subs
-        if not subs:
-            return 0
-        taken = 0
-        for sub in subs:
-            if sub.matcher is not None and not sub.matcher.matches(correlation):
-                continue
-            sub.sequence += 1
-            if sub.session.enqueue(sub, publish, data):
-                sub.delivered += 1
-                taken += 1
-            else:
-                sub.dropped += 1
-                self.dropped += 1
-        self.delivered += taken
-        return taken
+        return subs
 
     def _schedule_flush(self) -> None:
         """Write queued deliveries at the end of this loop turn (in-process publishes)."""
@@ -790,6 +862,8 @@ class _SocketSession(_Session, asyncio.Protocol):
         self._nonce = itertools.count(1)
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
+        #: The client decodes DeliverBatch frames (said in its Hello).
+        self.accepts_batches = False
 
     # asyncio.Protocol ------------------------------------------------------
 
@@ -877,7 +951,9 @@ class _SocketSession(_Session, asyncio.Protocol):
     def _handle(self, frame: Frame) -> None:
         kind = frame.WhichOneof("kind")
         broker = self.broker
-        if kind == "publish":
+        if kind == "publish_batch":
+            broker.route_batch(self, frame.publish_batch)
+        elif kind == "publish":
             broker.route(self, frame.publish)
         elif kind == "subscribe":
             req = frame.subscribe
@@ -918,6 +994,7 @@ class _SocketSession(_Session, asyncio.Protocol):
                 ErrorCode.ERROR_CODE_UNSUPPORTED_VERSION,
             )
         self.client_name = hello.client_name[:128]
+        self.accepts_batches = hello.accept_batches
         claimed = hello.component
         policy = self.broker.policy
         executable = None
@@ -944,6 +1021,7 @@ class _SocketSession(_Session, asyncio.Protocol):
             session_id=self.session_id,
             limits=self.broker.config.limits(),
             component=self.component,
+            batches=True,
         )
         self._send(Frame(welcome=welcome))
 
@@ -953,6 +1031,8 @@ class _SocketSession(_Session, asyncio.Protocol):
         topic = ""
         if kind == "publish":
             topic = frame.publish.topic[:256]
+        elif kind == "publish_batch":
+            topic = frame.publish_batch.topic[:256]
         elif kind == "subscribe":
             sub_id = frame.subscribe.subscription_id
             topic = frame.subscribe.filter[:256]
@@ -975,35 +1055,67 @@ class _SocketSession(_Session, asyncio.Protocol):
     # delivery ------------------------------------------------------------------
 
     def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
+        if not self._make_room(1, len(data)):
+            return False
+        self.conn.send_deliver(sub.subscription_id, sub.sequence, data)
+        self.broker._dirty.add(self)
+        return True
+
+    def enqueue_batch(
+        self,
+        sub: _Subscription,
+        batch: frames_pb2.PublishBatch,
+        data: bytes,
+        first: int,
+        count: int,
+    ) -> bool:
+        if not self._make_room(count, len(data)):
+            return False
+        conn = self.conn
+        sid = sub.subscription_id
+        if self.accepts_batches:
+            conn.send_deliver_batch(sid, first, data, count)
+        else:
+            # A client without batch support gets one Deliver per event.
+            header = publish_header(batch.topic, batch.payload_type)
+            corr = batch.correlation.SerializeToString() if batch.HasField("correlation") else None
+            for sequence, payload in enumerate(batch.payloads, first):
+                conn.send_deliver(sid, sequence, publish_body(header, payload, corr))
+        self.broker._dirty.add(self)
+        return True
+
+    def _make_room(self, count: int, size: int) -> bool:
+        """Whether ``count`` more events (``size`` bytes) fit the queue, flushing if need be."""
         conn = self.conn
         cfg = self.broker.config
         if conn.state is not State.OPEN:
             return False
         if (
-            conn.buffered_frames >= cfg.max_queue_messages
-            or conn.buffered_bytes + len(data) > cfg.max_queue_bytes
+            conn.buffered_messages + count > cfg.max_queue_messages
+            or conn.buffered_bytes + size > cfg.max_queue_bytes
         ):
             # The queue holds what waits while the socket is backed up; if it
             # is not, hand the batch to the socket now instead of dropping.
             if self._paused_since is not None:
                 return False
             self.flush()
-            if self._paused_since is not None and conn.buffered_frames >= cfg.max_queue_messages:
+            if (
+                self._paused_since is not None
+                and conn.buffered_messages + count > cfg.max_queue_messages
+            ):
                 return False
-        conn.send_deliver(sub.subscription_id, sub.sequence, data)
-        self.broker._dirty.add(self)
         return True
 
     def queue_depth(self) -> tuple[int, int]:
         buffered = self.transport.get_write_buffer_size() if self.transport else 0
-        return self.conn.buffered_frames, self.conn.buffered_bytes + buffered
+        return self.conn.buffered_messages, self.conn.buffered_bytes + buffered
 
     def flush(self) -> None:
         """Write what is queued, unless the socket is backed up."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._paused_since is None or self.conn.close_expected:
+        if (self._paused_since is None or self.conn.close_expected) and self._abort_timer is None:
             data = self.conn.data_to_send()
             if data:
                 transport.write(data)
@@ -1012,12 +1124,20 @@ class _SocketSession(_Session, asyncio.Protocol):
 
     def _close_transport(self) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._abort_timer is not None:
             return
-        transport.close()
-        # close() waits for the buffer to drain; a peer that never reads is
-        # aborted: at once after an error, after the drain deadline on goodbye.
-        grace = 1.0 if self.conn.error is not None else self.broker.config.drain_timeout
+        drain = self.broker.config.drain_timeout
+        if self.conn.error is None and transport.can_write_eof():
+            # After a goodbye: end our side once the queue is written and keep
+            # reading (input is discarded) until the peer closes too, so that a
+            # peer still writing reads the goodbye instead of a broken pipe.
+            transport.write_eof()
+            grace = drain
+        else:
+            transport.close()
+            grace = 1.0 if self.conn.error is not None else drain
+        # A peer that never reads (or never closes) is aborted: at once after
+        # an error, after the drain deadline on goodbye.
         self._abort_timer = asyncio.get_running_loop().call_later(grace, transport.abort)
 
     def _fail(self, code: ErrorCode.ValueType, message: str) -> None:
@@ -1153,6 +1273,23 @@ class LocalSession(_Session):
         )
         return queue.put_nowait(event, len(data))
 
+    def enqueue_batch(
+        self,
+        sub: _Subscription,
+        batch: frames_pb2.PublishBatch,
+        data: bytes,
+        first: int,
+        count: int,
+    ) -> bool:
+        queue = self._queues.get(sub.subscription_id)
+        if queue is None or self._closed:
+            return False
+        correlation = _copy_correlation(batch) if batch.HasField("correlation") else None
+        events: list[ReceivedEvent[Message]] = received_batch(
+            batch.topic, batch.payload_type, batch.payloads, correlation, first, sub.subscription_id
+        )
+        return queue.put_batch(events)
+
     def queue_depth(self) -> tuple[int, int]:
         queues = {id(q): q for q in self._queues.values()}.values()
         return sum(len(q) for q in queues), sum(q.nbytes for q in queues)
@@ -1169,7 +1306,7 @@ class LocalSession(_Session):
         self._queues.clear()
 
 
-def _copy_correlation(publish: frames_pb2.Publish) -> CorrelationMetadata:
+def _copy_correlation(publish: frames_pb2.Publish | frames_pb2.PublishBatch) -> CorrelationMetadata:
     # Each subscriber gets its own copy: the publisher may reuse its message.
     copy = CorrelationMetadata()
     copy.CopyFrom(publish.correlation)

@@ -32,7 +32,7 @@ from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, Correlation
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye.eventbus.v1.registry import Topic
 from daemoneye_eventbus.correlation import validate_metadata
-from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent, received_batch
 from daemoneye_eventbus.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -44,9 +44,11 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
+    DELIVER_BATCH_OVERHEAD,
     DELIVER_OVERHEAD,
     PROTOCOL_VERSION,
     Connection,
+    PublishBatcher,
     Role,
     State,
     encode_publish,
@@ -73,6 +75,9 @@ P = TypeVar("P", bound=Message)
 # the current loop iteration, so that bursts of publishes share one write.
 _FLUSH_BYTES: Final = 64 * 1024
 _WRITE_HIGH: Final = 1024 * 1024
+# Consecutive publishes on one topic travel as one PublishBatch of up to this
+# many bytes, when the broker accepts batches [protocol §5].
+_BATCH_BYTES: Final = 64 * 1024
 # Encoded topic fields kept per topic name; cleared when it grows past this.
 _HEADER_CACHE_SIZE: Final = 1024
 
@@ -184,6 +189,19 @@ class Subscription(Generic[P]):
             self._cls,
         )
         self.queue.put_nowait(event, len(pub.payload))
+
+    def _deliver_batch(self, deliver: frames_pb2.DeliverBatch) -> None:
+        batch = deliver.batch
+        events = received_batch(
+            batch.topic,
+            batch.payload_type,
+            batch.payloads,
+            batch.correlation if batch.HasField("correlation") else None,
+            deliver.first_sequence,
+            self.subscription_id,
+            self._cls,
+        )
+        self.queue.put_batch(events)
 
     def _end(self, error: BaseException | None) -> None:
         self._active = False
@@ -307,6 +325,8 @@ class Client:
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
         self._headers: dict[str, tuple[bytes, bytes]] = {}
+        #: Set once the broker said it accepts batches (in its Welcome).
+        self._batcher: PublishBatcher | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._closing = False
         self._closed_error: BaseException | None = None
@@ -334,12 +354,14 @@ class Client:
                 )
                 self._protocol = protocol
                 self._conn = Connection(Role.CLIENT)
+                self._batcher = None
                 self._closed_error = None
                 self._welcome = loop.create_future()
                 hello = frames_pb2.Hello(
                     protocol_version=PROTOCOL_VERSION,
                     client_name=self.name,
                     component=self.component,
+                    accept_batches=True,
                 )
                 self._conn.send(Frame(hello=hello))
                 self._write_now()
@@ -354,6 +376,10 @@ class Client:
         self.session_id = welcome.session_id
         self.limits = welcome.limits
         self._conn.max_frame_bytes = welcome.limits.max_frame_bytes or self._conn.max_frame_bytes
+        if welcome.batches:
+            self._batcher = PublishBatcher(
+                self._conn.max_frame_bytes - DELIVER_BATCH_OVERHEAD, _BATCH_BYTES
+            )
 
     async def __aenter__(self) -> Self:
         if self._entered:
@@ -392,6 +418,7 @@ class Client:
             return
         # One output buffer: the goodbye goes out after everything published before.
         if self._conn.state is State.OPEN:
+            self._seal()
             self._conn.send(Frame(goodbye=frames_pb2.Goodbye(reason="client closing")))
         self._write_now()
         protocol.transport.close()
@@ -472,7 +499,11 @@ class Client:
         conn.receive_data(data)
         for frame in conn.events_received():
             kind = frame.WhichOneof("kind")
-            if kind == "deliver":
+            if kind == "deliver_batch":
+                sub = self._subs.get(frame.deliver_batch.subscription_id)
+                if sub is not None:
+                    sub._deliver_batch(frame.deliver_batch)
+            elif kind == "deliver":
                 sub = self._subs.get(frame.deliver.subscription_id)
                 if sub is not None:
                     sub._deliver(frame.deliver)
@@ -532,7 +563,10 @@ class Client:
 
     def _coalesce(self) -> None:
         """Write now past _FLUSH_BYTES, else at the end of this loop turn."""
-        if self._conn.buffered_bytes >= _FLUSH_BYTES:
+        pending = self._conn.buffered_bytes
+        if self._batcher is not None:
+            pending += self._batcher.pending_bytes
+        if pending >= _FLUSH_BYTES:
             self._write_now()
         elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
@@ -544,20 +578,32 @@ class Client:
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
             return
+        self._seal()
         pending = self._conn.data_to_send()
         if pending:
             protocol.transport.write(pending)
 
+    def _seal(self) -> None:
+        """Queue the open batch, so that what is sent next follows it."""
+        if self._batcher is not None and self._conn.state is State.OPEN:
+            sealed = self._batcher.seal()
+            if sealed is not None:
+                self._conn.send_encoded(*sealed)
+
     def _send(self, frame: Frame) -> None:
         self._check_open()
+        self._seal()
         # Raises LocalProtocolError for a frame over the broker's limit (a misuse).
         self._conn.send(frame)
         self._coalesce()
 
-    def _encode_publish(
+    def _queue_publish(
         self, topic: Topic[P], message: P, correlation: CorrelationMetadata | None
-    ) -> bytes:
-        """The Publish frame, built from cached topic fields without protobuf objects."""
+    ) -> None:
+        """Queue one event: into the open batch, or as its own Publish frame.
+
+        Frames are built from cached topic fields without protobuf objects.
+        """
         if type(message) is not topic.payload_type:
             build_publish(topic, message, correlation)  # raises the precise error
         header = self._headers.get(topic.name)
@@ -569,6 +615,12 @@ class Client:
         if correlation is not None:
             validate_metadata(correlation)
             corr = correlation.SerializeToString()
+        batcher = self._batcher
+        if batcher is not None:
+            sealed = batcher.add(header, message.SerializeToString(), corr)
+            if sealed is not None:
+                self._conn.send_encoded(*sealed)
+            return
         data = encode_publish(header, message.SerializeToString(), corr)
         # The Publish message (frame minus its 1-byte tag and two prefixes) must
         # leave room for the Deliver envelope [protocol §5].
@@ -577,7 +629,7 @@ class Client:
             raise LimitExceeded(
                 f"event of about {len(data)} bytes exceeds the limit of {limit} bytes"
             )
-        return data
+        self._conn.send_encoded(data)
 
     def publish_nowait(
         self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
@@ -592,9 +644,11 @@ class Client:
         assert protocol is not None
         assert protocol.transport is not None
         waiting = self._conn.buffered_bytes + protocol.transport.get_write_buffer_size()
+        if self._batcher is not None:
+            waiting += self._batcher.pending_bytes
         if waiting > self.max_buffer_bytes:
             raise LimitExceeded(f"more than {self.max_buffer_bytes} bytes wait to be written")
-        self._conn.send_encoded(self._encode_publish(topic, message, correlation))
+        self._queue_publish(topic, message, correlation)
         self._coalesce()
         self._published += 1
 
@@ -614,7 +668,7 @@ class Client:
         if protocol.paused:
             await protocol.drain()
             self._check_open()
-        self._conn.send_encoded(self._encode_publish(topic, message, correlation))
+        self._queue_publish(topic, message, correlation)
         self._coalesce()
         self._published += 1
 

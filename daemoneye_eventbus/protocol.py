@@ -38,10 +38,12 @@ from daemoneye_eventbus.errors import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "DELIVER_BATCH_OVERHEAD",
     "DELIVER_OVERHEAD",
     "HANDSHAKE_MAX_FRAME_BYTES",
     "MAX_PREFIX_BYTES",
     "PROTOCOL_VERSION",
+    "PublishBatcher",
     "RECEIVABLE",
     "SENDABLE",
     "TRANSITIONS",
@@ -51,10 +53,13 @@ __all__ = [
     "decode_varint",
     "error_for_code",
     "encode_deliver",
+    "encode_deliver_batch",
     "encode_frame",
     "encode_publish",
+    "encode_publish_batch",
     "encode_varint",
     "error_frame",
+    "publish_body",
     "publish_header",
 ]
 
@@ -74,6 +79,12 @@ MAX_PREFIX_BYTES: Final = 5
 #: id and sequence fields (1 + 5 and 1 + 10). A broker refuses a publish whose
 #: body exceeds ``max_frame_bytes - DELIVER_OVERHEAD`` [protocol §5].
 DELIVER_OVERHEAD: Final = 29
+#: The most a ``DeliverBatch`` frame adds around the ``PublishBatch`` it
+#: carries: the Frame tag (2 bytes: field 16) and length (5), the subscription
+#: id and first sequence fields (1 + 5 and 1 + 10), the batch tag and length
+#: (1 + 5). A broker refuses a batch whose encoding exceeds
+#: ``max_frame_bytes - DELIVER_BATCH_OVERHEAD`` [protocol §5].
+DELIVER_BATCH_OVERHEAD: Final = 30
 
 
 class Role(enum.Enum):
@@ -101,11 +112,22 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
 }
 
 _CLIENT_OPEN = frozenset(
-    {"publish", "subscribe", "unsubscribe", "ping", "pong", "error", "goodbye", "stats_request"}
+    {
+        "publish",
+        "publish_batch",
+        "subscribe",
+        "unsubscribe",
+        "ping",
+        "pong",
+        "error",
+        "goodbye",
+        "stats_request",
+    }
 )
 _BROKER_OPEN = frozenset(
     {
         "deliver",
+        "deliver_batch",
         "subscribe_ack",
         "unsubscribe_ack",
         "ping",
@@ -217,7 +239,39 @@ def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes
     return b"".join((varint(body_len), _TAG_FRAME_DELIVER, inner_prefix, head, publish))
 
 
+# Field tags of DeliverBatch (numbers 1-3) and of Frame.deliver_batch (16: two bytes).
+_TAG_FRAME_DELIVER_BATCH: Final = b"\x82\x01"
+_TAG_BATCH_SUB: Final = b"\x08"
+_TAG_BATCH_FIRST: Final = b"\x10"
+_TAG_BATCH_EVENTS: Final = b"\x1a"
+
+
+def encode_deliver_batch(subscription_id: int, first_sequence: int, batch: bytes) -> bytes:
+    """A length-prefixed ``Frame(deliver_batch=DeliverBatch(...))`` around an encoded
+    ``PublishBatch``, byte-identical to :func:`encode_frame` of the same message.
+
+    Every subscriber of a batch gets the same ``batch`` bytes; only this
+    header differs [protocol §5].
+    """
+    varint = encode_varint
+    head = b"".join(
+        (
+            _TAG_BATCH_SUB,
+            varint(subscription_id),
+            _TAG_BATCH_FIRST,
+            varint(first_sequence),
+            _TAG_BATCH_EVENTS,
+            varint(len(batch)),
+        )
+    )
+    inner_len = len(head) + len(batch)
+    inner_prefix = varint(inner_len)
+    body_len = 2 + len(inner_prefix) + inner_len
+    return b"".join((varint(body_len), _TAG_FRAME_DELIVER_BATCH, inner_prefix, head, batch))
+
+
 # Field tags of Publish (numbers 1-4) and of Frame.publish (3), for encode_publish.
+# PublishBatch numbers its fields the same way (payloads is the repeated 4).
 _TAG_PUB_TOPIC: Final = b"\x0a"
 _TAG_PUB_CORRELATION: Final = b"\x12"
 _TAG_PUB_TYPE: Final = b"\x1a"
@@ -239,14 +293,50 @@ def publish_header(topic: str, payload_type: str) -> tuple[bytes, bytes]:
     )
 
 
+def publish_body(
+    header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
+) -> bytes:
+    """An encoded ``Publish`` message (no frame around it), built without messages.
+
+    ``header`` comes from :func:`publish_header`, ``correlation`` is a
+    serialized ``CorrelationMetadata`` (or None for none). Fields come in
+    field-number order, as protobuf writes them.
+    """
+    topic_field, type_field = header
+    parts = [topic_field]
+    if correlation is not None:
+        parts += (_TAG_PUB_CORRELATION, encode_varint(len(correlation)), correlation)
+    parts.append(type_field)
+    if payload:
+        parts += (_TAG_PUB_PAYLOAD, encode_varint(len(payload)), payload)
+    return b"".join(parts)
+
+
 def encode_publish(
     header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
 ) -> bytes:
-    """A length-prefixed ``Frame(publish=Publish(...))`` without building messages.
+    """A length-prefixed ``Frame(publish=Publish(...))`` around :func:`publish_body`.
 
-    ``header`` comes from :func:`publish_header`, ``correlation`` is a
-    serialized ``CorrelationMetadata`` (or None for none). The bytes equal
-    ``encode_frame`` of the same frame: fields in field-number order.
+    The bytes equal ``encode_frame`` of the same frame.
+    """
+    varint = encode_varint
+    inner = publish_body(header, payload, correlation)
+    inner_prefix = varint(len(inner))
+    return b"".join(
+        (varint(1 + len(inner_prefix) + len(inner)), _TAG_FRAME_PUBLISH, inner_prefix, inner)
+    )
+
+
+_TAG_FRAME_PUBLISH_BATCH: Final = b"\x7a"  # Frame.publish_batch = 15
+
+
+def encode_publish_batch(
+    header: tuple[bytes, bytes], payloads: list[bytes], correlation: bytes | None = None
+) -> bytes:
+    """A length-prefixed ``Frame(publish_batch=PublishBatch(...))``, like :func:`encode_publish`.
+
+    ``payloads`` holds at least one serialized payload; the bytes equal
+    ``encode_frame`` of the same frame.
     """
     varint = encode_varint
     topic_field, type_field = header
@@ -254,13 +344,100 @@ def encode_publish(
     if correlation is not None:
         parts += (_TAG_PUB_CORRELATION, varint(len(correlation)), correlation)
     parts.append(type_field)
-    if payload:
-        parts += (_TAG_PUB_PAYLOAD, varint(len(payload)), payload)
+    tag = _TAG_PUB_PAYLOAD
+    for payload in payloads:
+        parts += (tag, varint(len(payload)), payload)
     inner = b"".join(parts)
     inner_prefix = varint(len(inner))
     return b"".join(
-        (varint(1 + len(inner_prefix) + len(inner)), _TAG_FRAME_PUBLISH, inner_prefix, inner)
+        (
+            varint(1 + len(inner_prefix) + len(inner)),
+            _TAG_FRAME_PUBLISH_BATCH,
+            inner_prefix,
+            inner,
+        )
     )
+
+
+def _field_size(length: int) -> int:
+    """Bytes of a length-delimited field with a one-byte tag and ``length`` bytes."""
+    return 1 + len(encode_varint(length)) + length
+
+
+class PublishBatcher:
+    """Gathers consecutive publishes into ``PublishBatch`` frames [protocol §5].
+
+    Events join the open batch while they share its topic, payload type and
+    correlation and it stays within ``target`` bytes; otherwise the open batch
+    is sealed first. One event alone may use up to ``max_body`` bytes (the
+    frame limit less :data:`DELIVER_BATCH_OVERHEAD`). Sans I/O: the caller
+    queues the sealed frames, in order, with :meth:`Connection.send_encoded`.
+    """
+
+    def __init__(self, max_body: int, target: int) -> None:
+        self.max_body = max_body
+        self.target = min(target, max_body)
+        self._header: tuple[bytes, bytes] | None = None
+        self._correlation: bytes | None = None
+        self._payloads: list[bytes] = []
+        self._size = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the open batch's body so far (0 when none is open)."""
+        return self._size
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._payloads)
+
+    def add(
+        self, header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
+    ) -> tuple[bytes, int] | None:
+        """Add one event (``header`` from :func:`publish_header`).
+
+        Returns the sealed ``(frame, events)`` the event could not join, if
+        any. Raises :class:`LimitExceeded` for an event that cannot travel even
+        alone; nothing changes then.
+        """
+        entry = _field_size(len(payload))
+        base = len(header[0]) + len(header[1])
+        if correlation is not None:
+            base += _field_size(len(correlation))
+        if base + entry > self.max_body:
+            raise LimitExceeded(
+                f"event of about {base + entry} bytes exceeds the limit of {self.max_body} bytes"
+            )
+        sealed = None
+        if self._payloads and (
+            header != self._header
+            or correlation != self._correlation
+            or self._size + entry > self.target
+        ):
+            sealed = self.seal()
+        if not self._payloads:
+            self._header = header
+            self._correlation = correlation
+            self._size = base
+        self._payloads.append(payload)
+        self._size += entry
+        return sealed
+
+    def seal(self) -> tuple[bytes, int] | None:
+        """The open batch as an encoded frame and its event count; None if none is open."""
+        payloads = self._payloads
+        if not payloads:
+            return None
+        assert self._header is not None
+        frame = encode_publish_batch(self._header, payloads, self._correlation)
+        self._payloads = []
+        self._size = 0
+        return frame, len(payloads)
+
+    def discard(self) -> None:
+        """Forget the open batch (its connection is gone)."""
+        self._payloads = []
+        self._size = 0
 
 
 _ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {
@@ -333,6 +510,7 @@ class Connection:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._out_frames = 0
+        self._out_messages = 0
         self._hello_seen = False
         self._eof = False
 
@@ -477,15 +655,16 @@ class Connection:
         elif kind == "goodbye" or (kind == "error" and frame.error.fatal):
             self._set_state(State.CLOSING)
 
-    def send_encoded(self, data: bytes) -> None:
-        """Queue a frame already encoded with its prefix (:func:`encode_publish`).
+    def send_encoded(self, data: bytes, messages: int = 1) -> None:
+        """Queue a frame already encoded with its prefix (:func:`encode_publish`,
+        :func:`encode_publish_batch` with ``messages`` events).
 
         For the client's publish hot path, which builds frames without protobuf
         objects; only while open, and the caller checks the size.
         """
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot send while {self.state.value}")
-        self._append(data)
+        self._append(data, messages)
 
     def send_deliver(self, subscription_id: int, sequence: int, publish: bytes) -> int:
         """Queue a ``Deliver`` frame (broker side, open state); return its size."""
@@ -500,10 +679,30 @@ class Connection:
         self._append(data)
         return len(data)
 
-    def _append(self, data: bytes) -> None:
+    def send_deliver_batch(
+        self, subscription_id: int, first_sequence: int, batch: bytes, count: int
+    ) -> int:
+        """Queue a ``DeliverBatch`` frame of ``count`` events; return its size.
+
+        Broker side, open state. The frame counts as ``count`` messages in
+        :attr:`buffered_messages`.
+        """
+        if self.state is not State.OPEN or self.role is not Role.BROKER:
+            raise LocalProtocolError(f"cannot deliver while {self.state.value}")
+        if len(batch) > self.max_frame_bytes - DELIVER_BATCH_OVERHEAD:
+            raise LocalProtocolError(
+                f"deliver batch frame for a {len(batch)}-byte batch would exceed the limit "
+                f"of {self.max_frame_bytes} bytes"
+            )
+        data = encode_deliver_batch(subscription_id, first_sequence, batch)
+        self._append(data, count)
+        return len(data)
+
+    def _append(self, data: bytes, messages: int = 1) -> None:
         self._out.append(data)
         self._out_bytes += len(data)
         self._out_frames += 1
+        self._out_messages += messages
 
     def fail(self, exc: RemoteProtocolError) -> None:
         """Record the peer's violation, queue a fatal ``Error`` frame and start closing."""
@@ -526,6 +725,7 @@ class Connection:
         self._out.clear()
         self._out_bytes = 0
         self._out_frames = 0
+        self._out_messages = 0
         return data
 
     @property
@@ -537,6 +737,11 @@ class Connection:
     def buffered_frames(self) -> int:
         """Frames queued for the peer and not yet taken by :meth:`data_to_send`."""
         return self._out_frames
+
+    @property
+    def buffered_messages(self) -> int:
+        """Like :attr:`buffered_frames`, with a batch counting once per event it holds."""
+        return self._out_messages
 
     def close(self) -> None:
         """The transport is closed: no more frames either way."""

@@ -198,6 +198,14 @@ class FakeTransport(asyncio.Transport):
         self.closing = True
         self.aborted = True
 
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        # The broker writes nothing after it and discards what it reads until
+        # the peer closes: for this harness the connection is closing.
+        self.closing = True
+
     def is_closing(self) -> bool:
         return self.closing
 
@@ -285,8 +293,12 @@ class _Harness:
         slot.admitted = not transport.closing
         self._settle(slot)
         if handshake and not slot.lost:
+            # Subscriber B takes batches as they come; A gets them one by one.
             hello = frames_pb2.Hello(
-                protocol_version=PROTOCOL_VERSION, client_name=f"fuzz-{name}", component=component
+                protocol_version=PROTOCOL_VERSION,
+                client_name=f"fuzz-{name}",
+                component=component,
+                accept_batches=name == "B",
             )
             self._feed(slot, encode_frame(Frame(hello=hello)))
             if name == "B" and not slot.lost:
@@ -310,7 +322,11 @@ class _Harness:
         parsed = shadow.events_received()
         # Every publish the read held before a goodbye, a fatal error or a violation
         # is routed or refused [protocol §1 "Order of processing", §7, §8].
-        publishes = sum(1 for f in parsed if f.WhichOneof("kind") == "publish") if was_open else 0
+        publishes = (
+            sum(1 for f in parsed if f.WhichOneof("kind") in ("publish", "publish_batch"))
+            if was_open
+            else 0
+        )
         handled = slot.session.published - published + self.broker.refused - refused
         check(
             handled >= publishes,
@@ -391,6 +407,18 @@ class _Harness:
             )
             slot.last_sequence[sid] = deliver.sequence
             self._check_delivered(slot.session.identity, deliver.publish, slot.name)
+        elif kind == "deliver_batch":
+            many = frame.deliver_batch
+            sid = many.subscription_id
+            check(sid in slot.active, f"{slot.name}: deliver batch for inactive subscription {sid}")
+            check(len(many.batch.payloads) > 0, f"{slot.name}: an empty deliver batch")
+            check(
+                many.first_sequence > slot.last_sequence[sid],
+                f"{slot.name}: sequence {many.first_sequence} after {slot.last_sequence[sid]}",
+            )
+            slot.last_sequence[sid] = many.first_sequence + len(many.batch.payloads) - 1
+            shape = frames_pb2.Publish(topic=many.batch.topic, payload_type=many.batch.payload_type)
+            self._check_delivered(slot.session.identity, shape, slot.name)
 
     def _check_delivered(self, identity: Any, publish: frames_pb2.Publish, who: str) -> None:
         topic = publish.topic
@@ -690,6 +718,17 @@ def build_publish(reader: ByteReader) -> frames_pb2.Publish:
     return publish
 
 
+def build_publish_batch(reader: ByteReader) -> frames_pb2.PublishBatch:
+    """Like :func:`build_publish`, with 0 to 4 payloads (none is refused)."""
+    one = build_publish(reader)
+    batch = frames_pb2.PublishBatch(topic=one.topic, payload_type=one.payload_type)
+    batch.payloads.append(one.payload)
+    batch.payloads.extend(reader.blob() for _ in range(reader.u8() % 5 - 1))
+    if one.HasField("correlation"):
+        batch.correlation.CopyFrom(one.correlation)
+    return batch
+
+
 def _sub_id(reader: ByteReader) -> int:
     choice = reader.u8()
     return choice % 4 if choice < 0xF0 else (reader.u16() << 16) | reader.u16()
@@ -697,7 +736,18 @@ def _sub_id(reader: ByteReader) -> int:
 
 def build_frame(reader: ByteReader) -> Frame:
     """A well-formed frame, legal or not in the connection's state."""
-    kind = reader.u8() % 12
+    code = reader.u8()
+    # Codes 0xFE and 0xFF are the batch frames; the rest keep their meaning
+    # from before batches existed, so that older corpus inputs still say
+    # what they said.
+    if code == 0xFE:
+        return Frame(publish_batch=build_publish_batch(reader))
+    if code == 0xFF:
+        many = frames_pb2.DeliverBatch(
+            subscription_id=1, first_sequence=1, batch=build_publish_batch(reader)
+        )
+        return Frame(deliver_batch=many)
+    kind = code % 12
     if kind == 0:
         return Frame(publish=build_publish(reader))
     if kind == 1:
@@ -733,6 +783,7 @@ def build_frame(reader: ByteReader) -> Frame:
             protocol_version=(1, 1, 0, 2)[(flags >> 3) & 0x03],
             client_name=reader.text(),
             component=component,
+            accept_batches=bool(flags & 0x20),
         )
         return Frame(hello=hello)
     if kind == 9:

@@ -476,7 +476,10 @@ async def test_audit_rate_limit_under_a_flood(
         Client(sock_path, name="flood") as anon,
     ):
         for i in range(n):
-            await anon.publish(LIFECYCLE, proc(i))
+            # One frame per event: publish() would batch them, and a refused
+            # batch is one refusal.
+            payload = proc(i).SerializeToString()
+            await anon.publish_raw(LIFECYCLE.name, LIFECYCLE.payload_name, payload)
         await anon.flush()
         assert anon.statistics().refused == n
         assert broker.statistics().refused == n

@@ -1037,7 +1037,7 @@ def nested_groups(depth: int, number: int = 100) -> bytes:
     return tag(number, 3) * depth + tag(number, 4) * depth
 
 
-def nested_messages(depth: int, number: int = 15) -> bytes:
+def nested_messages(depth: int, number: int = 99) -> bytes:
     """Unknown length-delimited fields, each the whole content of the previous one."""
     data = b""
     for _ in range(depth):

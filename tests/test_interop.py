@@ -8,6 +8,9 @@ field by field with what was published.
 
 * a TypeScript publisher to a Python subscriber;
 * a Python publisher to a TypeScript subscriber (and with a correlation filter);
+* a burst of events a Python publisher sends as ``PublishBatch`` frames, to a
+  TypeScript subscriber receiving ``DeliverBatch`` frames and to a bare one
+  whose ``Hello`` does not accept batches (one ``Deliver`` per event);
 * a TypeScript ``#`` subscriber claiming ``daemoneye-agent`` receiving from a
   TypeScript and a Python publisher at once;
 * client behaviour: typed refusals with their error codes, heartbeats,
@@ -56,6 +59,9 @@ needs_node = pytest.mark.skipif(
 #: Deadline for one line of output of a TypeScript program (tsx start-up included).
 LINE_TIMEOUT = 30.0
 UINT64_MAX = 2**64 - 1
+#: Events published in one burst by the batch test; runs of BATCH_RUN events share a correlation.
+BATCH_EVENTS = 2000
+BATCH_RUN = 500
 
 
 @pytest.fixture
@@ -331,6 +337,53 @@ async def test_python_publisher_to_typescript_subscriber(
     assert (await subscriber.expect("done")) == len(processes)
     assert subscriber.lines[-1]["missed"] == 0
     await subscriber.finish()
+
+
+@needs_node
+async def test_python_publisher_batches_to_typescript_subscribers(
+    broker: Broker, ts: list[TsProgram]
+) -> None:
+    """A burst from the Python client travels in batches; both TypeScript subscribers get it all.
+
+    The TypeScript client accepts batches: it receives ``DeliverBatch`` frames
+    (counted by subscribe.ts). unbatched.ts does not (its ``Hello`` is the
+    pre-batch one): the broker unrolls the same batches into one ``Deliver``
+    per event, and any other frame fails it.
+    """
+    payloads = process_events(BATCH_EVENTS, "batch")
+    # The publisher batches runs of events that share a topic and a correlation.
+    corrs = [
+        correlation(i // BATCH_RUN, "wf-batch") if i // BATCH_RUN % 2 else None
+        for i in range(BATCH_EVENTS)
+    ]
+    options = {
+        "socket": broker.path,
+        "component": "daemoneye-agent",
+        "filter": "events.process.lifecycle",
+        "count": BATCH_EVENTS,
+    }
+    batched = await start(ts, "subscribe.ts", {**options, "collect": True})
+    unbatched = await start(ts, "unbatched.ts", options)
+    await batched.expect("ready")
+    await unbatched.expect("ready")
+    assert unbatched.lines[-1]["batches"] is True  # Welcome.batches: PublishBatch accepted
+    async with Client(broker.path, name="py-batch-publisher", component="procmond") as client:
+        for payload, corr in zip(payloads, corrs, strict=True):
+            await client.publish(registry.EVENTS_PROCESS_LIFECYCLE, payload, correlation=corr)
+        await client.flush()
+    for program in (batched, unbatched):
+        got = [await program.expect("event") for _ in payloads]
+        assert [int(e["sequence"]) for e in got] == list(range(1, BATCH_EVENTS + 1))
+        for event, payload, corr in zip(got, payloads, corrs, strict=True):
+            assert_event(event, "events.process.lifecycle", payload, corr)
+        assert (await program.expect("done")) == BATCH_EVENTS
+        await program.finish()
+    done = batched.lines[-1]
+    assert (done["missed"], done["dropped"]) == (0, 0)
+    # At least one batch per correlation run, and far fewer frames than events.
+    assert BATCH_EVENTS // BATCH_RUN <= done["batches"] <= BATCH_EVENTS // 10
+    stats = broker.statistics()
+    assert (stats.delivered, stats.dropped) == (2 * BATCH_EVENTS, 0)
 
 
 @needs_node

@@ -98,6 +98,24 @@ SAMPLES: dict[str, Frame] = {
     "goodbye": goodbye(),
     "stats_request": Frame(stats_request=frames_pb2.StatsRequest(request_id=3)),
     "stats_response": Frame(stats_response=frames_pb2.StatsResponse(request_id=3)),
+    "publish_batch": Frame(
+        publish_batch=frames_pb2.PublishBatch(
+            topic="events.process.lifecycle",
+            payload_type="daemoneye.eventbus.v1.ProcessEvent",
+            payloads=[b"a", b"bb"],
+        )
+    ),
+    "deliver_batch": Frame(
+        deliver_batch=frames_pb2.DeliverBatch(
+            subscription_id=1,
+            first_sequence=4,
+            batch=frames_pb2.PublishBatch(
+                topic="events.process.lifecycle",
+                payload_type="daemoneye.eventbus.v1.ProcessEvent",
+                payloads=[b"a", b"bb"],
+            ),
+        )
+    ),
 }
 
 
@@ -680,9 +698,9 @@ def test_undecodable_body_is_malformed(body: bytes) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        pytest.param(b"\x78\x01", id="unknown-field-15"),
+        pytest.param(b"\x88\x01\x01", id="unknown-field-17"),
         pytest.param(b"\xa0\x06\x01", id="unknown-field-100"),
-        pytest.param(b"\x7a\x03abc", id="unknown-length-delimited"),
+        pytest.param(b"\x8a\x01\x03abc", id="unknown-length-delimited"),
     ],
 )
 def test_frame_with_no_kind_is_malformed(body: bytes) -> None:

@@ -132,6 +132,7 @@ def test_reference_receiver_accepts_vector(name: str) -> None:
     broker_to_client = kind in {
         "welcome",
         "deliver",
+        "deliver_batch",
         "subscribe_ack",
         "unsubscribe_ack",
         "stats_response",

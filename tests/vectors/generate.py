@@ -188,6 +188,35 @@ def vectors() -> list[Vector]:
             process,
         ),
         Vector(
+            "publish_batch",
+            "Three ProcessEvents on events.process.lifecycle in one batch, sharing "
+            "correlation metadata.",
+            Frame(
+                publish_batch=frames_pb2.PublishBatch(
+                    topic="events.process.lifecycle",
+                    correlation=_correlation(),
+                    payload_type="daemoneye.eventbus.v1.ProcessEvent",
+                    payloads=[process.SerializeToString(deterministic=True), b"", b"\x08\x01"],
+                )
+            ),
+        ),
+        Vector(
+            "deliver_batch",
+            "The broker delivers two ProcessEvents to subscription 7 as sequences 42 and "
+            "43; the frame tag is two bytes (field 16).",
+            Frame(
+                deliver_batch=frames_pb2.DeliverBatch(
+                    subscription_id=7,
+                    first_sequence=42,
+                    batch=frames_pb2.PublishBatch(
+                        topic="events.process.lifecycle",
+                        payload_type="daemoneye.eventbus.v1.ProcessEvent",
+                        payloads=[process.SerializeToString(deterministic=True), b"\x08\x02"],
+                    ),
+                )
+            ),
+        ),
+        Vector(
             "subscribe",
             "Subscription 1 to events.process.# with a correlation filter.",
             Frame(

@@ -40,6 +40,7 @@ import {
   ErrorCode,
   PublishSchema,
   type Deliver,
+  type DeliverBatch,
   type Error as ErrorFrame,
   type Frame,
   type Limits,
@@ -135,7 +136,10 @@ export class ReceivedEvent<Desc extends DescMessage = DescMessage> {
     readonly payloadType: string,
     /** The serialized payload, as the publisher sent it. */
     readonly payload: Uint8Array,
-    /** Correlation metadata, or undefined if the event had none. */
+    /**
+     * Correlation metadata, or undefined if the event had none. The events of
+     * one delivered batch share it: treat it as read-only.
+     */
     readonly correlation: CorrelationMetadata | undefined,
     /** Per-subscription sequence number from 1; a gap means events were dropped. */
     readonly sequence: bigint,
@@ -322,13 +326,47 @@ export class Subscription<Desc extends DescMessage = DescMessage> implements Asy
   /** @internal */
   deliver(deliver: Deliver): void {
     const pub = deliver.publish;
+    this.put(
+      pub?.topic ?? "",
+      pub?.payloadType ?? "",
+      pub?.payload ?? new Uint8Array(),
+      pub?.correlation,
+      deliver.sequence,
+    );
+  }
+
+  /**
+   * Consecutive events, queued one by one as if each came in its own
+   * `Deliver`: event `i` has sequence `firstSequence + i`.
+   *
+   * @internal
+   */
+  deliverBatch(deliver: DeliverBatch): void {
+    const batch = deliver.batch;
+    if (batch === undefined) {
+      return;
+    }
+    let sequence = deliver.firstSequence;
+    for (const payload of batch.payloads) {
+      this.put(batch.topic, batch.payloadType, payload, batch.correlation, sequence);
+      sequence += 1n;
+    }
+  }
+
+  private put(
+    topic: string,
+    payloadType: string,
+    payload: Uint8Array,
+    correlation: CorrelationMetadata | undefined,
+    sequence: bigint,
+  ): void {
     this.queue.put(
       new ReceivedEvent(
-        pub?.topic ?? "",
-        pub?.payloadType ?? "",
-        pub?.payload ?? new Uint8Array(),
-        pub?.correlation,
-        deliver.sequence,
+        topic,
+        payloadType,
+        payload,
+        correlation,
+        sequence,
         this.subscriptionId,
         this.schema,
       ),
@@ -493,6 +531,7 @@ export class Client {
           protocolVersion: PROTOCOL_VERSION,
           clientName: this.name,
           component: this.component,
+          acceptBatches: true, // decoded by Subscription.deliverBatch
         },
       });
       socket.write(this.conn.send(hello));
@@ -651,6 +690,9 @@ export class Client {
     switch (kind.case) {
       case "deliver":
         this.subs.get(kind.value.subscriptionId)?.deliver(kind.value);
+        break;
+      case "deliverBatch":
+        this.subs.get(kind.value.subscriptionId)?.deliverBatch(kind.value);
         break;
       case "ping":
         if (!this.conn.closeExpected) {

@@ -51,6 +51,7 @@ const CLIENT_RECEIVES: Readonly<Record<"connecting" | "open", ReadonlySet<FrameK
   connecting: new Set<FrameKind>(["welcome", "error"]),
   open: new Set<FrameKind>([
     "deliver",
+    "deliverBatch",
     "subscribeAck",
     "unsubscribeAck",
     "ping",

@@ -3,7 +3,7 @@
 // broker is exercised by tests/test_interop.py.
 
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import * as net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -27,7 +27,11 @@ import {
   frame,
   type FrameInit,
 } from "../src/index.js";
-import { PublishSchema, type Frame } from "../src/gen/daemoneye/eventbus/v1/frames_pb.js";
+import {
+  PublishBatchSchema,
+  PublishSchema,
+  type Frame,
+} from "../src/gen/daemoneye/eventbus/v1/frames_pb.js";
 
 const DIR = mkdtempSync(join(tmpdir(), "deb-ts-"));
 after(() => rmSync(DIR, { recursive: true, force: true }));
@@ -159,8 +163,9 @@ describe("client against a fake broker", () => {
         hello.kind.value.protocolVersion,
         hello.kind.value.clientName,
         hello.kind.value.component,
+        hello.kind.value.acceptBatches,
       ],
-      [1, "unit", "procmond"],
+      [1, "unit", "procmond", true],
     );
     assert.equal(client.sessionId, "0123456789abcdef");
     assert.equal(client.acceptedComponent, "procmond");
@@ -303,6 +308,111 @@ describe("client against a fake broker", () => {
     await sub.unsubscribe();
     assert.equal(sub.active, false);
     assert.ok(fake.peers[0]?.kinds().includes("unsubscribe"));
+    await client.close();
+    await fake.close();
+  });
+
+  test("a deliver_batch (the wire vector) is queued event by event after a gap", async () => {
+    // Subscription 7, sequences 42 and 43: two ProcessEvents (pids 4242 and 2).
+    const vector = readFileSync(
+      new URL("../../../tests/vectors/deliver_batch.bin", import.meta.url),
+    );
+    const prefix = decodeLengthPrefix(vector);
+    assert.ok(prefix);
+    const decoded = decodeFrameBody(vector.subarray(prefix[1])).kind;
+    assert.ok(decoded.case === "deliverBatch");
+    const batch = decoded.value;
+    const fake = await fakeBroker(
+      standard((f, peer) => {
+        if (f.kind.case !== "subscribe") {
+          return;
+        }
+        const id = f.kind.value.subscriptionId;
+        const publish = (pid: number) =>
+          create(PublishSchema, {
+            topic: "events.process.lifecycle",
+            payloadType: "daemoneye.eventbus.v1.ProcessEvent",
+            payload: new Uint8Array([0x08, pid]),
+          });
+        peer.send({
+          case: "deliver",
+          value: { subscriptionId: id, sequence: 1n, publish: publish(1) },
+        });
+        peer.send({ case: "deliverBatch", value: { ...batch, subscriptionId: id } });
+        peer.send({
+          case: "deliver",
+          value: { subscriptionId: id, sequence: 44n, publish: publish(44) },
+        });
+      }),
+    );
+    const client = await connect(fake.path, { component: "daemoneye-agent" });
+    const sub = await client.subscribe(EVENTS_PROCESS_LIFECYCLE);
+    const got = [
+      await sub.get(2000),
+      await sub.get(2000),
+      await sub.get(2000),
+      await sub.get(2000),
+    ];
+    assert.deepEqual(
+      got.map((e) => e.sequence),
+      [1n, 42n, 43n, 44n],
+    );
+    assert.deepEqual(
+      got.map((e) => e.message().pid),
+      [1, 4242, 2, 44],
+    );
+    for (const e of got) {
+      assert.equal(e.topic, "events.process.lifecycle");
+      assert.equal(e.payloadType, "daemoneye.eventbus.v1.ProcessEvent");
+      assert.equal(e.correlation, undefined);
+      assert.equal(e.subscriptionId, sub.subscriptionId);
+    }
+    assert.equal(got[1]?.message().name, "sshd");
+    assert.equal(sub.missed, 40); // 2 to 41, before the batch
+    assert.equal(sub.received, 4);
+    assert.equal(sub.dropped, 0);
+    assert.deepEqual([client.statistics().received, client.statistics().missed], [4, 40]);
+    await client.close();
+    await fake.close();
+  });
+
+  test("a batch shares its correlation; a full queue drops its events one by one", async () => {
+    const fake = await fakeBroker(
+      standard((f, peer) => {
+        if (f.kind.case !== "subscribe") {
+          return;
+        }
+        const batch = create(PublishBatchSchema, {
+          topic: "events.process.lifecycle",
+          payloadType: "daemoneye.eventbus.v1.ProcessEvent",
+          correlation: { correlationId: "c-1", rootCorrelationId: "r-1", workflowStage: "s" },
+          payloads: [1, 2, 3, 4, 5].map((pid) => new Uint8Array([0x08, pid])),
+        });
+        const subscriptionId = f.kind.value.subscriptionId;
+        peer.send({ case: "deliverBatch", value: { subscriptionId, firstSequence: 1n, batch } });
+        peer.send({
+          case: "deliverBatch",
+          value: { subscriptionId: 99, firstSequence: 1n, batch },
+        });
+      }),
+    );
+    const client = await connect(fake.path, { component: "daemoneye-agent" });
+    const sub = await client.subscribe(EVENTS_PROCESS_LIFECYCLE, { maxPending: 3 });
+    await client.flush(); // the pong follows both batches
+    assert.equal(sub.received, 3);
+    assert.equal(sub.dropped, 2);
+    assert.equal(sub.missed, 0);
+    const got = [sub.getNowait(), sub.getNowait(), sub.getNowait()];
+    assert.equal(sub.getNowait(), undefined);
+    assert.deepEqual(
+      got.map((e) => [e?.sequence, e?.message().pid, e?.correlation?.correlationId]),
+      [
+        [1n, 1, "c-1"],
+        [2n, 2, "c-1"],
+        [3n, 3, "c-1"],
+      ],
+    );
+    assert.ok(client.isConnected); // a batch for an unknown subscription is ignored
     await client.close();
     await fake.close();
   });

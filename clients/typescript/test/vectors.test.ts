@@ -57,6 +57,7 @@ const VECTORS = load();
 const BROKER_TO_CLIENT = new Set([
   "welcome",
   "deliver",
+  "deliver_batch",
   "subscribe_ack",
   "unsubscribe_ack",
   "stats_response",
@@ -93,7 +94,7 @@ function publishOf(frame: Frame) {
 
 describe("wire vectors", () => {
   test("every Frame.kind member has a vector", () => {
-    assert.ok(ALL_KINDS.length === 14);
+    assert.ok(ALL_KINDS.length === 16);
     assert.deepEqual(new Set(VECTORS.map((v) => v.json.kind)), new Set(ALL_KINDS));
   });
 
@@ -103,6 +104,21 @@ describe("wire vectors", () => {
       frames.some((f) => f.kind.case === "publish" && f.kind.value.correlation !== undefined),
     );
     assert.ok(frames.some((f) => f.kind.case === "deliver"));
+  });
+
+  test("batches: every payload decodes to the batch's payload type and back", () => {
+    const batches = VECTORS.map((v) => fromBinary(FrameSchema, body(v)).kind).flatMap((k) =>
+      k.case === "publishBatch" ? [k.value] : k.case === "deliverBatch" ? [k.value.batch] : [],
+    );
+    assert.equal(batches.length, 2);
+    for (const batch of batches) {
+      assert.ok(batch && batch.payloads.length >= 2);
+      const schema = PAYLOAD_REGISTRY.getMessage(batch.payloadType);
+      assert.ok(schema, `payload type ${batch.payloadType} is in the registry`);
+      for (const payload of batch.payloads) {
+        assert.equal(hex(toBinary(schema, fromBinary(schema, payload))), hex(payload));
+      }
+    }
   });
 
   for (const v of VECTORS) {

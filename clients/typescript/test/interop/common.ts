@@ -57,13 +57,18 @@ export function eventJson(event: ReceivedEvent): Record<string, JsonValue> {
   };
 }
 
+/** Exit once everything written to stdout is out: a pipe may take it asynchronously. */
+function exit(code: number): void {
+  process.stdout.write("", () => process.exit(code));
+}
+
 /** Run `main`, reporting a failure as a JSON line and exit code 1. */
 export function run(main: () => Promise<void>): void {
   main().then(
-    () => process.exit(0),
+    () => exit(0),
     (err: unknown) => {
       emit({ error: describeError(err) });
-      process.exit(1);
+      exit(1);
     },
   );
 }

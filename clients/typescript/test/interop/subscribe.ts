@@ -2,13 +2,16 @@
 // mapping, until `count` events arrived.
 //
 // Options: {"socket", "component", "filter", "count", "includeControl"?,
-// "correlationFilter"?, "timeoutMs"?}. Prints {"ready": ...} once the
-// subscription is acknowledged, one {"event": ...} per event, then
-// {"done": n, "missed": m, "dropped": d}.
+// "correlationFilter"?, "timeoutMs"?, "collect"?}. Prints {"ready": ...} once
+// the subscription is acknowledged, one {"event": ...} per event, then
+// {"done": n, "missed": m, "dropped": d, "batches": b}, b being the number of
+// DeliverBatch frames received. With "collect", the events are printed only
+// once all `count` have arrived: a test that reads the output later cannot
+// stall the socket through a full stdout pipe.
 
 import { fromJson, type JsonValue } from "@bufbuild/protobuf";
 
-import { CorrelationFilterSchema, connect } from "../../src/index.js";
+import { CorrelationFilterSchema, connect, type ReceivedEvent } from "../../src/index.js";
 import { emit, eventJson, options, run } from "./common.js";
 
 interface Options {
@@ -19,6 +22,7 @@ interface Options {
   includeControl?: boolean;
   correlationFilter?: JsonValue;
   timeoutMs?: number;
+  collect?: boolean;
 }
 
 run(async () => {
@@ -31,14 +35,28 @@ run(async () => {
         ? undefined
         : fromJson(CorrelationFilterSchema, opts.correlationFilter),
   });
+  let batches = 0; // counted around the (internal) entry point of DeliverBatch frames
+  const deliverBatch = sub.deliverBatch.bind(sub);
+  sub.deliverBatch = (deliver) => {
+    batches += 1;
+    deliverBatch(deliver);
+  };
   emit({ ready: true, sessionId: client.sessionId, subscriptionId: sub.subscriptionId });
+  const collected: ReceivedEvent[] = [];
   let got = 0;
   while (got < opts.count) {
     const event = await sub.get(opts.timeoutMs ?? 20_000);
-    emit({ event: eventJson(event) });
+    if (opts.collect) {
+      collected.push(event);
+    } else {
+      emit({ event: eventJson(event) });
+    }
     got += 1;
   }
-  emit({ done: got, missed: sub.missed, dropped: sub.dropped });
+  for (const event of collected) {
+    emit({ event: eventJson(event) });
+  }
+  emit({ done: got, missed: sub.missed, dropped: sub.dropped, batches });
   await sub.unsubscribe();
   await client.close();
 });

@@ -137,6 +137,8 @@ class Frame(_message.Message):
     GOODBYE_FIELD_NUMBER: _builtins.int
     STATS_REQUEST_FIELD_NUMBER: _builtins.int
     STATS_RESPONSE_FIELD_NUMBER: _builtins.int
+    PUBLISH_BATCH_FIELD_NUMBER: _builtins.int
+    DELIVER_BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """Client to broker, first frame of a connection."""
@@ -193,6 +195,19 @@ class Frame(_message.Message):
     def stats_response(self) -> Global___StatsResponse:
         """Broker to client: the broker's statistics."""
 
+    @_builtins.property
+    def publish_batch(self) -> Global___PublishBatch:
+        """Client to broker: publish several events that share a topic, payload
+        type and correlation, in order. Only to a broker whose `Welcome` set
+        `batches`.
+        """
+
+    @_builtins.property
+    def deliver_batch(self) -> Global___DeliverBatch:
+        """Broker to client: consecutive events for one subscription. Only to a
+        client whose `Hello` set `accept_batches`.
+        """
+
     def __init__(
         self,
         *,
@@ -210,12 +225,14 @@ class Frame(_message.Message):
         goodbye: Global___Goodbye | None = ...,
         stats_request: Global___StatsRequest | None = ...,
         stats_response: Global___StatsResponse | None = ...,
+        publish_batch: Global___PublishBatch | None = ...,
+        deliver_batch: Global___DeliverBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "welcome", "publish", "deliver", "subscribe", "subscribe_ack", "unsubscribe", "unsubscribe_ack", "ping", "pong", "error", "goodbye", "stats_request", "stats_response"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "welcome", "publish", "deliver", "subscribe", "subscribe_ack", "unsubscribe", "unsubscribe_ack", "ping", "pong", "error", "goodbye", "stats_request", "stats_response", "publish_batch", "deliver_batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -230,6 +247,7 @@ class Hello(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     CLIENT_NAME_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
+    ACCEPT_BATCHES_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Protocol version the client speaks; this schema defines version 1."""
     client_name: _builtins.str
@@ -240,16 +258,21 @@ class Hello(_message.Message):
     credentials from the kernel (see docs/security.md once access control is
     in place); until then it is informational.
     """
+    accept_batches: _builtins.bool
+    """The client decodes `DeliverBatch` frames. Without it the broker delivers
+    every event in its own `Deliver` frame.
+    """
     def __init__(
         self,
         *,
         protocol_version: _builtins.int = ...,
         client_name: _builtins.str = ...,
         component: _builtins.str = ...,
+        accept_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_batches", b"accept_batches", "client_name", b"client_name", "component", b"component", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,12 +338,15 @@ class Welcome(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Protocol version the broker will speak."""
     session_id: _builtins.str
     """Identifies this connection in the broker's logs and statistics."""
     component: _builtins.str
     """The component the broker accepted for this connection; empty if anonymous."""
+    batches: _builtins.bool
+    """The broker accepts `PublishBatch` frames on this connection."""
     @_builtins.property
     def limits(self) -> Global___Limits:
         """The limits in force for this connection."""
@@ -332,10 +358,11 @@ class Welcome(_message.Message):
         session_id: _builtins.str = ...,
         limits: Global___Limits | None = ...,
         component: _builtins.str = ...,
+        batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "limits", b"limits", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "component", b"component", "limits", b"limits", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -414,6 +441,84 @@ class Deliver(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Deliver: _TypeAlias = Deliver  # noqa: Y015
+
+@_typing.final
+class PublishBatch(_message.Message):
+    """Several events published together: each is what a `Publish` with the same
+    topic, correlation and payload type and one of these payloads would carry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    CORRELATION_FIELD_NUMBER: _builtins.int
+    PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOADS_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    """The concrete topic of every event, without wildcards."""
+    payload_type: _builtins.str
+    """Fully qualified name of every payload's message type."""
+    @_builtins.property
+    def correlation(self) -> _correlation_pb2.CorrelationMetadata:
+        """Correlation metadata shared by every event, if any."""
+
+    @_builtins.property
+    def payloads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The serialized payloads, one per event, in publishing order; at least
+        one.
+        """
+
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        correlation: _correlation_pb2.CorrelationMetadata | None = ...,
+        payload_type: _builtins.str = ...,
+        payloads: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_correlation", b"_correlation", "correlation", b"correlation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_correlation", b"_correlation", "correlation", b"correlation", "payload_type", b"payload_type", "payloads", b"payloads", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__correlation: _TypeAlias = _typing.Literal["correlation"]  # noqa: Y015
+    _WhichOneofArgType__correlation: _TypeAlias = _typing.Literal["_correlation", b"_correlation"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__correlation) -> _WhichOneofReturnType__correlation | None: ...
+
+Global___PublishBatch: _TypeAlias = PublishBatch  # noqa: Y015
+
+@_typing.final
+class DeliverBatch(_message.Message):
+    """Consecutive events delivered to one subscription in one frame."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.int
+    """The subscription the events matched."""
+    first_sequence: _builtins.int
+    """Sequence number of the first event; the next event has the next number,
+    and so on. Numbering is shared with `Deliver` frames of the subscription.
+    """
+    @_builtins.property
+    def batch(self) -> Global___PublishBatch:
+        """The events, as they were published."""
+
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.int = ...,
+        first_sequence: _builtins.int = ...,
+        batch: Global___PublishBatch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "first_sequence", b"first_sequence", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverBatch: _TypeAlias = DeliverBatch  # noqa: Y015
 
 @_typing.final
 class Subscribe(_message.Message):

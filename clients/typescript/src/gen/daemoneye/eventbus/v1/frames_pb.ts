@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file daemoneye/eventbus/v1/frames.proto.
  */
 export const file_daemoneye_eventbus_v1_frames: GenFile = /*@__PURE__*/
-  fileDesc("CiJkYWVtb25leWUvZXZlbnRidXMvdjEvZnJhbWVzLnByb3RvEhVkYWVtb25leWUuZXZlbnRidXMudjEigwYKBUZyYW1lEi0KBWhlbGxvGAEgASgLMhwuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkhlbGxvSAASMQoHd2VsY29tZRgCIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5XZWxjb21lSAASMQoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoSAASMQoHZGVsaXZlchgEIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVySAASNQoJc3Vic2NyaWJlGAUgASgLMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlN1YnNjcmliZUgAEjwKDXN1YnNjcmliZV9hY2sYBiABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaWJlQWNrSAASOQoLdW5zdWJzY3JpYmUYByABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVIABJACg91bnN1YnNjcmliZV9hY2sYCCABKAsyJS5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVBY2tIABIrCgRwaW5nGAkgASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBpbmdIABIrCgRwb25nGAogASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBvbmdIABItCgVlcnJvchgLIAEoCzIcLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5FcnJvckgAEjEKB2dvb2RieWUYDCABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuR29vZGJ5ZUgAEjwKDXN0YXRzX3JlcXVlc3QYDSABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXF1ZXN0SAASPgoOc3RhdHNfcmVzcG9uc2UYDiABKAsyJC5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXNwb25zZUgAQgYKBGtpbmQiSQoFSGVsbG8SGAoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoDRITCgtjbGllbnRfbmFtZRgCIAEoCRIRCgljb21wb25lbnQYAyABKAki3AEKBkxpbWl0cxIXCg9tYXhfZnJhbWVfYnl0ZXMYASABKA0SFwoPbWF4X3RvcGljX2J5dGVzGAIgASgNEhgKEG1heF90b3BpY19sZXZlbHMYAyABKA0SGQoRbWF4X3N1YnNjcmlwdGlvbnMYBCABKA0SGgoSbWF4X3F1ZXVlX21lc3NhZ2VzGAUgASgNEhcKD21heF9xdWV1ZV9ieXRlcxgGIAEoBBIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYByABKA0SFwoPaWRsZV90aW1lb3V0X21zGAggASgNInkKB1dlbGNvbWUSGAoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoDRISCgpzZXNzaW9uX2lkGAIgASgJEi0KBmxpbWl0cxgDIAEoCzIdLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5MaW1pdHMSEQoJY29tcG9uZW50GAQgASgJIpUBCgdQdWJsaXNoEg0KBXRvcGljGAEgASgJEkQKC2NvcnJlbGF0aW9uGAIgASgLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvcnJlbGF0aW9uTWV0YWRhdGFIAIgBARIUCgxwYXlsb2FkX3R5cGUYAyABKAkSDwoHcGF5bG9hZBgEIAEoDEIOCgxfY29ycmVsYXRpb24iZQoHRGVsaXZlchIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SEAoIc2VxdWVuY2UYAiABKAQSLwoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoIq8BCglTdWJzY3JpYmUSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBmZpbHRlchgCIAEoCRJJChJjb3JyZWxhdGlvbl9maWx0ZXIYAyABKAsyKC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ycmVsYXRpb25GaWx0ZXJIAIgBARIXCg9pbmNsdWRlX2NvbnRyb2wYBCABKAhCFQoTX2NvcnJlbGF0aW9uX2ZpbHRlciInCgxTdWJzY3JpYmVBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNIiYKC1Vuc3Vic2NyaWJlEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoDSIpCg5VbnN1YnNjcmliZUFjaxIXCg9zdWJzY3JpcHRpb25faWQYASABKA0iFQoEUGluZxINCgVub25jZRgBIAEoBCIVCgRQb25nEg0KBW5vbmNlGAEgASgEIn8KBUVycm9yEi4KBGNvZGUYASABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSDQoFZmF0YWwYAyABKAgSFwoPc3Vic2NyaXB0aW9uX2lkGAQgASgNEg0KBXRvcGljGAUgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJIiIKDFN0YXRzUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEInQKEVN1YnNjcmlwdGlvblN0YXRzEhIKCnNlc3Npb25faWQYASABKAkSFwoPc3Vic2NyaXB0aW9uX2lkGAIgASgNEg4KBmZpbHRlchgDIAEoCRIRCglkZWxpdmVyZWQYBCABKAQSDwoHZHJvcHBlZBgFIAEoBCKxAQoPQ29ubmVjdGlvblN0YXRzEhIKCnNlc3Npb25faWQYASABKAkSEwoLY2xpZW50X25hbWUYAiABKAkSEQoJY29tcG9uZW50GAMgASgJEhAKCHBlZXJfcGlkGAQgASgNEhAKCHBlZXJfdWlkGAUgASgNEhYKDnF1ZXVlX21lc3NhZ2VzGAYgASgNEhMKC3F1ZXVlX2J5dGVzGAcgASgEEhEKCXB1Ymxpc2hlZBgIIAEoBCK2AgoNU3RhdHNSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgEEhMKC2Nvbm5lY3Rpb25zGAIgASgNEhkKEWNvbm5lY3Rpb25zX3RvdGFsGAMgASgEEhEKCXB1Ymxpc2hlZBgEIAEoBBIRCglkZWxpdmVyZWQYBSABKAQSDwoHZHJvcHBlZBgGIAEoBBIPCgdyZWZ1c2VkGAcgASgEEkAKEGNvbm5lY3Rpb25fc3RhdHMYCCADKAsyJi5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ubmVjdGlvblN0YXRzEkQKEnN1YnNjcmlwdGlvbl9zdGF0cxgJIAMoCzIoLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5TdWJzY3JpcHRpb25TdGF0cxIRCgl0cnVuY2F0ZWQYCiABKAgq7QQKCUVycm9yQ29kZRIaChZFUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASHgoaRVJST1JfQ09ERV9GUkFNRV9UT09fTEFSR0UQARIeChpFUlJPUl9DT0RFX01BTEZPUk1FRF9GUkFNRRACEh8KG0VSUk9SX0NPREVfVU5FWFBFQ1RFRF9GUkFNRRADEiIKHkVSUk9SX0NPREVfVU5TVVBQT1JURURfVkVSU0lPThAEEiAKHEVSUk9SX0NPREVfSEFORFNIQUtFX1RJTUVPVVQQBRIcChhFUlJPUl9DT0RFX0lOVkFMSURfVE9QSUMQBhIdChlFUlJPUl9DT0RFX0lOVkFMSURfRklMVEVSEAcSIgoeRVJST1JfQ09ERV9JTlZBTElEX0NPUlJFTEFUSU9OEAgSHAoYRVJST1JfQ09ERV9BQ0NFU1NfREVOSUVEEAkSHQoZRVJST1JfQ09ERV9MSU1JVF9FWENFRURFRBAKEh8KG0VSUk9SX0NPREVfQ09OTkVDVElPTl9MSU1JVBALEhwKGEVSUk9SX0NPREVfU0xPV19DT05TVU1FUhAMEhsKF0VSUk9SX0NPREVfSURMRV9USU1FT1VUEA0SHAoYRVJST1JfQ09ERV9TSFVUVElOR19ET1dOEA4SIwofRVJST1JfQ09ERV9VTktOT1dOX1NVQlNDUklQVElPThAPEiYKIkVSUk9SX0NPREVfSU5WQUxJRF9TVUJTQ1JJUFRJT05fSUQQEBIfChtFUlJPUl9DT0RFX1BBWUxPQURfTUlTTUFUQ0gQERIXChNFUlJPUl9DT0RFX0lOVEVSTkFMEBJiBnByb3RvMw", [file_daemoneye_eventbus_v1_correlation]);
+  fileDesc("CiJkYWVtb25leWUvZXZlbnRidXMvdjEvZnJhbWVzLnByb3RvEhVkYWVtb25leWUuZXZlbnRidXMudjEi/wYKBUZyYW1lEi0KBWhlbGxvGAEgASgLMhwuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkhlbGxvSAASMQoHd2VsY29tZRgCIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5XZWxjb21lSAASMQoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoSAASMQoHZGVsaXZlchgEIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVySAASNQoJc3Vic2NyaWJlGAUgASgLMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlN1YnNjcmliZUgAEjwKDXN1YnNjcmliZV9hY2sYBiABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaWJlQWNrSAASOQoLdW5zdWJzY3JpYmUYByABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVIABJACg91bnN1YnNjcmliZV9hY2sYCCABKAsyJS5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVBY2tIABIrCgRwaW5nGAkgASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBpbmdIABIrCgRwb25nGAogASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBvbmdIABItCgVlcnJvchgLIAEoCzIcLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5FcnJvckgAEjEKB2dvb2RieWUYDCABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuR29vZGJ5ZUgAEjwKDXN0YXRzX3JlcXVlc3QYDSABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXF1ZXN0SAASPgoOc3RhdHNfcmVzcG9uc2UYDiABKAsyJC5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXNwb25zZUgAEjwKDXB1Ymxpc2hfYmF0Y2gYDyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEJhdGNoSAASPAoNZGVsaXZlcl9iYXRjaBgQIAEoCzIjLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVyQmF0Y2hIAEIGCgRraW5kImEKBUhlbGxvEhgKEHByb3RvY29sX3ZlcnNpb24YASABKA0SEwoLY2xpZW50X25hbWUYAiABKAkSEQoJY29tcG9uZW50GAMgASgJEhYKDmFjY2VwdF9iYXRjaGVzGAQgASgIItwBCgZMaW1pdHMSFwoPbWF4X2ZyYW1lX2J5dGVzGAEgASgNEhcKD21heF90b3BpY19ieXRlcxgCIAEoDRIYChBtYXhfdG9waWNfbGV2ZWxzGAMgASgNEhkKEW1heF9zdWJzY3JpcHRpb25zGAQgASgNEhoKEm1heF9xdWV1ZV9tZXNzYWdlcxgFIAEoDRIXCg9tYXhfcXVldWVfYnl0ZXMYBiABKAQSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAcgASgNEhcKD2lkbGVfdGltZW91dF9tcxgIIAEoDSKKAQoHV2VsY29tZRIYChBwcm90b2NvbF92ZXJzaW9uGAEgASgNEhIKCnNlc3Npb25faWQYAiABKAkSLQoGbGltaXRzGAMgASgLMh0uZGFlbW9uZXllLmV2ZW50YnVzLnYxLkxpbWl0cxIRCgljb21wb25lbnQYBCABKAkSDwoHYmF0Y2hlcxgFIAEoCCKVAQoHUHVibGlzaBINCgV0b3BpYxgBIAEoCRJECgtjb3JyZWxhdGlvbhgCIAEoCzIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db3JyZWxhdGlvbk1ldGFkYXRhSACIAQESFAoMcGF5bG9hZF90eXBlGAMgASgJEg8KB3BheWxvYWQYBCABKAxCDgoMX2NvcnJlbGF0aW9uImUKB0RlbGl2ZXISFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEhAKCHNlcXVlbmNlGAIgASgEEi8KB3B1Ymxpc2gYAyABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaCKbAQoMUHVibGlzaEJhdGNoEg0KBXRvcGljGAEgASgJEkQKC2NvcnJlbGF0aW9uGAIgASgLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvcnJlbGF0aW9uTWV0YWRhdGFIAIgBARIUCgxwYXlsb2FkX3R5cGUYAyABKAkSEAoIcGF5bG9hZHMYBCADKAxCDgoMX2NvcnJlbGF0aW9uInMKDERlbGl2ZXJCYXRjaBIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SFgoOZmlyc3Rfc2VxdWVuY2UYAiABKAQSMgoFYmF0Y2gYAyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEJhdGNoIq8BCglTdWJzY3JpYmUSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBmZpbHRlchgCIAEoCRJJChJjb3JyZWxhdGlvbl9maWx0ZXIYAyABKAsyKC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ycmVsYXRpb25GaWx0ZXJIAIgBARIXCg9pbmNsdWRlX2NvbnRyb2wYBCABKAhCFQoTX2NvcnJlbGF0aW9uX2ZpbHRlciInCgxTdWJzY3JpYmVBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNIiYKC1Vuc3Vic2NyaWJlEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoDSIpCg5VbnN1YnNjcmliZUFjaxIXCg9zdWJzY3JpcHRpb25faWQYASABKA0iFQoEUGluZxINCgVub25jZRgBIAEoBCIVCgRQb25nEg0KBW5vbmNlGAEgASgEIn8KBUVycm9yEi4KBGNvZGUYASABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSDQoFZmF0YWwYAyABKAgSFwoPc3Vic2NyaXB0aW9uX2lkGAQgASgNEg0KBXRvcGljGAUgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJIiIKDFN0YXRzUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEInQKEVN1YnNjcmlwdGlvblN0YXRzEhIKCnNlc3Npb25faWQYASABKAkSFwoPc3Vic2NyaXB0aW9uX2lkGAIgASgNEg4KBmZpbHRlchgDIAEoCRIRCglkZWxpdmVyZWQYBCABKAQSDwoHZHJvcHBlZBgFIAEoBCKxAQoPQ29ubmVjdGlvblN0YXRzEhIKCnNlc3Npb25faWQYASABKAkSEwoLY2xpZW50X25hbWUYAiABKAkSEQoJY29tcG9uZW50GAMgASgJEhAKCHBlZXJfcGlkGAQgASgNEhAKCHBlZXJfdWlkGAUgASgNEhYKDnF1ZXVlX21lc3NhZ2VzGAYgASgNEhMKC3F1ZXVlX2J5dGVzGAcgASgEEhEKCXB1Ymxpc2hlZBgIIAEoBCK2AgoNU3RhdHNSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgEEhMKC2Nvbm5lY3Rpb25zGAIgASgNEhkKEWNvbm5lY3Rpb25zX3RvdGFsGAMgASgEEhEKCXB1Ymxpc2hlZBgEIAEoBBIRCglkZWxpdmVyZWQYBSABKAQSDwoHZHJvcHBlZBgGIAEoBBIPCgdyZWZ1c2VkGAcgASgEEkAKEGNvbm5lY3Rpb25fc3RhdHMYCCADKAsyJi5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ubmVjdGlvblN0YXRzEkQKEnN1YnNjcmlwdGlvbl9zdGF0cxgJIAMoCzIoLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5TdWJzY3JpcHRpb25TdGF0cxIRCgl0cnVuY2F0ZWQYCiABKAgq7QQKCUVycm9yQ29kZRIaChZFUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASHgoaRVJST1JfQ09ERV9GUkFNRV9UT09fTEFSR0UQARIeChpFUlJPUl9DT0RFX01BTEZPUk1FRF9GUkFNRRACEh8KG0VSUk9SX0NPREVfVU5FWFBFQ1RFRF9GUkFNRRADEiIKHkVSUk9SX0NPREVfVU5TVVBQT1JURURfVkVSU0lPThAEEiAKHEVSUk9SX0NPREVfSEFORFNIQUtFX1RJTUVPVVQQBRIcChhFUlJPUl9DT0RFX0lOVkFMSURfVE9QSUMQBhIdChlFUlJPUl9DT0RFX0lOVkFMSURfRklMVEVSEAcSIgoeRVJST1JfQ09ERV9JTlZBTElEX0NPUlJFTEFUSU9OEAgSHAoYRVJST1JfQ09ERV9BQ0NFU1NfREVOSUVEEAkSHQoZRVJST1JfQ09ERV9MSU1JVF9FWENFRURFRBAKEh8KG0VSUk9SX0NPREVfQ09OTkVDVElPTl9MSU1JVBALEhwKGEVSUk9SX0NPREVfU0xPV19DT05TVU1FUhAMEhsKF0VSUk9SX0NPREVfSURMRV9USU1FT1VUEA0SHAoYRVJST1JfQ09ERV9TSFVUVElOR19ET1dOEA4SIwofRVJST1JfQ09ERV9VTktOT1dOX1NVQlNDUklQVElPThAPEiYKIkVSUk9SX0NPREVfSU5WQUxJRF9TVUJTQ1JJUFRJT05fSUQQEBIfChtFUlJPUl9DT0RFX1BBWUxPQURfTUlTTUFUQ0gQERIXChNFUlJPUl9DT0RFX0lOVEVSTkFMEBJiBnByb3RvMw", [file_daemoneye_eventbus_v1_correlation]);
 
 /**
  * One frame on a connection.
@@ -143,6 +143,25 @@ export type Frame = Message<"daemoneye.eventbus.v1.Frame"> & {
      */
     value: StatsResponse;
     case: "statsResponse";
+  } | {
+    /**
+     * Client to broker: publish several events that share a topic, payload
+     * type and correlation, in order. Only to a broker whose `Welcome` set
+     * `batches`.
+     *
+     * @generated from field: daemoneye.eventbus.v1.PublishBatch publish_batch = 15;
+     */
+    value: PublishBatch;
+    case: "publishBatch";
+  } | {
+    /**
+     * Broker to client: consecutive events for one subscription. Only to a
+     * client whose `Hello` set `accept_batches`.
+     *
+     * @generated from field: daemoneye.eventbus.v1.DeliverBatch deliver_batch = 16;
+     */
+    value: DeliverBatch;
+    case: "deliverBatch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -182,6 +201,14 @@ export type Hello = Message<"daemoneye.eventbus.v1.Hello"> & {
    * @generated from field: string component = 3;
    */
   component: string;
+
+  /**
+   * The client decodes `DeliverBatch` frames. Without it the broker delivers
+   * every event in its own `Deliver` frame.
+   *
+   * @generated from field: bool accept_batches = 4;
+   */
+  acceptBatches: boolean;
 };
 
 /**
@@ -294,6 +321,13 @@ export type Welcome = Message<"daemoneye.eventbus.v1.Welcome"> & {
    * @generated from field: string component = 4;
    */
   component: string;
+
+  /**
+   * The broker accepts `PublishBatch` frames on this connection.
+   *
+   * @generated from field: bool batches = 5;
+   */
+  batches: boolean;
 };
 
 /**
@@ -383,6 +417,86 @@ export const DeliverSchema: GenMessage<Deliver> = /*@__PURE__*/
   messageDesc(file_daemoneye_eventbus_v1_frames, 5);
 
 /**
+ * Several events published together: each is what a `Publish` with the same
+ * topic, correlation and payload type and one of these payloads would carry.
+ *
+ * @generated from message daemoneye.eventbus.v1.PublishBatch
+ */
+export type PublishBatch = Message<"daemoneye.eventbus.v1.PublishBatch"> & {
+  /**
+   * The concrete topic of every event, without wildcards.
+   *
+   * @generated from field: string topic = 1;
+   */
+  topic: string;
+
+  /**
+   * Correlation metadata shared by every event, if any.
+   *
+   * @generated from field: optional daemoneye.eventbus.v1.CorrelationMetadata correlation = 2;
+   */
+  correlation?: CorrelationMetadata | undefined;
+
+  /**
+   * Fully qualified name of every payload's message type.
+   *
+   * @generated from field: string payload_type = 3;
+   */
+  payloadType: string;
+
+  /**
+   * The serialized payloads, one per event, in publishing order; at least
+   * one.
+   *
+   * @generated from field: repeated bytes payloads = 4;
+   */
+  payloads: Uint8Array[];
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.PublishBatch.
+ * Use `create(PublishBatchSchema)` to create a new message.
+ */
+export const PublishBatchSchema: GenMessage<PublishBatch> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_frames, 6);
+
+/**
+ * Consecutive events delivered to one subscription in one frame.
+ *
+ * @generated from message daemoneye.eventbus.v1.DeliverBatch
+ */
+export type DeliverBatch = Message<"daemoneye.eventbus.v1.DeliverBatch"> & {
+  /**
+   * The subscription the events matched.
+   *
+   * @generated from field: uint32 subscription_id = 1;
+   */
+  subscriptionId: number;
+
+  /**
+   * Sequence number of the first event; the next event has the next number,
+   * and so on. Numbering is shared with `Deliver` frames of the subscription.
+   *
+   * @generated from field: uint64 first_sequence = 2;
+   */
+  firstSequence: bigint;
+
+  /**
+   * The events, as they were published.
+   *
+   * @generated from field: daemoneye.eventbus.v1.PublishBatch batch = 3;
+   */
+  batch?: PublishBatch | undefined;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.DeliverBatch.
+ * Use `create(DeliverBatchSchema)` to create a new message.
+ */
+export const DeliverBatchSchema: GenMessage<DeliverBatch> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_frames, 7);
+
+/**
  * Subscribe to a topic filter.
  *
  * @generated from message daemoneye.eventbus.v1.Subscribe
@@ -425,7 +539,7 @@ export type Subscribe = Message<"daemoneye.eventbus.v1.Subscribe"> & {
  * Use `create(SubscribeSchema)` to create a new message.
  */
 export const SubscribeSchema: GenMessage<Subscribe> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 6);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 8);
 
 /**
  * The subscription is active.
@@ -446,7 +560,7 @@ export type SubscribeAck = Message<"daemoneye.eventbus.v1.SubscribeAck"> & {
  * Use `create(SubscribeAckSchema)` to create a new message.
  */
 export const SubscribeAckSchema: GenMessage<SubscribeAck> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 7);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 9);
 
 /**
  * End a subscription.
@@ -467,7 +581,7 @@ export type Unsubscribe = Message<"daemoneye.eventbus.v1.Unsubscribe"> & {
  * Use `create(UnsubscribeSchema)` to create a new message.
  */
 export const UnsubscribeSchema: GenMessage<Unsubscribe> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 8);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 10);
 
 /**
  * The subscription has ended; no more events for it follow.
@@ -488,7 +602,7 @@ export type UnsubscribeAck = Message<"daemoneye.eventbus.v1.UnsubscribeAck"> & {
  * Use `create(UnsubscribeAckSchema)` to create a new message.
  */
 export const UnsubscribeAckSchema: GenMessage<UnsubscribeAck> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 9);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 11);
 
 /**
  * Are you alive?
@@ -509,7 +623,7 @@ export type Ping = Message<"daemoneye.eventbus.v1.Ping"> & {
  * Use `create(PingSchema)` to create a new message.
  */
 export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 10);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 12);
 
 /**
  * Answer to a `Ping`.
@@ -530,7 +644,7 @@ export type Pong = Message<"daemoneye.eventbus.v1.Pong"> & {
  * Use `create(PongSchema)` to create a new message.
  */
 export const PongSchema: GenMessage<Pong> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 11);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 13);
 
 /**
  * Something went wrong. Unless `fatal` is false, the sender closes the
@@ -580,7 +694,7 @@ export type Error = Message<"daemoneye.eventbus.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 12);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 14);
 
 /**
  * The sender is closing the connection.
@@ -601,7 +715,7 @@ export type Goodbye = Message<"daemoneye.eventbus.v1.Goodbye"> & {
  * Use `create(GoodbyeSchema)` to create a new message.
  */
 export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 13);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 15);
 
 /**
  * Ask for the broker's statistics.
@@ -622,7 +736,7 @@ export type StatsRequest = Message<"daemoneye.eventbus.v1.StatsRequest"> & {
  * Use `create(StatsRequestSchema)` to create a new message.
  */
 export const StatsRequestSchema: GenMessage<StatsRequest> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 14);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 16);
 
 /**
  * Statistics of one subscription.
@@ -671,7 +785,7 @@ export type SubscriptionStats = Message<"daemoneye.eventbus.v1.SubscriptionStats
  * Use `create(SubscriptionStatsSchema)` to create a new message.
  */
 export const SubscriptionStatsSchema: GenMessage<SubscriptionStats> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 15);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 17);
 
 /**
  * Statistics of one connection.
@@ -741,7 +855,7 @@ export type ConnectionStats = Message<"daemoneye.eventbus.v1.ConnectionStats"> &
  * Use `create(ConnectionStatsSchema)` to create a new message.
  */
 export const ConnectionStatsSchema: GenMessage<ConnectionStats> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 16);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 18);
 
 /**
  * The broker's statistics.
@@ -826,7 +940,7 @@ export type StatsResponse = Message<"daemoneye.eventbus.v1.StatsResponse"> & {
  * Use `create(StatsResponseSchema)` to create a new message.
  */
 export const StatsResponseSchema: GenMessage<StatsResponse> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 17);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 19);
 
 /**
  * Stable error codes. Never renumbered; new codes may be added.

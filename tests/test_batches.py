@@ -1,0 +1,373 @@
+"""Batches: many events per frame, on the wire and through a real broker [protocol §5]."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+from conftest import AGENT, PROCMOND, TEST_CONFIG
+from test_broker import RawPeer, drain, pid_of, proc
+
+from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus.broker import Broker
+from daemoneye_eventbus.client import Client
+from daemoneye_eventbus.correlation import new_correlation
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent, received_batch
+from daemoneye_eventbus.errors import LimitExceeded
+from daemoneye_eventbus.protocol import (
+    DELIVER_BATCH_OVERHEAD,
+    PROTOCOL_VERSION,
+    Connection,
+    PublishBatcher,
+    Role,
+    State,
+    encode_deliver_batch,
+    encode_frame,
+    encode_publish_batch,
+    publish_header,
+)
+
+LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
+ANOMALY = registry.EVENTS_PROCESS_ANOMALY
+PROCESS_EVENT = LIFECYCLE.payload_name
+
+
+def header(topic: Any = LIFECYCLE) -> tuple[bytes, bytes]:
+    return publish_header(topic.name, topic.payload_name)
+
+
+def split(data: bytes) -> list[Frame]:
+    """The frames of an encoded stream."""
+    conn = Connection(Role.BROKER)
+    conn.state = State.OPEN
+    conn.receive_data(data)
+    assert conn.error is None
+    return conn.events_received()
+
+
+# -- encoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_correlation", [False, True])
+@pytest.mark.parametrize("sizes", [[0], [1, 0, 300], [200] * 700])
+def test_hand_built_batch_frames_equal_protobuf(with_correlation: bool, sizes: list[int]) -> None:
+    payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    corr = new_correlation("wf-1") if with_correlation else None
+    batch = frames_pb2.PublishBatch(
+        topic=LIFECYCLE.name, payload_type=PROCESS_EVENT, payloads=payloads
+    )
+    if corr is not None:
+        batch.correlation.CopyFrom(corr)
+    corr_bytes = corr.SerializeToString() if corr is not None else None
+    assert encode_publish_batch(header(), payloads, corr_bytes) == encode_frame(
+        Frame(publish_batch=batch)
+    )
+    body = batch.SerializeToString()
+    for sid, first in [(1, 1), (2**32 - 1, 2**64 - len(sizes))]:
+        deliver = frames_pb2.DeliverBatch(subscription_id=sid, first_sequence=first, batch=batch)
+        frame = encode_deliver_batch(sid, first, body)
+        assert frame == encode_frame(Frame(deliver_batch=deliver))
+        # The overhead bound holds even at the largest ids.
+        assert len(frame) - len(body) <= DELIVER_BATCH_OVERHEAD + 5
+
+
+def test_batcher_groups_by_topic_and_correlation_in_order() -> None:
+    batcher = PublishBatcher(max_body=1 << 20, target=64 * 1024)
+    wf = new_correlation("wf").SerializeToString()
+    sealed = [
+        batcher.add(header(), b"a"),
+        batcher.add(header(), b"b"),
+        batcher.add(header(ANOMALY), b"c"),  # another topic: seals a, b
+        batcher.add(header(ANOMALY), b"d", wf),  # another correlation: seals c
+        batcher.add(header(ANOMALY), b"e", wf),
+    ]
+    assert batcher.pending_events == 2
+    last = batcher.seal()
+    assert batcher.seal() is None
+    assert batcher.pending_bytes == 0
+    frames = [(f, n) for f, n in (s for s in [*sealed, last] if s is not None)]
+    assert [n for _, n in frames] == [2, 1, 2]
+    decoded = [split(f)[0].publish_batch for f, _ in frames]
+    assert [(b.topic, list(b.payloads), b.HasField("correlation")) for b in decoded] == [
+        (LIFECYCLE.name, [b"a", b"b"], False),
+        (ANOMALY.name, [b"c"], False),
+        (ANOMALY.name, [b"d", b"e"], True),
+    ]
+
+
+def test_batcher_seals_at_the_target_and_refuses_what_cannot_travel_alone() -> None:
+    batcher = PublishBatcher(max_body=10_000, target=1_000)
+    sealed = [batcher.add(header(), b"x" * 400) for _ in range(7)]
+    counts = [s[1] for s in sealed if s is not None]
+    assert counts == [2, 2, 2]  # the header and three 400-byte events exceed 1,000 bytes
+    for frame, _ in (s for s in sealed if s is not None):
+        assert len(split(frame)[0].publish_batch.SerializeToString()) <= 1_000
+    # A big event travels alone, up to max_body ...
+    big = batcher.add(header(), b"y" * 9_000)
+    assert big is not None
+    assert big[1] == 1
+    assert batcher.pending_events == 1
+    # ... and one that cannot is refused without touching the open batch.
+    with pytest.raises(LimitExceeded, match="exceeds the limit of 10000 bytes"):
+        batcher.add(header(), b"z" * 10_000)
+    assert batcher.pending_events == 1
+    final = batcher.seal()
+    assert final is not None
+    assert len(split(final[0])[0].publish_batch.SerializeToString()) <= 10_000
+
+
+def test_connection_counts_batched_events_as_messages() -> None:
+    conn = Connection(Role.BROKER)
+    conn.state = State.OPEN
+    conn.send_deliver_batch(
+        1, 1, frames_pb2.PublishBatch(payloads=[b"a"] * 3).SerializeToString(), 3
+    )
+    conn.send(Frame(ping=frames_pb2.Ping(nonce=1)))
+    assert (conn.buffered_frames, conn.buffered_messages) == (2, 4)
+    conn.data_to_send()
+    assert (conn.buffered_frames, conn.buffered_messages) == (0, 0)
+
+
+# -- the receiving queue ---------------------------------------------------------------
+
+
+def events(first: int, n: int, sid: int = 1) -> list[ReceivedEvent[Any]]:
+    return received_batch(LIFECYCLE.name, PROCESS_EVENT, [bytes(10)] * n, None, first, sid)
+
+
+def test_received_batch_builds_what_the_constructor_builds() -> None:
+    corr = new_correlation("wf")
+    built = received_batch(
+        LIFECYCLE.name, PROCESS_EVENT, [b"a", b"b"], corr, 7, 3, events_pb2.ProcessEvent
+    )
+    assert built == [
+        ReceivedEvent(LIFECYCLE.name, PROCESS_EVENT, p, corr, seq, 3, events_pb2.ProcessEvent)
+        for p, seq in [(b"a", 7), (b"b", 8)]
+    ]
+    with pytest.raises(AttributeError):
+        built[0].sequence = 1  # type: ignore[misc]
+
+
+def test_queue_takes_or_drops_a_batch_whole_and_counts_gaps() -> None:
+    queue: EventQueue[Any] = EventQueue(max_messages=10, max_bytes=1000)
+    assert queue.put_batch(events(1, 4))
+    assert not queue.put_batch(events(5, 7))  # 4 + 7 > 10
+    assert (len(queue), queue.dropped, queue.missed) == (4, 7, 0)
+    assert queue.put_batch(events(20, 6))  # 12..19 never arrived
+    assert (len(queue), queue.missed, queue.received, queue.nbytes) == (10, 8, 10, 100)
+    assert [queue.get_nowait().sequence for _ in range(10)] == [  # type: ignore[union-attr]
+        1, 2, 3, 4, 20, 21, 22, 23, 24, 25,
+    ]  # fmt: skip
+    assert queue.nbytes == 0
+    small: EventQueue[Any] = EventQueue(max_messages=100, max_bytes=25)
+    assert not small.put_batch(events(1, 3))  # 30 bytes > 25
+    assert small.dropped == 3
+
+
+# -- through a broker -------------------------------------------------------------------
+
+
+async def raw_subscriber(path: str, flt: str, *, accept_batches: bool) -> RawPeer:
+    reader, writer = await asyncio.open_unix_connection(path)
+    peer = RawPeer(reader, writer)
+    hello = frames_pb2.Hello(
+        protocol_version=PROTOCOL_VERSION, component=AGENT, accept_batches=accept_batches
+    )
+    await peer.send(Frame(hello=hello))
+    welcome = await peer.recv()
+    assert welcome.welcome.batches
+    await peer.send(Frame(subscribe=frames_pb2.Subscribe(subscription_id=1, filter=flt)))
+    assert (await peer.recv()).WhichOneof("kind") == "subscribe_ack"
+    return peer
+
+
+async def answer(peer: RawPeer) -> Frame:
+    """The next frame that is not a heartbeat (which is answered)."""
+    while True:
+        frame = await peer.recv()
+        if frame.WhichOneof("kind") != "ping":
+            return frame
+        await peer.send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))
+
+
+async def read_events(peer: RawPeer, n: int) -> tuple[list[str], list[tuple[int, int]]]:
+    """Frame kinds seen and (sequence, pid) of each event, until ``n`` events."""
+    kinds: list[str] = []
+    got: list[tuple[int, int]] = []
+    while len(got) < n:
+        frame = await answer(peer)
+        kind = frame.WhichOneof("kind")
+        assert kind is not None
+        kinds.append(kind)
+        if kind == "deliver":
+            payload = frame.deliver.publish.payload
+            got.append((frame.deliver.sequence, events_pb2.ProcessEvent.FromString(payload).pid))
+        else:
+            many = frame.deliver_batch
+            for i, payload in enumerate(many.batch.payloads):
+                pid = events_pb2.ProcessEvent.FromString(payload).pid
+                got.append((many.first_sequence + i, pid))
+    return kinds, got
+
+
+@pytest.mark.parametrize("accept_batches", [True, False], ids=["batches", "one-by-one"])
+async def test_a_burst_arrives_whole_and_in_order(
+    broker: Broker, sock_path: str, accept_batches: bool
+) -> None:
+    n = 2_000
+    peer = await raw_subscriber(sock_path, "events.process.#", accept_batches=accept_batches)
+    async with Client(sock_path, component=PROCMOND) as pub:
+        for i in range(n):
+            pub.publish_nowait(LIFECYCLE, proc(i, "n" * 100))
+        await pub.flush()
+    kinds, got = await read_events(peer, n)
+    peer.close()
+    assert got == [(i + 1, i) for i in range(n)]
+    if accept_batches:
+        # Published in one loop turn: a few batches of about 64 KiB, not 2,000 frames.
+        assert set(kinds) == {"deliver_batch"}
+        assert len(kinds) < 20
+    else:
+        assert set(kinds) == {"deliver"}
+        assert len(kinds) == n
+    stats = broker.statistics()
+    assert (stats.published, stats.delivered, stats.dropped) == (n, n, 0)
+
+
+async def test_order_holds_across_topics_and_single_frames(broker: Broker, sock_path: str) -> None:
+    async with (
+        Client(sock_path, component=AGENT) as sub_client,
+        Client(sock_path, component=PROCMOND) as pub,
+    ):
+        sub = await sub_client.subscribe("events.process.#")
+        for i in range(3):
+            await pub.publish(LIFECYCLE, proc(i))
+        await pub.publish(ANOMALY, events_pb2.ProcessEvent(pid=100))
+        # publish_raw sends a single Publish frame: it follows the open batch.
+        raw = proc(101).SerializeToString()
+        await pub.publish_raw(LIFECYCLE.name, PROCESS_EVENT, raw)
+        for i in range(3, 6):
+            await pub.publish(LIFECYCLE, proc(i))
+        await pub.close()  # the open batch goes before the goodbye
+        got = await drain(sub)
+    assert [pid_of(e) for e in got] == [0, 1, 2, 100, 101, 3, 4, 5]
+    assert [e.sequence for e in got] == list(range(1, 9))
+    assert [e.topic for e in got][3] == ANOMALY.name
+
+
+async def test_correlation_of_a_batch_and_filters(broker: Broker, sock_path: str) -> None:
+    async with (
+        Client(sock_path, component=AGENT) as sub_client,
+        Client(sock_path, component=PROCMOND) as pub,
+    ):
+        wanted = await sub_client.subscribe(
+            LIFECYCLE, correlation_filter=CorrelationFilter(root_correlation_ids=["wf-a"])
+        )
+        a, b = new_correlation("wf-a"), new_correlation("wf-b")
+        for i in range(6):
+            await pub.publish(LIFECYCLE, proc(i), correlation=a if i < 3 else b)
+        for i in range(6, 9):
+            await pub.publish(LIFECYCLE, proc(i), correlation=a)
+        await pub.flush()
+        got = await drain(wanted)
+    assert [e.message().pid for e in got] == [0, 1, 2, 6, 7, 8]
+    assert [e.sequence for e in got] == [1, 2, 3, 4, 5, 6]
+    for e in got:
+        assert e.correlation is not None
+        assert e.correlation.correlation_id == a.correlation_id
+    stats = broker.statistics()
+    assert (stats.published, stats.delivered) == (9, 6)
+
+
+async def test_bad_batches_are_refused_and_the_connection_lives(
+    broker: Broker, sock_path: str
+) -> None:
+    peer = await RawPeer.connect(sock_path, component=PROCMOND)
+    cases: list[tuple[frames_pb2.PublishBatch, int]] = [
+        (
+            frames_pb2.PublishBatch(topic=LIFECYCLE.name, payload_type=PROCESS_EVENT),
+            ErrorCode.ERROR_CODE_MALFORMED_FRAME,
+        ),
+        (
+            frames_pb2.PublishBatch(topic="events..x", payload_type=PROCESS_EVENT, payloads=[b""]),
+            ErrorCode.ERROR_CODE_INVALID_TOPIC,
+        ),
+        (
+            frames_pb2.PublishBatch(topic=LIFECYCLE.name, payload_type="x.Y", payloads=[b""]),
+            ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH,
+        ),
+        (  # procmond may not publish the agent's control topics
+            frames_pb2.PublishBatch(
+                topic=registry.CONTROL_COLLECTOR_CONFIG.name,
+                payload_type=registry.CONTROL_COLLECTOR_CONFIG.payload_name,
+                payloads=[b""],
+            ),
+            ErrorCode.ERROR_CODE_ACCESS_DENIED,
+        ),
+    ]
+    for batch, code in cases:
+        await peer.send(Frame(publish_batch=batch))
+        error = (await answer(peer)).error
+        assert (error.code, error.fatal) == (code, False), error
+        assert error.topic == batch.topic
+    await peer.send(Frame(ping=frames_pb2.Ping(nonce=5)))
+    assert (await answer(peer)).pong.nonce == 5
+    peer.close()
+    assert broker.statistics().published == 0
+
+
+async def test_batch_over_the_deliver_limit_is_refused(sock_path: str) -> None:
+    limit = 16 * 1024
+    config = dataclasses.replace(TEST_CONFIG, max_frame_bytes=limit)
+    async with Broker(sock_path, config):
+        peer = await RawPeer.connect(sock_path, component=PROCMOND)
+        # The frame itself is within the limit; delivering it would not be.
+        batch = frames_pb2.PublishBatch(
+            topic=LIFECYCLE.name, payload_type=PROCESS_EVENT, payloads=[b""]
+        )
+        base = len(batch.SerializeToString()) + 1  # the payload length takes 2 bytes
+        batch.payloads[0] = b"x" * (limit - DELIVER_BATCH_OVERHEAD + 10 - base)
+        assert len(batch.SerializeToString()) == limit - DELIVER_BATCH_OVERHEAD + 10
+        assert len(encode_frame(Frame(publish_batch=batch))) <= limit
+        await peer.send(Frame(publish_batch=batch))
+        error = (await answer(peer)).error
+        assert error.code == ErrorCode.ERROR_CODE_FRAME_TOO_LARGE
+        assert f"may be at most {limit - DELIVER_BATCH_OVERHEAD} bytes" in error.message
+        peer.close()
+        # The client never builds such a batch: it refuses the event itself.
+        async with Client(sock_path, component=PROCMOND) as pub:
+            with pytest.raises(LimitExceeded):
+                await pub.publish(LIFECYCLE, proc(1, "n" * limit))
+
+
+async def test_a_full_queue_drops_a_batch_whole_as_a_sequence_gap(sock_path: str) -> None:
+    config = dataclasses.replace(TEST_CONFIG, max_queue_messages=100)
+    async with Broker(sock_path, config) as broker:
+        local = broker.local_session("agent", AGENT)
+        queue = local.new_queue()
+        local.subscribe("events.process.#", queue)
+        async with Client(sock_path, component=PROCMOND) as pub:
+            for i in range(60):
+                pub.publish_nowait(LIFECYCLE, proc(i))
+            await pub.flush()  # one batch of 60 is queued
+            for i in range(60, 120):
+                pub.publish_nowait(LIFECYCLE, proc(i))
+            await pub.flush()  # 60 more do not fit: dropped whole
+            for i in range(120, 125):
+                pub.publish_nowait(LIFECYCLE, proc(i))
+            await pub.flush()
+        got = []
+        while (event := queue.get_nowait()) is not None:
+            got.append(event)
+        local.close()
+    assert [e.sequence for e in got] == [*range(1, 61), *range(121, 126)]
+    assert [pid_of(e) for e in got] == [*range(60), *range(120, 125)]
+    # An in-process queue is the broker's queue: its drops are counted there.
+    assert queue.dropped == 60
+    assert queue.missed == 0
+    stats = broker.statistics()
+    assert (stats.published, stats.delivered, stats.dropped) == (125, 65, 60)
