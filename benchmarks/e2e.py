@@ -56,6 +56,7 @@ from benchmarks.peers.base import cpu_model, percentile, stat_cpu_seconds
 from daemoneye.eventbus.v1 import events_pb2, registry
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import ConnectionClosed, RequestTimeout
+from daemoneye_eventbus.runtime import run
 
 __all__ = ["ScenarioResult", "main", "make_event", "run_scenario"]
 
@@ -151,7 +152,7 @@ def _run_worker(
     coro: Coroutine[Any, Any, dict[str, Any]],
 ) -> None:
     try:
-        payload: dict[str, Any] = asyncio.run(coro)
+        payload: dict[str, Any] = run(coro)
     except BaseException:
         results.put(("error", role, index, {"traceback": traceback.format_exc()}))
         raise SystemExit(1) from None

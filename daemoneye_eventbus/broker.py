@@ -28,7 +28,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, cast
 
 from google.protobuf.message import Message
 
@@ -868,7 +868,8 @@ class _SocketSession(_Session, asyncio.Protocol):
     # asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport; uvloop's do not subclass asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
         sock = transport.get_extra_info("socket")

@@ -30,6 +30,7 @@ from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import ReceivedEvent
 from daemoneye_eventbus.errors import ClosedResourceError, EventBusError, RequestTimeout
+from daemoneye_eventbus.runtime import run, running_loop_name
 from daemoneye_eventbus.transport import default_socket_path
 
 __all__ = ["main"]
@@ -98,7 +99,8 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(
         f"daemoneye-eventbus broker listening on {broker.path} "
-        f"(mode {config.socket_mode:04o}, policy {broker.policy.source})",
+        f"(mode {config.socket_mode:04o}, policy {broker.policy.source}, "
+        f"loop {running_loop_name()})",
         flush=True,
     )
     try:
@@ -364,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "topics":
             return _topics(args)
         runner = {"serve": _serve, "pub": _pub, "sub": _sub, "stats": _stats, "demo": _demo}
-        return asyncio.run(runner[args.command](args))
+        return run(runner[args.command](args))
     except KeyboardInterrupt:
         return 130
     except (EventBusError, json_format.ParseError, ValueError, OSError) as exc:

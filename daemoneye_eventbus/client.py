@@ -23,7 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar, overload
+from typing import Any, Final, Generic, Self, TypeVar, cast, overload
 
 from google.protobuf.message import Message
 
@@ -247,7 +247,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport; uvloop's do not subclass asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=_WRITE_HIGH)
 
@@ -563,10 +564,9 @@ class Client:
 
     def _coalesce(self) -> None:
         """Write now past _FLUSH_BYTES, else at the end of this loop turn."""
-        pending = self._conn.buffered_bytes
-        if self._batcher is not None:
-            pending += self._batcher.pending_bytes
-        if pending >= _FLUSH_BYTES:
+        # The open batch holds at most _BATCH_BYTES; it is sealed into the
+        # buffer once it is that full.
+        if self._conn.buffered_bytes >= _FLUSH_BYTES:
             self._write_now()
         elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)

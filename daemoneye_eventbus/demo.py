@@ -24,6 +24,7 @@ from daemoneye_eventbus.bus import DaemoneyeBroker, DaemoneyeEventBus, EventSubs
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import create_child, new_correlation, with_stage
 from daemoneye_eventbus.errors import RequestTimeout
+from daemoneye_eventbus.runtime import run
 
 __all__ = ["enumerate_processes", "run_collector", "run_demo"]
 
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20)
     args = parser.parse_args(argv)
     if args.role == "collector":
-        return asyncio.run(run_collector(args.socket, args.scan_id, args.count))
-    return asyncio.run(run_demo(args.socket, count=args.count))
+        return run(run_collector(args.socket, args.scan_id, args.count))
+    return run(run_demo(args.socket, count=args.count))
 
 
 if __name__ == "__main__":

@@ -328,6 +328,20 @@ def encode_publish(
 
 
 _TAG_FRAME_PUBLISH_BATCH: Final = b"\x7a"  # Frame.publish_batch = 15
+#: The tag and length of a payload field, by payload length, as they are needed.
+_PAYLOAD_PREFIXES: Final[dict[int, bytes]] = {}
+#: Lengths below this have their prefix cached (at most 16,384 entries).
+_PREFIX_CACHE_BELOW: Final = 0x4000
+
+
+def _payload_prefix(length: int) -> bytes:
+    """The tag and length of a ``PublishBatch.payloads`` field of ``length`` bytes."""
+    prefix = _PAYLOAD_PREFIXES.get(length)
+    if prefix is None:
+        prefix = _TAG_PUB_PAYLOAD + encode_varint(length)
+        if length < _PREFIX_CACHE_BELOW:
+            _PAYLOAD_PREFIXES[length] = prefix
+    return prefix
 
 
 def encode_publish_batch(
@@ -379,7 +393,10 @@ class PublishBatcher:
         self.target = min(target, max_body)
         self._header: tuple[bytes, bytes] | None = None
         self._correlation: bytes | None = None
-        self._payloads: list[bytes] = []
+        #: The open batch's encoded fields: its header, then each payload
+        #: field's tag and length followed by the payload.
+        self._parts: list[bytes] = []
+        self._events = 0
         self._size = 0
 
     @property
@@ -389,7 +406,7 @@ class PublishBatcher:
 
     @property
     def pending_events(self) -> int:
-        return len(self._payloads)
+        return self._events
 
     def add(
         self, header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
@@ -400,7 +417,21 @@ class PublishBatcher:
         any. Raises :class:`LimitExceeded` for an event that cannot travel even
         alone; nothing changes then.
         """
-        entry = _field_size(len(payload))
+        n = len(payload)
+        prefix = _payload_prefix(n)
+        entry = len(prefix) + n
+        if (
+            self._events
+            and header == self._header
+            and correlation == self._correlation
+            and self._size + entry <= self.target
+        ):  # the common case: one more event for the open batch
+            parts = self._parts
+            parts.append(prefix)
+            parts.append(payload)
+            self._events += 1
+            self._size += entry
+            return None
         base = len(header[0]) + len(header[1])
         if correlation is not None:
             base += _field_size(len(correlation))
@@ -408,35 +439,41 @@ class PublishBatcher:
             raise LimitExceeded(
                 f"event of about {base + entry} bytes exceeds the limit of {self.max_body} bytes"
             )
-        sealed = None
-        if self._payloads and (
-            header != self._header
-            or correlation != self._correlation
-            or self._size + entry > self.target
-        ):
-            sealed = self.seal()
-        if not self._payloads:
-            self._header = header
-            self._correlation = correlation
-            self._size = base
-        self._payloads.append(payload)
-        self._size += entry
+        sealed = self.seal()
+        topic_field, type_field = header
+        if correlation is None:
+            self._parts = [topic_field, type_field, prefix, payload]
+        else:
+            corr_field = _TAG_PUB_CORRELATION + encode_varint(len(correlation)) + correlation
+            self._parts = [topic_field, corr_field, type_field, prefix, payload]
+        self._header = header
+        self._correlation = correlation
+        self._events = 1
+        self._size = base + entry
         return sealed
 
     def seal(self) -> tuple[bytes, int] | None:
         """The open batch as an encoded frame and its event count; None if none is open."""
-        payloads = self._payloads
-        if not payloads:
+        events = self._events
+        if not events:
             return None
-        assert self._header is not None
-        frame = encode_publish_batch(self._header, payloads, self._correlation)
-        self._payloads = []
-        self._size = 0
-        return frame, len(payloads)
+        inner = b"".join(self._parts)
+        inner_prefix = encode_varint(len(inner))
+        frame = b"".join(
+            (
+                encode_varint(1 + len(inner_prefix) + len(inner)),
+                _TAG_FRAME_PUBLISH_BATCH,
+                inner_prefix,
+                inner,
+            )
+        )
+        self.discard()
+        return frame, events
 
     def discard(self) -> None:
         """Forget the open batch (its connection is gone)."""
-        self._payloads = []
+        self._parts = []
+        self._events = 0
         self._size = 0
 
 

@@ -24,6 +24,7 @@ from daemoneye.eventbus.v1.events_pb2 import ProcessEvent
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.broker import Broker
 from daemoneye_eventbus.client import Client
+from daemoneye_eventbus.runtime import loop_name
 
 CLI = [sys.executable, "-m", "daemoneye_eventbus.cli"]
 COMMANDS = ["serve", "pub", "sub", "stats", "topics", "demo"]
@@ -430,9 +431,10 @@ def test_serve_instance_and_sigint(instance: str) -> None:
     try:
         assert server.stdout is not None
         line = server.stdout.readline()
-        # The line also names the socket mode and the access policy in force.
+        # The line also names the socket mode, the access policy and the event loop.
         assert line.strip() == (
-            f"daemoneye-eventbus broker listening on {path} (mode 0600, policy default)"
+            f"daemoneye-eventbus broker listening on {path} "
+            f"(mode 0600, policy default, loop {loop_name()})"
         )
         assert os.path.exists(path)
         # Other commands find it by instance name too.

@@ -138,10 +138,12 @@ def make_event(size: int = PAYLOAD_BYTES) -> Any:
 
 
 def _run(coro: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    from daemoneye_eventbus.runtime import run
+
     async def main() -> dict[str, Any]:
         return await coro()
 
-    return asyncio.run(main())
+    return run(main())
 
 
 def _topics() -> tuple[Any, Any]:
