@@ -1272,7 +1272,7 @@ class LocalSession(_Session):
             sub.sequence,
             sub.subscription_id,
         )
-        return queue.put_nowait(event, len(data))
+        return queue.put_nowait(event)
 
     def enqueue_batch(
         self,

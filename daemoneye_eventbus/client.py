@@ -188,7 +188,7 @@ class Subscription(Generic[P]):
             self.subscription_id,
             self._cls,
         )
-        self.queue.put_nowait(event, len(pub.payload))
+        self.queue.put_nowait(event)
 
     def _deliver_batch(self, deliver: frames_pb2.DeliverBatch) -> None:
         batch = deliver.batch
@@ -563,12 +563,18 @@ class Client:
     # -- sending --------------------------------------------------------------------
 
     def _coalesce(self) -> None:
-        """Write now past _FLUSH_BYTES, else at the end of this loop turn."""
-        # The open batch holds at most _BATCH_BYTES; it is sealed into the
-        # buffer once it is that full.
+        """Write what was just queued: at once if it is the first thing this
+        loop turn, else with everything else queued in this turn at its end.
+
+        The first write of a turn goes out without waiting (one event in
+        flight is not held back); a burst then shares one write per turn,
+        or per _FLUSH_BYTES. The open batch holds at most _BATCH_BYTES and
+        is sealed into the buffer once it is that full.
+        """
         if self._conn.buffered_bytes >= _FLUSH_BYTES:
             self._write_now()
         elif self._flush_handle is None:
+            self._write_now()
             self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
 
     def _write_now(self) -> None:

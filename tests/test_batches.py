@@ -350,16 +350,17 @@ async def test_a_full_queue_drops_a_batch_whole_as_a_sequence_gap(sock_path: str
         local = broker.local_session("agent", AGENT)
         queue = local.new_queue()
         local.subscribe("events.process.#", queue)
-        async with Client(sock_path, component=PROCMOND) as pub:
-            for i in range(60):
-                pub.publish_nowait(LIFECYCLE, proc(i))
-            await pub.flush()  # one batch of 60 is queued
-            for i in range(60, 120):
-                pub.publish_nowait(LIFECYCLE, proc(i))
-            await pub.flush()  # 60 more do not fit: dropped whole
-            for i in range(120, 125):
-                pub.publish_nowait(LIFECYCLE, proc(i))
-            await pub.flush()
+        peer = await RawPeer.connect(sock_path, component=PROCMOND)
+        for first, count in [(0, 60), (60, 60), (120, 5)]:  # the second does not fit
+            batch = frames_pb2.PublishBatch(
+                topic=LIFECYCLE.name,
+                payload_type=PROCESS_EVENT,
+                payloads=[proc(pid).SerializeToString() for pid in range(first, first + count)],
+            )
+            await peer.send(Frame(publish_batch=batch))
+        await peer.send(Frame(ping=frames_pb2.Ping(nonce=1)))
+        assert (await answer(peer)).pong.nonce == 1
+        peer.close()
         got = []
         while (event := queue.get_nowait()) is not None:
             got.append(event)
