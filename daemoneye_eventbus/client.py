@@ -606,7 +606,8 @@ class Client:
     def _queue_publish(
         self, topic: Topic[P], message: P, correlation: CorrelationMetadata | None
     ) -> None:
-        """Queue one event: into the open batch, or as its own Publish frame.
+        """Queue one event (into the open batch, or as its own Publish frame)
+        and see that it is written [protocol §5].
 
         Frames are built from cached topic fields without protobuf objects.
         """
@@ -621,21 +622,27 @@ class Client:
         if correlation is not None:
             validate_metadata(correlation)
             corr = correlation.SerializeToString()
+        conn = self._conn
         batcher = self._batcher
         if batcher is not None:
             sealed = batcher.add(header, message.SerializeToString(), corr)
             if sealed is not None:
-                self._conn.send_encoded(*sealed)
-            return
-        data = encode_publish(header, message.SerializeToString(), corr)
-        # The Publish message (frame minus its 1-byte tag and two prefixes) must
-        # leave room for the Deliver envelope [protocol §5].
-        limit = (self.limits.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES) - DELIVER_OVERHEAD
-        if len(data) > limit:
-            raise LimitExceeded(
-                f"event of about {len(data)} bytes exceeds the limit of {limit} bytes"
-            )
-        self._conn.send_encoded(data)
+                conn.send_encoded(*sealed)
+        else:  # a broker without batches
+            data = encode_publish(header, message.SerializeToString(), corr)
+            # The Publish message (frame minus its 1-byte tag and two prefixes)
+            # must leave room for the Deliver envelope [protocol §5].
+            limit = (self.limits.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES) - DELIVER_OVERHEAD
+            if len(data) > limit:
+                raise LimitExceeded(
+                    f"event of about {len(data)} bytes exceeds the limit of {limit} bytes"
+                )
+            conn.send_encoded(data)
+        self._published += 1
+        # While a write is scheduled for the end of this turn, there is
+        # nothing to do unless the buffer has grown past _FLUSH_BYTES.
+        if self._flush_handle is None or conn.buffered_bytes >= _FLUSH_BYTES:
+            self._coalesce()
 
     def publish_nowait(
         self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
@@ -655,8 +662,6 @@ class Client:
         if waiting > self.max_buffer_bytes:
             raise LimitExceeded(f"more than {self.max_buffer_bytes} bytes wait to be written")
         self._queue_publish(topic, message, correlation)
-        self._coalesce()
-        self._published += 1
 
     async def publish(
         self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
@@ -668,15 +673,14 @@ class Client:
         in :meth:`statistics` and passed to :attr:`on_error`; :meth:`flush`
         waits until the broker has handled everything published before it.
         """
-        self._check_open()
+        if self._conn.state is not State.OPEN or self._closing:
+            self._check_open()  # raises
         protocol = self._protocol
         assert protocol is not None
         if protocol.paused:
             await protocol.drain()
             self._check_open()
         self._queue_publish(topic, message, correlation)
-        self._coalesce()
-        self._published += 1
 
     async def publish_raw(
         self,

@@ -418,7 +418,7 @@ class PublishBatcher:
         alone; nothing changes then.
         """
         n = len(payload)
-        prefix = _payload_prefix(n)
+        prefix = _PAYLOAD_PREFIXES.get(n) or _payload_prefix(n)
         entry = len(prefix) + n
         if (
             self._events
