@@ -672,6 +672,14 @@ class Broker:
         count = len(batch.payloads)
         if not count:
             raise _Refusal(ErrorCode.ERROR_CODE_MALFORMED_FRAME, "publish batch holds no events")
+        most = self.config.max_queue_messages
+        if count > most:
+            # A batch is queued whole: one larger than a queue could never be
+            # held back, and a subscriber without batches gets a frame per event.
+            raise _Refusal(
+                ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
+                f"publish batch of {count} events exceeds max_queue_messages ({most})",
+            )
         batch.DiscardUnknownFields()
         data = batch.SerializeToString()
         correlation = batch.correlation if batch.HasField("correlation") else None

@@ -78,6 +78,9 @@ _WRITE_HIGH: Final = 1024 * 1024
 # Consecutive publishes on one topic travel as one PublishBatch of up to this
 # many bytes, when the broker accepts batches [protocol §5].
 _BATCH_BYTES: Final = 64 * 1024
+# ... and at most the broker's max_queue_messages events (this many if it
+# announced none).
+_BATCH_EVENTS: Final = 1000
 # Encoded topic fields kept per topic name; cleared when it grows past this.
 _HEADER_CACHE_SIZE: Final = 1024
 
@@ -379,7 +382,9 @@ class Client:
         self._conn.max_frame_bytes = welcome.limits.max_frame_bytes or self._conn.max_frame_bytes
         if welcome.batches:
             self._batcher = PublishBatcher(
-                self._conn.max_frame_bytes - DELIVER_BATCH_OVERHEAD, _BATCH_BYTES
+                self._conn.max_frame_bytes - DELIVER_BATCH_OVERHEAD,
+                _BATCH_BYTES,
+                welcome.limits.max_queue_messages or _BATCH_EVENTS,
             )
 
     async def __aenter__(self) -> Self:

@@ -384,13 +384,18 @@ class PublishBatcher:
     Events join the open batch while they share its topic, payload type and
     correlation and it stays within ``target`` bytes; otherwise the open batch
     is sealed first. One event alone may use up to ``max_body`` bytes (the
-    frame limit less :data:`DELIVER_BATCH_OVERHEAD`). Sans I/O: the caller
-    queues the sealed frames, in order, with :meth:`Connection.send_encoded`.
+    frame limit less :data:`DELIVER_BATCH_OVERHEAD`), and a batch holds at most
+    ``max_events`` events (the broker's ``max_queue_messages``). Sans I/O: the
+    caller queues the sealed frames, in order, with
+    :meth:`Connection.send_encoded`.
     """
 
-    def __init__(self, max_body: int, target: int) -> None:
+    def __init__(self, max_body: int, target: int, max_events: int) -> None:
+        if max_events < 1:
+            raise ValueError("a batch must be allowed at least one event")
         self.max_body = max_body
         self.target = min(target, max_body)
+        self.max_events = max_events
         self._header: tuple[bytes, bytes] | None = None
         self._correlation: bytes | None = None
         #: The open batch's encoded fields: its header, then each payload
@@ -425,6 +430,7 @@ class PublishBatcher:
             and header == self._header
             and correlation == self._correlation
             and self._size + entry <= self.target
+            and self._events < self.max_events
         ):  # the common case: one more event for the open batch
             parts = self._parts
             parts.append(prefix)

@@ -76,7 +76,7 @@ def test_hand_built_batch_frames_equal_protobuf(with_correlation: bool, sizes: l
 
 
 def test_batcher_groups_by_topic_and_correlation_in_order() -> None:
-    batcher = PublishBatcher(max_body=1 << 20, target=64 * 1024)
+    batcher = PublishBatcher(max_body=1 << 20, target=64 * 1024, max_events=1000)
     wf = new_correlation("wf").SerializeToString()
     sealed = [
         batcher.add(header(), b"a"),
@@ -100,7 +100,7 @@ def test_batcher_groups_by_topic_and_correlation_in_order() -> None:
 
 
 def test_batcher_seals_at_the_target_and_refuses_what_cannot_travel_alone() -> None:
-    batcher = PublishBatcher(max_body=10_000, target=1_000)
+    batcher = PublishBatcher(max_body=10_000, target=1_000, max_events=1000)
     sealed = [batcher.add(header(), b"x" * 400) for _ in range(7)]
     counts = [s[1] for s in sealed if s is not None]
     assert counts == [2, 2, 2]  # the header and three 400-byte events exceed 1,000 bytes
@@ -118,6 +118,15 @@ def test_batcher_seals_at_the_target_and_refuses_what_cannot_travel_alone() -> N
     final = batcher.seal()
     assert final is not None
     assert len(split(final[0])[0].publish_batch.SerializeToString()) <= 10_000
+
+
+def test_batcher_seals_at_the_event_limit() -> None:
+    batcher = PublishBatcher(max_body=1 << 20, target=64 * 1024, max_events=3)
+    sealed = [batcher.add(header(), b"") for _ in range(7)]
+    assert [s[1] for s in sealed if s is not None] == [3, 3]
+    assert batcher.pending_events == 1
+    with pytest.raises(ValueError, match="at least one event"):
+        PublishBatcher(max_body=1 << 20, target=64 * 1024, max_events=0)
 
 
 def test_connection_counts_batched_events_as_messages() -> None:
@@ -318,6 +327,37 @@ async def test_bad_batches_are_refused_and_the_connection_lives(
     assert (await answer(peer)).pong.nonce == 5
     peer.close()
     assert broker.statistics().published == 0
+
+
+async def test_batch_over_the_queue_bound_is_refused(sock_path: str) -> None:
+    """A batch is queued whole, so it may hold at most max_queue_messages events.
+
+    Without the bound a 1 MiB frame of empty payloads (half a million events)
+    would become as many Deliver frames for a subscriber without batches.
+    """
+    config = dataclasses.replace(TEST_CONFIG, max_queue_messages=100)
+    async with Broker(sock_path, config) as broker:
+        sub = await raw_subscriber(sock_path, "events.process.#", accept_batches=False)
+        peer = await RawPeer.connect(sock_path, component=PROCMOND)
+        flood = frames_pb2.PublishBatch(
+            topic=LIFECYCLE.name, payload_type=PROCESS_EVENT, payloads=[b""] * 500_000
+        )
+        await peer.send(Frame(publish_batch=flood))
+        error = (await answer(peer)).error
+        assert (error.code, error.fatal) == (ErrorCode.ERROR_CODE_LIMIT_EXCEEDED, False)
+        assert "500000 events exceeds max_queue_messages (100)" in error.message
+        peer.close()
+        # The client keeps to the announced bound by itself.
+        async with Client(sock_path, component=PROCMOND) as pub:
+            for i in range(250):
+                pub.publish_nowait(LIFECYCLE, proc(i))
+            await pub.flush()
+        kinds, got = await read_events(sub, 250)
+        sub.close()
+        assert got == [(i + 1, i) for i in range(250)]
+        assert set(kinds) == {"deliver"}
+        stats = broker.statistics()
+        assert (stats.published, stats.delivered, stats.refused) == (250, 250, 1)
 
 
 async def test_batch_over_the_deliver_limit_is_refused(sock_path: str) -> None:
