@@ -518,6 +518,29 @@ class _Hostile:
         await conn.send(encode_frame(Frame(goodbye=frames_pb2.Goodbye(reason="done"))))
         await self.expect_close(conn, 3.0)
 
+    async def bad_batches(self) -> None:
+        """Batches the broker must refuse whole: empty, half a million empty
+        payloads (more events than a queue holds), a foreign topic."""
+        conn = await self.handshake(self.rng.choice(["", PUBLISHER_COMPONENT]))
+        if conn is None:
+            return
+        batches = [
+            frames_pb2.PublishBatch(topic=TOPIC.name, payload_type=TOPIC.payload_name),
+            frames_pb2.PublishBatch(
+                topic=TOPIC.name, payload_type=TOPIC.payload_name, payloads=[b""] * 500_000
+            ),
+            frames_pb2.PublishBatch(
+                topic="events.undeclared.topic",
+                payload_type=TOPIC.payload_name,
+                payloads=[b"\x08\x01"] * 10,
+            ),
+        ]
+        frames = [Frame(publish_batch=b) for b in batches]
+        frames.append(Frame(ping=frames_pb2.Ping(nonce=3)))
+        await conn.send(b"".join(encode_frame(f) for f in frames))
+        await conn.read(10.0, _is("pong"))
+        await conn.close()
+
     async def subscription_limit(self) -> None:
         conn = await self.handshake(SUBSCRIBER_COMPONENT)
         if conn is None:
@@ -561,6 +584,7 @@ class _Hostile:
             self.never_reading_subscriber,
             self.connect_flood,
             self.invalid_requests,
+            self.bad_batches,
             self.subscription_limit,
             self.pipelined_before_welcome,
             self.bad_version,
