@@ -536,7 +536,8 @@ class Client:
         if conn.error is not None:
             self._closed_error = conn.error
             log.warning("protocol violation by the broker: %s", conn.error)
-        self._write_now()
+        if conn.buffered_bytes:  # pongs, or the fatal Error of a violation
+            self._write_now()
         if conn.close_expected and self._protocol is not None and self._protocol.transport:
             self._protocol.transport.close()
 
