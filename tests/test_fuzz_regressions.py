@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
-from daemoneye.eventbus.v1.frames_pb2 import Frame
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.broker import Broker, BrokerConfig, _SocketSession
 from daemoneye_eventbus.client import Client, build_publish
 from daemoneye_eventbus.protocol import Connection, Role, State, encode_frame
@@ -148,6 +148,41 @@ async def test_bug_handshake_refusal_fits_handshake_limit() -> None:
         (refusal,) = client.events_received()
         assert refusal.error.fatal
         assert client.state is State.CLOSING
+    finally:
+        session.connection_lost(None)
+
+
+@pytest.mark.parametrize("kind", ["publish", "publish_batch"])
+async def test_bug_refusal_fits_a_small_frame_limit(kind: str) -> None:
+    """Found by fuzz_session (session-refusal-over-small-frame-limit.bin): a
+    refusal quoting a long topic and payload type exceeded a 512-byte limit."""
+    broker = Broker("/nonexistent/daemoneye-test.sock", BrokerConfig(max_frame_bytes=512))
+    me = PeerCredentials(1, fuzz_session.UID, 0)
+    session, written = _open_session(broker, me)
+    try:
+        session.data_received(_hello_as("procmond"))
+        topic, payload_type = "events.process.lifecycle", "é" * 200  # 400 bytes
+        frame = (
+            Frame(publish=frames_pb2.Publish(topic=topic, payload_type=payload_type))
+            if kind == "publish"
+            else Frame(
+                publish_batch=frames_pb2.PublishBatch(
+                    topic=topic, payload_type=payload_type, payloads=[b""]
+                )
+            )
+        )
+        session.data_received(encode_frame(frame))
+        ping = frames_pb2.Ping(nonce=7)
+        session.data_received(encode_frame(Frame(ping=ping)))
+        client = Connection(Role.CLIENT, max_frame_bytes=512)
+        client.receive_data(bytes(written))
+        assert client.error is None, client.error
+        welcome, refusal, pong = client.events_received()
+        assert welcome.WhichOneof("kind") == "welcome"
+        assert refusal.error.code == ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH
+        assert not refusal.error.fatal
+        assert refusal.error.message.startswith("topic 'events.process.lifecycle' carries")
+        assert pong.pong.nonce == 7
     finally:
         session.connection_lost(None)
 
