@@ -46,6 +46,19 @@ def _publish(pid: int = 1, topic: str = "events.process.lifecycle", corr: bool =
     return encode_frame(Frame(publish=publish))
 
 
+def _batch(count: int, corr: bool = False) -> bytes:
+    batch = frames_pb2.PublishBatch(
+        topic="events.process.lifecycle",
+        payload_type="daemoneye.eventbus.v1.ProcessEvent",
+        payloads=[events_pb2.ProcessEvent(pid=pid).SerializeToString() for pid in range(count)],
+    )
+    if corr:
+        batch.correlation.CopyFrom(
+            CorrelationMetadata(correlation_id="wf-2", root_correlation_id="wf-2")
+        )
+    return encode_frame(Frame(publish_batch=batch))
+
+
 def _subscribe(sid: int, flt: str, corr: bool = False, control: bool = False) -> bytes:
     sub = frames_pb2.Subscribe(subscription_id=sid, filter=flt, include_control=control)
     if corr:
@@ -94,6 +107,8 @@ def frame_seeds() -> dict[str, bytes]:
         "deliver_from_client": _frame(
             deliver=frames_pb2.Deliver(subscription_id=1, sequence=1, publish=frames_pb2.Publish())
         ),
+        "publish_batch": _batch(3),
+        "publish_batch_empty": _batch(0),
     }
     seeds = {name: b"\x00" + stream for name, stream in streams.items()}
     # The Hello split at every interesting place: inside the prefix and the body.
@@ -137,6 +152,11 @@ def session_seeds() -> dict[str, bytes]:
         # A (procmond) publishes, B (agent, subscribed to events.process.#) receives.
         "publish_deliver": _header() + _data(_publish()) + _op("stats"),
         "frame_publish": _header() + _frame_publish_op(0, lifecycle),
+        # A publishes batches: B takes them whole, then one empty batch is refused.
+        "publish_batches": _header()
+        + _data(_batch(5) + _publish(6) + _batch(4, corr=True))
+        + _data(_batch(0))
+        + _op("stats"),
         "subscribe_unsubscribe": _header()
         + _data(_subscribe(2, "events.+.lifecycle", corr=True), 1)
         + _data(_publish(corr=True))

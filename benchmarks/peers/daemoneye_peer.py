@@ -79,9 +79,13 @@ class DaemoneyeAdapter(Adapter):
             own = version("daemoneye-eventbus")
         except PackageNotFoundError:
             own = "source tree"
+        from daemoneye_eventbus.runtime import loop_name
+
+        loop = loop_name()  # what the broker and the workers will run on
         return {
             "daemoneye-eventbus": own,
             "protobuf": f"{version('protobuf')} ({api_implementation.Type()})",
+            "event loop": f"uvloop {version('uvloop')}" if loop == "uvloop" else "asyncio",
         }
 
     def start_broker(self, workdir: str, options: BrokerOptions) -> BrokerProcess:
