@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self, cast
@@ -1286,18 +1287,7 @@ class LocalSession(_Session):
         self._queues.pop(subscription_id, None)
 
     def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
-        queue = self._queues.get(sub.subscription_id)
-        if queue is None or self._closed:
-            return False
-        event: ReceivedEvent[Message] = ReceivedEvent(
-            publish.topic,
-            publish.payload_type,
-            publish.payload,
-            _copy_correlation(publish) if publish.HasField("correlation") else None,
-            sub.sequence,
-            sub.subscription_id,
-        )
-        return queue.put_nowait(event)
+        return self._put(sub, publish, (publish.payload,), sub.sequence)
 
     def enqueue_batch(
         self,
@@ -1307,12 +1297,22 @@ class LocalSession(_Session):
         first: int,
         count: int,
     ) -> bool:
+        return self._put(sub, batch, batch.payloads, first)
+
+    def _put(
+        self,
+        sub: _Subscription,
+        publish: frames_pb2.Publish | frames_pb2.PublishBatch,
+        payloads: Iterable[bytes],
+        first: int,
+    ) -> bool:
         queue = self._queues.get(sub.subscription_id)
         if queue is None or self._closed:
             return False
-        correlation = _copy_correlation(batch) if batch.HasField("correlation") else None
+        # One copy of the correlation per subscriber: the publisher may reuse its message.
+        correlation = _copy_correlation(publish) if publish.HasField("correlation") else None
         events: list[ReceivedEvent[Message]] = received_batch(
-            batch.topic, batch.payload_type, batch.payloads, correlation, first, sub.subscription_id
+            publish.topic, publish.payload_type, payloads, correlation, first, sub.subscription_id
         )
         return queue.put_batch(events)
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar, cast, overload
@@ -181,26 +181,24 @@ class Subscription(Generic[P]):
         return self.queue.received
 
     def _deliver(self, deliver: frames_pb2.Deliver) -> None:
-        pub = deliver.publish
-        event = ReceivedEvent(
-            pub.topic,
-            pub.payload_type,
-            pub.payload,
-            pub.correlation if pub.HasField("correlation") else None,
-            deliver.sequence,
-            self.subscription_id,
-            self._cls,
-        )
-        self.queue.put_nowait(event)
+        self._put(deliver.publish, (deliver.publish.payload,), deliver.sequence)
 
     def _deliver_batch(self, deliver: frames_pb2.DeliverBatch) -> None:
-        batch = deliver.batch
+        self._put(deliver.batch, deliver.batch.payloads, deliver.first_sequence)
+
+    def _put(
+        self,
+        publish: frames_pb2.Publish | frames_pb2.PublishBatch,
+        payloads: Iterable[bytes],
+        first_sequence: int,
+    ) -> None:
+        """Queue the events of one Deliver or DeliverBatch, numbered from ``first_sequence``."""
         events = received_batch(
-            batch.topic,
-            batch.payload_type,
-            batch.payloads,
-            batch.correlation if batch.HasField("correlation") else None,
-            deliver.first_sequence,
+            publish.topic,
+            publish.payload_type,
+            payloads,
+            publish.correlation if publish.HasField("correlation") else None,
+            first_sequence,
             self.subscription_id,
             self._cls,
         )

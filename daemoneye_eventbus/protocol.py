@@ -209,10 +209,33 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 # Field tags (field number << 3 | wire type) of the frames built by hand below.
+# Deliver and DeliverBatch lay out their fields alike: subscription id (1,
+# varint), sequence or first sequence (2, varint), the Publish or PublishBatch
+# (3, length-delimited).
 _TAG_FRAME_DELIVER: Final = b"\x22"  # Frame.deliver = 4, length-delimited
-_TAG_DELIVER_SUB: Final = b"\x08"  # Deliver.subscription_id = 1, varint
-_TAG_DELIVER_SEQ: Final = b"\x10"  # Deliver.sequence = 2, varint
-_TAG_DELIVER_PUB: Final = b"\x1a"  # Deliver.publish = 3, length-delimited
+_TAG_FRAME_DELIVER_BATCH: Final = b"\x82\x01"  # Frame.deliver_batch = 16: two bytes
+_TAG_DELIVER_SUB: Final = b"\x08"
+_TAG_DELIVER_SEQ: Final = b"\x10"
+_TAG_DELIVER_PUB: Final = b"\x1a"
+
+
+def _encode_delivery(frame_tag: bytes, subscription_id: int, sequence: int, body: bytes) -> bytes:
+    """A length-prefixed ``Frame`` holding a ``Deliver`` or ``DeliverBatch`` around ``body``."""
+    varint = encode_varint
+    head = b"".join(
+        (
+            _TAG_DELIVER_SUB,
+            varint(subscription_id),
+            _TAG_DELIVER_SEQ,
+            varint(sequence),
+            _TAG_DELIVER_PUB,
+            varint(len(body)),
+        )
+    )
+    inner_len = len(head) + len(body)
+    inner_prefix = varint(inner_len)
+    body_len = len(frame_tag) + len(inner_prefix) + inner_len
+    return b"".join((varint(body_len), frame_tag, inner_prefix, head, body))
 
 
 def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes:
@@ -222,28 +245,7 @@ def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes
     re-encoding the ``Publish`` for every subscriber [protocol §5]; the bytes
     are exactly what ``encode_frame`` would produce for the same message.
     """
-    varint = encode_varint
-    head = b"".join(
-        (
-            _TAG_DELIVER_SUB,
-            varint(subscription_id),
-            _TAG_DELIVER_SEQ,
-            varint(sequence),
-            _TAG_DELIVER_PUB,
-            varint(len(publish)),
-        )
-    )
-    inner_len = len(head) + len(publish)
-    inner_prefix = varint(inner_len)
-    body_len = 1 + len(inner_prefix) + inner_len
-    return b"".join((varint(body_len), _TAG_FRAME_DELIVER, inner_prefix, head, publish))
-
-
-# Field tags of DeliverBatch (numbers 1-3) and of Frame.deliver_batch (16: two bytes).
-_TAG_FRAME_DELIVER_BATCH: Final = b"\x82\x01"
-_TAG_BATCH_SUB: Final = b"\x08"
-_TAG_BATCH_FIRST: Final = b"\x10"
-_TAG_BATCH_EVENTS: Final = b"\x1a"
+    return _encode_delivery(_TAG_FRAME_DELIVER, subscription_id, sequence, publish)
 
 
 def encode_deliver_batch(subscription_id: int, first_sequence: int, batch: bytes) -> bytes:
@@ -253,21 +255,7 @@ def encode_deliver_batch(subscription_id: int, first_sequence: int, batch: bytes
     Every subscriber of a batch gets the same ``batch`` bytes; only this
     header differs [protocol §5].
     """
-    varint = encode_varint
-    head = b"".join(
-        (
-            _TAG_BATCH_SUB,
-            varint(subscription_id),
-            _TAG_BATCH_FIRST,
-            varint(first_sequence),
-            _TAG_BATCH_EVENTS,
-            varint(len(batch)),
-        )
-    )
-    inner_len = len(head) + len(batch)
-    inner_prefix = varint(inner_len)
-    body_len = 2 + len(inner_prefix) + inner_len
-    return b"".join((varint(body_len), _TAG_FRAME_DELIVER_BATCH, inner_prefix, head, batch))
+    return _encode_delivery(_TAG_FRAME_DELIVER_BATCH, subscription_id, first_sequence, batch)
 
 
 # Field tags of Publish (numbers 1-4) and of Frame.publish (3), for encode_publish.
@@ -352,20 +340,22 @@ def encode_publish_batch(
     ``payloads`` holds at least one serialized payload; the bytes equal
     ``encode_frame`` of the same frame.
     """
-    varint = encode_varint
     topic_field, type_field = header
     parts = [topic_field]
     if correlation is not None:
-        parts += (_TAG_PUB_CORRELATION, varint(len(correlation)), correlation)
+        parts += (_TAG_PUB_CORRELATION, encode_varint(len(correlation)), correlation)
     parts.append(type_field)
-    tag = _TAG_PUB_PAYLOAD
     for payload in payloads:
-        parts += (tag, varint(len(payload)), payload)
-    inner = b"".join(parts)
-    inner_prefix = varint(len(inner))
+        parts += (_payload_prefix(len(payload)), payload)
+    return _frame_publish_batch(b"".join(parts))
+
+
+def _frame_publish_batch(inner: bytes) -> bytes:
+    """The length-prefixed ``Frame`` around an encoded ``PublishBatch``."""
+    inner_prefix = encode_varint(len(inner))
     return b"".join(
         (
-            varint(1 + len(inner_prefix) + len(inner)),
+            encode_varint(1 + len(inner_prefix) + len(inner)),
             _TAG_FRAME_PUBLISH_BATCH,
             inner_prefix,
             inner,
@@ -463,16 +453,7 @@ class PublishBatcher:
         events = self._events
         if not events:
             return None
-        inner = b"".join(self._parts)
-        inner_prefix = encode_varint(len(inner))
-        frame = b"".join(
-            (
-                encode_varint(1 + len(inner_prefix) + len(inner)),
-                _TAG_FRAME_PUBLISH_BATCH,
-                inner_prefix,
-                inner,
-            )
-        )
+        frame = _frame_publish_batch(b"".join(self._parts))
         self.discard()
         return frame, events
 
