@@ -429,12 +429,15 @@ class Client:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.request_timeout):
                 await protocol.lost
-        protocol.transport.abort()
+        self._abort()  # the broker did not take the rest in time
         self._finish(ClosedResourceError("client closed"))
 
     def _abort(self) -> None:
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.abort()
+        protocol = self._protocol
+        # A transport that has closed (asyncio's, once its buffer drained) has
+        # no loop left to abort with.
+        if protocol is not None and protocol.transport is not None and not protocol.lost.done():
+            protocol.transport.abort()
 
     def _finish(self, error: BaseException) -> None:
         """Fail every waiter and end every subscription."""

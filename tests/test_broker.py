@@ -638,3 +638,20 @@ async def test_restart_after_kill_with_stale_socket_and_reconnect(sock_path: str
         finally:
             p2.send_signal(signal.SIGTERM)
             await asyncio.to_thread(p2.communicate, timeout=10)
+
+
+async def test_close_after_a_burst_the_socket_has_not_taken(broker: Broker, sock_path: str) -> None:
+    """close() waits for the write buffer to drain; once the transport has closed
+    itself it must not be aborted as well (asyncio's transport has no loop then)."""
+    n = 40_000
+    async with Client(sock_path, component=PROCMOND, max_buffer_bytes=64 << 20) as pub:
+        for i in range(n):
+            pub.publish_nowait(LIFECYCLE, proc(i, "n" * 200))
+        transport = pub._protocol.transport if pub._protocol else None
+        assert transport is not None
+        assert transport.get_write_buffer_size() > 0  # the kernel has not taken it all
+    for _ in range(100):
+        if broker.statistics().published == n:
+            break
+        await asyncio.sleep(0.05)
+    assert broker.statistics().published == n
