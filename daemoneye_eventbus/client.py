@@ -570,17 +570,15 @@ class Client:
     # -- sending --------------------------------------------------------------------
 
     def _coalesce(self) -> None:
-        """Write what was just queued: at once if it is the first thing this
-        loop turn, else with everything else queued in this turn at its end.
+        """Write what was just queued if nothing was written yet this loop
+        turn, or if _FLUSH_BYTES are waiting; what follows in the turn is
+        then written at its end.
 
-        The first write of a turn goes out without waiting (one event in
-        flight is not held back); a burst then shares one write per turn,
-        or per _FLUSH_BYTES. The open batch holds at most _BATCH_BYTES and
-        is sealed into the buffer once it is that full.
+        So one event in flight is not held back, and a burst shares one write
+        per turn or per _FLUSH_BYTES. The open batch holds at most
+        _BATCH_BYTES and is sealed into the buffer once it is that full.
         """
-        if self._conn.buffered_bytes >= _FLUSH_BYTES:
-            self._write_now()
-        elif self._flush_handle is None:
+        if self._flush_handle is None or self._conn.buffered_bytes >= _FLUSH_BYTES:
             self._write_now()
             self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
 
