@@ -412,3 +412,21 @@ async def test_a_full_queue_drops_a_batch_whole_as_a_sequence_gap(sock_path: str
     assert queue.missed == 0
     stats = broker.statistics()
     assert (stats.published, stats.delivered, stats.dropped) == (125, 65, 60)
+
+
+async def test_first_publish_of_a_turn_is_written_at_once(broker: Broker, sock_path: str) -> None:
+    """A lone event is not held for the end of the loop turn; what follows it in
+    the same turn is (one write per turn), and goes out when the turn ends."""
+    async with Client(sock_path, component=PROCMOND) as pub:
+        await asyncio.sleep(0)  # start a fresh turn
+        batcher = pub._batcher
+        assert batcher is not None
+        await pub.publish(LIFECYCLE, proc(1))  # no await yields here
+        assert (batcher.pending_events, pub._conn.buffered_bytes) == (0, 0)
+        await pub.publish(LIFECYCLE, proc(2))
+        await pub.publish(LIFECYCLE, proc(3))
+        assert batcher.pending_events == 2  # waiting for the end of this turn
+        await asyncio.sleep(0)
+        assert (batcher.pending_events, pub._conn.buffered_bytes) == (0, 0)
+        await pub.flush()
+    assert broker.statistics().published == 3
