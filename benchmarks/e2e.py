@@ -18,16 +18,17 @@ other, so each holds two connections, one per component.
 
 The broker is ``python -m daemoneye_eventbus.cli serve``, started afresh for each
 scenario and stopped with SIGTERM. Publishers and subscribers are ``spawn``
-processes running the worker functions of this module. Every scenario is bounded
-by ``--duration-cap``: past it the workers are killed and the row is marked
-incomplete. Timestamps are ``time.perf_counter_ns()`` (CLOCK_MONOTONIC on Linux),
-which every process on the machine shares, so they compare across processes.
+processes running this bus's worker roles from the side-by-side suite
+(``benchmarks/peers/daemoneye_peer.py``): both harnesses run the same loops.
+Every scenario is bounded by ``--duration-cap``: past it the workers are killed
+and the row is marked incomplete. Timestamps are ``time.perf_counter_ns()``
+(CLOCK_MONOTONIC on Linux), which every process on the machine shares, so they
+compare across processes.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import multiprocessing
@@ -41,42 +42,32 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.queues import Queue as MpQueue
-from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import Any, Final
 
 from google.protobuf.internal import api_implementation
 
-from benchmarks.peers.base import cpu_model, percentile, stat_cpu_seconds
-from daemoneye.eventbus.v1 import events_pb2, registry
-from daemoneye_eventbus.client import Client
-from daemoneye_eventbus.errors import ConnectionClosed, RequestTimeout
-from daemoneye_eventbus.runtime import run
+from benchmarks.peers.base import (
+    PAYLOAD_BYTES,
+    Ctl,
+    WorkerMessage,
+    cpu_model,
+    percentile,
+    stat_cpu_seconds,
+    worker_main,
+)
+from benchmarks.peers.daemoneye_peer import MAX_QUEUE_MESSAGES
 
-__all__ = ["ScenarioResult", "main", "make_event", "run_scenario"]
+__all__ = ["ScenarioResult", "main", "run_scenario"]
 
 REPO: Final = Path(__file__).resolve().parents[1]
 
-#: Topic the throughput publishers and the latency pinger publish on.
-TOPIC: Final = registry.EVENTS_PROCESS_LIFECYCLE
-#: Topic the latency echo process answers on.
-ECHO_TOPIC: Final = registry.EVENTS_PROCESS_METADATA
 #: Filter of the throughput subscribers.
 FILTER: Final = "events.process.#"
-#: Component claimed by the clients that publish (the process collector).
-PUBLISHER: Final = "procmond"
-#: Component claimed by the clients that subscribe (the agent).
-SUBSCRIBER: Final = "daemoneye-agent"
-#: Serialized size of every event's payload, in bytes.
-PAYLOAD_BYTES: Final = 256
-#: pids count up from here: every pid below 2**28 is a 4-byte varint, so the
-#: payload size stays the same for every event.
-PID_BASE: Final = 1 << 21
 
 THROUGHPUT_SCENARIOS: Final[dict[str, tuple[int, int]]] = {
     # name: (publishers, subscribers)
@@ -90,312 +81,17 @@ DEFAULT_MESSAGES: Final = 200_000
 DEFAULT_LATENCY_MESSAGES: Final = 5_000
 DEFAULT_WARMUP: Final = 500
 DEFAULT_DURATION_CAP: Final = 60.0
-#: A subscriber stops this long after the last event once the publishers are done.
-IDLE_AFTER_PUBLISHERS: Final = 2.0
-#: Publishers yield to the event loop every this many events.
-YIELD_EVERY: Final = 256
-#: Events a subscriber's client queue holds before it drops (client side).
-SUB_MAX_PENDING: Final = 100_000
-BROKER_MAX_QUEUE_MESSAGES: Final = 10_000
 #: How the broker is started; ``--socket PATH`` and the queue size are appended.
 BROKER_COMMAND: list[str] = [sys.executable, "-m", "daemoneye_eventbus.cli", "serve"]
-
-#: (kind, role, index, payload): "ready", "done" or "error" from a worker.
-WorkerMessage = tuple[str, str, int, dict[str, Any]]
+#: The workers are the side-by-side suite's roles for this bus (one copy of
+#: the publish, subscribe, echo and ping loops).
+WORKER_MODULE: Final = "benchmarks.peers.daemoneye_peer"
 
 _NS: Final = 1_000_000_000
 
 
 class _ScenarioAbort(Exception):
     """The scenario cannot complete: cap reached, a worker failed, the broker died."""
-
-
-# -- payload ---------------------------------------------------------------------
-
-
-def make_event(size: int = PAYLOAD_BYTES) -> events_pb2.ProcessEvent:
-    """A ``ProcessEvent`` whose serialized form is exactly ``size`` bytes.
-
-    The command line is padded to reach the size; ``pid`` may then be set to
-    any value in ``[PID_BASE, 2**28)`` without changing it.
-    """
-    event = events_pb2.ProcessEvent(
-        pid=PID_BASE,
-        name="bench-process",
-        executable_path="/usr/bin/bench-process",
-        ppid=1,
-        user_id=1000,
-        kind=events_pb2.PROCESS_EVENT_KIND_START,
-    )
-    event.observed_at.seconds = 1_700_000_000
-    event.observed_at.nanos = 123_456_789
-    prefix = "/usr/bin/bench-process --padding="
-    for pad in range(size):
-        event.command_line = prefix + "x" * pad
-        if event.ByteSize() >= size:
-            break
-    if event.ByteSize() != size:
-        # A length prefix grew by a byte and skipped the size: trim the name.
-        event.name = event.name[:-1]
-    if event.ByteSize() != size:
-        raise ValueError(f"cannot build a ProcessEvent of exactly {size} bytes")
-    return event
-
-
-# -- workers (each runs in its own spawned process) -------------------------------
-
-
-def _run_worker(
-    role: str,
-    index: int,
-    results: MpQueue[WorkerMessage],
-    coro: Coroutine[Any, Any, dict[str, Any]],
-) -> None:
-    try:
-        payload: dict[str, Any] = run(coro)
-    except BaseException:
-        results.put(("error", role, index, {"traceback": traceback.format_exc()}))
-        raise SystemExit(1) from None
-    results.put(("done", role, index, payload))
-
-
-def subscriber_main(
-    path: str,
-    index: int,
-    expected: int,
-    results: MpQueue[WorkerMessage],
-    publishers_done: MpEvent,
-    deadline_ns: int,
-) -> None:
-    """Entry point of a throughput subscriber process."""
-    _run_worker(
-        "sub",
-        index,
-        results,
-        _subscriber(path, index, expected, results, publishers_done, deadline_ns),
-    )
-
-
-async def _subscriber(
-    path: str,
-    index: int,
-    expected: int,
-    results: MpQueue[WorkerMessage],
-    publishers_done: MpEvent,
-    deadline_ns: int,
-) -> dict[str, Any]:
-    idle_ns = int(IDLE_AFTER_PUBLISHERS * _NS)
-    async with Client(
-        path, name=f"bench-sub-{index}", component=SUBSCRIBER, request_timeout=30.0
-    ) as client:
-        sub = await client.subscribe(FILTER, max_pending=SUB_MAX_PENDING)
-        results.put(("ready", "sub", index, {}))
-        count = 0
-        first_ns = last_ns = 0
-        last_progress = time.perf_counter_ns()
-        done_seen = 0  # when this process first saw that the publishers are done
-        reason = "complete"
-        while count < expected:
-            try:
-                await sub.get(timeout=0.25)
-            except RequestTimeout:
-                now = time.perf_counter_ns()
-                if now > deadline_ns:
-                    reason = "deadline"
-                    break
-                if not done_seen and publishers_done.is_set():
-                    done_seen = now
-                if done_seen and now - max(last_progress, done_seen) > idle_ns:
-                    reason = "idle"
-                    break
-                continue
-            except ConnectionClosed as exc:
-                reason = f"connection closed: {exc}"
-                break
-            # Whatever else already arrived is taken in the same batch: one
-            # timestamp per batch keeps the clock out of the per-event cost.
-            batch = 1
-            while sub.get_nowait() is not None:
-                batch += 1
-            now = time.perf_counter_ns()
-            if not first_ns:
-                first_ns = now
-            last_ns = last_progress = now
-            count += batch
-        stats = client.statistics()
-        return {
-            "received": count,
-            "first_ns": first_ns,
-            "last_ns": last_ns,
-            "missed": sub.missed,
-            "dropped": sub.dropped,
-            "client_received": stats.received,
-            "reason": reason,
-        }
-
-
-def publisher_main(
-    path: str,
-    index: int,
-    count: int,
-    results: MpQueue[WorkerMessage],
-    go: MpEvent,
-    deadline_ns: int,
-    rate: float = 0.0,
-) -> None:
-    """Entry point of a throughput publisher process (``rate``: events/s, 0 for flat out)."""
-    _run_worker(
-        "pub", index, results, _publisher(path, index, count, results, go, deadline_ns, rate)
-    )
-
-
-async def _wait_go(go: MpEvent, deadline_ns: int) -> None:
-    timeout = max(0.0, (deadline_ns - time.perf_counter_ns()) / _NS)
-    if not await asyncio.to_thread(go.wait, timeout):
-        raise TimeoutError("no start signal before the deadline")
-
-
-async def _publisher(
-    path: str,
-    index: int,
-    count: int,
-    results: MpQueue[WorkerMessage],
-    go: MpEvent,
-    deadline_ns: int,
-    rate: float,
-) -> dict[str, Any]:
-    event = make_event()
-    topic = TOPIC
-    ns_per_event = _NS / rate if rate > 0 else 0.0
-    async with Client(
-        path, name=f"bench-pub-{index}", component=PUBLISHER, request_timeout=30.0
-    ) as client:
-        results.put(("ready", "pub", index, {}))
-        await _wait_go(go, deadline_ns)
-        start_ns = time.perf_counter_ns()
-        sent = 0
-        for i in range(count):
-            event.pid = PID_BASE + i
-            await client.publish(topic, event)
-            sent += 1
-            if sent % YIELD_EVERY == 0:
-                # Let the client's coalesced writes go out (and the reader run);
-                # with a rate, wait until this batch is due.
-                now = time.perf_counter_ns()
-                ahead = start_ns + sent * ns_per_event - now
-                await asyncio.sleep(ahead / _NS if ahead > 0 else 0)
-                if now > deadline_ns:
-                    break
-        published_ns = time.perf_counter_ns()
-        await client.flush()
-        flushed_ns = time.perf_counter_ns()
-        return {
-            "sent": sent,
-            "start_ns": start_ns,
-            "published_ns": published_ns,
-            "flushed_ns": flushed_ns,
-        }
-
-
-def pinger_main(
-    path: str,
-    count: int,
-    warmup: int,
-    results: MpQueue[WorkerMessage],
-    go: MpEvent,
-    deadline_ns: int,
-) -> None:
-    """Entry point of the latency-measuring process."""
-    _run_worker("ping", 0, results, _pinger(path, count, warmup, results, go, deadline_ns))
-
-
-async def _pinger(
-    path: str,
-    count: int,
-    warmup: int,
-    results: MpQueue[WorkerMessage],
-    go: MpEvent,
-    deadline_ns: int,
-) -> dict[str, Any]:
-    event = make_event()
-    rtts: list[int] = []
-    lost = 0
-    stale = 0
-    # Two connections: one publishes as procmond, the other receives as the agent.
-    async with (
-        Client(path, name="bench-ping-in", component=SUBSCRIBER, request_timeout=30.0) as rx,
-        Client(path, name="bench-ping-out", component=PUBLISHER, request_timeout=30.0) as tx,
-    ):
-        sub = await rx.subscribe(ECHO_TOPIC, max_pending=SUB_MAX_PENDING)
-        results.put(("ready", "ping", 0, {}))
-        await _wait_go(go, deadline_ns)
-        start_ns = time.perf_counter_ns()
-        end_ns = start_ns
-        for i in range(warmup + count):
-            if time.perf_counter_ns() > deadline_ns:
-                break
-            pid = PID_BASE + i
-            event.pid = pid
-            t0 = time.perf_counter_ns()
-            await tx.publish(TOPIC, event)
-            while True:
-                try:
-                    echo = await sub.get(timeout=2.0)
-                except RequestTimeout:
-                    lost += 1
-                    break
-                t1 = time.perf_counter_ns()
-                if echo.message().pid == pid:
-                    if i >= warmup:
-                        rtts.append(t1 - t0)
-                    break
-                stale += 1  # a late echo of an earlier message
-            end_ns = time.perf_counter_ns()
-        return {
-            "rtts_ns": rtts,
-            "lost": lost,
-            "stale": stale,
-            "start_ns": start_ns,
-            "end_ns": end_ns,
-            "missed": sub.missed,
-            "dropped": sub.dropped,
-        }
-
-
-def echo_main(
-    path: str,
-    results: MpQueue[WorkerMessage],
-    stop: MpEvent,
-    deadline_ns: int,
-) -> None:
-    """Entry point of the latency echo process."""
-    _run_worker("echo", 0, results, _echo(path, results, stop, deadline_ns))
-
-
-async def _echo(
-    path: str,
-    results: MpQueue[WorkerMessage],
-    stop: MpEvent,
-    deadline_ns: int,
-) -> dict[str, Any]:
-    echoed = 0
-    # Two connections: one receives as the agent, the other publishes as procmond.
-    async with (
-        Client(path, name="bench-echo-in", component=SUBSCRIBER, request_timeout=30.0) as rx,
-        Client(path, name="bench-echo-out", component=PUBLISHER, request_timeout=30.0) as tx,
-    ):
-        sub = await rx.subscribe(TOPIC, max_pending=SUB_MAX_PENDING)
-        results.put(("ready", "echo", 0, {}))
-        while not stop.is_set() and time.perf_counter_ns() < deadline_ns:
-            try:
-                event = await sub.get(timeout=0.25)
-            except RequestTimeout:
-                continue
-            except ConnectionClosed:
-                break
-            await tx.publish(ECHO_TOPIC, event.message())
-            echoed += 1
-        return {"echoed": echoed, "missed": sub.missed, "dropped": sub.dropped}
 
 
 # -- results ------------------------------------------------------------------------
@@ -469,7 +165,7 @@ class _BrokerProcess:
                 "--socket",
                 path,
                 "--max-queue-messages",
-                str(BROKER_MAX_QUEUE_MESSAGES),
+                str(MAX_QUEUE_MESSAGES),
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -523,6 +219,12 @@ class _Run:
         self.broker = broker
         self.deadline = deadline
         self.results: MpQueue[WorkerMessage] = ctx.Queue()
+        #: Publishers (and the pinger) start on go; subscribers stop once idle
+        #: after publishers_done; the echo stops on stop.
+        self.go = ctx.Event()
+        self.publishers_done = ctx.Event()
+        self.stop = ctx.Event()
+        self.deadline_ns = time.perf_counter_ns() + int((deadline - time.monotonic()) * _NS)
         self.procs: dict[tuple[str, int], SpawnProcess] = {}
         self.ready: set[tuple[str, int]] = set()
         self.done: dict[tuple[str, int], dict[str, Any]] = {}
@@ -530,8 +232,22 @@ class _Run:
         #: (time ns, CPU seconds by process), sampled while waiting.
         self.cpu_samples: list[tuple[int, dict[str, float]]] = []
 
-    def spawn(self, role: str, index: int, target: Any, *args: Any) -> None:
-        proc = self.ctx.Process(target=target, args=args, name=f"bench-{role}-{index}", daemon=True)
+    def spawn(self, role: str, index: int, path: str, params: dict[str, Any]) -> None:
+        ctl = Ctl(
+            role,
+            index,
+            self.results,
+            self.go,
+            self.publishers_done,
+            self.stop,
+            self.deadline_ns,
+        )
+        proc = self.ctx.Process(
+            target=worker_main,
+            args=(WORKER_MODULE, ctl, path, params),
+            name=f"bench-{role}-{index}",
+            daemon=True,
+        )
         proc.start()
         self.procs[(role, index)] = proc
 
@@ -555,6 +271,8 @@ class _Run:
             key = (role, index)
             if kind == "ready":
                 self.ready.add(key)
+            elif kind == "synced":
+                pass  # the roles' subscriptions are acknowledged before "ready"
             elif kind == "done":
                 self.done[key] = payload
             else:
@@ -608,7 +326,6 @@ def run_scenario(
     ctx = multiprocessing.get_context("spawn")
     wall0 = time.monotonic()
     deadline = wall0 + duration_cap
-    deadline_ns = time.perf_counter_ns() + int(duration_cap * _NS)
     if name == "latency":
         result = ScenarioResult(name, 1, 1, latency_messages)
     else:
@@ -621,9 +338,9 @@ def run_scenario(
     try:
         broker.wait_listening(min(deadline, time.monotonic() + 20.0))
         if name == "latency":
-            _latency(run, path, latency_messages, warmup, deadline_ns, result)
+            _latency(run, path, latency_messages, warmup, result)
         else:
-            _throughput(run, path, messages, deadline_ns, rate, result)
+            _throughput(run, path, messages, rate, result)
         result.complete = not result.errors
     except _ScenarioAbort as exc:
         result.errors.append(str(exc))
@@ -646,40 +363,22 @@ def run_scenario(
     return result
 
 
-def _throughput(
-    run: _Run, path: str, messages: int, deadline_ns: int, rate: float, result: ScenarioResult
-) -> None:
-    ctx = run.ctx
-    go = ctx.Event()
-    publishers_done = ctx.Event()
+def _throughput(run: _Run, path: str, messages: int, rate: float, result: ScenarioResult) -> None:
     n_pubs, n_subs = result.publishers, result.subscribers
     shares = [messages // n_pubs + (1 if i < messages % n_pubs else 0) for i in range(n_pubs)]
     result.expected = messages * n_subs
     subs = {("sub", i) for i in range(n_subs)}
     pubs = {("pub", i) for i in range(n_pubs)}
     for _, i in sorted(subs):
-        run.spawn(
-            "sub", i, subscriber_main, path, i, messages, run.results, publishers_done, deadline_ns
-        )
+        run.spawn("sub", i, path, {"expected": messages, "filter": FILTER.split(".")})
     run.wait_ready(subs)  # every subscription is acknowledged by the broker
     for _, i in sorted(pubs):
-        run.spawn(
-            "pub",
-            i,
-            publisher_main,
-            path,
-            i,
-            shares[i],
-            run.results,
-            go,
-            deadline_ns,
-            rate / n_pubs,
-        )
+        run.spawn("pub", i, path, {"count": shares[i], "rate": rate / n_pubs})
     run.wait_ready(pubs)
     run.sample_cpu()
-    go.set()
+    run.go.set()
     run.wait_done(pubs)
-    publishers_done.set()
+    run.publishers_done.set()
     run.wait_done(subs)
     run.sample_cpu()
 
@@ -704,21 +403,16 @@ def _throughput(
     _broker_cpu(run, start_ns, max(last_ns, flushed_ns), result)
 
 
-def _latency(
-    run: _Run, path: str, count: int, warmup: int, deadline_ns: int, result: ScenarioResult
-) -> None:
-    ctx = run.ctx
-    go = ctx.Event()
-    stop = ctx.Event()
-    run.spawn("echo", 0, echo_main, path, run.results, stop, deadline_ns)
+def _latency(run: _Run, path: str, count: int, warmup: int, result: ScenarioResult) -> None:
+    run.spawn("echo", 0, path, {})
     run.wait_ready({("echo", 0)})
-    run.spawn("ping", 0, pinger_main, path, count, warmup, run.results, go, deadline_ns)
+    run.spawn("ping", 0, path, {"count": count, "warmup": warmup})
     run.wait_ready({("ping", 0)})
     run.sample_cpu()
-    go.set()
+    run.go.set()
     run.wait_done({("ping", 0)})
     run.sample_cpu()
-    stop.set()
+    run.stop.set()
     run.wait_done({("echo", 0)})
 
     ping = run.done[("ping", 0)]
@@ -933,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "duration_cap": args.duration_cap,
                 "rate": args.rate,
                 "payload_bytes": PAYLOAD_BYTES,
-                "broker_max_queue_messages": BROKER_MAX_QUEUE_MESSAGES,
+                "broker_max_queue_messages": MAX_QUEUE_MESSAGES,
             },
             "results": [asdict(r) for r in results],
         }

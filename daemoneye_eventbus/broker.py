@@ -844,14 +844,6 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _shorten_bytes(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` bytes of UTF-8, ending in "…" if cut."""
-    data = text.encode()
-    if len(data) <= limit:
-        return text
-    return data[: max(0, limit - 3)].decode(errors="ignore") + "…"
-
-
 class _Refusal(EventBusError):
     """A request refused with an error code; the connection stays open."""
 
@@ -1059,14 +1051,14 @@ class _SocketSession(_Session, asyncio.Protocol):
         # Messages quote what the peer sent: keep them short, and within the
         # frame limit however small it is configured.
         message = _shorten(str(exc), _MAX_ERROR_MESSAGE)
-        error = error_frame(exc.code, message, fatal=False, subscription_id=sub_id, topic=topic)
-        excess = error.ByteSize() - self.conn.max_frame_bytes
-        if excess > 0:
-            # The topic goes first (the message names it too), then the message's tail.
-            error.error.topic = ""
-            excess = error.ByteSize() - self.conn.max_frame_bytes
-            if excess > 0:
-                error.error.message = _shorten_bytes(message, len(message.encode()) - excess - 8)
+        error = error_frame(
+            exc.code,
+            message,
+            fatal=False,
+            subscription_id=sub_id,
+            topic=topic,
+            limit=self.conn.max_frame_bytes,
+        )
         self._send(error)
 
     def _send(self, frame: Frame) -> None:

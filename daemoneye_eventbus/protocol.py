@@ -56,7 +56,6 @@ __all__ = [
     "encode_deliver_batch",
     "encode_frame",
     "encode_publish",
-    "encode_publish_batch",
     "encode_varint",
     "error_frame",
     "publish_body",
@@ -332,24 +331,6 @@ def _payload_prefix(length: int) -> bytes:
     return prefix
 
 
-def encode_publish_batch(
-    header: tuple[bytes, bytes], payloads: list[bytes], correlation: bytes | None = None
-) -> bytes:
-    """A length-prefixed ``Frame(publish_batch=PublishBatch(...))``, like :func:`encode_publish`.
-
-    ``payloads`` holds at least one serialized payload; the bytes equal
-    ``encode_frame`` of the same frame.
-    """
-    topic_field, type_field = header
-    parts = [topic_field]
-    if correlation is not None:
-        parts += (_TAG_PUB_CORRELATION, encode_varint(len(correlation)), correlation)
-    parts.append(type_field)
-    for payload in payloads:
-        parts += (_payload_prefix(len(payload)), payload)
-    return _frame_publish_batch(b"".join(parts))
-
-
 def _frame_publish_batch(inner: bytes) -> bytes:
     """The length-prefixed ``Frame`` around an encoded ``PublishBatch``."""
     inner_prefix = encode_varint(len(inner))
@@ -491,9 +472,15 @@ def error_frame(
     fatal: bool,
     subscription_id: int = 0,
     topic: str = "",
+    limit: int | None = None,
 ) -> Frame:
-    """An ``Error`` frame."""
-    return Frame(
+    """An ``Error`` frame; within ``limit`` bytes of body if one is given.
+
+    Messages quote what the peer sent, so they must still fit a small frame
+    limit: the topic goes first (the message names it too), then the end of
+    the message (cut at a character boundary and marked with "…").
+    """
+    frame = Frame(
         error=frames_pb2.Error(
             code=code,
             message=message,
@@ -502,6 +489,15 @@ def error_frame(
             topic=topic,
         )
     )
+    if limit is not None and frame.ByteSize() > limit:
+        frame.error.topic = ""
+        excess = frame.ByteSize() - limit
+        if excess > 0:
+            data = message.encode()
+            # 8 bytes spare: the cut message's length prefix may shrink, "…" is 3.
+            keep = max(0, len(data) - excess - 8)
+            frame.error.message = data[:keep].decode(errors="ignore") + "…"
+    return frame
 
 
 class Connection:
@@ -681,7 +677,7 @@ class Connection:
 
     def send_encoded(self, data: bytes, messages: int = 1) -> None:
         """Queue a frame already encoded with its prefix (:func:`encode_publish`,
-        :func:`encode_publish_batch` with ``messages`` events).
+        :meth:`PublishBatcher.seal` with ``messages`` events).
 
         For the client's publish hot path, which builds frames without protobuf
         objects; only while open, and the caller checks the size.
@@ -692,16 +688,9 @@ class Connection:
 
     def send_deliver(self, subscription_id: int, sequence: int, publish: bytes) -> int:
         """Queue a ``Deliver`` frame (broker side, open state); return its size."""
-        if self.state is not State.OPEN or self.role is not Role.BROKER:
-            raise LocalProtocolError(f"cannot deliver while {self.state.value}")
-        if len(publish) > self.max_frame_bytes - DELIVER_OVERHEAD:
-            raise LocalProtocolError(
-                f"deliver frame for a {len(publish)}-byte publish would exceed the limit of "
-                f"{self.max_frame_bytes} bytes"
-            )
-        data = encode_deliver(subscription_id, sequence, publish)
-        self._append(data)
-        return len(data)
+        return self._send_delivery(
+            _TAG_FRAME_DELIVER, DELIVER_OVERHEAD, subscription_id, sequence, publish, 1
+        )
 
     def send_deliver_batch(
         self, subscription_id: int, first_sequence: int, batch: bytes, count: int
@@ -711,14 +700,32 @@ class Connection:
         Broker side, open state. The frame counts as ``count`` messages in
         :attr:`buffered_messages`.
         """
+        return self._send_delivery(
+            _TAG_FRAME_DELIVER_BATCH,
+            DELIVER_BATCH_OVERHEAD,
+            subscription_id,
+            first_sequence,
+            batch,
+            count,
+        )
+
+    def _send_delivery(
+        self,
+        frame_tag: bytes,
+        overhead: int,
+        subscription_id: int,
+        sequence: int,
+        body: bytes,
+        count: int,
+    ) -> int:
         if self.state is not State.OPEN or self.role is not Role.BROKER:
             raise LocalProtocolError(f"cannot deliver while {self.state.value}")
-        if len(batch) > self.max_frame_bytes - DELIVER_BATCH_OVERHEAD:
+        if len(body) > self.max_frame_bytes - overhead:
             raise LocalProtocolError(
-                f"deliver batch frame for a {len(batch)}-byte batch would exceed the limit "
+                f"a delivery of a {len(body)}-byte event or batch would exceed the limit "
                 f"of {self.max_frame_bytes} bytes"
             )
-        data = encode_deliver_batch(subscription_id, first_sequence, batch)
+        data = _encode_delivery(frame_tag, subscription_id, sequence, body)
         self._append(data, count)
         return len(data)
 
@@ -736,9 +743,9 @@ class Connection:
         self._buffer.clear()
         self._body_len = None
         code = ErrorCode.ValueType(exc.code)
-        # Short enough for the peer's smallest (handshake) limit [protocol §1].
+        # Short enough for the peer's limit in force [protocol §1].
         message = str(exc)[:MAX_ERROR_MESSAGE]
-        self._append(encode_frame(error_frame(code, message, fatal=True)))
+        self._append(encode_frame(error_frame(code, message, fatal=True, limit=self.frame_limit)))
         self._set_state(State.CLOSING)
 
     def data_to_send(self) -> bytes:

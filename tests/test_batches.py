@@ -27,7 +27,6 @@ from daemoneye_eventbus.protocol import (
     State,
     encode_deliver_batch,
     encode_frame,
-    encode_publish_batch,
     publish_header,
 )
 
@@ -63,9 +62,11 @@ def test_hand_built_batch_frames_equal_protobuf(with_correlation: bool, sizes: l
     if corr is not None:
         batch.correlation.CopyFrom(corr)
     corr_bytes = corr.SerializeToString() if corr is not None else None
-    assert encode_publish_batch(header(), payloads, corr_bytes) == encode_frame(
-        Frame(publish_batch=batch)
-    )
+    batcher = PublishBatcher(max_body=1 << 20, target=1 << 20, max_events=10_000)
+    assert all(batcher.add(header(), p, corr_bytes) is None for p in payloads)
+    sealed = batcher.seal()
+    assert sealed is not None
+    assert sealed == (encode_frame(Frame(publish_batch=batch)), len(payloads))
     body = batch.SerializeToString()
     for sid, first in [(1, 1), (2**32 - 1, 2**64 - len(sizes))]:
         deliver = frames_pb2.DeliverBatch(subscription_id=sid, first_sequence=first, batch=batch)

@@ -1409,3 +1409,31 @@ def test_encode_publish_equals_protobuf_encoding(
     expected = encode_frame(Frame(publish=pub))
     corr = correlation.SerializeToString() if correlation is not None else None
     assert encode_publish(publish_header(topic, payload_type), payload, corr) == expected
+
+
+@pytest.mark.parametrize("limit", [40, 64, 256, 600])
+def test_error_frames_fit_a_small_limit(limit: int) -> None:
+    frame = error_frame(
+        ErrorCode.ERROR_CODE_INVALID_TOPIC, "é" * 500, fatal=False, topic="t" * 256, limit=limit
+    )
+    assert frame.ByteSize() <= limit
+    assert frame.error.message.endswith("…")
+    assert frame.error.code == ErrorCode.ERROR_CODE_INVALID_TOPIC
+    short = error_frame(ErrorCode.ERROR_CODE_INVALID_TOPIC, "bad", fatal=False, topic="a.b")
+    assert (
+        error_frame(
+            ErrorCode.ERROR_CODE_INVALID_TOPIC, "bad", fatal=False, topic="a.b", limit=limit
+        )
+        == short
+    )  # nothing is cut that fits
+
+
+def test_a_violation_error_fits_the_handshake_limit_in_force() -> None:
+    broker = Connection(Role.BROKER, handshake_max_frame_bytes=128)
+    broker.fail(RemoteProtocolError("é" * 400, ErrorCode.ERROR_CODE_MALFORMED_FRAME))
+    client = Connection(Role.CLIENT, handshake_max_frame_bytes=128)
+    client.receive_data(broker.data_to_send())
+    assert client.error is None, client.error
+    (error,) = client.events_received()
+    assert error.error.fatal
+    assert error.error.message.startswith("é")

@@ -40,10 +40,19 @@ from benchmarks.peers.base import (
     wait_until,
 )
 
-__all__ = ["ROLES", "DaemoneyeAdapter", "make_event"]
+__all__ = [
+    "MAX_QUEUE_MESSAGES",
+    "PID_BASE",
+    "PUBLISHER",
+    "ROLES",
+    "SUBSCRIBER",
+    "SUB_MAX_PENDING",
+    "DaemoneyeAdapter",
+    "make_event",
+]
 
 REPO: Final = Path(__file__).resolve().parents[2]
-#: Per-subscriber queue in the broker, in messages (as in benchmarks/e2e.py).
+#: Per-subscriber queue in the broker, in messages (benchmarks/e2e.py uses it too).
 MAX_QUEUE_MESSAGES: Final = 10_000
 #: Events a subscriber's client queue holds before it drops (client side).
 SUB_MAX_PENDING: Final = 100_000
@@ -132,10 +141,34 @@ class DaemoneyeAdapter(Adapter):
 
 
 def make_event(size: int = PAYLOAD_BYTES) -> Any:
-    """A ``ProcessEvent`` of exactly ``size`` bytes: the e2e harness's event."""
-    from benchmarks.e2e import make_event as e2e_event
+    """A ``ProcessEvent`` whose serialized form is exactly ``size`` bytes.
 
-    return e2e_event(size)
+    The command line is padded to reach the size; ``pid`` may then be set to
+    any value in ``[PID_BASE, 2**28)`` without changing it.
+    """
+    from daemoneye.eventbus.v1 import events_pb2
+
+    event = events_pb2.ProcessEvent(
+        pid=PID_BASE,
+        name="bench-process",
+        executable_path="/usr/bin/bench-process",
+        ppid=1,
+        user_id=1000,
+        kind=events_pb2.PROCESS_EVENT_KIND_START,
+    )
+    event.observed_at.seconds = 1_700_000_000
+    event.observed_at.nanos = 123_456_789
+    prefix = "/usr/bin/bench-process --padding="
+    for pad in range(size):
+        event.command_line = prefix + "x" * pad
+        if event.ByteSize() >= size:
+            break
+    if event.ByteSize() != size:
+        # A length prefix grew by a byte and skipped the size: trim the name.
+        event.name = event.name[:-1]
+    if event.ByteSize() != size:
+        raise ValueError(f"cannot build a ProcessEvent of exactly {size} bytes")
+    return event
 
 
 # -- roles -------------------------------------------------------------------------------
@@ -162,6 +195,9 @@ def _pub(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
     from daemoneye_eventbus.client import Client
 
     count: int = params["count"]
+    #: Events per second, 0 for flat out (benchmarks/e2e.py --rate).
+    rate: float = params.get("rate", 0.0)
+    ns_per_event = _NS / rate if rate > 0 else 0.0
     topic, _ = _topics()
 
     async def run() -> dict[str, Any]:
@@ -178,7 +214,10 @@ def _pub(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
                 await client.publish(topic, event)
                 sent += 1
                 if sent % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # let the coalesced writes go out
+                    # Let the coalesced writes go out; with a rate, wait until
+                    # the next events are due.
+                    ahead = start_ns + sent * ns_per_event - time.perf_counter_ns()
+                    await asyncio.sleep(ahead / _NS if ahead > 0 else 0)
                     if ctl.expired():
                         break
             published_ns = time.perf_counter_ns()
@@ -421,6 +460,8 @@ def _ping(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
             "start_ns": start_ns,
             "end_ns": end_ns,
             "round_trips": warmup + count - lost,
+            "missed": sub.missed,
+            "dropped": sub.dropped,
         }
 
     return _run(run)
