@@ -38,7 +38,6 @@ import queue
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +52,8 @@ from google.protobuf.internal import api_implementation
 
 from benchmarks.peers.base import (
     PAYLOAD_BYTES,
+    BrokerOptions,
+    BrokerProcess,
     Ctl,
     WorkerMessage,
     cpu_model,
@@ -60,11 +61,10 @@ from benchmarks.peers.base import (
     stat_cpu_seconds,
     worker_main,
 )
-from benchmarks.peers.daemoneye_peer import MAX_QUEUE_MESSAGES
+from benchmarks.peers.daemoneye_peer import MAX_QUEUE_MESSAGES, DaemoneyeAdapter
 
 __all__ = ["ScenarioResult", "main", "run_scenario"]
 
-REPO: Final = Path(__file__).resolve().parents[1]
 
 #: Filter of the throughput subscribers.
 FILTER: Final = "events.process.#"
@@ -81,8 +81,6 @@ DEFAULT_MESSAGES: Final = 200_000
 DEFAULT_LATENCY_MESSAGES: Final = 5_000
 DEFAULT_WARMUP: Final = 500
 DEFAULT_DURATION_CAP: Final = 60.0
-#: How the broker is started; ``--socket PATH`` and the queue size are appended.
-BROKER_COMMAND: list[str] = [sys.executable, "-m", "daemoneye_eventbus.cli", "serve"]
 #: The workers are the side-by-side suite's roles for this bus (one copy of
 #: the publish, subscribe, echo and ping loops).
 WORKER_MODULE: Final = "benchmarks.peers.daemoneye_peer"
@@ -147,64 +145,6 @@ class ScenarioResult:
 # -- the broker process ----------------------------------------------------------------
 
 
-class _BrokerProcess:
-    """``daemoneye-eventbus serve`` in a child process, output to a log file."""
-
-    def __init__(self, path: str, workdir: str) -> None:
-        self.path = path
-        self.log_path = os.path.join(workdir, "broker.log")
-        env = dict(os.environ)
-        extra = [str(REPO), str(REPO / "generated")]
-        if env.get("PYTHONPATH"):
-            extra.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(extra)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                *BROKER_COMMAND,
-                "--socket",
-                path,
-                "--max-queue-messages",
-                str(MAX_QUEUE_MESSAGES),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def wait_listening(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise _ScenarioAbort(f"broker exited with {self.proc.returncode}: {self.output()}")
-            if "listening on" in self.output() and os.path.exists(self.path):
-                return
-            time.sleep(0.02)
-        raise _ScenarioAbort("broker did not start listening in time")
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, wait; the exit code, or None if it had to be killed."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None
-        finally:
-            self._log.close()
-
-
 _STOPPED_RE: Final = re.compile(r"broker stopped: (\d+) published, (\d+) delivered, (\d+) dropped")
 
 
@@ -214,7 +154,7 @@ _STOPPED_RE: Final = re.compile(r"broker stopped: (\d+) published, (\d+) deliver
 class _Run:
     """The workers of one scenario and the messages they send back."""
 
-    def __init__(self, ctx: SpawnContext, broker: _BrokerProcess, deadline: float) -> None:
+    def __init__(self, ctx: SpawnContext, broker: BrokerProcess, deadline: float) -> None:
         self.ctx = ctx
         self.broker = broker
         self.deadline = deadline
@@ -332,11 +272,17 @@ def run_scenario(
         pubs, subs = THROUGHPUT_SCENARIOS[name]
         result = ScenarioResult(name, pubs, subs, messages, rate=rate)
     workdir = tempfile.mkdtemp(prefix="deb-bench-", dir="/tmp")
-    path = os.path.join(workdir, "b.sock")
-    broker = _BrokerProcess(path, workdir)
+    # The suite's broker for this bus: ``serve --max-queue-messages 10000``,
+    # returned once it listens.
+    try:
+        broker = DaemoneyeAdapter().start_broker(workdir, BrokerOptions())
+    except RuntimeError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        result.errors.append(str(exc))
+        return result
+    path = broker.endpoint
     run = _Run(ctx, broker, deadline)
     try:
-        broker.wait_listening(min(deadline, time.monotonic() + 20.0))
         if name == "latency":
             _latency(run, path, latency_messages, warmup, result)
         else:
