@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar, cast, overload
@@ -189,20 +189,24 @@ class Subscription(Generic[P]):
     def _put(
         self,
         publish: frames_pb2.Publish | frames_pb2.PublishBatch,
-        payloads: Iterable[bytes],
+        payloads: Sequence[bytes],
         first_sequence: int,
     ) -> None:
         """Queue the events of one Deliver or DeliverBatch, numbered from ``first_sequence``."""
-        events = received_batch(
-            publish.topic,
-            publish.payload_type,
-            payloads,
-            publish.correlation if publish.HasField("correlation") else None,
-            first_sequence,
-            self.subscription_id,
-            self._cls,
-        )
-        self.queue.put_batch(events)
+        topic = publish.topic
+        payload_type = publish.payload_type
+        correlation = publish.correlation if publish.HasField("correlation") else None
+        sid = self.subscription_id
+        if len(payloads) == 1:  # one event in flight: no batch machinery
+            event = ReceivedEvent(
+                topic, payload_type, payloads[0], correlation, first_sequence, sid, self._cls
+            )
+            self.queue.put_nowait(event)
+        else:
+            events = received_batch(
+                topic, payload_type, payloads, correlation, first_sequence, sid, self._cls
+            )
+            self.queue.put_batch(events)
 
     def _end(self, error: BaseException | None) -> None:
         self._active = False
@@ -326,7 +330,8 @@ class Client:
         self._subs: dict[int, Subscription[Any]] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
-        self._headers: dict[str, tuple[bytes, bytes]] = {}
+        #: Encoded Publish fields by topic name (typed) or (topic, payload type) (raw).
+        self._headers: dict[object, tuple[bytes, bytes]] = {}
         #: Set once the broker said it accepts batches (in its Welcome).
         self._batcher: PublishBatcher | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -611,18 +616,30 @@ class Client:
     def _queue_publish(
         self, topic: Topic[P], message: P, correlation: CorrelationMetadata | None
     ) -> None:
-        """Queue one event (into the open batch, or as its own Publish frame)
-        and see that it is written [protocol §5].
+        """Queue one typed event and see that it is written [protocol §5]."""
+        if type(message) is not topic.payload_type:
+            build_publish(topic, message, correlation)  # raises the precise error
+        name = topic.name
+        header = self._headers.get(name)
+        if header is None:
+            header = self._header(name, name, topic.payload_name)
+        self._queue_encoded(header, message.SerializeToString(), correlation)
+
+    def _header(self, key: object, topic: str, payload_type: str) -> tuple[bytes, bytes]:
+        """The encoded topic and payload-type fields, computed once per ``key``."""
+        if len(self._headers) >= _HEADER_CACHE_SIZE:
+            self._headers.clear()
+        header = self._headers[key] = publish_header(topic, payload_type)
+        return header
+
+    def _queue_encoded(
+        self, header: tuple[bytes, bytes], payload: bytes, correlation: CorrelationMetadata | None
+    ) -> None:
+        """Queue one event (the first of a loop turn alone, the rest of the
+        turn in a batch) and see that it is written [protocol §5].
 
         Frames are built from cached topic fields without protobuf objects.
         """
-        if type(message) is not topic.payload_type:
-            build_publish(topic, message, correlation)  # raises the precise error
-        header = self._headers.get(topic.name)
-        if header is None:
-            if len(self._headers) >= _HEADER_CACHE_SIZE:
-                self._headers.clear()
-            header = self._headers[topic.name] = publish_header(topic.name, topic.payload_name)
         corr = None
         if correlation is not None:
             validate_metadata(correlation)
@@ -630,11 +647,15 @@ class Client:
         conn = self._conn
         batcher = self._batcher
         if batcher is not None:
-            sealed = batcher.add(header, message.SerializeToString(), corr)
-            if sealed is not None:
-                conn.send_encoded(*sealed)
+            if self._flush_handle is None and not batcher.pending_events:
+                # The first event of a loop turn is written at once (below), alone.
+                conn.send_encoded(batcher.single(header, payload, corr))
+            else:
+                sealed = batcher.add(header, payload, corr)
+                if sealed is not None:
+                    conn.send_encoded(*sealed)
         else:  # a broker without batches
-            data = encode_publish(header, message.SerializeToString(), corr)
+            data = encode_publish(header, payload, corr)
             # The Publish message (frame minus its 1-byte tag and two prefixes)
             # must leave room for the Deliver envelope [protocol §5].
             limit = (self.limits.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES) - DELIVER_OVERHEAD
@@ -695,18 +716,24 @@ class Client:
         *,
         correlation: CorrelationMetadata | None = None,
     ) -> None:
-        """Publish an already serialized payload on a topic given by name (untyped)."""
-        validate_topic(topic)
-        publish = frames_pb2.Publish(topic=topic, payload_type=payload_type, payload=payload)
-        if correlation is not None:
-            validate_metadata(correlation)
-            publish.correlation.CopyFrom(correlation)
-        self._check_open()
-        assert self._protocol is not None
-        if self._protocol.paused:
-            await self._protocol.drain()
-        self._send(Frame(publish=publish))
-        self._published += 1
+        """Publish an already serialized payload on a topic given by name (untyped).
+
+        It travels like :meth:`publish`'s events; the broker checks the topic,
+        the payload type and the access rules all the same.
+        """
+        key = (topic, payload_type)
+        header = self._headers.get(key)
+        if header is None:
+            validate_topic(topic)
+            header = self._header(key, topic, payload_type)
+        if self._conn.state is not State.OPEN or self._closing:
+            self._check_open()  # raises
+        protocol = self._protocol
+        assert protocol is not None
+        if protocol.paused:
+            await protocol.drain()
+            self._check_open()
+        self._queue_encoded(header, payload, correlation)
 
     async def _request(self, key: tuple[str, int], frame: Frame) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

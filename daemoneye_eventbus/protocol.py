@@ -155,6 +155,9 @@ RECEIVABLE: Final[dict[tuple[Role, State], frozenset[str]]] = {
 }
 
 
+# Frame kinds that may change the state of the receiving end.
+_HANDSHAKE_OR_END: Final = frozenset({"hello", "welcome", "goodbye", "error"})
+
 # One-byte varints, prebuilt: most lengths, ids and tags on the hot path are small.
 _ONE_BYTE: Final = tuple(bytes((i,)) for i in range(0x80))
 
@@ -409,25 +412,48 @@ class PublishBatcher:
             self._events += 1
             self._size += entry
             return None
-        base = len(header[0]) + len(header[1])
-        if correlation is not None:
-            base += _field_size(len(correlation))
-        if base + entry > self.max_body:
-            raise LimitExceeded(
-                f"event of about {base + entry} bytes exceeds the limit of {self.max_body} bytes"
-            )
+        parts, size = self._first(header, prefix, payload, correlation)
         sealed = self.seal()
-        topic_field, type_field = header
-        if correlation is None:
-            self._parts = [topic_field, type_field, prefix, payload]
-        else:
-            corr_field = _TAG_PUB_CORRELATION + encode_varint(len(correlation)) + correlation
-            self._parts = [topic_field, corr_field, type_field, prefix, payload]
+        self._parts = parts
         self._header = header
         self._correlation = correlation
         self._events = 1
-        self._size = base + entry
+        self._size = size
         return sealed
+
+    def single(
+        self, header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
+    ) -> bytes:
+        """One event as a ``PublishBatch`` frame of its own, with no batch open.
+
+        For an event that leaves at once; the same limit as :meth:`add`.
+        """
+        if self._events:
+            raise LocalProtocolError("a batch is open: add() the event or seal() first")
+        n = len(payload)
+        prefix = _PAYLOAD_PREFIXES.get(n) or _payload_prefix(n)
+        parts, _ = self._first(header, prefix, payload, correlation)
+        return _frame_publish_batch(b"".join(parts))
+
+    def _first(
+        self, header: tuple[bytes, bytes], prefix: bytes, payload: bytes, correlation: bytes | None
+    ) -> tuple[list[bytes], int]:
+        """The encoded fields of a batch holding one event, and their size.
+
+        Raises :class:`LimitExceeded` if the event cannot travel even alone.
+        """
+        topic_field, type_field = header
+        if correlation is None:
+            parts = [topic_field, type_field, prefix, payload]
+        else:
+            corr_field = _TAG_PUB_CORRELATION + encode_varint(len(correlation)) + correlation
+            parts = [topic_field, corr_field, type_field, prefix, payload]
+        size = sum(map(len, parts))
+        if size > self.max_body:
+            raise LimitExceeded(
+                f"event of about {size} bytes exceeds the limit of {self.max_body} bytes"
+            )
+        return parts, size
 
     def seal(self) -> tuple[bytes, int] | None:
         """The open batch as an encoded frame and its event count; None if none is open."""
@@ -533,6 +559,11 @@ class Connection:
         self._out_messages = 0
         self._hello_seen = False
         self._eof = False
+        #: True once the transport should be closed after writing what is pending.
+        self.close_expected = False
+        # What may be received and sent in the current state (kept with it).
+        self._receivable = RECEIVABLE[role, self.state]
+        self._sendable = SENDABLE[role, self.state]
 
     # -- state ---------------------------------------------------------------
 
@@ -542,11 +573,9 @@ class Connection:
         if new not in TRANSITIONS[self.state]:
             raise LocalProtocolError(f"illegal transition {self.state.value} -> {new.value}")
         self.state = new
-
-    @property
-    def close_expected(self) -> bool:
-        """True once the transport should be closed after writing what is pending."""
-        return self.state in (State.CLOSING, State.CLOSED)
+        self.close_expected = new is State.CLOSING or new is State.CLOSED
+        self._receivable = RECEIVABLE.get((self.role, new), frozenset())
+        self._sendable = SENDABLE.get((self.role, new), frozenset())
 
     @property
     def frame_limit(self) -> int:
@@ -562,22 +591,30 @@ class Connection:
         if self.close_expected or not data:
             return
         buf = self._buffer
-        buf += data
+        # Parse straight from ``data`` when no partial frame waits (the common
+        # case); otherwise from the buffer it joins.
+        if buf:
+            buf += data
+            src: bytes | bytearray | memoryview = buf
+        else:
+            src = data
+        size = len(src)
         pos = 0
         try:
-            while True:
-                if self._body_len is None:
-                    prefix = decode_varint(buf, pos)
+            while pos < size:
+                length = self._body_len
+                if length is None:
+                    prefix = decode_varint(src, pos)
                     if prefix is None:
                         break
                     length, pos = prefix
                     self._check_length(length)
+                end = pos + length
+                if end > size:
                     self._body_len = length
-                end = pos + self._body_len
-                if end > len(buf):
                     break
                 self._body_len = None
-                closing = self._receive_frame(bytes(buf[pos:end]))
+                closing = self._receive_frame(src[pos:end])
                 pos = end
                 if closing:
                     break
@@ -588,8 +625,10 @@ class Connection:
             # The peer said goodbye (or a fatal error): what follows is never read.
             buf.clear()
             self._body_len = None
-        else:
+        elif src is buf:
             del buf[:pos]
+        elif pos < size:
+            buf += src[pos:]
 
     def _check_length(self, length: int) -> None:
         limit = self.frame_limit
@@ -604,24 +643,32 @@ class Connection:
                 ErrorCode.ERROR_CODE_MALFORMED_FRAME,
             )
 
-    def _receive_frame(self, body: bytes) -> bool:
+    def _receive_frame(self, body: bytes | bytearray | memoryview) -> bool:
         """Decode and check one frame; True if the peer is closing the connection."""
         try:
-            frame = Frame.FromString(body)
+            # upb parses (and copies out of) any bytes-like object; the stub says bytes.
+            frame = Frame.FromString(body)  # type: ignore[arg-type]
         except (DecodeError, RecursionError) as exc:
             raise RemoteProtocolError(
                 f"undecodable frame: {exc}", ErrorCode.ERROR_CODE_MALFORMED_FRAME
             ) from None
         kind = frame.WhichOneof("kind")
-        if kind is None:
-            raise RemoteProtocolError(
-                "frame sets no known kind", ErrorCode.ERROR_CODE_MALFORMED_FRAME
-            )
-        if kind not in RECEIVABLE.get((self.role, self.state), frozenset()):
+        if kind not in self._receivable:
+            if kind is None:
+                raise RemoteProtocolError(
+                    "frame sets no known kind", ErrorCode.ERROR_CODE_MALFORMED_FRAME
+                )
             raise RemoteProtocolError(
                 f"{kind} frame not allowed while {self.state.value}",
                 ErrorCode.ERROR_CODE_UNEXPECTED_FRAME,
             )
+        if kind in _HANDSHAKE_OR_END:
+            return self._state_frame(kind, frame)
+        self._events.append(frame)
+        return False
+
+    def _state_frame(self, kind: str, frame: Frame) -> bool:
+        """A frame that moves the state machine; True if the peer is closing."""
         if kind == "hello":
             if self._hello_seen:
                 raise RemoteProtocolError(
@@ -630,7 +677,7 @@ class Connection:
             self._hello_seen = True
         elif kind == "welcome":
             self._set_state(State.OPEN)
-        elif kind == "goodbye" or (kind == "error" and frame.error.fatal):
+        elif kind == "goodbye" or frame.error.fatal:
             self._set_state(State.CLOSING)
             self._events.append(frame)
             return True
@@ -661,7 +708,7 @@ class Connection:
         kind = frame.WhichOneof("kind")
         if kind is None:
             raise LocalProtocolError("cannot send a frame that sets no kind")
-        if kind not in SENDABLE.get((self.role, self.state), frozenset()):
+        if kind not in self._sendable:
             raise LocalProtocolError(f"cannot send a {kind} frame while {self.state.value}")
         body = frame.SerializeToString()
         if len(body) > self.max_frame_bytes:

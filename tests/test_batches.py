@@ -17,7 +17,7 @@ from daemoneye_eventbus.broker import Broker
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent, received_batch
-from daemoneye_eventbus.errors import LimitExceeded
+from daemoneye_eventbus.errors import LimitExceeded, LocalProtocolError
 from daemoneye_eventbus.protocol import (
     DELIVER_BATCH_OVERHEAD,
     PROTOCOL_VERSION,
@@ -27,6 +27,7 @@ from daemoneye_eventbus.protocol import (
     State,
     encode_deliver_batch,
     encode_frame,
+    encode_varint,
     publish_header,
 )
 
@@ -42,7 +43,7 @@ def header(topic: Any = LIFECYCLE) -> tuple[bytes, bytes]:
 def split(data: bytes) -> list[Frame]:
     """The frames of an encoded stream."""
     conn = Connection(Role.BROKER)
-    conn.state = State.OPEN
+    conn._set_state(State.OPEN)
     conn.receive_data(data)
     assert conn.error is None
     return conn.events_received()
@@ -121,6 +122,38 @@ def test_batcher_seals_at_the_target_and_refuses_what_cannot_travel_alone() -> N
     assert len(split(final[0])[0].publish_batch.SerializeToString()) <= 10_000
 
 
+@pytest.mark.parametrize("with_correlation", [False, True])
+def test_a_single_event_frame_is_a_sealed_batch_of_one(with_correlation: bool) -> None:
+    corr = new_correlation("wf-1").SerializeToString() if with_correlation else None
+    batcher = PublishBatcher(max_body=1 << 20, target=64 * 1024, max_events=1000)
+    assert batcher.add(header(), b"payload", corr) is None
+    sealed = batcher.seal()
+    assert sealed is not None
+    assert batcher.single(header(), b"payload", corr) == sealed[0]
+    assert batcher.pending_events == 0  # single() leaves no batch open
+
+
+def test_a_single_event_takes_the_limit_of_a_batch() -> None:
+    limit = 10_000
+    fixed = sum(map(len, header())) + 1  # the topic and type fields, the payload tag
+    fits = next(n for n in range(limit, 0, -1) if fixed + len(encode_varint(n)) + n <= limit)
+    for n, ok in [(fits, True), (fits + 1, False)]:
+        batcher = PublishBatcher(max_body=limit, target=limit, max_events=1000)
+        if ok:
+            frame = batcher.single(header(), b"x" * n)
+            assert len(split(frame)[0].publish_batch.SerializeToString()) == limit
+            assert batcher.add(header(), b"x" * n) is None
+        else:
+            with pytest.raises(LimitExceeded, match="exceeds the limit of 10000 bytes"):
+                batcher.single(header(), b"x" * n)
+            with pytest.raises(LimitExceeded, match="exceeds the limit of 10000 bytes"):
+                batcher.add(header(), b"x" * n)
+    # An open batch goes first: single() would put the event before it.
+    assert batcher.add(header(), b"y") is None
+    with pytest.raises(LocalProtocolError, match="a batch is open"):
+        batcher.single(header(), b"z")
+
+
 def test_batcher_seals_at_the_event_limit() -> None:
     batcher = PublishBatcher(max_body=1 << 20, target=64 * 1024, max_events=3)
     sealed = [batcher.add(header(), b"") for _ in range(7)]
@@ -132,7 +165,7 @@ def test_batcher_seals_at_the_event_limit() -> None:
 
 def test_connection_counts_batched_events_as_messages() -> None:
     conn = Connection(Role.BROKER)
-    conn.state = State.OPEN
+    conn._set_state(State.OPEN)
     conn.send_deliver_batch(
         1, 1, frames_pb2.PublishBatch(payloads=[b"a"] * 3).SerializeToString(), 3
     )
@@ -257,7 +290,7 @@ async def test_order_holds_across_topics_and_single_frames(broker: Broker, sock_
         for i in range(3):
             await pub.publish(LIFECYCLE, proc(i))
         await pub.publish(ANOMALY, events_pb2.ProcessEvent(pid=100))
-        # publish_raw sends a single Publish frame: it follows the open batch.
+        # publish_raw events join batches like the typed ones, in call order.
         raw = proc(101).SerializeToString()
         await pub.publish_raw(LIFECYCLE.name, PROCESS_EVENT, raw)
         for i in range(3, 6):

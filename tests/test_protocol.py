@@ -527,6 +527,37 @@ def test_stream_fed_a_byte_at_a_time_through_a_pair() -> None:
     assert got.broker == frames
 
 
+_STREAM = [publish(b"a" * n) for n in (0, 1, 127, 128, 300, 16_384)] + [goodbye()]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=2**20), max_size=12),
+    kind=st.sampled_from([bytes, bytearray, memoryview]),
+)
+def test_any_split_of_a_stream_gives_the_same_frames(
+    cuts: list[int], kind: type[bytes | bytearray | memoryview]
+) -> None:
+    """Whole frames are parsed straight from a read, partial ones from the
+    buffer: the frames are the same wherever the reads end."""
+    broker = connection(Role.BROKER, State.OPEN)
+    stream = b"".join(map(encode_frame, _STREAM))
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {len(stream)})
+    got: list[Frame] = []
+    start = 0
+    for end in points:
+        chunk = bytearray(stream[start:end])
+        broker.receive_data(chunk if kind is bytearray else kind(chunk))
+        chunk[:] = b"\xff" * len(chunk)  # the caller may reuse its buffer
+        got += broker.events_received()
+        start = end
+        if end < len(stream):
+            assert broker.buffered_input <= broker.frame_limit + MAX_PREFIX_BYTES
+    assert got == _STREAM
+    assert broker.error is None
+    assert broker.buffered_input == 0
+
+
 def test_prefix_split_across_reads() -> None:
     broker = connection(Role.BROKER, State.OPEN)
     frame = publish(b"q" * 200)

@@ -389,6 +389,7 @@ def _echo(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
     from daemoneye_eventbus.errors import ConnectionClosed, RequestTimeout
 
     topic, echo_topic = _topics()
+    echo_name = echo_topic.name
 
     async def run() -> dict[str, Any]:
         echoed = 0
@@ -406,7 +407,8 @@ def _echo(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
                     continue
                 except ConnectionClosed:
                     break
-                await tx.publish(echo_topic, event.message())
+                # Forward the payload bytes, as every peer's echo does.
+                await tx.publish_raw(echo_name, event.payload_type, event.payload)
                 echoed += 1
         return {"echoed": echoed, "missed": sub.missed, "dropped": sub.dropped}
 
