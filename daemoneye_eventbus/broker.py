@@ -784,9 +784,9 @@ class Broker:
 
     def _flush_dirty(self) -> None:
         self._flush_handle = None
-        dirty, self._dirty = self._dirty, set()
-        for session in dirty:
-            session.flush()
+        dirty = self._dirty
+        while dirty:
+            dirty.pop().flush()
 
     async def _housekeeping(self) -> None:
         """Heartbeats, idle peers and stuck subscribers, a few times a second."""
@@ -1131,14 +1131,17 @@ class _SocketSession(_Session, asyncio.Protocol):
 
     def flush(self) -> None:
         """Write what is queued, unless the socket is backed up."""
+        conn = self.conn
+        if not (conn.buffered_bytes or conn.close_expected):
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if (self._paused_since is None or self.conn.close_expected) and self._abort_timer is None:
-            data = self.conn.data_to_send()
+        if (self._paused_since is None or conn.close_expected) and self._abort_timer is None:
+            data = conn.data_to_send()
             if data:
                 transport.write(data)
-        if self.conn.close_expected:
+        if conn.close_expected:
             self._close_transport()
 
     def _close_transport(self) -> None:

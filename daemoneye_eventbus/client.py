@@ -587,6 +587,19 @@ class Client:
             self._write_now()
             self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
 
+    def _write_first(self, frame: bytes) -> None:
+        """Write ``frame`` at once: the first frame of a loop turn. What follows
+        in the turn is written at its end."""
+        protocol = self._protocol
+        transport = protocol.transport if protocol is not None else None
+        if transport is None or transport.is_closing():
+            return  # the connection is going: like anything unwritten, lost
+        # Nothing waits in the connection's buffer while no write is scheduled
+        # (_coalesce writes what is queued at once or at the turn's end), so
+        # the frame keeps its place in the stream.
+        transport.write(frame)
+        self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
+
     def _write_now(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -646,15 +659,7 @@ class Client:
             corr = correlation.SerializeToString()
         conn = self._conn
         batcher = self._batcher
-        if batcher is not None:
-            if self._flush_handle is None and not batcher.pending_events:
-                # The first event of a loop turn is written at once (below), alone.
-                conn.send_encoded(batcher.single(header, payload, corr))
-            else:
-                sealed = batcher.add(header, payload, corr)
-                if sealed is not None:
-                    conn.send_encoded(*sealed)
-        else:  # a broker without batches
+        if batcher is None:  # a broker without batches
             data = encode_publish(header, payload, corr)
             # The Publish message (frame minus its 1-byte tag and two prefixes)
             # must leave room for the Deliver envelope [protocol §5].
@@ -664,6 +669,15 @@ class Client:
                     f"event of about {len(data)} bytes exceeds the limit of {limit} bytes"
                 )
             conn.send_encoded(data)
+        elif self._flush_handle is None and not batcher.pending_events:
+            # The first event of a loop turn is written at once, alone.
+            self._write_first(batcher.single(header, payload, corr))
+            self._published += 1
+            return
+        else:
+            sealed = batcher.add(header, payload, corr)
+            if sealed is not None:
+                conn.send_encoded(*sealed)
         self._published += 1
         # While a write is scheduled for the end of this turn, there is
         # nothing to do unless the buffer has grown past _FLUSH_BYTES.

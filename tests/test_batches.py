@@ -464,3 +464,36 @@ async def test_first_publish_of_a_turn_is_written_at_once(broker: Broker, sock_p
         assert (batcher.pending_events, pub._conn.buffered_bytes) == (0, 0)
         await pub.flush()
     assert broker.statistics().published == 3
+
+
+async def test_a_lone_event_and_the_rest_of_its_turn_arrive_in_order(
+    broker: Broker, sock_path: str
+) -> None:
+    async with (
+        Client(sock_path, component=AGENT) as sub_client,
+        Client(sock_path, component=PROCMOND) as pub,
+    ):
+        sub = await sub_client.subscribe(LIFECYCLE)
+        for turn in range(3):
+            await asyncio.sleep(0)
+            for i in range(4):  # one alone, three in a batch
+                await pub.publish(LIFECYCLE, proc(4 * turn + i))
+        await pub.flush()
+        got = await drain(sub)
+    assert [pid_of(e) for e in got] == list(range(12))
+    assert [e.sequence for e in got] == list(range(1, 13))
+
+
+async def test_publishing_while_the_connection_goes_is_not_an_error(
+    broker: Broker, sock_path: str
+) -> None:
+    pub = Client(sock_path, component=PROCMOND)
+    await pub.connect()
+    await asyncio.sleep(0)
+    assert pub._protocol is not None
+    assert pub._protocol.transport is not None
+    pub._protocol.transport.close()  # its connection_lost comes in a later turn
+    await pub.publish(LIFECYCLE, proc(1))  # at most once: this one is lost
+    await pub.close()
+    assert pub.statistics().published == 1
+    assert broker.statistics().published == 0
