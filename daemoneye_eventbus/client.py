@@ -180,12 +180,6 @@ class Subscription(Generic[P]):
     def received(self) -> int:
         return self.queue.received
 
-    def _deliver(self, deliver: frames_pb2.Deliver) -> None:
-        self._put(deliver.publish, (deliver.publish.payload,), deliver.sequence)
-
-    def _deliver_batch(self, deliver: frames_pb2.DeliverBatch) -> None:
-        self._put(deliver.batch, deliver.batch.payloads, deliver.first_sequence)
-
     def _put(
         self,
         publish: frames_pb2.Publish | frames_pb2.PublishBatch,
@@ -512,13 +506,17 @@ class Client:
         for frame in conn.events_received():
             kind = frame.WhichOneof("kind")
             if kind == "deliver_batch":
-                sub = self._subs.get(frame.deliver_batch.subscription_id)
+                deliver_batch = frame.deliver_batch
+                sub = self._subs.get(deliver_batch.subscription_id)
                 if sub is not None:
-                    sub._deliver_batch(frame.deliver_batch)
+                    batch = deliver_batch.batch
+                    sub._put(batch, batch.payloads, deliver_batch.first_sequence)
             elif kind == "deliver":
-                sub = self._subs.get(frame.deliver.subscription_id)
+                deliver = frame.deliver
+                sub = self._subs.get(deliver.subscription_id)
                 if sub is not None:
-                    sub._deliver(frame.deliver)
+                    publish = deliver.publish
+                    sub._put(publish, (publish.payload,), deliver.sequence)
             elif kind == "ping":
                 if not conn.close_expected:  # no answers once closing [protocol §8]
                     conn.send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))

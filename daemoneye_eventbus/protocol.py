@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NoReturn
 
 from google.protobuf.message import DecodeError
 
@@ -158,8 +158,10 @@ RECEIVABLE: Final[dict[tuple[Role, State], frozenset[str]]] = {
 # Frame kinds that may change the state of the receiving end.
 _HANDSHAKE_OR_END: Final = frozenset({"hello", "welcome", "goodbye", "error"})
 
-# One-byte varints, prebuilt: most lengths, ids and tags on the hot path are small.
+# One-byte varints, prebuilt: most lengths, ids and tags on the hot path are
+# small. With the continuation bit set, they also make up longer varints.
 _ONE_BYTE: Final = tuple(bytes((i,)) for i in range(0x80))
+_MORE: Final = tuple(bytes((i | 0x80,)) for i in range(0x80))
 
 
 def encode_varint(value: int) -> bytes:
@@ -168,8 +170,8 @@ def encode_varint(value: int) -> bytes:
         return _ONE_BYTE[value]
     if value < 0:
         raise ValueError("a varint cannot be negative")
-    if value < 0x4000:
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x4000:  # lengths of most frames
+        return _MORE[value & 0x7F] + _ONE_BYTE[value >> 7]
     if value < 0x200000:  # sequence numbers spend most of their life here
         return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
     out = bytearray()
@@ -608,7 +610,8 @@ class Connection:
                     if prefix is None:
                         break
                     length, pos = prefix
-                    self._check_length(length)
+                    if not 0 < length <= self.frame_limit:
+                        self._refuse_length(length)
                 end = pos + length
                 if end > size:
                     self._body_len = length
@@ -630,18 +633,16 @@ class Connection:
         elif pos < size:
             buf += src[pos:]
 
-    def _check_length(self, length: int) -> None:
-        limit = self.frame_limit
-        if length > limit:
-            raise RemoteProtocolError(
-                f"frame of {length} bytes exceeds the limit of {limit} bytes",
-                ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
-            )
+    def _refuse_length(self, length: int) -> NoReturn:
         if length == 0:
             raise RemoteProtocolError(
                 "empty frame: a frame must set exactly one kind",
                 ErrorCode.ERROR_CODE_MALFORMED_FRAME,
             )
+        raise RemoteProtocolError(
+            f"frame of {length} bytes exceeds the limit of {self.frame_limit} bytes",
+            ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
+        )
 
     def _receive_frame(self, body: bytes | bytearray | memoryview) -> bool:
         """Decode and check one frame; True if the peer is closing the connection."""
