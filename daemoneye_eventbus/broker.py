@@ -26,7 +26,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self, cast
@@ -46,7 +46,7 @@ from daemoneye_eventbus.access import (
     may_read,
 )
 from daemoneye_eventbus.correlation import CorrelationMatcher, validate_metadata
-from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent, received_batch
+from daemoneye_eventbus.delivery import EventQueue
 from daemoneye_eventbus.errors import (
     AccessDenied,
     BrokerError,
@@ -1298,7 +1298,7 @@ class LocalSession(_Session):
         self,
         sub: _Subscription,
         publish: frames_pb2.Publish | frames_pb2.PublishBatch,
-        payloads: Iterable[bytes],
+        payloads: Sequence[bytes],
         first: int,
     ) -> bool:
         queue = self._queues.get(sub.subscription_id)
@@ -1306,10 +1306,9 @@ class LocalSession(_Session):
             return False
         # One copy of the correlation per subscriber: the publisher may reuse its message.
         correlation = _copy_correlation(publish) if publish.HasField("correlation") else None
-        events: list[ReceivedEvent[Message]] = received_batch(
+        return queue.put_payloads(
             publish.topic, publish.payload_type, payloads, correlation, first, sub.subscription_id
         )
-        return queue.put_batch(events)
 
     def queue_depth(self) -> tuple[int, int]:
         queues = {id(q): q for q in self._queues.values()}.values()

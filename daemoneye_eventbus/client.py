@@ -32,7 +32,7 @@ from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, Correlation
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye.eventbus.v1.registry import Topic
 from daemoneye_eventbus.correlation import validate_metadata
-from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent, received_batch
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -187,20 +187,15 @@ class Subscription(Generic[P]):
         first_sequence: int,
     ) -> None:
         """Queue the events of one Deliver or DeliverBatch, numbered from ``first_sequence``."""
-        topic = publish.topic
-        payload_type = publish.payload_type
-        correlation = publish.correlation if publish.HasField("correlation") else None
-        sid = self.subscription_id
-        if len(payloads) == 1:  # one event in flight: no batch machinery
-            event = ReceivedEvent(
-                topic, payload_type, payloads[0], correlation, first_sequence, sid, self._cls
-            )
-            self.queue.put_nowait(event)
-        else:
-            events = received_batch(
-                topic, payload_type, payloads, correlation, first_sequence, sid, self._cls
-            )
-            self.queue.put_batch(events)
+        self.queue.put_payloads(
+            publish.topic,
+            publish.payload_type,
+            payloads,
+            publish.correlation if publish.HasField("correlation") else None,
+            first_sequence,
+            self.subscription_id,
+            self._cls,
+        )
 
     def _end(self, error: BaseException | None) -> None:
         self._active = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from itertools import count, repeat
 from operator import itemgetter
 from typing import Any, Final, Generic, NamedTuple, TypeVar
@@ -188,6 +188,39 @@ class EventQueue(Generic[P]):
         if waiter is not None and not waiter.done():
             waiter.set_result(False)
         return True
+
+    def put_payloads(
+        self,
+        topic: str,
+        payload_type: str,
+        payloads: Sequence[bytes],
+        correlation: CorrelationMetadata | None,
+        first_sequence: int,
+        subscription_id: int,
+        payload_class: type[P] | None = None,
+    ) -> bool:
+        """Queue the events of one delivery (see :func:`received_batch`), all or none."""
+        if len(payloads) == 1:  # one event in flight: no batch machinery
+            event = ReceivedEvent(
+                topic,
+                payload_type,
+                payloads[0],
+                correlation,
+                first_sequence,
+                subscription_id,
+                payload_class,
+            )
+            return self.put_nowait(event)
+        events = received_batch(
+            topic,
+            payload_type,
+            payloads,
+            correlation,
+            first_sequence,
+            subscription_id,
+            payload_class,
+        )
+        return self.put_batch(events)
 
     def restart_sequence(self, subscription_id: int) -> None:
         """A new session began for this subscription: its numbering starts again."""

@@ -211,6 +211,23 @@ def test_queue_takes_or_drops_a_batch_whole_and_counts_gaps() -> None:
     assert small.dropped == 3
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_put_payloads_queues_what_put_batch_queues(count: int) -> None:
+    corr = new_correlation("wf")
+    payloads = [bytes([i]) * 10 for i in range(count)]
+    args = (LIFECYCLE.name, PROCESS_EVENT, payloads, corr, 5, 2, events_pb2.ProcessEvent)
+    by_payloads: EventQueue[Any] = EventQueue(max_messages=count, max_bytes=10 * count)
+    by_batch: EventQueue[Any] = EventQueue(max_messages=count, max_bytes=10 * count)
+    assert by_payloads.put_payloads(*args)
+    assert by_batch.put_batch(received_batch(*args))
+    # A full queue drops the next delivery whole, one event or a batch alike.
+    assert not by_payloads.put_payloads(*args)
+    assert not by_batch.put_batch(received_batch(*args))
+    counters = [(q.received, q.dropped, q.missed, q.nbytes) for q in (by_payloads, by_batch)]
+    assert counters[0] == counters[1] == (count, count, 4, 10 * count)  # 1..4 never came
+    assert [by_payloads.get_nowait() for _ in range(count)] == received_batch(*args)
+
+
 # -- through a broker -------------------------------------------------------------------
 
 
