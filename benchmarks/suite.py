@@ -119,7 +119,7 @@ class Settings:
     @classmethod
     def quick_settings(cls) -> Settings:
         return cls(
-            messages=5_000,
+            messages=30_000,
             latency_messages=500,
             warmup=100,
             filter_counts=(10, 1_000, 10_000),
