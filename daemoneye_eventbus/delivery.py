@@ -90,9 +90,8 @@ def received_batch(
 _PAYLOAD: Final = itemgetter(2)
 
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(True)
+#: How early a timer may fire (libuv, under uvloop, counts whole milliseconds).
+_TIMER_SLACK: Final = 0.001
 
 
 class EventQueue(Generic[P]):
@@ -110,6 +109,11 @@ class EventQueue(Generic[P]):
         self._bytes = 0
         #: Resolved with True by the timer of get(), with False by new events.
         self._waiter: asyncio.Future[bool] | None = None
+        #: When the waiting get() times out (loop time), if it has a timeout.
+        self._deadline: float | None = None
+        #: The timer that checks the deadline, and when it is due.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._closed = False
         self._error: BaseException | None = None
         self._last_sequence: dict[int, int] = {}
@@ -246,24 +250,48 @@ class EventQueue(Generic[P]):
                 raise self._error or ClosedResourceError("subscription ended")
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            # A timer that wakes the waiter, cheaper than asyncio.timeout()
-            # (no task cancellation) on a path taken for every idle wait.
-            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+            if timeout is None:
+                self._deadline = None
+            else:
+                # One timer serves successive waits, re-armed only for an
+                # earlier deadline (when it fires early, _on_timer re-arms it):
+                # a timer per wait would cost more than the rest of the wait.
+                self._deadline = deadline = loop.time() + timeout
+                if self._timer is None or deadline < self._timer_at:
+                    self._arm(loop, deadline)
             try:
                 expired = await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
             if expired:
                 raise RequestTimeout(f"no event within {timeout} s")
         event = self._items.popleft()
         self._bytes -= len(event.payload)
         return event
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The timer is due: time the waiting get() out if its deadline has come."""
+        self._timer = None
+        waiter, deadline = self._waiter, self._deadline
+        if waiter is None or waiter.done() or deadline is None:
+            return  # no wait with a deadline: the timer lapses
+        if loop.time() + _TIMER_SLACK >= deadline:
+            waiter.set_result(True)
+        else:  # a later wait moved the deadline
+            self._arm(loop, deadline)
+
     def close(self, error: BaseException | None = None) -> None:
         """No more events will come; waiting readers wake up."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if error is not None and self._error is None:
             self._error = error
         waiter = self._waiter
