@@ -483,6 +483,14 @@ class Client:
             log.info("reconnected to %s (session %s)", self.path, self.session_id)
             return
 
+    def _publishing(self) -> _ClientProtocol:
+        """The protocol to publish through; raises if the client cannot publish."""
+        if self._conn.state is not State.OPEN or self._closing:
+            self._check_open()  # raises
+        protocol = self._protocol
+        assert protocol is not None
+        return protocol
+
     def _check_open(self) -> None:
         if self._conn.state is not State.OPEN or self._closing:
             if self._closed_error is not None:
@@ -665,8 +673,6 @@ class Client:
         elif self._flush_handle is None and not batcher.pending_events:
             # The first event of a loop turn is written at once, alone.
             self._write_first(batcher.single(header, payload, corr))
-            self._published += 1
-            return
         else:
             sealed = batcher.add(header, payload, corr)
             if sealed is not None:
@@ -706,10 +712,7 @@ class Client:
         in :meth:`statistics` and passed to :attr:`on_error`; :meth:`flush`
         waits until the broker has handled everything published before it.
         """
-        if self._conn.state is not State.OPEN or self._closing:
-            self._check_open()  # raises
-        protocol = self._protocol
-        assert protocol is not None
+        protocol = self._publishing()
         if protocol.paused:
             await protocol.drain()
             self._check_open()
@@ -733,10 +736,7 @@ class Client:
         if header is None:
             validate_topic(topic)
             header = self._header(key, topic, payload_type)
-        if self._conn.state is not State.OPEN or self._closing:
-            self._check_open()  # raises
-        protocol = self._protocol
-        assert protocol is not None
+        protocol = self._publishing()
         if protocol.paused:
             await protocol.drain()
             self._check_open()

@@ -349,11 +349,6 @@ def _frame_publish_batch(inner: bytes) -> bytes:
     )
 
 
-def _field_size(length: int) -> int:
-    """Bytes of a length-delimited field with a one-byte tag and ``length`` bytes."""
-    return 1 + len(encode_varint(length)) + length
-
-
 class PublishBatcher:
     """Gathers consecutive publishes into ``PublishBatch`` frames [protocol §5].
 
