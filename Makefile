@@ -75,7 +75,7 @@ demo: venv
 bench: venv
 	$(PY) -m benchmarks.suite
 
-# The same on small counts, for CI (about 30 s); written under build/ so that
+# The same on small counts, for CI (about 50 s); written under build/ so that
 # the committed results stay.
 bench-quick: venv
 	$(PY) -m benchmarks.suite --quick --out build/bench/RESULTS.md --chart build/bench/results.png

@@ -324,6 +324,9 @@ class Client:
         #: Set once the broker said it accepts batches (in its Welcome).
         self._batcher: PublishBatcher | None = None
         self._flush_handle: asyncio.Handle | None = None
+        #: The last loop turn ended with a batch of several events: while such
+        #: bursts go on, a turn's first event waits for the rest of the turn.
+        self._bursting = False
         self._closing = False
         self._closed_error: BaseException | None = None
         self._reconnector: asyncio.Task[None] | None = None
@@ -608,17 +611,19 @@ class Client:
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
             return
-        self._seal()
+        self._bursting = self._seal() > 1
         pending = self._conn.data_to_send()
         if pending:
             protocol.transport.write(pending)
 
-    def _seal(self) -> None:
-        """Queue the open batch, so that what is sent next follows it."""
+    def _seal(self) -> int:
+        """Queue the open batch, so that what is sent next follows it; return its events."""
         if self._batcher is not None and self._conn.state is State.OPEN:
             sealed = self._batcher.seal()
             if sealed is not None:
                 self._conn.send_encoded(*sealed)
+                return sealed[1]
+        return 0
 
     def _send(self, frame: Frame) -> None:
         self._check_open()
@@ -670,7 +675,7 @@ class Client:
                     f"event of about {len(data)} bytes exceeds the limit of {limit} bytes"
                 )
             conn.send_encoded(data)
-        elif self._flush_handle is None and not batcher.pending_events:
+        elif self._flush_handle is None and not self._bursting and not batcher.pending_events:
             # The first event of a loop turn is written at once, alone.
             self._write_first(batcher.single(header, payload, corr))
         else:
@@ -678,9 +683,12 @@ class Client:
             if sealed is not None:
                 conn.send_encoded(*sealed)
         self._published += 1
-        # While a write is scheduled for the end of this turn, there is
-        # nothing to do unless the buffer has grown past _FLUSH_BYTES.
-        if self._flush_handle is None or conn.buffered_bytes >= _FLUSH_BYTES:
+        if self._flush_handle is None and self._bursting:
+            # In a burst, the turn's events leave together at its end.
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
+        elif self._flush_handle is None or conn.buffered_bytes >= _FLUSH_BYTES:
+            # While a write is scheduled for the end of this turn, there is
+            # nothing to do unless the buffer has grown past _FLUSH_BYTES.
             self._coalesce()
 
     def publish_nowait(

@@ -483,6 +483,32 @@ async def test_first_publish_of_a_turn_is_written_at_once(broker: Broker, sock_p
     assert broker.statistics().published == 3
 
 
+async def test_in_a_burst_each_turn_leaves_in_one_write(broker: Broker, sock_path: str) -> None:
+    """Once a turn ends with a batch of several events, the next turn's first
+    event waits for the rest of its turn (one write per turn while the burst
+    goes on); after a turn that ends with at most one, a lone event is written
+    at once again."""
+    async with Client(sock_path, component=PROCMOND) as pub:
+        batcher = pub._batcher
+        assert batcher is not None
+        await asyncio.sleep(0)
+        for i in range(3):  # one alone, two in a batch
+            await pub.publish(LIFECYCLE, proc(i))
+        await asyncio.sleep(0)  # the turn ended with a batch of two: a burst
+        await pub.publish(LIFECYCLE, proc(3))
+        await pub.publish(LIFECYCLE, proc(4))
+        assert batcher.pending_events == 2  # the first event of the turn waits too
+        await asyncio.sleep(0)
+        assert batcher.pending_events == 0  # written at the end of the turn
+        await pub.publish(LIFECYCLE, proc(5))
+        assert batcher.pending_events == 1  # still a burst: it waits for its turn's end
+        await asyncio.sleep(0)  # that turn ended with one event: the burst is over
+        await pub.publish(LIFECYCLE, proc(6))
+        assert (batcher.pending_events, pub._conn.buffered_bytes) == (0, 0)  # written at once
+        await pub.flush()
+    assert broker.statistics().published == 7
+
+
 async def test_a_lone_event_and_the_rest_of_its_turn_arrive_in_order(
     broker: Broker, sock_path: str
 ) -> None:
