@@ -11,16 +11,22 @@ smoke test.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from benchmarks.peers.daemoneye_peer import make_event
 from daemoneye.eventbus.v1 import frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import Frame
 from daemoneye_eventbus.broker import Broker, BrokerConfig
+from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import (
     CorrelationMatcher,
     correlation_filter,
@@ -34,6 +40,7 @@ from daemoneye_eventbus.protocol import (
     Role,
     State,
     encode_deliver,
+    encode_deliver_batch,
     encode_frame,
 )
 from daemoneye_eventbus.topics import SubscriptionTrie
@@ -174,3 +181,75 @@ def test_broker_route_10_local_subscribers(benchmark: BenchmarkFixture) -> None:
     assert benchmark(route) == 10
     assert broker.dropped == 0
     session.close()
+
+
+# -- the client -----------------------------------------------------------------------
+
+
+class _NullTransport:
+    """Stands in for the client's socket, so that only the client's own work is timed."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _with_client(tmp_path: Path, body: Callable[[Client], Awaitable[None]]) -> None:
+    """Run ``body`` with a client connected to a broker, in a running event loop."""
+
+    async def main() -> None:
+        path = str(tmp_path / "bench.sock")
+        async with (
+            Broker(path, BrokerConfig()),
+            Client(path, component="daemoneye-agent") as client,
+        ):
+            await body(client)
+
+    asyncio.run(main())
+
+
+def test_client_publish_nowait_in_a_burst(benchmark: BenchmarkFixture, tmp_path: Path) -> None:
+    """One typed publish of a 256-byte event while a burst goes on: serialize,
+    join the open batch (sealed and written every 64 KiB)."""
+
+    async def body(client: Client) -> None:
+        protocol = client._protocol
+        assert protocol is not None
+        real = protocol.transport
+        protocol.transport = cast(Any, _NullTransport())
+        event = make_event()
+        try:
+            benchmark(client.publish_nowait, TOPIC, event)
+        finally:
+            protocol.transport = real
+        assert client.statistics().published >= 1
+
+    _with_client(tmp_path, body)
+
+
+def test_client_receives_one_event(benchmark: BenchmarkFixture, tmp_path: Path) -> None:
+    """A ``DeliverBatch`` of one event read from the socket, decoded, queued and
+    taken from its subscription."""
+
+    async def body(client: Client) -> None:
+        sub = await client.subscribe(TOPIC)
+        batch = frames_pb2.PublishBatch(
+            topic=TOPIC.name, payload_type=TOPIC.payload_name, payloads=[PAYLOAD]
+        )
+        frame = encode_deliver_batch(sub.subscription_id, 1, batch.SerializeToString())
+
+        def receive() -> bytes:
+            client._data_received(frame)
+            event = sub.get_nowait()
+            assert event is not None
+            return event.payload
+
+        assert benchmark(receive) == PAYLOAD
+        assert sub.dropped == 0
+
+    _with_client(tmp_path, body)
