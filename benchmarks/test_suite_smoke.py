@@ -122,7 +122,7 @@ def test_quick_settings_and_arguments() -> None:
     assert args.workloads == ["A", "E"]
     settings = settings_from(args)
     assert settings.quick
-    assert settings.messages == 5_000
+    assert settings.messages == 30_000
     assert max(settings.filter_counts) == 10_000
     with pytest.raises(SystemExit):
         _parser().parse_args(["--systems", "kafka"])
