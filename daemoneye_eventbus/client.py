@@ -580,14 +580,17 @@ class Client:
 
     def _coalesce(self) -> None:
         """Write what was just queued if nothing was written yet this loop
-        turn, or if _FLUSH_BYTES are waiting; what follows in the turn is
-        then written at its end.
+        turn (unless a burst goes on), or if _FLUSH_BYTES are waiting; what
+        follows in the turn is then written at its end.
 
         So one event in flight is not held back, and a burst shares one write
         per turn or per _FLUSH_BYTES. The open batch holds at most
         _BATCH_BYTES and is sealed into the buffer once it is that full.
         """
-        if self._flush_handle is None or self._conn.buffered_bytes >= _FLUSH_BYTES:
+        if self._flush_handle is None and self._bursting:
+            # In a burst, what a turn queues leaves together at its end.
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
+        elif self._flush_handle is None or self._conn.buffered_bytes >= _FLUSH_BYTES:
             self._write_now()
             self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
 
@@ -683,12 +686,9 @@ class Client:
             if sealed is not None:
                 conn.send_encoded(*sealed)
         self._published += 1
-        if self._flush_handle is None and self._bursting:
-            # In a burst, the turn's events leave together at its end.
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._write_now)
-        elif self._flush_handle is None or conn.buffered_bytes >= _FLUSH_BYTES:
-            # While a write is scheduled for the end of this turn, there is
-            # nothing to do unless the buffer has grown past _FLUSH_BYTES.
+        # While a write is scheduled for the end of this turn, there is
+        # nothing to do unless the buffer has grown past _FLUSH_BYTES.
+        if self._flush_handle is None or conn.buffered_bytes >= _FLUSH_BYTES:
             self._coalesce()
 
     def publish_nowait(

@@ -26,13 +26,16 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 #: Timers may fire up to a millisecond early (libuv); allow for that and no more.
 EARLY = 0.0015
 
+#: Runs a coroutine to completion on the loop under test.
+Run = Callable[[Coroutine[Any, Any, None]], None]
+
 
 def event(sequence: int) -> ReceivedEvent[Any]:
     return ReceivedEvent(LIFECYCLE.name, LIFECYCLE.payload_name, b"", None, sequence, 1)
 
 
 @pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
+def run(request: pytest.FixtureRequest) -> Run:
     def runner(main: Coroutine[Any, Any, None]) -> None:
         with asyncio.Runner(loop_factory=LOOPS[request.param]) as r:
             r.run(main)
@@ -52,7 +55,7 @@ async def put_later(queue: EventQueue[Any], delay: float, sequence: int) -> None
     queue.put_nowait(event(sequence))
 
 
-def test_a_wait_times_out_on_time(run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+def test_a_wait_times_out_on_time(run: Run) -> None:
     async def main() -> None:
         queue: EventQueue[Any] = EventQueue(10)
         assert 0.05 - EARLY <= await timed_out_after(queue, 0.05) < 1.0
@@ -60,9 +63,7 @@ def test_a_wait_times_out_on_time(run: Callable[[Coroutine[Any, Any, None]], Non
     run(main())
 
 
-def test_a_shorter_wait_after_a_longer_one_is_not_late(
-    run: Callable[[Coroutine[Any, Any, None]], None],
-) -> None:
+def test_a_shorter_wait_after_a_longer_one_is_not_late(run: Run) -> None:
     async def main() -> None:
         queue: EventQueue[Any] = EventQueue(10)
         asyncio.get_running_loop().call_later(0.01, queue.put_nowait, event(1))
@@ -72,9 +73,7 @@ def test_a_shorter_wait_after_a_longer_one_is_not_late(
     run(main())
 
 
-def test_a_longer_wait_after_a_shorter_one_is_not_early(
-    run: Callable[[Coroutine[Any, Any, None]], None],
-) -> None:
+def test_a_longer_wait_after_a_shorter_one_is_not_early(run: Run) -> None:
     async def main() -> None:
         queue: EventQueue[Any] = EventQueue(10)
         for sequence in range(1, 51):  # quick waits: the timer armed first stays
@@ -87,9 +86,7 @@ def test_a_longer_wait_after_a_shorter_one_is_not_early(
     run(main())
 
 
-def test_a_wait_without_timeout_outlives_an_earlier_timer(
-    run: Callable[[Coroutine[Any, Any, None]], None],
-) -> None:
+def test_a_wait_without_timeout_outlives_an_earlier_timer(run: Run) -> None:
     async def main() -> None:
         queue: EventQueue[Any] = EventQueue(10)
         asyncio.get_running_loop().call_later(0.01, queue.put_nowait, event(1))
@@ -102,9 +99,7 @@ def test_a_wait_without_timeout_outlives_an_earlier_timer(
     run(main())
 
 
-def test_close_wakes_a_waiter_and_drops_the_timer(
-    run: Callable[[Coroutine[Any, Any, None]], None],
-) -> None:
+def test_close_wakes_a_waiter_and_drops_the_timer(run: Run) -> None:
     async def main() -> None:
         queue: EventQueue[Any] = EventQueue(10)
         asyncio.get_running_loop().call_later(0.01, queue.close)
