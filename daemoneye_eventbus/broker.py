@@ -314,19 +314,16 @@ class _Session(abc.ABC):
         self.publish_checks: dict[str, str | None] = {}
 
     @abc.abstractmethod
-    def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
-        """Queue one event for ``sub``; False if its queue is full (dropped)."""
-
-    @abc.abstractmethod
-    def enqueue_batch(
+    def enqueue(
         self,
         sub: _Subscription,
-        batch: frames_pb2.PublishBatch,
+        message: frames_pb2.Publish | frames_pb2.PublishBatch,
         data: bytes,
         first: int,
         count: int,
     ) -> bool:
-        """Queue ``count`` events numbered from ``first`` for ``sub``, all or none."""
+        """Queue the ``count`` events of ``message`` (``data`` encoded), numbered
+        from ``first``, for ``sub``: all or none; False if dropped."""
 
     @abc.abstractmethod
     def queue_depth(self) -> tuple[int, int]:
@@ -630,68 +627,42 @@ class Broker:
         self._topic_cache[topic] = info
         return info
 
-    def route(self, session: _Session, publish: frames_pb2.Publish) -> int:
-        """Check and route one published event; return how many queues took it.
+    def route(
+        self, session: _Session, message: frames_pb2.Publish | frames_pb2.PublishBatch
+    ) -> int:
+        """Check and route one published event or batch; return how many
+        events queues took.
 
         Raises :class:`_Refusal` (an :class:`EventBusError`) with an error code
-        when the event is refused; nothing is delivered then.
+        when it is refused; nothing is delivered then. A batch is accepted or
+        refused as a whole, and each subscriber takes or drops it as a whole:
+        its events keep consecutive sequence numbers.
         """
+        if isinstance(message, frames_pb2.PublishBatch):
+            count = len(message.payloads)
+            if not count:
+                raise _Refusal(
+                    ErrorCode.ERROR_CODE_MALFORMED_FRAME, "publish batch holds no events"
+                )
+            most = self.config.max_queue_messages
+            if count > most:
+                # A batch is queued whole: one larger than a queue could never be
+                # held back, and a subscriber without batches gets a frame per event.
+                raise _Refusal(
+                    ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
+                    f"publish batch of {count} events exceeds max_queue_messages ({most})",
+                )
+            limit = self.config.max_frame_bytes - DELIVER_BATCH_OVERHEAD
+        else:
+            count = 1
+            limit = self.config.max_frame_bytes - DELIVER_OVERHEAD
         # Encoded once, for the size check and for every subscriber. Unknown
-        # fields are never forwarded; the payload stays opaque.
-        publish.DiscardUnknownFields()
-        data = publish.SerializeToString()
-        correlation = publish.correlation if publish.HasField("correlation") else None
+        # fields are never forwarded; the payloads stay opaque.
+        message.DiscardUnknownFields()
+        data = message.SerializeToString()
+        correlation = message.correlation if message.HasField("correlation") else None
         subs = self._accept(
-            session,
-            publish.topic,
-            publish.payload_type,
-            correlation,
-            len(data),
-            self.config.max_frame_bytes - DELIVER_OVERHEAD,
-            1,
-        )
-        taken = 0
-        for sub in subs:
-            if sub.matcher is not None and not sub.matcher.matches(correlation):
-                continue
-            sub.sequence += 1
-            if sub.session.enqueue(sub, publish, data):
-                sub.delivered += 1
-                taken += 1
-            else:
-                sub.dropped += 1
-                self.dropped += 1
-        self.delivered += taken
-        return taken
-
-    def route_batch(self, session: _Session, batch: frames_pb2.PublishBatch) -> int:
-        """Check and route a batch of events; return how many events queues took.
-
-        The batch is accepted or refused as a whole, and each subscriber takes
-        or drops it as a whole: its events keep consecutive sequence numbers.
-        """
-        count = len(batch.payloads)
-        if not count:
-            raise _Refusal(ErrorCode.ERROR_CODE_MALFORMED_FRAME, "publish batch holds no events")
-        most = self.config.max_queue_messages
-        if count > most:
-            # A batch is queued whole: one larger than a queue could never be
-            # held back, and a subscriber without batches gets a frame per event.
-            raise _Refusal(
-                ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
-                f"publish batch of {count} events exceeds max_queue_messages ({most})",
-            )
-        batch.DiscardUnknownFields()
-        data = batch.SerializeToString()
-        correlation = batch.correlation if batch.HasField("correlation") else None
-        subs = self._accept(
-            session,
-            batch.topic,
-            batch.payload_type,
-            correlation,
-            len(data),
-            self.config.max_frame_bytes - DELIVER_BATCH_OVERHEAD,
-            count,
+            session, message.topic, message.payload_type, correlation, len(data), limit, count
         )
         taken = 0
         for sub in subs:
@@ -699,7 +670,7 @@ class Broker:
                 continue
             first = sub.sequence + 1
             sub.sequence += count
-            if sub.session.enqueue_batch(sub, batch, data, first, count):
+            if sub.session.enqueue(sub, message, data, first, count):
                 sub.delivered += count
                 taken += count
             else:
@@ -962,7 +933,7 @@ class _SocketSession(_Session, asyncio.Protocol):
         kind = frame.WhichOneof("kind")
         broker = self.broker
         if kind == "publish_batch":
-            broker.route_batch(self, frame.publish_batch)
+            broker.route(self, frame.publish_batch)
         elif kind == "publish":
             broker.route(self, frame.publish)
         elif kind == "subscribe":
@@ -1073,17 +1044,10 @@ class _SocketSession(_Session, asyncio.Protocol):
 
     # delivery ------------------------------------------------------------------
 
-    def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
-        if not self._make_room(1, len(data)):
-            return False
-        self.conn.send_deliver(sub.subscription_id, sub.sequence, data)
-        self.broker._dirty.add(self)
-        return True
-
-    def enqueue_batch(
+    def enqueue(
         self,
         sub: _Subscription,
-        batch: frames_pb2.PublishBatch,
+        message: frames_pb2.Publish | frames_pb2.PublishBatch,
         data: bytes,
         first: int,
         count: int,
@@ -1092,13 +1056,17 @@ class _SocketSession(_Session, asyncio.Protocol):
             return False
         conn = self.conn
         sid = sub.subscription_id
-        if self.accepts_batches:
+        if isinstance(message, frames_pb2.Publish):
+            conn.send_deliver(sid, first, data)
+        elif self.accepts_batches:
             conn.send_deliver_batch(sid, first, data, count)
         else:
             # A client without batch support gets one Deliver per event.
-            header = publish_header(batch.topic, batch.payload_type)
-            corr = batch.correlation.SerializeToString() if batch.HasField("correlation") else None
-            for sequence, payload in enumerate(batch.payloads, first):
+            header = publish_header(message.topic, message.payload_type)
+            corr = (
+                message.correlation.SerializeToString() if message.HasField("correlation") else None
+            )
+            for sequence, payload in enumerate(message.payloads, first):
                 conn.send_deliver(sid, sequence, publish_body(header, payload, corr))
         self.broker._dirty.add(self)
         return True
@@ -1281,33 +1249,24 @@ class LocalSession(_Session):
             raise error_for_code(exc.code, str(exc)) from None
         self._queues.pop(subscription_id, None)
 
-    def enqueue(self, sub: _Subscription, publish: frames_pb2.Publish, data: bytes) -> bool:
-        return self._put(sub, publish, (publish.payload,), sub.sequence)
-
-    def enqueue_batch(
+    def enqueue(
         self,
         sub: _Subscription,
-        batch: frames_pb2.PublishBatch,
+        message: frames_pb2.Publish | frames_pb2.PublishBatch,
         data: bytes,
         first: int,
         count: int,
     ) -> bool:
-        return self._put(sub, batch, batch.payloads, first)
-
-    def _put(
-        self,
-        sub: _Subscription,
-        publish: frames_pb2.Publish | frames_pb2.PublishBatch,
-        payloads: Sequence[bytes],
-        first: int,
-    ) -> bool:
         queue = self._queues.get(sub.subscription_id)
         if queue is None or self._closed:
             return False
+        payloads: Sequence[bytes] = (
+            message.payloads if isinstance(message, frames_pb2.PublishBatch) else (message.payload,)
+        )
         # One copy of the correlation per subscriber: the publisher may reuse its message.
-        correlation = _copy_correlation(publish) if publish.HasField("correlation") else None
+        correlation = _copy_correlation(message) if message.HasField("correlation") else None
         return queue.put_payloads(
-            publish.topic, publish.payload_type, payloads, correlation, first, sub.subscription_id
+            message.topic, message.payload_type, payloads, correlation, first, sub.subscription_id
         )
 
     def queue_depth(self) -> tuple[int, int]:
