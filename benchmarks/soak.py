@@ -77,13 +77,8 @@ from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import EventBusError, RequestTimeout
-from daemoneye_eventbus.protocol import (
-    PROTOCOL_VERSION,
-    Connection,
-    Role,
-    encode_frame,
-    encode_varint,
-)
+from daemoneye_eventbus.frames import encode_frame, encode_varint
+from daemoneye_eventbus.protocol import PROTOCOL_VERSION, Connection, Role
 
 __all__ = ["SoakResult", "main", "run_soak"]
 

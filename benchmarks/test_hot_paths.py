@@ -34,15 +34,8 @@ from daemoneye_eventbus.correlation import (
     with_stage,
     with_tags,
 )
-from daemoneye_eventbus.protocol import (
-    PROTOCOL_VERSION,
-    Connection,
-    Role,
-    State,
-    encode_deliver,
-    encode_deliver_batch,
-    encode_frame,
-)
+from daemoneye_eventbus.frames import encode_deliver, encode_deliver_batch, encode_frame
+from daemoneye_eventbus.protocol import PROTOCOL_VERSION, Connection, Role, State
 from daemoneye_eventbus.topics import SubscriptionTrie
 
 PAYLOAD = bytes(range(256))
@@ -168,19 +161,19 @@ def test_broker_route_10_local_subscribers(benchmark: BenchmarkFixture) -> None:
     queues = []
     for i in range(10):
         queue = session.new_queue()
-        session.subscribe(filters[i % len(filters)], queue)
+        session.subscribe_queue(filters[i % len(filters)], queue)
         queues.append(queue)
     publish = _publish()
 
     def route() -> int:
-        taken = broker.route(session, publish)
+        taken = broker.router.route(session.endpoint, publish)
         for queue in queues:  # keep the queues from filling up: 10 cheap pops
             queue.get_nowait()
         return taken
 
     assert benchmark(route) == 10
     assert broker.dropped == 0
-    session.close()
+    session.end()
 
 
 # -- the client -----------------------------------------------------------------------
@@ -218,7 +211,7 @@ def test_client_publish_nowait_in_a_burst(benchmark: BenchmarkFixture, tmp_path:
     join the open batch (sealed and written every 64 KiB)."""
 
     async def body(client: Client) -> None:
-        protocol = client._protocol
+        protocol = client._pump
         assert protocol is not None
         real = protocol.transport
         protocol.transport = cast(Any, _NullTransport())

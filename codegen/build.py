@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 
 from codegen.render import render, render_init
 from codegen.render_ts import generate_ts
-from codegen.schema import collect_topics
+from codegen.schema import collect_schema
 from daemoneye_eventbus.errors import SchemaError
 
 __all__ = ["PACKAGE", "compile_schema", "generate"]
@@ -72,9 +72,9 @@ def generate(proto_root: Path, out: Path, ts_out: Path | None = None) -> list[Pa
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         fds = compile_schema(proto_root, scratch)
-        decls = collect_topics(fds)
+        schema = collect_schema(fds)
         pkg_dir = scratch.joinpath(*PACKAGE.split("."))
-        (pkg_dir / "registry.py").write_text(render(decls, PACKAGE))
+        (pkg_dir / "registry.py").write_text(render(schema.topics, PACKAGE, schema.event_kinds))
         for rel, doc in _INIT_DOCS.items():
             (scratch / rel / "__init__.py").write_text(render_init(doc))
         (pkg_dir / "py.typed").write_text("")

@@ -1,14 +1,19 @@
 """The TypeScript side of code generation: protobuf-es messages and the topic registry.
 
-``render_ts(decls, package)`` is pure: it returns the text of ``registry.ts``,
-the TypeScript twin of the Python ``registry.py`` (one constant per topic
-carrying its payload schema, a builder function per template, the access
-table, ``lookup``), from the same :class:`~codegen.schema.TopicDecl` list.
+``render_ts(decls, package, event_kinds)`` is pure: it returns the text of
+``registry.ts``, the TypeScript twin of the Python ``registry.py`` (one constant
+per topic carrying its payload schema, a builder function per template, the
+access table, one ``<ENUM>_TOPICS`` table per event-kind enum, ``lookup``),
+from the same :class:`~codegen.schema.TopicDecl` and
+:class:`~codegen.schema.EventKindTopics` lists. Like ``registry.py`` it holds
+only data and typed declarations: the classes ``Topic``, ``TopicTemplate`` and
+``TopicRegistry`` are hand-written in ``clients/typescript/src/registry_runtime.ts``,
+which it imports (the generated code lives in ``src/gen/``).
 
 ``generate_ts(proto_root, out_dir)`` does the I/O: it runs protoc (from
 grpcio-tools) once with the ``protoc-gen-es`` plugin of
 ``clients/typescript/node_modules`` (``target=ts``) and with a descriptor set
-for :func:`~codegen.schema.collect_topics`, renders the registry next to the
+for :func:`~codegen.schema.collect_schema`, renders the registry next to the
 generated messages and replaces ``out_dir/daemoneye`` with the result. The
 output is a pure function of the schema and the pinned generator versions
 (grpcio-tools in pyproject.toml, @bufbuild/protoc-gen-es in
@@ -34,7 +39,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from codegen.schema import TopicDecl, collect_topics
+from codegen.schema import EventKindTopics, TopicDecl, collect_schema
 from daemoneye_eventbus.errors import SchemaError
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "ES_OPTIONS",
     "HEADER",
     "PACKAGE",
+    "RUNTIME_MODULE",
     "check_ts",
     "generate_ts",
     "main",
@@ -66,23 +72,29 @@ HEADER = (
     "DO NOT EDIT: change the .proto files and run `make gen`.\n"
 )
 
+#: The hand-written runtime the registry imports, relative to the parent of the
+#: generated code's root (``clients/typescript/src/`` for ``src/gen/``).
+RUNTIME_MODULE = "registry_runtime.js"
+
 # Names registry.ts defines or imports itself.
 _RESERVED = frozenset(
     {
+        # Defined by the registry.
         "ACCESS_TABLE",
-        "AccessLevel",
-        "DescMessage",
-        "LEVEL",
         "PAYLOAD_REGISTRY",
-        "Registry",
+        "REGISTRY",
         "TEMPLATES",
         "TOPICS",
-        "Topic",
-        "TopicTemplate",
         "TopicsByName",
-        "createRegistry",
         "lookup",
         "topicsForPayload",
+        # Imported from registry_runtime.ts, @bufbuild/protobuf and options_pb.ts.
+        "AccessLevel",
+        "Registry",
+        "Topic",
+        "TopicRegistry",
+        "TopicTemplate",
+        "createRegistry",
     }
 )
 # ECMAScript reserved words and strict-mode / TypeScript names a binding may not take.
@@ -208,204 +220,59 @@ def _strs(items: Sequence[str]) -> str:
     return "[" + ", ".join(_str(i) for i in sorted(items)) + "]"
 
 
-def _check_names(decls: Sequence[TopicDecl]) -> None:
+def _check_names(decls: Sequence[TopicDecl], event_kinds: Sequence[EventKindTopics]) -> None:
     """Every generated TypeScript name must be a legal, unique, unreserved identifier."""
     seen: dict[str, str] = {}
-    for d in decls:
-        for name in [d.constant] + ([ts_function_name(d.constant)] if d.is_template else []):
+    generated_by = [
+        (
+            d.enum_value,
+            "enum value",
+            [d.constant] + ([ts_function_name(d.constant)] if d.is_template else []),
+        )
+        for d in decls
+    ] + [(k.enum, "enum", [k.constant]) for k in event_kinds]
+    for source, what, names in generated_by:
+        for name in names:
             if not _IDENT.match(name) or name in _TS_KEYWORDS or name in _RESERVED:
                 raise SchemaError(
-                    f"{d.enum_value}: generates the TypeScript name {name!r}, which is a keyword "
-                    "or reserved by the registry; rename the enum value"
+                    f"{source}: generates the TypeScript name {name!r}, which is a keyword "
+                    f"or reserved by the registry; rename the {what}"
                 )
             if name in seen:
                 raise SchemaError(
-                    f"{d.enum_value}: generates the TypeScript name {name!r}, "
+                    f"{source}: generates the TypeScript name {name!r}, "
                     f"already generated for {seen[name]}"
                 )
-            seen[name] = d.enum_value
+            seen[name] = source
 
 
-_RUNTIME = """
-/** The message types of every topic payload, to decode an event by its type name. */
-export const PAYLOAD_REGISTRY: Registry = createRegistry(__FILES__);
-
-const LEVEL = /^[A-Za-z0-9_-]+$/;
-
-/**
- * A concrete topic and what the schema declares for it.
- *
- * The payload schema is part of the type, so publishing the wrong message on a
- * topic is a type error.
- */
-export class Topic<Desc extends DescMessage = DescMessage> {
-  constructor(
-    /** The topic name, e.g. `events.process.lifecycle`. */
-    readonly name: string,
-    /** The protobuf-es schema of the payload message. */
-    readonly schema: Desc,
-    /** Who may use the topic. */
-    readonly access: AccessLevel,
-    /** Components allowed to publish (empty on a public topic: everyone). */
-    readonly publishers: readonly string[],
-    /** Components allowed to subscribe (empty on a public topic: everyone). */
-    readonly subscribers: readonly string[],
-    /** A control-plane topic, which reaches only subscribers that opt in. */
-    readonly control: boolean,
-    /** The template this topic was built from, if any. */
-    readonly template?: string,
-  ) {
-    Object.freeze(this.publishers);
-    Object.freeze(this.subscribers);
-    Object.freeze(this);
-  }
-
-  /** Fully qualified name of the payload message type. */
-  get payloadName(): string {
-    return this.schema.typeName;
-  }
-
-  toString(): string {
-    return this.name;
-  }
-}
-
-/**
- * A parametrised topic such as `control.collector.task.{type}.{id}`.
- *
- * Each parameter stands for exactly one topic level.
- */
-export class TopicTemplate<Desc extends DescMessage = DescMessage, Param extends string = string> {
-  constructor(
-    /** The template, e.g. `control.collector.task.{type}.{id}`. */
-    readonly pattern: string,
-    /** The parameter names, in order. */
-    readonly parameters: readonly Param[],
-    /** The protobuf-es schema of the payload message. */
-    readonly schema: Desc,
-    /** Who may use the topics built from the template. */
-    readonly access: AccessLevel,
-    /** Components allowed to publish. */
-    readonly publishers: readonly string[],
-    /** Components allowed to subscribe. */
-    readonly subscribers: readonly string[],
-    /** Control-plane topics. */
-    readonly control: boolean,
-  ) {
-    Object.freeze(this.parameters);
-    Object.freeze(this.publishers);
-    Object.freeze(this.subscribers);
-    Object.freeze(this);
-  }
-
-  /** Fully qualified name of the payload message type. */
-  get payloadName(): string {
-    return this.schema.typeName;
-  }
-
-  /** A subscription filter matching every topic built from this template. */
-  get filter(): string {
-    return this.pattern
-      .split(".")
-      .map((level) => (level.startsWith("{") ? "+" : level))
-      .join(".");
-  }
-
-  /** Build the concrete topic; each value must be one valid topic level. */
-  build(values: Readonly<Record<Param, string>>): Topic<Desc> {
-    const given = Object.keys(values).sort();
-    const wanted = [...this.parameters].sort();
-    if (given.length !== wanted.length || given.some((key, i) => key !== wanted[i])) {
-      throw new TypeError(
-        `topic template ${JSON.stringify(this.pattern)} takes parameters ` +
-          `${JSON.stringify(this.parameters)}, got ${JSON.stringify(given)}`,
-      );
-    }
-    const levels = this.pattern.split(".").map((level) => {
-      if (!level.startsWith("{")) {
-        return level;
-      }
-      const key = level.slice(1, -1) as Param;
-      const value: unknown = values[key];
-      if (typeof value !== "string" || !LEVEL.test(value)) {
-        throw new TypeError(
-          `parameter ${JSON.stringify(key)} of topic template ${JSON.stringify(this.pattern)} ` +
-            `must be one topic level made of [A-Za-z0-9_-], got ${JSON.stringify(value)}`,
-        );
-      }
-      return value;
-    });
-    return new Topic(
-      levels.join("."),
-      this.schema,
-      this.access,
-      this.publishers,
-      this.subscribers,
-      this.control,
-      this.pattern,
-    );
-  }
-
-  /** The parameter values if `topic` was built from this template, else undefined. */
-  match(topic: string): Record<Param, string> | undefined {
-    const levels = topic.split(".");
-    const pattern = this.pattern.split(".");
-    if (levels.length !== pattern.length) {
-      return undefined;
-    }
-    const values: Partial<Record<Param, string>> = {};
-    for (let i = 0; i < pattern.length; i++) {
-      const want = pattern[i] ?? "";
-      const got = levels[i] ?? "";
-      if (want.startsWith("{")) {
-        if (!LEVEL.test(got)) {
-          return undefined;
-        }
-        values[want.slice(1, -1) as Param] = got;
-      } else if (want !== got) {
-        return undefined;
-      }
-    }
-    return values as Record<Param, string>;
-  }
-}
-"""
-
-_LOOKUPS = """
-/** The declared topic of that name, built from a template if need be. */
-export function lookup<N extends keyof TopicsByName>(name: N): TopicsByName[N];
-export function lookup(name: string): Topic | undefined;
-export function lookup(name: string): Topic | undefined {
-  const topic = TOPICS.get(name);
-  if (topic !== undefined) {
-    return topic;
-  }
-  for (const template of TEMPLATES) {
-    const values = template.match(name);
-    if (values !== undefined) {
-      return template.build(values);
-    }
-  }
-  return undefined;
-}
-
-/** The concrete topics whose payload is `schema`, in schema order. */
-export function topicsForPayload<Desc extends DescMessage>(schema: Desc): readonly Topic<Desc>[] {
-  return [...TOPICS.values()].filter(
-    (topic): topic is Topic<Desc> => topic.schema.typeName === schema.typeName,
-  );
-}
-"""
+def _kind_table(kind: EventKindTopics) -> str:
+    """The ``<ENUM>_TOPICS`` map of an event-kind enum, keyed by the values' numbers."""
+    topic = f"Topic<typeof {_schema(kind.payload_topic)}>"
+    return (
+        f"\n/** The topic of each `{kind.local_name}` value, "
+        "from the schema's (event_topic) options. */\n"
+        f"export const {kind.constant}: ReadonlyMap<number, {topic}> = "
+        f"new Map<number, {topic}>([\n"
+        + "".join(f"  [{v.number}, {v.topic.constant}], // {v.name}\n" for v in kind.values)
+        + "]);\n"
+    )
 
 
-def render_ts(decls: Sequence[TopicDecl], package: str = PACKAGE) -> str:
-    """The text of ``registry.ts`` for ``decls`` (pure).
+def render_ts(
+    decls: Sequence[TopicDecl],
+    package: str = PACKAGE,
+    event_kinds: Sequence[EventKindTopics] = (),
+) -> str:
+    """The text of ``registry.ts`` for ``decls`` and ``event_kinds`` (pure).
 
     The registry lives in the package's directory (``daemoneye/eventbus/v1/``),
-    next to protoc-gen-es' ``*_pb.ts`` files.
+    next to protoc-gen-es' ``*_pb.ts`` files; it imports the runtime from
+    :data:`RUNTIME_MODULE` one level above the generated code's root.
     """
-    _check_names(decls)
+    _check_names(decls, event_kinds)
     here = package.replace(".", "/") + "/registry.ts"
+    runtime = posixpath.relpath("../" + RUNTIME_MODULE, posixpath.dirname(here))
     imports: dict[str, set[str]] = {}
     for d in decls:
         imports.setdefault(d.payload_file, set()).update({_schema(d), _file_symbol(d.payload_file)})
@@ -418,15 +285,19 @@ def render_ts(decls: Sequence[TopicDecl], package: str = PACKAGE) -> str:
         " *\n",
         " * @module\n",
         " */\n\n",
-        'import type { DescMessage, Registry } from "@bufbuild/protobuf";\n',
+        'import type { Registry } from "@bufbuild/protobuf";\n',
         'import { createRegistry } from "@bufbuild/protobuf";\n',
     ]
     for proto_file in sorted(imports):
         names = ", ".join(sorted(imports[proto_file]))
         lines.append(f'import {{ {names} }} from "{_module(here, proto_file)}";\n')
-    lines.append(f'import {{ AccessLevel }} from "{_module(here, options)}";\n\n')
-    lines.append("export { AccessLevel };\n")
-    lines.append(_RUNTIME.replace("__FILES__", ", ".join(files)))
+    lines.append(f'import {{ AccessLevel }} from "{_module(here, options)}";\n')
+    lines.append(f'import {{ Topic, TopicRegistry, TopicTemplate }} from "{runtime}";\n\n')
+    lines.append("export { AccessLevel, Topic, TopicRegistry, TopicTemplate };\n")
+    lines.append(
+        "\n/** The message types of every topic payload, to decode an event by its type name. */\n"
+        f"export const PAYLOAD_REGISTRY: Registry = createRegistry({', '.join(files)});\n"
+    )
     for d in decls:
         schema = _schema(d)
         doc = _doc(d.comment) or d.name
@@ -479,7 +350,18 @@ def render_ts(decls: Sequence[TopicDecl], package: str = PACKAGE) -> str:
         + "".join(f"  [{_str(d.name)}, AccessLevel.{d.access}],\n" for d in decls)
         + "]);\n"
     )
-    lines.append(_LOOKUPS)
+    lines += [_kind_table(k) for k in event_kinds]
+    lines.append(
+        "\n/** The look-ups over TOPICS and TEMPLATES. */\n"
+        "export const REGISTRY: TopicRegistry<TopicsByName> = "
+        "new TopicRegistry<TopicsByName>(TOPICS, TEMPLATES);\n"
+        "\n/** The declared topic of that name, built from a template if need be. */\n"
+        'export const lookup: TopicRegistry<TopicsByName>["lookup"] =\n'
+        "  REGISTRY.lookup.bind(REGISTRY);\n"
+        "\n/** The concrete topics whose payload is `schema`, in schema order. */\n"
+        'export const topicsForPayload: TopicRegistry["topicsForPayload"] =\n'
+        "  REGISTRY.topicsForPayload.bind(REGISTRY);\n"
+    )
     return "".join(lines)
 
 
@@ -531,10 +413,12 @@ def generate_ts(proto_root: Path, out_dir: Path, *, plugin: Path | None = None) 
             ]
         )
         fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
-        decls = collect_topics(fds)
+        schema = collect_schema(fds)
         registry = scratch.joinpath(*PACKAGE.split(".")) / "registry.ts"
         registry.parent.mkdir(parents=True, exist_ok=True)
-        registry.write_text(render_ts(decls, PACKAGE), encoding="utf-8", newline="\n")
+        registry.write_text(
+            render_ts(schema.topics, PACKAGE, schema.event_kinds), encoding="utf-8", newline="\n"
+        )
         top = out_dir / "daemoneye"
         if top.exists():
             shutil.rmtree(top)

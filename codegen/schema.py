@@ -1,9 +1,12 @@
 """Read topic declarations out of compiled descriptors (pure, no I/O).
 
 The schema declares each topic as a value of an enum whose values carry the
-``(daemoneye.eventbus.v1.topic)`` option. This module turns a
-``FileDescriptorSet`` into a list of checked :class:`TopicDecl`, and refuses a
-broken schema with a :class:`SchemaError` that says what is wrong and where.
+``(daemoneye.eventbus.v1.topic)`` option, and the topic of each kind of event
+through the ``(daemoneye.eventbus.v1.event_topic)`` option on the values of an
+event-kind enum such as ``ProcessEventKind``. This module turns a
+``FileDescriptorSet`` into a checked :class:`Schema` (a list of
+:class:`TopicDecl` and of :class:`EventKindTopics`), and refuses a broken
+schema with a :class:`SchemaError` that says what is wrong and where.
 """
 
 from __future__ import annotations
@@ -22,10 +25,24 @@ if TYPE_CHECKING:
 from daemoneye_eventbus.errors import InvalidTopic, SchemaError
 from daemoneye_eventbus.topics import validate_topic
 
-__all__ = ["OPTION_NAME", "TOPIC_ENUM", "TopicDecl", "collect_topics"]
+__all__ = [
+    "EVENT_TOPIC_OPTION",
+    "OPTION_NAME",
+    "RESERVED_NAMES",
+    "TOPIC_ENUM",
+    "EventKindTopics",
+    "EventKindValue",
+    "Schema",
+    "TopicDecl",
+    "collect_schema",
+    "collect_topics",
+    "upper_snake",
+]
 
 #: Fully qualified name of the custom option that declares a topic.
 OPTION_NAME = "daemoneye.eventbus.v1.topic"
+#: Fully qualified name of the custom option that names the topic of an event kind.
+EVENT_TOPIC_OPTION = "daemoneye.eventbus.v1.event_topic"
 #: Every non-zero value of an enum of this name must declare a topic.
 TOPIC_ENUM = "Topic"
 
@@ -35,29 +52,28 @@ _COMPONENT = re.compile(r"[a-z][a-z0-9_-]*\Z")
 # AccessLevel enum numbers (options.proto); 0 is ACCESS_LEVEL_UNSPECIFIED.
 _ACCESS_NAMES = {1: "PUBLIC", 2: "RESTRICTED", 3: "PRIVILEGED"}
 
-#: Names the generated registry defines or imports itself; a topic constant or
-#: template function may not take one of them.
+#: Names the generated registry (codegen/render.py) defines or imports itself; a
+#: topic constant, template function or event-kind table may not take one of them.
 RESERVED_NAMES = frozenset(
     {
+        # Defined by the registry.
         "ACCESS_TABLE",
+        "REGISTRY",
         "TEMPLATES",
         "TOPICS",
-        "Topic",
-        "TopicTemplate",
         "lookup",
         "topics_for_payload",
-        "P",
+        # Imported from daemoneye_eventbus.registry_runtime.
+        "Topic",
+        "TopicRegistry",
+        "TopicTemplate",
+        # Imported from the standard library, google.protobuf and options_pb2.
         "AccessLevel",
         "Any",
         "Final",
-        "Generic",
         "Mapping",
         "MappingProxyType",
-        "Message",
-        "TypeVar",
         "annotations",
-        "dataclass",
-        "re",
     }
 )
 
@@ -96,6 +112,59 @@ class TopicDecl:
         return bool(self.parameters)
 
 
+@dataclass(frozen=True)
+class EventKindValue:
+    """One value of an event-kind enum and the topic its ``(event_topic)`` option names."""
+
+    #: Name of the enum value, e.g. ``PROCESS_EVENT_KIND_START``.
+    name: str
+    number: int
+    #: The concrete topic declared in ``Topic`` that the option names.
+    topic: TopicDecl
+
+
+@dataclass(frozen=True)
+class EventKindTopics:
+    """An enum whose values name, through ``(event_topic)``, the topic of each kind of event."""
+
+    #: Fully qualified enum name, e.g. ``daemoneye.eventbus.v1.ProcessEventKind``.
+    enum: str
+    #: Proto file that defines the enum.
+    enum_file: str
+    #: Proto package of ``enum_file``.
+    enum_package: str
+    #: Every value of the enum, in schema order, one per number (aliases dropped).
+    values: tuple[EventKindValue, ...]
+
+    @property
+    def local_name(self) -> str:
+        """The enum's name inside its package, e.g. ``ProcessEventKind`` or ``Outer.Kind``."""
+        return self.enum.removeprefix(self.enum_package + ".") if self.enum_package else self.enum
+
+    @property
+    def constant(self) -> str:
+        """The generated table's name, e.g. ``PROCESS_EVENT_KIND_TOPICS``."""
+        return "_".join(upper_snake(part) for part in self.local_name.split(".")) + "_TOPICS"
+
+    @property
+    def payload_topic(self) -> TopicDecl:
+        """A topic of the table, for its payload type: every topic of it has the same."""
+        return self.values[0].topic
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Everything the code generators need from the schema, checked."""
+
+    topics: tuple[TopicDecl, ...]
+    event_kinds: tuple[EventKindTopics, ...]
+
+
+def upper_snake(name: str) -> str:
+    """``ProcessEventKind`` -> ``PROCESS_EVENT_KIND``; ``HTTPStatus`` -> ``HTTP_STATUS``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).upper()
+
+
 def _message_files(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, tuple[str, str]]:
     """Map every message's fully qualified name to its file and that file's package."""
     out: dict[str, tuple[str, str]] = {}
@@ -122,8 +191,17 @@ def _comments(fp: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], s
 def collect_topics(fds: descriptor_pb2.FileDescriptorSet) -> list[TopicDecl]:
     """Return the checked topic declarations of a compiled schema.
 
-    ``fds`` must be built with ``--include_imports`` (so that the option's own
-    definition is present) and preferably ``--include_source_info`` (for
+    Checks the whole schema, ``(event_topic)`` options included, like
+    :func:`collect_schema`. Raises :class:`SchemaError` on a broken schema.
+    """
+    return list(collect_schema(fds).topics)
+
+
+def collect_schema(fds: descriptor_pb2.FileDescriptorSet) -> Schema:
+    """Return the checked topic declarations and event-kind tables of a compiled schema.
+
+    ``fds`` must be built with ``--include_imports`` (so that the options' own
+    definitions are present) and preferably ``--include_source_info`` (for
     comments). Raises :class:`SchemaError` on a broken schema.
     """
     pool = descriptor_pool.DescriptorPool()
@@ -167,16 +245,118 @@ def collect_topics(fds: descriptor_pb2.FileDescriptorSet) -> list[TopicDecl]:
                 decls.append(decl)
     if not decls:
         raise SchemaError("the schema declares no topic")
-    _check_names(decls)
+    kinds = _collect_event_kinds(fds, pool, options_cls, decls)
+    _check_names(decls, kinds)
     _check_overlaps(decls)
-    return decls
+    return Schema(tuple(decls), tuple(kinds))
 
 
-def _check_names(decls: list[TopicDecl]) -> None:
+def _enums(
+    fds: descriptor_pb2.FileDescriptorSet,
+) -> list[tuple[descriptor_pb2.FileDescriptorProto, str, descriptor_pb2.EnumDescriptorProto]]:
+    """Every enum of the schema (nested ones too) with its file and fully qualified name."""
+    out: list[
+        tuple[descriptor_pb2.FileDescriptorProto, str, descriptor_pb2.EnumDescriptorProto]
+    ] = []
+
+    def walk(fp: Any, prefix: str, messages: list[descriptor_pb2.DescriptorProto]) -> None:
+        for m in messages:
+            full = f"{prefix}.{m.name}" if prefix else m.name
+            out.extend((fp, f"{full}.{e.name}", e) for e in m.enum_type)
+            walk(fp, full, list(m.nested_type))
+
+    for fp in fds.file:
+        if fp.package.startswith("google."):
+            continue
+        out.extend(
+            (fp, f"{fp.package}.{e.name}" if fp.package else e.name, e) for e in fp.enum_type
+        )
+        walk(fp, fp.package, list(fp.message_type))
+    return out
+
+
+def _collect_event_kinds(
+    fds: descriptor_pb2.FileDescriptorSet,
+    pool: descriptor_pool.DescriptorPool,
+    options_cls: Any,  # the dynamic EnumValueOptions class, built from the schema at run time
+    decls: list[TopicDecl],
+) -> list[EventKindTopics]:
+    """The enums whose values carry ``(event_topic)``, checked against the declared topics."""
+    try:
+        ext = cast(
+            "_ExtensionFieldDescriptor[Message, str]", pool.FindExtensionByName(EVENT_TOPIC_OPTION)
+        )
+    except KeyError:
+        return []  # a schema without the option has no event-kind tables
+    concrete = {d.name: d for d in decls if not d.is_template}
+    templates = [d for d in decls if d.is_template]
+    kinds: list[EventKindTopics] = []
+    for fp, full, enum in _enums(fds):
+        named: list[tuple[descriptor_pb2.EnumValueDescriptorProto, str | None]] = []
+        for value in enum.value:
+            opts = options_cls.FromString(value.options.SerializeToString())
+            named.append((value, opts.Extensions[ext] if opts.HasExtension(ext) else None))
+        if all(topic is None for _, topic in named):
+            continue
+        values: list[EventKindValue] = []
+        by_number: dict[int, EventKindValue] = {}
+        for value, topic in named:
+            where = f"{fp.name}: {full.rsplit('.', 1)[-1]}.{value.name}"
+            if topic is None:
+                raise SchemaError(
+                    f"{where} declares no (event_topic) option, but other values of {full} do: "
+                    "every value of the enum must name the topic of its events"
+                )
+            decl = concrete.get(topic)
+            if decl is None:
+                template = next((t for t in templates if _built_by(topic, t.name)), None)
+                if template is not None:
+                    how = "is" if topic == template.name else "is built from"
+                    raise SchemaError(
+                        f"{where}: (event_topic) {topic!r} {how} the topic template "
+                        f"{template.name!r}; it must name a concrete topic declared in "
+                        f"{TOPIC_ENUM}"
+                    )
+                raise SchemaError(
+                    f"{where}: (event_topic) {topic!r} is not a topic declared in {TOPIC_ENUM}"
+                )
+            first = values[0].topic if values else decl
+            if decl.payload != first.payload:
+                raise SchemaError(
+                    f"{where}: (event_topic) {topic!r} carries {decl.payload}, but "
+                    f"{first.name!r} named by {full}.{values[0].name} carries {first.payload}: "
+                    "every topic of an event-kind enum must have the same payload type"
+                )
+            kind = EventKindValue(value.name, value.number, decl)
+            other = by_number.get(value.number)
+            if other is None:
+                by_number[value.number] = kind
+                values.append(kind)
+            elif other.topic is not decl:
+                raise SchemaError(
+                    f"{where}: alias of {other.name} names (event_topic) {topic!r}, "
+                    f"but {other.name} names {other.topic.name!r}"
+                )
+        kinds.append(EventKindTopics(full, fp.name, fp.package, tuple(values)))
+    return kinds
+
+
+def _built_by(topic: str, pattern: str) -> bool:
+    """Whether ``topic`` is one of the topics template ``pattern`` builds."""
+    levels, want = topic.split("."), pattern.split(".")
+    return len(levels) == len(want) and all(
+        w.startswith("{") or w == lv for w, lv in zip(want, levels, strict=True)
+    )
+
+
+def _check_names(decls: list[TopicDecl], kinds: list[EventKindTopics]) -> None:
     """Every generated Python name must be a legal, unique identifier."""
     names: dict[str, str] = {}
-    for d in decls:
-        generated = [d.constant] + ([d.constant.lower()] if d.is_template else [])
+    generated_by = [
+        (d.enum_value, "enum value", [d.constant] + ([d.constant.lower()] if d.is_template else []))
+        for d in decls
+    ] + [(k.enum, "enum", [k.constant]) for k in kinds]
+    for source, what, generated in generated_by:
         for name in generated:
             if (
                 not name.isidentifier()
@@ -186,15 +366,15 @@ def _check_names(decls: list[TopicDecl]) -> None:
                 or name.startswith("_")
             ):
                 raise SchemaError(
-                    f"{d.enum_value}: generates the Python name {name!r}, which is a keyword "
-                    "or reserved by the registry; rename the enum value"
+                    f"{source}: generates the Python name {name!r}, which is a keyword "
+                    f"or reserved by the registry; rename the {what}"
                 )
             if name in names:
                 raise SchemaError(
-                    f"{d.enum_value}: generates the Python name {name!r}, "
+                    f"{source}: generates the Python name {name!r}, "
                     f"already generated for {names[name]}"
                 )
-            names[name] = d.enum_value
+            names[name] = source
 
 
 def _check_overlaps(decls: list[TopicDecl]) -> None:
@@ -203,12 +383,8 @@ def _check_overlaps(decls: list[TopicDecl]) -> None:
     for d in decls:
         if d.is_template:
             continue
-        levels = d.name.split(".")
         for t in templates:
-            pattern = t.name.split(".")
-            if len(pattern) == len(levels) and all(
-                p.startswith("{") or p == lv for p, lv in zip(pattern, levels, strict=True)
-            ):
+            if _built_by(d.name, t.name):
                 raise SchemaError(
                     f"{d.enum_value}: topic {d.name!r} is also built by template {t.name!r}"
                 )

@@ -1,7 +1,11 @@
 """daemoneye-eventbus: a typed, schema-first local pub/sub bus.
 
-The public surface is re-exported here. Names are imported lazily, on first
-use, so that the code generator (which needs only the pure ``topics`` and
+The public surface is re-exported here. ``matches``, ``validate_filter``
+(topics) and ``filter_matches`` (correlation) are deprecated names of
+:func:`topic_matches`, :func:`validate_topic_filter` and
+:func:`correlation_matches`, kept for one release; using them warns. Names
+are imported lazily, on first use, so that the code generator (which needs only
+the pure ``topics`` and
 ``errors`` modules) runs even while ``generated/`` is missing or stale.
 """
 
@@ -22,7 +26,8 @@ if TYPE_CHECKING:
         ProcessEvent,
     )
     from daemoneye.eventbus.v1.registry import Topic, TopicTemplate
-    from daemoneye_eventbus.broker import Broker, BrokerConfig, BrokerStatistics
+    from daemoneye_eventbus.access import PeerCredentials, Policy
+    from daemoneye_eventbus.broker import Broker
     from daemoneye_eventbus.bus import (
         BusEvent,
         DaemoneyeBroker,
@@ -32,13 +37,15 @@ if TYPE_CHECKING:
         EventReceiver,
         EventSubscription,
     )
-    from daemoneye_eventbus.client import Client, ClientStatistics, Subscription, connect
+    from daemoneye_eventbus.client import Client, ClientStatistics, connect
+    from daemoneye_eventbus.config import BrokerConfig
     from daemoneye_eventbus.correlation import (
         CorrelationMatcher,
         correlation_filter,
+        correlation_matches,
         create_child,
-        filter_matches,
         new_correlation,
+        validate_correlation_filter,
         with_stage,
         with_tag,
     )
@@ -56,15 +63,29 @@ if TYPE_CHECKING:
         LimitExceeded,
         LocalProtocolError,
         PayloadTypeMismatch,
+        PolicyError,
         ProtocolError,
         RemoteProtocolError,
         RequestTimeout,
         SchemaError,
         ServerError,
+        SubscriptionExists,
         UnknownSubscription,
         UnknownTopic,
     )
-    from daemoneye_eventbus.topics import SubscriptionTrie, matches, validate_filter, validate_topic
+    from daemoneye_eventbus.sessions import LocalSession
+    from daemoneye_eventbus.statistics import (
+        BrokerStatistics,
+        ConnectionStatistics,
+        SubscriptionStatistics,
+    )
+    from daemoneye_eventbus.subscription import Subscription
+    from daemoneye_eventbus.topics import (
+        SubscriptionTrie,
+        topic_matches,
+        validate_topic,
+        validate_topic_filter,
+    )
 
 __version__ = "0.1.0"
 
@@ -80,9 +101,14 @@ _EXPORTS: dict[str, str] = {
     "ProcessEvent": "daemoneye.eventbus.v1.events_pb2",
     "Topic": "daemoneye.eventbus.v1.registry",
     "TopicTemplate": "daemoneye.eventbus.v1.registry",
+    "PeerCredentials": "daemoneye_eventbus.access",
+    "Policy": "daemoneye_eventbus.access",
     "Broker": "daemoneye_eventbus.broker",
-    "BrokerConfig": "daemoneye_eventbus.broker",
-    "BrokerStatistics": "daemoneye_eventbus.broker",
+    "BrokerConfig": "daemoneye_eventbus.config",
+    "BrokerStatistics": "daemoneye_eventbus.statistics",
+    "ConnectionStatistics": "daemoneye_eventbus.statistics",
+    "SubscriptionStatistics": "daemoneye_eventbus.statistics",
+    "LocalSession": "daemoneye_eventbus.sessions",
     "BusEvent": "daemoneye_eventbus.bus",
     "DaemoneyeBroker": "daemoneye_eventbus.bus",
     "DaemoneyeEventBus": "daemoneye_eventbus.bus",
@@ -92,12 +118,13 @@ _EXPORTS: dict[str, str] = {
     "EventSubscription": "daemoneye_eventbus.bus",
     "Client": "daemoneye_eventbus.client",
     "ClientStatistics": "daemoneye_eventbus.client",
-    "Subscription": "daemoneye_eventbus.client",
+    "Subscription": "daemoneye_eventbus.subscription",
     "connect": "daemoneye_eventbus.client",
     "CorrelationMatcher": "daemoneye_eventbus.correlation",
     "correlation_filter": "daemoneye_eventbus.correlation",
     "create_child": "daemoneye_eventbus.correlation",
-    "filter_matches": "daemoneye_eventbus.correlation",
+    "correlation_matches": "daemoneye_eventbus.correlation",
+    "validate_correlation_filter": "daemoneye_eventbus.correlation",
     "new_correlation": "daemoneye_eventbus.correlation",
     "with_stage": "daemoneye_eventbus.correlation",
     "with_tag": "daemoneye_eventbus.correlation",
@@ -115,6 +142,8 @@ _EXPORTS: dict[str, str] = {
     "LimitExceeded": "daemoneye_eventbus.errors",
     "LocalProtocolError": "daemoneye_eventbus.errors",
     "PayloadTypeMismatch": "daemoneye_eventbus.errors",
+    "PolicyError": "daemoneye_eventbus.errors",
+    "SubscriptionExists": "daemoneye_eventbus.errors",
     "ProtocolError": "daemoneye_eventbus.errors",
     "RemoteProtocolError": "daemoneye_eventbus.errors",
     "RequestTimeout": "daemoneye_eventbus.errors",
@@ -123,9 +152,9 @@ _EXPORTS: dict[str, str] = {
     "UnknownSubscription": "daemoneye_eventbus.errors",
     "UnknownTopic": "daemoneye_eventbus.errors",
     "SubscriptionTrie": "daemoneye_eventbus.topics",
-    "matches": "daemoneye_eventbus.topics",
-    "validate_filter": "daemoneye_eventbus.topics",
+    "topic_matches": "daemoneye_eventbus.topics",
     "validate_topic": "daemoneye_eventbus.topics",
+    "validate_topic_filter": "daemoneye_eventbus.topics",
 }
 
 __all__ = [
@@ -142,6 +171,7 @@ __all__ = [
     "ClosedResourceError",
     "CollectionEvent",
     "ConnectionClosed",
+    "ConnectionStatistics",
     "CorrelationFilter",
     "CorrelationMatcher",
     "CorrelationMetadata",
@@ -158,9 +188,13 @@ __all__ = [
     "InvalidTopic",
     "LimitExceeded",
     "LocalProtocolError",
+    "LocalSession",
     "NetworkEvent",
     "PayloadTypeMismatch",
+    "PeerCredentials",
     "PerformanceEvent",
+    "Policy",
+    "PolicyError",
     "ProcessBatch",
     "ProcessEvent",
     "ProtocolError",
@@ -170,6 +204,8 @@ __all__ = [
     "SchemaError",
     "ServerError",
     "Subscription",
+    "SubscriptionExists",
+    "SubscriptionStatistics",
     "SubscriptionTrie",
     "Topic",
     "TopicTemplate",
@@ -177,19 +213,31 @@ __all__ = [
     "UnknownTopic",
     "connect",
     "correlation_filter",
+    "correlation_matches",
     "create_child",
-    "filter_matches",
-    "matches",
     "new_correlation",
     "registry",
-    "validate_filter",
+    "topic_matches",
+    "validate_correlation_filter",
     "validate_topic",
+    "validate_topic_filter",
     "with_stage",
     "with_tag",
 ]
 
 
+#: Deprecated names, kept for one release: not in ``__all__``; using them warns.
+_DEPRECATED: dict[str, str] = {
+    "filter_matches": "daemoneye_eventbus.correlation",
+    "matches": "daemoneye_eventbus.topics",
+    "validate_filter": "daemoneye_eventbus.topics",
+}
+
+
 def __getattr__(name: str) -> Any:
+    deprecated = _DEPRECATED.get(name)
+    if deprecated is not None:  # the module's own __getattr__ warns
+        return getattr(importlib.import_module(deprecated), name)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,15 @@
 """Who may connect as which component, and who may publish or read which topic.
 
-Pure code: no sockets, no event loop. The broker asks the kernel who a peer is
-(:class:`~daemoneye_eventbus.transport.PeerCredentials`), then:
+Pure code: no sockets, no event loop. A transport asks the kernel who a peer is
+and reports it as :class:`PeerCredentials`; then:
 
 1. :meth:`Policy.authenticate` turns the peer's credentials and the component
    its ``Hello`` claims into an :class:`Identity`, or refuses the claim;
 2. :func:`may_publish` and :func:`may_read` decide, from the access level and
    the publisher and subscriber lists that the schema declares for a topic,
-   whether that identity may publish on it or receive it.
+   whether that identity may publish on it or receive it;
+3. :func:`filter_reach` decides whether a subscription filter can reach any
+   declared topic, and any that the identity may read.
 
 The rules (docs/security.md gives the reasoning):
 
@@ -42,13 +44,14 @@ from __future__ import annotations
 import logging
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from daemoneye_eventbus.errors import AccessDenied, EventBusError
-from daemoneye_eventbus.transport import PeerCredentials
+from daemoneye.eventbus.v1.options_pb2 import AccessLevel
+from daemoneye_eventbus.errors import AccessDenied, PolicyError
+from daemoneye_eventbus.topics import filters_overlap
 
 __all__ = [
     "DEFAULT_PRIVILEGED",
@@ -57,9 +60,11 @@ __all__ = [
     "AuditLog",
     "ComponentRule",
     "Identity",
+    "PeerCredentials",
     "Policy",
     "PolicyError",
     "TopicAccess",
+    "filter_reach",
     "may_publish",
     "may_read",
 ]
@@ -70,14 +75,23 @@ MAX_COMPONENT_CHARS: Final = 128
 #: Components privileged by the default policy.
 DEFAULT_PRIVILEGED: Final = frozenset({"daemoneye-agent"})
 
-# AccessLevel numbers of the schema (options.proto).
-_PUBLIC: Final = 1
-_RESTRICTED: Final = 2
-_PRIVILEGED: Final = 3
+# The schema's access levels (options.proto).
+_PUBLIC: Final = AccessLevel.ACCESS_LEVEL_PUBLIC
+_RESTRICTED: Final = AccessLevel.ACCESS_LEVEL_RESTRICTED
+_PRIVILEGED: Final = AccessLevel.ACCESS_LEVEL_PRIVILEGED
 
 
-class PolicyError(EventBusError, ValueError):
-    """The policy file is unreadable or malformed; the message says where."""
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """Who is at the other end of a local connection, as the kernel says.
+
+    Transports fill it in (``SO_PEERCRED`` on Linux, ``LOCAL_PEERCRED`` on
+    macOS); it is never taken from what a peer claims.
+    """
+
+    pid: int
+    uid: int
+    gid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +129,8 @@ ANONYMOUS: Final = Identity(None)
 class TopicAccess:
     """What access control needs to know of a topic (from the registry)."""
 
-    #: AccessLevel number: 1 public, 2 restricted, 3 privileged.
-    access: int
+    #: The schema's access level: public, restricted or privileged.
+    access: AccessLevel.ValueType
     publishers: frozenset[str] = frozenset()
     subscribers: frozenset[str] = frozenset()
 
@@ -143,6 +157,21 @@ def may_read(identity: Identity, topic: TopicAccess) -> bool:
     if topic.access not in (_RESTRICTED, _PRIVILEGED):
         return False
     return not identity.anonymous and identity.component in topic.subscribers
+
+
+def filter_reach(
+    identity: Identity, filter: str, declared: Sequence[tuple[str, TopicAccess]]
+) -> tuple[bool, bool]:
+    """Whether ``filter`` can match any of the ``declared`` topics (given as
+    ``(topic or template filter, access)``), and any that ``identity`` may read.
+    """
+    reaches = False
+    for pattern, access in declared:
+        if filters_overlap(filter, pattern):
+            reaches = True
+            if may_read(identity, access):
+                return True, True
+    return reaches, False
 
 
 @dataclass(frozen=True, slots=True)

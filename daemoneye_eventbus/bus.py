@@ -22,20 +22,27 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, runtime_checkable
+from typing import Any, Final, Protocol, Self, TypeVar, runtime_checkable
 
 from google.protobuf.message import Message
 
-from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
-from daemoneye.eventbus.v1.events_pb2 import CollectionEvent, ProcessEventKind
-from daemoneye.eventbus.v1.registry import Topic
-from daemoneye_eventbus.broker import Broker, BrokerConfig, BrokerStatistics, LocalSession
-from daemoneye_eventbus.client import Client, Subscription, build_publish
+from daemoneye.eventbus.v1.events_pb2 import CollectionEvent
+from daemoneye_eventbus.broker import Broker, BrokerConfig, BrokerStatistics
+from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
-from daemoneye_eventbus.errors import ClosedResourceError, SchemaError, UnknownSubscription
-from daemoneye_eventbus.transport import DEFAULT_SOCKET_PATH
+from daemoneye_eventbus.errors import (
+    ClosedResourceError,
+    SchemaError,
+    SubscriptionExists,
+    UnknownSubscription,
+)
+from daemoneye_eventbus.registry_runtime import Topic
+from daemoneye_eventbus.sessions import LocalSession
+from daemoneye_eventbus.subscription import Subscription
+from daemoneye_eventbus.transports import DEFAULT_ADDRESS
 
 __all__ = [
     "DEFAULT_EVENT_PATTERNS",
@@ -52,17 +59,6 @@ __all__ = [
 #: What a subscription without topic patterns listens to: every event topic.
 DEFAULT_EVENT_PATTERNS: Final = ("events.#",)
 
-_PROCESS_TOPICS: Final[dict[int, Topic[events_pb2.ProcessEvent]]] = {
-    ProcessEventKind.PROCESS_EVENT_KIND_UNSPECIFIED: registry.EVENTS_PROCESS_LIFECYCLE,
-    ProcessEventKind.PROCESS_EVENT_KIND_START: registry.EVENTS_PROCESS_LIFECYCLE,
-    ProcessEventKind.PROCESS_EVENT_KIND_STOP: registry.EVENTS_PROCESS_LIFECYCLE,
-    ProcessEventKind.PROCESS_EVENT_KIND_EXIT: registry.EVENTS_PROCESS_LIFECYCLE,
-    ProcessEventKind.PROCESS_EVENT_KIND_SNAPSHOT: registry.EVENTS_PROCESS_LIFECYCLE,
-    ProcessEventKind.PROCESS_EVENT_KIND_METADATA_UPDATE: registry.EVENTS_PROCESS_METADATA,
-    ProcessEventKind.PROCESS_EVENT_KIND_TREE_CHANGE: registry.EVENTS_PROCESS_TREE,
-    ProcessEventKind.PROCESS_EVENT_KIND_INTEGRITY_CHECK: registry.EVENTS_PROCESS_INTEGRITY,
-    ProcessEventKind.PROCESS_EVENT_KIND_ANOMALY: registry.EVENTS_PROCESS_ANOMALY,
-}
 
 # CollectionEvent's oneof field for each payload type, to rebuild it on receipt.
 _EVENT_FIELDS: Final[dict[str, str]] = {
@@ -75,15 +71,21 @@ _EVENT_FIELDS: Final[dict[str, str]] = {
 def topic_for_event(event: CollectionEvent) -> tuple[Topic[Any], Message]:
     """The topic an event is published on, and the payload to publish.
 
-    Process events go to the topic of their ``kind``; every other event type
-    has exactly one topic in the registry.
+    Process events go to the topic the schema names for their ``kind`` (the
+    ``event_topic`` option of ``ProcessEventKind``); every other event type has
+    exactly one topic in the registry.
     """
     which = event.WhichOneof("event")
     if which is None:
         raise ValueError("CollectionEvent holds no event")
     payload: Message = getattr(event, which)
     if which == "process":
-        return _PROCESS_TOPICS.get(event.process.kind, registry.EVENTS_PROCESS_LIFECYCLE), payload
+        # The schema names the topic of each kind (the event_topic option);
+        # a kind this build does not know goes to the lifecycle topic.
+        topic = registry.PROCESS_EVENT_KIND_TOPICS.get(
+            event.process.kind, registry.EVENTS_PROCESS_LIFECYCLE
+        )
+        return topic, payload
     topics = registry.topics_for_payload(type(payload))
     if len(topics) != 1:
         raise SchemaError(
@@ -206,7 +208,7 @@ class DaemoneyeBroker:
 
     @classmethod
     async def new(
-        cls, path: str = DEFAULT_SOCKET_PATH, config: BrokerConfig | None = None
+        cls, path: str = DEFAULT_ADDRESS, config: BrokerConfig | None = None
     ) -> DaemoneyeBroker:
         """Start a broker listening on ``path``."""
         broker = Broker(path, config)
@@ -236,20 +238,60 @@ class DaemoneyeBroker:
         await self.shutdown()
 
 
+P = TypeVar("P", bound=Message)
+
+
+class _Backend(Protocol):
+    """What the bus needs of a connection: a :class:`Client` or a :class:`LocalSession`."""
+
+    async def publish(
+        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    ) -> None: ...
+
+    async def subscribe(
+        self,
+        filter: str,
+        *,
+        correlation_filter: CorrelationFilter | None = None,
+        include_control: bool = False,
+        max_pending: int | None = None,
+        queue: EventQueue[Message] | None = None,
+    ) -> Subscription[Message]: ...
+
+    def new_queue(self, max_pending: int | None = None) -> EventQueue[Any]: ...
+
+    async def flush(self) -> float: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class _Subscriber:
     receiver: EventReceiver
-    handles: list[Any] = field(default_factory=list)
+    subscriptions: list[Subscription[Message]] = field(default_factory=list)
 
 
 class DaemoneyeEventBus:
-    """The :class:`EventBus`, in process (``from_broker``) or over the socket (``connect``)."""
+    """The :class:`EventBus`, in process (``from_broker``) or over the socket (``connect``).
 
-    def __init__(self, *, local: LocalSession | None = None, client: Client | None = None) -> None:
-        if (local is None) == (client is None):
+    Either way it holds one backend with the same shape, a
+    :class:`~daemoneye_eventbus.sessions.LocalSession` on the agent's own
+    broker or a :class:`Client`, and treats both alike.
+    """
+
+    def __init__(
+        self,
+        *,
+        local: LocalSession | None = None,
+        client: Client | None = None,
+        broker: Broker | None = None,
+    ) -> None:
+        backend: _Backend | None = local if local is not None else client
+        if backend is None or (local is not None and client is not None):
             raise ValueError("give exactly one of local= or client=")
-        self._local = local
-        self._client = client
+        self._backend = backend
+        #: The embedded broker, for its statistics (in process only).
+        self._broker = broker
         self._subscribers: dict[str, _Subscriber] = {}
         self._published = 0
         self._closed = False
@@ -260,10 +302,10 @@ class DaemoneyeEventBus:
     ) -> DaemoneyeEventBus:
         """An in-process bus on the agent's own broker: no socket involved."""
         inner = broker.broker if isinstance(broker, DaemoneyeBroker) else broker
-        return cls(local=inner.local_session(name=name, component=name))
+        return cls(local=inner.local_session(name=name, component=name), broker=inner)
 
     @classmethod
-    async def connect(cls, path: str = DEFAULT_SOCKET_PATH, **kwargs: Any) -> DaemoneyeEventBus:
+    async def connect(cls, path: str = DEFAULT_ADDRESS, **kwargs: Any) -> DaemoneyeEventBus:
         """A bus over the broker's socket, for another process. ``kwargs`` go to :class:`Client`."""
         client = Client(path, **kwargs)
         await client.connect()
@@ -277,15 +319,8 @@ class DaemoneyeEventBus:
         self, event: CollectionEvent, correlation: str | CorrelationMetadata | None = None
     ) -> None:
         """Publish an event; a string correlation becomes a new correlation with that id."""
-        self._check()
         topic, payload = topic_for_event(event)
-        meta = _correlation(correlation)
-        if self._local is not None:
-            self._local.publish(build_publish(topic, payload, meta))
-        else:
-            assert self._client is not None
-            await self._client.publish(topic, payload, correlation=meta)
-        self._published += 1
+        await self.publish_to(topic, payload, correlation)
 
     async def publish_to(
         self,
@@ -295,68 +330,47 @@ class DaemoneyeEventBus:
     ) -> None:
         """Publish any message (a control message, say) on an explicit topic."""
         self._check()
-        meta = _correlation(correlation)
-        if self._local is not None:
-            self._local.publish(build_publish(topic, message, meta))
-        else:
-            assert self._client is not None
-            await self._client.publish(topic, message, correlation=meta)
+        await self._backend.publish(topic, message, correlation=_correlation(correlation))
         self._published += 1
+
+    async def flush(self) -> None:
+        """Return once the broker has routed everything published before."""
+        self._check()
+        await self._backend.flush()
 
     async def subscribe(self, subscription: EventSubscription) -> EventReceiver:
         """Subscribe to every pattern of ``subscription``; one receiver gets them all."""
         self._check()
         if subscription.subscriber_id in self._subscribers:
-            raise UnknownSubscription(
+            raise SubscriptionExists(
                 f"subscriber {subscription.subscriber_id!r} is already subscribed"
             )
         patterns = list(subscription.topic_patterns) or list(DEFAULT_EVENT_PATTERNS)
-        handles: list[Any] = []
+        queue: EventQueue[Message] = self._backend.new_queue()
+        subs: list[Subscription[Message]] = []
         try:
-            if self._local is not None:
-                queue = self._local.new_queue()
-                for pattern in patterns:
-                    handles.append(
-                        self._local.subscribe(
-                            pattern,
-                            queue,
-                            subscription.correlation_filter,
-                            subscription.include_control,
-                        )
+            for pattern in patterns:
+                subs.append(
+                    await self._backend.subscribe(
+                        pattern,
+                        correlation_filter=subscription.correlation_filter,
+                        include_control=subscription.include_control,
+                        queue=queue,
                     )
-            else:
-                assert self._client is not None
-                queue = EventQueue(self._client.max_pending)
-                for pattern in patterns:
-                    handles.append(
-                        await self._client.subscribe(
-                            pattern,
-                            correlation_filter=subscription.correlation_filter,
-                            include_control=subscription.include_control,
-                            queue=queue,
-                        )
-                    )
+                )
         except BaseException:
-            await self._release(handles)
+            await _release(subs)
             raise
         receiver = EventReceiver(subscription.subscriber_id, queue)
-        self._subscribers[subscription.subscriber_id] = _Subscriber(receiver, handles)
+        self._subscribers[subscription.subscriber_id] = _Subscriber(receiver, subs)
         return receiver
-
-    async def _release(self, handles: list[Any]) -> None:
-        for handle in handles:
-            if isinstance(handle, Subscription):
-                with contextlib.suppress(ClosedResourceError):
-                    await handle.unsubscribe()
-            elif self._local is not None:
-                self._local.unsubscribe(handle)
 
     async def unsubscribe(self, subscriber_id: str) -> None:
         """Stop a subscriber; its receiver ends after the events already queued."""
         sub = self._subscribers.pop(subscriber_id, None)
         if sub is None:
             raise UnknownSubscription(f"no subscriber {subscriber_id!r}")
-        await self._release(sub.handles)
+        await _release(sub.subscriptions)
         sub.receiver.queue.close()
 
     async def statistics(self) -> EventBusStatistics:
@@ -367,7 +381,7 @@ class DaemoneyeEventBus:
             received=sum(q.received for q in queues),
             dropped=sum(q.dropped for q in queues),
             subscribers=len(self._subscribers),
-            broker=self._local.broker.statistics() if self._local is not None else None,
+            broker=self._broker.statistics() if self._broker is not None else None,
         )
 
     async def shutdown(self) -> None:
@@ -378,10 +392,7 @@ class DaemoneyeEventBus:
             with contextlib.suppress(ClosedResourceError):
                 await self.unsubscribe(subscriber_id)
         self._closed = True
-        if self._local is not None:
-            self._local.close()
-        if self._client is not None:
-            await self._client.close()
+        await self._backend.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -393,3 +404,9 @@ class DaemoneyeEventBus:
         tb: TracebackType | None,
     ) -> None:
         await self.shutdown()
+
+
+async def _release(subs: list[Subscription[Message]]) -> None:
+    for sub in subs:
+        with contextlib.suppress(ClosedResourceError):
+            await sub.unsubscribe()

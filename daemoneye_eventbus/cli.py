@@ -31,7 +31,7 @@ from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import ReceivedEvent
 from daemoneye_eventbus.errors import ClosedResourceError, EventBusError, RequestTimeout
 from daemoneye_eventbus.runtime import run, running_loop_name
-from daemoneye_eventbus.transport import default_socket_path
+from daemoneye_eventbus.transports import default_address
 
 __all__ = ["main"]
 
@@ -40,7 +40,7 @@ log = logging.getLogger("daemoneye_eventbus.cli")
 
 def _socket(args: argparse.Namespace) -> str:
     path: str | None = args.socket
-    return path or default_socket_path(args.instance)
+    return path or default_address(args.instance)
 
 
 def _mode(text: str) -> int:

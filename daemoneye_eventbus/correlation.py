@@ -43,7 +43,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from daemoneye.eventbus.v1 import correlation_pb2
 from daemoneye_eventbus.errors import InvalidCorrelation
@@ -59,11 +61,11 @@ __all__ = [
     "MAX_TAG_VALUE_BYTES",
     "CorrelationMatcher",
     "correlation_filter",
+    "correlation_matches",
     "create_child",
-    "filter_matches",
     "new_correlation",
     "next_in_sequence",
-    "validate_filter",
+    "validate_correlation_filter",
     "validate_metadata",
     "with_stage",
     "with_tag",
@@ -297,7 +299,7 @@ def _check_range(low: int, high: int) -> None:
         raise InvalidCorrelation(f"sequence_range min {low} is greater than its max {high}")
 
 
-def validate_filter(flt: correlation_pb2.CorrelationFilter) -> None:
+def validate_correlation_filter(flt: correlation_pb2.CorrelationFilter) -> None:
     """Raise :class:`InvalidCorrelation` unless ``flt`` is within the bounds.
 
     Each repeated field holds at most :data:`MAX_FILTER_ENTRIES` non-empty
@@ -410,7 +412,7 @@ class CorrelationMatcher:
     )
 
     def __init__(self, flt: correlation_pb2.CorrelationFilter) -> None:
-        validate_filter(flt)
+        validate_correlation_filter(flt)
         self._ids = frozenset(flt.correlation_ids) or None
         self._parents = frozenset(flt.parent_correlation_ids) or None
         self._roots = frozenset(flt.root_correlation_ids) or None
@@ -490,9 +492,29 @@ class CorrelationMatcher:
         return f"<{type(self).__name__} {'empty' if self._empty else 'non-empty'}>"
 
 
-def filter_matches(
+def correlation_matches(
     flt: correlation_pb2.CorrelationFilter,
     meta: correlation_pb2.CorrelationMetadata | None,
 ) -> bool:
     """``CorrelationMatcher(flt).matches(meta)``; compile a matcher to match many events."""
     return CorrelationMatcher(flt).matches(meta)
+
+
+#: Old names, kept for one release: each use warns with a DeprecationWarning.
+_DEPRECATED: dict[str, tuple[str, Callable[..., Any]]] = {
+    "validate_filter": ("validate_correlation_filter", validate_correlation_filter),
+    "filter_matches": ("correlation_matches", correlation_matches),
+}
+
+
+def __getattr__(name: str) -> Any:
+    entry = _DEPRECATED.get(name)
+    if entry is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    new_name, value = entry
+    warnings.warn(
+        f"daemoneye_eventbus.correlation.{name} is deprecated; use {new_name}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value

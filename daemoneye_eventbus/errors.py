@@ -2,7 +2,10 @@
 
 Every exception the library raises on purpose derives from
 :class:`EventBusError`. Where a builtin describes the failure, the exception
-inherits it too, so callers can catch either::
+inherits it too, so callers can catch either. Every error carries ``code``,
+the wire ``ErrorCode`` that reports it to a peer (0 where none applies): the
+router raises these errors with their code, the socket session sends that
+code in an ``Error`` frame, and an in-process caller gets the same exception::
 
     EventBusError
     ├── InvalidTopic (ValueError)            a topic or filter breaks the grammar
@@ -10,9 +13,11 @@ inherits it too, so callers can catch either::
     ├── SchemaError                          the schema or the topic registry is broken
     ├── UnknownTopic (LookupError)           no topic of that name in the registry
     ├── UnknownSubscription (LookupError)    no subscription with that id
+    ├── SubscriptionExists (ValueError)      that subscription id or subscriber is taken
     ├── PayloadTypeMismatch (TypeError)      a message of the wrong type for a topic
     ├── AccessDenied (PermissionError)       the broker refused the peer
     ├── LimitExceeded                        a configured limit was reached
+    ├── PolicyError (ValueError)             the access policy file is unreadable or malformed
     ├── ProtocolError                        the wire protocol was broken
     │   ├── LocalProtocolError               ... by us (a bug or misuse)
     │   └── RemoteProtocolError              ... by the peer; closes that connection
@@ -40,18 +45,31 @@ __all__ = [
     "LimitExceeded",
     "LocalProtocolError",
     "PayloadTypeMismatch",
+    "PolicyError",
     "ProtocolError",
     "RemoteProtocolError",
     "RequestTimeout",
     "SchemaError",
     "ServerError",
+    "SubscriptionExists",
     "UnknownSubscription",
     "UnknownTopic",
 ]
 
 
 class EventBusError(Exception):
-    """Base class of every exception raised by daemoneye-eventbus."""
+    """Base class of every exception raised by daemoneye-eventbus.
+
+    ``code`` is the wire ``ErrorCode`` number that reports this error to a
+    peer [protocol §7], or 0 where none applies; pass it as ``code=``.
+    """
+
+    code: int = 0
+
+    def __init__(self, *args: object, code: int | None = None) -> None:
+        super().__init__(*args)
+        if code is not None:
+            self.code = code
 
 
 class InvalidTopic(EventBusError, ValueError):
@@ -71,7 +89,11 @@ class UnknownTopic(EventBusError, LookupError):
 
 
 class UnknownSubscription(EventBusError, LookupError):
-    """No active subscription has that id, or the id is invalid or taken."""
+    """No active subscription has that id."""
+
+
+class SubscriptionExists(EventBusError, ValueError):
+    """The subscription id (or subscriber name) is already in use, or is 0."""
 
 
 class PayloadTypeMismatch(EventBusError, TypeError):
@@ -84,6 +106,10 @@ class AccessDenied(EventBusError, PermissionError):
 
 class LimitExceeded(EventBusError):
     """A configured limit (connections, subscriptions, queue, ...) was reached."""
+
+
+class PolicyError(EventBusError, ValueError):
+    """The policy file is unreadable or malformed; the message says where."""
 
 
 class ProtocolError(EventBusError):
@@ -102,8 +128,7 @@ class RemoteProtocolError(ProtocolError):
     """
 
     def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class ConnectionClosed(EventBusError, ConnectionError):
@@ -133,8 +158,7 @@ class ServerError(EventBusError):
     """
 
     def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class RequestTimeout(EventBusError, TimeoutError):

@@ -1,28 +1,29 @@
-"""The wire protocol, sans I/O: bytes in, frames out; frames in, bytes out.
+"""The wire protocol's connection state machine, sans I/O.
 
 A :class:`Connection` holds the state of one end of a connection and never
 touches a socket or an event loop. The asyncio layer feeds it what it reads
 (:meth:`Connection.receive_data`, :meth:`Connection.receive_eof`), handles what
 it parsed (:meth:`Connection.events_received`), and writes what it produced
-(:meth:`Connection.data_to_send`). The rules implemented here are those of
+(:meth:`Connection.data_to_send`). Everything that affects the state machine
+lives here: the states and their transitions, which frames each role may send
+and receive in each state, the handshake checks (:func:`check_hello`), and the
+mapping between error codes and typed exceptions (:func:`error_for_code`,
+:func:`error_from_frame`). The byte-level codec is
+:mod:`daemoneye_eventbus.frames`. The rules implemented here are those of
 ``docs/protocol.md``; comments cite its sections as ``[protocol §N]``.
-
-Framing [protocol §1]: each frame is one serialized ``Frame`` message preceded
-by its length as a protobuf varint (the "delimited" form). The declared length
-is checked against the limit as soon as the prefix is read, before any byte of
-the body is kept.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus.correlation import validate_metadata
 from daemoneye_eventbus.errors import (
     AccessDenied,
     EventBusError,
@@ -33,57 +34,45 @@ from daemoneye_eventbus.errors import (
     PayloadTypeMismatch,
     RemoteProtocolError,
     ServerError,
+    SubscriptionExists,
     UnknownSubscription,
 )
+from daemoneye_eventbus.frames import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HANDSHAKE_MAX_FRAME_BYTES,
+    MAX_ERROR_MESSAGE,
+    batch_budget,
+    decode_varint,
+    encode_deliver,
+    encode_deliver_batch,
+    encode_frame,
+    encode_varint,
+    error_frame,
+    event_budget,
+)
+from daemoneye_eventbus.registry_runtime import Topic
 
 __all__ = [
-    "DEFAULT_MAX_FRAME_BYTES",
-    "DELIVER_BATCH_OVERHEAD",
-    "DELIVER_OVERHEAD",
-    "HANDSHAKE_MAX_FRAME_BYTES",
-    "MAX_PREFIX_BYTES",
+    "MAX_CLIENT_NAME_CHARS",
     "PROTOCOL_VERSION",
-    "PublishBatcher",
     "RECEIVABLE",
     "SENDABLE",
     "TRANSITIONS",
     "Connection",
     "Role",
     "State",
-    "decode_varint",
+    "build_publish",
+    "check_hello",
     "error_for_code",
-    "encode_deliver",
-    "encode_deliver_batch",
-    "encode_frame",
-    "encode_publish",
-    "encode_varint",
-    "error_frame",
-    "publish_body",
-    "publish_header",
+    "error_from_frame",
 ]
+
+P = TypeVar("P", bound=Message)
 
 #: The protocol version this implementation speaks [protocol §3].
 PROTOCOL_VERSION: Final = 1
-#: Default limit on a frame body, in bytes [protocol §1].
-DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
-#: Limit on a frame body before the handshake completes [protocol §1].
-HANDSHAKE_MAX_FRAME_BYTES: Final = 4096
-#: Longest message of an Error frame this side sends, in characters: even in
-#: UTF-8 (at most 4 bytes each) it fits the handshake frame limit.
-MAX_ERROR_MESSAGE: Final = 512
-#: A length prefix is at most 5 bytes: 35 bits cover every allowed length.
-MAX_PREFIX_BYTES: Final = 5
-#: The most a ``Deliver`` frame adds around the ``Publish`` it carries: the
-#: Frame and Publish tags and lengths (1 + 5 and 1 + 5) and the subscription
-#: id and sequence fields (1 + 5 and 1 + 10). A broker refuses a publish whose
-#: body exceeds ``max_frame_bytes - DELIVER_OVERHEAD`` [protocol §5].
-DELIVER_OVERHEAD: Final = 29
-#: The most a ``DeliverBatch`` frame adds around the ``PublishBatch`` it
-#: carries: the Frame tag (2 bytes: field 16) and length (5), the subscription
-#: id and first sequence fields (1 + 5 and 1 + 10), the batch tag and length
-#: (1 + 5). A broker refuses a batch whose encoding exceeds
-#: ``max_frame_bytes - DELIVER_BATCH_OVERHEAD`` [protocol §5].
-DELIVER_BATCH_OVERHEAD: Final = 30
+#: A client name is cut to this many characters [protocol §3].
+MAX_CLIENT_NAME_CHARS: Final = 128
 
 
 class Role(enum.Enum):
@@ -158,317 +147,8 @@ RECEIVABLE: Final[dict[tuple[Role, State], frozenset[str]]] = {
 # Frame kinds that may change the state of the receiving end.
 _HANDSHAKE_OR_END: Final = frozenset({"hello", "welcome", "goodbye", "error"})
 
-# One-byte varints, prebuilt: most lengths, ids and tags on the hot path are
-# small. With the continuation bit set, they also make up longer varints.
-_ONE_BYTE: Final = tuple(bytes((i,)) for i in range(0x80))
-_MORE: Final = tuple(bytes((i | 0x80,)) for i in range(0x80))
 
-
-def encode_varint(value: int) -> bytes:
-    """Encode a non-negative integer as a protobuf varint."""
-    if 0 <= value < 0x80:
-        return _ONE_BYTE[value]
-    if value < 0:
-        raise ValueError("a varint cannot be negative")
-    if value < 0x4000:  # lengths of most frames
-        return _MORE[value & 0x7F] + _ONE_BYTE[value >> 7]
-    if value < 0x200000:  # sequence numbers spend most of their life here
-        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def decode_varint(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int] | None:
-    """Decode a length prefix at ``pos``: ``(value, next_pos)``, or None if incomplete.
-
-    Raises :class:`RemoteProtocolError` if the prefix is longer than
-    :data:`MAX_PREFIX_BYTES` [protocol §1].
-    """
-    value = 0
-    shift = 0
-    end = len(data)
-    while pos < end:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift >= 7 * MAX_PREFIX_BYTES:
-            raise RemoteProtocolError(
-                f"length prefix longer than {MAX_PREFIX_BYTES} bytes",
-                ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
-            )
-    return None
-
-
-def encode_frame(frame: Frame) -> bytes:
-    """Serialize ``frame`` with its length prefix [protocol §1]."""
-    body = frame.SerializeToString()
-    return encode_varint(len(body)) + body
-
-
-# Field tags (field number << 3 | wire type) of the frames built by hand below.
-# Deliver and DeliverBatch lay out their fields alike: subscription id (1,
-# varint), sequence or first sequence (2, varint), the Publish or PublishBatch
-# (3, length-delimited).
-_TAG_FRAME_DELIVER: Final = b"\x22"  # Frame.deliver = 4, length-delimited
-_TAG_FRAME_DELIVER_BATCH: Final = b"\x82\x01"  # Frame.deliver_batch = 16: two bytes
-_TAG_DELIVER_SUB: Final = b"\x08"
-_TAG_DELIVER_SEQ: Final = b"\x10"
-_TAG_DELIVER_PUB: Final = b"\x1a"
-
-
-def _encode_delivery(frame_tag: bytes, subscription_id: int, sequence: int, body: bytes) -> bytes:
-    """A length-prefixed ``Frame`` holding a ``Deliver`` or ``DeliverBatch`` around ``body``."""
-    varint = encode_varint
-    head = b"".join(
-        (
-            _TAG_DELIVER_SUB,
-            varint(subscription_id),
-            _TAG_DELIVER_SEQ,
-            varint(sequence),
-            _TAG_DELIVER_PUB,
-            varint(len(body)),
-        )
-    )
-    inner_len = len(head) + len(body)
-    inner_prefix = varint(inner_len)
-    body_len = len(frame_tag) + len(inner_prefix) + inner_len
-    return b"".join((varint(body_len), frame_tag, inner_prefix, head, body))
-
-
-def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes:
-    """A length-prefixed ``Frame(deliver=Deliver(...))`` around an encoded ``Publish``.
-
-    The broker forwards the publisher's event without decoding its payload or
-    re-encoding the ``Publish`` for every subscriber [protocol §5]; the bytes
-    are exactly what ``encode_frame`` would produce for the same message.
-    """
-    return _encode_delivery(_TAG_FRAME_DELIVER, subscription_id, sequence, publish)
-
-
-def encode_deliver_batch(subscription_id: int, first_sequence: int, batch: bytes) -> bytes:
-    """A length-prefixed ``Frame(deliver_batch=DeliverBatch(...))`` around an encoded
-    ``PublishBatch``, byte-identical to :func:`encode_frame` of the same message.
-
-    Every subscriber of a batch gets the same ``batch`` bytes; only this
-    header differs [protocol §5].
-    """
-    return _encode_delivery(_TAG_FRAME_DELIVER_BATCH, subscription_id, first_sequence, batch)
-
-
-# Field tags of Publish (numbers 1-4) and of Frame.publish (3), for encode_publish.
-# PublishBatch numbers its fields the same way (payloads is the repeated 4).
-_TAG_PUB_TOPIC: Final = b"\x0a"
-_TAG_PUB_CORRELATION: Final = b"\x12"
-_TAG_PUB_TYPE: Final = b"\x1a"
-_TAG_PUB_PAYLOAD: Final = b"\x22"
-_TAG_FRAME_PUBLISH: Final = b"\x1a"
-
-
-def publish_header(topic: str, payload_type: str) -> tuple[bytes, bytes]:
-    """The encoded topic and payload-type fields of a ``Publish``, for :func:`encode_publish`.
-
-    A publisher computes them once per topic.
-    """
-    t = topic.encode()
-    p = payload_type.encode()
-    # proto3 leaves empty strings and bytes out of the encoding; so do we.
-    return (
-        _TAG_PUB_TOPIC + encode_varint(len(t)) + t if t else b"",
-        _TAG_PUB_TYPE + encode_varint(len(p)) + p if p else b"",
-    )
-
-
-def publish_body(
-    header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
-) -> bytes:
-    """An encoded ``Publish`` message (no frame around it), built without messages.
-
-    ``header`` comes from :func:`publish_header`, ``correlation`` is a
-    serialized ``CorrelationMetadata`` (or None for none). Fields come in
-    field-number order, as protobuf writes them.
-    """
-    topic_field, type_field = header
-    parts = [topic_field]
-    if correlation is not None:
-        parts += (_TAG_PUB_CORRELATION, encode_varint(len(correlation)), correlation)
-    parts.append(type_field)
-    if payload:
-        parts += (_TAG_PUB_PAYLOAD, encode_varint(len(payload)), payload)
-    return b"".join(parts)
-
-
-def encode_publish(
-    header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
-) -> bytes:
-    """A length-prefixed ``Frame(publish=Publish(...))`` around :func:`publish_body`.
-
-    The bytes equal ``encode_frame`` of the same frame.
-    """
-    varint = encode_varint
-    inner = publish_body(header, payload, correlation)
-    inner_prefix = varint(len(inner))
-    return b"".join(
-        (varint(1 + len(inner_prefix) + len(inner)), _TAG_FRAME_PUBLISH, inner_prefix, inner)
-    )
-
-
-_TAG_FRAME_PUBLISH_BATCH: Final = b"\x7a"  # Frame.publish_batch = 15
-#: The tag and length of a payload field, by payload length, as they are needed.
-_PAYLOAD_PREFIXES: Final[dict[int, bytes]] = {}
-#: Lengths below this have their prefix cached (at most 16,384 entries).
-_PREFIX_CACHE_BELOW: Final = 0x4000
-
-
-def _payload_prefix(length: int) -> bytes:
-    """The tag and length of a ``PublishBatch.payloads`` field of ``length`` bytes."""
-    prefix = _PAYLOAD_PREFIXES.get(length)
-    if prefix is None:
-        prefix = _TAG_PUB_PAYLOAD + encode_varint(length)
-        if length < _PREFIX_CACHE_BELOW:
-            _PAYLOAD_PREFIXES[length] = prefix
-    return prefix
-
-
-def _frame_publish_batch(inner: bytes) -> bytes:
-    """The length-prefixed ``Frame`` around an encoded ``PublishBatch``."""
-    inner_prefix = encode_varint(len(inner))
-    return b"".join(
-        (
-            encode_varint(1 + len(inner_prefix) + len(inner)),
-            _TAG_FRAME_PUBLISH_BATCH,
-            inner_prefix,
-            inner,
-        )
-    )
-
-
-class PublishBatcher:
-    """Gathers consecutive publishes into ``PublishBatch`` frames [protocol §5].
-
-    Events join the open batch while they share its topic, payload type and
-    correlation and it stays within ``target`` bytes; otherwise the open batch
-    is sealed first. One event alone may use up to ``max_body`` bytes (the
-    frame limit less :data:`DELIVER_BATCH_OVERHEAD`), and a batch holds at most
-    ``max_events`` events (the broker's ``max_queue_messages``). Sans I/O: the
-    caller queues the sealed frames, in order, with
-    :meth:`Connection.send_encoded`.
-    """
-
-    def __init__(self, max_body: int, target: int, max_events: int) -> None:
-        if max_events < 1:
-            raise ValueError("a batch must be allowed at least one event")
-        self.max_body = max_body
-        self.target = min(target, max_body)
-        self.max_events = max_events
-        self._header: tuple[bytes, bytes] | None = None
-        self._correlation: bytes | None = None
-        #: The open batch's encoded fields: its header, then each payload
-        #: field's tag and length followed by the payload.
-        self._parts: list[bytes] = []
-        self._events = 0
-        self._size = 0
-
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes of the open batch's body so far (0 when none is open)."""
-        return self._size
-
-    @property
-    def pending_events(self) -> int:
-        return self._events
-
-    def add(
-        self, header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
-    ) -> tuple[bytes, int] | None:
-        """Add one event (``header`` from :func:`publish_header`).
-
-        Returns the sealed ``(frame, events)`` the event could not join, if
-        any. Raises :class:`LimitExceeded` for an event that cannot travel even
-        alone; nothing changes then.
-        """
-        n = len(payload)
-        prefix = _PAYLOAD_PREFIXES.get(n) or _payload_prefix(n)
-        entry = len(prefix) + n
-        if (
-            self._events
-            and header == self._header
-            and correlation == self._correlation
-            and self._size + entry <= self.target
-            and self._events < self.max_events
-        ):  # the common case: one more event for the open batch
-            parts = self._parts
-            parts.append(prefix)
-            parts.append(payload)
-            self._events += 1
-            self._size += entry
-            return None
-        parts, size = self._first(header, prefix, payload, correlation)
-        sealed = self.seal()
-        self._parts = parts
-        self._header = header
-        self._correlation = correlation
-        self._events = 1
-        self._size = size
-        return sealed
-
-    def single(
-        self, header: tuple[bytes, bytes], payload: bytes, correlation: bytes | None = None
-    ) -> bytes:
-        """One event as a ``PublishBatch`` frame of its own, with no batch open.
-
-        For an event that leaves at once; the same limit as :meth:`add`.
-        """
-        if self._events:
-            raise LocalProtocolError("a batch is open: add() the event or seal() first")
-        n = len(payload)
-        prefix = _PAYLOAD_PREFIXES.get(n) or _payload_prefix(n)
-        parts, _ = self._first(header, prefix, payload, correlation)
-        return _frame_publish_batch(b"".join(parts))
-
-    def _first(
-        self, header: tuple[bytes, bytes], prefix: bytes, payload: bytes, correlation: bytes | None
-    ) -> tuple[list[bytes], int]:
-        """The encoded fields of a batch holding one event, and their size.
-
-        Raises :class:`LimitExceeded` if the event cannot travel even alone.
-        """
-        topic_field, type_field = header
-        if correlation is None:
-            parts = [topic_field, type_field, prefix, payload]
-        else:
-            corr_field = _TAG_PUB_CORRELATION + encode_varint(len(correlation)) + correlation
-            parts = [topic_field, corr_field, type_field, prefix, payload]
-        size = sum(map(len, parts))
-        if size > self.max_body:
-            raise LimitExceeded(
-                f"event of about {size} bytes exceeds the limit of {self.max_body} bytes"
-            )
-        return parts, size
-
-    def seal(self) -> tuple[bytes, int] | None:
-        """The open batch as an encoded frame and its event count; None if none is open."""
-        events = self._events
-        if not events:
-            return None
-        frame = _frame_publish_batch(b"".join(self._parts))
-        self.discard()
-        return frame, events
-
-    def discard(self) -> None:
-        """Forget the open batch (its connection is gone)."""
-        self._parts = []
-        self._events = 0
-        self._size = 0
-
-
-_ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {
+_ERRORS: Final[dict[int, type[EventBusError]]] = {
     ErrorCode.ERROR_CODE_INVALID_TOPIC: InvalidTopic,
     ErrorCode.ERROR_CODE_INVALID_FILTER: InvalidTopic,
     ErrorCode.ERROR_CODE_INVALID_CORRELATION: InvalidCorrelation,
@@ -478,49 +158,58 @@ _ERRORS: Final[dict[int, Callable[[str], EventBusError]]] = {
     ErrorCode.ERROR_CODE_FRAME_TOO_LARGE: LimitExceeded,
     ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH: PayloadTypeMismatch,
     ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION: UnknownSubscription,
-    ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: UnknownSubscription,
+    ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: SubscriptionExists,
 }
 
 
 def error_for_code(code: int, message: str) -> EventBusError:
-    """The typed exception for an error code [protocol §7]; :class:`ServerError` by default."""
-    factory = _ERRORS.get(code)
-    return factory(message) if factory is not None else ServerError(message, code)
+    """The typed exception for an error code [protocol §7], carrying that code;
+    :class:`ServerError` for a code without a class of its own."""
+    cls = _ERRORS.get(code)
+    return cls(message, code=code) if cls is not None else ServerError(message, code)
 
 
-def error_frame(
-    code: ErrorCode.ValueType,
-    message: str,
-    *,
-    fatal: bool,
-    subscription_id: int = 0,
-    topic: str = "",
-    limit: int | None = None,
-) -> Frame:
-    """An ``Error`` frame; within ``limit`` bytes of body if one is given.
+def error_from_frame(error: frames_pb2.Error) -> EventBusError:
+    """The typed exception for an ``Error`` frame from the broker."""
+    name = ErrorCode.Name(error.code) if error.code in ErrorCode.values() else str(error.code)
+    return error_for_code(error.code, f"{error.message} ({name})")
 
-    Messages quote what the peer sent, so they must still fit a small frame
-    limit: the topic goes first (the message names it too), then the end of
-    the message (cut at a character boundary and marked with "…").
+
+def build_publish(
+    topic: Topic[P], message: P, correlation: CorrelationMetadata | None = None
+) -> frames_pb2.Publish:
+    """The ``Publish`` frame body for ``message`` on ``topic``.
+
+    ``message`` must be of the topic's payload type: mypy checks it through
+    the registry, and this function checks it again at run time.
     """
-    frame = Frame(
-        error=frames_pb2.Error(
-            code=code,
-            message=message,
-            fatal=fatal,
-            subscription_id=subscription_id,
-            topic=topic,
+    if type(message) is not topic.payload_type:
+        raise PayloadTypeMismatch(
+            f"topic {topic.name!r} carries {topic.payload_name}, "
+            f"not {type(message).DESCRIPTOR.full_name}",
+            code=ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH,
         )
+    publish = frames_pb2.Publish(
+        topic=topic.name,
+        payload_type=topic.payload_name,
+        payload=message.SerializeToString(),
     )
-    if limit is not None and frame.ByteSize() > limit:
-        frame.error.topic = ""
-        excess = frame.ByteSize() - limit
-        if excess > 0:
-            data = message.encode()
-            # 8 bytes spare: the cut message's length prefix may shrink, "…" is 3.
-            keep = max(0, len(data) - excess - 8)
-            frame.error.message = data[:keep].decode(errors="ignore") + "…"
-    return frame
+    if correlation is not None:
+        validate_metadata(correlation)
+        publish.correlation.CopyFrom(correlation)
+    return publish
+
+
+def check_hello(hello: frames_pb2.Hello) -> None:
+    """The broker's checks of a ``Hello`` before its claim is authenticated
+    [protocol §3]: raises :class:`RemoteProtocolError` for a version this
+    implementation does not speak."""
+    if hello.protocol_version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            f"protocol version {hello.protocol_version} is not supported; "
+            f"this broker speaks {PROTOCOL_VERSION}",
+            ErrorCode.ERROR_CODE_UNSUPPORTED_VERSION,
+        )
 
 
 class Connection:
@@ -731,9 +420,13 @@ class Connection:
 
     def send_deliver(self, subscription_id: int, sequence: int, publish: bytes) -> int:
         """Queue a ``Deliver`` frame (broker side, open state); return its size."""
-        return self._send_delivery(
-            _TAG_FRAME_DELIVER, DELIVER_OVERHEAD, subscription_id, sequence, publish, 1
-        )
+        if self.state is not State.OPEN or self.role is not Role.BROKER:
+            raise LocalProtocolError(f"cannot deliver while {self.state.value}")
+        if len(publish) > event_budget(self.max_frame_bytes):
+            self._too_large(len(publish))
+        data = encode_deliver(subscription_id, sequence, publish)
+        self._append(data)
+        return len(data)
 
     def send_deliver_batch(
         self, subscription_id: int, first_sequence: int, batch: bytes, count: int
@@ -743,34 +436,19 @@ class Connection:
         Broker side, open state. The frame counts as ``count`` messages in
         :attr:`buffered_messages`.
         """
-        return self._send_delivery(
-            _TAG_FRAME_DELIVER_BATCH,
-            DELIVER_BATCH_OVERHEAD,
-            subscription_id,
-            first_sequence,
-            batch,
-            count,
-        )
-
-    def _send_delivery(
-        self,
-        frame_tag: bytes,
-        overhead: int,
-        subscription_id: int,
-        sequence: int,
-        body: bytes,
-        count: int,
-    ) -> int:
         if self.state is not State.OPEN or self.role is not Role.BROKER:
             raise LocalProtocolError(f"cannot deliver while {self.state.value}")
-        if len(body) > self.max_frame_bytes - overhead:
-            raise LocalProtocolError(
-                f"a delivery of a {len(body)}-byte event or batch would exceed the limit "
-                f"of {self.max_frame_bytes} bytes"
-            )
-        data = _encode_delivery(frame_tag, subscription_id, sequence, body)
+        if len(batch) > batch_budget(self.max_frame_bytes):
+            self._too_large(len(batch))
+        data = encode_deliver_batch(subscription_id, first_sequence, batch)
         self._append(data, count)
         return len(data)
+
+    def _too_large(self, size: int) -> NoReturn:
+        raise LocalProtocolError(
+            f"a delivery of a {size}-byte event or batch would exceed the limit "
+            f"of {self.max_frame_bytes} bytes"
+        )
 
     def _append(self, data: bytes, messages: int = 1) -> None:
         self._out.append(data)

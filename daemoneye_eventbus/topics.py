@@ -36,7 +36,7 @@ Validation raises :class:`~daemoneye_eventbus.errors.InvalidTopic` (a
 Matching
 ========
 
-:func:`matches` tests one filter against one topic. :class:`SubscriptionTrie`
+:func:`topic_matches` tests one filter against one topic. :class:`SubscriptionTrie`
 indexes many ``(filter, value)`` pairs by level so that finding every value
 whose filter matches a topic costs time proportional to the topic's depth,
 not to the number of subscriptions.
@@ -45,8 +45,9 @@ not to the number of subscriptions.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Iterator
-from typing import Generic, NoReturn, TypeVar
+import warnings
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Generic, NoReturn, TypeVar
 
 from daemoneye_eventbus.errors import InvalidTopic
 
@@ -55,10 +56,10 @@ __all__ = [
     "DEFAULT_MAX_TOPIC_LEVELS",
     "SubscriptionTrie",
     "filters_overlap",
-    "matches",
     "split_topic",
-    "validate_filter",
+    "topic_matches",
     "validate_topic",
+    "validate_topic_filter",
 ]
 
 DEFAULT_MAX_TOPIC_BYTES = 255
@@ -175,7 +176,7 @@ def validate_topic(
         _diagnose("topic", text, is_filter=False)
 
 
-def validate_filter(
+def validate_topic_filter(
     filter: str,
     *,
     max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
@@ -192,10 +193,10 @@ def validate_filter(
         _diagnose("filter", text, is_filter=True)
 
 
-def matches(filter: str, topic: str) -> bool:
+def topic_matches(filter: str, topic: str) -> bool:
     """Return whether ``filter`` matches ``topic``.
 
-    Both are assumed valid (see :func:`validate_filter` and
+    Both are assumed valid (see :func:`validate_topic_filter` and
     :func:`validate_topic`); the result is unspecified otherwise.
     """
     if filter in (topic, _ANY):
@@ -276,7 +277,7 @@ class SubscriptionTrie(Generic[T]):
 
         Raises :class:`InvalidTopic` if ``filter`` is not a valid filter.
         """
-        validate_filter(filter, max_bytes=self._max_bytes, max_levels=self._max_levels)
+        validate_topic_filter(filter, max_bytes=self._max_bytes, max_levels=self._max_levels)
         node = self._root
         for level in filter.split(_SEP):
             child = node.children.get(level)
@@ -418,3 +419,23 @@ class SubscriptionTrie(Generic[T]):
     def _node_count(self) -> int:
         """Return the number of nodes, the root included (for tests)."""
         return 1 + sum(1 for _ in self._walk())
+
+
+#: Old names, kept for one release: each use warns with a DeprecationWarning.
+_DEPRECATED: dict[str, tuple[str, Callable[..., Any]]] = {
+    "validate_filter": ("validate_topic_filter", validate_topic_filter),
+    "matches": ("topic_matches", topic_matches),
+}
+
+
+def __getattr__(name: str) -> Any:
+    entry = _DEPRECATED.get(name)
+    if entry is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    new_name, value = entry
+    warnings.warn(
+        f"daemoneye_eventbus.topics.{name} is deprecated; use {new_name}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value

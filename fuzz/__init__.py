@@ -3,7 +3,7 @@
 * :mod:`fuzz.fuzz_frames`: the sans-I/O frame decoder, ``Connection`` in the
   broker role;
 * :mod:`fuzz.fuzz_session`: the broker's per-connection handling
-  (``_SocketSession`` over a fake transport, ``LocalSession``), no sockets;
+  (``SocketSession`` over a fake transport, ``LocalSession``), no sockets;
 * :mod:`fuzz.seeds`: regenerates the seed corpora in ``fuzz/corpus/``.
 
 Each target's ``test_one_input(data)`` runs without atheris, so that

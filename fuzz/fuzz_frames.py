@@ -41,18 +41,14 @@ from dataclasses import dataclass, field
 
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus.protocol import (
+from daemoneye_eventbus.frames import (
     DEFAULT_MAX_FRAME_BYTES,
     HANDSHAKE_MAX_FRAME_BYTES,
     MAX_PREFIX_BYTES,
-    PROTOCOL_VERSION,
-    RECEIVABLE,
-    Connection,
-    Role,
-    State,
     decode_varint,
     encode_frame,
 )
+from daemoneye_eventbus.protocol import PROTOCOL_VERSION, RECEIVABLE, Connection, Role, State
 from fuzz.common import ByteReader, check, run_fuzzer
 
 __all__ = ["HELLO", "Limits", "main", "parse_input", "test_one_input"]

@@ -6,7 +6,7 @@ Run::
 
 A real :class:`~daemoneye_eventbus.broker.Broker` (never started: no socket, no
 housekeeping task) gets two client connections, ``A`` and ``B``, each a real
-``_SocketSession`` on a :class:`FakeTransport` (records what the broker writes,
+``SocketSession`` on a :class:`FakeTransport` (records what the broker writes,
 simulates a backed-up socket), plus one in-process ``LocalSession``. The input
 chooses the configuration, the peers' credentials and claimed components,
 then a list of operations: raw bytes or well-formed frames from a client,
@@ -15,7 +15,7 @@ deadlines, slow consumers), end of file, resets, reconnects, in-process
 publishes and subscriptions, shutdown goodbyes, statistics. The format is in
 ``fuzz/README.md``; every byte string is a valid input.
 
-Everything runs inside one event loop per process (``_SocketSession`` needs a
+Everything runs inside one event loop per process (``SocketSession`` needs a
 running loop for its timers), from one coroutine per input.
 
 Invariants, checked after every operation:
@@ -62,21 +62,14 @@ from daemoneye.eventbus.v1.correlation_pb2 import (
     SequenceRange,
 )
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus.access import ComponentRule, Policy, TopicAccess, may_read
-from daemoneye_eventbus.broker import Broker, BrokerConfig, LocalSession, _SocketSession
+from daemoneye_eventbus.access import ComponentRule, PeerCredentials, Policy, TopicAccess, may_read
+from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.delivery import EventQueue
 from daemoneye_eventbus.errors import EventBusError, InvalidTopic
-from daemoneye_eventbus.protocol import (
-    HANDSHAKE_MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
-    Connection,
-    Role,
-    State,
-    decode_varint,
-    encode_frame,
-)
+from daemoneye_eventbus.frames import HANDSHAKE_MAX_FRAME_BYTES, decode_varint, encode_frame
+from daemoneye_eventbus.protocol import PROTOCOL_VERSION, Connection, Role, State
+from daemoneye_eventbus.sessions import LocalSession, SocketSession
 from daemoneye_eventbus.topics import validate_topic
-from daemoneye_eventbus.transport import PeerCredentials
 from fuzz.common import ByteReader, check, fail, quiet_logging, reported_bugs, run_fuzzer
 
 __all__ = ["FakeTransport", "Op", "main", "run_one", "shutdown", "test_one_input"]
@@ -224,7 +217,7 @@ class _Slot:
     """One client connection and what its client has seen of it."""
 
     name: str
-    session: _SocketSession
+    session: SocketSession
     transport: FakeTransport
     monitor: Connection
     #: A second parser fed the same reads as the session's, to know which
@@ -273,8 +266,8 @@ class _Harness:
     def _connect(
         self, name: str, peer: PeerCredentials | None, component: str, handshake: bool
     ) -> _Slot:
-        session = _SocketSession(self.broker)
-        session.peer = peer  # what connection_made reads from the socket
+        session = SocketSession(self.broker)
+        session.endpoint.peer = peer  # what connection_made reads from the socket
         transport = FakeTransport()
         # The client side applies the real handshake limit: a refusal must fit it.
         monitor = Connection(
@@ -406,7 +399,7 @@ class _Harness:
                 f"{slot.name}: sequence {deliver.sequence} after {slot.last_sequence[sid]}",
             )
             slot.last_sequence[sid] = deliver.sequence
-            self._check_delivered(slot.session.identity, deliver.publish, slot.name)
+            self._check_delivered(slot.session.endpoint.identity, deliver.publish, slot.name)
         elif kind == "deliver_batch":
             many = frame.deliver_batch
             sid = many.subscription_id
@@ -418,7 +411,7 @@ class _Harness:
             )
             slot.last_sequence[sid] = many.first_sequence + len(many.batch.payloads) - 1
             shape = frames_pb2.Publish(topic=many.batch.topic, payload_type=many.batch.payload_type)
-            self._check_delivered(slot.session.identity, shape, slot.name)
+            self._check_delivered(slot.session.endpoint.identity, shape, slot.name)
 
     def _check_delivered(self, identity: Any, publish: frames_pb2.Publish, who: str) -> None:
         topic = publish.topic
@@ -500,17 +493,17 @@ class _Harness:
     def op_local_publish(self, slot: _Slot) -> None:
         publish = build_publish(self.reader)
         with contextlib.suppress(EventBusError):  # documented: refusals raise typed errors
-            self.local.publish(publish)
+            self.local.publish_frame(publish)
 
     def op_local_subscribe(self, slot: _Slot) -> None:
         action = self.reader.u8()
         try:
             if action & 1 and self.local_subs:
                 sid = self.local_subs.pop(action % len(self.local_subs))
-                self.local.unsubscribe(sid)
+                self.local.unsubscribe_id(sid)
             else:
                 flt = build_correlation_filter(self.reader) if action & 2 else None
-                sid = self.local.subscribe(
+                sid = self.local.subscribe_queue(
                     pick_filter(self.reader), self.local_queue, flt, bool(action & 4)
                 )
                 self.local_subs.append(sid)
@@ -618,14 +611,14 @@ class _Harness:
     def finish(self) -> None:
         for s in self.slots:
             self._lose(s)
-        self.local.close()
+        self.local.end()
         stats = self.broker.statistics()
         check(stats.connections == 0, f"{stats.connections} connections left after all closed")
         check(not stats.subscription_stats, "subscriptions left after every session closed")
-        check(not self.broker._per_uid, f"per-uid counts leak: {dict(self.broker._per_uid)}")
-        check(not self.broker._sessions, "sessions left after every connection was lost")
-        for topic in ("events.process.lifecycle", "control.health.status"):
-            check(not self.broker._trie.match(topic), f"the trie still routes {topic}")
+        per_uid = self.broker.connections_per_uid()
+        check(not per_uid, f"per-uid counts leak: {per_uid}")
+        check(not list(self.broker.sessions()), "sessions left after every connection was lost")
+        check(not len(self.broker.router), "the router still holds subscriptions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -814,7 +807,7 @@ async def _run(data: bytes, report: frozenset[str]) -> None:
             op.run(harness, slot)
             # Deliveries wait for a flush the broker scheduled with call_soon (an
             # in-process publish): one turn of the loop runs it.
-            if harness.broker._dirty:
+            if harness.broker.outbox.pending:
                 await asyncio.sleep(0)
             harness.settle_all()
             harness.check_state()
@@ -824,7 +817,7 @@ async def _run(data: bytes, report: frozenset[str]) -> None:
             if not s.lost:
                 s.lost = True
                 s.session.connection_lost(None)
-        harness.local.close()
+        harness.local.end()
     harness.finish()
 
 

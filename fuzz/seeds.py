@@ -17,7 +17,8 @@ from pathlib import Path
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus.protocol import PROTOCOL_VERSION, encode_frame, encode_varint
+from daemoneye_eventbus.frames import encode_frame, encode_varint
+from daemoneye_eventbus.protocol import PROTOCOL_VERSION
 from fuzz.fuzz_session import OPS, TOPICS
 
 __all__ = ["frame_seeds", "main", "session_seeds", "write_seeds"]

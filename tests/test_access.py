@@ -15,10 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemoneye.eventbus.v1 import registry
+from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.access import (
     ANONYMOUS,
     AuditLog,
     Identity,
+    PeerCredentials,
     Policy,
     PolicyError,
     TopicAccess,
@@ -27,7 +29,6 @@ from daemoneye_eventbus.access import (
 )
 from daemoneye_eventbus.errors import AccessDenied, EventBusError
 from daemoneye_eventbus.topics import filters_overlap
-from daemoneye_eventbus.transport import PeerCredentials
 
 BROKER_UID = 1000
 STRANGER_UID = 1234
@@ -395,11 +396,21 @@ def test_file_policy_anonymous(file_policy: Policy) -> None:
 
 # -- may_publish / may_read ----------------------------------------------------------------
 
-PUBLIC = TopicAccess(1)
-RESTRICTED = TopicAccess(2, frozenset({"procmond"}), frozenset({"daemoneye-agent"}))
-PRIVILEGED = TopicAccess(3, frozenset({"daemoneye-agent"}), frozenset({"procmond", "netmond"}))
-NO_LEVEL = TopicAccess(0, frozenset({"procmond"}), frozenset({"procmond"}))
-UNKNOWN_LEVEL = TopicAccess(7, frozenset({"procmond"}), frozenset({"procmond"}))
+PUBLIC = TopicAccess(AccessLevel.ACCESS_LEVEL_PUBLIC)
+RESTRICTED = TopicAccess(
+    AccessLevel.ACCESS_LEVEL_RESTRICTED, frozenset({"procmond"}), frozenset({"daemoneye-agent"})
+)
+PRIVILEGED = TopicAccess(
+    AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    frozenset({"daemoneye-agent"}),
+    frozenset({"procmond", "netmond"}),
+)
+NO_LEVEL = TopicAccess(
+    AccessLevel.ACCESS_LEVEL_UNSPECIFIED, frozenset({"procmond"}), frozenset({"procmond"})
+)
+UNKNOWN_LEVEL = TopicAccess(
+    AccessLevel.ValueType(7), frozenset({"procmond"}), frozenset({"procmond"})
+)
 
 P = peer(1001)
 IDENTITIES: dict[str, Identity] = {

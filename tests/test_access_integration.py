@@ -36,7 +36,8 @@ from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client, Subscription, build_publish
 from daemoneye_eventbus.delivery import ReceivedEvent
 from daemoneye_eventbus.errors import AccessDenied, EventBusError, LimitExceeded
-from daemoneye_eventbus.protocol import PROTOCOL_VERSION, decode_varint, encode_frame
+from daemoneye_eventbus.frames import decode_varint, encode_frame
+from daemoneye_eventbus.protocol import PROTOCOL_VERSION
 
 AUDIT = "daemoneye_eventbus.audit"
 ME = os.geteuid()
@@ -396,7 +397,7 @@ async def test_in_process_sessions_are_trusted(sock_path: str) -> None:
     ):
         local = broker.local_session("agent-core")  # no component claimed, no credentials check
         queue = local.new_queue()
-        local.subscribe("#", queue, include_control=True)
+        local.subscribe_queue("#", queue, include_control=True)
         everything = await anon.subscribe("#", include_control=True)
         commands = await procmond.subscribe(AGENT_POLICY)
         await procmond.publish(LIFECYCLE, proc(1))
@@ -404,13 +405,13 @@ async def test_in_process_sessions_are_trusted(sock_path: str) -> None:
         event = queue.get_nowait()
         assert event is not None
         assert event.topic == LIFECYCLE.name  # a restricted topic it is not listed for
-        assert local.publish(build_publish(AGENT_POLICY, control_pb2.PolicyUpdate())) == 2
-        assert local.publish(build_publish(LIFECYCLE, proc(2))) == 1  # the local "#" only
+        assert local.publish_frame(build_publish(AGENT_POLICY, control_pb2.PolicyUpdate())) == 2
+        assert local.publish_frame(build_publish(LIFECYCLE, proc(2))) == 1  # the local "#" only
         await procmond.publish(ANOMALY, proc(MARKER))
         assert [pid_of(e) for e in await until_marker(everything)] == [MARKER]
         assert [e.topic for e in queued(commands)] == [AGENT_POLICY.name]
         assert broker.statistics().refused == 0
-        local.close()
+        local.end()
 
 
 async def test_undeclared_topics_are_public_when_allowed(sock_path: str) -> None:

@@ -18,18 +18,15 @@ from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent, received_batch
 from daemoneye_eventbus.errors import LimitExceeded, LocalProtocolError
-from daemoneye_eventbus.protocol import (
+from daemoneye_eventbus.frames import (
     DELIVER_BATCH_OVERHEAD,
-    PROTOCOL_VERSION,
-    Connection,
     PublishBatcher,
-    Role,
-    State,
     encode_deliver_batch,
     encode_frame,
     encode_varint,
     publish_header,
 )
+from daemoneye_eventbus.protocol import PROTOCOL_VERSION, Connection, Role, State
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
 ANOMALY = registry.EVENTS_PROCESS_ANOMALY
@@ -440,7 +437,7 @@ async def test_a_full_queue_drops_a_batch_whole_as_a_sequence_gap(sock_path: str
     async with Broker(sock_path, config) as broker:
         local = broker.local_session("agent", AGENT)
         queue = local.new_queue()
-        local.subscribe("events.process.#", queue)
+        local.subscribe_queue("events.process.#", queue)
         peer = await RawPeer.connect(sock_path, component=PROCMOND)
         for first, count in [(0, 60), (60, 60), (120, 5)]:  # the second does not fit
             batch = frames_pb2.PublishBatch(
@@ -455,7 +452,7 @@ async def test_a_full_queue_drops_a_batch_whole_as_a_sequence_gap(sock_path: str
         got = []
         while (event := queue.get_nowait()) is not None:
             got.append(event)
-        local.close()
+        local.end()
     assert [e.sequence for e in got] == [*range(1, 61), *range(121, 126)]
     assert [pid_of(e) for e in got] == [*range(60), *range(120, 125)]
     # An in-process queue is the broker's queue: its drops are counted there.
@@ -470,7 +467,7 @@ async def test_first_publish_of_a_turn_is_written_at_once(broker: Broker, sock_p
     the same turn is (one write per turn), and goes out when the turn ends."""
     async with Client(sock_path, component=PROCMOND) as pub:
         await asyncio.sleep(0)  # start a fresh turn
-        batcher = pub._batcher
+        batcher = pub._writer.batcher
         assert batcher is not None
         await pub.publish(LIFECYCLE, proc(1))  # no await yields here
         assert (batcher.pending_events, pub._conn.buffered_bytes) == (0, 0)
@@ -489,7 +486,7 @@ async def test_in_a_burst_each_turn_leaves_in_one_write(broker: Broker, sock_pat
     goes on); after a turn that ends with at most one, a lone event is written
     at once again."""
     async with Client(sock_path, component=PROCMOND) as pub:
-        batcher = pub._batcher
+        batcher = pub._writer.batcher
         assert batcher is not None
         await asyncio.sleep(0)
         for i in range(3):  # one alone, two in a batch
@@ -533,8 +530,8 @@ async def test_publishing_while_the_connection_goes_is_not_an_error(
     pub = Client(sock_path, component=PROCMOND)
     await pub.connect()
     await asyncio.sleep(0)
-    assert pub._protocol is not None
-    transport = pub._protocol.transport
+    assert pub._pump is not None
+    transport = pub._pump.transport
     assert transport is not None
     transport.close()  # its connection_lost comes in a later turn
     # What the client still hands the closing transport (asyncio would drop

@@ -22,6 +22,7 @@ from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client, build_publish
+from daemoneye_eventbus.client.requests import RequestKey, RequestKind
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import ReceivedEvent
 from daemoneye_eventbus.errors import (
@@ -34,7 +35,8 @@ from daemoneye_eventbus.errors import (
     RequestTimeout,
     UnknownSubscription,
 )
-from daemoneye_eventbus.protocol import PROTOCOL_VERSION, decode_varint, encode_frame
+from daemoneye_eventbus.frames import decode_varint, encode_frame
+from daemoneye_eventbus.protocol import PROTOCOL_VERSION
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
 #: Public: any peer, anonymous or not, may publish and receive it. Used where one
@@ -267,7 +269,8 @@ async def test_unsubscribe_stops_delivery(broker: Broker, sock_path: str) -> Non
         assert broker.statistics().subscription_stats == ()
         with pytest.raises(UnknownSubscription):
             await c._request(
-                ("unsub", 77), Frame(unsubscribe=frames_pb2.Unsubscribe(subscription_id=77))
+                RequestKey(RequestKind.UNSUBSCRIBE, 77),
+                Frame(unsubscribe=frames_pb2.Unsubscribe(subscription_id=77)),
             )
 
 
@@ -331,7 +334,7 @@ async def test_in_process_publish_reaches_socket_subscribers_promptly(sock_path:
         sub = await c.subscribe(LIFECYCLE)
         local = broker.local_session("agent", AGENT)
         for pid in range(3):
-            local.publish(build_publish(LIFECYCLE, proc(pid)))
+            local.publish_frame(build_publish(LIFECYCLE, proc(pid)))
         got = [pid_of(await sub.get(timeout=2)) for _ in range(3)]
         assert got == [0, 1, 2]
 
@@ -647,7 +650,7 @@ async def test_close_after_a_burst_the_socket_has_not_taken(broker: Broker, sock
     async with Client(sock_path, component=PROCMOND, max_buffer_bytes=64 << 20) as pub:
         for i in range(n):
             pub.publish_nowait(LIFECYCLE, proc(i, "n" * 200))
-        transport = pub._protocol.transport if pub._protocol else None
+        transport = pub._pump.transport if pub._pump else None
         assert transport is not None
         assert transport.get_write_buffer_size() > 0  # the kernel has not taken it all
     for _ in range(100):

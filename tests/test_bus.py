@@ -36,6 +36,7 @@ from daemoneye_eventbus.errors import (
     EventBusError,
     InvalidTopic,
     RequestTimeout,
+    SubscriptionExists,
     UnknownSubscription,
 )
 
@@ -137,8 +138,7 @@ async def open_bus(
 
 async def sync(bus: DaemoneyeEventBus) -> None:
     """Make sure the broker has routed everything ``bus`` published so far."""
-    if bus._client is not None:
-        await bus._client.flush()
+    await bus.flush()
 
 
 async def recv_until(receiver: EventReceiver, last_pid: int) -> list[BusEvent]:
@@ -399,9 +399,9 @@ async def test_unsubscribe_keeps_queued_events(broker: Broker) -> None:
 async def test_duplicate_subscriber_id(broker: Broker, mode: str) -> None:
     async with open_bus(mode, broker, AGENT) as bus:
         receiver = await bus.subscribe(EventSubscription("dup", ["events.process.#"]))
-        with pytest.raises(UnknownSubscription, match="dup"):
+        with pytest.raises(SubscriptionExists, match="dup"):
             await bus.subscribe(EventSubscription("dup", ["events.network.#"]))
-        assert issubclass(UnknownSubscription, EventBusError)
+        assert issubclass(SubscriptionExists, EventBusError)
         # The first subscription is intact and the second left nothing behind.
         await bus.publish(proc_event(1, ANOMALY))
         assert pid_of(await receiver.recv(timeout=WAIT)) == 1

@@ -1,18 +1,25 @@
 """Tests of the code generator (codegen/) and of the generated topic registry.
 
-Three parts:
+Four parts:
 
 * the schema checks: small schemas written to a temporary directory, compiled
   with protoc and fed to :func:`codegen.schema.collect_topics`, which must
-  refuse every broken one with a clear :class:`SchemaError`;
+  refuse every broken one with a clear :class:`SchemaError`, ``(topic)`` and
+  ``(event_topic)`` options alike;
 * the generator: ``python -m codegen check`` on the repository, staleness
-  detection, determinism and the "DO NOT EDIT" header;
+  detection, determinism, the "DO NOT EDIT" header, and a registry that holds
+  only data (its classes are in :mod:`daemoneye_eventbus.registry_runtime`);
+* the hand-written runtime (``Topic``, ``TopicTemplate``, ``TopicRegistry``) on
+  its own;
 * the committed registry at run time: lookups, templates, payload index,
-  access table and the topic hierarchy the project requires.
+  access table, the event-kind tables and the topic hierarchy the project
+  requires.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import os
 import re
@@ -22,23 +29,36 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
 from codegen.build import PACKAGE, compile_schema, generate
-from codegen.render import HEADER, render
-from codegen.schema import TopicDecl, collect_topics
+from codegen.render import HEADER, RUNTIME_MODULE, render
+from codegen.render_ts import render_ts
+from codegen.schema import (
+    RESERVED_NAMES,
+    EventKindTopics,
+    Schema,
+    TopicDecl,
+    collect_schema,
+    collect_topics,
+    upper_snake,
+)
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
+from daemoneye_eventbus import registry_runtime
 from daemoneye_eventbus.errors import SchemaError
-from daemoneye_eventbus.topics import matches, validate_filter, validate_topic
+from daemoneye_eventbus.registry_runtime import Topic, TopicRegistry, TopicTemplate
+from daemoneye_eventbus.topics import topic_matches, validate_topic, validate_topic_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = ROOT / "proto"
 GENERATED = ROOT / "generated"
 PKG_DIR = Path(*PACKAGE.split("."))
 REGISTRY_FILE = (PKG_DIR / "registry.py").as_posix()
+TS_REGISTRY = ROOT / "clients/typescript/src/gen" / PKG_DIR / "registry.ts"
 
 PUBLIC = AccessLevel.ACCESS_LEVEL_PUBLIC
 RESTRICTED = AccessLevel.ACCESS_LEVEL_RESTRICTED
@@ -184,8 +204,13 @@ def _stale_files(stderr: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def real_decls() -> list[TopicDecl]:
-    return collect_topics(compile_schema(PROTO))
+def real_schema() -> Schema:
+    return collect_schema(compile_schema(PROTO))
+
+
+@pytest.fixture(scope="module")
+def real_decls(real_schema: Schema) -> list[TopicDecl]:
+    return list(real_schema.topics)
 
 
 # --------------------------------------------------------------------------
@@ -389,6 +414,210 @@ def test_access_level_unspecified(tmp_path: Path, access: str | None) -> None:
 def test_invalid_component_name(tmp_path: Path, component: str) -> None:
     message = _reject(tmp_path, _topic("events.a", publishers=[component]))
     assert f"invalid component name {component!r}" in message
+
+
+# --------------------------------------------------------------------------
+# Schema: event-kind enums and their (event_topic) options
+
+# Topics for the event-kind schemas: two concrete SmallEvent topics, a
+# SmallCommand topic and a SmallEvent template.
+_KIND_TOPICS = (
+    _topic("svc.small.a", value="TOPIC_SVC_SMALL_A"),
+    _topic("svc.small.b", value="TOPIC_SVC_SMALL_B", number=2),
+    _topic("svc.command", value="TOPIC_SVC_COMMAND", number=3, payload=SMALL_COMMAND),
+    _topic("svc.task.{id}", value="TOPIC_SVC_TASK", number=4),
+)
+
+
+def _kind_messages(*topics: str | None, nested: Sequence[str | None] = ()) -> str:
+    """The messages file with an enum ``SmallKind`` whose values name ``topics``.
+
+    Value ``i`` is ``SMALL_KIND_<i>`` with number ``i``; ``None`` leaves its
+    ``(event_topic)`` option out. ``nested`` does the same for an enum ``Mode``
+    nested in ``SmallCommand``.
+    """
+
+    def values(prefix: str, names: Sequence[str | None], indent: str) -> str:
+        out = []
+        for i, topic in enumerate(names):
+            option = "" if topic is None else f" [(event_topic) = {json.dumps(topic)}]"
+            out.append(f"{indent}// Value {i}.\n{indent}{prefix}_{i} = {i}{option};\n")
+        return "".join(out)
+
+    text = _MESSAGES.replace(
+        'import "google/protobuf/timestamp.proto";',
+        'import "daemoneye/eventbus/v1/options.proto";\nimport "google/protobuf/timestamp.proto";',
+    )
+    text += (
+        f"\n// Kinds of small events.\nenum SmallKind {{\n{values('SMALL_KIND', topics, '  ')}}}\n"
+    )
+    if nested:
+        text = text.replace(
+            "  // Its colour.\n  Colour colour = 2;\n",
+            "  // Its colour.\n  Colour colour = 2;\n  // A mode.\n  enum Mode {\n"
+            f"{values('MODE', nested, '    ')}  }}\n",
+        )
+    return text
+
+
+def _kind_schema(tmp_path: Path, messages: str, *values: str) -> Path:
+    return _write_schema(tmp_path / "proto", *(values or _KIND_TOPICS), messages=messages)
+
+
+def _reject_kinds(tmp_path: Path, messages: str, *values: str) -> str:
+    fds = compile_schema(_kind_schema(tmp_path, messages, *values))
+    with pytest.raises(SchemaError) as info:
+        collect_schema(fds)
+    # collect_topics checks the whole schema too.
+    with pytest.raises(SchemaError, match=re.escape(str(info.value))):
+        collect_topics(fds)
+    return str(info.value)
+
+
+def test_event_kind_topics_are_collected(tmp_path: Path) -> None:
+    messages = _kind_messages(
+        "svc.small.a", "svc.small.b", "svc.small.a", nested=["svc.command", "svc.command"]
+    )
+    schema = collect_schema(compile_schema(_kind_schema(tmp_path, messages)))
+    assert [k.enum for k in schema.event_kinds] == [
+        "daemoneye.eventbus.v1.SmallKind",
+        "daemoneye.eventbus.v1.SmallCommand.Mode",
+    ]
+    small, mode = schema.event_kinds
+    assert small.enum_file == "daemoneye/eventbus/v1/events.proto"
+    assert small.enum_package == "daemoneye.eventbus.v1"
+    assert small.local_name == "SmallKind"
+    assert small.constant == "SMALL_KIND_TOPICS"
+    assert [(v.name, v.number, v.topic.name) for v in small.values] == [
+        ("SMALL_KIND_0", 0, "svc.small.a"),
+        ("SMALL_KIND_1", 1, "svc.small.b"),
+        ("SMALL_KIND_2", 2, "svc.small.a"),
+    ]
+    assert small.payload_topic.payload == SMALL_EVENT
+    assert mode.local_name == "SmallCommand.Mode"
+    assert mode.constant == "SMALL_COMMAND_MODE_TOPICS"
+    assert {v.topic.name for v in mode.values} == {"svc.command"}
+    # Enums without the option (Colour) have no table.
+    assert len(schema.event_kinds) == 2
+
+    text = render(schema.topics, PACKAGE, schema.event_kinds)
+    assert (
+        "SMALL_KIND_TOPICS: Final[Mapping[int, Topic[events_pb2.SmallEvent]]] = "
+        "MappingProxyType({\n    events_pb2.SmallKind.SMALL_KIND_0: SVC_SMALL_A,\n" in text
+    )
+    assert "    events_pb2.SmallCommand.Mode.MODE_1: SVC_COMMAND,\n" in text
+    ts = render_ts(schema.topics, PACKAGE, schema.event_kinds)
+    assert (
+        "export const SMALL_KIND_TOPICS: ReadonlyMap<number, Topic<typeof SmallEventSchema>> = "
+        in ts
+    )
+    assert "  [2, SVC_SMALL_A], // SMALL_KIND_2\n" in ts
+
+
+def test_event_kind_tables_work_in_the_generated_registry(tmp_path: Path) -> None:
+    messages = _kind_messages("svc.small.b", "svc.small.a", nested=["svc.command"])
+    proto = _kind_schema(tmp_path, messages)
+    out = tmp_path / "out"
+    generate(proto, out)
+    check = textwrap.dedent(
+        """
+        from daemoneye.eventbus.v1 import events_pb2
+        import daemoneye.eventbus.v1.registry as r
+
+        assert dict(r.SMALL_KIND_TOPICS) == {0: r.SVC_SMALL_B, 1: r.SVC_SMALL_A}
+        assert r.SMALL_KIND_TOPICS[events_pb2.SmallKind.SMALL_KIND_1] is r.SVC_SMALL_A
+        assert dict(r.SMALL_COMMAND_MODE_TOPICS) == {0: r.SVC_COMMAND}
+        assert "SMALL_KIND_TOPICS" in r.__all__ and "SMALL_COMMAND_MODE_TOPICS" in r.__all__
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=out,
+        env={**os.environ, "PYTHONPATH": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_event_kind_value_without_option(tmp_path: Path) -> None:
+    message = _reject_kinds(tmp_path, _kind_messages("svc.small.a", None, "svc.small.b"))
+    assert "events.proto: SmallKind.SMALL_KIND_1 declares no (event_topic) option" in message
+    assert "other values of daemoneye.eventbus.v1.SmallKind do" in message
+
+
+def test_event_kind_zero_value_without_option(tmp_path: Path) -> None:
+    message = _reject_kinds(tmp_path, _kind_messages(None, "svc.small.a"))
+    assert "SmallKind.SMALL_KIND_0 declares no (event_topic) option" in message
+
+
+def test_nested_event_kind_value_without_option(tmp_path: Path) -> None:
+    message = _reject_kinds(tmp_path, _kind_messages("svc.small.a", nested=[None, "svc.command"]))
+    assert "events.proto: Mode.MODE_0 declares no (event_topic) option" in message
+    assert "other values of daemoneye.eventbus.v1.SmallCommand.Mode do" in message
+
+
+@pytest.mark.parametrize("topic", ["svc.small.c", "svc.small", "", "events.process.lifecycle"])
+def test_event_kind_names_an_undeclared_topic(tmp_path: Path, topic: str) -> None:
+    message = _reject_kinds(tmp_path, _kind_messages("svc.small.a", topic))
+    assert f"SmallKind.SMALL_KIND_1: (event_topic) {topic!r} is not a topic declared in Topic" in (
+        message
+    )
+
+
+def test_event_kind_names_a_template(tmp_path: Path) -> None:
+    message = _reject_kinds(tmp_path, _kind_messages("svc.small.a", "svc.task.{id}"))
+    assert "(event_topic) 'svc.task.{id}' is the topic template 'svc.task.{id}'" in message
+    assert "must name a concrete topic" in message
+    message = _reject_kinds(tmp_path / "built", _kind_messages("svc.small.a", "svc.task.x"))
+    assert "(event_topic) 'svc.task.x' is built from the topic template 'svc.task.{id}'" in message
+    assert "must name a concrete topic" in message
+
+
+def test_event_kind_mixes_payload_types(tmp_path: Path) -> None:
+    message = _reject_kinds(tmp_path, _kind_messages("svc.small.a", "svc.small.b", "svc.command"))
+    assert "SmallKind.SMALL_KIND_2: (event_topic) 'svc.command' carries " + SMALL_COMMAND in (
+        message
+    )
+    assert (
+        f"'svc.small.a' named by daemoneye.eventbus.v1.SmallKind.SMALL_KIND_0 carries {SMALL_EVENT}"
+        in (message)
+    )
+    assert "must have the same payload type" in message
+
+
+def test_event_kind_table_name_collides_with_a_topic(tmp_path: Path) -> None:
+    message = _reject_kinds(
+        tmp_path,
+        _kind_messages("svc.small.a"),
+        *_KIND_TOPICS,
+        _topic("svc.kinds", value="TOPIC_SMALL_KIND_TOPICS", number=5),
+    )
+    assert "generates the Python name 'SMALL_KIND_TOPICS'" in message
+    assert "already generated for TOPIC_SMALL_KIND_TOPICS" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "snake"),
+    [
+        ("ProcessEventKind", "PROCESS_EVENT_KIND"),
+        ("Kind", "KIND"),
+        ("HTTPStatus", "HTTP_STATUS"),
+        ("Kind2", "KIND2"),
+    ],
+)
+def test_upper_snake(name: str, snake: str) -> None:
+    assert upper_snake(name) == snake
+
+
+def test_real_schema_event_kinds(real_schema: Schema) -> None:
+    assert [k.enum for k in real_schema.event_kinds] == ["daemoneye.eventbus.v1.ProcessEventKind"]
+    (process,) = real_schema.event_kinds
+    assert isinstance(process, EventKindTopics)
+    assert process.constant == "PROCESS_EVENT_KIND_TOPICS"
+    assert [v.number for v in process.values] == sorted(events_pb2.ProcessEventKind.values())
 
 
 # --------------------------------------------------------------------------
@@ -601,10 +830,194 @@ def test_generated_files_carry_do_not_edit_header(tmp_path: Path) -> None:
     assert (GENERATED / REGISTRY_FILE).read_text().startswith(HEADER)
 
 
-def test_render_is_pure_and_matches_committed_registry(real_decls: list[TopicDecl]) -> None:
-    text = render(real_decls, PACKAGE)
-    assert text == render(list(real_decls), PACKAGE)
+def test_render_is_pure_and_matches_committed_registry(real_schema: Schema) -> None:
+    text = render(real_schema.topics, PACKAGE, real_schema.event_kinds)
+    assert text == render(list(real_schema.topics), PACKAGE, list(real_schema.event_kinds))
     assert text == (GENERATED / REGISTRY_FILE).read_text()
+    assert collect_topics(compile_schema(PROTO)) == list(real_schema.topics)
+
+
+def _module_names(tree: ast.Module) -> set[str]:
+    """Every name a module binds at its top level (imports, assignments, functions)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Assign):
+            names.update(n.id for n in node.targets if isinstance(n, ast.Name))
+    return names
+
+
+def test_generated_registry_is_data_only() -> None:
+    """No class in the generated registry: only imports, constants and small functions."""
+    tree = ast.parse((GENERATED / REGISTRY_FILE).read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    for node in tree.body:
+        assert isinstance(
+            node, ast.Import | ast.ImportFrom | ast.Assign | ast.AnnAssign | ast.FunctionDef
+        ) or (isinstance(node, ast.Expr) and node is tree.body[0]), ast.dump(node)[:200]
+        if isinstance(node, ast.FunctionDef):
+            # A template builder: a docstring and one `return CONSTANT.build(...)`.
+            docstring, body = node.body
+            assert isinstance(docstring, ast.Expr)
+            assert isinstance(body, ast.Return)
+    runtime = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == RUNTIME_MODULE]
+    assert [[a.name for a in n.names] for n in runtime] == [
+        ["Topic", "TopicRegistry", "TopicTemplate"]
+    ]
+    # The names callers import from the registry are its runtime's classes.
+    assert registry.Topic is Topic
+    assert registry.TopicTemplate is TopicTemplate
+    assert isinstance(registry.REGISTRY, TopicRegistry)
+    assert registry.REGISTRY.topics is registry.TOPICS
+    assert registry.REGISTRY.templates is registry.TEMPLATES
+    assert registry.lookup == registry.REGISTRY.lookup
+    assert registry.topics_for_payload == registry.REGISTRY.topics_for_payload
+    assert sorted(registry.__all__) == registry.__all__
+    for name in registry.__all__:
+        assert hasattr(registry, name), name
+
+
+def test_typescript_registry_is_data_only() -> None:
+    text = TS_REGISTRY.read_text()
+    assert not re.search(r"^\s*(export\s+)?(abstract\s+)?class\s", text, re.MULTILINE)
+    assert (
+        'import { Topic, TopicRegistry, TopicTemplate } from "../../../../registry_runtime.js";'
+        in text
+    )
+    assert (ROOT / "clients/typescript/src/registry_runtime.ts").is_file()
+
+
+def test_reserved_names_are_those_the_registry_binds(real_schema: Schema) -> None:
+    """RESERVED_NAMES is exactly what the registry binds besides the generated names."""
+    tree = ast.parse(render(real_schema.topics, PACKAGE, real_schema.event_kinds))
+    generated = (
+        {d.constant for d in real_schema.topics}
+        | {d.constant.lower() for d in real_schema.topics if d.is_template}
+        | {k.constant for k in real_schema.event_kinds}
+        | {"__all__"}
+    )
+    bound = {n for n in _module_names(tree) - generated if not n.endswith("_pb2")}
+    assert bound == RESERVED_NAMES
+
+
+# --------------------------------------------------------------------------
+# The hand-written runtime on its own (daemoneye_eventbus.registry_runtime)
+
+_EVENT: Topic[events_pb2.ProcessEvent] = Topic(
+    "svc.events.a",
+    events_pb2.ProcessEvent,
+    RESTRICTED,
+    frozenset({"smalld"}),
+    frozenset({"daemoneye-agent"}),
+    False,
+)
+_OTHER: Topic[events_pb2.ProcessEvent] = Topic(
+    "svc.events.b", events_pb2.ProcessEvent, PUBLIC, frozenset(), frozenset(), False
+)
+_COMMAND: Topic[control_pb2.TaskAssignment] = Topic(
+    "svc.command", control_pb2.TaskAssignment, PRIVILEGED, frozenset({"a"}), frozenset({"b"}), True
+)
+_TARGETED: TopicTemplate[control_pb2.TaskAssignment] = TopicTemplate(
+    "svc.command.{kind}.{id}",
+    ("kind", "id"),
+    control_pb2.TaskAssignment,
+    PRIVILEGED,
+    frozenset({"a"}),
+    frozenset({"b"}),
+    True,
+)
+_RUNTIME_REGISTRY = TopicRegistry(
+    MappingProxyType({t.name: t for t in (_EVENT, _OTHER, _COMMAND)}), (_TARGETED,)
+)
+
+
+def test_runtime_topic() -> None:
+    assert str(_EVENT) == "svc.events.a"
+    assert _EVENT.payload_name == "daemoneye.eventbus.v1.ProcessEvent"
+    assert _EVENT.template is None
+    same: Topic[events_pb2.ProcessEvent] = Topic(
+        "svc.events.a",
+        events_pb2.ProcessEvent,
+        RESTRICTED,
+        frozenset({"smalld"}),
+        frozenset({"daemoneye-agent"}),
+        False,
+    )
+    assert same == _EVENT
+    assert hash(_EVENT) == hash(dataclasses.replace(_EVENT))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _EVENT.name = "svc.other"  # type: ignore[misc]
+    assert not hasattr(_EVENT, "__dict__")  # slots
+
+
+def test_runtime_template_build_match_filter() -> None:
+    assert _TARGETED.payload_name == "daemoneye.eventbus.v1.TaskAssignment"
+    assert _TARGETED.filter == "svc.command.+.+"
+    built = _TARGETED.build(kind="scan", id="p-1")
+    assert built == Topic(
+        "svc.command.scan.p-1",
+        control_pb2.TaskAssignment,
+        PRIVILEGED,
+        frozenset({"a"}),
+        frozenset({"b"}),
+        True,
+        "svc.command.{kind}.{id}",
+    )
+    assert topic_matches(_TARGETED.filter, built.name)
+    assert _TARGETED.match(built.name) == {"kind": "scan", "id": "p-1"}
+    assert _TARGETED.match("svc.command.scan") is None
+    assert _TARGETED.match("svc.command.scan.p-1.x") is None
+    assert _TARGETED.match("svc.other.scan.p-1") is None
+    assert _TARGETED.match("svc.command.+.p-1") is None
+    with pytest.raises(ValueError, match=r"takes parameters \['kind', 'id'\], got \['kind'\]"):
+        _TARGETED.build(kind="scan")
+    with pytest.raises(ValueError, match=r"parameter 'id' .* must be one topic level"):
+        _TARGETED.build(kind="scan", id="a.b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _TARGETED.pattern = "x"  # type: ignore[misc]
+
+
+def test_runtime_registry_lookup() -> None:
+    assert _RUNTIME_REGISTRY.lookup("svc.events.a") is _EVENT
+    assert _RUNTIME_REGISTRY.lookup("svc.command") is _COMMAND
+    built = _RUNTIME_REGISTRY.lookup("svc.command.hash.fsmond")
+    assert built == _TARGETED.build(kind="hash", id="fsmond")
+    for name in ["svc.events", "svc.events.c", "svc.command.a.b.c", "svc.command.+.x", ""]:
+        assert _RUNTIME_REGISTRY.lookup(name) is None, name
+    empty = TopicRegistry(MappingProxyType({}), ())
+    assert empty.lookup("svc.events.a") is None
+
+
+def test_runtime_registry_topics_for_payload() -> None:
+    assert _RUNTIME_REGISTRY.topics_for_payload(events_pb2.ProcessEvent) == (_EVENT, _OTHER)
+    # Concrete topics only: the template's payload does not count.
+    assert _RUNTIME_REGISTRY.topics_for_payload(control_pb2.TaskAssignment) == (_COMMAND,)
+    assert _RUNTIME_REGISTRY.topics_for_payload(events_pb2.NetworkEvent) == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _RUNTIME_REGISTRY.templates = ()  # type: ignore[misc]
+
+
+def test_runtime_imports_nothing_heavy() -> None:
+    """Importing the runtime loads no other module of the bus and no generated code."""
+    code = (
+        "import sys, daemoneye_eventbus.registry_runtime\n"
+        "print(sorted(m for m in sys.modules if m.startswith('daemoneye')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert proc.stdout.strip() == str(["daemoneye_eventbus", "daemoneye_eventbus.registry_runtime"])
+    assert registry_runtime.__all__ == ["Topic", "TopicRegistry", "TopicTemplate"]
 
 
 # --------------------------------------------------------------------------
@@ -667,6 +1080,35 @@ def test_lookup_unknown_returns_none(name: str) -> None:
     assert registry.lookup(name) is None
 
 
+# What bus.py's hand-written table said before the schema carried it.
+_PROCESS_KIND_TOPICS = {
+    "PROCESS_EVENT_KIND_UNSPECIFIED": "events.process.lifecycle",
+    "PROCESS_EVENT_KIND_START": "events.process.lifecycle",
+    "PROCESS_EVENT_KIND_STOP": "events.process.lifecycle",
+    "PROCESS_EVENT_KIND_EXIT": "events.process.lifecycle",
+    "PROCESS_EVENT_KIND_SNAPSHOT": "events.process.lifecycle",
+    "PROCESS_EVENT_KIND_METADATA_UPDATE": "events.process.metadata",
+    "PROCESS_EVENT_KIND_TREE_CHANGE": "events.process.tree",
+    "PROCESS_EVENT_KIND_INTEGRITY_CHECK": "events.process.integrity",
+    "PROCESS_EVENT_KIND_ANOMALY": "events.process.anomaly",
+}
+
+
+def test_process_event_kind_topics_map_every_kind() -> None:
+    table = registry.PROCESS_EVENT_KIND_TOPICS
+    assert "PROCESS_EVENT_KIND_TOPICS" in registry.__all__
+    assert set(table) == set(events_pb2.ProcessEventKind.values())
+    assert set(_PROCESS_KIND_TOPICS) == set(events_pb2.ProcessEventKind.keys())
+    for name, topic_name in _PROCESS_KIND_TOPICS.items():
+        topic = table[events_pb2.ProcessEventKind.Value(name)]
+        assert topic.name == topic_name, name
+        assert registry.TOPICS[topic_name] is topic
+        assert topic.payload_type is events_pb2.ProcessEvent
+    assert {t.name for t in table.values()} == PROCESS_EVENT_TOPICS
+    with pytest.raises(TypeError):
+        table[0] = registry.EVENTS_PROCESS_TREE  # type: ignore[index]
+
+
 def test_template_build() -> None:
     template = registry.CONTROL_COLLECTOR_TASK_TARGETED
     assert template.pattern == TARGETED
@@ -711,10 +1153,10 @@ def test_template_build_rejects_values_that_are_not_one_level(param: str, bad: s
 def test_template_filter() -> None:
     template = registry.CONTROL_COLLECTOR_TASK_TARGETED
     assert template.filter == "control.collector.task.+.+"
-    validate_filter(template.filter)
+    validate_topic_filter(template.filter)
     built = registry.control_collector_task_targeted(type="scan", id="procmond-1")
-    assert matches(template.filter, built.name)
-    assert not matches(template.filter, registry.CONTROL_COLLECTOR_TASK.name)
+    assert topic_matches(template.filter, built.name)
+    assert not topic_matches(template.filter, registry.CONTROL_COLLECTOR_TASK.name)
 
 
 def test_topics_for_payload() -> None:

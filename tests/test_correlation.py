@@ -22,11 +22,11 @@ from daemoneye_eventbus.correlation import (
     MAX_TAGS,
     CorrelationMatcher,
     correlation_filter,
+    correlation_matches,
     create_child,
-    filter_matches,
     new_correlation,
     next_in_sequence,
-    validate_filter,
+    validate_correlation_filter,
     validate_metadata,
     with_stage,
     with_tag,
@@ -319,7 +319,7 @@ def test_filter_list_bounds(arg: str, field: str, limit: int) -> None:
     assert str(e.value) == f"{field} has 65 entries, the limit is 64"
     raw = Filter(**{field: [*full, "more"]})  # type: ignore[arg-type]
     with pytest.raises(InvalidCorrelation, match=f"{field} has 65 entries"):
-        validate_filter(raw)
+        validate_correlation_filter(raw)
     with pytest.raises(InvalidCorrelation, match=f"{field} has 65 entries"):
         CorrelationMatcher(raw)
 
@@ -328,7 +328,7 @@ def test_filter_list_bounds(arg: str, field: str, limit: int) -> None:
         correlation_filter(**{arg: ["ok", "é" * (limit // 2) + "a"]})  # type: ignore[arg-type]
     assert str(e.value) == f"{field}[1] is {limit + 1} bytes, the limit is {limit}"
     with pytest.raises(InvalidCorrelation) as e:
-        validate_filter(Filter(**{field: [""]}))  # type: ignore[arg-type]
+        validate_correlation_filter(Filter(**{field: [""]}))  # type: ignore[arg-type]
     assert str(e.value) == f"{field}[0] is empty"
 
 
@@ -346,14 +346,14 @@ def test_filter_tag_map_bounds(field: str) -> None:
         correlation_filter(**{field: {**full, "more": "v"}})  # type: ignore[arg-type]
     assert str(e.value) == f"{field} has 65 entries, the limit is 64"
     with pytest.raises(InvalidCorrelation, match=f"{field} has 65 entries"):
-        validate_filter(Filter(**{field: {**full, "more": "v"}}))  # type: ignore[arg-type]
+        validate_correlation_filter(Filter(**{field: {**full, "more": "v"}}))  # type: ignore[arg-type]
     correlation_filter(**{field: {"k" * MAX_TAG_KEY_BYTES: "v" * MAX_TAG_VALUE_BYTES}})  # type: ignore[arg-type]
     with pytest.raises(InvalidCorrelation, match=f"{field} key .* 129 bytes, the limit is 128"):
         correlation_filter(**{field: {"k" * 129: "v"}})  # type: ignore[arg-type]
     with pytest.raises(InvalidCorrelation, match=f"{field} value .* 1025 bytes, the limit is 1024"):
         correlation_filter(**{field: {"k": "v" * 1025}})  # type: ignore[arg-type]
     with pytest.raises(InvalidCorrelation, match=f"{field} key '' is empty"):
-        validate_filter(Filter(**{field: {"": "v"}}))  # type: ignore[arg-type]
+        validate_correlation_filter(Filter(**{field: {"": "v"}}))  # type: ignore[arg-type]
 
 
 def test_filter_sequence_range_bounds() -> None:
@@ -364,7 +364,7 @@ def test_filter_sequence_range_bounds() -> None:
     assert str(e.value) == "sequence_range min 5 is greater than its max 3"
     raw = Filter(sequence_range=correlation_pb2.SequenceRange(min=5, max=3))
     with pytest.raises(InvalidCorrelation, match="min 5 is greater than its max 3"):
-        validate_filter(raw)
+        validate_correlation_filter(raw)
     with pytest.raises(InvalidCorrelation, match="min 5 is greater"):
         CorrelationMatcher(raw)
     with pytest.raises(InvalidCorrelation, match="sequence_range min -1"):
@@ -406,7 +406,7 @@ def test_empty_filter_matches_everything() -> None:
     assert matcher.matches(None)
     assert matcher.matches(Meta())
     assert matcher.matches(_meta("anything", stage="s", tags={"k": "v"}, seq=9))
-    assert filter_matches(correlation_filter(), None)
+    assert correlation_matches(correlation_filter(), None)
 
 
 def test_non_empty_filter_never_matches_none() -> None:
@@ -594,11 +594,11 @@ def test_matcher_is_independent_of_later_filter_changes() -> None:
 
 def test_filter_matches_convenience() -> None:
     flt = correlation_filter(stages=["s"])
-    assert filter_matches(flt, _meta(stage="s"))
-    assert not filter_matches(flt, _meta(stage="t"))
-    assert not filter_matches(flt, None)
+    assert correlation_matches(flt, _meta(stage="s"))
+    assert not correlation_matches(flt, _meta(stage="t"))
+    assert not correlation_matches(flt, None)
     with pytest.raises(InvalidCorrelation):
-        filter_matches(Filter(correlation_ids=[""]), _meta())
+        correlation_matches(Filter(correlation_ids=[""]), _meta())
 
 
 def test_helpers_feed_matchers() -> None:
@@ -722,7 +722,7 @@ def test_matcher_agrees_with_reference(flt: Filter, metas: list[Meta | None]) ->
 )
 def test_patterns_agree_with_reference_glob(patterns: list[str], cid: str) -> None:
     expected = any(_glob_reference(p, cid) for p in patterns)
-    assert filter_matches(correlation_filter(patterns=patterns), _meta(cid)) == expected
+    assert correlation_matches(correlation_filter(patterns=patterns), _meta(cid)) == expected
 
 
 @settings(max_examples=200, deadline=None)

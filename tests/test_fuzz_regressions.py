@@ -26,10 +26,12 @@ import pytest
 
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus.broker import Broker, BrokerConfig, _SocketSession
+from daemoneye_eventbus.access import PeerCredentials
+from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client, build_publish
-from daemoneye_eventbus.protocol import Connection, Role, State, encode_frame
-from daemoneye_eventbus.transport import PeerCredentials
+from daemoneye_eventbus.frames import encode_frame
+from daemoneye_eventbus.protocol import Connection, Role, State
+from daemoneye_eventbus.sessions import SocketSession
 from fuzz import common, fuzz_frames, fuzz_session, seeds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,9 +108,9 @@ def test_seed_corpus_is_current() -> None:
 # -- what the fuzzers found, stated directly ---------------------------------------------------
 
 
-def _open_session(broker: Broker, peer: PeerCredentials) -> tuple[_SocketSession, bytearray]:
-    session = _SocketSession(broker)
-    session.peer = peer
+def _open_session(broker: Broker, peer: PeerCredentials) -> tuple[SocketSession, bytearray]:
+    session = SocketSession(broker)
+    session.endpoint.peer = peer
     transport = fuzz_session.FakeTransport()
     session.connection_made(transport)
     return session, transport.written
@@ -127,7 +129,7 @@ async def test_local_publish_reaches_socket_subscriber() -> None:
         before = len(written)
         local = broker.local_session("agent", "procmond")
         event = events_pb2.ProcessEvent(pid=1)
-        assert local.publish(build_publish(registry.EVENTS_PROCESS_LIFECYCLE, event)) == 1
+        assert local.publish_frame(build_publish(registry.EVENTS_PROCESS_LIFECYCLE, event)) == 1
         await asyncio.sleep(0)  # the socket is not backed up: nothing should wait
         assert len(written) > before, "the delivery is still queued in the broker"
     finally:

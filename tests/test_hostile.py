@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus.broker import Broker, BrokerConfig, _SocketSession
+from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client, Subscription
 from daemoneye_eventbus.errors import (
     AccessDenied,
@@ -55,7 +55,9 @@ from daemoneye_eventbus.errors import (
     BrokerError,
     LimitExceeded,
 )
-from daemoneye_eventbus.protocol import State, encode_frame, encode_varint
+from daemoneye_eventbus.frames import encode_frame, encode_varint
+from daemoneye_eventbus.protocol import State
+from daemoneye_eventbus.sessions import SocketSession
 
 T = TypeVar("T")
 
@@ -465,7 +467,7 @@ async def settle(broker: Broker, connections: int, timeout: float = 5.0) -> None
         raise AssertionError(f"{have} connections after {timeout} s, not {connections}") from None
 
 
-async def new_session(broker: Broker, before: set[_SocketSession]) -> _SocketSession:
+async def new_session(broker: Broker, before: set[SocketSession]) -> SocketSession:
     """The broker's session for a connection opened after ``before`` was taken."""
     await eventually(lambda: bool(broker._sessions - before), what="a new session")
     (session,) = broker._sessions - before
@@ -701,7 +703,7 @@ async def test_truncated_frame_then_eof_frees_the_connection(
         assert session not in bus._sessions
         assert session.conn.state is State.CLOSED
         assert session.conn.buffered_input == 0
-        assert not session.subscriptions
+        assert not session.endpoint.subscriptions
         await pair.exchange()
 
 
@@ -1480,7 +1482,7 @@ async def test_stuck_subscribers_are_bounded_dropped_and_disconnected(
         # Three stuck subscribers: one never reads, one reads a byte a second, and
         # one stops reading until the broker gives up on it, then drains its socket.
         stuck: list[RawPeer] = []
-        sessions: list[_SocketSession] = []
+        sessions: list[SocketSession] = []
         for _ in range(3):
             before = set(broker._sessions)
             peer = await RawPeer.connect(sock_path, component="daemoneye-agent")

@@ -17,18 +17,11 @@ from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from daemoneye_eventbus.protocol import (
+from daemoneye_eventbus.frames import (
     DEFAULT_MAX_FRAME_BYTES,
     DELIVER_OVERHEAD,
     HANDSHAKE_MAX_FRAME_BYTES,
     MAX_PREFIX_BYTES,
-    PROTOCOL_VERSION,
-    RECEIVABLE,
-    SENDABLE,
-    TRANSITIONS,
-    Connection,
-    Role,
-    State,
     decode_varint,
     encode_deliver,
     encode_frame,
@@ -36,6 +29,15 @@ from daemoneye_eventbus.protocol import (
     encode_varint,
     error_frame,
     publish_header,
+)
+from daemoneye_eventbus.protocol import (
+    PROTOCOL_VERSION,
+    RECEIVABLE,
+    SENDABLE,
+    TRANSITIONS,
+    Connection,
+    Role,
+    State,
 )
 
 # --------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from daemoneye_eventbus.topics import (
     DEFAULT_MAX_TOPIC_BYTES,
     DEFAULT_MAX_TOPIC_LEVELS,
     SubscriptionTrie,
-    matches,
     split_topic,
-    validate_filter,
+    topic_matches,
     validate_topic,
+    validate_topic_filter,
 )
 
 # --------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def _reject_topic(topic: Any, **kwargs: int) -> str:
 
 def _reject_filter(filter_: Any, **kwargs: int) -> str:
     with pytest.raises(InvalidTopic) as info:
-        validate_filter(filter_, **kwargs)
+        validate_topic_filter(filter_, **kwargs)
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value, EventBusError)
     return str(info.value)
@@ -102,11 +102,11 @@ def test_split_topic() -> None:
 )
 def test_valid_topics(topic: str) -> None:
     validate_topic(topic)
-    validate_filter(topic)  # every valid topic is a valid filter
+    validate_topic_filter(topic)  # every valid topic is a valid filter
 
 
 # --------------------------------------------------------------------------
-# validate_topic / validate_filter: rejected
+# validate_topic / validate_topic_filter: rejected
 
 
 @pytest.mark.parametrize(
@@ -172,7 +172,7 @@ def test_invalid_filters(filter_: str, fragment: str) -> None:
     ["#", "+", "a.#", "a.+", "+.+.+", "+.#", "a.+.c.#", "events.process.#", "A.b-c_d.+"],
 )
 def test_valid_filters(filter_: str) -> None:
-    validate_filter(filter_)
+    validate_topic_filter(filter_)
 
 
 @pytest.mark.parametrize("value", [None, 1, 1.5, b"a.b", ["a"], ("a",), object()])
@@ -186,7 +186,7 @@ def test_str_subclass_is_accepted() -> None:
         __slots__ = ()
 
     validate_topic(Sub("a.b"))
-    validate_filter(Sub("a.#"))
+    validate_topic_filter(Sub("a.#"))
 
 
 # --------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_byte_limit_counts_utf8_bytes() -> None:
 
 def test_level_limit_default() -> None:
     validate_topic(".".join(["a"] * 16))
-    validate_filter(".".join(["+"] * 15 + ["#"]))
+    validate_topic_filter(".".join(["+"] * 15 + ["#"]))
     message = _reject_topic(".".join(["a"] * 17))
     assert message == "topic has 17 levels, the limit is 16"
     message = _reject_filter(".".join(["+"] * 20))
@@ -229,13 +229,13 @@ def test_limits_checked_before_grammar() -> None:
 def test_custom_limits() -> None:
     validate_topic("a" * 1000, max_bytes=1000)
     validate_topic(".".join(["a"] * 40), max_levels=40)
-    validate_filter(".".join(["+"] * 40), max_levels=40)
+    validate_topic_filter(".".join(["+"] * 40), max_levels=40)
     assert _reject_topic("abcd", max_bytes=3) == "topic is 4 bytes long, the limit is 3"
     assert _reject_filter("a.b.#", max_levels=2) == "filter has 3 levels, the limit is 2"
     assert _reject_topic("a.b", max_levels=1) == "topic has 2 levels, the limit is 1"
     # Exactly at the limit is fine.
     validate_topic("abc", max_bytes=3)
-    validate_filter("a.#", max_levels=2)
+    validate_topic_filter("a.#", max_levels=2)
 
 
 def test_huge_string_refused_by_length_without_scanning() -> None:
@@ -307,9 +307,9 @@ def test_huge_level_count_refused() -> None:
     ],
 )
 def test_matches(filter_: str, topic: str, expected: bool) -> None:
-    validate_filter(filter_)
+    validate_topic_filter(filter_)
     validate_topic(topic)
-    assert matches(filter_, topic) is expected
+    assert topic_matches(filter_, topic) is expected
 
 
 # --------------------------------------------------------------------------
@@ -499,13 +499,13 @@ _REFERENCE_FILTER = re.compile(r"(?:[A-Za-z0-9_-]+|\+)(?:\.(?:[A-Za-z0-9_-]+|\+)
 @given(topic_st)
 def test_generated_topics_are_valid(topic: str) -> None:
     validate_topic(topic)
-    validate_filter(topic)
+    validate_topic_filter(topic)
 
 
 @settings(max_examples=200, deadline=None)
 @given(filter_st())
 def test_generated_filters_are_valid(filter_: str) -> None:
-    validate_filter(filter_)
+    validate_topic_filter(filter_)
     if "+" in filter_ or "#" in filter_:
         with pytest.raises(InvalidTopic, match="not allowed in a published topic"):
             validate_topic(filter_)
@@ -529,13 +529,13 @@ def test_validation_agrees_with_reference_grammar(text: str) -> None:
     expect_topic = _REFERENCE_TOPIC.fullmatch(text) is not None and text.count(".") < 16
     expect_filter = _REFERENCE_FILTER.fullmatch(text) is not None and text.count(".") < 16
     assert accepted(validate_topic) is expect_topic
-    assert accepted(validate_filter) is expect_filter
+    assert accepted(validate_topic_filter) is expect_filter
 
 
 @settings(max_examples=200, deadline=None)
 @given(filter_st(), topic_st)
 def test_matches_agrees_with_reference(filter_: str, topic: str) -> None:
-    assert matches(filter_, topic) is _reference_matches(filter_, topic)
+    assert topic_matches(filter_, topic) is _reference_matches(filter_, topic)
 
 
 @settings(max_examples=200, deadline=None)
@@ -550,7 +550,7 @@ def test_trie_match_agrees_with_matches(pairs: list[tuple[str, int]], topics: li
     assert len(trie) == len(set(pairs))
     assert set(trie.items()) == set(pairs)
     for topic in topics:
-        expected = {v for (f, v) in pairs if matches(f, topic)}
+        expected = {v for (f, v) in pairs if topic_matches(f, topic)}
         assert trie.match(topic) == expected
 
 
@@ -596,7 +596,7 @@ def test_trie_partial_removal_agrees_with_model(
     assert len(trie) == len(model)
     assert set(trie.items()) == model
     for topic in topics:
-        assert trie.match(topic) == {v for (f, v) in model if matches(f, topic)}
+        assert trie.match(topic) == {v for (f, v) in model if topic_matches(f, topic)}
     # Removing everything left returns the trie to just its root.
     for filter_, value in model:
         assert trie.remove(filter_, value)

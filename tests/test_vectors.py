@@ -20,14 +20,8 @@ from vectors import generate
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import Frame
 from daemoneye_eventbus.delivery import message_class
-from daemoneye_eventbus.protocol import (
-    Connection,
-    Role,
-    decode_varint,
-    encode_deliver,
-    encode_publish,
-    publish_header,
-)
+from daemoneye_eventbus.frames import decode_varint, encode_deliver, encode_publish, publish_header
+from daemoneye_eventbus.protocol import Connection, Role
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 PROTOCOL_DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"

@@ -7,7 +7,9 @@ Every topic of the bus is an enum value of `Topic` (see topics.proto) that
 carries a `TopicOptions` option. The code generator in `codegen/` reads
 these options from the compiled descriptors and writes the typed topic
 registry, so topic names, access levels and payload types are declared
-here once and agree in every language.
+here once and agree in every language. The values of an event-kind enum
+such as `ProcessEventKind` (events.proto) name, through `event_topic`, the
+topic on which each kind of event is published.
 """
 
 from collections import abc as _abc
@@ -112,7 +114,15 @@ class TopicOptions(_message.Message):
 Global___TopicOptions: _TypeAlias = TopicOptions  # noqa: Y015
 
 TOPIC_FIELD_NUMBER: _builtins.int
+EVENT_TOPIC_FIELD_NUMBER: _builtins.int
 topic: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, Global___TopicOptions]
 """The topic declared by an enum value of `Topic`. Number from the range
 reserved for this project's custom options (50000-99999).
+"""
+event_topic: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.str]
+"""The concrete topic on which an event whose kind is this enum value is
+published, e.g. `events.process.lifecycle` on the values of
+`ProcessEventKind`. An enum that sets it on one value sets it on all of
+them, each naming a topic declared in `Topic`, all with the same payload
+type; the code generator derives the kind-to-topic table from it.
 """

@@ -5,156 +5,17 @@
  * @module
  */
 
-import type { DescMessage, Registry } from "@bufbuild/protobuf";
+import type { Registry } from "@bufbuild/protobuf";
 import { createRegistry } from "@bufbuild/protobuf";
 import { AgentOrchestrationSchema, CollectorLifecycleCommandSchema, CollectorRegistrationSchema, ComponentStatusSchema, ConfigurationUpdateSchema, DiagnosticsSchema, HeartbeatSchema, PolicyUpdateSchema, TaskAssignmentSchema, file_daemoneye_eventbus_v1_control } from "./control_pb.js";
 import { FilesystemEventSchema, NetworkEventSchema, PerformanceEventSchema, ProcessBatchSchema, ProcessEventSchema, file_daemoneye_eventbus_v1_events } from "./events_pb.js";
 import { AccessLevel } from "./options_pb.js";
+import { Topic, TopicRegistry, TopicTemplate } from "../../../../registry_runtime.js";
 
-export { AccessLevel };
+export { AccessLevel, Topic, TopicRegistry, TopicTemplate };
 
 /** The message types of every topic payload, to decode an event by its type name. */
 export const PAYLOAD_REGISTRY: Registry = createRegistry(file_daemoneye_eventbus_v1_control, file_daemoneye_eventbus_v1_events);
-
-const LEVEL = /^[A-Za-z0-9_-]+$/;
-
-/**
- * A concrete topic and what the schema declares for it.
- *
- * The payload schema is part of the type, so publishing the wrong message on a
- * topic is a type error.
- */
-export class Topic<Desc extends DescMessage = DescMessage> {
-  constructor(
-    /** The topic name, e.g. `events.process.lifecycle`. */
-    readonly name: string,
-    /** The protobuf-es schema of the payload message. */
-    readonly schema: Desc,
-    /** Who may use the topic. */
-    readonly access: AccessLevel,
-    /** Components allowed to publish (empty on a public topic: everyone). */
-    readonly publishers: readonly string[],
-    /** Components allowed to subscribe (empty on a public topic: everyone). */
-    readonly subscribers: readonly string[],
-    /** A control-plane topic, which reaches only subscribers that opt in. */
-    readonly control: boolean,
-    /** The template this topic was built from, if any. */
-    readonly template?: string,
-  ) {
-    Object.freeze(this.publishers);
-    Object.freeze(this.subscribers);
-    Object.freeze(this);
-  }
-
-  /** Fully qualified name of the payload message type. */
-  get payloadName(): string {
-    return this.schema.typeName;
-  }
-
-  toString(): string {
-    return this.name;
-  }
-}
-
-/**
- * A parametrised topic such as `control.collector.task.{type}.{id}`.
- *
- * Each parameter stands for exactly one topic level.
- */
-export class TopicTemplate<Desc extends DescMessage = DescMessage, Param extends string = string> {
-  constructor(
-    /** The template, e.g. `control.collector.task.{type}.{id}`. */
-    readonly pattern: string,
-    /** The parameter names, in order. */
-    readonly parameters: readonly Param[],
-    /** The protobuf-es schema of the payload message. */
-    readonly schema: Desc,
-    /** Who may use the topics built from the template. */
-    readonly access: AccessLevel,
-    /** Components allowed to publish. */
-    readonly publishers: readonly string[],
-    /** Components allowed to subscribe. */
-    readonly subscribers: readonly string[],
-    /** Control-plane topics. */
-    readonly control: boolean,
-  ) {
-    Object.freeze(this.parameters);
-    Object.freeze(this.publishers);
-    Object.freeze(this.subscribers);
-    Object.freeze(this);
-  }
-
-  /** Fully qualified name of the payload message type. */
-  get payloadName(): string {
-    return this.schema.typeName;
-  }
-
-  /** A subscription filter matching every topic built from this template. */
-  get filter(): string {
-    return this.pattern
-      .split(".")
-      .map((level) => (level.startsWith("{") ? "+" : level))
-      .join(".");
-  }
-
-  /** Build the concrete topic; each value must be one valid topic level. */
-  build(values: Readonly<Record<Param, string>>): Topic<Desc> {
-    const given = Object.keys(values).sort();
-    const wanted = [...this.parameters].sort();
-    if (given.length !== wanted.length || given.some((key, i) => key !== wanted[i])) {
-      throw new TypeError(
-        `topic template ${JSON.stringify(this.pattern)} takes parameters ` +
-          `${JSON.stringify(this.parameters)}, got ${JSON.stringify(given)}`,
-      );
-    }
-    const levels = this.pattern.split(".").map((level) => {
-      if (!level.startsWith("{")) {
-        return level;
-      }
-      const key = level.slice(1, -1) as Param;
-      const value: unknown = values[key];
-      if (typeof value !== "string" || !LEVEL.test(value)) {
-        throw new TypeError(
-          `parameter ${JSON.stringify(key)} of topic template ${JSON.stringify(this.pattern)} ` +
-            `must be one topic level made of [A-Za-z0-9_-], got ${JSON.stringify(value)}`,
-        );
-      }
-      return value;
-    });
-    return new Topic(
-      levels.join("."),
-      this.schema,
-      this.access,
-      this.publishers,
-      this.subscribers,
-      this.control,
-      this.pattern,
-    );
-  }
-
-  /** The parameter values if `topic` was built from this template, else undefined. */
-  match(topic: string): Record<Param, string> | undefined {
-    const levels = topic.split(".");
-    const pattern = this.pattern.split(".");
-    if (levels.length !== pattern.length) {
-      return undefined;
-    }
-    const values: Partial<Record<Param, string>> = {};
-    for (let i = 0; i < pattern.length; i++) {
-      const want = pattern[i] ?? "";
-      const got = levels[i] ?? "";
-      if (want.startsWith("{")) {
-        if (!LEVEL.test(got)) {
-          return undefined;
-        }
-        values[want.slice(1, -1) as Param] = got;
-      } else if (want !== got) {
-        return undefined;
-      }
-    }
-    return values as Record<Param, string>;
-  }
-}
 
 /** Process start, stop and exit. */
 export const EVENTS_PROCESS_LIFECYCLE: Topic<typeof ProcessEventSchema> = new Topic(
@@ -424,26 +285,26 @@ export const ACCESS_TABLE: ReadonlyMap<string, AccessLevel> = new Map<string, Ac
   ["control.health.diagnostics", AccessLevel.PUBLIC],
 ]);
 
+/** The topic of each `ProcessEventKind` value, from the schema's (event_topic) options. */
+export const PROCESS_EVENT_KIND_TOPICS: ReadonlyMap<number, Topic<typeof ProcessEventSchema>> = new Map<number, Topic<typeof ProcessEventSchema>>([
+  [0, EVENTS_PROCESS_LIFECYCLE], // PROCESS_EVENT_KIND_UNSPECIFIED
+  [1, EVENTS_PROCESS_LIFECYCLE], // PROCESS_EVENT_KIND_START
+  [2, EVENTS_PROCESS_LIFECYCLE], // PROCESS_EVENT_KIND_STOP
+  [3, EVENTS_PROCESS_LIFECYCLE], // PROCESS_EVENT_KIND_EXIT
+  [4, EVENTS_PROCESS_METADATA], // PROCESS_EVENT_KIND_METADATA_UPDATE
+  [5, EVENTS_PROCESS_TREE], // PROCESS_EVENT_KIND_TREE_CHANGE
+  [6, EVENTS_PROCESS_INTEGRITY], // PROCESS_EVENT_KIND_INTEGRITY_CHECK
+  [7, EVENTS_PROCESS_ANOMALY], // PROCESS_EVENT_KIND_ANOMALY
+  [8, EVENTS_PROCESS_LIFECYCLE], // PROCESS_EVENT_KIND_SNAPSHOT
+]);
+
+/** The look-ups over TOPICS and TEMPLATES. */
+export const REGISTRY: TopicRegistry<TopicsByName> = new TopicRegistry<TopicsByName>(TOPICS, TEMPLATES);
+
 /** The declared topic of that name, built from a template if need be. */
-export function lookup<N extends keyof TopicsByName>(name: N): TopicsByName[N];
-export function lookup(name: string): Topic | undefined;
-export function lookup(name: string): Topic | undefined {
-  const topic = TOPICS.get(name);
-  if (topic !== undefined) {
-    return topic;
-  }
-  for (const template of TEMPLATES) {
-    const values = template.match(name);
-    if (values !== undefined) {
-      return template.build(values);
-    }
-  }
-  return undefined;
-}
+export const lookup: TopicRegistry<TopicsByName>["lookup"] =
+  REGISTRY.lookup.bind(REGISTRY);
 
 /** The concrete topics whose payload is `schema`, in schema order. */
-export function topicsForPayload<Desc extends DescMessage>(schema: Desc): readonly Topic<Desc>[] {
-  return [...TOPICS.values()].filter(
-    (topic): topic is Topic<Desc> => topic.schema.typeName === schema.typeName,
-  );
-}
+export const topicsForPayload: TopicRegistry["topicsForPayload"] =
+  REGISTRY.topicsForPayload.bind(REGISTRY);

@@ -1,12 +1,15 @@
-"""Local transports: the Unix domain socket the broker listens on.
+"""The Unix domain socket transport (Linux and macOS).
 
 This module knows nothing of frames, sessions or routing. It creates the
 listening socket safely (see :func:`bind_unix_socket`), reads the peer's
-credentials from the kernel, and computes default socket paths.
+credentials from the kernel, computes default socket paths, and offers the
+:class:`~daemoneye_eventbus.transports.base.Listener` interface over them
+(:class:`UnixListener`) and :func:`connect` for clients.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -14,19 +17,27 @@ import socket
 import stat
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
+from daemoneye_eventbus.access import PeerCredentials
 from daemoneye_eventbus.errors import BrokerAlreadyRunning, BrokerError
+from daemoneye_eventbus.transports.base import Listener, ProtocolFactory
 
 __all__ = [
     "DEFAULT_SOCKET_PATH",
-    "PeerCredentials",
+    "LISTEN_BACKLOG",
+    "UnixListener",
     "bind_unix_socket",
+    "connect",
     "default_socket_path",
     "peer_credentials",
+    "peer_executable",
     "remove_socket",
 ]
+
+#: Connections the kernel queues before the broker accepts them.
+LISTEN_BACKLOG: Final = 512
 
 #: Where the broker listens unless told otherwise.
 DEFAULT_SOCKET_PATH = "/tmp/daemoneye.sock"
@@ -39,15 +50,6 @@ def default_socket_path(instance: str | None = None) -> str:
     if not all(c.isalnum() or c in "-_" for c in instance):
         raise ValueError(f"instance name {instance!r} may hold only letters, digits, '-' and '_'")
     return f"/tmp/daemoneye-{instance}.sock"
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    """Who is at the other end of a Unix socket, as the kernel says."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
@@ -118,7 +120,7 @@ def bind_unix_socket(
     *,
     mode: int = 0o600,
     group: int | None = None,
-    backlog: int = 512,
+    backlog: int = LISTEN_BACKLOG,
 ) -> socket.socket:
     """Create a listening Unix socket at ``path`` that is never more open than ``mode``.
 
@@ -161,3 +163,78 @@ def remove_socket(path: str, inode: int | None) -> None:
         st = os.lstat(path)
         if stat.S_ISSOCK(st.st_mode) and (inode is None or st.st_ino == inode):
             os.unlink(path)
+
+
+class UnixListener(Listener):
+    """A broker's listening Unix socket (see :func:`bind_unix_socket`)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        mode: int = 0o600,
+        group: int | None = None,
+        send_buffer: int | None = None,
+        backlog: int = LISTEN_BACKLOG,
+    ) -> None:
+        self.address = path
+        self.mode = mode
+        self.group = group
+        self.send_buffer = send_buffer
+        self.backlog = backlog
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+
+    async def start(self, factory: ProtocolFactory) -> None:
+        if self._server is not None:
+            raise BrokerError(f"already listening on {self.address}")
+        sock = bind_unix_socket(
+            self.address, mode=self.mode, group=self.group, backlog=self.backlog
+        )
+        self._inode = os.stat(self.address).st_ino
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_unix_server(factory, sock=sock, backlog=self.backlog)
+        except BaseException:
+            sock.close()
+            remove_socket(self.address, self._inode)
+            raise
+
+    def accept(self, transport: asyncio.BaseTransport) -> PeerCredentials | None:
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        peer = None
+        with contextlib.suppress(OSError):
+            peer = peer_credentials(sock)
+        if self.send_buffer:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+        return peer
+
+    def executable(self, peer: PeerCredentials) -> str | None:
+        return peer_executable(peer.pid)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        # Only our own socket file: another broker may have claimed the path since.
+        remove_socket(self.address, self._inode)
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def peer_executable(pid: int) -> str | None:
+    """The executable of process ``pid`` (Linux: ``/proc/<pid>/exe``); None if unknown."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+async def connect(path: str, factory: ProtocolFactory) -> asyncio.BaseTransport:
+    """Connect to the broker listening at ``path``."""
+    transport, _ = await asyncio.get_running_loop().create_unix_connection(factory, path)
+    return transport

@@ -1,0 +1,76 @@
+"""The broker's limits and deadlines: one frozen :class:`BrokerConfig` (pure).
+
+Every limit here is enforced, by the router (topics, subscriptions, batches,
+frame sizes), the sessions (queues, deadlines) or the broker (connections).
+docs/security.md lists them with the reasoning behind each default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye_eventbus.access import Policy
+from daemoneye_eventbus.frames import DEFAULT_MAX_FRAME_BYTES, HANDSHAKE_MAX_FRAME_BYTES
+from daemoneye_eventbus.topics import DEFAULT_MAX_TOPIC_BYTES, DEFAULT_MAX_TOPIC_LEVELS
+
+__all__ = ["BrokerConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Limits and deadlines of a broker. Every one is enforced."""
+
+    #: Largest frame body after the handshake, in bytes.
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: Largest frame body before the handshake completes, in bytes.
+    handshake_max_frame_bytes: int = HANDSHAKE_MAX_FRAME_BYTES
+    #: Seconds a client has to complete the handshake, however slowly it sends.
+    handshake_timeout: float = 2.0
+    #: Open connections at most, in total.
+    max_connections: int = 1024
+    #: Open connections at most per peer uid.
+    max_connections_per_uid: int = 256
+    #: Subscriptions at most per connection.
+    max_subscriptions: int = 1024
+    #: Longest topic or filter, in bytes.
+    max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES
+    #: Most levels in a topic or filter.
+    max_topic_levels: int = DEFAULT_MAX_TOPIC_LEVELS
+    #: Messages queued at most for one subscriber before drops start.
+    max_queue_messages: int = 1000
+    #: Bytes queued at most for one subscriber before drops start.
+    max_queue_bytes: int = 8 * 1024 * 1024
+    #: Seconds a subscriber's socket may stay backed up before it is disconnected.
+    slow_consumer_timeout: float = 10.0
+    #: Seconds of silence after which the broker pings a client.
+    heartbeat_interval: float = 5.0
+    #: Seconds of silence after which the broker disconnects a client.
+    idle_timeout: float = 15.0
+    #: Seconds a graceful shutdown may spend draining queues.
+    drain_timeout: float = 5.0
+    #: Accept topics the schema does not declare (as public topics).
+    allow_undeclared_topics: bool = False
+    #: Permission bits of the socket file.
+    socket_mode: int = 0o600
+    #: Group of the socket file (gid), or None to keep the broker's.
+    socket_group: int | None = None
+    #: Which peers may act as which component; None for :meth:`Policy.default`.
+    policy: Policy | None = None
+    #: Kernel send buffer asked for on each connection (SO_SNDBUF), or None for
+    #: the system default. A larger buffer absorbs a subscriber's short stalls
+    #: without drops; the kernel caps it at net.core.wmem_max.
+    socket_send_buffer: int | None = 1024 * 1024
+
+    def limits(self) -> frames_pb2.Limits:
+        """The limits as announced in ``Welcome``."""
+        return frames_pb2.Limits(
+            max_frame_bytes=self.max_frame_bytes,
+            max_topic_bytes=self.max_topic_bytes,
+            max_topic_levels=self.max_topic_levels,
+            max_subscriptions=self.max_subscriptions,
+            max_queue_messages=self.max_queue_messages,
+            max_queue_bytes=self.max_queue_bytes,
+            heartbeat_interval_ms=int(self.heartbeat_interval * 1000),
+            idle_timeout_ms=int(self.idle_timeout * 1000),
+        )

@@ -1,0 +1,156 @@
+"""The hand-written runtime of the generated topic registries.
+
+A generated registry (``generated/daemoneye/eventbus/v1/registry.py``, written
+by ``codegen/render.py``) holds only data: one :class:`Topic` or
+:class:`TopicTemplate` constant per topic the schema declares, builder
+functions for the templates, the ``TOPICS`` / ``TEMPLATES`` / ``ACCESS_TABLE``
+tables and a :class:`TopicRegistry` over them. It imports the classes from
+here, so that they are ordinary source: linted, type-checked and tested like
+the rest of the package, not text templates inside the generator.
+
+This module imports only :mod:`google.protobuf` and, for type checking only,
+the generated ``daemoneye.eventbus.v1.options_pb2`` (for ``AccessLevel``). In
+particular it does not import :mod:`daemoneye_eventbus.topics` or anything
+else of the bus, so importing a registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    from daemoneye.eventbus.v1.options_pb2 import AccessLevel
+
+__all__ = ["Topic", "TopicRegistry", "TopicTemplate"]
+
+#: The payload message type of a topic.
+P = TypeVar("P", bound=Message)
+
+# One topic level as a template parameter may take it: no dot, no wildcard.
+_LEVEL = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Topic(Generic[P]):
+    """A concrete topic and what the schema declares for it.
+
+    The payload type is part of the type, so publishing the wrong message on a
+    topic is a type error.
+    """
+
+    name: str
+    payload_type: type[P]
+    access: AccessLevel.ValueType
+    publishers: frozenset[str]
+    subscribers: frozenset[str]
+    control: bool
+    #: The template this topic was built from, if any.
+    template: str | None = None
+
+    @property
+    def payload_name(self) -> str:
+        """Fully qualified name of the payload message type."""
+        return self.payload_type.DESCRIPTOR.full_name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class TopicTemplate(Generic[P]):
+    """A parametrised topic such as ``control.collector.task.{type}.{id}``.
+
+    Each parameter stands for exactly one topic level.
+    """
+
+    pattern: str
+    parameters: tuple[str, ...]
+    payload_type: type[P]
+    access: AccessLevel.ValueType
+    publishers: frozenset[str]
+    subscribers: frozenset[str]
+    control: bool
+
+    @property
+    def payload_name(self) -> str:
+        """Fully qualified name of the payload message type."""
+        return self.payload_type.DESCRIPTOR.full_name
+
+    @property
+    def filter(self) -> str:
+        """A subscription filter matching every topic built from this template."""
+        return ".".join("+" if lv.startswith("{") else lv for lv in self.pattern.split("."))
+
+    def build(self, **values: str) -> Topic[P]:
+        """Build the concrete topic; each value must be one valid topic level."""
+        if set(values) != set(self.parameters):
+            raise ValueError(
+                f"topic template {self.pattern!r} takes parameters {list(self.parameters)}, "
+                f"got {sorted(values)}"
+            )
+        for key, value in values.items():
+            if not isinstance(value, str) or not _LEVEL.match(value):
+                raise ValueError(
+                    f"parameter {key!r} of topic template {self.pattern!r} must be one topic "
+                    f"level made of [A-Za-z0-9_-], got {value!r}"
+                )
+        name = self.pattern.format(**values)
+        return Topic(
+            name,
+            self.payload_type,
+            self.access,
+            self.publishers,
+            self.subscribers,
+            self.control,
+            self.pattern,
+        )
+
+    def match(self, topic: str) -> dict[str, str] | None:
+        """The parameter values if ``topic`` was built from this template, else None."""
+        levels = topic.split(".")
+        pattern = self.pattern.split(".")
+        if len(levels) != len(pattern):
+            return None
+        values: dict[str, str] = {}
+        for want, got in zip(pattern, levels, strict=True):
+            if want.startswith("{"):
+                if not _LEVEL.match(got):
+                    return None
+                values[want[1:-1]] = got
+            elif want != got:
+                return None
+        return values
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TopicRegistry:
+    """The declared topics and templates of a schema, and the look-ups over them.
+
+    A generated registry builds one from its ``TOPICS`` and ``TEMPLATES`` and
+    exports its bound :meth:`lookup` and :meth:`topics_for_payload`.
+    """
+
+    #: Every concrete topic by name, in schema order.
+    topics: Mapping[str, Topic[Any]]
+    #: Every topic template, in schema order.
+    templates: tuple[TopicTemplate[Any], ...]
+
+    def lookup(self, name: str) -> Topic[Any] | None:
+        """The declared topic of that name, built from a template if need be."""
+        topic = self.topics.get(name)
+        if topic is not None:
+            return topic
+        for template in self.templates:
+            values = template.match(name)
+            if values is not None:
+                return template.build(**values)
+        return None
+
+    def topics_for_payload(self, payload_type: type[P]) -> tuple[Topic[P], ...]:
+        """The concrete topics whose payload type is ``payload_type``, in schema order."""
+        return tuple(t for t in self.topics.values() if t.payload_type is payload_type)

@@ -1,0 +1,251 @@
+"""The in-process session: the agent's own code on its embedded broker.
+
+:class:`LocalSession` publishes and subscribes without a socket, through the
+same router as socket sessions and within the same queue bounds. It offers
+the socket client's shape (``publish``, ``publish_nowait``, ``publish_raw``,
+``subscribe`` returning a :class:`~daemoneye_eventbus.subscription.Subscription`,
+``unsubscribe``, ``close``), so code written against one runs on the other;
+the difference is that a refusal is raised at once, as the typed error the
+router raised, instead of arriving later from the broker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar, overload
+
+from google.protobuf.message import Message
+
+from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
+from daemoneye_eventbus.access import Identity, PeerCredentials
+from daemoneye_eventbus.delivery import EventQueue
+from daemoneye_eventbus.errors import ClosedResourceError
+from daemoneye_eventbus.protocol import build_publish
+from daemoneye_eventbus.registry_runtime import Topic
+from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
+from daemoneye_eventbus.sessions.base import Session, SessionHost
+from daemoneye_eventbus.subscription import Subscription
+
+__all__ = ["LocalSession"]
+
+P = TypeVar("P", bound=Message)
+
+
+class LocalSession(Session):
+    """An in-process session: publishes and subscribes without a socket.
+
+    Each subscription delivers into an :class:`EventQueue` (several may share
+    one). The broker's ``max_queue_messages`` and ``max_queue_bytes`` bound
+    every queue it creates; when one is full, events are dropped and counted
+    exactly as for a socket subscriber.
+    """
+
+    def __init__(self, host: SessionHost, name: str, component: str) -> None:
+        self.host = host
+        self.router = host.router
+        self.client_name = name
+        # In-process code runs inside the agent and holds the broker itself.
+        self.endpoint = Endpoint(
+            self,
+            identity=Identity(None, component, privileged=True, trusted=True),
+            peer=PeerCredentials(os.getpid(), os.getuid(), os.getgid()),
+        )
+        self._subs: dict[int, Subscription[Any]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    @property
+    def identity(self) -> Identity:
+        return self.endpoint.identity
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("local session is closed")
+
+    def new_queue(self, max_pending: int | None = None) -> EventQueue[Any]:
+        """An empty queue with the broker's bounds (or fewer messages)."""
+        cfg = self.host.config
+        most = cfg.max_queue_messages if max_pending is None else max_pending
+        return EventQueue(most, cfg.max_queue_bytes)
+
+    # -- publishing ---------------------------------------------------------------
+
+    def publish_frame(self, publish: frames_pb2.Publish) -> int:
+        """Route one ``Publish``; return how many subscriptions took it.
+
+        Raises the router's typed error (an :class:`EventBusError` with its
+        error code) when it is refused.
+        """
+        self._check_open()
+        taken = self.router.route(self.endpoint, publish)
+        # Socket subscribers it reached get their frames at the end of this turn.
+        self.host.outbox.schedule()
+        return taken
+
+    def publish_nowait(
+        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    ) -> int:
+        """Publish one event now; return how many subscriptions took it."""
+        return self.publish_frame(build_publish(topic, message, correlation))
+
+    async def publish(
+        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    ) -> None:
+        """Publish one event (never waits: in process, delivery is a queue put)."""
+        self.publish_nowait(topic, message, correlation=correlation)
+
+    async def publish_raw(
+        self,
+        topic: str,
+        payload_type: str,
+        payload: bytes,
+        *,
+        correlation: CorrelationMetadata | None = None,
+    ) -> None:
+        """Publish an already serialized payload on a topic given by name (untyped)."""
+        publish = frames_pb2.Publish(topic=topic, payload_type=payload_type, payload=payload)
+        if correlation is not None:
+            publish.correlation.CopyFrom(correlation)
+        self.publish_frame(publish)
+
+    async def flush(self) -> float:
+        """Like :meth:`Client.flush`; in process every publish is routed at once,
+        so there is nothing to wait for (0.0 s)."""
+        self._check_open()
+        return 0.0
+
+    # -- subscribing --------------------------------------------------------------
+
+    def subscribe_queue(
+        self,
+        filter: str,
+        queue: EventQueue[Any],
+        correlation_filter: CorrelationFilter | None = None,
+        include_control: bool = False,
+        payload_class: type[Message] | None = None,
+    ) -> int:
+        """Subscribe, delivering into ``queue``; returns the subscription id."""
+        return self._subscribe(
+            filter, queue, correlation_filter, include_control, payload_class
+        ).subscription_id
+
+    def _subscribe(
+        self,
+        filter: str,
+        queue: EventQueue[Any],
+        correlation_filter: CorrelationFilter | None,
+        include_control: bool,
+        payload_class: type[Message] | None,
+    ) -> Subscription[Any]:
+        self._check_open()
+        sid = next(self._ids)
+        sub: Subscription[Any] = Subscription(
+            self, sid, filter, correlation_filter, include_control, payload_class, queue
+        )
+        self.router.subscribe(self.endpoint, sid, filter, correlation_filter, include_control)
+        self._subs[sid] = sub
+        return sub
+
+    @overload
+    async def subscribe(
+        self,
+        filter: Topic[P],
+        *,
+        correlation_filter: CorrelationFilter | None = None,
+        include_control: bool = False,
+        max_pending: int | None = None,
+        queue: EventQueue[P] | None = None,
+    ) -> Subscription[P]: ...
+
+    @overload
+    async def subscribe(
+        self,
+        filter: str,
+        *,
+        correlation_filter: CorrelationFilter | None = None,
+        include_control: bool = False,
+        max_pending: int | None = None,
+        queue: EventQueue[Message] | None = None,
+    ) -> Subscription[Message]: ...
+
+    async def subscribe(
+        self,
+        filter: Topic[Any] | str,
+        *,
+        correlation_filter: CorrelationFilter | None = None,
+        include_control: bool = False,
+        max_pending: int | None = None,
+        queue: EventQueue[Any] | None = None,
+    ) -> Subscription[Any]:
+        """Subscribe to a topic or a filter, as :meth:`Client.subscribe` does."""
+        if isinstance(filter, Topic):
+            text, cls = filter.name, filter.payload_type
+        else:
+            text, cls = filter, None
+        if queue is None:
+            queue = self.new_queue(max_pending)
+        return self._subscribe(text, queue, correlation_filter, include_control, cls)
+
+    def unsubscribe_id(self, subscription_id: int) -> None:
+        """End a subscription by id; events already queued stay readable."""
+        sub = self._subs.pop(subscription_id, None)
+        if not self._closed:  # else the session (or the broker) already ended everything
+            self.router.unsubscribe(self.endpoint, subscription_id)
+        if sub is not None:
+            sub.end()
+
+    async def unsubscribe(self, sub: Subscription[Any]) -> None:
+        """End a subscription; events still queued for it are kept for reading."""
+        if self._subs.get(sub.subscription_id) is not sub:
+            sub.end()
+            return
+        self.unsubscribe_id(sub.subscription_id)
+
+    # -- delivery -----------------------------------------------------------------
+
+    def enqueue(
+        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+    ) -> bool:
+        local = self._subs.get(sub.subscription_id)
+        if local is None or self._closed:
+            return False
+        payloads: Sequence[bytes] = (
+            message.payloads if isinstance(message, frames_pb2.PublishBatch) else (message.payload,)
+        )
+        # One copy of the correlation per subscriber: the publisher may reuse its message.
+        correlation = _copy_correlation(message) if message.HasField("correlation") else None
+        return local.deliver(message.topic, message.payload_type, payloads, correlation, first)
+
+    def queue_depth(self) -> tuple[int, int]:
+        queues = {id(s.queue): s.queue for s in self._subs.values()}.values()
+        return sum(len(q) for q in queues), sum(q.nbytes for q in queues)
+
+    # -- ending ---------------------------------------------------------------------
+
+    def end(self) -> None:
+        """End every subscription of this session; readers see the end of their queues."""
+        if self._closed:
+            return
+        self._closed = True
+        self.host.release(self)
+        for sub in self._subs.values():
+            sub.end()
+        self._subs.clear()
+
+    async def close(self) -> None:
+        """Like :meth:`Client.close`: end the session (idempotent)."""
+        self.end()
+
+
+def _copy_correlation(publish: Published) -> CorrelationMetadata:
+    # Each subscriber gets its own copy: the publisher may reuse its message.
+    copy = CorrelationMetadata()
+    copy.CopyFrom(publish.correlation)
+    return copy

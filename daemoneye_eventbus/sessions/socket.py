@@ -1,0 +1,416 @@
+"""One client connection: the asyncio pump around a sans-I/O Connection.
+
+:class:`SocketSession` is the ``asyncio.Protocol`` of one accepted connection,
+whatever the transport (asyncio hands Unix sockets and named pipes the same
+interface). It feeds the bytes it reads to its
+:class:`~daemoneye_eventbus.protocol.Connection`, hands each parsed frame to
+the router or answers it, queues deliveries in the connection's bounded
+output, and writes that output when the broker's outbox flushes. It also
+enforces the session's deadlines: handshake, heartbeat, idle and slow
+consumer [protocol §2, §6, §8].
+
+Delivery is at most once [protocol §5]: when a subscriber's queue is full,
+new events for it are dropped and counted, and its per-subscription sequence
+numbers show the gap; the publisher and the other subscribers are never held
+up. A subscriber whose socket stays backed up past ``slow_consumer_timeout``
+is disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Final, cast
+
+from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus.errors import (
+    AccessDenied,
+    EventBusError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from daemoneye_eventbus.frames import error_frame, publish_body, publish_header
+from daemoneye_eventbus.protocol import (
+    MAX_CLIENT_NAME_CHARS,
+    PROTOCOL_VERSION,
+    Connection,
+    Role,
+    State,
+    check_hello,
+)
+from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
+from daemoneye_eventbus.sessions.base import Session, SessionHost
+
+__all__ = ["SocketSession"]
+
+log = logging.getLogger("daemoneye_eventbus.broker")
+
+# Transport write buffer bounds: above HIGH the socket counts as backed up and
+# frames wait in the session's bounded queue instead.
+WRITE_HIGH: Final = 256 * 1024
+WRITE_LOW: Final = 64 * 1024
+_CLOSING_STATES: Final = (State.CLOSING, State.CLOSED)
+# Error messages sent to peers are cut to this many characters.
+_MAX_ERROR_MESSAGE: Final = 512
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class SocketSession(Session, asyncio.Protocol):
+    """One client connection of the broker ``host``."""
+
+    def __init__(self, host: SessionHost) -> None:
+        self.host = host
+        cfg = host.config
+        self.config = cfg
+        self.router = host.router
+        self.endpoint = Endpoint(self)
+        self.conn = Connection(
+            Role.BROKER,
+            max_frame_bytes=cfg.max_frame_bytes,
+            handshake_max_frame_bytes=cfg.handshake_max_frame_bytes,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: The client decodes DeliverBatch frames (said in its Hello).
+        self.accepts_batches = False
+        self._mark_pending = host.outbox.pending.add
+        self._paused_since: float | None = None
+        self._last_rx = 0.0
+        self._ping_sent = False
+        self._nonce = itertools.count(1)
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport; uvloop's do not subclass asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        host = self.host
+        listener = host.listener
+        if listener is not None:
+            self.endpoint.peer = listener.accept(transport)
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        refusal = host.admit(self)
+        if refusal is not None:
+            host.count_refusal()
+            host.audit.record("connection_refused", self.peer, reason=refusal)
+            code = (
+                ErrorCode.ERROR_CODE_SHUTTING_DOWN
+                if host.closing
+                else ErrorCode.ERROR_CODE_CONNECTION_LIMIT
+            )
+            self._fail(code, refusal)
+            return
+        self._handshake_timer = loop.call_later(
+            self.config.handshake_timeout, self._handshake_expired
+        )
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.receive_data(data)
+        self._last_rx = asyncio.get_running_loop().time()
+        self._ping_sent = False
+        # Frames parsed before a goodbye or a violation in this read are handled
+        # (their answers are not sent: the connection is closing) [protocol §1];
+        # a violation found while *handling* a frame ends the read there.
+        closing_already = conn.close_expected
+        for frame in conn.events_received():
+            if not closing_already and conn.state in _CLOSING_STATES:
+                break
+            try:
+                self._handle(frame)
+            except RemoteProtocolError as exc:
+                conn.fail(exc)
+            except LocalProtocolError as exc:  # a bug here must not take the broker down
+                log.exception("session %s: internal error", self.session_id)
+                conn.fail(
+                    RemoteProtocolError(f"internal error: {exc}", ErrorCode.ERROR_CODE_INTERNAL)
+                )
+            except EventBusError as exc:  # refused by the router: the connection stays
+                self._refuse(exc, frame)
+        if conn.error is not None:
+            log.info("session %s: protocol violation: %s", self.session_id, conn.error)
+        self.host.outbox.flush()
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_eof()
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.close()
+        for timer in (self._handshake_timer, self._abort_timer):
+            if timer is not None:
+                timer.cancel()
+        self.host.release(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused_since = asyncio.get_running_loop().time()
+
+    def resume_writing(self) -> None:
+        self._paused_since = None
+        self.flush()
+
+    # frames -------------------------------------------------------------------
+
+    def _handle(self, frame: Frame) -> None:
+        kind = frame.WhichOneof("kind")
+        if kind == "publish_batch":
+            self.router.route(self.endpoint, frame.publish_batch)
+        elif kind == "publish":
+            self.router.route(self.endpoint, frame.publish)
+        elif kind == "subscribe":
+            req = frame.subscribe
+            flt = req.correlation_filter if req.HasField("correlation_filter") else None
+            self.router.subscribe(
+                self.endpoint, req.subscription_id, req.filter, flt, req.include_control
+            )
+            self._send(
+                Frame(subscribe_ack=frames_pb2.SubscribeAck(subscription_id=req.subscription_id))
+            )
+        elif kind == "unsubscribe":
+            sid = frame.unsubscribe.subscription_id
+            self.router.unsubscribe(self.endpoint, sid)
+            self._send(Frame(unsubscribe_ack=frames_pb2.UnsubscribeAck(subscription_id=sid)))
+        elif kind == "ping":
+            self._send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))
+        elif kind == "pong":
+            pass  # liveness is noted for every frame received
+        elif kind == "hello":
+            self._hello(frame.hello)
+        elif kind == "stats_request":
+            stats = self.host.statistics().to_proto(
+                frame.stats_request.request_id, self.config.max_frame_bytes
+            )
+            if not self.endpoint.identity.privileged:
+                # Who is connected and what they read is for the agent only.
+                del stats.connection_stats[:]
+                del stats.subscription_stats[:]
+            self._send(Frame(stats_response=stats))
+        elif kind == "goodbye":
+            log.debug("session %s said goodbye: %s", self.session_id, frame.goodbye.reason)
+        elif kind == "error":
+            log.info("session %s reported error: %s", self.session_id, frame.error.message)
+
+    def _hello(self, hello: frames_pb2.Hello) -> None:
+        check_hello(hello)
+        self.client_name = hello.client_name[:MAX_CLIENT_NAME_CHARS]
+        self.accepts_batches = hello.accept_batches
+        claimed = hello.component
+        host = self.host
+        policy = host.policy
+        peer = self.peer
+        executable = None
+        if peer is not None and host.listener is not None and policy.needs_executable(claimed):
+            executable = host.listener.executable(peer)
+        try:
+            identity = policy.authenticate(peer, claimed, executable)
+        except AccessDenied as exc:
+            host.count_refusal()
+            host.audit.record(
+                "handshake_refused",
+                peer,
+                session=self.session_id,
+                claimed=claimed[:MAX_CLIENT_NAME_CHARS] or "-",
+                executable=executable or "-",
+                reason=str(exc),
+            )
+            raise RemoteProtocolError(str(exc), ErrorCode.ERROR_CODE_ACCESS_DENIED) from None
+        self.endpoint.authenticate(identity)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        welcome = frames_pb2.Welcome(
+            protocol_version=PROTOCOL_VERSION,
+            session_id=self.session_id,
+            limits=self.config.limits(),
+            component=self.component,
+            batches=True,
+        )
+        self._send(Frame(welcome=welcome))
+
+    def _refuse(self, exc: EventBusError, frame: Frame) -> None:
+        code = ErrorCode.ValueType(exc.code or ErrorCode.ERROR_CODE_INTERNAL)
+        if not exc.code:  # every refusal names its code: this one is a bug
+            log.error("session %s: refusal without an error code: %r", self.session_id, exc)
+        kind = frame.WhichOneof("kind")
+        sub_id = 0
+        topic = ""
+        if kind == "publish":
+            topic = frame.publish.topic[:256]
+        elif kind == "publish_batch":
+            topic = frame.publish_batch.topic[:256]
+        elif kind == "subscribe":
+            sub_id = frame.subscribe.subscription_id
+            topic = frame.subscribe.filter[:256]
+        elif kind == "unsubscribe":
+            sub_id = frame.unsubscribe.subscription_id
+        # Messages quote what the peer sent: keep them short, and within the
+        # frame limit however small it is configured.
+        message = _shorten(str(exc), _MAX_ERROR_MESSAGE)
+        error = error_frame(
+            code,
+            message,
+            fatal=False,
+            subscription_id=sub_id,
+            topic=topic,
+            limit=self.conn.max_frame_bytes,
+        )
+        self._send(error)
+
+    def _send(self, frame: Frame) -> None:
+        # Frames parsed before a violation in the same read get no answer: the
+        # connection is already closing with its Error frame [protocol §7].
+        if self.conn.close_expected:
+            return
+        self.conn.send(frame)
+        # A peer that asks and never reads cannot grow this queue unbounded.
+        if self.conn.buffered_bytes > self.config.max_queue_bytes + WRITE_HIGH:
+            self._fail(ErrorCode.ERROR_CODE_SLOW_CONSUMER, "peer does not read its replies")
+
+    # delivery ------------------------------------------------------------------
+
+    def enqueue(
+        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+    ) -> bool:
+        if not self._make_room(count, len(data)):
+            return False
+        conn = self.conn
+        sid = sub.subscription_id
+        if isinstance(message, frames_pb2.Publish):
+            conn.send_deliver(sid, first, data)
+        elif self.accepts_batches:
+            conn.send_deliver_batch(sid, first, data, count)
+        else:
+            # A client without batch support gets one Deliver per event.
+            header = publish_header(message.topic, message.payload_type)
+            corr = (
+                message.correlation.SerializeToString() if message.HasField("correlation") else None
+            )
+            for sequence, payload in enumerate(message.payloads, first):
+                conn.send_deliver(sid, sequence, publish_body(header, payload, corr))
+        self._mark_pending(self)
+        return True
+
+    def _make_room(self, count: int, size: int) -> bool:
+        """Whether ``count`` more events (``size`` bytes) fit the queue, flushing if need be."""
+        conn = self.conn
+        cfg = self.config
+        if conn.state is not State.OPEN:
+            return False
+        if (
+            conn.buffered_messages + count > cfg.max_queue_messages
+            or conn.buffered_bytes + size > cfg.max_queue_bytes
+        ):
+            # The queue holds what waits while the socket is backed up; if it
+            # is not, hand the batch to the socket now instead of dropping.
+            if self._paused_since is not None:
+                return False
+            self.flush()
+            if (
+                self._paused_since is not None
+                and conn.buffered_messages + count > cfg.max_queue_messages
+            ):
+                return False
+        return True
+
+    def queue_depth(self) -> tuple[int, int]:
+        buffered = self.transport.get_write_buffer_size() if self.transport else 0
+        return self.conn.buffered_messages, self.conn.buffered_bytes + buffered
+
+    @property
+    def handshake_pending(self) -> bool:
+        """The handshake deadline is still running."""
+        return self._handshake_timer is not None
+
+    def flush(self) -> None:
+        """Write what is queued, unless the socket is backed up."""
+        conn = self.conn
+        if not (conn.buffered_bytes or conn.close_expected):
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if (self._paused_since is None or conn.close_expected) and self._abort_timer is None:
+            data = conn.data_to_send()
+            if data:
+                transport.write(data)
+        if conn.close_expected:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._abort_timer is not None:
+            return
+        drain = self.config.drain_timeout
+        if self.conn.error is None and transport.can_write_eof():
+            # After a goodbye: end our side once the queue is written and keep
+            # reading (input is discarded) until the peer closes too, so that a
+            # peer still writing reads the goodbye instead of a broken pipe.
+            transport.write_eof()
+            grace = drain
+        else:
+            transport.close()
+            grace = 1.0 if self.conn.error is not None else drain
+        # A peer that never reads (or never closes) is aborted: at once after
+        # an error, after the drain deadline on goodbye.
+        self._abort_timer = asyncio.get_running_loop().call_later(grace, transport.abort)
+
+    def _fail(self, code: ErrorCode.ValueType, message: str) -> None:
+        self.conn.fail(RemoteProtocolError(message, code))
+        self._paused_since = None  # let the Error frame through the flush
+        self.flush()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.conn.state is State.CONNECTING:
+            log.info("session %s: handshake deadline passed", self.session_id)
+            self._fail(
+                ErrorCode.ERROR_CODE_HANDSHAKE_TIMEOUT,
+                f"handshake not completed within {self.config.handshake_timeout} s",
+            )
+
+    def check(self, now: float) -> None:
+        """Heartbeat, idle and slow-consumer checks, called by the housekeeper."""
+        cfg = self.config
+        if self.conn.state is not State.OPEN:
+            return
+        if self._paused_since is not None and now - self._paused_since > cfg.slow_consumer_timeout:
+            log.warning("session %s: slow consumer, disconnecting", self.session_id)
+            self.conn.data_to_send()  # its backlog is dropped, not delivered
+            self._fail(
+                ErrorCode.ERROR_CODE_SLOW_CONSUMER,
+                f"subscriber did not read for {cfg.slow_consumer_timeout} s",
+            )
+            return
+        silent = now - self._last_rx
+        if silent > cfg.idle_timeout:
+            self._fail(ErrorCode.ERROR_CODE_IDLE_TIMEOUT, f"peer silent for {silent:.1f} s")
+        elif silent > cfg.heartbeat_interval and not self._ping_sent:
+            self._ping_sent = True
+            self._send(Frame(ping=frames_pb2.Ping(nonce=next(self._nonce))))
+            self.flush()
+
+    def goodbye(self, reason: str) -> None:
+        """Tell the client the broker is going away, then close after the queue drains."""
+        if self.conn.state is State.OPEN:
+            self.conn.send(Frame(goodbye=frames_pb2.Goodbye(reason=reason)))
+            self._paused_since = None
+            self.flush()
+        elif not self.conn.close_expected:
+            self._fail(ErrorCode.ERROR_CODE_SHUTTING_DOWN, reason)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,111 @@
+"""Frozen snapshots of the broker's figures (pure).
+
+:meth:`Broker.statistics <daemoneye_eventbus.broker.Broker.statistics>` returns a
+:class:`BrokerStatistics`; :meth:`BrokerStatistics.to_proto` turns it into the
+``StatsResponse`` a client asks for, within a frame limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye_eventbus.access import PeerCredentials
+from daemoneye_eventbus.frames import event_budget
+
+__all__ = ["BrokerStatistics", "ConnectionStatistics", "SubscriptionStatistics"]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    """A snapshot of one subscription's figures."""
+
+    session_id: str
+    subscription_id: int
+    filter: str
+    delivered: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """A snapshot of one connection's figures."""
+
+    session_id: str
+    client_name: str
+    component: str
+    peer: PeerCredentials | None
+    queue_messages: int
+    queue_bytes: int
+    published: int
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatistics:
+    """A snapshot of the broker's figures."""
+
+    connections: int
+    connections_total: int
+    published: int
+    delivered: int
+    dropped: int
+    refused: int
+    connection_stats: tuple[ConnectionStatistics, ...]
+    subscription_stats: tuple[SubscriptionStatistics, ...]
+
+    def to_proto(
+        self, request_id: int = 0, max_bytes: int | None = None
+    ) -> frames_pb2.StatsResponse:
+        """The snapshot as a ``StatsResponse`` frame body of at most ``max_bytes``.
+
+        When the per-connection and per-subscription lists do not fit, the
+        longest is shortened until they do and ``truncated`` is set.
+        """
+        out = self._to_proto(request_id)
+        if max_bytes is None:
+            return out
+        budget = event_budget(max_bytes)  # room for the Frame envelope
+        while out.ByteSize() > budget:
+            out.truncated = True
+            conns, subs = out.connection_stats, out.subscription_stats
+            if not conns and not subs:
+                break
+            if len(subs) >= len(conns):
+                del subs[len(subs) // 2 :]
+            else:
+                del conns[len(conns) // 2 :]
+        return out
+
+    def _to_proto(self, request_id: int) -> frames_pb2.StatsResponse:
+        return frames_pb2.StatsResponse(
+            request_id=request_id,
+            connections=self.connections,
+            connections_total=self.connections_total,
+            published=self.published,
+            delivered=self.delivered,
+            dropped=self.dropped,
+            refused=self.refused,
+            connection_stats=[
+                frames_pb2.ConnectionStats(
+                    session_id=c.session_id,
+                    client_name=c.client_name,
+                    component=c.component,
+                    peer_pid=c.peer.pid if c.peer else 0,
+                    peer_uid=c.peer.uid if c.peer else 0,
+                    queue_messages=c.queue_messages,
+                    queue_bytes=c.queue_bytes,
+                    published=c.published,
+                )
+                for c in self.connection_stats
+            ],
+            subscription_stats=[
+                frames_pb2.SubscriptionStats(
+                    session_id=s.session_id,
+                    subscription_id=s.subscription_id,
+                    filter=s.filter,
+                    delivered=s.delivered,
+                    dropped=s.dropped,
+                )
+                for s in self.subscription_stats
+            ],
+        )

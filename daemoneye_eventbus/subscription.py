@@ -1,0 +1,136 @@
+"""A subscription as its reader sees it: an async iterator over typed events.
+
+The socket client and the broker's in-process session hand out the same
+:class:`Subscription`: events wait in a bounded
+:class:`~daemoneye_eventbus.delivery.EventQueue`, and ``unsubscribe()`` goes
+back to whoever owns the subscription.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+from google.protobuf.message import Message
+
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
+from daemoneye_eventbus.errors import ConnectionClosed
+
+__all__ = ["Subscription", "SubscriptionOwner"]
+
+P = TypeVar("P", bound=Message)
+
+
+class SubscriptionOwner(Protocol):
+    """Who ends a subscription: a client or an in-process session."""
+
+    async def unsubscribe(self, sub: Subscription[Any]) -> None: ...
+
+
+class Subscription(Generic[P]):
+    """Events matching one filter: an async iterator and async context manager.
+
+    Received events wait in an :class:`EventQueue` bounded by ``max_pending``;
+    when the application does not keep up, new events are dropped and counted
+    in :attr:`dropped`. Events the broker dropped show as gaps in
+    :attr:`ReceivedEvent.sequence` and are counted in :attr:`missed`. Several
+    subscriptions may share one queue (pass ``queue=`` to ``subscribe``).
+    """
+
+    def __init__(
+        self,
+        owner: SubscriptionOwner,
+        subscription_id: int,
+        filter: str,
+        correlation_filter: CorrelationFilter | None,
+        include_control: bool,
+        payload_class: type[P] | None,
+        queue: EventQueue[P],
+    ) -> None:
+        #: The client or in-process session the subscription belongs to.
+        self.owner = owner
+        self.subscription_id = subscription_id
+        self.filter = filter
+        self.correlation_filter = correlation_filter
+        self.include_control = include_control
+        self.queue = queue
+        self.payload_class = payload_class
+        self._active = True
+
+    @property
+    def client(self) -> SubscriptionOwner:
+        """The owner (kept under the name it had when only clients had subscriptions)."""
+        return self.owner
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped here because the application did not keep up."""
+        return self.queue.dropped
+
+    @property
+    def missed(self) -> int:
+        """Events the broker dropped, from sequence gaps."""
+        return self.queue.missed
+
+    @property
+    def received(self) -> int:
+        return self.queue.received
+
+    def deliver(
+        self,
+        topic: str,
+        payload_type: str,
+        payloads: Sequence[bytes],
+        correlation: CorrelationMetadata | None,
+        first_sequence: int,
+    ) -> bool:
+        """Queue delivered events, numbered from ``first_sequence`` (for the owner)."""
+        return self.queue.put_payloads(
+            topic,
+            payload_type,
+            payloads,
+            correlation,
+            first_sequence,
+            self.subscription_id,
+            self.payload_class,
+        )
+
+    def end(self, error: BaseException | None = None) -> None:
+        """No more events will come (for the owner); readers see the end of the queue."""
+        self._active = False
+        self.queue.close(error)
+
+    def get_nowait(self) -> ReceivedEvent[P] | None:
+        """The next queued event, or None."""
+        return self.queue.get_nowait()
+
+    async def get(self, timeout: float | None = None) -> ReceivedEvent[P]:
+        """The next event; raises :class:`ConnectionClosed` once none can come."""
+        return await self.queue.get(timeout)
+
+    def __aiter__(self) -> AsyncIterator[ReceivedEvent[P]]:
+        return aiter(self.queue)
+
+    async def unsubscribe(self) -> None:
+        """End the subscription (idempotent)."""
+        if self._active:
+            await self.owner.unsubscribe(self)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.unsubscribe()
