@@ -26,22 +26,19 @@ from typing import Final, cast
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.errors import (
-    AccessDenied,
     EventBusError,
     LocalProtocolError,
     RemoteProtocolError,
 )
-from daemoneye_eventbus.frames import error_frame, publish_body, publish_header
+from daemoneye_eventbus.frames import publish_body, publish_header
 from daemoneye_eventbus.protocol import (
-    MAX_CLIENT_NAME_CHARS,
-    PROTOCOL_VERSION,
     Connection,
     Role,
     State,
-    check_hello,
 )
 from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
+from daemoneye_eventbus.sessions.handler import FrameHandler
 
 __all__ = ["SocketSession"]
 
@@ -52,12 +49,6 @@ log = logging.getLogger("daemoneye_eventbus.broker")
 WRITE_HIGH: Final = 256 * 1024
 WRITE_LOW: Final = 64 * 1024
 _CLOSING_STATES: Final = (State.CLOSING, State.CLOSED)
-# Error messages sent to peers are cut to this many characters.
-_MAX_ERROR_MESSAGE: Final = 512
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class SocketSession(Session, asyncio.Protocol):
@@ -85,6 +76,7 @@ class SocketSession(Session, asyncio.Protocol):
         self._nonce = itertools.count(1)
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
+        self._handler = FrameHandler(self)
 
     # asyncio.Protocol ------------------------------------------------------
 
@@ -127,7 +119,7 @@ class SocketSession(Session, asyncio.Protocol):
             if not closing_already and conn.state in _CLOSING_STATES:
                 break
             try:
-                self._handle(frame)
+                self._handler.handle(frame)
             except RemoteProtocolError as exc:
                 conn.fail(exc)
             except LocalProtocolError as exc:  # a bug here must not take the broker down
@@ -136,7 +128,7 @@ class SocketSession(Session, asyncio.Protocol):
                     RemoteProtocolError(f"internal error: {exc}", ErrorCode.ERROR_CODE_INTERNAL)
                 )
             except EventBusError as exc:  # refused by the router: the connection stays
-                self._refuse(exc, frame)
+                self._handler.refuse(exc, frame)
         if conn.error is not None:
             log.info("session %s: protocol violation: %s", self.session_id, conn.error)
         self.host.outbox.flush()
@@ -164,112 +156,8 @@ class SocketSession(Session, asyncio.Protocol):
 
     # frames -------------------------------------------------------------------
 
-    def _handle(self, frame: Frame) -> None:
-        kind = frame.WhichOneof("kind")
-        if kind == "publish_batch":
-            self.router.route(self.endpoint, frame.publish_batch)
-        elif kind == "publish":
-            self.router.route(self.endpoint, frame.publish)
-        elif kind == "subscribe":
-            req = frame.subscribe
-            flt = req.correlation_filter if req.HasField("correlation_filter") else None
-            self.router.subscribe(
-                self.endpoint, req.subscription_id, req.filter, flt, req.include_control
-            )
-            self._send(
-                Frame(subscribe_ack=frames_pb2.SubscribeAck(subscription_id=req.subscription_id))
-            )
-        elif kind == "unsubscribe":
-            sid = frame.unsubscribe.subscription_id
-            self.router.unsubscribe(self.endpoint, sid)
-            self._send(Frame(unsubscribe_ack=frames_pb2.UnsubscribeAck(subscription_id=sid)))
-        elif kind == "ping":
-            self._send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))
-        elif kind == "pong":
-            pass  # liveness is noted for every frame received
-        elif kind == "hello":
-            self._hello(frame.hello)
-        elif kind == "stats_request":
-            stats = self.host.statistics().to_proto(
-                frame.stats_request.request_id, self.config.max_frame_bytes
-            )
-            if not self.endpoint.identity.privileged:
-                # Who is connected and what they read is for the agent only.
-                del stats.connection_stats[:]
-                del stats.subscription_stats[:]
-            self._send(Frame(stats_response=stats))
-        elif kind == "goodbye":
-            log.debug("session %s said goodbye: %s", self.session_id, frame.goodbye.reason)
-        elif kind == "error":
-            log.info("session %s reported error: %s", self.session_id, frame.error.message)
-
-    def _hello(self, hello: frames_pb2.Hello) -> None:
-        check_hello(hello)
-        self.client_name = hello.client_name[:MAX_CLIENT_NAME_CHARS]
-        self.accepts_batches = hello.accept_batches
-        claimed = hello.component
-        host = self.host
-        policy = host.policy
-        peer = self.peer
-        executable = None
-        if peer is not None and host.listener is not None and policy.needs_executable(claimed):
-            executable = host.listener.executable(peer)
-        try:
-            identity = policy.authenticate(peer, claimed, executable)
-        except AccessDenied as exc:
-            host.count_refusal()
-            host.audit.record(
-                "handshake_refused",
-                peer,
-                session=self.session_id,
-                claimed=claimed[:MAX_CLIENT_NAME_CHARS] or "-",
-                executable=executable or "-",
-                reason=str(exc),
-            )
-            raise RemoteProtocolError(str(exc), ErrorCode.ERROR_CODE_ACCESS_DENIED) from None
-        self.endpoint.authenticate(identity)
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-        welcome = frames_pb2.Welcome(
-            protocol_version=PROTOCOL_VERSION,
-            session_id=self.session_id,
-            limits=self.config.limits(),
-            component=self.component,
-            batches=True,
-        )
-        self._send(Frame(welcome=welcome))
-
-    def _refuse(self, exc: EventBusError, frame: Frame) -> None:
-        code = ErrorCode.ValueType(exc.code or ErrorCode.ERROR_CODE_INTERNAL)
-        if not exc.code:  # every refusal names its code: this one is a bug
-            log.error("session %s: refusal without an error code: %r", self.session_id, exc)
-        kind = frame.WhichOneof("kind")
-        sub_id = 0
-        topic = ""
-        if kind == "publish":
-            topic = frame.publish.topic[:256]
-        elif kind == "publish_batch":
-            topic = frame.publish_batch.topic[:256]
-        elif kind == "subscribe":
-            sub_id = frame.subscribe.subscription_id
-            topic = frame.subscribe.filter[:256]
-        elif kind == "unsubscribe":
-            sub_id = frame.unsubscribe.subscription_id
-        # Messages quote what the peer sent: keep them short, and within the
-        # frame limit however small it is configured.
-        message = _shorten(str(exc), _MAX_ERROR_MESSAGE)
-        error = error_frame(
-            code,
-            message,
-            fatal=False,
-            subscription_id=sub_id,
-            topic=topic,
-            limit=self.conn.max_frame_bytes,
-        )
-        self._send(error)
-
-    def _send(self, frame: Frame) -> None:
+    def send(self, frame: Frame) -> None:
+        """Queue an answer for the peer (nothing once the connection is closing)."""
         # Frames parsed before a violation in the same read get no answer: the
         # connection is already closing with its Error frame [protocol §7].
         if self.conn.close_expected:
@@ -333,6 +221,12 @@ class SocketSession(Session, asyncio.Protocol):
     def handshake_pending(self) -> bool:
         """The handshake deadline is still running."""
         return self._handshake_timer is not None
+
+    def handshake_complete(self) -> None:
+        """The peer is authenticated: its handshake deadline no longer runs."""
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def flush(self) -> None:
         """Write what is queued, unless the socket is backed up."""
@@ -399,7 +293,7 @@ class SocketSession(Session, asyncio.Protocol):
             self._fail(ErrorCode.ERROR_CODE_IDLE_TIMEOUT, f"peer silent for {silent:.1f} s")
         elif silent > cfg.heartbeat_interval and not self._ping_sent:
             self._ping_sent = True
-            self._send(Frame(ping=frames_pb2.Ping(nonce=next(self._nonce))))
+            self.send(Frame(ping=frames_pb2.Ping(nonce=next(self._nonce))))
             self.flush()
 
     def goodbye(self, reason: str) -> None:

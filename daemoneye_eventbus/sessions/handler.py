@@ -1,0 +1,176 @@
+"""What a socket session does with each frame its peer sends.
+
+:class:`FrameHandler` turns the frames of an open connection into router
+calls (publish, subscribe, unsubscribe) and answers (acks, pongs, statistics),
+authenticates the ``Hello`` [protocol §3], and words refusals as non-fatal
+``Error`` frames [protocol §7]. The pump around it is
+:class:`~daemoneye_eventbus.sessions.socket.SocketSession`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final, Protocol
+
+from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus.access import PeerCredentials
+from daemoneye_eventbus.config import BrokerConfig
+from daemoneye_eventbus.errors import AccessDenied, EventBusError, RemoteProtocolError
+from daemoneye_eventbus.frames import error_frame
+from daemoneye_eventbus.protocol import (
+    MAX_CLIENT_NAME_CHARS,
+    PROTOCOL_VERSION,
+    Connection,
+    check_hello,
+)
+from daemoneye_eventbus.router import Endpoint, Router
+from daemoneye_eventbus.sessions.base import SessionHost
+
+__all__ = ["FrameHandler", "HandledSession"]
+
+log = logging.getLogger("daemoneye_eventbus.broker")
+
+# Error messages sent to peers are cut to this many characters.
+_MAX_ERROR_MESSAGE: Final = 512
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class HandledSession(Protocol):
+    """What the handler needs of its socket session."""
+
+    host: SessionHost
+    config: BrokerConfig
+    router: Router
+    endpoint: Endpoint
+    conn: Connection
+    client_name: str
+    accepts_batches: bool
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def component(self) -> str: ...
+
+    @property
+    def peer(self) -> PeerCredentials | None: ...
+
+    def send(self, frame: Frame) -> None: ...
+
+    def handshake_complete(self) -> None: ...
+
+
+class FrameHandler:
+    """Handles the frames of one socket session."""
+
+    def __init__(self, session: HandledSession) -> None:
+        self.session = session
+
+    def handle(self, frame: Frame) -> None:
+        """Act on one frame from the peer; raises the router's typed refusals."""
+        kind = frame.WhichOneof("kind")
+        if kind == "publish_batch":
+            self.session.router.route(self.session.endpoint, frame.publish_batch)
+        elif kind == "publish":
+            self.session.router.route(self.session.endpoint, frame.publish)
+        elif kind == "subscribe":
+            req = frame.subscribe
+            flt = req.correlation_filter if req.HasField("correlation_filter") else None
+            self.session.router.subscribe(
+                self.session.endpoint, req.subscription_id, req.filter, flt, req.include_control
+            )
+            self.session.send(
+                Frame(subscribe_ack=frames_pb2.SubscribeAck(subscription_id=req.subscription_id))
+            )
+        elif kind == "unsubscribe":
+            sid = frame.unsubscribe.subscription_id
+            self.session.router.unsubscribe(self.session.endpoint, sid)
+            self.session.send(Frame(unsubscribe_ack=frames_pb2.UnsubscribeAck(subscription_id=sid)))
+        elif kind == "ping":
+            self.session.send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))
+        elif kind == "pong":
+            pass  # liveness is noted for every frame received
+        elif kind == "hello":
+            self._hello(frame.hello)
+        elif kind == "stats_request":
+            stats = self.session.host.statistics().to_proto(
+                frame.stats_request.request_id, self.session.config.max_frame_bytes
+            )
+            if not self.session.endpoint.identity.privileged:
+                # Who is connected and what they read is for the agent only.
+                del stats.connection_stats[:]
+                del stats.subscription_stats[:]
+            self.session.send(Frame(stats_response=stats))
+        elif kind == "goodbye":
+            log.debug("session %s said goodbye: %s", self.session.session_id, frame.goodbye.reason)
+        elif kind == "error":
+            log.info("session %s reported error: %s", self.session.session_id, frame.error.message)
+
+    def _hello(self, hello: frames_pb2.Hello) -> None:
+        check_hello(hello)
+        self.session.client_name = hello.client_name[:MAX_CLIENT_NAME_CHARS]
+        self.session.accepts_batches = hello.accept_batches
+        claimed = hello.component
+        host = self.session.host
+        policy = host.policy
+        peer = self.session.peer
+        executable = None
+        if peer is not None and host.listener is not None and policy.needs_executable(claimed):
+            executable = host.listener.executable(peer)
+        try:
+            identity = policy.authenticate(peer, claimed, executable)
+        except AccessDenied as exc:
+            host.count_refusal()
+            host.audit.record(
+                "handshake_refused",
+                peer,
+                session=self.session.session_id,
+                claimed=claimed[:MAX_CLIENT_NAME_CHARS] or "-",
+                executable=executable or "-",
+                reason=str(exc),
+            )
+            raise RemoteProtocolError(str(exc), ErrorCode.ERROR_CODE_ACCESS_DENIED) from None
+        self.session.endpoint.authenticate(identity)
+        self.session.handshake_complete()
+        welcome = frames_pb2.Welcome(
+            protocol_version=PROTOCOL_VERSION,
+            session_id=self.session.session_id,
+            limits=self.session.config.limits(),
+            component=self.session.component,
+            batches=True,
+        )
+        self.session.send(Frame(welcome=welcome))
+
+    def refuse(self, exc: EventBusError, frame: Frame) -> None:
+        """Answer a refused request with a non-fatal ``Error`` frame [protocol §7]."""
+        code = ErrorCode.ValueType(exc.code or ErrorCode.ERROR_CODE_INTERNAL)
+        if not exc.code:  # every refusal names its code: this one is a bug
+            log.error("session %s: refusal without an error code: %r", self.session.session_id, exc)
+        kind = frame.WhichOneof("kind")
+        sub_id = 0
+        topic = ""
+        if kind == "publish":
+            topic = frame.publish.topic[:256]
+        elif kind == "publish_batch":
+            topic = frame.publish_batch.topic[:256]
+        elif kind == "subscribe":
+            sub_id = frame.subscribe.subscription_id
+            topic = frame.subscribe.filter[:256]
+        elif kind == "unsubscribe":
+            sub_id = frame.unsubscribe.subscription_id
+        # Messages quote what the peer sent: keep them short, and within the
+        # frame limit however small it is configured.
+        message = _shorten(str(exc), _MAX_ERROR_MESSAGE)
+        error = error_frame(
+            code,
+            message,
+            fatal=False,
+            subscription_id=sub_id,
+            topic=topic,
+            limit=self.session.conn.max_frame_bytes,
+        )
+        self.session.send(error)
