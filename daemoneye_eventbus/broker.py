@@ -54,8 +54,8 @@ class Broker:
     """The message broker, listening on a local address (a Unix socket path).
 
     Use as ``async with Broker(path) as broker:`` or call :meth:`start` and
-    :meth:`close`. The socket file and a directory created for it are removed
-    on close.
+    :meth:`close`. The socket file is removed on close (a directory created
+    for it is left in place).
     """
 
     def __init__(self, path: str, config: BrokerConfig | None = None) -> None:

@@ -9,7 +9,6 @@ kernel reports genuinely different credentials.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import grp
 import json
@@ -28,16 +27,15 @@ from typing import Any
 
 import pytest
 from conftest import TEST_CONFIG, worker_env
+from rawpeer import RawPeer, hello
 
-from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2, registry
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.access import Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client, Subscription, build_publish
 from daemoneye_eventbus.delivery import ReceivedEvent
 from daemoneye_eventbus.errors import AccessDenied, EventBusError, LimitExceeded
-from daemoneye_eventbus.frames import decode_varint, encode_frame
-from daemoneye_eventbus.protocol import PROTOCOL_VERSION
 
 AUDIT = "daemoneye_eventbus.audit"
 ME = os.geteuid()
@@ -113,28 +111,10 @@ def queued(sub: Subscription[Any]) -> list[ReceivedEvent[Any]]:
 
 async def raw_handshake(path: str, component: str) -> list[Frame]:
     """Send a Hello by hand and return every frame the broker sends until it closes."""
-    reader, writer = await asyncio.open_unix_connection(path)
-    try:
-        hello = frames_pb2.Hello(
-            protocol_version=PROTOCOL_VERSION, client_name="raw", component=component
-        )
-        writer.write(encode_frame(Frame(hello=hello)))
-        await writer.drain()
-        async with asyncio.timeout(5):
-            data = await reader.read()  # up to EOF: the broker closes after a fatal error
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    frames = []
-    pos = 0
-    while pos < len(data):
-        prefix = decode_varint(data, pos)
-        assert prefix is not None
-        length, start = prefix
-        frames.append(Frame.FromString(data[start : start + length]))
-        pos = start + length
-    return frames
+    async with await RawPeer.connect(path, handshake=False) as peer:
+        await peer.send(hello("raw", component))
+        # Up to end of file: the broker closes after a fatal error.
+        return await peer.until_eof(timeout=5)
 
 
 async def wait_for_connections(broker: Broker, count: int) -> None:

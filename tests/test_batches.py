@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 from conftest import AGENT, PROCMOND, TEST_CONFIG
-from test_broker import RawPeer, drain, pid_of, proc
+from rawpeer import RawPeer, hello
+from test_broker import drain, pid_of, proc
 
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
@@ -26,7 +27,7 @@ from daemoneye_eventbus.frames import (
     encode_varint,
     publish_header,
 )
-from daemoneye_eventbus.protocol import PROTOCOL_VERSION, Connection, Role, State
+from daemoneye_eventbus.protocol import Connection, Role, State
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
 ANOMALY = registry.EVENTS_PROCESS_ANOMALY
@@ -229,13 +230,9 @@ def test_put_payloads_queues_what_put_batch_queues(count: int) -> None:
 
 
 async def raw_subscriber(path: str, flt: str, *, accept_batches: bool) -> RawPeer:
-    reader, writer = await asyncio.open_unix_connection(path)
-    peer = RawPeer(reader, writer)
-    hello = frames_pb2.Hello(
-        protocol_version=PROTOCOL_VERSION, component=AGENT, accept_batches=accept_batches
-    )
-    await peer.send(Frame(hello=hello))
-    welcome = await peer.recv()
+    peer = await RawPeer.connect(path, handshake=False)
+    await peer.send(hello(component=AGENT, accept_batches=accept_batches))
+    welcome = await peer.expect("welcome")
     assert welcome.welcome.batches
     await peer.send(Frame(subscribe=frames_pb2.Subscribe(subscription_id=1, filter=flt)))
     assert (await peer.recv()).WhichOneof("kind") == "subscribe_ack"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import AGENT, PROCMOND, TEST_CONFIG, worker_cmd, worker_env
+from rawpeer import RawPeer
 
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
@@ -35,8 +36,7 @@ from daemoneye_eventbus.errors import (
     RequestTimeout,
     UnknownSubscription,
 )
-from daemoneye_eventbus.frames import decode_varint, encode_frame
-from daemoneye_eventbus.protocol import PROTOCOL_VERSION
+from daemoneye_eventbus.frames import encode_frame
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
 #: Public: any peer, anonymous or not, may publish and receive it. Used where one
@@ -62,59 +62,6 @@ async def drain(sub: Any, timeout: float = 0.3) -> list[Any]:
             out.append(await sub.get(timeout=timeout))
         except RequestTimeout:
             return out
-
-
-class RawPeer:
-    """A hand-driven client on a raw socket, for what a normal client never does."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, path: str, *, hello: bool = True, component: str = "") -> RawPeer:
-        reader, writer = await asyncio.open_unix_connection(path)
-        peer = cls(reader, writer)
-        if hello:
-            await peer.send(
-                Frame(
-                    hello=frames_pb2.Hello(protocol_version=PROTOCOL_VERSION, component=component)
-                )
-            )
-            assert (await peer.recv()).WhichOneof("kind") == "welcome"
-        return peer
-
-    async def send(self, frame: Frame) -> None:
-        self.writer.write(encode_frame(frame))
-        await self.writer.drain()
-
-    async def recv(self, timeout: float = 3.0) -> Frame:
-        async with asyncio.timeout(timeout):
-            buf = b""
-            while True:
-                prefix = decode_varint(buf)
-                if prefix is not None:
-                    length, pos = prefix
-                    if len(buf) >= pos + length:
-                        return Frame.FromString(buf[pos : pos + length])
-                chunk = (
-                    await self.reader.read(1)
-                    if prefix is None
-                    else await self.reader.readexactly(pos + length - len(buf))
-                )
-                if not chunk:
-                    raise EOFError
-                buf += chunk
-
-    async def closed(self, timeout: float = 5.0) -> bool:
-        """True once the broker closed the connection (reads up to EOF)."""
-        async with asyncio.timeout(timeout):
-            while await self.reader.read(65536):
-                pass
-        return True
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 # -- basics ------------------------------------------------------------------------
@@ -467,14 +414,14 @@ async def test_stalled_subscriber_does_not_slow_others(sock_path: str) -> None:
 
 
 async def test_handshake_deadline(broker: Broker, sock_path: str) -> None:
-    peer = await RawPeer.connect(sock_path, hello=False)
+    peer = await RawPeer.connect(sock_path, handshake=False)
     hello = encode_frame(Frame(hello=frames_pb2.Hello(protocol_version=1, client_name="slow")))
 
     # Trickle the handshake: one byte every 0.2 s cannot finish within 1 s.
     async def trickle() -> Frame:
         for b in hello:
-            peer.writer.write(bytes([b]))
-            await peer.writer.drain()
+            if not await peer.write(bytes([b])):
+                raise BrokenPipeError("the broker hung up")
             await asyncio.sleep(0.2)
         return await peer.recv()
 
@@ -484,7 +431,7 @@ async def test_handshake_deadline(broker: Broker, sock_path: str) -> None:
 
 
 async def test_handshake_deadline_error_frame(broker: Broker, sock_path: str) -> None:
-    peer = await RawPeer.connect(sock_path, hello=False)
+    peer = await RawPeer.connect(sock_path, handshake=False)
     frame = await peer.recv(timeout=3)
     assert frame.error.code == ErrorCode.ERROR_CODE_HANDSHAKE_TIMEOUT
     assert frame.error.fatal
@@ -495,7 +442,7 @@ async def test_handshake_deadline_error_frame(broker: Broker, sock_path: str) ->
 async def test_publish_before_hello_is_a_protocol_error(broker: Broker, sock_path: str) -> None:
     async with Client(sock_path, component=AGENT) as watcher:  # would see a routed lifecycle event
         sub = await watcher.subscribe("#")
-        peer = await RawPeer.connect(sock_path, hello=False)
+        peer = await RawPeer.connect(sock_path, handshake=False)
         await peer.send(Frame(publish=frames_pb2.Publish(topic="events.process.lifecycle")))
         frame = await peer.recv()
         assert frame.error.code == ErrorCode.ERROR_CODE_UNEXPECTED_FRAME
@@ -508,7 +455,7 @@ async def test_oversized_frame_closes_only_that_connection(broker: Broker, sock_
     async with Client(sock_path) as good:
         sub = await good.subscribe("#")
         peer = await RawPeer.connect(sock_path)
-        peer.writer.write(b"\xff\xff\xff\x7f")  # declares ~268 MB, sends no body
+        await peer.write(b"\xff\xff\xff\x7f")  # declares ~268 MB, sends no body
         frame = await peer.recv()
         assert frame.error.code == ErrorCode.ERROR_CODE_FRAME_TOO_LARGE
         assert await peer.closed()
@@ -527,10 +474,10 @@ async def test_client_answers_heartbeats(broker: Broker, sock_path: str) -> None
 
 async def test_silent_peer_is_disconnected(broker: Broker, sock_path: str) -> None:
     peer = await RawPeer.connect(sock_path)
-    frame = await peer.recv(timeout=3)
+    frame = await peer.recv(timeout=3, answer_pings=False)
     assert frame.WhichOneof("kind") == "ping"
     # It never answers: closed with an idle-timeout error after idle_timeout.
-    frame = await peer.recv(timeout=TEST_CONFIG.idle_timeout + 2)
+    frame = await peer.recv(timeout=TEST_CONFIG.idle_timeout + 2, answer_pings=False)
     assert frame.error.code == ErrorCode.ERROR_CODE_IDLE_TIMEOUT
     assert await peer.closed()
     peer.close()

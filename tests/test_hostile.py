@@ -36,13 +36,14 @@ import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from conftest import TEST_CONFIG, worker_env
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rawpeer import HANDSHAKE_LIMIT, RawPeer, describe, framed, hello, kind, ping, read_varint
 
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
@@ -73,23 +74,9 @@ CLIENT_OPEN_KINDS = frozenset(
     {"publish", "subscribe", "unsubscribe", "ping", "pong", "error", "goodbye", "stats_request"}
 )
 CLIENT_CONNECTING_KINDS = frozenset({"hello", "goodbye"})
-HANDSHAKE_LIMIT = 4096
 
 
-# -- wire helpers (independent of the library's parser) ------------------------------------
-
-
-def read_varint(data: bytes | bytearray, pos: int, max_bytes: int = 10) -> tuple[int, int] | None:
-    """A varint at ``pos``: ``(value, next_pos)``, None if incomplete; ValueError if too long."""
-    value = shift = 0
-    for i in range(pos, min(len(data), pos + max_bytes)):
-        value |= (data[i] & 0x7F) << shift
-        if not data[i] & 0x80:
-            return value, i + 1
-        shift += 7
-    if len(data) >= pos + max_bytes:
-        raise ValueError("varint too long")
-    return None
+# -- wire helpers specific to these attacks (the shared ones are in rawpeer) ------------------
 
 
 def tag(number: int, wire_type: int) -> bytes:
@@ -99,17 +86,6 @@ def tag(number: int, wire_type: int) -> bytes:
 def len_field(number: int, value: bytes) -> bytes:
     """A length-delimited field, built by hand so that it may hold anything."""
     return tag(number, 2) + encode_varint(len(value)) + value
-
-
-def framed(body: bytes) -> bytes:
-    """A length prefix and ``body``, whatever ``body`` is."""
-    return encode_varint(len(body)) + body
-
-
-def hello(name: str = "hostile", component: str = "", version: int = 1) -> Frame:
-    return Frame(
-        hello=frames_pb2.Hello(protocol_version=version, client_name=name, component=component)
-    )
 
 
 def publish(topic: str = ANOMALY.name, pid: int = 0, payload: bytes | None = None) -> Frame:
@@ -123,191 +99,6 @@ def subscribe(sid: int, flt: str) -> Frame:
 
 def unsubscribe(sid: int) -> Frame:
     return Frame(unsubscribe=frames_pb2.Unsubscribe(subscription_id=sid))
-
-
-def ping(nonce: int) -> Frame:
-    return Frame(ping=frames_pb2.Ping(nonce=nonce))
-
-
-def kind(frame: Frame) -> str | None:
-    return frame.WhichOneof("kind")
-
-
-def describe(frames: list[Frame]) -> list[str]:
-    out = []
-    for f in frames:
-        k = kind(f)
-        if k == "error":
-            out.append(f"error({EC.Name(f.error.code)}, fatal={f.error.fatal}): {f.error.message}")
-        else:
-            out.append(str(k))
-    return out
-
-
-# -- a raw peer ------------------------------------------------------------------------------
-
-
-class RawPeer:
-    """A hand-driven client on a plain non-blocking socket.
-
-    No stream layer reads ahead: what this peer does not read stays in the
-    kernel, exactly as with a client that stopped reading.
-    """
-
-    #: Every peer not yet closed, closed after each test whatever happened.
-    open_peers: ClassVar[set[RawPeer]] = set()
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-        #: The limit on what the broker sends us (§1): 4096 bytes until its Welcome.
-        self.limit = HANDSHAKE_LIMIT
-        #: The stream ended inside a frame (the broker aborted the connection).
-        self.truncated = False
-        # Two sock_sendall() at once on one socket would lose one of them.
-        self._writing = asyncio.Lock()
-        self.open_peers.add(self)
-
-    @classmethod
-    async def connect(
-        cls, path: str, *, handshake: bool = True, name: str = "hostile", component: str = ""
-    ) -> RawPeer:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, path)
-            # asyncio reports success for a Unix socket whose connect() found the
-            # listen queue full (EAGAIN); it is not connected: refuse it here.
-            sock.getpeername()
-        except BaseException:
-            sock.close()
-            raise
-        peer = cls(sock)
-        if handshake:
-            await peer.write(encode_frame(hello(name, component)))
-            frame = await peer.recv()
-            assert kind(frame) == "welcome", describe([frame])
-        return peer
-
-    async def write(self, data: bytes) -> bool:
-        """Send all of ``data``; False if the broker has hung up (the rest is lost)."""
-        async with self._writing:
-            try:
-                await asyncio.get_running_loop().sock_sendall(self.sock, data)
-            except (BrokenPipeError, ConnectionResetError):
-                return False
-            return True
-
-    async def send(self, *frames: Frame) -> bool:
-        return await self.write(b"".join(encode_frame(f) for f in frames))
-
-    async def read_some(self, n: int = 256 * KiB) -> bytes:
-        """Up to ``n`` bytes into the frame buffer; b"" at end of file (or reset)."""
-        try:
-            chunk = await asyncio.get_running_loop().sock_recv(self.sock, n)
-        except ConnectionResetError:
-            chunk = b""
-        self.buf += chunk
-        return chunk
-
-    async def recv_body(self, timeout: float = 5.0, *, allow_truncated: bool = False) -> bytes:
-        """The next frame body; EOFError at end of file.
-
-        A connection the broker closed ends between frames; one it aborted
-        (a peer that did not read in time, §8) may end inside one: pass
-        ``allow_truncated`` then.
-        """
-        async with asyncio.timeout(timeout):
-            while True:
-                prefix = read_varint(self.buf, 0, 5)
-                if prefix is not None and len(self.buf) >= prefix[1] + prefix[0]:
-                    length, pos = prefix
-                    body = bytes(self.buf[pos : pos + length])
-                    del self.buf[: pos + length]
-                    self._check_limit(body)
-                    return body
-                if not await self.read_some():
-                    assert allow_truncated or not self.buf, f"truncated frame: {self.buf[:64]!r}"
-                    self.truncated = bool(self.buf)
-                    raise EOFError
-
-    async def drain(self, timeout: float = 10.0) -> None:
-        """Read everything up to end of file, as fast as possible, parsing nothing yet."""
-        async with asyncio.timeout(timeout):
-            while await self.read_some():
-                pass
-
-    def _check_limit(self, body: bytes) -> None:
-        assert len(body) <= self.limit, f"the broker sent {len(body)} bytes, over {self.limit}"
-        if self.limit == HANDSHAKE_LIMIT:
-            with contextlib.suppress(DecodeError):
-                frame = Frame.FromString(body)
-                if kind(frame) == "welcome":
-                    self.limit = frame.welcome.limits.max_frame_bytes
-
-    def complete_bodies(self) -> list[bytes]:
-        """The bodies of the complete frames already read, taken out of the buffer."""
-        bodies = []
-        pos = 0
-        buf = self.buf
-        while (prefix := read_varint(buf, pos, 5)) is not None:
-            length, start = prefix
-            if len(buf) < start + length:
-                break
-            bodies.append(bytes(buf[start : start + length]))
-            self._check_limit(bodies[-1])
-            pos = start + length
-        del buf[:pos]
-        return bodies
-
-    async def recv(self, timeout: float = 5.0) -> Frame:
-        """The next frame other than the broker's heartbeat pings, which are answered."""
-        while True:
-            frame = Frame.FromString(await self.recv_body(timeout))
-            if kind(frame) != "ping":
-                return frame
-            await self.send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))
-
-    async def until_eof(
-        self, timeout: float = 5.0, *, allow_truncated: bool = False
-    ) -> list[Frame]:
-        """Every frame up to the broker's end of file, heartbeat pings left out."""
-        frames: list[Frame] = []
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    body = await self.recv_body(timeout, allow_truncated=allow_truncated)
-                    frame = Frame.FromString(body)
-                except EOFError:
-                    return frames
-                if kind(frame) != "ping":
-                    frames.append(frame)
-
-    async def expect_fatal(self, code: ErrorCode.ValueType, timeout: float = 5.0) -> Frame:
-        """The broker's last frame is its only Error: fatal, with ``code``; then it closes."""
-        frames = await self.until_eof(timeout)
-        assert frames, "closed without an Error frame"
-        assert [kind(f) for f in frames].count("error") == 1, describe(frames)
-        assert kind(frames[-1]) == "error", describe(frames)
-        error = frames[-1].error
-        assert (error.code, error.fatal) == (code, True), describe(frames)
-        assert error.message
-        return frames[-1]
-
-    async def expect(self, wanted: str, timeout: float = 5.0) -> Frame:
-        frame = await self.recv(timeout)
-        assert kind(frame) == wanted, describe([frame])
-        return frame
-
-    async def roundtrip(self, nonce: int = 4242, timeout: float = 5.0) -> None:
-        """Ping the broker and get the pong: the connection works."""
-        await self.send(ping(nonce))
-        frame = await self.expect("pong", timeout)
-        assert frame.pong.nonce == nonce
-
-    def close(self) -> None:
-        self.sock.close()
-        self.open_peers.discard(self)
 
 
 # -- the well-behaved pair -------------------------------------------------------------------

@@ -218,8 +218,10 @@ class UnixListener(Listener):
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        # Only our own socket file: another broker may have claimed the path since.
-        remove_socket(self.address, self._inode)
+        # Only our own socket file: another broker may have claimed the path
+        # since, or this listener never started (a live broker holds the path).
+        if self._inode is not None:
+            remove_socket(self.address, self._inode)
 
     async def wait_closed(self) -> None:
         if self._server is not None:
