@@ -43,11 +43,10 @@ from __future__ import annotations
 import re
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 from daemoneye.eventbus.v1 import correlation_pb2
+from daemoneye_eventbus.deprecation import deprecated_names
 from daemoneye_eventbus.errors import InvalidCorrelation
 
 __all__ = [
@@ -501,20 +500,10 @@ def correlation_matches(
 
 
 #: Old names, kept for one release: each use warns with a DeprecationWarning.
-_DEPRECATED: dict[str, tuple[str, Callable[..., Any]]] = {
-    "validate_filter": ("validate_correlation_filter", validate_correlation_filter),
-    "filter_matches": ("correlation_matches", correlation_matches),
-}
-
-
-def __getattr__(name: str) -> Any:
-    entry = _DEPRECATED.get(name)
-    if entry is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new_name, value = entry
-    warnings.warn(
-        f"daemoneye_eventbus.correlation.{name} is deprecated; use {new_name}",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return value
+__getattr__ = deprecated_names(
+    __name__,
+    {
+        "validate_filter": ("validate_correlation_filter", validate_correlation_filter),
+        "filter_matches": ("correlation_matches", correlation_matches),
+    },
+)

@@ -18,10 +18,18 @@ from google.protobuf.message import Message
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import ConnectionClosed
+from daemoneye_eventbus.registry_runtime import Topic
 
-__all__ = ["Subscription", "SubscriptionOwner"]
+__all__ = ["Subscription", "SubscriptionOwner", "subscription_target"]
 
 P = TypeVar("P", bound=Message)
+
+
+def subscription_target(filter: Topic[Any] | str) -> tuple[str, type[Message] | None]:
+    """The filter text of a topic or filter, and the payload class events decode to."""
+    if isinstance(filter, Topic):
+        return filter.name, filter.payload_type
+    return filter, None
 
 
 class SubscriptionOwner(Protocol):

@@ -45,10 +45,10 @@ not to the number of subscriptions.
 from __future__ import annotations
 
 import re
-import warnings
-from collections.abc import Callable, Hashable, Iterator
-from typing import Any, Generic, NoReturn, TypeVar
+from collections.abc import Hashable, Iterator
+from typing import Generic, NoReturn, TypeVar
 
+from daemoneye_eventbus.deprecation import deprecated_names
 from daemoneye_eventbus.errors import InvalidTopic
 
 __all__ = [
@@ -422,20 +422,10 @@ class SubscriptionTrie(Generic[T]):
 
 
 #: Old names, kept for one release: each use warns with a DeprecationWarning.
-_DEPRECATED: dict[str, tuple[str, Callable[..., Any]]] = {
-    "validate_filter": ("validate_topic_filter", validate_topic_filter),
-    "matches": ("topic_matches", topic_matches),
-}
-
-
-def __getattr__(name: str) -> Any:
-    entry = _DEPRECATED.get(name)
-    if entry is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new_name, value = entry
-    warnings.warn(
-        f"daemoneye_eventbus.topics.{name} is deprecated; use {new_name}",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return value
+__getattr__ = deprecated_names(
+    __name__,
+    {
+        "validate_filter": ("validate_topic_filter", validate_topic_filter),
+        "matches": ("topic_matches", topic_matches),
+    },
+)

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "daemoneye_eventbus"
 LAYERS: dict[str, int] = {
     # the bottom: the error tree and the registry runtime the generated code imports
     "errors": 0,
+    "deprecation": 0,
     "registry_runtime": 0,
     # pure: no event loop
     "topics": 1,

@@ -26,7 +26,7 @@ from daemoneye_eventbus.errors import (
     RequestTimeout,
 )
 from daemoneye_eventbus.registry_runtime import Topic
-from daemoneye_eventbus.subscription import Subscription
+from daemoneye_eventbus.subscription import Subscription, subscription_target
 from daemoneye_eventbus.topics import (
     DEFAULT_MAX_TOPIC_BYTES,
     DEFAULT_MAX_TOPIC_LEVELS,
@@ -180,10 +180,7 @@ class Client(ClientConnection):
         never cross the socket. Control topics reach a wildcard filter only
         with ``include_control=True``.
         """
-        if isinstance(filter, Topic):
-            text, cls = filter.name, filter.payload_type
-        else:
-            text, cls = filter, None
+        text, cls = subscription_target(filter)
         validate_topic_filter(
             text,
             max_bytes=self.limits.max_topic_bytes or DEFAULT_MAX_TOPIC_BYTES,

@@ -27,7 +27,7 @@ from daemoneye_eventbus.protocol import build_publish
 from daemoneye_eventbus.registry_runtime import Topic
 from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
-from daemoneye_eventbus.subscription import Subscription
+from daemoneye_eventbus.subscription import Subscription, subscription_target
 
 __all__ = ["LocalSession"]
 
@@ -185,10 +185,7 @@ class LocalSession(Session):
         queue: EventQueue[Any] | None = None,
     ) -> Subscription[Any]:
         """Subscribe to a topic or a filter, as :meth:`Client.subscribe` does."""
-        if isinstance(filter, Topic):
-            text, cls = filter.name, filter.payload_type
-        else:
-            text, cls = filter, None
+        text, cls = subscription_target(filter)
         if queue is None:
             queue = self.new_queue(max_pending)
         return self._subscribe(text, queue, correlation_filter, include_control, cls)
