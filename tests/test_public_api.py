@@ -21,6 +21,7 @@ from daemoneye_eventbus import errors
 
 PUBLIC_MODULES = [
     "errors",
+    "deprecation",
     "registry_runtime",
     "topics",
     "correlation",
@@ -308,6 +309,7 @@ def test_pure_module_source_has_no_asyncio(module_name: str) -> None:
             assert m.removeprefix("daemoneye_eventbus.") in {
                 *PURE_MODULES,
                 "errors",
+                "deprecation",
                 "registry_runtime",
             }, m
 
