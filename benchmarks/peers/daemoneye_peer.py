@@ -108,6 +108,8 @@ class DaemoneyeAdapter(Adapter):
             path,
             "--max-queue-messages",
             str(MAX_QUEUE_MESSAGES),
+            # As root the broker refuses to run on without --user or --allow-root.
+            *(["--allow-root"] if os.geteuid() == 0 else []),
         ]
         settings = [f"--max-queue-messages {MAX_QUEUE_MESSAGES}"]
         if options.subscriptions_per_connection > 1024:
