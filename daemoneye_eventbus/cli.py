@@ -142,6 +142,7 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
         max_frame_bytes=args.max_frame_bytes,
         max_queue_messages=args.max_queue_messages,
         max_queue_bytes=args.max_queue_bytes,
+        max_frames_per_turn=args.max_frames_per_turn,
         handshake_timeout=args.handshake_timeout,
         heartbeat_interval=args.heartbeat_interval,
         idle_timeout=args.idle_timeout,
@@ -355,6 +356,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
     serve.add_argument("--max-queue-messages", type=int, default=d.max_queue_messages)
     serve.add_argument("--max-queue-bytes", type=int, default=d.max_queue_bytes)
+    serve.add_argument(
+        "--max-frames-per-turn",
+        type=int,
+        default=d.max_frames_per_turn,
+        help="frames handled from one connection per event-loop turn (0: no limit)",
+    )
     serve.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout)
     serve.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
     serve.add_argument("--idle-timeout", type=float, default=d.idle_timeout)

@@ -106,6 +106,7 @@ def flood(args: argparse.Namespace) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(args.socket)
         sock.sendall(encode_frame(Frame(hello=hello)))
+        sock.recv(4096)  # the Welcome: nothing may be published before it [protocol §2]
         print(json.dumps({"ready": True}), flush=True)
         deadline = time.monotonic() + args.seconds
         try:
