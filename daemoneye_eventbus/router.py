@@ -21,7 +21,7 @@ an in-process caller gets the very same exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
@@ -234,19 +234,7 @@ class Router:
         message.DiscardUnknownFields()
         data = message.SerializeToString()
         correlation = message.correlation if message.HasField("correlation") else None
-        payloads = (
-            message.payloads if isinstance(message, frames_pb2.PublishBatch) else (message.payload,)
-        )
-        subs = self._accept(
-            endpoint,
-            message.topic,
-            message.payload_type,
-            correlation,
-            payloads,
-            len(data),
-            limit,
-            count,
-        )
+        subs = self._accept(endpoint, message, correlation, len(data), limit, count)
         taken = 0
         for sub in subs:
             if sub.matcher is not None and not sub.matcher.matches(correlation):
@@ -268,14 +256,17 @@ class Router:
         parser: ProtoMessage,
         topic: str,
         payload_type: str,
-        payloads: Sequence[bytes],
-        count: int,
+        message: Published,
     ) -> NoReturn:
         """Refuse an event or batch whose payloads do not all parse as ``parser``'s type.
 
         A batch with one bad payload is refused whole, like any other refusal
         of a batch: its good events are not delivered either [protocol §5].
         """
+        payloads = (
+            (message.payload,) if isinstance(message, frames_pb2.Publish) else message.payloads
+        )
+        count = len(payloads)
         parse = parser.ParseFromString
         for index, payload in enumerate(payloads):
             try:
@@ -308,19 +299,19 @@ class Router:
     def _accept(
         self,
         endpoint: Endpoint,
-        topic: str,
-        payload_type: str,
+        message: Published,
         correlation: CorrelationMetadata | None,
-        payloads: Sequence[bytes],
         size: int,
         limit: int,
         count: int,
     ) -> tuple[SubscriptionEntry, ...]:
-        """Check ``count`` events (``size`` bytes encoded) published on ``topic``.
+        """Check the ``count`` events of ``message`` (``size`` bytes encoded).
 
         Returns the subscriptions that may receive them (correlation filters
         not yet applied); raises a typed error when they are refused.
         """
+        topic = message.topic
+        payload_type = message.payload_type
         info = self._topic_cache.get(topic) or self.topic_info(topic)
         checks = endpoint.publish_checks
         denied = checks.get(topic, _UNCHECKED)
@@ -366,12 +357,15 @@ class Router:
             and self._validate
             and not (self._trust_local and endpoint.identity.trusted)
         ):
-            parse = parser.ParseFromString
             try:
-                for payload in payloads:
-                    parse(payload)
+                if isinstance(message, frames_pb2.Publish):
+                    parser.ParseFromString(message.payload)
+                else:
+                    parse = parser.ParseFromString
+                    for payload in message.payloads:
+                        parse(payload)
             except (DecodeError, RecursionError):
-                self._invalid_payload(endpoint, parser, topic, payload_type, payloads, count)
+                self._invalid_payload(endpoint, parser, topic, payload_type, message)
         if correlation is not None:
             try:
                 validate_metadata(correlation)

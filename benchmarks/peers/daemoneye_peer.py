@@ -123,6 +123,11 @@ class DaemoneyeAdapter(Adapter):
         if options.undeclared_filters:
             argv.append("--allow-undeclared-topics")
             settings.append("--allow-undeclared-topics")
+        # Extra broker options for one-off comparisons, e.g. --no-validate-payloads.
+        extra_args = os.environ.get(BROKER_ARGS_ENV, "").split()
+        if extra_args:
+            argv += extra_args
+            settings.append(" ".join(extra_args))
         env = dict(os.environ)
         extra = [str(REPO), str(REPO / "generated")]
         if env.get("PYTHONPATH"):
@@ -140,6 +145,10 @@ class DaemoneyeAdapter(Adapter):
 
 
 # -- payload -----------------------------------------------------------------------------
+
+
+#: Environment variable with extra ``serve`` options for this bus's broker.
+BROKER_ARGS_ENV = "DAEMONEYE_BENCH_BROKER_ARGS"
 
 
 def make_event(size: int = PAYLOAD_BYTES) -> Any:

@@ -116,7 +116,8 @@ class SocketSession(Session, asyncio.Protocol):
         conn.receive_data(data, self._turn_frames)
         self._last_rx = asyncio.get_running_loop().time()
         self._ping_sent = False
-        self._charge_input()
+        if conn.buffered_input or self._account.input:
+            self._charge_input()
         self._handle_received()
 
     def _continue(self) -> None:
@@ -178,6 +179,7 @@ class SocketSession(Session, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused_since = asyncio.get_running_loop().time()
+        self._charge_output()
 
     def resume_writing(self) -> None:
         self._paused_since = None
@@ -278,7 +280,11 @@ class SocketSession(Session, asyncio.Protocol):
             data = conn.data_to_send()
             if data:
                 transport.write(data)
-        self._charge_output()
+        if self._paused_since is not None or self._account.output:
+            # Backed up (or was): what waits counts in the broker's total. A
+            # session that is not holds less than WRITE_HIGH in its transport,
+            # charged by the housekeeper's tick.
+            self._charge_output()
         if conn.close_expected:
             self._close_transport()
 
