@@ -645,6 +645,8 @@ class _Broker:
             str(args.queue_messages),
             "--slow-consumer-timeout",
             str(args.slow_consumer_timeout),
+            # As root the broker refuses to run on without --user or --allow-root.
+            *(["--allow-root"] if os.geteuid() == 0 else []),
         ]
         self.proc = subprocess.Popen(
             self.command,

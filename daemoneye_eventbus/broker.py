@@ -21,11 +21,12 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Self
 
 from daemoneye_eventbus.access import AuditLog, Policy
+from daemoneye_eventbus.budget import MemoryBudget
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.errors import BrokerError, ClosedResourceError
 from daemoneye_eventbus.router import Router
@@ -56,17 +57,30 @@ class Broker:
     Use as ``async with Broker(path) as broker:`` or call :meth:`start` and
     :meth:`close`. The socket file is removed on close (a directory created
     for it is left in place).
+
+    ``before_serving`` is called once the socket is bound (its mode and group
+    applied) and before the first connection is accepted; ``serve --user``
+    drops its privileges there. If it raises, :meth:`start` releases the
+    socket and raises that error.
     """
 
-    def __init__(self, path: str, config: BrokerConfig | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        config: BrokerConfig | None = None,
+        *,
+        before_serving: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
         self._config = config or BrokerConfig()
+        self._before_serving = before_serving
         #: Who may act as which component (the default policy without a file).
         self._policy = self._config.policy or Policy.default(os.geteuid())
         #: Structured, rate-limited log of refusals.
         self._audit = AuditLog()
         self._router = Router(self._config, self._audit)
         self._outbox = Outbox()
+        self._budget = MemoryBudget(self._config)
         self._listener: Listener | None = None
         self._sessions: set[SocketSession] = set()
         self._local_sessions: set[LocalSession] = set()
@@ -100,6 +114,10 @@ class Broker:
     @property
     def outbox(self) -> Outbox:
         return self._outbox
+
+    @property
+    def budget(self) -> MemoryBudget:
+        return self._budget
 
     @property
     def listener(self) -> Listener | None:
@@ -145,7 +163,7 @@ class Broker:
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Claim the address and start accepting connections."""
+        """Claim the address, call ``before_serving``, then start accepting connections."""
         if self._listener is not None:
             raise BrokerError("broker already started")
         self.protobuf_backend = protobuf_backend()
@@ -163,8 +181,17 @@ class Broker:
             group=cfg.socket_group,
             send_buffer=cfg.socket_send_buffer,
         )
-        await listening.start(lambda: SocketSession(self))
+        await listening.start(lambda: SocketSession(self), serve=False)
         self._listener = listening
+        try:
+            if self._before_serving is not None:
+                self._before_serving()  # bound, not accepting yet: self.listener is set
+            await listening.serve()
+        except BaseException:
+            self._listener = None
+            listening.close()
+            await listening.wait_closed()
+            raise
         self._housekeeper = asyncio.create_task(
             self._housekeeping(), name=f"eventbus[broker {self.path}].housekeeping"
         )
@@ -283,6 +310,7 @@ class Broker:
                     depth_msgs,
                     depth_bytes,
                     s.published,
+                    s.endpoint.invalid_payloads,
                 )
             )
             subs.extend(
@@ -300,6 +328,7 @@ class Broker:
             refused=self.refused,
             connection_stats=tuple(conns),
             subscription_stats=tuple(subs),
+            invalid_payloads=self._router.invalid_payloads,
         )
 
     async def _housekeeping(self) -> None:

@@ -18,8 +18,10 @@ topics delivered only to subscriptions that opt in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypeVar, runtime_checkable
@@ -35,6 +37,7 @@ from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import (
     ClosedResourceError,
+    InvalidPayload,
     SchemaError,
     SubscriptionExists,
     UnknownSubscription,
@@ -55,6 +58,8 @@ __all__ = [
     "EventSubscription",
     "topic_for_event",
 ]
+
+log = logging.getLogger("daemoneye_eventbus.bus")
 
 #: What a subscription without topic patterns listens to: every event topic.
 DEFAULT_EVENT_PATTERNS: Final = ("events.#",)
@@ -106,6 +111,9 @@ class EventSubscription:
     correlation_filter: CorrelationFilter | None = None
     #: Deliver control topics that the patterns match through a wildcard.
     include_control: bool = False
+    #: Called with each event skipped because its payload does not decode
+    #: (logged when None); the receiver goes on with the next event.
+    on_invalid: Callable[[InvalidPayload], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +142,37 @@ class EventBusStatistics:
 
 
 class EventReceiver:
-    """The events of one :class:`EventSubscription`: an async iterator."""
+    """The events of one :class:`EventSubscription`: an async iterator.
 
-    def __init__(self, subscriber_id: str, queue: EventQueue[Message]) -> None:
+    An event whose payload does not decode (possible only behind a broker
+    with payload validation off) never ends the iteration: it is counted in
+    :attr:`invalid`, passed as an :class:`InvalidPayload` to the
+    subscription's ``on_invalid`` (or logged when there is none), and the
+    receiver goes on with the next event.
+    """
+
+    def __init__(
+        self,
+        subscriber_id: str,
+        queue: EventQueue[Message],
+        on_invalid: Callable[[InvalidPayload], None] | None = None,
+    ) -> None:
         self.subscriber_id = subscriber_id
         self.queue = queue
+        self.on_invalid = on_invalid
+        #: Events skipped because their payload did not decode.
+        self.invalid = 0
 
-    def _convert(self, received: ReceivedEvent[Message]) -> BusEvent:
-        message = received.message()
+    def _convert(self, received: ReceivedEvent[Message]) -> BusEvent | None:
+        try:
+            message = received.message()
+        except InvalidPayload as exc:
+            self.invalid += 1
+            if self.on_invalid is not None:
+                self.on_invalid(exc)
+            else:
+                log.warning("subscriber %s skipped an event: %s", self.subscriber_id, exc)
+            return None
         field_name = _EVENT_FIELDS.get(received.payload_type)
         event = None
         if field_name is not None and not received.topic.startswith("control."):
@@ -157,15 +188,24 @@ class EventReceiver:
         )
 
     async def recv(self, timeout: float | None = None) -> BusEvent:
-        """The next event; raises :class:`ClosedResourceError` once unsubscribed."""
-        return self._convert(await self.queue.get(timeout))
+        """The next event that decodes; raises :class:`ClosedResourceError` once
+        unsubscribed, :class:`RequestTimeout` when ``timeout`` seconds pass."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            event = self._convert(await self.queue.get(left))
+            if event is not None:
+                return event
 
     def __aiter__(self) -> AsyncIterator[BusEvent]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[BusEvent]:
         async for received in self.queue:
-            yield self._convert(received)
+            event = self._convert(received)
+            if event is not None:
+                yield event
 
     @property
     def dropped(self) -> int:
@@ -361,7 +401,7 @@ class DaemoneyeEventBus:
         except BaseException:
             await _release(subs)
             raise
-        receiver = EventReceiver(subscription.subscriber_id, queue)
+        receiver = EventReceiver(subscription.subscriber_id, queue, subscription.on_invalid)
         self._subscribers[subscription.subscriber_id] = _Subscriber(receiver, subs)
         return receiver
 

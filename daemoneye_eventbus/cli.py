@@ -2,7 +2,8 @@
 
 Commands: ``serve``, ``pub``, ``sub``, ``stats``, ``topics``, ``demo``. Every
 command takes ``--socket PATH`` and ``--instance NAME``; errors go to stderr
-with a non-zero exit code.
+with a non-zero exit code (2 when ``serve`` will not run as root, or cannot
+drop its privileges as asked).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import grp
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,12 +26,19 @@ from google.protobuf.message import Message
 from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
+from daemoneye_eventbus import privileges
 from daemoneye_eventbus.access import Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import ReceivedEvent
-from daemoneye_eventbus.errors import ClosedResourceError, EventBusError, RequestTimeout
+from daemoneye_eventbus.errors import (
+    BrokerError,
+    ClosedResourceError,
+    EventBusError,
+    PrivilegeError,
+    RequestTimeout,
+)
 from daemoneye_eventbus.runtime import run, running_loop_name
 from daemoneye_eventbus.transports import default_address
 
@@ -72,26 +81,86 @@ def _access_name(level: int) -> str:
 
 # -- serve ---------------------------------------------------------------------
 
+#: Exit status of ``serve`` when it will not run as root or cannot drop privileges.
+_EXIT_PRIVILEGES = 2
 
-async def _serve(args: argparse.Namespace) -> int:
+
+def _identity(args: argparse.Namespace) -> tuple[int, int] | None:
+    """Who ``serve`` becomes once its socket is bound: ``(uid, gid)``, or None to stay.
+
+    Refuses (:class:`PrivilegeError`) an unknown ``--user``/``--group``, and
+    running on as root without ``--user`` or ``--allow-root``.
+    """
+    if args.user is None:
+        if args.group is not None:
+            raise PrivilegeError("--group needs --user")
+        if os.geteuid() == 0 and not args.allow_root:
+            raise PrivilegeError(
+                "refusing to run as root: give --user NAME to drop privileges, or --allow-root"
+            )
+        return None
+    uid, gid = privileges.resolve(args.user, args.group)
+    # As an ordinary user, only "dropping" to that same user is possible.
+    return (uid, gid) if privileges.check_switch(uid, gid) else None
+
+
+def _drop_to(broker: Broker, uid: int, gid: int) -> None:
+    """Give the socket to ``uid``/``gid`` and become them (``before_serving``)."""
+    if broker.listener is None:
+        raise PrivilegeError("the broker's socket is not bound yet")
+    try:
+        broker.listener.chown(uid, gid)
+    except BrokerError as exc:
+        raise PrivilegeError(str(exc)) from exc
+    privileges.drop_privileges(uid, gid)
+    directory = os.path.dirname(os.path.abspath(broker.path))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        log.warning(
+            "uid %d may not write to %s: the socket file will stay behind on exit "
+            "(the next broker replaces it)",
+            uid,
+            directory,
+        )
+
+
+async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = None) -> int:
+    policy = Policy.load(args.policy) if args.policy else None
+    if identity is not None:
+        # The default policy trusts the broker's own uid (and root): the uid it drops to.
+        policy = policy or Policy.default(identity[0])
+        if any(rule.executables is not None for rule in policy.components.values()):
+            log.warning(
+                "policy %s names executables: after dropping to uid %d the broker can read "
+                "/proc/<pid>/exe only of that user's processes, so peers of other users "
+                "claiming those components will be refused",
+                policy.source,
+                identity[0],
+            )
     config = BrokerConfig(
         max_connections=args.max_connections,
         max_subscriptions=args.max_subscriptions,
         max_frame_bytes=args.max_frame_bytes,
         max_queue_messages=args.max_queue_messages,
         max_queue_bytes=args.max_queue_bytes,
+        max_frames_per_turn=args.max_frames_per_turn,
         handshake_timeout=args.handshake_timeout,
         heartbeat_interval=args.heartbeat_interval,
         idle_timeout=args.idle_timeout,
         slow_consumer_timeout=args.slow_consumer_timeout,
         drain_timeout=args.drain_timeout,
         allow_undeclared_topics=args.allow_undeclared_topics,
+        validate_payloads=not args.no_validate_payloads,
         max_connections_per_uid=args.max_connections_per_uid,
         socket_mode=args.socket_mode,
         socket_group=_group(args.socket_group),
-        policy=Policy.load(args.policy) if args.policy else None,
+        policy=policy,
     )
-    broker = Broker(_socket(args), config)
+
+    def drop() -> None:
+        if identity is not None:
+            _drop_to(broker, *identity)
+
+    broker = Broker(_socket(args), config, before_serving=drop if identity else None)
     await broker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -100,7 +169,7 @@ async def _serve(args: argparse.Namespace) -> int:
     print(
         f"daemoneye-eventbus broker listening on {broker.path} "
         f"(mode {config.socket_mode:04o}, policy {broker.policy.source}, "
-        f"loop {running_loop_name()})",
+        f"uid {os.geteuid()}, gid {os.getegid()}, loop {running_loop_name()})",
         flush=True,
     )
     try:
@@ -287,6 +356,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
     serve.add_argument("--max-queue-messages", type=int, default=d.max_queue_messages)
     serve.add_argument("--max-queue-bytes", type=int, default=d.max_queue_bytes)
+    serve.add_argument(
+        "--max-frames-per-turn",
+        type=int,
+        default=d.max_frames_per_turn,
+        help="frames handled from one connection per event-loop turn (0: no limit)",
+    )
     serve.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout)
     serve.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
     serve.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
@@ -307,9 +382,31 @@ def _parser() -> argparse.ArgumentParser:
         "--policy", metavar="FILE", help="TOML policy: which peers may act as which component"
     )
     serve.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: bind the socket, give it to this user (name or uid), then "
+        "drop to it for good before accepting any connection",
+    )
+    serve.add_argument(
+        "--group",
+        metavar="NAME",
+        help="with --user: the one group (name or gid) to keep (default: the user's primary group)",
+    )
+    serve.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="keep running as root without --user (by default serve refuses to)",
+    )
+    serve.add_argument(
         "--allow-undeclared-topics",
         action="store_true",
         help="accept topics the schema does not declare, as public topics",
+    )
+    serve.add_argument(
+        "--no-validate-payloads",
+        action="store_true",
+        help="forward payloads without parsing them as their topic's declared type "
+        "(default: parse each one and refuse what does not parse); for trusted deployments",
     )
 
     client = argparse.ArgumentParser(add_help=False)
@@ -365,10 +462,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "topics":
             return _topics(args)
-        runner = {"serve": _serve, "pub": _pub, "sub": _sub, "stats": _stats, "demo": _demo}
+        if args.command == "serve":
+            return run(_serve(args, _identity(args)))
+        runner = {"pub": _pub, "sub": _sub, "stats": _stats, "demo": _demo}
         return run(runner[args.command](args))
     except KeyboardInterrupt:
         return 130
+    except PrivilegeError as exc:
+        print(f"daemoneye-eventbus {args.command}: error: {exc}", file=sys.stderr)
+        return _EXIT_PRIVILEGES
     except (EventBusError, json_format.ParseError, ValueError, OSError) as exc:
         print(f"daemoneye-eventbus {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -41,6 +41,23 @@ class BrokerConfig:
     max_queue_messages: int = 1000
     #: Bytes queued at most for one subscriber before drops start.
     max_queue_bytes: int = 8 * 1024 * 1024
+    #: Frames handled from one connection per event-loop turn; the rest of its
+    #: input waits (reading paused) for the next turn, so that a flood from one
+    #: peer cannot delay another's handshake, pong or publish [protocol §1].
+    max_frames_per_turn: int = 64
+    #: Bytes of broker memory one connection's subscriptions may hold (filters
+    #: and compiled correlation filters, see daemoneye_eventbus.budget).
+    max_subscription_bytes: int = 4 * 1024 * 1024
+    #: Bytes of broker memory all subscriptions together may hold.
+    max_total_subscription_bytes: int = 64 * 1024 * 1024
+    #: Bytes of pending output all connections together may hold while their
+    #: peers do not read (each frame counted with its overhead); past it,
+    #: events for a backed-up subscriber are dropped and a backed-up peer
+    #: that asks for more replies is disconnected as a slow consumer.
+    max_total_queue_bytes: int = 64 * 1024 * 1024
+    #: Bytes of partial input all connections together may hold (frames not
+    #: yet complete); a connection that would go past it is closed.
+    max_total_input_bytes: int = 32 * 1024 * 1024
     #: Seconds a subscriber's socket may stay backed up before it is disconnected.
     slow_consumer_timeout: float = 10.0
     #: Seconds of silence after which the broker pings a client.
@@ -51,6 +68,12 @@ class BrokerConfig:
     drain_timeout: float = 5.0
     #: Accept topics the schema does not declare (as public topics).
     allow_undeclared_topics: bool = False
+    #: Parse every published payload as its topic's declared type and refuse
+    #: (ERROR_CODE_INVALID_PAYLOAD) what does not parse [protocol §5].
+    validate_payloads: bool = True
+    #: With validation on, skip it for in-process publishers (the agent's own
+    #: code, which holds the broker anyway).
+    trust_local_payloads: bool = False
     #: Permission bits of the socket file.
     socket_mode: int = 0o600
     #: Group of the socket file (gid), or None to keep the broker's.

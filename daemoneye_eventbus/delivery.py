@@ -14,10 +14,15 @@ from operator import itemgetter
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from google.protobuf import descriptor_pool, message_factory
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
-from daemoneye_eventbus.errors import ClosedResourceError, PayloadTypeMismatch, RequestTimeout
+from daemoneye_eventbus.errors import (
+    ClosedResourceError,
+    InvalidPayload,
+    PayloadTypeMismatch,
+    RequestTimeout,
+)
 
 __all__ = ["EventQueue", "ReceivedEvent", "message_class", "received_batch"]
 
@@ -50,11 +55,25 @@ class ReceivedEvent(NamedTuple, Generic[P]):
     payload_class: type[P] | None = None
 
     def message(self) -> P:
-        """Decode the payload into its message type."""
+        """Decode the payload into its message type.
+
+        Raises :class:`InvalidPayload` (with the topic and sequence) if the
+        payload does not parse as that type, :class:`PayloadTypeMismatch` if
+        the type is unknown here.
+        """
         cls: type[Any] | None = self.payload_class or message_class(self.payload_type)
         if cls is None:
             raise PayloadTypeMismatch(f"unknown payload type {self.payload_type!r}")
-        msg: P = cls.FromString(self.payload)
+        try:
+            msg: P = cls.FromString(self.payload)
+        except (DecodeError, RecursionError) as exc:
+            raise InvalidPayload(
+                f"event #{self.sequence} on {self.topic!r} does not parse as "
+                f"{self.payload_type}: {exc}",
+                topic=self.topic,
+                payload_type=self.payload_type,
+                sequence=self.sequence,
+            ) from None
         return msg
 
 

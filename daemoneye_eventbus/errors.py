@@ -15,6 +15,7 @@ code in an ``Error`` frame, and an in-process caller gets the same exception::
     ├── UnknownSubscription (LookupError)    no subscription with that id
     ├── SubscriptionExists (ValueError)      that subscription id or subscriber is taken
     ├── PayloadTypeMismatch (TypeError)      a message of the wrong type for a topic
+    ├── InvalidPayload (ValueError)          a payload that does not parse as its declared type
     ├── AccessDenied (PermissionError)       the broker refused the peer
     ├── LimitExceeded                        a configured limit was reached
     ├── PolicyError (ValueError)             the access policy file is unreadable or malformed
@@ -25,7 +26,8 @@ code in an ``Error`` frame, and an in-process caller gets the same exception::
     │   ├── ClosedResourceError              ... because we closed it
     │   └── BrokenResourceError              ... because the peer or the broker did
     ├── BrokerError                          the broker could not start or run
-    │   └── BrokerAlreadyRunning             another broker answers on the socket
+    │   ├── BrokerAlreadyRunning             another broker answers on the socket
+    │   └── PrivilegeError                   no such user or group, or privileges not dropped
     ├── ServerError                          the broker answered with an Error frame
     └── RequestTimeout (TimeoutError)        an answer did not come in time
 """
@@ -41,11 +43,13 @@ __all__ = [
     "ConnectionClosed",
     "EventBusError",
     "InvalidCorrelation",
+    "InvalidPayload",
     "InvalidTopic",
     "LimitExceeded",
     "LocalProtocolError",
     "PayloadTypeMismatch",
     "PolicyError",
+    "PrivilegeError",
     "ProtocolError",
     "RemoteProtocolError",
     "RequestTimeout",
@@ -100,6 +104,29 @@ class PayloadTypeMismatch(EventBusError, TypeError):
     """A message's type is not the payload type declared for the topic."""
 
 
+class InvalidPayload(EventBusError, ValueError):
+    """A payload does not parse as the payload type its topic declares.
+
+    The broker refuses such a publish (``ERROR_CODE_INVALID_PAYLOAD``); a
+    subscriber that decodes one (behind a broker with validation off) gets
+    this error with the event's ``topic``, ``payload_type`` and ``sequence``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str = "",
+        payload_type: str = "",
+        sequence: int = 0,
+        code: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.topic = topic
+        self.payload_type = payload_type
+        self.sequence = sequence
+
+
 class AccessDenied(EventBusError, PermissionError):
     """The peer may not do what it asked."""
 
@@ -149,6 +176,15 @@ class BrokerError(EventBusError):
 
 class BrokerAlreadyRunning(BrokerError):
     """Another broker is live on the socket path; it is never taken over."""
+
+
+class PrivilegeError(BrokerError):
+    """The broker cannot drop its privileges as asked, or will not run as root.
+
+    Raised for an unknown user or group, a failed ``setgroups``/``setgid``/
+    ``setuid``, a process that could still regain root afterwards, and by
+    ``serve`` when it runs as root without ``--user`` or ``--allow-root``.
+    """
 
 
 class ServerError(EventBusError):

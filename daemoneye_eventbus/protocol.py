@@ -16,7 +16,7 @@ mapping between error codes and typed exceptions (:func:`error_for_code`,
 from __future__ import annotations
 
 import enum
-from typing import Final, NoReturn, TypeVar
+from typing import Final, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -28,6 +28,7 @@ from daemoneye_eventbus.errors import (
     AccessDenied,
     EventBusError,
     InvalidCorrelation,
+    InvalidPayload,
     InvalidTopic,
     LimitExceeded,
     LocalProtocolError,
@@ -159,6 +160,7 @@ _ERRORS: Final[dict[int, type[EventBusError]]] = {
     ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH: PayloadTypeMismatch,
     ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION: UnknownSubscription,
     ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: SubscriptionExists,
+    ErrorCode.ERROR_CODE_INVALID_PAYLOAD: InvalidPayload,
 }
 
 
@@ -212,6 +214,18 @@ def check_hello(hello: frames_pb2.Hello) -> None:
         )
 
 
+def _bad_length(length: int, limit: int) -> RemoteProtocolError:
+    """The error for a declared frame length of 0 or over ``limit`` [protocol §1]."""
+    if length == 0:
+        return RemoteProtocolError(
+            "empty frame: a frame must set exactly one kind", ErrorCode.ERROR_CODE_MALFORMED_FRAME
+        )
+    return RemoteProtocolError(
+        f"frame of {length} bytes exceeds the limit of {limit} bytes",
+        ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
+    )
+
+
 class Connection:
     """One end of a connection, as a state machine with byte buffers.
 
@@ -245,6 +259,8 @@ class Connection:
         self._out_messages = 0
         self._hello_seen = False
         self._eof = False
+        #: Parsing stopped at a max_frames limit with input left.
+        self._more = False
         #: True once the transport should be closed after writing what is pending.
         self.close_expected = False
         # What may be received and sent in the current state (kept with it).
@@ -272,8 +288,10 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes read from the peer; parse as many whole frames as they hold."""
+    def receive_data(self, data: bytes | bytearray | memoryview, max_frames: int = 0) -> None:
+        """Feed bytes read from the peer and parse the whole frames they complete:
+        all of them, or at most ``max_frames`` (the rest wait in the buffer for
+        :meth:`parse_more`; :attr:`input_pending` says so)."""
         if self.close_expected or not data:
             return
         buf = self._buffer
@@ -281,21 +299,39 @@ class Connection:
         # case); otherwise from the buffer it joins.
         if buf:
             buf += data
-            src: bytes | bytearray | memoryview = buf
+            self._parse(buf, max_frames)
         else:
-            src = data
+            self._parse(data, max_frames)
+
+    def parse_more(self, max_frames: int = 0) -> None:
+        """Parse frames that a ``max_frames`` limit left in the buffer."""
+        if self._more and not self.close_expected:
+            self._parse(self._buffer, max_frames)
+
+    @property
+    def input_pending(self) -> bool:
+        """Parsing stopped at a ``max_frames`` limit with input left to parse."""
+        return self._more
+
+    def _parse(self, src: bytes | bytearray | memoryview, max_frames: int) -> None:
+        buf = self._buffer
+        self._more = False
         size = len(src)
         pos = 0
+        frames = 0
         try:
             while pos < size:
                 length = self._body_len
                 if length is None:
+                    if frames == max_frames and frames:
+                        self._more = True  # this turn's share is used up
+                        break
                     prefix = decode_varint(src, pos)
                     if prefix is None:
                         break
                     length, pos = prefix
                     if not 0 < length <= self.frame_limit:
-                        self._refuse_length(length)
+                        raise _bad_length(length, self.frame_limit)
                 end = pos + length
                 if end > size:
                     self._body_len = length
@@ -303,6 +339,7 @@ class Connection:
                 self._body_len = None
                 closing = self._receive_frame(src[pos:end])
                 pos = end
+                frames += 1
                 if closing:
                     break
         except RemoteProtocolError as exc:
@@ -312,21 +349,11 @@ class Connection:
             # The peer said goodbye (or a fatal error): what follows is never read.
             buf.clear()
             self._body_len = None
+            self._more = False
         elif src is buf:
             del buf[:pos]
         elif pos < size:
             buf += src[pos:]
-
-    def _refuse_length(self, length: int) -> NoReturn:
-        if length == 0:
-            raise RemoteProtocolError(
-                "empty frame: a frame must set exactly one kind",
-                ErrorCode.ERROR_CODE_MALFORMED_FRAME,
-            )
-        raise RemoteProtocolError(
-            f"frame of {length} bytes exceeds the limit of {self.frame_limit} bytes",
-            ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
-        )
 
     def _receive_frame(self, body: bytes | bytearray | memoryview) -> bool:
         """Decode and check one frame; True if the peer is closing the connection."""
@@ -373,6 +400,7 @@ class Connection:
         """The peer closed its side: the connection is closed."""
         self._eof = True
         self._buffer.clear()
+        self._more = False
         self._body_len = None
         self._set_state(State.CLOSED)
 
@@ -420,10 +448,7 @@ class Connection:
 
     def send_deliver(self, subscription_id: int, sequence: int, publish: bytes) -> int:
         """Queue a ``Deliver`` frame (broker side, open state); return its size."""
-        if self.state is not State.OPEN or self.role is not Role.BROKER:
-            raise LocalProtocolError(f"cannot deliver while {self.state.value}")
-        if len(publish) > event_budget(self.max_frame_bytes):
-            self._too_large(len(publish))
+        self._check_delivery(len(publish), event_budget(self.max_frame_bytes))
         data = encode_deliver(subscription_id, sequence, publish)
         self._append(data)
         return len(data)
@@ -431,24 +456,21 @@ class Connection:
     def send_deliver_batch(
         self, subscription_id: int, first_sequence: int, batch: bytes, count: int
     ) -> int:
-        """Queue a ``DeliverBatch`` frame of ``count`` events; return its size.
-
-        Broker side, open state. The frame counts as ``count`` messages in
-        :attr:`buffered_messages`.
-        """
-        if self.state is not State.OPEN or self.role is not Role.BROKER:
-            raise LocalProtocolError(f"cannot deliver while {self.state.value}")
-        if len(batch) > batch_budget(self.max_frame_bytes):
-            self._too_large(len(batch))
+        """Queue a ``DeliverBatch`` frame of ``count`` events (counted as ``count``
+        in :attr:`buffered_messages`); broker side, open state. Returns its size."""
+        self._check_delivery(len(batch), batch_budget(self.max_frame_bytes))
         data = encode_deliver_batch(subscription_id, first_sequence, batch)
         self._append(data, count)
         return len(data)
 
-    def _too_large(self, size: int) -> NoReturn:
-        raise LocalProtocolError(
-            f"a delivery of a {size}-byte event or batch would exceed the limit "
-            f"of {self.max_frame_bytes} bytes"
-        )
+    def _check_delivery(self, size: int, budget: int) -> None:
+        if self.state is not State.OPEN or self.role is not Role.BROKER:
+            raise LocalProtocolError(f"cannot deliver while {self.state.value}")
+        if size > budget:
+            raise LocalProtocolError(
+                f"a delivery of a {size}-byte event or batch would exceed the limit "
+                f"of {self.max_frame_bytes} bytes"
+            )
 
     def _append(self, data: bytes, messages: int = 1) -> None:
         self._out.append(data)
@@ -462,6 +484,7 @@ class Connection:
             return
         self.error = exc
         self._buffer.clear()
+        self._more = False
         self._body_len = None
         code = ErrorCode.ValueType(exc.code)
         # Short enough for the peer's limit in force [protocol §1].
@@ -498,6 +521,7 @@ class Connection:
     def close(self) -> None:
         """The transport is closed: no more frames either way."""
         self._buffer.clear()
+        self._more = False
         self._body_len = None
         if self.state is not State.CLOSED:
             self._set_state(State.CLOSED)

@@ -1,7 +1,9 @@
 """The router: which sessions get this publish? Pure code, no event loop.
 
-The router holds every subscription in a topic trie and answers, for each
-published event or batch, which subscriptions receive it: those whose filter
+The router checks each published event or batch (topic declared, publisher
+allowed, size, payload type, payloads that parse, correlation metadata) and
+asks its :class:`~daemoneye_eventbus.subscriptions.SubscriptionTable` which
+subscriptions receive it: those whose filter
 matches the topic, that opted in to control topics if it is one, whose owner
 may read the topic (access control is checked at subscribe time and again
 for every delivery, through a cache cleared whenever a subscription
@@ -19,43 +21,45 @@ an in-process caller gets the very same exception.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final, NoReturn, Protocol
+from typing import Final, NoReturn
+
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 
 from daemoneye.eventbus.v1 import frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.access import (
-    ANONYMOUS,
     AuditLog,
-    Identity,
-    PeerCredentials,
     TopicAccess,
-    filter_reach,
     may_publish,
-    may_read,
 )
 from daemoneye_eventbus.config import BrokerConfig
-from daemoneye_eventbus.correlation import CorrelationMatcher, validate_metadata
+from daemoneye_eventbus.correlation import validate_metadata
 from daemoneye_eventbus.errors import (
     AccessDenied,
     EventBusError,
     InvalidCorrelation,
+    InvalidPayload,
     InvalidTopic,
     LimitExceeded,
     PayloadTypeMismatch,
     ServerError,
-    SubscriptionExists,
-    UnknownSubscription,
 )
 from daemoneye_eventbus.frames import batch_budget, event_budget
-from daemoneye_eventbus.topics import SubscriptionTrie, validate_topic, validate_topic_filter
+from daemoneye_eventbus.subscriptions import (
+    Endpoint,
+    Published,
+    Sink,
+    SubscriptionEntry,
+    SubscriptionTable,
+)
+from daemoneye_eventbus.topics import validate_topic
 
 __all__ = [
-    "DECLARED_TOPICS",
     "Endpoint",
     "Published",
     "Router",
@@ -64,100 +68,15 @@ __all__ = [
     "TopicInfo",
 ]
 
-#: What a session publishes: one event or a batch of events on one topic.
-Published = frames_pb2.Publish | frames_pb2.PublishBatch
-
 # Topics whose publish permission an endpoint remembers; cleared when full.
 _PUBLISH_CHECKS_SIZE: Final = 1024
 # A cache miss, distinct from "allowed" (None).
 _UNCHECKED: Final = "\0unchecked"
-# Topics whose routing is remembered; the cache is cleared when it grows past
-# this, and whenever a subscription is added or removed.
-_ROUTE_CACHE_SIZE: Final = 4096
-
-#: Every declared topic or template as (filter pattern, access), for subscribe checks.
-DECLARED_TOPICS: Final[tuple[tuple[str, TopicAccess], ...]] = (
-    *(
-        (t.name, TopicAccess(t.access, t.publishers, t.subscribers))
-        for t in registry.TOPICS.values()
-    ),
-    *((t.filter, TopicAccess(t.access, t.publishers, t.subscribers)) for t in registry.TEMPLATES),
-)
+# Topics whose checks are remembered; the cache is cleared when it grows past this.
+_TOPIC_CACHE_SIZE: Final = 4096
 
 # Undeclared topics, where the broker allows them, are public.
 _UNDECLARED_ACCESS: Final = TopicAccess(AccessLevel.ACCESS_LEVEL_PUBLIC)
-
-
-class Sink(Protocol):
-    """Where the router hands one session's deliveries."""
-
-    def enqueue(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> bool:
-        """Queue the ``count`` events of ``message`` (``data`` encoded), numbered
-        from ``first``, for ``sub``: all or none; False if dropped."""
-        ...
-
-
-class Endpoint:
-    """One session as the router sees it: who it is, what it subscribed, its figures."""
-
-    __slots__ = (
-        "identity",
-        "peer",
-        "publish_checks",
-        "published",
-        "session_id",
-        "sink",
-        "subscriptions",
-    )
-
-    def __init__(
-        self,
-        sink: Sink,
-        *,
-        identity: Identity = ANONYMOUS,
-        peer: PeerCredentials | None = None,
-        session_id: str | None = None,
-    ) -> None:
-        self.sink = sink
-        self.session_id = session_id or secrets.token_hex(8)
-        #: Who the session is; set once its handshake is complete.
-        self.identity = identity
-        #: What the kernel said of the peer (for figures and audit lines).
-        self.peer = peer
-        self.subscriptions: dict[int, SubscriptionEntry] = {}
-        #: may_publish's verdict per topic for this identity.
-        self.publish_checks: dict[str, str | None] = {}
-        #: Events this session published and the router accepted.
-        self.published = 0
-
-    @property
-    def component(self) -> str:
-        """The accepted component, or "" for an anonymous peer."""
-        return self.identity.component
-
-    def authenticate(self, identity: Identity) -> None:
-        """Take the identity established at the handshake."""
-        self.identity = identity
-        self.publish_checks.clear()
-
-
-@dataclass(eq=False, slots=True)
-class SubscriptionEntry:
-    """One subscription of one endpoint; hashed by identity in the trie."""
-
-    endpoint: Endpoint
-    subscription_id: int
-    filter: str
-    matcher: CorrelationMatcher | None
-    #: Deliver control topics to this subscription.
-    wants_control: bool
-    #: The endpoint's sink's ``enqueue``, bound once for the delivery loop.
-    enqueue: Callable[[SubscriptionEntry, Published, bytes, int, int], bool]
-    sequence: int = 0
-    delivered: int = 0
-    dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +86,9 @@ class TopicInfo:
     payload_type: str | None
     control: bool
     access: TopicAccess
+    #: A message of the payload type, reused to check that payloads parse
+    #: (None for an undeclared topic: its payloads stay opaque).
+    parser: ProtoMessage | None = None
 
 
 class Router:
@@ -180,23 +102,27 @@ class Router:
         self.config = config
         #: Structured, rate-limited log of access refusals.
         self.audit = audit or AuditLog()
-        self._trie: SubscriptionTrie[SubscriptionEntry] = SubscriptionTrie(
-            max_bytes=config.max_topic_bytes, max_levels=config.max_topic_levels
-        )
-        self._route_cache: dict[str, tuple[SubscriptionEntry, ...]] = {}
+        #: Who subscribed to what.
+        self.table = SubscriptionTable(config, self.audit)
+        # The table's cache of receivers by topic, read first on every publish.
+        self._receivers = self.table.route_cache
         self._topic_cache: dict[str, TopicInfo] = {}
+        self._validate = config.validate_payloads
+        self._trust_local = config.trust_local_payloads
         self._event_limit = event_budget(config.max_frame_bytes)
         self._batch_limit = batch_budget(config.max_frame_bytes)
         self.published = 0
         self.delivered = 0
         self.dropped = 0
-        self.refused = 0
+        self._refused = 0
+        #: Published events refused because a payload did not parse.
+        self.invalid_payloads = 0
 
     def _refuse(self, exc: EventBusError) -> NoReturn:
-        self.refused += 1
+        self._refused += 1
         raise exc
 
-    # -- subscriptions -----------------------------------------------------------
+    # -- subscriptions (the table's) ----------------------------------------------
 
     def subscribe(
         self,
@@ -207,101 +133,35 @@ class Router:
         include_control: bool = False,
     ) -> SubscriptionEntry:
         """Add a subscription; raise a typed error with the reason if refused."""
-        cfg = self.config
-        if subscription_id <= 0 or subscription_id in endpoint.subscriptions:
-            self._refuse(
-                SubscriptionExists(
-                    f"subscription id {subscription_id} is 0 or already in use",
-                    code=ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID,
-                )
-            )
-        if len(endpoint.subscriptions) >= cfg.max_subscriptions:
-            self._refuse(
-                LimitExceeded(
-                    f"subscription limit of {cfg.max_subscriptions} per connection reached",
-                    code=ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
-                )
-            )
-        try:
-            validate_topic_filter(
-                filter, max_bytes=cfg.max_topic_bytes, max_levels=cfg.max_topic_levels
-            )
-        except InvalidTopic as exc:
-            self._refuse(InvalidTopic(str(exc), code=ErrorCode.ERROR_CODE_INVALID_FILTER))
-        identity = endpoint.identity
-        if not cfg.allow_undeclared_topics:
-            declared, readable = filter_reach(identity, filter, DECLARED_TOPICS)
-            if not declared:
-                self._refuse(
-                    InvalidTopic(
-                        f"filter {filter!r} matches no topic declared in the schema",
-                        code=ErrorCode.ERROR_CODE_INVALID_FILTER,
-                    )
-                )
-            if not readable:
-                self.audit.record(
-                    "subscribe_refused",
-                    endpoint.peer,
-                    session=endpoint.session_id,
-                    component=identity.component or "-",
-                    filter=filter,
-                )
-                self._refuse(
-                    AccessDenied(
-                        f"filter {filter!r} matches no topic that "
-                        f"{identity.component or 'an anonymous peer'} may read",
-                        code=ErrorCode.ERROR_CODE_ACCESS_DENIED,
-                    )
-                )
-        matcher = None
-        if correlation_filter is not None and correlation_filter.ByteSize():
-            try:
-                matcher = CorrelationMatcher(correlation_filter)
-            except InvalidCorrelation as exc:
-                self._refuse(
-                    InvalidCorrelation(str(exc), code=ErrorCode.ERROR_CODE_INVALID_CORRELATION)
-                )
-        # A filter that names the control tree explicitly asks for control topics.
-        wants_control = include_control or filter.startswith("control.") or filter == "control"
-        sub = SubscriptionEntry(
-            endpoint, subscription_id, filter, matcher, wants_control, endpoint.sink.enqueue
+        return self.table.subscribe(
+            endpoint, subscription_id, filter, correlation_filter, include_control
         )
-        self._trie.insert(filter, sub)
-        endpoint.subscriptions[subscription_id] = sub
-        self._route_cache.clear()
-        return sub
 
     def unsubscribe(self, endpoint: Endpoint, subscription_id: int) -> None:
         """Remove a subscription; raise if the endpoint has no such subscription."""
-        sub = endpoint.subscriptions.pop(subscription_id, None)
-        if sub is None:
-            self._refuse(
-                UnknownSubscription(
-                    f"no subscription with id {subscription_id}",
-                    code=ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION,
-                )
-            )
-        self._trie.remove(sub.filter, sub)
-        self._route_cache.clear()
+        self.table.unsubscribe(endpoint, subscription_id)
 
     def detach(self, endpoint: Endpoint) -> None:
         """Drop every subscription of ``endpoint`` (its session has ended)."""
-        subs = endpoint.subscriptions
-        if not subs:
-            return
-        for sub in subs.values():
-            self._trie.remove(sub.filter, sub)
-        subs.clear()
-        self._route_cache.clear()
+        self.table.detach(endpoint)
 
     def subscriptions(self) -> Iterator[SubscriptionEntry]:
         """Every subscription, in no particular order."""
-        for _, sub in self._trie.items():
-            yield sub
+        return self.table.subscriptions()
 
     def __len__(self) -> int:
         """The number of subscriptions."""
-        return len(self._trie)
+        return len(self.table)
+
+    @property
+    def subscription_bytes(self) -> int:
+        """Broker memory all subscriptions are charged."""
+        return self.table.subscription_bytes
+
+    @property
+    def refused(self) -> int:
+        """Requests refused: publishes here, subscribes and unsubscribes in the table."""
+        return self._refused + self.table.refused
 
     # -- routing -------------------------------------------------------------------
 
@@ -321,7 +181,9 @@ class Router:
         declared = registry.lookup(topic)
         if declared is not None:
             access = TopicAccess(declared.access, declared.publishers, declared.subscribers)
-            info = TopicInfo(declared.payload_name, declared.control, access)
+            info = TopicInfo(
+                declared.payload_name, declared.control, access, declared.payload_type()
+            )
         elif cfg.allow_undeclared_topics:
             info = TopicInfo(None, False, _UNDECLARED_ACCESS)
         else:
@@ -331,7 +193,7 @@ class Router:
                     code=ErrorCode.ERROR_CODE_INVALID_TOPIC,
                 )
             )
-        if len(self._topic_cache) >= _ROUTE_CACHE_SIZE:
+        if len(self._topic_cache) >= _TOPIC_CACHE_SIZE:
             self._topic_cache.clear()
         self._topic_cache[topic] = info
         return info
@@ -372,9 +234,7 @@ class Router:
         message.DiscardUnknownFields()
         data = message.SerializeToString()
         correlation = message.correlation if message.HasField("correlation") else None
-        subs = self._accept(
-            endpoint, message.topic, message.payload_type, correlation, len(data), limit, count
-        )
+        subs = self._accept(endpoint, message, correlation, len(data), limit, count)
         taken = 0
         for sub in subs:
             if sub.matcher is not None and not sub.matcher.matches(correlation):
@@ -390,21 +250,68 @@ class Router:
         self.delivered += taken
         return taken
 
+    def _invalid_payload(
+        self,
+        endpoint: Endpoint,
+        parser: ProtoMessage,
+        topic: str,
+        payload_type: str,
+        message: Published,
+    ) -> NoReturn:
+        """Refuse an event or batch whose payloads do not all parse as ``parser``'s type.
+
+        A batch with one bad payload is refused whole, like any other refusal
+        of a batch: its good events are not delivered either [protocol §5].
+        """
+        payloads = (
+            (message.payload,) if isinstance(message, frames_pb2.Publish) else message.payloads
+        )
+        count = len(payloads)
+        parse = parser.ParseFromString
+        for index, payload in enumerate(payloads):
+            try:
+                parse(payload)
+            except (DecodeError, RecursionError) as exc:
+                where = "payload" if count == 1 else f"payload {index} of the batch"
+                reason = f"{where} does not parse as {payload_type}: {exc}"
+                break
+        else:  # pragma: no cover - called only after a payload failed to parse
+            reason = "a payload does not parse"
+        endpoint.invalid_payloads += count
+        self.invalid_payloads += count
+        self.audit.record(
+            "payload_refused",
+            endpoint.peer,
+            session=endpoint.session_id,
+            component=endpoint.identity.component or "-",
+            topic=topic,
+            reason=reason,
+        )
+        self._refuse(
+            InvalidPayload(
+                f"publish on {topic!r}: {reason}",
+                topic=topic,
+                payload_type=payload_type,
+                code=ErrorCode.ERROR_CODE_INVALID_PAYLOAD,
+            )
+        )
+
     def _accept(
         self,
         endpoint: Endpoint,
-        topic: str,
-        payload_type: str,
+        message: Published,
         correlation: CorrelationMetadata | None,
         size: int,
         limit: int,
         count: int,
     ) -> tuple[SubscriptionEntry, ...]:
-        """Check ``count`` events (``size`` bytes encoded) published on ``topic``.
+        """Check the ``count`` events of ``message`` (``size`` bytes encoded).
 
         Returns the subscriptions that may receive them (correlation filters
         not yet applied); raises a typed error when they are refused.
         """
+        topic = message.topic
+        payload_type = message.payload_type
         info = self._topic_cache.get(topic) or self.topic_info(topic)
         checks = endpoint.publish_checks
         denied = checks.get(topic, _UNCHECKED)
@@ -444,6 +351,21 @@ class Router:
                     code=ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH,
                 )
             )
+        parser = info.parser
+        if (
+            parser is not None
+            and self._validate
+            and not (self._trust_local and endpoint.identity.trusted)
+        ):
+            try:
+                if isinstance(message, frames_pb2.Publish):
+                    parser.ParseFromString(message.payload)
+                else:
+                    parse = parser.ParseFromString
+                    for payload in message.payloads:
+                        parse(payload)
+            except (DecodeError, RecursionError):
+                self._invalid_payload(endpoint, parser, topic, payload_type, message)
         if correlation is not None:
             try:
                 validate_metadata(correlation)
@@ -453,18 +375,8 @@ class Router:
                 )
         endpoint.published += count
         self.published += count
-        subs = self._route_cache.get(topic)
+        subs = self._receivers.get(topic)
         if subs is None:
-            # Who receives this topic: the subscriptions that match it, that want
-            # control topics if it is one, and whose owner may read it. Cached
-            # until a subscription changes, so every delivery is checked.
-            subs = tuple(
-                s
-                for s in self._trie.match(topic)
-                if (s.wants_control or not info.control)
-                and may_read(s.endpoint.identity, info.access)
-            )
-            if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
-                self._route_cache.clear()
-            self._route_cache[topic] = subs
+            # Cached until a subscription changes, so every delivery is checked.
+            subs = self.table.receivers(topic, info.control, info.access)
         return subs

@@ -38,6 +38,8 @@ class ConnectionStatistics:
     queue_messages: int
     queue_bytes: int
     published: int
+    #: Events it published whose payload did not parse (refused).
+    invalid_payloads: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,8 @@ class BrokerStatistics:
     refused: int
     connection_stats: tuple[ConnectionStatistics, ...]
     subscription_stats: tuple[SubscriptionStatistics, ...]
+    #: Published events refused because a payload did not parse.
+    invalid_payloads: int = 0
 
     def to_proto(
         self, request_id: int = 0, max_bytes: int | None = None
@@ -85,6 +89,7 @@ class BrokerStatistics:
             delivered=self.delivered,
             dropped=self.dropped,
             refused=self.refused,
+            invalid_payloads=self.invalid_payloads,
             connection_stats=[
                 frames_pb2.ConnectionStats(
                     session_id=c.session_id,
@@ -95,6 +100,7 @@ class BrokerStatistics:
                     queue_messages=c.queue_messages,
                     queue_bytes=c.queue_bytes,
                     published=c.published,
+                    invalid_payloads=c.invalid_payloads,
                 )
                 for c in self.connection_stats
             ],

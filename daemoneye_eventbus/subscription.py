@@ -9,7 +9,8 @@ back to whoever owns the subscription.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 
@@ -17,12 +18,14 @@ from google.protobuf.message import Message
 
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
-from daemoneye_eventbus.errors import ConnectionClosed
+from daemoneye_eventbus.errors import ConnectionClosed, InvalidPayload
 from daemoneye_eventbus.registry_runtime import Topic
 
 __all__ = ["Subscription", "SubscriptionOwner", "subscription_target"]
 
 P = TypeVar("P", bound=Message)
+
+log = logging.getLogger("daemoneye_eventbus.client")
 
 
 def subscription_target(filter: Topic[Any] | str) -> tuple[str, type[Message] | None]:
@@ -66,6 +69,11 @@ class Subscription(Generic[P]):
         self.include_control = include_control
         self.queue = queue
         self.payload_class = payload_class
+        #: Called by :meth:`messages` with each event it skips because the
+        #: payload does not decode (logged when None).
+        self.on_invalid: Callable[[InvalidPayload], None] | None = None
+        #: Events :meth:`messages` skipped because their payload did not decode.
+        self.invalid = 0
         self._active = True
 
     @property
@@ -125,6 +133,22 @@ class Subscription(Generic[P]):
 
     def __aiter__(self) -> AsyncIterator[ReceivedEvent[P]]:
         return aiter(self.queue)
+
+    async def messages(self) -> AsyncIterator[tuple[ReceivedEvent[P], P]]:
+        """Each event with its decoded message, skipping (and counting in
+        :attr:`invalid`) those whose payload does not decode, so that bad data
+        never ends the loop."""
+        async for event in self.queue:
+            try:
+                message = event.message()
+            except InvalidPayload as exc:
+                self.invalid += 1
+                if self.on_invalid is not None:
+                    self.on_invalid(exc)
+                else:
+                    log.warning("subscription %s skipped an event: %s", self.filter, exc)
+                continue
+            yield event, message
 
     async def unsubscribe(self) -> None:
         """End the subscription (idempotent)."""

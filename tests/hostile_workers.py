@@ -11,12 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
+import time
 
-from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
+from daemoneye.eventbus.v1.frames_pb2 import Frame
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import ConnectionClosed, RequestTimeout
+from daemoneye_eventbus.frames import encode_frame
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
+PROCESS = LIFECYCLE.payload_name
 
 
 async def publish(args: argparse.Namespace) -> None:
@@ -88,9 +93,36 @@ async def subscribe(args: argparse.Namespace) -> None:
     print(json.dumps(summary), flush=True)
 
 
+def flood(args: argparse.Namespace) -> None:
+    """Send small publish frames as fast as the socket takes them for
+    ``--seconds`` seconds, one frame per event, and never read."""
+    hello = frames_pb2.Hello(protocol_version=1, client_name="flooder", component=args.component)
+    event = events_pb2.ProcessEvent(pid=1, name="x" * args.size).SerializeToString()
+    frame = encode_frame(
+        Frame(publish=frames_pb2.Publish(topic=LIFECYCLE.name, payload_type=PROCESS, payload=event))
+    )
+    chunk = frame * max(1, 65536 // len(frame))
+    sent = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(args.socket)
+        sock.sendall(encode_frame(Frame(hello=hello)))
+        sock.recv(4096)  # the Welcome: nothing may be published before it [protocol §2]
+        print(json.dumps({"ready": True}), flush=True)
+        deadline = time.monotonic() + args.seconds
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(chunk)
+                sent += len(chunk) // len(frame)
+        except OSError as exc:
+            print(json.dumps({"sent": sent, "error": str(exc)}), flush=True)
+            return
+    print(json.dumps({"sent": sent}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["publish", "subscribe"])
+    parser.add_argument("role", choices=["publish", "subscribe", "flood"])
+    parser.add_argument("--seconds", type=float, default=3.0, help="flood: for how long")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--component")
     parser.add_argument("--count", type=int, default=0, help="0: until the connection closes")
@@ -98,7 +130,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16, help="bytes of padding per event")
     parser.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args()
-    if args.role == "publish":
+    if args.role == "flood":
+        args.component = args.component or "procmond"
+        flood(args)
+    elif args.role == "publish":
         args.component = args.component or "procmond"
         asyncio.run(publish(args))
     else:

@@ -42,7 +42,14 @@ ME = os.geteuid()
 OTHER_UID = 4242 if ME != 4242 else 4243
 USERS_SH = Path(__file__).resolve().parent / "users.sh"
 MARKER = 999_999
-SERVE = [sys.executable, "-m", "daemoneye_eventbus.cli", "serve"]
+#: As root the broker refuses to run on without --user or --allow-root.
+SERVE = [
+    sys.executable,
+    "-m",
+    "daemoneye_eventbus.cli",
+    "serve",
+    *(["--allow-root"] if os.geteuid() == 0 else []),
+]
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
 ANOMALY = registry.EVENTS_PROCESS_ANOMALY

@@ -537,9 +537,13 @@ async def test_foreign_file_refused_and_kept(sock_dir: Path, kind: str) -> None:
 # -- standalone broker process ---------------------------------------------------------
 
 
+#: As root the broker refuses to run on without --user or --allow-root.
+ROOT = ["--allow-root"] if os.geteuid() == 0 else []
+
+
 def serve(sock_path: str) -> subprocess.Popen[str]:
     p = subprocess.Popen(
-        [sys.executable, "-m", "daemoneye_eventbus.cli", "serve", "--socket", sock_path],
+        [sys.executable, "-m", "daemoneye_eventbus.cli", "serve", "--socket", sock_path, *ROOT],
         stdout=subprocess.PIPE,
         text=True,
         env=worker_env(),

@@ -28,6 +28,8 @@ from daemoneye_eventbus.runtime import loop_name
 
 CLI = [sys.executable, "-m", "daemoneye_eventbus.cli"]
 COMMANDS = ["serve", "pub", "sub", "stats", "topics", "demo"]
+#: As root ``serve`` refuses to run on without --user or --allow-root (tests/test_privileges.py).
+ROOT = ["--allow-root"] if os.geteuid() == 0 else []
 #: Generous: a loaded 2-core CI machine starts Python + protobuf slowly.
 PROC_TIMEOUT = 60.0
 LIFECYCLE = "events.process.lifecycle"
@@ -422,7 +424,7 @@ def instance() -> Iterator[str]:
 def test_serve_instance_and_sigint(instance: str) -> None:
     path = f"/tmp/daemoneye-{instance}.sock"
     server = subprocess.Popen(
-        [*CLI, "serve", "--instance", instance],
+        [*CLI, "serve", "--instance", instance, *ROOT],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -431,10 +433,12 @@ def test_serve_instance_and_sigint(instance: str) -> None:
     try:
         assert server.stdout is not None
         line = server.stdout.readline()
-        # The line also names the socket mode, the access policy and the event loop.
+        # The line also names the socket mode, the access policy, the broker's uid and gid
+        # and the event loop.
         assert line.strip() == (
             f"daemoneye-eventbus broker listening on {path} "
-            f"(mode 0600, policy default, loop {loop_name()})"
+            f"(mode 0600, policy default, uid {os.geteuid()}, gid {os.getegid()}, "
+            f"loop {loop_name()})"
         )
         assert os.path.exists(path)
         # Other commands find it by instance name too.
@@ -467,7 +471,7 @@ def test_serve_instance_and_sigint(instance: str) -> None:
 
 
 async def test_serve_refuses_a_live_socket(broker: Broker, sock_path: str) -> None:
-    result = await run("serve", "--socket", sock_path)
+    result = await run("serve", "--socket", sock_path, *ROOT)
     assert result.returncode == 1
     assert "another broker is listening" in result.stderr
     async with Client(sock_path) as c:  # the first broker still serves

@@ -452,7 +452,7 @@ async def test_frames_split_anywhere_are_reassembled(bus: Broker, sock_path: str
     sub = await RawPeer.connect(sock_path)
     await sub.send(subscribe(1, ANOMALY.name))
     await sub.expect("subscribe_ack")
-    payload = bytes(range(256)) * 2
+    payload = events_pb2.ProcessEvent(pid=1, name="n" * 500).SerializeToString()
     data = encode_frame(publish(payload=payload))
     assert data[0] & 0x80
     await peer.write(data[:1])
@@ -882,15 +882,36 @@ async def test_deep_nesting_is_harmless_where_opaque_or_shallow(
         framed(ping(9).SerializeToString() + nested_groups(50) + nested_messages(5000))
     )
     assert (await peer.expect("pong")).pong.nonce == 9
-    # ... and a payload is never decoded: 100k nested groups travel verbatim.
+    # ... and a payload nested past the parser's limit is refused, not
+    # delivered, without harm: the connection stays usable.
     sub = await RawPeer.connect(sock_path)
     await sub.send(subscribe(1, ANOMALY.name))
     await sub.expect("subscribe_ack")
-    payload = nested_groups(100_000)
-    await peer.send(publish(payload=payload))
-    assert (await sub.expect("deliver")).deliver.publish.payload == payload
+    await peer.send(publish(payload=nested_groups(100_000)))
+    error = (await peer.expect("error")).error
+    assert (error.code, error.fatal) == (ErrorCode.ERROR_CODE_INVALID_PAYLOAD, False)
+    await peer.send(publish(pid=5))
+    assert (await sub.expect("deliver")).deliver.publish.payload == proc_bytes(5)
     peer.close()
     sub.close()
+
+
+async def test_with_validation_off_payloads_travel_verbatim(sock_path: str) -> None:
+    # A payload is then never decoded: 100k nested groups travel verbatim.
+    async with Broker(sock_path, config(validate_payloads=False)):
+        peer = await RawPeer.connect(sock_path)
+        sub = await RawPeer.connect(sock_path)
+        await sub.send(subscribe(1, ANOMALY.name))
+        await sub.expect("subscribe_ack")
+        payload = nested_groups(100_000)
+        await peer.send(publish(payload=payload))
+        assert (await sub.expect("deliver")).deliver.publish.payload == payload
+        peer.close()
+        sub.close()
+
+
+def proc_bytes(pid: int) -> bytes:
+    return events_pb2.ProcessEvent(pid=pid).SerializeToString()
 
 
 # == 8. Semantically invalid frames ============================================================
@@ -1514,6 +1535,8 @@ async def serve(path: str) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "daemoneye_eventbus.cli", "serve", "--socket", path),
         *("--drain-timeout", str(DRAIN_TIMEOUT)),
+        # As root the broker refuses to run on without --user or --allow-root.
+        *(["--allow-root"] if os.geteuid() == 0 else []),
         stdout=asyncio.subprocess.PIPE,
         env=worker_env(),
     )

@@ -932,12 +932,13 @@ def test_welcome_wire_bytes() -> None:
             session_id="0123456789abcdef",
             limits=limits,
             component="procmond",
+            batches=True,
         )
     )
     assert encode_frame(frame).hex(" ") == (
-        "3c 12 3a 08 01 12 10 30 31 32 33 34 35 36 37 38 39 61 62 63 64 65 66"
+        "3e 12 3c 08 01 12 10 30 31 32 33 34 35 36 37 38 39 61 62 63 64 65 66"
         " 1a 1a 08 80 80 40 10 ff 01 18 10 20 80 08 28 e8 07 30 80 80 80 04"
-        " 38 88 27 40 98 75 22 08 70 72 6f 63 6d 6f 6e 64"
+        " 38 88 27 40 98 75 22 08 70 72 6f 63 6d 6f 6e 64 28 01"
     )
 
 

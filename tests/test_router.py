@@ -37,12 +37,12 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.protocol import build_publish
 from daemoneye_eventbus.router import (
-    DECLARED_TOPICS,
     Endpoint,
     Published,
     Router,
     SubscriptionEntry,
 )
+from daemoneye_eventbus.subscriptions import DECLARED_TOPICS
 
 EC = ErrorCode
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE

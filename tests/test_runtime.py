@@ -59,6 +59,8 @@ async def test_broker_on_each_loop(sock_path: str, choice: str) -> None:
     env[LOOP_ENV] = choice
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "daemoneye_eventbus.cli", "serve", "--socket", sock_path),
+        # As root the broker refuses to run on without --user or --allow-root.
+        *(["--allow-root"] if os.geteuid() == 0 else []),
         stdout=asyncio.subprocess.PIPE,
         env=env,
     )

@@ -80,9 +80,25 @@ async def subscribe(args: argparse.Namespace) -> None:
         print(json.dumps(summary), flush=True)
 
 
+async def publish_raw(args: argparse.Namespace) -> None:
+    """Publish each hex payload as the topic's payload type; report the refusals."""
+    topic = registry.lookup(args.topic)
+    assert topic is not None, args.topic
+    errors: list[list[object]] = []
+    async with Client(args.socket, name="raw-publisher", component=args.component) as client:
+        client.on_error = lambda exc: errors.append([type(exc).__name__, exc.code])
+        for payload in args.payloads:
+            await client.publish_raw(topic.name, topic.payload_name, bytes.fromhex(payload))
+            await client.flush()  # one at a time: each refusal is seen before the next
+        print(json.dumps({"published": len(args.payloads), "errors": errors}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["publish", "subscribe"])
+    parser.add_argument("role", choices=["publish", "publish-raw", "subscribe"])
+    parser.add_argument(
+        "--payload", dest="payloads", action="append", default=[], help="publish-raw: hex"
+    )
     parser.add_argument("--socket", required=True)
     parser.add_argument("--topic", default="events.process.lifecycle")
     parser.add_argument("--filter", default="events.#")
@@ -98,8 +114,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.component is None:
-        args.component = "procmond" if args.role == "publish" else "daemoneye-agent"
-    if args.role == "publish":
+        args.component = "daemoneye-agent" if args.role == "subscribe" else "procmond"
+    if args.role == "publish-raw":
+        asyncio.run(publish_raw(args))
+    elif args.role == "publish":
         if args.correlation:
             args.correlation = args.correlation[0]
         asyncio.run(publish(args))

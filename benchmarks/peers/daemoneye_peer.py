@@ -108,6 +108,8 @@ class DaemoneyeAdapter(Adapter):
             path,
             "--max-queue-messages",
             str(MAX_QUEUE_MESSAGES),
+            # As root the broker refuses to run on without --user or --allow-root.
+            *(["--allow-root"] if os.geteuid() == 0 else []),
         ]
         settings = [f"--max-queue-messages {MAX_QUEUE_MESSAGES}"]
         if options.subscriptions_per_connection > 1024:
@@ -121,6 +123,11 @@ class DaemoneyeAdapter(Adapter):
         if options.undeclared_filters:
             argv.append("--allow-undeclared-topics")
             settings.append("--allow-undeclared-topics")
+        # Extra broker options for one-off comparisons, e.g. --no-validate-payloads.
+        extra_args = os.environ.get(BROKER_ARGS_ENV, "").split()
+        if extra_args:
+            argv += extra_args
+            settings.append(" ".join(extra_args))
         env = dict(os.environ)
         extra = [str(REPO), str(REPO / "generated")]
         if env.get("PYTHONPATH"):
@@ -138,6 +145,10 @@ class DaemoneyeAdapter(Adapter):
 
 
 # -- payload -----------------------------------------------------------------------------
+
+
+#: Environment variable with extra ``serve`` options for this bus's broker.
+BROKER_ARGS_ENV = "DAEMONEYE_BENCH_BROKER_ARGS"
 
 
 def make_event(size: int = PAYLOAD_BYTES) -> Any:

@@ -15,6 +15,7 @@ import asyncio
 from typing import Protocol
 
 from daemoneye_eventbus.access import AuditLog, PeerCredentials, Policy
+from daemoneye_eventbus.budget import MemoryBudget
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.router import Endpoint, Published, Router, SubscriptionEntry
 from daemoneye_eventbus.statistics import BrokerStatistics
@@ -71,6 +72,11 @@ class SessionHost(Protocol):
 
     @property
     def outbox(self) -> Outbox: ...
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """The broker's totals of pending output and partial input."""
+        ...
 
     @property
     def listener(self) -> Listener | None: ...

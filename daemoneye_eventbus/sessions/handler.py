@@ -16,12 +16,18 @@ from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.access import PeerCredentials
 from daemoneye_eventbus.config import BrokerConfig
-from daemoneye_eventbus.errors import AccessDenied, EventBusError, RemoteProtocolError
+from daemoneye_eventbus.errors import (
+    AccessDenied,
+    EventBusError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from daemoneye_eventbus.frames import error_frame
 from daemoneye_eventbus.protocol import (
     MAX_CLIENT_NAME_CHARS,
     PROTOCOL_VERSION,
     Connection,
+    State,
     check_hello,
 )
 from daemoneye_eventbus.router import Endpoint, Router
@@ -31,6 +37,7 @@ __all__ = ["FrameHandler", "HandledSession"]
 
 log = logging.getLogger("daemoneye_eventbus.broker")
 
+_CLOSING_STATES: Final = (State.CLOSING, State.CLOSED)
 # Error messages sent to peers are cut to this many characters.
 _MAX_ERROR_MESSAGE: Final = 512
 
@@ -69,6 +76,30 @@ class FrameHandler:
 
     def __init__(self, session: HandledSession) -> None:
         self.session = session
+
+    def handle_received(self) -> None:
+        """Handle every frame the connection parsed since the last call."""
+        conn = self.session.conn
+        # Frames parsed before a goodbye or a violation in this read are handled
+        # (their answers are not sent: the connection is closing) [protocol §1];
+        # a violation found while *handling* a frame ends the read there.
+        closing_already = conn.close_expected
+        for frame in conn.events_received():
+            if not closing_already and conn.state in _CLOSING_STATES:
+                break
+            try:
+                self.handle(frame)
+            except RemoteProtocolError as exc:
+                conn.fail(exc)
+            except LocalProtocolError as exc:  # a bug here must not take the broker down
+                log.exception("session %s: internal error", self.session.session_id)
+                conn.fail(
+                    RemoteProtocolError(f"internal error: {exc}", ErrorCode.ERROR_CODE_INTERNAL)
+                )
+            except EventBusError as exc:  # refused by the router: the connection stays
+                self.refuse(exc, frame)
+        if conn.error is not None:
+            log.info("session %s: protocol violation: %s", self.session.session_id, conn.error)
 
     def handle(self, frame: Frame) -> None:
         """Act on one frame from the peer; raises the router's typed refusals."""

@@ -25,9 +25,8 @@ from typing import Final, cast
 
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus.budget import FRAME_COST, Account
 from daemoneye_eventbus.errors import (
-    EventBusError,
-    LocalProtocolError,
     RemoteProtocolError,
 )
 from daemoneye_eventbus.frames import publish_body, publish_header
@@ -56,8 +55,7 @@ class SocketSession(Session, asyncio.Protocol):
 
     def __init__(self, host: SessionHost) -> None:
         self.host = host
-        cfg = host.config
-        self.config = cfg
+        self.config = cfg = host.config
         self.router = host.router
         self.endpoint = Endpoint(self)
         self.conn = Connection(
@@ -77,6 +75,11 @@ class SocketSession(Session, asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._handler = FrameHandler(self)
+        self._turn_frames = cfg.max_frames_per_turn
+        self._budget = budget = host.budget
+        self._account = Account(budget)
+        self._reading_paused = False
+        self._continuation: asyncio.Handle | None = None
 
     # asyncio.Protocol ------------------------------------------------------
 
@@ -108,31 +111,57 @@ class SocketSession(Session, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        conn.receive_data(data)
+        # At most max_frames_per_turn frames now; the rest wait for a later
+        # turn, with reading paused meanwhile, so that other peers get theirs.
+        conn.receive_data(data, self._turn_frames)
         self._last_rx = asyncio.get_running_loop().time()
         self._ping_sent = False
-        # Frames parsed before a goodbye or a violation in this read are handled
-        # (their answers are not sent: the connection is closing) [protocol §1];
-        # a violation found while *handling* a frame ends the read there.
-        closing_already = conn.close_expected
-        for frame in conn.events_received():
-            if not closing_already and conn.state in _CLOSING_STATES:
-                break
-            try:
-                self._handler.handle(frame)
-            except RemoteProtocolError as exc:
-                conn.fail(exc)
-            except LocalProtocolError as exc:  # a bug here must not take the broker down
-                log.exception("session %s: internal error", self.session_id)
-                conn.fail(
-                    RemoteProtocolError(f"internal error: {exc}", ErrorCode.ERROR_CODE_INTERNAL)
+        if conn.buffered_input or self._account.input:
+            self._charge_input()
+        self._handle_received()
+
+    def _continue(self) -> None:
+        """Handle the next share of input a frame limit left for this turn."""
+        self._continuation = None
+        self.conn.parse_more(self._turn_frames)
+        self._charge_input()
+        self._handle_received()
+
+    def _charge_input(self) -> None:
+        if self._account.hold_input(self.conn.buffered_input):
+            # Partial frames of many peers would pass the broker's ceiling:
+            # this connection, which holds some, goes.
+            limit = self._budget.input_limit
+            self.conn.fail(
+                RemoteProtocolError(
+                    f"the broker's memory for partial frames ({limit} bytes) is used up",
+                    ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
                 )
-            except EventBusError as exc:  # refused by the router: the connection stays
-                self._handler.refuse(exc, frame)
-        if conn.error is not None:
-            log.info("session %s: protocol violation: %s", self.session_id, conn.error)
+            )
+            self._account.hold_input(0)
+
+    def _charge_output(self) -> None:
+        # Frames with their overhead, and what the transport holds.
+        conn, transport = self.conn, self.transport
+        held = conn.buffered_bytes + FRAME_COST * conn.buffered_frames
+        self._account.hold_output(held + (transport.get_write_buffer_size() if transport else 0))
+
+    def _handle_received(self) -> None:
+        conn = self.conn
+        self._handler.handle_received()
         self.host.outbox.flush()
         self.flush()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if conn.input_pending:
+            if not self._reading_paused:
+                self._reading_paused = True
+                transport.pause_reading()
+            self._continuation = asyncio.get_running_loop().call_soon(self._continue)
+        elif self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         self.conn.receive_eof()
@@ -140,15 +169,17 @@ class SocketSession(Session, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.close()
-        for timer in (self._handshake_timer, self._abort_timer):
+        for timer in (self._handshake_timer, self._abort_timer, self._continuation):
             if timer is not None:
                 timer.cancel()
+        self._account.release()
         self.host.release(self)
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         self._paused_since = asyncio.get_running_loop().time()
+        self._charge_output()
 
     def resume_writing(self) -> None:
         self._paused_since = None
@@ -160,12 +191,22 @@ class SocketSession(Session, asyncio.Protocol):
         """Queue an answer for the peer (nothing once the connection is closing)."""
         # Frames parsed before a violation in the same read get no answer: the
         # connection is already closing with its Error frame [protocol §7].
-        if self.conn.close_expected:
+        conn = self.conn
+        if conn.close_expected:
             return
-        self.conn.send(frame)
-        # A peer that asks and never reads cannot grow this queue unbounded.
-        if self.conn.buffered_bytes > self.config.max_queue_bytes + WRITE_HIGH:
+        conn.send(frame)
+        # A peer that asks and never reads cannot grow this queue without
+        # bound: its replies count with their overhead, and while it is backed
+        # up, also against the broker's total.
+        held = conn.buffered_bytes + FRAME_COST * conn.buffered_frames
+        if held > self.config.max_queue_bytes + WRITE_HIGH:
             self._fail(ErrorCode.ERROR_CODE_SLOW_CONSUMER, "peer does not read its replies")
+        elif self._paused_since is not None and self._budget.output_full:
+            self._fail(
+                ErrorCode.ERROR_CODE_SLOW_CONSUMER,
+                "peer does not read its replies and the broker's memory for pending "
+                "output is used up",
+            )
 
     # delivery ------------------------------------------------------------------
 
@@ -197,6 +238,8 @@ class SocketSession(Session, asyncio.Protocol):
         cfg = self.config
         if conn.state is not State.OPEN:
             return False
+        if self._paused_since is not None and self._budget.output_full:
+            return False  # backed up while the broker's total is used up: drop
         if (
             conn.buffered_messages + count > cfg.max_queue_messages
             or conn.buffered_bytes + size > cfg.max_queue_bytes
@@ -217,11 +260,6 @@ class SocketSession(Session, asyncio.Protocol):
         buffered = self.transport.get_write_buffer_size() if self.transport else 0
         return self.conn.buffered_messages, self.conn.buffered_bytes + buffered
 
-    @property
-    def handshake_pending(self) -> bool:
-        """The handshake deadline is still running."""
-        return self._handshake_timer is not None
-
     def handshake_complete(self) -> None:
         """The peer is authenticated: its handshake deadline no longer runs."""
         if self._handshake_timer is not None:
@@ -232,6 +270,8 @@ class SocketSession(Session, asyncio.Protocol):
         """Write what is queued, unless the socket is backed up."""
         conn = self.conn
         if not (conn.buffered_bytes or conn.close_expected):
+            if self._account.output:  # what the transport held may have gone since
+                self._charge_output()
             return
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -240,6 +280,11 @@ class SocketSession(Session, asyncio.Protocol):
             data = conn.data_to_send()
             if data:
                 transport.write(data)
+        if self._paused_since is not None or self._account.output:
+            # Backed up (or was): what waits counts in the broker's total. A
+            # session that is not holds less than WRITE_HIGH in its transport,
+            # charged by the housekeeper's tick.
+            self._charge_output()
         if conn.close_expected:
             self._close_transport()
 
@@ -280,6 +325,7 @@ class SocketSession(Session, asyncio.Protocol):
         cfg = self.config
         if self.conn.state is not State.OPEN:
             return
+        self._charge_output()
         if self._paused_since is not None and now - self._paused_since > cfg.slow_consumer_timeout:
             log.warning("session %s: slow consumer, disconnecting", self.session_id)
             self.conn.data_to_send()  # its backlog is dropped, not delivered

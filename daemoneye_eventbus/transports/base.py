@@ -29,12 +29,33 @@ class Listener(abc.ABC):
     address: str
 
     @abc.abstractmethod
-    async def start(self, factory: ProtocolFactory) -> None:
+    async def start(self, factory: ProtocolFactory, *, serve: bool = True) -> None:
         """Claim the address and start accepting; each connection gets ``factory()``.
+
+        With ``serve=False`` the address is claimed (peers may already connect
+        and wait in the backlog) but nothing is accepted until :meth:`serve`:
+        the broker drops its privileges in between.
 
         Raises :class:`~daemoneye_eventbus.errors.BrokerAlreadyRunning` if a live
         broker holds the address, :class:`~daemoneye_eventbus.errors.BrokerError`
         if it cannot be claimed safely.
+        """
+
+    @abc.abstractmethod
+    async def serve(self) -> None:
+        """Start accepting connections after ``start(factory, serve=False)``.
+
+        Does nothing if the listener already accepts.
+        """
+
+    @abc.abstractmethod
+    def chown(self, uid: int, gid: int) -> None:
+        """Give what :meth:`start` created to ``uid``, before dropping to it.
+
+        The address (the socket file) gets owner ``uid`` and keeps the group it
+        was given, or gets ``gid`` if none was; what was created for it (a
+        directory) gets ``uid`` and ``gid``. So a broker that no longer runs as
+        root can still remove its socket on close.
         """
 
     @abc.abstractmethod

@@ -157,6 +157,12 @@ def bind_unix_socket(
     return sock
 
 
+def _missing_parent(path: str) -> str | None:
+    """The directory of ``path`` if it does not exist yet (bind_unix_socket creates it)."""
+    parent = Path(path).absolute().parent
+    return None if parent.exists() else str(parent)
+
+
 def remove_socket(path: str, inode: int | None) -> None:
     """Remove the socket file at ``path`` if it is still ours (same inode)."""
     with contextlib.suppress(OSError):
@@ -184,21 +190,49 @@ class UnixListener(Listener):
         self.backlog = backlog
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
+        #: The socket's directory, if :meth:`start` created it.
+        self.created_directory: str | None = None
 
-    async def start(self, factory: ProtocolFactory) -> None:
+    async def start(self, factory: ProtocolFactory, *, serve: bool = True) -> None:
         if self._server is not None:
             raise BrokerError(f"already listening on {self.address}")
+        missing = _missing_parent(self.address)
         sock = bind_unix_socket(
             self.address, mode=self.mode, group=self.group, backlog=self.backlog
         )
+        self.created_directory = missing
         self._inode = os.stat(self.address).st_ino
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_unix_server(factory, sock=sock, backlog=self.backlog)
+            self._server = await loop.create_unix_server(
+                factory, sock=sock, backlog=self.backlog, start_serving=serve
+            )
         except BaseException:
             sock.close()
             remove_socket(self.address, self._inode)
             raise
+
+    async def serve(self) -> None:
+        if self._server is None:
+            raise BrokerError(f"not listening on {self.address}: start() first")
+        if not self._server.is_serving():
+            await self._server.start_serving()
+
+    def chown(self, uid: int, gid: int) -> None:
+        # Only our own socket file, never one put in its place (nor a symlink).
+        try:
+            st = os.lstat(self.address)
+        except OSError as exc:
+            raise BrokerError(f"cannot give {self.address} to uid {uid}: {exc.strerror}") from None
+        if self._inode is None or not stat.S_ISSOCK(st.st_mode) or st.st_ino != self._inode:
+            raise BrokerError(f"{self.address} is not this listener's socket; not changing it")
+        group = gid if self.group is None else self.group
+        try:
+            os.chown(self.address, uid, group, follow_symlinks=False)
+            if self.created_directory is not None:
+                os.chown(self.created_directory, uid, gid, follow_symlinks=False)
+        except OSError as exc:
+            raise BrokerError(f"cannot give {exc.filename} to uid {uid}: {exc.strerror}") from None
 
     def accept(self, transport: asyncio.BaseTransport) -> PeerCredentials | None:
         sock = transport.get_extra_info("socket")

@@ -159,6 +159,7 @@ def vectors() -> list[Vector]:
                         idle_timeout_ms=15000,
                     ),
                     component="procmond",
+                    batches=True,
                 )
             ),
         ),

@@ -54,6 +54,7 @@ import {
   ClosedResourceError,
   ConnectionClosed,
   EventBusError,
+  InvalidPayload,
   LimitExceeded,
   PayloadTypeMismatch,
   RequestTimeout,
@@ -148,7 +149,13 @@ export class ReceivedEvent<Desc extends DescMessage = DescMessage> {
     readonly schema: Desc | undefined = undefined,
   ) {}
 
-  /** Decode the payload into its message type. */
+  /**
+   * Decode the payload into its message type.
+   *
+   * Throws {@link InvalidPayload} (with `topic`, `payloadType` and `sequence`)
+   * if the payload does not parse as that type, {@link PayloadTypeMismatch} if
+   * the type is unknown here or not the one of a typed subscription.
+   */
   message(): MessageShape<Desc> {
     const schema: DescMessage | undefined =
       this.schema ?? PAYLOAD_REGISTRY.getMessage(this.payloadType);
@@ -160,7 +167,22 @@ export class ReceivedEvent<Desc extends DescMessage = DescMessage> {
         `event on ${this.topic} carries ${this.payloadType}, not ${schema.typeName}`,
       );
     }
-    return fromBinary(schema, this.payload) as MessageShape<Desc>;
+    try {
+      return fromBinary(schema, this.payload) as MessageShape<Desc>;
+    } catch (err) {
+      const reason = err instanceof Error ? err.message : String(err);
+      throw new InvalidPayload(
+        `event #${this.sequence} on ${JSON.stringify(this.topic)} does not parse as ` +
+          `${this.payloadType}: ${reason}`,
+        {
+          topic: this.topic,
+          payloadType: this.payloadType,
+          sequence: this.sequence,
+          subscriptionId: this.subscriptionId,
+          cause: err,
+        },
+      );
+    }
   }
 }
 
@@ -286,14 +308,23 @@ export class EventQueue<Desc extends DescMessage = DescMessage> {
 }
 
 /**
- * Events matching one filter: an async iterable. Iteration ends after
- * {@link unsubscribe} or {@link Client.close}; it throws a
- * {@link BrokenResourceError} if the broker went away.
+ * Events matching one filter: an async iterable of undecoded
+ * {@link ReceivedEvent}s, or of `[event, message]` pairs through
+ * {@link messages}. Iteration ends after {@link unsubscribe} or
+ * {@link Client.close}; it throws a {@link BrokenResourceError} if the broker
+ * went away.
  */
 export class Subscription<Desc extends DescMessage = DescMessage> implements AsyncIterable<
   ReceivedEvent<Desc>
 > {
   private activeFlag = true;
+  /**
+   * Called by {@link messages} with the error of each event it skips because
+   * its payload does not decode; if unset, one line goes to `console.warn`.
+   */
+  onInvalid: ((error: InvalidPayload) => void) | undefined;
+  /** Events {@link messages} skipped because their payload did not decode. */
+  invalid = 0;
 
   constructor(
     readonly client: Client,
@@ -391,6 +422,34 @@ export class Subscription<Desc extends DescMessage = DescMessage> implements Asy
 
   [Symbol.asyncIterator](): AsyncIterator<ReceivedEvent<Desc>> {
     return this.queue[Symbol.asyncIterator]();
+  }
+
+  /**
+   * Each event with its decoded message. Events whose payload does not decode
+   * (possible only behind a broker with validation off) are skipped: counted
+   * in {@link invalid} and passed to {@link onInvalid} (or logged), so that bad
+   * data never ends the loop. Other errors (an unknown payload type, the
+   * connection lost) end it as for plain iteration.
+   */
+  async *messages(): AsyncGenerator<[ReceivedEvent<Desc>, MessageShape<Desc>], void, undefined> {
+    for await (const event of this.queue) {
+      let message: MessageShape<Desc>;
+      try {
+        message = event.message();
+      } catch (err) {
+        if (!(err instanceof InvalidPayload)) {
+          throw err;
+        }
+        this.invalid += 1;
+        if (this.onInvalid !== undefined) {
+          this.onInvalid(err);
+        } else {
+          console.warn(`subscription ${this.filter} skipped an event: ${err.message}`);
+        }
+        continue;
+      }
+      yield [event, message];
+    }
   }
 
   /** End the subscription (idempotent); events already queued can still be read. */

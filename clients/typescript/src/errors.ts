@@ -6,6 +6,7 @@
  * ├── InvalidTopic            a topic or filter breaks the grammar (INVALID_TOPIC, _FILTER)
  * ├── InvalidCorrelation      correlation metadata or filter out of bounds
  * ├── PayloadTypeMismatch     a message of the wrong type for a topic
+ * ├── InvalidPayload          a payload that does not parse as its type (INVALID_PAYLOAD)
  * ├── AccessDenied            the broker refused the peer (ACCESS_DENIED)
  * ├── LimitExceeded           a limit was reached (LIMIT_EXCEEDED, FRAME_TOO_LARGE, ...)
  * ├── UnknownSubscription     UNKNOWN_SUBSCRIPTION, INVALID_SUBSCRIPTION_ID
@@ -21,7 +22,8 @@
  *
  * An error built from an `Error` frame of the broker carries its `code`,
  * `fatal`, `subscriptionId` and `topic` ([protocol §7]); a local error has
- * `code === undefined`.
+ * `code === undefined`, except {@link InvalidPayload}, which always carries
+ * `ErrorCode.INVALID_PAYLOAD`.
  *
  * @module
  */
@@ -74,6 +76,38 @@ export class InvalidTopic extends EventBusError {}
 export class InvalidCorrelation extends EventBusError {}
 /** A message is not of the payload type declared for the topic. */
 export class PayloadTypeMismatch extends EventBusError {}
+
+/** What an {@link InvalidPayload} says about the event, besides {@link ErrorDetails}. */
+export interface InvalidPayloadDetails extends ErrorDetails {
+  /** Fully qualified name of the payload type the payload did not parse as. */
+  payloadType?: string | undefined;
+  /** The event's sequence number on its subscription, 0n if none. */
+  sequence?: bigint | undefined;
+}
+
+/**
+ * A payload does not parse as the payload type its topic declares.
+ *
+ * The broker refuses such a publish with a non-fatal `Error` frame
+ * (`ERROR_CODE_INVALID_PAYLOAD`, passed to `Client.onError`; its `topic` is
+ * set, `payloadType` is "" and `sequence` 0n). Behind a broker with validation
+ * off, `ReceivedEvent.message()` throws it for an event that does not decode,
+ * with the event's `topic`, `payloadType` and `sequence`. `code` is always
+ * `ErrorCode.INVALID_PAYLOAD`.
+ */
+export class InvalidPayload extends EventBusError {
+  /** Fully qualified name of the payload type, "" if unknown. */
+  readonly payloadType: string;
+  /** The event's sequence number on its subscription, 0n if none. */
+  readonly sequence: bigint;
+
+  constructor(message: string, details: InvalidPayloadDetails = {}) {
+    super(message, { ...details, code: ErrorCode.INVALID_PAYLOAD });
+    this.payloadType = details.payloadType ?? "";
+    this.sequence = details.sequence ?? 0n;
+  }
+}
+
 /** The broker refused what this peer asked for. */
 export class AccessDenied extends EventBusError {}
 /** A limit was reached (subscriptions, frame size, connections, buffered output). */
@@ -108,6 +142,7 @@ const BY_CODE: ReadonlyMap<ErrorCode, ErrorClass> = new Map<ErrorCode, ErrorClas
   [ErrorCode.CONNECTION_LIMIT, LimitExceeded],
   [ErrorCode.FRAME_TOO_LARGE, LimitExceeded],
   [ErrorCode.PAYLOAD_MISMATCH, PayloadTypeMismatch],
+  [ErrorCode.INVALID_PAYLOAD, InvalidPayload],
   [ErrorCode.UNKNOWN_SUBSCRIPTION, UnknownSubscription],
   [ErrorCode.INVALID_SUBSCRIPTION_ID, UnknownSubscription],
 ]);

@@ -6,7 +6,8 @@
  *   `controlCollectorTaskTargeted(...)`, `ACCESS_TABLE`, `lookup`, ...);
  * - the generated protobuf-es messages of the payloads (`ProcessEventSchema`,
  *   ...) and of the frames (namespace `frames`);
- * - typed errors ({@link AccessDenied}, ...) carrying the broker's `ErrorCode`.
+ * - typed errors ({@link AccessDenied}, {@link InvalidPayload}, ...) carrying the
+ *   broker's `ErrorCode`.
  *
  * @module
  */

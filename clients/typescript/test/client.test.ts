@@ -16,6 +16,7 @@ import {
   ClosedResourceError,
   EVENTS_PROCESS_LIFECYCLE,
   ErrorCode,
+  InvalidPayload,
   LimitExceeded,
   PayloadTypeMismatch,
   ProcessEventSchema,
@@ -452,6 +453,43 @@ describe("client against a fake broker", () => {
     const client = await connect(fake.path);
     const wrong = create(PublishSchema) as never;
     await assert.rejects(client.publish(EVENTS_PROCESS_LIFECYCLE, wrong), PayloadTypeMismatch);
+    await client.close();
+    await fake.close();
+  });
+
+  test("a publish refused with INVALID_PAYLOAD reaches onError as InvalidPayload", async () => {
+    const fake = await fakeBroker(
+      standard((f, peer) => {
+        if (f.kind.case === "publish") {
+          peer.send({
+            case: "error",
+            value: {
+              code: ErrorCode.INVALID_PAYLOAD,
+              message: "payload does not parse as daemoneye.eventbus.v1.ProcessEvent",
+              topic: f.kind.value.topic,
+            },
+          });
+        }
+      }),
+    );
+    const client = await connect(fake.path);
+    const errors: unknown[] = [];
+    client.onError = (err) => errors.push(err);
+    await client.publishRaw(
+      EVENTS_PROCESS_LIFECYCLE.name,
+      "daemoneye.eventbus.v1.ProcessEvent",
+      Uint8Array.of(0xff, 0xff, 0xff, 0xff),
+    );
+    await client.flush(); // the pong follows the error
+    assert.equal(errors.length, 1);
+    const err = errors[0];
+    assert.ok(err instanceof InvalidPayload);
+    assert.equal(err.code, ErrorCode.INVALID_PAYLOAD);
+    assert.equal(err.fatal, false);
+    assert.equal(err.topic, "events.process.lifecycle");
+    assert.equal(client.lastError, err);
+    assert.equal(client.statistics().refused, 1);
+    assert.ok(client.isConnected);
     await client.close();
     await fake.close();
   });

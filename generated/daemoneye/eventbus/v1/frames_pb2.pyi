@@ -71,6 +71,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """The payload type does not match the topic's declared payload type."""
     ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 18
     """A bug in the broker; the connection is closed."""
+    ERROR_CODE_INVALID_PAYLOAD: _ErrorCode.ValueType  # 19
+    """A published payload does not parse as the topic's declared payload type
+    (non-fatal: the event or batch is refused and never delivered).
+    """
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Stable error codes. Never renumbered; new codes may be added."""
@@ -115,6 +119,10 @@ ERROR_CODE_PAYLOAD_MISMATCH: ErrorCode.ValueType  # 17
 """The payload type does not match the topic's declared payload type."""
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 18
 """A bug in the broker; the connection is closed."""
+ERROR_CODE_INVALID_PAYLOAD: ErrorCode.ValueType  # 19
+"""A published payload does not parse as the topic's declared payload type
+(non-fatal: the event or batch is refused and never delivered).
+"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
@@ -809,6 +817,7 @@ class ConnectionStats(_message.Message):
     QUEUE_MESSAGES_FIELD_NUMBER: _builtins.int
     QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     PUBLISHED_FIELD_NUMBER: _builtins.int
+    INVALID_PAYLOADS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
     client_name: _builtins.str
@@ -825,6 +834,10 @@ class ConnectionStats(_message.Message):
     """Bytes waiting in the outbound queue."""
     published: _builtins.int
     """Events published by this connection."""
+    invalid_payloads: _builtins.int
+    """Events this connection published whose payload did not parse as the
+    topic's declared type (refused, never delivered).
+    """
     def __init__(
         self,
         *,
@@ -836,10 +849,11 @@ class ConnectionStats(_message.Message):
         queue_messages: _builtins.int = ...,
         queue_bytes: _builtins.int = ...,
         published: _builtins.int = ...,
+        invalid_payloads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "peer_pid", b"peer_pid", "peer_uid", b"peer_uid", "published", b"published", "queue_bytes", b"queue_bytes", "queue_messages", b"queue_messages", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "invalid_payloads", b"invalid_payloads", "peer_pid", b"peer_pid", "peer_uid", b"peer_uid", "published", b"published", "queue_bytes", b"queue_bytes", "queue_messages", b"queue_messages", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -861,6 +875,7 @@ class StatsResponse(_message.Message):
     CONNECTION_STATS_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_STATS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    INVALID_PAYLOADS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """The request's id."""
     connections: _builtins.int
@@ -879,6 +894,10 @@ class StatsResponse(_message.Message):
     """
     truncated: _builtins.bool
     """True when the lists above were shortened to fit the frame size limit."""
+    invalid_payloads: _builtins.int
+    """Published events whose payload did not parse as the topic's declared
+    type (refused with ERROR_CODE_INVALID_PAYLOAD, never delivered).
+    """
     @_builtins.property
     def connection_stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectionStats]:
         """Per-connection figures."""
@@ -900,10 +919,11 @@ class StatsResponse(_message.Message):
         connection_stats: _abc.Iterable[Global___ConnectionStats] | None = ...,
         subscription_stats: _abc.Iterable[Global___SubscriptionStats] | None = ...,
         truncated: _builtins.bool = ...,
+        invalid_payloads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "invalid_payloads", b"invalid_payloads", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

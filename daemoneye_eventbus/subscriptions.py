@@ -1,0 +1,321 @@
+"""Subscriptions: who subscribed to what, and who may receive a topic (pure).
+
+Sessions, socket or in-process, are :class:`Endpoint` objects here: an
+identity, the subscriptions it owns, and a :class:`Sink` that queues its
+deliveries. :class:`SubscriptionTable` checks each subscribe request (grammar,
+declared topics, access, limits, the memory it would hold) and keeps the
+subscriptions in a topic trie; the :class:`~daemoneye_eventbus.router.Router`
+asks it who receives a topic. Refusals are typed errors carrying their wire
+code [protocol §7].
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final, NoReturn, Protocol
+
+from daemoneye.eventbus.v1 import frames_pb2, registry
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
+from daemoneye_eventbus.access import (
+    ANONYMOUS,
+    AuditLog,
+    Identity,
+    PeerCredentials,
+    TopicAccess,
+    filter_reach,
+    may_read,
+)
+from daemoneye_eventbus.budget import subscription_cost
+from daemoneye_eventbus.config import BrokerConfig
+from daemoneye_eventbus.correlation import CorrelationMatcher
+from daemoneye_eventbus.errors import (
+    AccessDenied,
+    EventBusError,
+    InvalidCorrelation,
+    InvalidTopic,
+    LimitExceeded,
+    SubscriptionExists,
+    UnknownSubscription,
+)
+from daemoneye_eventbus.topics import SubscriptionTrie, validate_topic_filter
+
+__all__ = [
+    "DECLARED_TOPICS",
+    "Endpoint",
+    "Published",
+    "Sink",
+    "SubscriptionEntry",
+    "SubscriptionTable",
+]
+
+#: What a session publishes: one event or a batch of events on one topic.
+Published = frames_pb2.Publish | frames_pb2.PublishBatch
+
+# Topics whose routing is remembered; the cache is cleared when it grows past
+# this, and whenever a subscription is added or removed.
+_ROUTE_CACHE_SIZE: Final = 4096
+
+#: Every declared topic or template as (filter pattern, access), for subscribe checks.
+DECLARED_TOPICS: Final[tuple[tuple[str, TopicAccess], ...]] = (
+    *(
+        (t.name, TopicAccess(t.access, t.publishers, t.subscribers))
+        for t in registry.TOPICS.values()
+    ),
+    *((t.filter, TopicAccess(t.access, t.publishers, t.subscribers)) for t in registry.TEMPLATES),
+)
+
+
+class Sink(Protocol):
+    """Where the router hands one session's deliveries."""
+
+    def enqueue(
+        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+    ) -> bool:
+        """Queue the ``count`` events of ``message`` (``data`` encoded), numbered
+        from ``first``, for ``sub``: all or none; False if dropped."""
+        ...
+
+
+class Endpoint:
+    """One session as the router sees it: who it is, what it subscribed, its figures."""
+
+    __slots__ = (
+        "identity",
+        "invalid_payloads",
+        "peer",
+        "publish_checks",
+        "published",
+        "session_id",
+        "sink",
+        "subscription_bytes",
+        "subscriptions",
+    )
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        identity: Identity = ANONYMOUS,
+        peer: PeerCredentials | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        self.sink = sink
+        self.session_id = session_id or secrets.token_hex(8)
+        #: Who the session is; set once its handshake is complete.
+        self.identity = identity
+        #: What the kernel said of the peer (for figures and audit lines).
+        self.peer = peer
+        self.subscriptions: dict[int, SubscriptionEntry] = {}
+        #: may_publish's verdict per topic for this identity.
+        self.publish_checks: dict[str, str | None] = {}
+        #: Events this session published and the router accepted.
+        self.published = 0
+        #: Events it published whose payload did not parse (refused).
+        self.invalid_payloads = 0
+        #: Broker memory its subscriptions are charged (daemoneye_eventbus.budget).
+        self.subscription_bytes = 0
+
+    @property
+    def component(self) -> str:
+        """The accepted component, or "" for an anonymous peer."""
+        return self.identity.component
+
+    def authenticate(self, identity: Identity) -> None:
+        """Take the identity established at the handshake."""
+        self.identity = identity
+        self.publish_checks.clear()
+
+
+@dataclass(eq=False, slots=True)
+class SubscriptionEntry:
+    """One subscription of one endpoint; hashed by identity in the trie."""
+
+    endpoint: Endpoint
+    subscription_id: int
+    filter: str
+    matcher: CorrelationMatcher | None
+    #: Deliver control topics to this subscription.
+    wants_control: bool
+    #: The endpoint's sink's ``enqueue``, bound once for the delivery loop.
+    enqueue: Callable[[SubscriptionEntry, Published, bytes, int, int], bool]
+    #: Broker memory the subscription is charged.
+    cost: int = 0
+    sequence: int = 0
+    delivered: int = 0
+    dropped: int = 0
+
+
+class SubscriptionTable:
+    """Every subscription of one broker, indexed by filter, with its costs.
+
+    Also answers "which subscriptions may receive this topic" through a cache
+    that any change of a subscription clears, so every delivery is checked
+    against the current subscriptions and their owners' access.
+    """
+
+    def __init__(self, config: BrokerConfig, audit: AuditLog) -> None:
+        self.config = config
+        self.audit = audit
+        self._trie: SubscriptionTrie[SubscriptionEntry] = SubscriptionTrie(
+            max_bytes=config.max_topic_bytes, max_levels=config.max_topic_levels
+        )
+        #: Receivers by topic (see :meth:`receivers`); cleared on every change.
+        self.route_cache: dict[str, tuple[SubscriptionEntry, ...]] = {}
+        #: Broker memory all subscriptions are charged.
+        self.subscription_bytes = 0
+        #: Subscribe and unsubscribe requests refused.
+        self.refused = 0
+
+    def _refuse(self, exc: EventBusError) -> NoReturn:
+        self.refused += 1
+        raise exc
+
+    def subscribe(
+        self,
+        endpoint: Endpoint,
+        subscription_id: int,
+        filter: str,
+        correlation_filter: CorrelationFilter | None = None,
+        include_control: bool = False,
+    ) -> SubscriptionEntry:
+        """Add a subscription; raise a typed error with the reason if refused."""
+        cfg = self.config
+        if subscription_id <= 0 or subscription_id in endpoint.subscriptions:
+            self._refuse(
+                SubscriptionExists(
+                    f"subscription id {subscription_id} is 0 or already in use",
+                    code=ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID,
+                )
+            )
+        if len(endpoint.subscriptions) >= cfg.max_subscriptions:
+            self._refuse(
+                LimitExceeded(
+                    f"subscription limit of {cfg.max_subscriptions} per connection reached",
+                    code=ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
+                )
+            )
+        try:
+            validate_topic_filter(
+                filter, max_bytes=cfg.max_topic_bytes, max_levels=cfg.max_topic_levels
+            )
+        except InvalidTopic as exc:
+            self._refuse(InvalidTopic(str(exc), code=ErrorCode.ERROR_CODE_INVALID_FILTER))
+        identity = endpoint.identity
+        if not cfg.allow_undeclared_topics:
+            declared, readable = filter_reach(identity, filter, DECLARED_TOPICS)
+            if not declared:
+                self._refuse(
+                    InvalidTopic(
+                        f"filter {filter!r} matches no topic declared in the schema",
+                        code=ErrorCode.ERROR_CODE_INVALID_FILTER,
+                    )
+                )
+            if not readable:
+                self.audit.record(
+                    "subscribe_refused",
+                    endpoint.peer,
+                    session=endpoint.session_id,
+                    component=identity.component or "-",
+                    filter=filter,
+                )
+                self._refuse(
+                    AccessDenied(
+                        f"filter {filter!r} matches no topic that "
+                        f"{identity.component or 'an anonymous peer'} may read",
+                        code=ErrorCode.ERROR_CODE_ACCESS_DENIED,
+                    )
+                )
+        corr_bytes = correlation_filter.ByteSize() if correlation_filter is not None else 0
+        cost = subscription_cost(filter, corr_bytes)
+        if endpoint.subscription_bytes + cost > cfg.max_subscription_bytes:
+            self._refuse(
+                LimitExceeded(
+                    f"subscriptions of this connection would hold "
+                    f"{endpoint.subscription_bytes + cost} bytes of broker memory; "
+                    f"the limit is {cfg.max_subscription_bytes}",
+                    code=ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
+                )
+            )
+        if self.subscription_bytes + cost > cfg.max_total_subscription_bytes:
+            self._refuse(
+                LimitExceeded(
+                    "the broker's memory for subscriptions is used up "
+                    f"({cfg.max_total_subscription_bytes} bytes)",
+                    code=ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
+                )
+            )
+        matcher = None
+        if corr_bytes and correlation_filter is not None:
+            try:
+                matcher = CorrelationMatcher(correlation_filter)
+            except InvalidCorrelation as exc:
+                self._refuse(
+                    InvalidCorrelation(str(exc), code=ErrorCode.ERROR_CODE_INVALID_CORRELATION)
+                )
+        # A filter that names the control tree explicitly asks for control topics.
+        wants_control = include_control or filter.startswith("control.") or filter == "control"
+        sub = SubscriptionEntry(
+            endpoint, subscription_id, filter, matcher, wants_control, endpoint.sink.enqueue, cost
+        )
+        self._trie.insert(filter, sub)
+        endpoint.subscriptions[subscription_id] = sub
+        endpoint.subscription_bytes += cost
+        self.subscription_bytes += cost
+        self.route_cache.clear()
+        return sub
+
+    def unsubscribe(self, endpoint: Endpoint, subscription_id: int) -> None:
+        """Remove a subscription; raise if the endpoint has no such subscription."""
+        sub = endpoint.subscriptions.pop(subscription_id, None)
+        if sub is None:
+            self._refuse(
+                UnknownSubscription(
+                    f"no subscription with id {subscription_id}",
+                    code=ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION,
+                )
+            )
+        self._trie.remove(sub.filter, sub)
+        endpoint.subscription_bytes -= sub.cost
+        self.subscription_bytes -= sub.cost
+        self.route_cache.clear()
+
+    def detach(self, endpoint: Endpoint) -> None:
+        """Drop every subscription of ``endpoint`` (its session has ended)."""
+        subs = endpoint.subscriptions
+        if not subs:
+            return
+        for sub in subs.values():
+            self._trie.remove(sub.filter, sub)
+        self.subscription_bytes -= endpoint.subscription_bytes
+        endpoint.subscription_bytes = 0
+        subs.clear()
+        self.route_cache.clear()
+
+    def subscriptions(self) -> Iterator[SubscriptionEntry]:
+        """Every subscription, in no particular order."""
+        for _, sub in self._trie.items():
+            yield sub
+
+    def __len__(self) -> int:
+        """The number of subscriptions."""
+        return len(self._trie)
+
+    def receivers(
+        self, topic: str, control: bool, access: TopicAccess
+    ) -> tuple[SubscriptionEntry, ...]:
+        """The subscriptions that match ``topic``, that want control topics if it
+        is one, and whose owner may read it (correlation filters not applied)."""
+        subs = self.route_cache.get(topic)
+        if subs is None:
+            subs = tuple(
+                s
+                for s in self._trie.match(topic)
+                if (s.wants_control or not control) and may_read(s.endpoint.identity, access)
+            )
+            if len(self.route_cache) >= _ROUTE_CACHE_SIZE:
+                self.route_cache.clear()
+            self.route_cache[topic] = subs
+        return subs

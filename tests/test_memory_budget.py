@@ -1,0 +1,190 @@
+"""The memory budget, measured as the broker's RSS during and after each attack.
+
+The broker is ``serve`` in its own process; attackers are raw sockets from
+this process. Each test reads the broker's ``VmRSS`` before the attack, at
+its height, and after the attackers have gone, and bounds the growth by what
+the budget allows (docs/security.md, "Memory"), not by wire bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from conftest import worker_env
+from rawpeer import RawPeer
+
+from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
+from daemoneye_eventbus import correlation as corr
+from daemoneye_eventbus.frames import encode_frame, encode_varint
+
+MIB = 1024 * 1024
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status"
+)
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@contextlib.asynccontextmanager
+async def broker_process(path: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    root = ["--allow-root"] if os.geteuid() == 0 else []
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "daemoneye_eventbus.cli", "serve", "--socket", path),
+        *root,
+        *args,
+        env=worker_env(),
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(250):
+            if os.path.exists(path):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("broker did not start")
+        peer = await RawPeer.connect(path)  # let it settle: imports, first connection
+        peer.close()
+        await asyncio.sleep(0.2)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def largest_filter(seed: int) -> CorrelationFilter:
+    """A correlation filter at every bound: about 220 KB on the wire."""
+    n = corr.MAX_FILTER_ENTRIES
+    f = CorrelationFilter()
+    f.correlation_ids.extend(f"{seed}-{j}-".ljust(corr.MAX_ID_BYTES, "i") for j in range(n))
+    f.correlation_id_patterns.extend(
+        f"{seed}-{j}*".ljust(corr.MAX_PATTERN_BYTES, "p") for j in range(n)
+    )
+    f.parent_correlation_ids.extend(f"p{seed}-{j}".ljust(corr.MAX_ID_BYTES, "x") for j in range(n))
+    f.root_correlation_ids.extend(f"r{seed}-{j}".ljust(corr.MAX_ID_BYTES, "x") for j in range(n))
+    f.workflow_stages.extend(f"s{seed}-{j}".ljust(corr.MAX_STAGE_BYTES, "s") for j in range(n))
+    for j in range(corr.MAX_TAGS):
+        key = f"k{seed}-{j}".ljust(corr.MAX_TAG_KEY_BYTES, "k")
+        f.required_tags[key] = "v" * corr.MAX_TAG_VALUE_BYTES
+        f.any_tags[key + "a"[: corr.MAX_TAG_KEY_BYTES - len(key)]] = "w" * corr.MAX_TAG_VALUE_BYTES
+    return f
+
+
+async def test_subscriptions_with_the_largest_filters_stay_within_budget(sock_path: str) -> None:
+    async with broker_process(sock_path) as broker:
+        base = rss(broker.pid)
+        peers = [await RawPeer.connect(sock_path) for _ in range(24)]
+        accepted = refused = 0
+        for peer in peers:
+            frames = [
+                Frame(
+                    subscribe=frames_pb2.Subscribe(
+                        subscription_id=i + 1, filter="#", correlation_filter=largest_filter(i)
+                    )
+                )
+                for i in range(40)
+            ]
+            for frame in frames:
+                await peer.send(frame)
+                answer = await peer.recv(timeout=10)
+                if answer.WhichOneof("kind") == "subscribe_ack":
+                    accepted += 1
+                else:
+                    assert answer.error.code == ErrorCode.ERROR_CODE_LIMIT_EXCEEDED, answer
+                    refused += 1
+            del frames
+        during = rss(broker.pid) - base
+        # 24 x 40 x 220 KB = 211 MB on the wire; the budget holds 4 MiB per
+        # connection and 64 MiB in all, charged at about twice the wire size.
+        assert refused > 0
+        assert accepted * 220_000 * 2 <= 64 * MIB + 4 * MIB
+        assert during < 160 * MIB, f"broker grew {during / MIB:.0f} MiB"
+        for peer in peers:
+            peer.close()
+        await asyncio.sleep(0.5)
+        # Its memory is back for others: a new connection may subscribe again.
+        again = await RawPeer.connect(sock_path)
+        await again.send(
+            Frame(
+                subscribe=frames_pb2.Subscribe(
+                    subscription_id=1, filter="#", correlation_filter=largest_filter(99)
+                )
+            )
+        )
+        assert (await again.recv(timeout=10)).WhichOneof("kind") == "subscribe_ack"
+        again.close()
+        after = rss(broker.pid) - base
+        assert after < 160 * MIB
+
+
+async def test_unread_replies_count_with_their_overhead(sock_path: str) -> None:
+    async with broker_process(sock_path) as broker:
+        base = rss(broker.pid)
+        pings = b"".join(
+            encode_frame(Frame(ping=frames_pb2.Ping(nonce=n))) for n in range(1, 20_001)
+        )
+        peers = [await RawPeer.connect(sock_path) for _ in range(16)]
+        closed = 0
+        # Each peer asks for pongs and never reads them: 16 x 30 x 20,000 pongs
+        # of 14 bytes would be 134 MB on the wire, several times that in memory.
+        async with asyncio.timeout(60):
+            for _ in range(30):
+                for peer in peers:
+                    if not await peer.write(pings):
+                        closed += 1
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.5)
+        during = rss(broker.pid) - base
+        assert during < 160 * MIB, f"broker grew {during / MIB:.0f} MiB"
+        assert closed > 0  # slow consumers were disconnected along the way
+        for peer in peers:
+            peer.close()
+        await asyncio.sleep(0.5)
+        assert rss(broker.pid) - base < 160 * MIB
+
+
+async def test_partial_frames_of_many_connections_stay_within_budget(sock_path: str) -> None:
+    async with broker_process(sock_path) as broker:
+        base = rss(broker.pid)
+        body = 1_000_000
+        peers = [await RawPeer.connect(sock_path) for _ in range(64)]
+        for peer in peers:
+            # A frame of almost 1 MiB, all but its last byte.
+            await peer.write(encode_varint(body) + b"\x0a" + b"x" * (body - 2))
+        await asyncio.sleep(1.0)
+        during = rss(broker.pid) - base
+
+        async def refused_by_budget(peer: RawPeer) -> bool:
+            try:
+                frames = await peer.until_eof(timeout=2.0)
+            except TimeoutError:
+                return False  # still open: its partial frame is within the budget
+            codes = [f.error.code for f in frames if f.WhichOneof("kind") == "error"]
+            return codes == [ErrorCode.ERROR_CODE_LIMIT_EXCEEDED]
+
+        refused = sum(await asyncio.gather(*(refused_by_budget(p) for p in peers)))
+        # 64 MB held on the wire; the budget holds 32 MiB of partial frames.
+        assert during < 64 * MIB, f"broker grew {during / MIB:.0f} MiB"
+        assert refused >= 64 - 34
+        for peer in peers:
+            peer.close()
+        await asyncio.sleep(0.5)
+        assert rss(broker.pid) - base < 64 * MIB
