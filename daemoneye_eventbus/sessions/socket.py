@@ -128,20 +128,15 @@ class SocketSession(Session, asyncio.Protocol):
         self._handle_received()
 
     def _charge_input(self) -> None:
-        if self._account.hold_input(self.conn.buffered_input):
-            # Partial frames of many peers would pass the broker's ceiling:
-            # this connection, which holds some, goes.
+        if self._account.hold_input(self.conn.buffered_input):  # past the total: it goes
             limit = self._budget.input_limit
-            self.conn.fail(
-                RemoteProtocolError(
-                    f"the broker's memory for partial frames ({limit} bytes) is used up",
-                    ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
-                )
-            )
+            message = f"the broker's memory for partial frames ({limit} bytes) is used up"
+            self.conn.fail(RemoteProtocolError(message, ErrorCode.ERROR_CODE_LIMIT_EXCEEDED))
             self._account.hold_input(0)
 
     def _charge_output(self) -> None:
-        # Frames with their overhead, and what the transport holds.
+        """Charge what waits: frames with their overhead, and the transport's
+        buffer (below WRITE_HIGH unless backed up; charged on every tick)."""
         conn, transport = self.conn, self.transport
         held = conn.buffered_bytes + FRAME_COST * conn.buffered_frames
         self._account.hold_output(held + (transport.get_write_buffer_size() if transport else 0))
@@ -280,10 +275,7 @@ class SocketSession(Session, asyncio.Protocol):
             data = conn.data_to_send()
             if data:
                 transport.write(data)
-        if self._paused_since is not None or self._account.output:
-            # Backed up (or was): what waits counts in the broker's total. A
-            # session that is not holds less than WRITE_HIGH in its transport,
-            # charged by the housekeeper's tick.
+        if self._paused_since is not None or self._account.output:  # else: on the next tick
             self._charge_output()
         if conn.close_expected:
             self._close_transport()
