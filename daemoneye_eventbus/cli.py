@@ -143,6 +143,8 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
         max_queue_messages=args.max_queue_messages,
         max_queue_bytes=args.max_queue_bytes,
         max_frames_per_turn=args.max_frames_per_turn,
+        max_subscription_bytes=args.max_subscription_bytes,
+        max_total_subscription_bytes=args.max_total_subscription_bytes,
         handshake_timeout=args.handshake_timeout,
         heartbeat_interval=args.heartbeat_interval,
         idle_timeout=args.idle_timeout,
@@ -356,6 +358,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
     serve.add_argument("--max-queue-messages", type=int, default=d.max_queue_messages)
     serve.add_argument("--max-queue-bytes", type=int, default=d.max_queue_bytes)
+    serve.add_argument(
+        "--max-subscription-bytes",
+        type=int,
+        default=d.max_subscription_bytes,
+        help="bytes of broker memory one connection's subscriptions may hold",
+    )
+    serve.add_argument(
+        "--max-total-subscription-bytes",
+        type=int,
+        default=d.max_total_subscription_bytes,
+        help="bytes of broker memory all subscriptions together may hold",
+    )
     serve.add_argument(
         "--max-frames-per-turn",
         type=int,

@@ -112,6 +112,7 @@ async def test_subscriptions_with_the_largest_filters_stay_within_budget(sock_pa
                     refused += 1
             del frames
         during = rss(broker.pid) - base
+        print(f"subscriptions: {accepted} accepted, {refused} refused, +{during / MIB:.1f} MiB")
         # 24 x 40 x 220 KB = 211 MB on the wire; the budget holds 4 MiB per
         # connection and 64 MiB in all, charged at about twice the wire size.
         assert refused > 0
@@ -132,6 +133,7 @@ async def test_subscriptions_with_the_largest_filters_stay_within_budget(sock_pa
         assert (await again.recv(timeout=10)).WhichOneof("kind") == "subscribe_ack"
         again.close()
         after = rss(broker.pid) - base
+        print(f"subscriptions: after the attackers left +{after / MIB:.1f} MiB")
         assert after < 160 * MIB
 
 
@@ -153,12 +155,15 @@ async def test_unread_replies_count_with_their_overhead(sock_path: str) -> None:
                 await asyncio.sleep(0)
         await asyncio.sleep(0.5)
         during = rss(broker.pid) - base
+        print(f"unread pongs: +{during / MIB:.1f} MiB, {closed} writes refused")
         assert during < 160 * MIB, f"broker grew {during / MIB:.0f} MiB"
         assert closed > 0  # slow consumers were disconnected along the way
         for peer in peers:
             peer.close()
         await asyncio.sleep(0.5)
-        assert rss(broker.pid) - base < 160 * MIB
+        after = rss(broker.pid) - base
+        print(f"unread pongs: after +{after / MIB:.1f} MiB")
+        assert after < 160 * MIB
 
 
 async def test_partial_frames_of_many_connections_stay_within_budget(sock_path: str) -> None:
@@ -181,10 +186,13 @@ async def test_partial_frames_of_many_connections_stay_within_budget(sock_path: 
             return codes == [ErrorCode.ERROR_CODE_LIMIT_EXCEEDED]
 
         refused = sum(await asyncio.gather(*(refused_by_budget(p) for p in peers)))
+        print(f"partial frames: +{during / MIB:.1f} MiB, {refused} of 64 closed")
         # 64 MB held on the wire; the budget holds 32 MiB of partial frames.
         assert during < 64 * MIB, f"broker grew {during / MIB:.0f} MiB"
         assert refused >= 64 - 34
         for peer in peers:
             peer.close()
         await asyncio.sleep(0.5)
-        assert rss(broker.pid) - base < 64 * MIB
+        after = rss(broker.pid) - base
+        print(f"partial frames: after +{after / MIB:.1f} MiB")
+        assert after < 64 * MIB

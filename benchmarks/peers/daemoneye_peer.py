@@ -114,8 +114,14 @@ class DaemoneyeAdapter(Adapter):
         settings = [f"--max-queue-messages {MAX_QUEUE_MESSAGES}"]
         if options.subscriptions_per_connection > 1024:
             n = str(options.subscriptions_per_connection)
+            # About 600 bytes of broker memory per plain subscription (budget.py).
+            memory = str(options.subscriptions_per_connection * 1024)
             argv += ["--max-subscriptions", n]
-            settings.append(f"--max-subscriptions {n}")
+            argv += ["--max-subscription-bytes", memory, "--max-total-subscription-bytes", memory]
+            settings.append(
+                f"--max-subscriptions {n} --max-subscription-bytes {memory} "
+                f"--max-total-subscription-bytes {memory}"
+            )
         if options.connections > 200:
             n = str(options.connections)
             argv += ["--max-connections", n, "--max-connections-per-uid", n]
