@@ -86,9 +86,10 @@ class TopicInfo:
     payload_type: str | None
     control: bool
     access: TopicAccess
-    #: A message of the payload type, reused to check that payloads parse
-    #: (None for an undeclared topic: its payloads stay opaque).
-    parser: ProtoMessage | None = None
+    #: The payload type's class, to check that payloads parse (None for an
+    #: undeclared topic: its payloads stay opaque). Each check parses into a
+    #: new message: one reused would keep every parse in its arena (upb).
+    parser: type[ProtoMessage] | None = None
 
 
 class Router:
@@ -181,9 +182,7 @@ class Router:
         declared = registry.lookup(topic)
         if declared is not None:
             access = TopicAccess(declared.access, declared.publishers, declared.subscribers)
-            info = TopicInfo(
-                declared.payload_name, declared.control, access, declared.payload_type()
-            )
+            info = TopicInfo(declared.payload_name, declared.control, access, declared.payload_type)
         elif cfg.allow_undeclared_topics:
             info = TopicInfo(None, False, _UNDECLARED_ACCESS)
         else:
@@ -253,7 +252,7 @@ class Router:
     def _invalid_payload(
         self,
         endpoint: Endpoint,
-        parser: ProtoMessage,
+        parser: type[ProtoMessage],
         topic: str,
         payload_type: str,
         message: Published,
@@ -267,7 +266,7 @@ class Router:
             (message.payload,) if isinstance(message, frames_pb2.Publish) else message.payloads
         )
         count = len(payloads)
-        parse = parser.ParseFromString
+        parse = parser.FromString
         for index, payload in enumerate(payloads):
             try:
                 parse(payload)
@@ -359,9 +358,9 @@ class Router:
         ):
             try:
                 if isinstance(message, frames_pb2.Publish):
-                    parser.ParseFromString(message.payload)
+                    parser.FromString(message.payload)
                 else:
-                    parse = parser.ParseFromString
+                    parse = parser.FromString
                     for payload in message.payloads:
                         parse(payload)
             except (DecodeError, RecursionError):

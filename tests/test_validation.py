@@ -190,3 +190,51 @@ def test_serve_takes_no_validate_payloads() -> None:
     assert args.no_validate_payloads is True
     assert _parser().parse_args(["serve"]).no_validate_payloads is False
     assert sys.executable  # the CLI's own tests run serve end to end
+
+
+VALIDATION_MEMORY = """
+import os
+from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
+from daemoneye_eventbus.access import Identity, PeerCredentials
+from daemoneye_eventbus.config import BrokerConfig
+from daemoneye_eventbus.router import Endpoint, Router
+
+class Sink:
+    def enqueue(self, *args):
+        return True
+
+def rss():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
+
+router = Router(BrokerConfig())
+me = Endpoint(Sink(), identity=Identity(PeerCredentials(os.getpid(), 0, 0), "procmond"))
+topic = registry.EVENTS_PROCESS_LIFECYCLE
+payload = events_pb2.ProcessEvent(pid=1, name="x" * 230).SerializeToString()
+batch = frames_pb2.PublishBatch(
+    topic=topic.name, payload_type=topic.payload_name, payloads=[payload] * 100
+)
+for _ in range(20):
+    router.route(me, batch)
+before = rss()
+for _ in range(2000):  # 200,000 payloads parsed
+    router.route(me, batch)
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+async def test_validation_holds_no_memory_per_event() -> None:
+    """Each payload is parsed into a new message: a reused one would keep every
+    parse in its arena (upb), about 50 MiB per 200,000 events."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        VALIDATION_MEMORY,
+        env=worker_env(),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    growth = int(out.decode().strip().splitlines()[-1])
+    assert growth < 4 * 1024 * 1024, f"{growth / 2**20:.1f} MiB for 200,000 payloads"
