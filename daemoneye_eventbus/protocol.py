@@ -16,7 +16,7 @@ mapping between error codes and typed exceptions (:func:`error_for_code`,
 from __future__ import annotations
 
 import enum
-from typing import Final, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -259,8 +259,10 @@ class Connection:
         self._out_messages = 0
         self._hello_seen = False
         self._eof = False
-        #: Parsing stopped at a max_frames limit with input left.
-        self._more = False
+        #: Parsing stopped at a ``max_frames`` limit with input left to parse.
+        self.input_pending = False
+        #: A broker side that is open: it may queue deliveries.
+        self._delivering = False
         #: True once the transport should be closed after writing what is pending.
         self.close_expected = False
         # What may be received and sent in the current state (kept with it).
@@ -277,6 +279,7 @@ class Connection:
         self.state = new
         self.close_expected = new is State.CLOSING or new is State.CLOSED
         self._receivable = RECEIVABLE.get((self.role, new), frozenset())
+        self._delivering = new is State.OPEN and self.role is Role.BROKER
         self._sendable = SENDABLE.get((self.role, new), frozenset())
 
     @property
@@ -288,34 +291,22 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview, max_frames: int = 0) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview, max_frames: int = 0) -> int:
         """Feed bytes read from the peer and parse the whole frames they complete:
         all of them, or at most ``max_frames`` (the rest wait in the buffer for
-        :meth:`parse_more`; :attr:`input_pending` says so)."""
-        if self.close_expected or not data:
-            return
+        :meth:`parse_more`, and :attr:`input_pending` is set). Returns the bytes
+        of input held in the buffer (a partial frame, or what waits)."""
         buf = self._buffer
+        if self.close_expected or not (data or self.input_pending):
+            return len(buf)
         # Parse straight from ``data`` when no partial frame waits (the common
         # case); otherwise from the buffer it joins.
         if buf:
             buf += data
-            self._parse(buf, max_frames)
+            src: bytes | bytearray | memoryview = buf
         else:
-            self._parse(data, max_frames)
-
-    def parse_more(self, max_frames: int = 0) -> None:
-        """Parse frames that a ``max_frames`` limit left in the buffer."""
-        if self._more and not self.close_expected:
-            self._parse(self._buffer, max_frames)
-
-    @property
-    def input_pending(self) -> bool:
-        """Parsing stopped at a ``max_frames`` limit with input left to parse."""
-        return self._more
-
-    def _parse(self, src: bytes | bytearray | memoryview, max_frames: int) -> None:
-        buf = self._buffer
-        self._more = False
+            src = data
+        self.input_pending = False
         size = len(src)
         pos = 0
         frames = 0
@@ -324,7 +315,7 @@ class Connection:
                 length = self._body_len
                 if length is None:
                     if frames == max_frames and frames:
-                        self._more = True  # this turn's share is used up
+                        self.input_pending = True  # this turn's share is used up
                         break
                     prefix = decode_varint(src, pos)
                     if prefix is None:
@@ -344,16 +335,22 @@ class Connection:
                     break
         except RemoteProtocolError as exc:
             self.fail(exc)
-            return
+            return 0
         if self.close_expected:
             # The peer said goodbye (or a fatal error): what follows is never read.
             buf.clear()
             self._body_len = None
-            self._more = False
+            self.input_pending = False
         elif src is buf:
             del buf[:pos]
         elif pos < size:
             buf += src[pos:]
+        return len(buf)
+
+    def parse_more(self, max_frames: int = 0) -> int:
+        """Parse frames that a ``max_frames`` limit left in the buffer; returns
+        the bytes still held, like :meth:`receive_data`."""
+        return self.receive_data(b"", max_frames)
 
     def _receive_frame(self, body: bytes | bytearray | memoryview) -> bool:
         """Decode and check one frame; True if the peer is closing the connection."""
@@ -400,7 +397,7 @@ class Connection:
         """The peer closed its side: the connection is closed."""
         self._eof = True
         self._buffer.clear()
-        self._more = False
+        self.input_pending = False
         self._body_len = None
         self._set_state(State.CLOSED)
 
@@ -448,7 +445,8 @@ class Connection:
 
     def send_deliver(self, subscription_id: int, sequence: int, publish: bytes) -> int:
         """Queue a ``Deliver`` frame (broker side, open state); return its size."""
-        self._check_delivery(len(publish), event_budget(self.max_frame_bytes))
+        if self._delivering is not True or len(publish) > event_budget(self.max_frame_bytes):
+            self._refuse_delivery(len(publish))
         data = encode_deliver(subscription_id, sequence, publish)
         self._append(data)
         return len(data)
@@ -458,19 +456,19 @@ class Connection:
     ) -> int:
         """Queue a ``DeliverBatch`` frame of ``count`` events (counted as ``count``
         in :attr:`buffered_messages`); broker side, open state. Returns its size."""
-        self._check_delivery(len(batch), batch_budget(self.max_frame_bytes))
+        if self._delivering is not True or len(batch) > batch_budget(self.max_frame_bytes):
+            self._refuse_delivery(len(batch))
         data = encode_deliver_batch(subscription_id, first_sequence, batch)
         self._append(data, count)
         return len(data)
 
-    def _check_delivery(self, size: int, budget: int) -> None:
-        if self.state is not State.OPEN or self.role is not Role.BROKER:
+    def _refuse_delivery(self, size: int) -> NoReturn:
+        if not self._delivering:
             raise LocalProtocolError(f"cannot deliver while {self.state.value}")
-        if size > budget:
-            raise LocalProtocolError(
-                f"a delivery of a {size}-byte event or batch would exceed the limit "
-                f"of {self.max_frame_bytes} bytes"
-            )
+        raise LocalProtocolError(
+            f"a delivery of a {size}-byte event or batch would exceed the limit "
+            f"of {self.max_frame_bytes} bytes"
+        )
 
     def _append(self, data: bytes, messages: int = 1) -> None:
         self._out.append(data)
@@ -484,7 +482,7 @@ class Connection:
             return
         self.error = exc
         self._buffer.clear()
-        self._more = False
+        self.input_pending = False
         self._body_len = None
         code = ErrorCode.ValueType(exc.code)
         # Short enough for the peer's limit in force [protocol §1].
@@ -521,7 +519,7 @@ class Connection:
     def close(self) -> None:
         """The transport is closed: no more frames either way."""
         self._buffer.clear()
-        self._more = False
+        self.input_pending = False
         self._body_len = None
         if self.state is not State.CLOSED:
             self._set_state(State.CLOSED)

@@ -113,22 +113,21 @@ class SocketSession(Session, asyncio.Protocol):
         conn = self.conn
         # At most max_frames_per_turn frames now; the rest wait for a later
         # turn, with reading paused meanwhile, so that other peers get theirs.
-        conn.receive_data(data, self._turn_frames)
+        held = conn.receive_data(data, self._turn_frames)
         self._last_rx = asyncio.get_running_loop().time()
         self._ping_sent = False
-        if conn.buffered_input or self._account.input:
-            self._charge_input()
+        if held or self._account.input:
+            self._charge_input(held)
         self._handle_received()
 
     def _continue(self) -> None:
         """Handle the next share of input a frame limit left for this turn."""
         self._continuation = None
-        self.conn.parse_more(self._turn_frames)
-        self._charge_input()
+        self._charge_input(self.conn.parse_more(self._turn_frames))
         self._handle_received()
 
-    def _charge_input(self) -> None:
-        if self._account.hold_input(self.conn.buffered_input):  # past the total: it goes
+    def _charge_input(self, held: int) -> None:
+        if self._account.hold_input(held):  # past the total: it goes
             limit = self._budget.input_limit
             message = f"the broker's memory for partial frames ({limit} bytes) is used up"
             self.conn.fail(RemoteProtocolError(message, ErrorCode.ERROR_CODE_LIMIT_EXCEEDED))
@@ -142,14 +141,16 @@ class SocketSession(Session, asyncio.Protocol):
         self._account.hold_output(held + (transport.get_write_buffer_size() if transport else 0))
 
     def _handle_received(self) -> None:
-        conn = self.conn
         self._handler.handle_received()
         self.host.outbox.flush()
         self.flush()
+        pending = self.conn.input_pending
+        if not (pending or self._reading_paused):
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if conn.input_pending:
+        if pending:
             if not self._reading_paused:
                 self._reading_paused = True
                 transport.pause_reading()
