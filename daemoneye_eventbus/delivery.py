@@ -17,6 +17,7 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye_eventbus.errors import (
     ClosedResourceError,
     InvalidPayload,
@@ -73,6 +74,7 @@ class ReceivedEvent(NamedTuple, Generic[P]):
                 topic=self.topic,
                 payload_type=self.payload_type,
                 sequence=self.sequence,
+                code=ErrorCode.ERROR_CODE_INVALID_PAYLOAD,
             ) from None
         return msg
 

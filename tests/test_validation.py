@@ -140,6 +140,7 @@ async def test_with_validation_off_the_agent_skips_bad_data_and_goes_on(sock_pat
             assert skipped[0].topic == LIFECYCLE.name
             assert skipped[0].sequence == 1
             assert skipped[0].payload_type == PROCESS_EVENT
+            assert skipped[0].code == ErrorCode.ERROR_CODE_INVALID_PAYLOAD
             # The typed client: messages() skips it the same way.
             pairs = []
             async for event, message in sub.messages():
