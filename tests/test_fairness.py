@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
 from conftest import PROCMOND, worker_env
+from serving import broker_process
 
 from daemoneye_eventbus.client import Client
 
@@ -25,74 +25,45 @@ HOSTILE_WORKERS = Path(__file__).resolve().parent / "hostile_workers.py"
 FLOODERS = 3
 
 
-async def start_broker(path: str, *args: str) -> asyncio.subprocess.Process:
-    # As root (CI), the broker refuses to run on without --user or --allow-root.
-    root = ["--allow-root"] if os.geteuid() == 0 else []
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "daemoneye_eventbus.cli", "serve", "--socket", path),
-        *root,
-        *args,
-        env=worker_env(),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    for _ in range(200):
-        if os.path.exists(path):
-            return proc
-        await asyncio.sleep(0.02)
-    proc.kill()
-    raise AssertionError("broker did not start")
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-    try:
-        await asyncio.wait_for(proc.wait(), 10)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-
-
 async def test_a_flooder_does_not_delay_another_peers_pongs(sock_path: str) -> None:
-    broker = await start_broker(sock_path, "--idle-timeout", "3", "--heartbeat-interval", "1")
     flooders: list[asyncio.subprocess.Process] = []
-    try:
-        async with Client(sock_path, name="calm", component=PROCMOND) as calm:
-            await calm.flush()
-            flooders = [
-                await asyncio.create_subprocess_exec(
-                    *(sys.executable, str(HOSTILE_WORKERS), "flood", "--socket", sock_path),
-                    *("--seconds", "4", "--size", "0"),
-                    env=worker_env(),
-                    stdout=asyncio.subprocess.PIPE,
-                )
-                for _ in range(FLOODERS)
-            ]
+    async with broker_process(sock_path, "--idle-timeout", "3", "--heartbeat-interval", "1"):
+        try:
+            async with Client(sock_path, name="calm", component=PROCMOND) as calm:
+                await calm.flush()
+                flooders = [
+                    await asyncio.create_subprocess_exec(
+                        *(sys.executable, str(HOSTILE_WORKERS), "flood", "--socket", sock_path),
+                        *("--seconds", "4", "--size", "0"),
+                        env=worker_env(),
+                        stdout=asyncio.subprocess.PIPE,
+                    )
+                    for _ in range(FLOODERS)
+                ]
+                for flooder in flooders:
+                    assert flooder.stdout is not None
+                    ready = json.loads(await asyncio.wait_for(flooder.stdout.readline(), 10))
+                    assert ready == {"ready": True}
+                await asyncio.sleep(0.3)  # the flood is under way
+                rtts: list[float] = []
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 3.2  # longer than the idle timeout
+                while loop.time() < end:
+                    rtts.append(await calm.flush())
+                    await asyncio.sleep(0.02)
+                sent = 0
+                for flooder in flooders:
+                    assert flooder.stdout is not None
+                    line = await asyncio.wait_for(flooder.stdout.readline(), 15)
+                    sent += json.loads(line)["sent"]
+                assert calm.is_connected  # never disconnected for someone else's flood
+            assert sent > 100_000, sent  # they did flood
+            p99 = statistics.quantiles(rtts, n=100)[98]
+            p50 = statistics.median(rtts)
+            print(f"fairness: {len(rtts)} pings, p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+            assert p99 < 0.050, f"ping p99 {p99 * 1000:.1f} ms over {len(rtts)} pings"
+        finally:
             for flooder in flooders:
-                assert flooder.stdout is not None
-                ready = json.loads(await asyncio.wait_for(flooder.stdout.readline(), 10))
-                assert ready == {"ready": True}
-            await asyncio.sleep(0.3)  # the flood is under way
-            rtts: list[float] = []
-            loop = asyncio.get_running_loop()
-            end = loop.time() + 3.2  # longer than the idle timeout
-            while loop.time() < end:
-                rtts.append(await calm.flush())
-                await asyncio.sleep(0.02)
-            sent = 0
-            for flooder in flooders:
-                assert flooder.stdout is not None
-                line = await asyncio.wait_for(flooder.stdout.readline(), 15)
-                sent += json.loads(line)["sent"]
-            assert calm.is_connected  # never disconnected for someone else's flood
-        assert sent > 100_000, sent  # they did flood
-        p99 = statistics.quantiles(rtts, n=100)[98]
-        p50 = statistics.median(rtts)
-        print(f"fairness: {len(rtts)} pings, p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
-        assert p99 < 0.050, f"ping p99 {p99 * 1000:.1f} ms over {len(rtts)} pings"
-    finally:
-        for flooder in flooders:
-            if flooder.returncode is None:
-                flooder.kill()
-                await flooder.wait()
-        await stop(broker)
+                if flooder.returncode is None:
+                    flooder.kill()
+                    await flooder.wait()

@@ -9,14 +9,11 @@ the budget allows (docs/security.md, "Memory"), not by wire bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import sys
-from collections.abc import AsyncIterator
 
 import pytest
-from conftest import worker_env
 from rawpeer import RawPeer
+from serving import broker_process
 
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
@@ -37,37 +34,6 @@ def rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-@contextlib.asynccontextmanager
-async def broker_process(path: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    root = ["--allow-root"] if os.geteuid() == 0 else []
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "daemoneye_eventbus.cli", "serve", "--socket", path),
-        *root,
-        *args,
-        env=worker_env(),
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(250):
-            if os.path.exists(path):
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("broker did not start")
-        peer = await RawPeer.connect(path)  # let it settle: imports, first connection
-        peer.close()
-        await asyncio.sleep(0.2)
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 def largest_filter(seed: int) -> CorrelationFilter:
