@@ -31,6 +31,11 @@ A policy is a TOML file::
     uids = [0]
     privileged = true
 
+    [components.procmond.rate]          # optional: publish at most this fast on average
+    events_per_second = 20000
+    bytes_per_second = 8388608
+    burst_events = 40000                 # default: one second's worth
+
     [anonymous]
     allow = true                         # peers claiming no component: public topics only
 
@@ -51,6 +56,7 @@ from typing import Any, Final
 
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.errors import AccessDenied, PolicyError
+from daemoneye_eventbus.ratelimit import RateLimit, rate_limit_from_mapping
 from daemoneye_eventbus.topics import filters_overlap
 
 __all__ = [
@@ -107,6 +113,8 @@ class Identity:
     #: In-process code of the agent that embeds the broker: it holds the broker
     #: object itself, so topic access rules do not apply to it.
     trusted: bool = False
+    #: The rate limit the policy sets for this peer (None: none).
+    rate: RateLimit | None = None
 
     @property
     def anonymous(self) -> bool:
@@ -183,6 +191,8 @@ class ComponentRule:
     #: If set, the peer's executable (``/proc/<pid>/exe``) must be one of these.
     executables: frozenset[str] | None = None
     privileged: bool = False
+    #: How fast peers acting as this component may publish (None: no limit).
+    rate: RateLimit | None = None
 
     def allows(self, peer: PeerCredentials, executable: str | None) -> str | None:
         """None if ``peer`` matches the rule, else why not."""
@@ -206,6 +216,8 @@ class Policy:
     allow_anonymous: bool = True
     #: Where the policy came from, for logs.
     source: str = "default"
+    #: How fast anonymous peers may publish (None: no limit).
+    anonymous_rate: RateLimit | None = None
 
     @classmethod
     def default(cls, broker_uid: int) -> Policy:
@@ -237,12 +249,18 @@ class Policy:
         for name, raw in raw_components.items():
             components[name] = _rule(raw, f"{source}: [components.{name}]")
         anonymous = data.get("anonymous", {})
-        if not isinstance(anonymous, dict) or set(anonymous) - {"allow"}:
-            raise PolicyError(f"{source}: [anonymous] takes only allow = true|false")
+        if not isinstance(anonymous, dict) or set(anonymous) - {"allow", "rate"}:
+            raise PolicyError(f"{source}: [anonymous] takes only allow = true|false and rate")
         allow = anonymous.get("allow", True)
         if not isinstance(allow, bool):
             raise PolicyError(f"{source}: [anonymous] allow must be true or false")
-        return cls(components=components, allow_anonymous=allow, source=source)
+        rate = anonymous.get("rate")
+        return cls(
+            components=components,
+            allow_anonymous=allow,
+            source=source,
+            anonymous_rate=None if rate is None else rate_limit_from_mapping(rate, source),
+        )
 
     def authenticate(
         self, peer: PeerCredentials | None, claimed: str, executable: str | None = None
@@ -259,14 +277,14 @@ class Policy:
         if not claimed:
             if not self.allow_anonymous:
                 raise AccessDenied("anonymous peers are not allowed by the policy")
-            return Identity(peer)
+            return Identity(peer, rate=self.anonymous_rate)
         if peer is None:
             raise AccessDenied("the peer's credentials are unknown; no component claim is allowed")
         rule = self.components.get(claimed)
         if rule is not None:
             reason = rule.allows(peer, executable)
             if reason is None:
-                return Identity(peer, claimed, rule.privileged)
+                return Identity(peer, claimed, rule.privileged, rate=rule.rate)
             raise AccessDenied(f"component {_show(claimed)} refused: {reason}")
         if peer.uid in self.trusted_uids:
             return Identity(peer, claimed, claimed in self.trusted_privileged)
@@ -296,7 +314,7 @@ def _ids(raw: Any, where: str, key: str) -> frozenset[int]:
 def _rule(raw: Any, where: str) -> ComponentRule:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where} must be a table")
-    unknown = set(raw) - {"uids", "gids", "executables", "privileged"}
+    unknown = set(raw) - {"uids", "gids", "executables", "privileged", "rate"}
     if unknown:
         raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}")
     executables = raw.get("executables")
@@ -313,6 +331,7 @@ def _rule(raw: Any, where: str) -> ComponentRule:
         gids=_ids(raw, where, "gids"),
         executables=frozenset(executables) if executables is not None else None,
         privileged=privileged,
+        rate=None if raw.get("rate") is None else rate_limit_from_mapping(raw["rate"], where),
     )
     if not rule.uids and not rule.gids:
         raise PolicyError(f"{where}: give uids or gids (or both)")

@@ -92,6 +92,8 @@ class Broker:
         self.protobuf_backend = ""
         self.connections_total = 0
         self._refused = 0
+        #: Seconds of rate limiting of the connections that have ended.
+        self._throttled_gone = 0.0
 
     # -- the seam sessions use (SessionHost) ------------------------------------------
 
@@ -145,6 +147,7 @@ class Broker:
 
     def release(self, session: Session) -> None:
         """Forget a session that ended: its connection slot and its subscriptions."""
+        self._throttled_gone += session.throttled
         if isinstance(session, SocketSession):
             if session in self._sessions:
                 self._sessions.discard(session)
@@ -311,6 +314,7 @@ class Broker:
                     depth_bytes,
                     s.published,
                     s.endpoint.invalid_payloads,
+                    s.throttled,
                 )
             )
             subs.extend(
@@ -329,6 +333,7 @@ class Broker:
             connection_stats=tuple(conns),
             subscription_stats=tuple(subs),
             invalid_payloads=self._router.invalid_payloads,
+            throttled_seconds=self._throttled_gone + sum(c.throttled_seconds for c in conns),
         )
 
     async def _housekeeping(self) -> None:

@@ -40,6 +40,8 @@ class ConnectionStatistics:
     published: int
     #: Events it published whose payload did not parse (refused).
     invalid_payloads: int = 0
+    #: Seconds the broker stopped reading from it for its rate limit.
+    throttled_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,8 @@ class BrokerStatistics:
     subscription_stats: tuple[SubscriptionStatistics, ...]
     #: Published events refused because a payload did not parse.
     invalid_payloads: int = 0
+    #: Seconds reading was paused for rate limits, over every connection so far.
+    throttled_seconds: float = 0.0
 
     def to_proto(
         self, request_id: int = 0, max_bytes: int | None = None
@@ -90,6 +94,7 @@ class BrokerStatistics:
             dropped=self.dropped,
             refused=self.refused,
             invalid_payloads=self.invalid_payloads,
+            throttled_seconds=self.throttled_seconds,
             connection_stats=[
                 frames_pb2.ConnectionStats(
                     session_id=c.session_id,
@@ -101,6 +106,7 @@ class BrokerStatistics:
                     queue_bytes=c.queue_bytes,
                     published=c.published,
                     invalid_payloads=c.invalid_payloads,
+                    throttled_seconds=c.throttled_seconds,
                 )
                 for c in self.connection_stats
             ],

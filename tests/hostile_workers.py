@@ -13,12 +13,14 @@ import asyncio
 import json
 import socket
 import time
+from typing import Any
 
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import Frame
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import ConnectionClosed, RequestTimeout
 from daemoneye_eventbus.frames import encode_frame
+from daemoneye_eventbus.registry_runtime import Topic
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
 PROCESS = LIFECYCLE.payload_name
@@ -28,6 +30,9 @@ async def publish(args: argparse.Namespace) -> None:
     """Publish ``--count`` events (0: until the broker goes away), paced by ``--rate``."""
     loop = asyncio.get_running_loop()
     name = "x" * args.size
+    declared = registry.lookup(args.topic)
+    assert declared is not None, args.topic
+    topic: Topic[Any] = LIFECYCLE if declared.name == LIFECYCLE.name else declared
     sent = 0
     closed: str | None = None
     async with Client(args.socket, name="hostile-publisher", component=args.component) as client:
@@ -39,7 +44,10 @@ async def publish(args: argparse.Namespace) -> None:
                     ahead = start + sent / args.rate - loop.time()
                     if ahead > 0:
                         await asyncio.sleep(ahead)
-                await client.publish(LIFECYCLE, events_pb2.ProcessEvent(pid=sent, name=name))
+                if topic is LIFECYCLE:
+                    await client.publish(LIFECYCLE, events_pb2.ProcessEvent(pid=sent, name=name))
+                else:
+                    await client.publish(topic, topic.payload_type())
                 sent += 1
                 if sent % 256 == 0:
                     await asyncio.sleep(0)
@@ -123,6 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=["publish", "subscribe", "flood"])
     parser.add_argument("--seconds", type=float, default=3.0, help="flood: for how long")
+    parser.add_argument("--topic", default=LIFECYCLE.name, help="publish: the topic")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--component")
     parser.add_argument("--count", type=int, default=0, help="0: until the connection closes")

@@ -33,6 +33,7 @@ PUBLIC_MODULES = [
     "router",
     "subscriptions",
     "budget",
+    "ratelimit",
     "privileges",
     "transports",
     "transports.base",
@@ -40,6 +41,7 @@ PUBLIC_MODULES = [
     "sessions",
     "sessions.base",
     "sessions.handler",
+    "sessions.gate",
     "sessions.local",
     "sessions.socket",
     "broker",
@@ -67,6 +69,7 @@ PURE_MODULES = [
     "router",
     "subscriptions",
     "budget",
+    "ratelimit",
     "privileges",
 ]
 PACKAGE_DIR = Path(daemoneye_eventbus.__file__).resolve().parent

@@ -126,6 +126,11 @@ class Session(abc.ABC):
     def published(self) -> int:
         return self.endpoint.published
 
+    @property
+    def throttled(self) -> float:
+        """Seconds the broker stopped reading from this peer for its rate limit."""
+        return 0.0
+
     @abc.abstractmethod
     def enqueue(
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int

@@ -37,6 +37,7 @@ from daemoneye_eventbus.protocol import (
 )
 from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
+from daemoneye_eventbus.sessions.gate import ReadGate
 from daemoneye_eventbus.sessions.handler import FrameHandler
 
 __all__ = ["SocketSession"]
@@ -78,8 +79,8 @@ class SocketSession(Session, asyncio.Protocol):
         self._turn_frames = cfg.max_frames_per_turn
         self._budget = budget = host.budget
         self._account = Account(budget)
-        self._reading_paused = False
-        self._continuation: asyncio.Handle | None = None
+        self._gate = ReadGate(self._continue)
+        self._read = 0  # bytes read this turn, for the rate limit
 
     # asyncio.Protocol ------------------------------------------------------
 
@@ -114,6 +115,7 @@ class SocketSession(Session, asyncio.Protocol):
         # At most max_frames_per_turn frames now; the rest wait for a later
         # turn, with reading paused meanwhile, so that other peers get theirs.
         held = conn.receive_data(data, self._turn_frames)
+        self._read += len(data)
         self._last_rx = asyncio.get_running_loop().time()
         self._ping_sent = False
         if held or self._account.input:
@@ -121,8 +123,7 @@ class SocketSession(Session, asyncio.Protocol):
         self._handle_received()
 
     def _continue(self) -> None:
-        """Handle the next share of input a frame limit left for this turn."""
-        self._continuation = None
+        """Handle the next share of input a frame limit or a rate limit held back."""
         self._charge_input(self.conn.parse_more(self._turn_frames))
         self._handle_received()
 
@@ -144,20 +145,10 @@ class SocketSession(Session, asyncio.Protocol):
         self._handler.handle_received()
         self.host.outbox.flush()
         self.flush()
-        pending = self.conn.input_pending
-        if not (pending or self._reading_paused):
-            return
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if pending:
-            if not self._reading_paused:
-                self._reading_paused = True
-                transport.pause_reading()
-            self._continuation = asyncio.get_running_loop().call_soon(self._continue)
-        elif self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
+        nbytes, self._read = self._read, 0
+        self._gate.after_turn(
+            self.transport, self.conn.input_pending, self.endpoint.published, nbytes
+        )
 
     def eof_received(self) -> bool | None:
         self.conn.receive_eof()
@@ -165,9 +156,10 @@ class SocketSession(Session, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.close()
-        for timer in (self._handshake_timer, self._abort_timer, self._continuation):
+        for timer in (self._handshake_timer, self._abort_timer):
             if timer is not None:
                 timer.cancel()
+        self._gate.cancel()
         self._account.release()
         self.host.release(self)
         if not self.closed.done():
@@ -256,8 +248,15 @@ class SocketSession(Session, asyncio.Protocol):
         buffered = self.transport.get_write_buffer_size() if self.transport else 0
         return self.conn.buffered_messages, self.conn.buffered_bytes + buffered
 
+    @property
+    def throttled(self) -> float:
+        """Seconds reading was paused for this peer's rate limit."""
+        return self._gate.throttled
+
     def handshake_complete(self) -> None:
-        """The peer is authenticated: its handshake deadline no longer runs."""
+        """The peer is authenticated: its rate limit applies, its handshake
+        deadline no longer runs."""
+        self._gate.limit(self.endpoint.identity.rate)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -327,6 +326,8 @@ class SocketSession(Session, asyncio.Protocol):
                 f"subscriber did not read for {cfg.slow_consumer_timeout} s",
             )
             return
+        if self._gate.paused:  # not read on purpose (a turn, a rate limit): not silent
+            self._last_rx = now
         silent = now - self._last_rx
         if silent > cfg.idle_timeout:
             self._fail(ErrorCode.ERROR_CODE_IDLE_TIMEOUT, f"peer silent for {silent:.1f} s")

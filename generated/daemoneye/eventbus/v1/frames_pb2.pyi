@@ -818,6 +818,7 @@ class ConnectionStats(_message.Message):
     QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     PUBLISHED_FIELD_NUMBER: _builtins.int
     INVALID_PAYLOADS_FIELD_NUMBER: _builtins.int
+    THROTTLED_SECONDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
     client_name: _builtins.str
@@ -838,6 +839,10 @@ class ConnectionStats(_message.Message):
     """Events this connection published whose payload did not parse as the
     topic's declared type (refused, never delivered).
     """
+    throttled_seconds: _builtins.float
+    """Seconds the broker stopped reading from this connection because it
+    published faster than its rate limit.
+    """
     def __init__(
         self,
         *,
@@ -850,10 +855,11 @@ class ConnectionStats(_message.Message):
         queue_bytes: _builtins.int = ...,
         published: _builtins.int = ...,
         invalid_payloads: _builtins.int = ...,
+        throttled_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "invalid_payloads", b"invalid_payloads", "peer_pid", b"peer_pid", "peer_uid", b"peer_uid", "published", b"published", "queue_bytes", b"queue_bytes", "queue_messages", b"queue_messages", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "invalid_payloads", b"invalid_payloads", "peer_pid", b"peer_pid", "peer_uid", b"peer_uid", "published", b"published", "queue_bytes", b"queue_bytes", "queue_messages", b"queue_messages", "session_id", b"session_id", "throttled_seconds", b"throttled_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -876,6 +882,7 @@ class StatsResponse(_message.Message):
     SUBSCRIPTION_STATS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     INVALID_PAYLOADS_FIELD_NUMBER: _builtins.int
+    THROTTLED_SECONDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """The request's id."""
     connections: _builtins.int
@@ -897,6 +904,10 @@ class StatsResponse(_message.Message):
     invalid_payloads: _builtins.int
     """Published events whose payload did not parse as the topic's declared
     type (refused with ERROR_CODE_INVALID_PAYLOAD, never delivered).
+    """
+    throttled_seconds: _builtins.float
+    """Seconds the broker stopped reading from publishers over their rate
+    limits, summed over the connections open now and those that have ended.
     """
     @_builtins.property
     def connection_stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectionStats]:
@@ -920,10 +931,11 @@ class StatsResponse(_message.Message):
         subscription_stats: _abc.Iterable[Global___SubscriptionStats] | None = ...,
         truncated: _builtins.bool = ...,
         invalid_payloads: _builtins.int = ...,
+        throttled_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "invalid_payloads", b"invalid_payloads", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "invalid_payloads", b"invalid_payloads", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats", "throttled_seconds", b"throttled_seconds", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
