@@ -43,6 +43,7 @@ PUBLIC_MODULES = [
     "sessions.local",
     "sessions.socket",
     "broker",
+    "metrics",
     "client",
     "client.connection",
     "client.core",
