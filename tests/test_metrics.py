@@ -185,13 +185,12 @@ async def test_event_loop_lag_and_its_maximum_since_the_last_scrape(broker: Brok
     time.sleep(0.4)  # noqa: ASYNC251 - block the loop: the tick due meanwhile wakes up late
     await asyncio.sleep(0.3)
     late = scrape(broker)
-    assert value(late, f"{NS}_event_loop_lag_max_seconds") >= 0.2
-    assert value(late, f"{NS}_event_loop_lag_max_seconds") >= value(
-        late, f"{NS}_event_loop_lag_seconds"
-    )
+    stall = value(late, f"{NS}_event_loop_lag_max_seconds")
+    assert stall >= 0.4 - 0.125 - 0.01  # the stall, less the tick's own period
+    assert stall >= value(late, f"{NS}_event_loop_lag_seconds")
     await asyncio.sleep(0.3)
     # The maximum is per scrape interval: the stall is not reported again.
-    assert value(scrape(broker), f"{NS}_event_loop_lag_max_seconds") < 0.2
+    assert value(scrape(broker), f"{NS}_event_loop_lag_max_seconds") < stall
 
 
 async def test_a_scrape_from_another_thread_reads_on_the_broker_loop(
