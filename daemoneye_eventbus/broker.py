@@ -12,6 +12,8 @@ in-process user (the agent, through
 through the :class:`~daemoneye_eventbus.sessions.SessionHost` seam it
 implements; everything else (routing, framing, delivery) lives in those
 modules. docs/architecture.md draws the whole path of an event.
+:meth:`Broker.metrics_registry` gives its figures to Prometheus
+(:mod:`daemoneye_eventbus.metrics`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from daemoneye_eventbus.access import AuditLog, Policy
 from daemoneye_eventbus.budget import MemoryBudget
@@ -33,10 +35,14 @@ from daemoneye_eventbus.router import Router
 from daemoneye_eventbus.sessions import LocalSession, Outbox, Session, SocketSession
 from daemoneye_eventbus.statistics import (
     BrokerStatistics,
+    BrokerTally,
     ConnectionStatistics,
     SubscriptionStatistics,
 )
 from daemoneye_eventbus.transports import Listener, listener
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = [
     "Broker",
@@ -91,9 +97,12 @@ class Broker:
         #: The protobuf runtime, checked at start-up ("upb" expected).
         self.protobuf_backend = ""
         self.connections_total = 0
-        self._refused = 0
-        #: Seconds of rate limiting of the connections that have ended.
-        self._throttled_gone = 0.0
+        #: Refusals the broker makes itself, by code, and its event loop's lag.
+        self.tally = BrokerTally()
+        self._metrics: CollectorRegistry | None = None
+        #: Seconds of rate limiting of the connections that have ended, by
+        #: component (only components the policy limits ever have any).
+        self._throttled_gone: dict[str, float] = {}
 
     # -- the seam sessions use (SessionHost) ------------------------------------------
 
@@ -147,7 +156,9 @@ class Broker:
 
     def release(self, session: Session) -> None:
         """Forget a session that ended: its connection slot and its subscriptions."""
-        self._throttled_gone += session.throttled
+        if session.throttled:
+            gone = self._throttled_gone
+            gone[session.component] = gone.get(session.component, 0.0) + session.throttled
         if isinstance(session, SocketSession):
             if session in self._sessions:
                 self._sessions.discard(session)
@@ -160,8 +171,8 @@ class Broker:
             self._local_sessions.discard(session)
         self._router.detach(session.endpoint)
 
-    def count_refusal(self) -> None:
-        self._refused += 1
+    def count_refusal(self, code: int, *, handshake: bool = False) -> None:
+        self.tally.refuse(code, handshake=handshake)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -296,45 +307,39 @@ class Broker:
     @property
     def refused(self) -> int:
         """Refusals: by the router (publish, subscribe) and the broker (connections, handshakes)."""
-        return self._router.refused + self._refused
+        return self._router.refused + self.tally.refused
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the broker runs on, once started."""
+        return self._housekeeper.get_loop() if self._housekeeper is not None else None
+
+    def metrics_registry(self) -> CollectorRegistry:
+        """A Prometheus registry of the broker's figures (and its process's), read at
+        scrape time; the same one on every call. Serve it with ``serve
+        --metrics-listen`` or mount it on an endpoint (``make_asgi_app(registry)``)."""
+        if self._metrics is None:
+            from daemoneye_eventbus.metrics import broker_registry  # imports prometheus_client
+
+            self._metrics = broker_registry(self)
+        return self._metrics
+
+    @property
+    def throttled_seconds(self) -> float:
+        """Seconds reading was paused for rate limits, over every connection so far."""
+        return sum(self.throttled_by_component().values())
+
+    def throttled_by_component(self) -> dict[str, float]:
+        """Seconds reading was paused for rate limits, by component, so far."""
+        out: dict[str, float] = dict(self._throttled_gone)
+        for s in self._sessions:
+            if s.throttled:
+                out[s.component] = out.get(s.component, 0.0) + s.throttled
+        return out
 
     def statistics(self) -> BrokerStatistics:
         """A frozen snapshot of the broker's figures."""
-        conns: list[ConnectionStatistics] = []
-        subs: list[SubscriptionStatistics] = []
-        for s in self.sessions():
-            depth_msgs, depth_bytes = s.queue_depth()
-            conns.append(
-                ConnectionStatistics(
-                    s.session_id,
-                    s.client_name,
-                    s.component,
-                    s.peer,
-                    depth_msgs,
-                    depth_bytes,
-                    s.published,
-                    s.endpoint.invalid_payloads,
-                    s.throttled,
-                )
-            )
-            subs.extend(
-                SubscriptionStatistics(
-                    s.session_id, sub.subscription_id, sub.filter, sub.delivered, sub.dropped
-                )
-                for sub in s.endpoint.subscriptions.values()
-            )
-        return BrokerStatistics(
-            connections=len(self._sessions),
-            connections_total=self.connections_total,
-            published=self.published,
-            delivered=self.delivered,
-            dropped=self.dropped,
-            refused=self.refused,
-            connection_stats=tuple(conns),
-            subscription_stats=tuple(subs),
-            invalid_payloads=self._router.invalid_payloads,
-            throttled_seconds=self._throttled_gone + sum(c.throttled_seconds for c in conns),
-        )
+        return _snapshot(self)
 
     async def _housekeeping(self) -> None:
         """Heartbeats, idle peers and stuck subscribers, a few times a second."""
@@ -342,10 +347,51 @@ class Broker:
         tick = max(0.02, min(0.25, cfg.heartbeat_interval / 4, cfg.slow_consumer_timeout / 4))
         loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + tick
             await asyncio.sleep(tick)
             now = loop.time()
+            self.tally.record_lag(now - due)  # how late the loop got to this wake-up
             for session in list(self._sessions):
                 session.check(now)
+
+
+def _snapshot(broker: Broker) -> BrokerStatistics:
+    """:meth:`Broker.statistics`, from the broker's public figures."""
+    conns: list[ConnectionStatistics] = []
+    subs: list[SubscriptionStatistics] = []
+    for s in broker.sessions():
+        depth_msgs, depth_bytes = s.queue_depth()
+        conns.append(
+            ConnectionStatistics(
+                s.session_id,
+                s.client_name,
+                s.component,
+                s.peer,
+                depth_msgs,
+                depth_bytes,
+                s.published,
+                s.endpoint.invalid_payloads,
+                s.throttled,
+            )
+        )
+        subs.extend(
+            SubscriptionStatistics(
+                s.session_id, sub.subscription_id, sub.filter, sub.delivered, sub.dropped
+            )
+            for sub in s.endpoint.subscriptions.values()
+        )
+    return BrokerStatistics(
+        connections=broker.connections,
+        connections_total=broker.connections_total,
+        published=broker.published,
+        delivered=broker.delivered,
+        dropped=broker.dropped,
+        refused=broker.refused,
+        connection_stats=tuple(conns),
+        subscription_stats=tuple(subs),
+        invalid_payloads=broker.router.invalid_payloads,
+        throttled_seconds=broker.throttled_seconds,
+    )
 
 
 def protobuf_backend() -> str:

@@ -3,7 +3,8 @@
 Commands: ``serve``, ``pub``, ``sub``, ``stats``, ``topics``, ``demo``. Every
 command takes ``--socket PATH`` and ``--instance NAME``; errors go to stderr
 with a non-zero exit code (2 when ``serve`` will not run as root, or cannot
-drop its privileges as asked).
+drop its privileges as asked). ``serve --metrics-listen`` serves the broker's
+Prometheus metrics (:mod:`daemoneye_eventbus.metrics`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ def _group(name: str | None) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise EventBusError(f"no group named {name!r}") from None
+
+
+def _metrics_listen(text: str) -> str:
+    """``HOST:PORT`` or a Unix socket path, checked (the metrics module parses it again)."""
+    from daemoneye_eventbus.metrics import listen_address  # imports prometheus_client
+
+    try:
+        listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _access_name(level: int) -> str:
@@ -163,22 +175,36 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
             _drop_to(broker, *identity)
 
     broker = Broker(_socket(args), config, before_serving=drop if identity else None)
-    await broker.start()
+    await broker.start()  # bound, and privileges dropped: only then the metrics endpoint
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(
-        f"daemoneye-eventbus broker listening on {broker.path} "
-        f"(mode {config.socket_mode:04o}, policy {broker.policy.source}, "
-        f"uid {os.geteuid()}, gid {os.getegid()}, loop {running_loop_name()})",
-        flush=True,
-    )
+    metrics = None
     try:
+        if args.metrics_listen is not None:
+            from daemoneye_eventbus.metrics import serve_metrics
+
+            metrics = serve_metrics(
+                args.metrics_listen,
+                broker.metrics_registry(),
+                mode=config.socket_mode,
+                group=config.socket_group,
+            )
+        print(
+            f"daemoneye-eventbus broker listening on {broker.path} "
+            f"(mode {config.socket_mode:04o}, policy {broker.policy.source}, "
+            f"uid {os.geteuid()}, gid {os.getegid()}, loop {running_loop_name()})",
+            flush=True,
+        )
+        if metrics is not None:
+            print(f"daemoneye-eventbus metrics on {metrics.url}", flush=True)
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if metrics is not None:
+            metrics.close()
         await broker.close()
     stats = broker.statistics()
     print(
@@ -415,6 +441,15 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-undeclared-topics",
         action="store_true",
         help="accept topics the schema does not declare, as public topics",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        type=_metrics_listen,
+        metavar="HOST:PORT|PATH",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (e.g. 127.0.0.1:9464), or on a "
+        "Unix socket at PATH (any value with a '/'; mode and group as --socket-mode and "
+        "--socket-group), once the broker's socket is bound and privileges dropped "
+        "(default: off)",
     )
     serve.add_argument(
         "--no-validate-payloads",

@@ -11,6 +11,12 @@ changes), and whose correlation filter accepts the event's metadata. It then
 hands the encoded event to each receiving session's sink, numbered per
 subscription.
 
+It counts as it goes, for the broker's metrics: events published, delivered
+and dropped and bytes published per topic label (:meth:`Router.topic_counts`:
+a declared topic's name, a template's pattern, or ``"undeclared"``, so as many
+labels as the schema has topics), and refusals by wire error code
+(:meth:`Router.refusals`).
+
 Sessions, socket or in-process, are :class:`Endpoint` objects to the router:
 an identity, the subscriptions it owns, and a :class:`Sink` that queues
 deliveries. Every refusal is a typed
@@ -21,8 +27,9 @@ an in-process caller gets the very same exception.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, NoReturn
 
 from google.protobuf.message import DecodeError
@@ -50,6 +57,7 @@ from daemoneye_eventbus.errors import (
     ServerError,
 )
 from daemoneye_eventbus.frames import batch_budget, event_budget
+from daemoneye_eventbus.statistics import TopicFigures
 from daemoneye_eventbus.subscriptions import (
     Endpoint,
     Published,
@@ -63,9 +71,12 @@ __all__ = [
     "Endpoint",
     "Published",
     "Router",
+    "RouterCounts",
     "Sink",
     "SubscriptionEntry",
+    "TopicCounts",
     "TopicInfo",
+    "UNDECLARED_LABEL",
 ]
 
 # Topics whose publish permission an endpoint remembers; cleared when full.
@@ -77,6 +88,60 @@ _TOPIC_CACHE_SIZE: Final = 4096
 
 # Undeclared topics, where the broker allows them, are public.
 _UNDECLARED_ACCESS: Final = TopicAccess(AccessLevel.ACCESS_LEVEL_PUBLIC)
+
+#: The topic label of every undeclared topic (allowed by ``allow_undeclared_topics``).
+UNDECLARED_LABEL: Final = "undeclared"
+
+
+class TopicCounts:
+    """The router's running counts of one topic label (see :meth:`Router.topic_counts`)."""
+
+    __slots__ = ("delivered", "dropped", "published", "published_bytes")
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.published_bytes = 0
+
+    def snapshot(self) -> TopicFigures:
+        return TopicFigures(self.published, self.delivered, self.dropped, self.published_bytes)
+
+
+class RouterCounts:
+    """What a router counts: events and bytes per topic label, refusals per error code.
+
+    A label is a declared topic's name, the pattern of the template a topic
+    was built from (``control.collector.task.{type}.{id}``), or
+    :data:`UNDECLARED_LABEL`. The hot path increments the label's
+    :class:`TopicCounts`, cached in each topic's :class:`TopicInfo`; totals
+    are sums over the labels.
+    """
+
+    __slots__ = ("labels", "refusals")
+
+    def __init__(self) -> None:
+        #: Per topic label; outlives the router's topic cache, which is cleared when full.
+        self.labels: dict[str, TopicCounts] = {}
+        #: Refused publishes by wire error code.
+        self.refusals: dict[int, int] = {}
+
+    def label(self, label: str) -> TopicCounts:
+        """The counts of ``label``, made at its first use."""
+        counts = self.labels.get(label)
+        if counts is None:
+            counts = self.labels[label] = TopicCounts()
+        return counts
+
+    def refuse(self, code: int) -> None:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+
+    def total(self, name: str) -> int:
+        """One field of :class:`TopicCounts` summed over every label."""
+        return sum(getattr(counts, name) for counts in self.labels.values())
+
+    def snapshot(self) -> dict[str, TopicFigures]:
+        return {label: counts.snapshot() for label, counts in self.labels.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +155,17 @@ class TopicInfo:
     #: undeclared topic: its payloads stay opaque). Each check parses into a
     #: new message: one reused would keep every parse in its arena (upb).
     parser: type[ProtoMessage] | None = None
+    #: The counts of the topic's label, shared by every topic of that label.
+    counts: TopicCounts = field(default_factory=TopicCounts)
 
 
 class Router:
     """Subscriptions, access checks and fan-out for one broker.
 
     ``published``, ``delivered``, ``dropped`` and ``refused`` count events
-    (a batch counts once per event) and refusals since the router was made.
+    (a batch counts once per event) and refusals since the router was made;
+    :meth:`topic_counts` and :meth:`refusals` break them down by topic label
+    and by error code.
     """
 
     def __init__(self, config: BrokerConfig, audit: AuditLog | None = None) -> None:
@@ -108,19 +177,17 @@ class Router:
         # The table's cache of receivers by topic, read first on every publish.
         self._receivers = self.table.route_cache
         self._topic_cache: dict[str, TopicInfo] = {}
+        #: Events and bytes by topic label, refused publishes by error code.
+        self.counts = RouterCounts()
         self._validate = config.validate_payloads
         self._trust_local = config.trust_local_payloads
         self._event_limit = event_budget(config.max_frame_bytes)
         self._batch_limit = batch_budget(config.max_frame_bytes)
-        self.published = 0
-        self.delivered = 0
-        self.dropped = 0
-        self._refused = 0
         #: Published events refused because a payload did not parse.
         self.invalid_payloads = 0
 
     def _refuse(self, exc: EventBusError) -> NoReturn:
-        self._refused += 1
+        self.counts.refuse(exc.code)
         raise exc
 
     # -- subscriptions (the table's) ----------------------------------------------
@@ -160,9 +227,32 @@ class Router:
         return self.table.subscription_bytes
 
     @property
+    def published(self) -> int:
+        """Events accepted."""
+        return self.counts.total("published")
+
+    @property
+    def delivered(self) -> int:
+        """Events subscribers' queues took (one per event and receiving subscription)."""
+        return self.counts.total("delivered")
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because a subscriber's queue was full."""
+        return self.counts.total("dropped")
+
+    @property
     def refused(self) -> int:
         """Requests refused: publishes here, subscribes and unsubscribes in the table."""
-        return self._refused + self.table.refused
+        return sum(self.counts.refusals.values()) + self.table.refused
+
+    def refusals(self) -> dict[int, int]:
+        """Requests refused (as :attr:`refused`) by wire ``ErrorCode`` number."""
+        return dict(Counter(self.counts.refusals) + Counter(self.table.refusals))
+
+    def topic_counts(self) -> dict[str, TopicFigures]:
+        """Events and bytes by topic label (see :class:`RouterCounts`), for labels seen so far."""
+        return self.counts.snapshot()
 
     # -- routing -------------------------------------------------------------------
 
@@ -182,9 +272,14 @@ class Router:
         declared = registry.lookup(topic)
         if declared is not None:
             access = TopicAccess(declared.access, declared.publishers, declared.subscribers)
-            info = TopicInfo(declared.payload_name, declared.control, access, declared.payload_type)
+            counts = self.counts.label(declared.template or declared.name)
+            info = TopicInfo(
+                declared.payload_name, declared.control, access, declared.payload_type, counts
+            )
         elif cfg.allow_undeclared_topics:
-            info = TopicInfo(None, False, _UNDECLARED_ACCESS)
+            info = TopicInfo(
+                None, False, _UNDECLARED_ACCESS, None, self.counts.label(UNDECLARED_LABEL)
+            )
         else:
             self._refuse(
                 InvalidTopic(
@@ -233,7 +328,13 @@ class Router:
         message.DiscardUnknownFields()
         data = message.SerializeToString()
         correlation = message.correlation if message.HasField("correlation") else None
-        subs = self._accept(endpoint, message, correlation, len(data), limit, count)
+        topic = message.topic
+        info = self._topic_cache.get(topic) or self.topic_info(topic)
+        size = len(data)
+        subs = self._accept(endpoint, message, topic, info, correlation, size, limit, count)
+        counts = info.counts
+        counts.published += count
+        counts.published_bytes += size
         taken = 0
         for sub in subs:
             if sub.matcher is not None and not sub.matcher.matches(correlation):
@@ -245,73 +346,28 @@ class Router:
                 taken += count
             else:
                 sub.dropped += count
-                self.dropped += count
-        self.delivered += taken
+                counts.dropped += count
+        counts.delivered += taken
         return taken
-
-    def _invalid_payload(
-        self,
-        endpoint: Endpoint,
-        parser: type[ProtoMessage],
-        topic: str,
-        payload_type: str,
-        message: Published,
-    ) -> NoReturn:
-        """Refuse an event or batch whose payloads do not all parse as ``parser``'s type.
-
-        A batch with one bad payload is refused whole, like any other refusal
-        of a batch: its good events are not delivered either [protocol §5].
-        """
-        payloads = (
-            (message.payload,) if isinstance(message, frames_pb2.Publish) else message.payloads
-        )
-        count = len(payloads)
-        parse = parser.FromString
-        for index, payload in enumerate(payloads):
-            try:
-                parse(payload)
-            except (DecodeError, RecursionError) as exc:
-                where = "payload" if count == 1 else f"payload {index} of the batch"
-                reason = f"{where} does not parse as {payload_type}: {exc}"
-                break
-        else:  # pragma: no cover - called only after a payload failed to parse
-            reason = "a payload does not parse"
-        endpoint.invalid_payloads += count
-        self.invalid_payloads += count
-        self.audit.record(
-            "payload_refused",
-            endpoint.peer,
-            session=endpoint.session_id,
-            component=endpoint.identity.component or "-",
-            topic=topic,
-            reason=reason,
-        )
-        self._refuse(
-            InvalidPayload(
-                f"publish on {topic!r}: {reason}",
-                topic=topic,
-                payload_type=payload_type,
-                code=ErrorCode.ERROR_CODE_INVALID_PAYLOAD,
-            )
-        )
 
     def _accept(
         self,
         endpoint: Endpoint,
         message: Published,
+        topic: str,
+        info: TopicInfo,
         correlation: CorrelationMetadata | None,
         size: int,
         limit: int,
         count: int,
     ) -> tuple[SubscriptionEntry, ...]:
-        """Check the ``count`` events of ``message`` (``size`` bytes encoded).
+        """Check the ``count`` events of ``message`` (``size`` bytes encoded) on
+        ``topic`` (``info``: what the schema says of it).
 
         Returns the subscriptions that may receive them (correlation filters
         not yet applied); raises a typed error when they are refused.
         """
-        topic = message.topic
         payload_type = message.payload_type
-        info = self._topic_cache.get(topic) or self.topic_info(topic)
         checks = endpoint.publish_checks
         denied = checks.get(topic, _UNCHECKED)
         if denied is _UNCHECKED:
@@ -364,7 +420,7 @@ class Router:
                     for payload in message.payloads:
                         parse(payload)
             except (DecodeError, RecursionError):
-                self._invalid_payload(endpoint, parser, topic, payload_type, message)
+                self._refuse(_invalid_payload(self, endpoint, parser, topic, payload_type, message))
         if correlation is not None:
             try:
                 validate_metadata(correlation)
@@ -373,9 +429,52 @@ class Router:
                     InvalidCorrelation(str(exc), code=ErrorCode.ERROR_CODE_INVALID_CORRELATION)
                 )
         endpoint.published += count
-        self.published += count
         subs = self._receivers.get(topic)
         if subs is None:
             # Cached until a subscription changes, so every delivery is checked.
             subs = self.table.receivers(topic, info.control, info.access)
         return subs
+
+
+def _invalid_payload(
+    router: Router,
+    endpoint: Endpoint,
+    parser: type[ProtoMessage],
+    topic: str,
+    payload_type: str,
+    message: Published,
+) -> InvalidPayload:
+    """The refusal of an event or batch whose payloads do not all parse as
+    ``parser``'s type, counted (``invalid_payloads``) and audited.
+
+    A batch with one bad payload is refused whole, like any other refusal
+    of a batch: its good events are not delivered either [protocol §5].
+    """
+    payloads = (message.payload,) if isinstance(message, frames_pb2.Publish) else message.payloads
+    count = len(payloads)
+    parse = parser.FromString
+    for index, payload in enumerate(payloads):
+        try:
+            parse(payload)
+        except (DecodeError, RecursionError) as exc:
+            where = "payload" if count == 1 else f"payload {index} of the batch"
+            reason = f"{where} does not parse as {payload_type}: {exc}"
+            break
+    else:  # pragma: no cover - called only after a payload failed to parse
+        reason = "a payload does not parse"
+    endpoint.invalid_payloads += count
+    router.invalid_payloads += count
+    router.audit.record(
+        "payload_refused",
+        endpoint.peer,
+        session=endpoint.session_id,
+        component=endpoint.identity.component or "-",
+        topic=topic,
+        reason=reason,
+    )
+    return InvalidPayload(
+        f"publish on {topic!r}: {reason}",
+        topic=topic,
+        payload_type=payload_type,
+        code=ErrorCode.ERROR_CODE_INVALID_PAYLOAD,
+    )

@@ -1,8 +1,12 @@
-"""Frozen snapshots of the broker's figures (pure).
+"""Frozen snapshots of the broker's figures, and what the broker tallies itself (pure).
 
 :meth:`Broker.statistics <daemoneye_eventbus.broker.Broker.statistics>` returns a
 :class:`BrokerStatistics`; :meth:`BrokerStatistics.to_proto` turns it into the
 ``StatsResponse`` a client asks for, within a frame limit.
+:meth:`Router.topic_counts <daemoneye_eventbus.router.Router.topic_counts>`
+returns a :class:`TopicFigures` per topic label, and the broker keeps a
+:class:`BrokerTally` of the refusals it makes itself and of its event loop's
+lag: both are read by :mod:`daemoneye_eventbus.metrics` at scrape time.
 """
 
 from __future__ import annotations
@@ -13,7 +17,73 @@ from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye_eventbus.access import PeerCredentials
 from daemoneye_eventbus.frames import event_budget
 
-__all__ = ["BrokerStatistics", "ConnectionStatistics", "SubscriptionStatistics"]
+__all__ = [
+    "BrokerStatistics",
+    "BrokerTally",
+    "ConnectionStatistics",
+    "SubscriptionStatistics",
+    "TopicFigures",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TopicFigures:
+    """A snapshot of the events on one topic label since the router was made.
+
+    The label is the declared topic's name, a template's pattern for a topic
+    built from it, or ``"undeclared"``: bounded by the schema.
+    """
+
+    published: int
+    delivered: int
+    dropped: int
+    #: Encoded size of the accepted publishes (what is forwarded to each receiver).
+    published_bytes: int
+
+
+class BrokerTally:
+    """What the broker counts beside its router: the refusals it makes itself
+    (connections, handshakes) by wire error code, and its event loop's lag.
+
+    The lag is how late the housekeeping's periodic sleep returns: the last
+    one, and the largest since :meth:`take_lag_max` was last called (a scrape).
+    """
+
+    __slots__ = ("handshake_failures", "lag", "lag_max", "refusals")
+
+    def __init__(self) -> None:
+        #: Refusals by wire ``ErrorCode`` number.
+        self.refusals: dict[int, int] = {}
+        #: Handshakes that did not complete: refused claims, versions, timeouts.
+        self.handshake_failures = 0
+        #: Seconds: how late the last housekeeping tick woke up.
+        self.lag = 0.0
+        #: Seconds: the latest tick since the last :meth:`take_lag_max`.
+        self.lag_max = 0.0
+
+    @property
+    def refused(self) -> int:
+        """Every refusal counted here."""
+        return sum(self.refusals.values())
+
+    def refuse(self, code: int, *, handshake: bool = False) -> None:
+        """Count a refusal with its wire error code; ``handshake``: of a handshake."""
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+        if handshake:
+            self.handshake_failures += 1
+
+    def record_lag(self, seconds: float) -> None:
+        """Note how late a periodic tick woke up (negative counts as 0)."""
+        lag = max(0.0, seconds)
+        self.lag = lag
+        if lag > self.lag_max:
+            self.lag_max = lag
+
+    def take_lag_max(self) -> float:
+        """The largest lag since the previous call; starts the next period at the last lag."""
+        most = self.lag_max
+        self.lag_max = self.lag
+        return most
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,9 +168,12 @@ class SubscriptionTable:
         self.subscription_bytes = 0
         #: Subscribe and unsubscribe requests refused.
         self.refused = 0
+        #: The same by wire ``ErrorCode`` number.
+        self.refusals: dict[int, int] = {}
 
     def _refuse(self, exc: EventBusError) -> NoReturn:
         self.refused += 1
+        self.refusals[exc.code] = self.refusals.get(exc.code, 0) + 1
         raise exc
 
     def subscribe(

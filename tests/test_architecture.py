@@ -53,6 +53,7 @@ LAYERS: dict[str, int] = {
     "client.requests": 2,
     "client.writer": 2,
     "broker": 2,
+    "metrics": 2,
     # faces
     "bus": 3,
     "cli": 3,

@@ -45,6 +45,7 @@ PUBLIC_MODULES = [
     "sessions.local",
     "sessions.socket",
     "broker",
+    "metrics",
     "client",
     "client.connection",
     "client.core",

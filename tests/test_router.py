@@ -37,11 +37,13 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.protocol import build_publish
 from daemoneye_eventbus.router import (
+    UNDECLARED_LABEL,
     Endpoint,
     Published,
     Router,
     SubscriptionEntry,
 )
+from daemoneye_eventbus.statistics import TopicFigures
 from daemoneye_eventbus.subscriptions import DECLARED_TOPICS
 
 EC = ErrorCode
@@ -587,6 +589,64 @@ def test_full_sink_counts_drops_and_leaves_a_gap() -> None:
     assert ok_sink.take()[-1] == (1, LIFECYCLE.name, 4, 1)
     assert (entry.dropped, entry.delivered) == (3, 1)
     assert (router.dropped, router.delivered) == (3, 5)
+
+
+def events(figures: TopicFigures) -> tuple[int, int, int]:
+    return figures.published, figures.delivered, figures.dropped
+
+
+def test_counts_by_topic_label_and_refusals_by_code() -> None:
+    """The figures the metrics read: per topic label (a template's pattern for
+    its topics, one label for every undeclared topic) and per error code."""
+    router = Router(BrokerConfig(allow_undeclared_topics=True))
+    procmond, _ = endpoint(PROCMOND)
+    agent, _ = endpoint(AGENT)
+    full, full_sink = endpoint(AGENT)
+    anon, _ = endpoint(ANONYMOUS)
+    router.subscribe(agent, 1, "#")
+    router.subscribe(full, 1, LIFECYCLE.name)
+    full_sink.full = True
+    router.subscribe(procmond, 1, "control.collector.task.#")  # collectors read their tasks
+
+    one = event(1)
+    router.route(procmond, one)
+    router.route(procmond, batch([2, 3]))
+    for collector in ("c1", "c2"):  # two topics of one template: one label
+        task = registry.control_collector_task_targeted(type="scan", id=collector)
+        router.route(agent, build_publish(task, control_pb2.TaskAssignment()))
+    router.route(anon, event(4, topic="custom.a", payload_type="any.Thing"))
+    router.route(anon, event(5, topic="custom.b", payload_type="any.Thing"))
+    with pytest.raises(AccessDenied):
+        router.route(anon, event(6))
+    with pytest.raises(InvalidTopic):
+        router.route(anon, event(7, topic="bad..topic"))
+    with pytest.raises(UnknownSubscription):
+        router.unsubscribe(agent, 99)
+
+    counts = router.topic_counts()
+    assert set(counts) == {
+        LIFECYCLE.name,
+        "control.collector.task.{type}.{id}",
+        UNDECLARED_LABEL,
+    }
+    lifecycle = counts[LIFECYCLE.name]
+    # Three events, each taken by the agent's queue and dropped by the full one.
+    assert events(lifecycle) == (3, 3, 3)
+    assert lifecycle.published_bytes == one.ByteSize() + batch([2, 3]).ByteSize()
+    assert events(counts["control.collector.task.{type}.{id}"]) == (2, 2, 0)
+    assert events(counts[UNDECLARED_LABEL]) == (2, 2, 0)
+    # The totals are the sums over the labels.
+    assert (router.published, router.delivered, router.dropped) == (7, 7, 3)
+    assert router.refusals() == {
+        EC.ERROR_CODE_ACCESS_DENIED: 1,
+        EC.ERROR_CODE_INVALID_TOPIC: 1,
+        EC.ERROR_CODE_UNKNOWN_SUBSCRIPTION: 1,
+    }
+    assert router.refused == 3
+    # A snapshot: routing on does not change it.
+    router.route(procmond, event(8))
+    assert counts[LIFECYCLE.name] == lifecycle
+    assert router.topic_counts()[LIFECYCLE.name].published == 4
 
 
 def test_detach_removes_every_subscription_of_an_endpoint() -> None:

@@ -94,8 +94,9 @@ class SessionHost(Protocol):
         """Forget a session that ended: its connection slot and subscriptions."""
         ...
 
-    def count_refusal(self) -> None:
-        """Count a refusal made outside the router (a connection, a handshake)."""
+    def count_refusal(self, code: int, *, handshake: bool = False) -> None:
+        """Count a refusal made outside the router (a connection, a handshake)
+        with its wire ``ErrorCode``; ``handshake``: a handshake that failed."""
         ...
 
     def statistics(self) -> BrokerStatistics: ...

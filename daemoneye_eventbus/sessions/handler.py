@@ -142,11 +142,15 @@ class FrameHandler:
             log.info("session %s reported error: %s", self.session.session_id, frame.error.message)
 
     def _hello(self, hello: frames_pb2.Hello) -> None:
-        check_hello(hello)
+        host = self.session.host
+        try:
+            check_hello(hello)
+        except RemoteProtocolError as exc:  # a version this broker does not speak
+            host.count_refusal(exc.code, handshake=True)
+            raise
         self.session.client_name = hello.client_name[:MAX_CLIENT_NAME_CHARS]
         self.session.accepts_batches = hello.accept_batches
         claimed = hello.component
-        host = self.session.host
         policy = host.policy
         peer = self.session.peer
         executable = None
@@ -155,7 +159,7 @@ class FrameHandler:
         try:
             identity = policy.authenticate(peer, claimed, executable)
         except AccessDenied as exc:
-            host.count_refusal()
+            host.count_refusal(ErrorCode.ERROR_CODE_ACCESS_DENIED, handshake=True)
             host.audit.record(
                 "handshake_refused",
                 peer,

@@ -97,13 +97,13 @@ class SocketSession(Session, asyncio.Protocol):
         self._last_rx = loop.time()
         refusal = host.admit(self)
         if refusal is not None:
-            host.count_refusal()
-            host.audit.record("connection_refused", self.peer, reason=refusal)
             code = (
                 ErrorCode.ERROR_CODE_SHUTTING_DOWN
                 if host.closing
                 else ErrorCode.ERROR_CODE_CONNECTION_LIMIT
             )
+            host.count_refusal(code)
+            host.audit.record("connection_refused", self.peer, reason=refusal)
             self._fail(code, refusal)
             return
         self._handshake_timer = loop.call_later(
@@ -307,6 +307,7 @@ class SocketSession(Session, asyncio.Protocol):
         self._handshake_timer = None
         if self.conn.state is State.CONNECTING:
             log.info("session %s: handshake deadline passed", self.session_id)
+            self.host.count_refusal(ErrorCode.ERROR_CODE_HANDSHAKE_TIMEOUT, handshake=True)
             self._fail(
                 ErrorCode.ERROR_CODE_HANDSHAKE_TIMEOUT,
                 f"handshake not completed within {self.config.handshake_timeout} s",
