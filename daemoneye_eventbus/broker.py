@@ -391,6 +391,7 @@ def _snapshot(broker: Broker) -> BrokerStatistics:
         subscription_stats=tuple(subs),
         invalid_payloads=broker.router.invalid_payloads,
         throttled_seconds=broker.throttled_seconds,
+        topic_stats=tuple(sorted(broker.router.topic_counts().items())),
     )
 
 

@@ -42,6 +42,7 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.runtime import run, running_loop_name
 from daemoneye_eventbus.transports import default_address
+from daemoneye_eventbus.watch import watch
 
 __all__ = ["main"]
 
@@ -292,6 +293,9 @@ async def _sub(args: argparse.Namespace) -> int:
 
 async def _stats(args: argparse.Namespace) -> int:
     async with Client(_socket(args), name=args.name, component=args.component) as client:
+        if args.watch:
+            await watch(client.broker_statistics, sys.stdout, interval=args.interval)
+            return 0
         stats = await client.broker_statistics()
     if args.json:
         print(
@@ -489,6 +493,19 @@ def _parser() -> argparse.ArgumentParser:
         help="print the broker's statistics (per connection only for a privileged component)",
     )
     stats.add_argument("--json", action="store_true")
+    stats.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw a live view (rates per topic, drops, throttling, fullest queues) "
+        "until interrupted",
+    )
+    stats.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="with --watch, seconds between redraws (default: 1)",
+    )
 
     topics = cmds.add_parser("topics", parents=[common], help="list the topic registry")
     topics.add_argument("--json", action="store_true")
@@ -516,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = {"pub": _pub, "sub": _sub, "stats": _stats, "demo": _demo}
         return run(runner[args.command](args))
     except KeyboardInterrupt:
-        return 130
+        # Interrupting a live view is how it ends; anything else was cut short.
+        return 0 if getattr(args, "watch", False) else 130
     except PrivilegeError as exc:
         print(f"daemoneye-eventbus {args.command}: error: {exc}", file=sys.stderr)
         return _EXIT_PRIVILEGES

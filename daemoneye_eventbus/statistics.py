@@ -130,6 +130,8 @@ class BrokerStatistics:
     invalid_payloads: int = 0
     #: Seconds reading was paused for rate limits, over every connection so far.
     throttled_seconds: float = 0.0
+    #: Events by topic label (declared names, template patterns, "undeclared").
+    topic_stats: tuple[tuple[str, TopicFigures], ...] = ()
 
     def to_proto(
         self, request_id: int = 0, max_bytes: int | None = None
@@ -165,6 +167,16 @@ class BrokerStatistics:
             refused=self.refused,
             invalid_payloads=self.invalid_payloads,
             throttled_seconds=self.throttled_seconds,
+            topic_stats=[
+                frames_pb2.TopicStats(
+                    topic=label,
+                    published=t.published,
+                    delivered=t.delivered,
+                    dropped=t.dropped,
+                    published_bytes=t.published_bytes,
+                )
+                for label, t in self.topic_stats
+            ],
             connection_stats=[
                 frames_pb2.ConnectionStats(
                     session_id=c.session_id,

@@ -58,6 +58,7 @@ LAYERS: dict[str, int] = {
     "bus": 3,
     "cli": 3,
     "demo": 3,
+    "watch": 3,
     "__init__": 3,
 }
 PURE = {name for name, layer in LAYERS.items() if layer <= 1}

@@ -57,6 +57,7 @@ PUBLIC_MODULES = [
     "bus",
     "cli",
     "demo",
+    "watch",
 ]
 #: Modules that must stay free of I/O and of the event loop.
 PURE_MODULES = [

@@ -866,6 +866,46 @@ class ConnectionStats(_message.Message):
 Global___ConnectionStats: _TypeAlias = ConnectionStats  # noqa: Y015
 
 @_typing.final
+class TopicStats(_message.Message):
+    """The events of one topic label since the broker started: a declared topic's
+    name, a template's pattern for topics built from it, or "undeclared".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    PUBLISHED_BYTES_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    """The topic label."""
+    published: _builtins.int
+    """Events accepted from publishers."""
+    delivered: _builtins.int
+    """Events queued for subscribers (one per receiving subscription)."""
+    dropped: _builtins.int
+    """Events dropped because a subscriber's queue was full."""
+    published_bytes: _builtins.int
+    """Encoded bytes of the accepted publishes."""
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        published: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        published_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "dropped", b"dropped", "published", b"published", "published_bytes", b"published_bytes", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopicStats: _TypeAlias = TopicStats  # noqa: Y015
+
+@_typing.final
 class StatsResponse(_message.Message):
     """The broker's statistics."""
 
@@ -883,6 +923,7 @@ class StatsResponse(_message.Message):
     TRUNCATED_FIELD_NUMBER: _builtins.int
     INVALID_PAYLOADS_FIELD_NUMBER: _builtins.int
     THROTTLED_SECONDS_FIELD_NUMBER: _builtins.int
+    TOPIC_STATS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """The request's id."""
     connections: _builtins.int
@@ -917,6 +958,10 @@ class StatsResponse(_message.Message):
     def subscription_stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubscriptionStats]:
         """Per-subscription figures."""
 
+    @_builtins.property
+    def topic_stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicStats]:
+        """Per-topic figures, one per topic label seen so far (bounded by the schema)."""
+
     def __init__(
         self,
         *,
@@ -932,10 +977,11 @@ class StatsResponse(_message.Message):
         truncated: _builtins.bool = ...,
         invalid_payloads: _builtins.int = ...,
         throttled_seconds: _builtins.float = ...,
+        topic_stats: _abc.Iterable[Global___TopicStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "invalid_payloads", b"invalid_payloads", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats", "throttled_seconds", b"throttled_seconds", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "invalid_payloads", b"invalid_payloads", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats", "throttled_seconds", b"throttled_seconds", "topic_stats", b"topic_stats", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
