@@ -27,6 +27,7 @@ __all__ = [
     "SUBSCRIPTION_COST",
     "Account",
     "MemoryBudget",
+    "queued_cost",
     "subscription_cost",
 ]
 
@@ -39,6 +40,11 @@ SUBSCRIPTION_COST: Final = 512
 #: Memory per byte of an encoded correlation filter once compiled into a
 #: matcher (sets, compiled patterns), measured at about 1.8.
 _FILTER_FACTOR: Final = 2
+
+
+def queued_cost(nbytes: int, frames: int) -> int:
+    """Bytes of broker memory ``frames`` queued frames of ``nbytes`` in all are charged."""
+    return nbytes + FRAME_COST * frames
 
 
 def subscription_cost(filter: str, correlation_filter_bytes: int) -> int:

@@ -27,7 +27,6 @@ an in-process caller gets the very same exception.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final, NoReturn
@@ -123,7 +122,7 @@ class RouterCounts:
     def __init__(self) -> None:
         #: Per topic label; outlives the router's topic cache, which is cleared when full.
         self.labels: dict[str, TopicCounts] = {}
-        #: Refused publishes by wire error code.
+        #: Refusals (publishes, subscribes, unsubscribes) by wire error code.
         self.refusals: dict[int, int] = {}
 
     def label(self, label: str) -> TopicCounts:
@@ -172,13 +171,13 @@ class Router:
         self.config = config
         #: Structured, rate-limited log of access refusals.
         self.audit = audit or AuditLog()
-        #: Who subscribed to what.
-        self.table = SubscriptionTable(config, self.audit)
+        #: Events and bytes by topic label, refusals by error code.
+        self.counts = RouterCounts()
+        #: Who subscribed to what (its refusals count in ``counts``).
+        self.table = SubscriptionTable(config, self.audit, self.counts.refuse)
         # The table's cache of receivers by topic, read first on every publish.
         self._receivers = self.table.route_cache
         self._topic_cache: dict[str, TopicInfo] = {}
-        #: Events and bytes by topic label, refused publishes by error code.
-        self.counts = RouterCounts()
         self._validate = config.validate_payloads
         self._trust_local = config.trust_local_payloads
         self._event_limit = event_budget(config.max_frame_bytes)
@@ -244,11 +243,11 @@ class Router:
     @property
     def refused(self) -> int:
         """Requests refused: publishes here, subscribes and unsubscribes in the table."""
-        return sum(self.counts.refusals.values()) + self.table.refused
+        return sum(self.counts.refusals.values())
 
     def refusals(self) -> dict[int, int]:
         """Requests refused (as :attr:`refused`) by wire ``ErrorCode`` number."""
-        return dict(Counter(self.counts.refusals) + Counter(self.table.refusals))
+        return dict(self.counts.refusals)
 
     def topic_counts(self) -> dict[str, TopicFigures]:
         """Events and bytes by topic label (see :class:`RouterCounts`), for labels seen so far."""

@@ -156,9 +156,13 @@ class SubscriptionTable:
     against the current subscriptions and their owners' access.
     """
 
-    def __init__(self, config: BrokerConfig, audit: AuditLog) -> None:
+    def __init__(
+        self, config: BrokerConfig, audit: AuditLog, count_refusal: Callable[[int], None]
+    ) -> None:
         self.config = config
         self.audit = audit
+        #: Counts a refusal by its wire error code (the router's tally).
+        self._count_refusal = count_refusal
         self._trie: SubscriptionTrie[SubscriptionEntry] = SubscriptionTrie(
             max_bytes=config.max_topic_bytes, max_levels=config.max_topic_levels
         )
@@ -166,14 +170,9 @@ class SubscriptionTable:
         self.route_cache: dict[str, tuple[SubscriptionEntry, ...]] = {}
         #: Broker memory all subscriptions are charged.
         self.subscription_bytes = 0
-        #: Subscribe and unsubscribe requests refused.
-        self.refused = 0
-        #: The same by wire ``ErrorCode`` number.
-        self.refusals: dict[int, int] = {}
 
     def _refuse(self, exc: EventBusError) -> NoReturn:
-        self.refused += 1
-        self.refusals[exc.code] = self.refusals.get(exc.code, 0) + 1
+        self._count_refusal(exc.code)
         raise exc
 
     def subscribe(

@@ -25,7 +25,7 @@ from typing import Final, cast
 
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus.budget import FRAME_COST, Account
+from daemoneye_eventbus.budget import Account, queued_cost
 from daemoneye_eventbus.errors import (
     RemoteProtocolError,
 )
@@ -138,7 +138,7 @@ class SocketSession(Session, asyncio.Protocol):
         """Charge what waits: frames with their overhead, and the transport's
         buffer (below WRITE_HIGH unless backed up; charged on every tick)."""
         conn, transport = self.conn, self.transport
-        held = conn.buffered_bytes + FRAME_COST * conn.buffered_frames
+        held = queued_cost(conn.buffered_bytes, conn.buffered_frames)
         self._account.hold_output(held + (transport.get_write_buffer_size() if transport else 0))
 
     def _handle_received(self) -> None:
@@ -186,7 +186,7 @@ class SocketSession(Session, asyncio.Protocol):
         # A peer that asks and never reads cannot grow this queue without
         # bound: its replies count with their overhead, and while it is backed
         # up, also against the broker's total.
-        held = conn.buffered_bytes + FRAME_COST * conn.buffered_frames
+        held = queued_cost(conn.buffered_bytes, conn.buffered_frames)
         if held > self.config.max_queue_bytes + WRITE_HIGH:
             self._fail(ErrorCode.ERROR_CODE_SLOW_CONSUMER, "peer does not read its replies")
         elif self._paused_since is not None and self._budget.output_full:
