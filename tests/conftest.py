@@ -8,10 +8,13 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemoneye.eventbus.v1 import events_pb2
 from daemoneye_eventbus.broker import Broker, BrokerConfig
+from daemoneye_eventbus.delivery import ReceivedEvent
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers.py"
@@ -65,3 +68,15 @@ def worker_env() -> dict[str, str]:
         [str(REPO), str(REPO / "generated"), env.get("PYTHONPATH", "")]
     )
     return env
+
+
+def proc(pid: int) -> events_pb2.ProcessEvent:
+    """A small process event, told apart by its pid."""
+    return events_pb2.ProcessEvent(pid=pid, name=f"p{pid}")
+
+
+def pid_of(event: ReceivedEvent[Any]) -> int:
+    """The pid of a received process event."""
+    msg = event.message()
+    assert isinstance(msg, events_pb2.ProcessEvent)
+    return msg.pid

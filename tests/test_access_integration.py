@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_CONFIG, worker_env
+from conftest import TEST_CONFIG, pid_of, proc, worker_env
 from rawpeer import RawPeer, hello
 
-from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
+from daemoneye.eventbus.v1 import control_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.access import Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
@@ -56,16 +56,6 @@ ANOMALY = registry.EVENTS_PROCESS_ANOMALY
 HEARTBEAT = registry.CONTROL_HEALTH_HEARTBEAT
 AGENT_POLICY = registry.CONTROL_AGENT_POLICY
 COLLECTOR_LIFECYCLE = registry.CONTROL_COLLECTOR_LIFECYCLE
-
-
-def proc(pid: int) -> events_pb2.ProcessEvent:
-    return events_pb2.ProcessEvent(pid=pid, name=f"p{pid}")
-
-
-def pid_of(event: ReceivedEvent[Any]) -> int:
-    msg = event.message()
-    assert isinstance(msg, events_pb2.ProcessEvent)
-    return msg.pid
 
 
 def make_policy(components: dict[str, dict[str, Any]], anonymous: bool = True) -> Policy:

@@ -7,9 +7,9 @@ import dataclasses
 from typing import Any
 
 import pytest
-from conftest import AGENT, PROCMOND, TEST_CONFIG
+from conftest import AGENT, PROCMOND, TEST_CONFIG, pid_of
 from rawpeer import RawPeer, hello
-from test_broker import drain, pid_of, proc
+from test_broker import drain, proc
 
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT, PROCMOND, TEST_CONFIG, worker_cmd, worker_env
+from conftest import AGENT, PROCMOND, TEST_CONFIG, pid_of, worker_cmd, worker_env
 from rawpeer import RawPeer
 
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2, registry
@@ -25,7 +25,6 @@ from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client, build_publish
 from daemoneye_eventbus.client.requests import RequestKey, RequestKind
 from daemoneye_eventbus.correlation import new_correlation
-from daemoneye_eventbus.delivery import ReceivedEvent
 from daemoneye_eventbus.errors import (
     BrokenResourceError,
     BrokerAlreadyRunning,
@@ -47,12 +46,6 @@ ANOMALY = registry.EVENTS_PROCESS_ANOMALY
 
 def proc(pid: int, name: str = "x") -> events_pb2.ProcessEvent:
     return events_pb2.ProcessEvent(pid=pid, name=name)
-
-
-def pid_of(event: ReceivedEvent[Any]) -> int:
-    msg = event.message()
-    assert isinstance(msg, events_pb2.ProcessEvent)
-    return msg.pid
 
 
 async def drain(sub: Any, timeout: float = 0.3) -> list[Any]:

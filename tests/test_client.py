@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import AGENT, PROCMOND, TEST_CONFIG
+from conftest import AGENT, PROCMOND, TEST_CONFIG, pid_of, proc
 from rawpeer import RawPeer, kind
 
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
@@ -43,16 +43,6 @@ LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
 #: Public: anonymous peers may publish and read it.
 ANOMALY = registry.EVENTS_PROCESS_ANOMALY
 PROCESS_EVENT = LIFECYCLE.payload_name
-
-
-def proc(pid: int) -> events_pb2.ProcessEvent:
-    return events_pb2.ProcessEvent(pid=pid, name=f"p{pid}")
-
-
-def pid_of(event: ReceivedEvent[Any]) -> int:
-    msg = event.message()
-    assert isinstance(msg, events_pb2.ProcessEvent)
-    return msg.pid
 
 
 def queued(sub: Subscription[Any]) -> list[ReceivedEvent[Any]]:
