@@ -97,6 +97,8 @@ class TopicDecl:
     #: Proto package of ``payload_file``, e.g. ``daemoneye.eventbus.v1``.
     payload_package: str
     control: bool
+    #: Delivered losslessly to every subscriber whose client grants credit.
+    lossless: bool
     #: Template parameters in order; empty for a concrete topic.
     parameters: tuple[str, ...]
     #: The comment above the enum value in the schema.
@@ -446,6 +448,7 @@ def _check(
         payload_file=messages[payload][0],
         payload_package=messages[payload][1],
         control=bool(topic.control),
+        lossless=bool(topic.lossless),
         parameters=parameters,
         comment=comment,
     )

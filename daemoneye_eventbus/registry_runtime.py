@@ -51,6 +51,9 @@ class Topic(Generic[P]):
     control: bool
     #: The template this topic was built from, if any.
     template: str | None = None
+    #: Declared lossless: its events wait for a subscriber that falls behind
+    #: instead of being dropped (for clients that grant credit).
+    lossless: bool = False
 
     @property
     def payload_name(self) -> str:
@@ -75,6 +78,8 @@ class TopicTemplate(Generic[P]):
     publishers: frozenset[str]
     subscribers: frozenset[str]
     control: bool
+    #: Declared lossless (see :attr:`Topic.lossless`).
+    lossless: bool = False
 
     @property
     def payload_name(self) -> str:
@@ -108,6 +113,7 @@ class TopicTemplate(Generic[P]):
             self.subscribers,
             self.control,
             self.pattern,
+            self.lossless,
         )
 
     def match(self, topic: str) -> dict[str, str] | None:

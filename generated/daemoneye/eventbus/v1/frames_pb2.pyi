@@ -147,6 +147,7 @@ class Frame(_message.Message):
     STATS_RESPONSE_FIELD_NUMBER: _builtins.int
     PUBLISH_BATCH_FIELD_NUMBER: _builtins.int
     DELIVER_BATCH_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """Client to broker, first frame of a connection."""
@@ -216,6 +217,12 @@ class Frame(_message.Message):
         client whose `Hello` set `accept_batches`.
         """
 
+    @_builtins.property
+    def credit(self) -> Global___Credit:
+        """Client to broker: the client consumed events of a lossless
+        subscription; the broker may send that many more.
+        """
+
     def __init__(
         self,
         *,
@@ -235,12 +242,13 @@ class Frame(_message.Message):
         stats_response: Global___StatsResponse | None = ...,
         publish_batch: Global___PublishBatch | None = ...,
         deliver_batch: Global___DeliverBatch | None = ...,
+        credit: Global___Credit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "welcome", "publish", "deliver", "subscribe", "subscribe_ack", "unsubscribe", "unsubscribe_ack", "ping", "pong", "error", "goodbye", "stats_request", "stats_response", "publish_batch", "deliver_batch"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "welcome", "publish", "deliver", "subscribe", "subscribe_ack", "unsubscribe", "unsubscribe_ack", "ping", "pong", "error", "goodbye", "stats_request", "stats_response", "publish_batch", "deliver_batch", "credit"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -256,6 +264,7 @@ class Hello(_message.Message):
     CLIENT_NAME_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
     ACCEPT_BATCHES_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Protocol version the client speaks; this schema defines version 1."""
     client_name: _builtins.str
@@ -270,6 +279,12 @@ class Hello(_message.Message):
     """The client decodes `DeliverBatch` frames. Without it the broker delivers
     every event in its own `Deliver` frame.
     """
+    credit: _builtins.bool
+    """The client grants credit (`Credit` frames) for every subscription whose
+    `SubscribeAck` has a window. Without it the broker never uses credit-based
+    delivery on the connection: `Subscribe.lossless` is refused and topics
+    declared lossless are delivered at most once.
+    """
     def __init__(
         self,
         *,
@@ -277,10 +292,11 @@ class Hello(_message.Message):
         client_name: _builtins.str = ...,
         component: _builtins.str = ...,
         accept_batches: _builtins.bool = ...,
+        credit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_batches", b"accept_batches", "client_name", b"client_name", "component", b"component", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_batches", b"accept_batches", "client_name", b"client_name", "component", b"component", "credit", b"credit", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -538,6 +554,8 @@ class Subscribe(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     CORRELATION_FILTER_FIELD_NUMBER: _builtins.int
     INCLUDE_CONTROL_FIELD_NUMBER: _builtins.int
+    LOSSLESS_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.int
     """Chosen by the client, unique among its active subscriptions, not 0."""
     filter: _builtins.str
@@ -548,6 +566,17 @@ class Subscribe(_message.Message):
     """Deliver control-plane topics that the filter matches only through a
     wildcard (e.g. `#`). A filter whose first level is literally `control`
     always receives the control topics it matches.
+    """
+    lossless: _builtins.bool
+    """Ask for lossless delivery: when this subscriber falls behind, the broker
+    holds back the publishers of its events instead of dropping them (credit
+    based, see `Credit`). A subscription whose filter reaches a topic the
+    schema declares lossless gets credit-based delivery without asking.
+    """
+    window: _builtins.int
+    """Credit-based delivery only: how many events the client can take before it
+    grants more with `Credit` frames. 0 lets the broker choose; the broker
+    may grant fewer (see `SubscribeAck.window`).
     """
     @_builtins.property
     def correlation_filter(self) -> _correlation_pb2.CorrelationFilter:
@@ -560,10 +589,12 @@ class Subscribe(_message.Message):
         filter: _builtins.str = ...,
         correlation_filter: _correlation_pb2.CorrelationFilter | None = ...,
         include_control: _builtins.bool = ...,
+        lossless: _builtins.bool = ...,
+        window: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_correlation_filter", b"_correlation_filter", "correlation_filter", b"correlation_filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_correlation_filter", b"_correlation_filter", "correlation_filter", b"correlation_filter", "filter", b"filter", "include_control", b"include_control", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_correlation_filter", b"_correlation_filter", "correlation_filter", b"correlation_filter", "filter", b"filter", "include_control", b"include_control", "lossless", b"lossless", "subscription_id", b"subscription_id", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__correlation_filter: _TypeAlias = _typing.Literal["correlation_filter"]  # noqa: Y015
     _WhichOneofArgType__correlation_filter: _TypeAlias = _typing.Literal["_correlation_filter", b"_correlation_filter"]  # noqa: Y015
@@ -578,20 +609,62 @@ class SubscribeAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    LOSSLESS_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.int
     """The subscription."""
+    window: _builtins.int
+    """0: delivery is at most once. Otherwise delivery is credit based: the
+    broker sends at most this many events (plus the rest of one batch) beyond
+    what the client has granted back with `Credit` frames.
+    """
+    lossless: _builtins.bool
+    """True: every event of the subscription is delivered losslessly (it asked).
+    False with a window: only the events of topics the schema declares
+    lossless are; its other events may still be dropped.
+    """
     def __init__(
         self,
         *,
         subscription_id: _builtins.int = ...,
+        window: _builtins.int = ...,
+        lossless: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lossless", b"lossless", "subscription_id", b"subscription_id", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubscribeAck: _TypeAlias = SubscribeAck  # noqa: Y015
+
+@_typing.final
+class Credit(_message.Message):
+    """Credit for a credit-based subscription: the client consumed `events` more
+    of its events, so the broker may send that many more.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.int
+    """The subscription."""
+    events: _builtins.int
+    """Events consumed since the last `Credit` frame for this subscription."""
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.int = ...,
+        events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Credit: _TypeAlias = Credit  # noqa: Y015
 
 @_typing.final
 class Unsubscribe(_message.Message):
@@ -776,6 +849,8 @@ class SubscriptionStats(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     DELIVERED_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    LOSSLESS_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session holding the subscription."""
     subscription_id: _builtins.int
@@ -786,6 +861,12 @@ class SubscriptionStats(_message.Message):
     """Events delivered (written to the subscriber's queue)."""
     dropped: _builtins.int
     """Events dropped because the queue was full."""
+    lossless: _builtins.bool
+    """Lossless delivery (the subscription asked for it)."""
+    held: _builtins.int
+    """Events held in the broker for this subscription while its publishers
+    wait for credit.
+    """
     def __init__(
         self,
         *,
@@ -794,10 +875,12 @@ class SubscriptionStats(_message.Message):
         filter: _builtins.str = ...,
         delivered: _builtins.int = ...,
         dropped: _builtins.int = ...,
+        lossless: _builtins.bool = ...,
+        held: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "dropped", b"dropped", "filter", b"filter", "session_id", b"session_id", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "dropped", b"dropped", "filter", b"filter", "held", b"held", "lossless", b"lossless", "session_id", b"session_id", "subscription_id", b"subscription_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,7 @@ class TopicOptions(_message.Message):
     SUBSCRIBERS_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     CONTROL_FIELD_NUMBER: _builtins.int
+    LOSSLESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The dot-separated topic name, e.g. `events.process.lifecycle`. A template
     names its parameters in braces, each standing for exactly one level, e.g.
@@ -83,6 +84,11 @@ class TopicOptions(_message.Message):
     """
     control: _builtins.bool
     """True for control-plane topics, which reach only subscribers that opt in."""
+    lossless: _builtins.bool
+    """Events on this topic are never dropped for a subscriber that falls
+    behind: their publishers wait instead (credit-based backpressure, with a
+    stall deadline after which the subscriber is disconnected).
+    """
     @_builtins.property
     def publishers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Components allowed to publish on the topic (e.g. `procmond`). Empty on a
@@ -104,10 +110,11 @@ class TopicOptions(_message.Message):
         subscribers: _abc.Iterable[_builtins.str] | None = ...,
         payload: _builtins.str = ...,
         control: _builtins.bool = ...,
+        lossless: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "control", b"control", "name", b"name", "payload", b"payload", "publishers", b"publishers", "subscribers", b"subscribers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "control", b"control", "lossless", b"lossless", "name", b"name", "payload", b"payload", "publishers", b"publishers", "subscribers", b"subscribers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

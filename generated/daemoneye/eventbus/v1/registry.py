@@ -86,6 +86,7 @@ EVENTS_PROCESS_INTEGRITY: Final[Topic[events_pb2.ProcessEvent]] = Topic(
     frozenset({'procmond'}),
     frozenset({'daemoneye-agent'}),
     False,
+    lossless=True,
 )
 
 #: Behavioural anomalies.
@@ -166,6 +167,7 @@ CONTROL_COLLECTOR_TASK: Final[Topic[control_pb2.TaskAssignment]] = Topic(
     frozenset({'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
+    lossless=True,
 )
 
 #: Task distribution to one collector, by task type and collector id.
@@ -177,6 +179,7 @@ CONTROL_COLLECTOR_TASK_TARGETED: Final[TopicTemplate[control_pb2.TaskAssignment]
     frozenset({'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
+    lossless=True,
 )
 
 #: Collector registration and capabilities.

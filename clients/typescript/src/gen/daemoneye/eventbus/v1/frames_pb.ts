@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file daemoneye/eventbus/v1/frames.proto.
  */
 export const file_daemoneye_eventbus_v1_frames: GenFile = /*@__PURE__*/
-  fileDesc("CiJkYWVtb25leWUvZXZlbnRidXMvdjEvZnJhbWVzLnByb3RvEhVkYWVtb25leWUuZXZlbnRidXMudjEi/wYKBUZyYW1lEi0KBWhlbGxvGAEgASgLMhwuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkhlbGxvSAASMQoHd2VsY29tZRgCIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5XZWxjb21lSAASMQoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoSAASMQoHZGVsaXZlchgEIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVySAASNQoJc3Vic2NyaWJlGAUgASgLMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlN1YnNjcmliZUgAEjwKDXN1YnNjcmliZV9hY2sYBiABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaWJlQWNrSAASOQoLdW5zdWJzY3JpYmUYByABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVIABJACg91bnN1YnNjcmliZV9hY2sYCCABKAsyJS5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVBY2tIABIrCgRwaW5nGAkgASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBpbmdIABIrCgRwb25nGAogASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBvbmdIABItCgVlcnJvchgLIAEoCzIcLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5FcnJvckgAEjEKB2dvb2RieWUYDCABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuR29vZGJ5ZUgAEjwKDXN0YXRzX3JlcXVlc3QYDSABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXF1ZXN0SAASPgoOc3RhdHNfcmVzcG9uc2UYDiABKAsyJC5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXNwb25zZUgAEjwKDXB1Ymxpc2hfYmF0Y2gYDyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEJhdGNoSAASPAoNZGVsaXZlcl9iYXRjaBgQIAEoCzIjLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVyQmF0Y2hIAEIGCgRraW5kImEKBUhlbGxvEhgKEHByb3RvY29sX3ZlcnNpb24YASABKA0SEwoLY2xpZW50X25hbWUYAiABKAkSEQoJY29tcG9uZW50GAMgASgJEhYKDmFjY2VwdF9iYXRjaGVzGAQgASgIItwBCgZMaW1pdHMSFwoPbWF4X2ZyYW1lX2J5dGVzGAEgASgNEhcKD21heF90b3BpY19ieXRlcxgCIAEoDRIYChBtYXhfdG9waWNfbGV2ZWxzGAMgASgNEhkKEW1heF9zdWJzY3JpcHRpb25zGAQgASgNEhoKEm1heF9xdWV1ZV9tZXNzYWdlcxgFIAEoDRIXCg9tYXhfcXVldWVfYnl0ZXMYBiABKAQSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAcgASgNEhcKD2lkbGVfdGltZW91dF9tcxgIIAEoDSKKAQoHV2VsY29tZRIYChBwcm90b2NvbF92ZXJzaW9uGAEgASgNEhIKCnNlc3Npb25faWQYAiABKAkSLQoGbGltaXRzGAMgASgLMh0uZGFlbW9uZXllLmV2ZW50YnVzLnYxLkxpbWl0cxIRCgljb21wb25lbnQYBCABKAkSDwoHYmF0Y2hlcxgFIAEoCCKVAQoHUHVibGlzaBINCgV0b3BpYxgBIAEoCRJECgtjb3JyZWxhdGlvbhgCIAEoCzIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db3JyZWxhdGlvbk1ldGFkYXRhSACIAQESFAoMcGF5bG9hZF90eXBlGAMgASgJEg8KB3BheWxvYWQYBCABKAxCDgoMX2NvcnJlbGF0aW9uImUKB0RlbGl2ZXISFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEhAKCHNlcXVlbmNlGAIgASgEEi8KB3B1Ymxpc2gYAyABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaCKbAQoMUHVibGlzaEJhdGNoEg0KBXRvcGljGAEgASgJEkQKC2NvcnJlbGF0aW9uGAIgASgLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvcnJlbGF0aW9uTWV0YWRhdGFIAIgBARIUCgxwYXlsb2FkX3R5cGUYAyABKAkSEAoIcGF5bG9hZHMYBCADKAxCDgoMX2NvcnJlbGF0aW9uInMKDERlbGl2ZXJCYXRjaBIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SFgoOZmlyc3Rfc2VxdWVuY2UYAiABKAQSMgoFYmF0Y2gYAyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEJhdGNoIq8BCglTdWJzY3JpYmUSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBmZpbHRlchgCIAEoCRJJChJjb3JyZWxhdGlvbl9maWx0ZXIYAyABKAsyKC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ycmVsYXRpb25GaWx0ZXJIAIgBARIXCg9pbmNsdWRlX2NvbnRyb2wYBCABKAhCFQoTX2NvcnJlbGF0aW9uX2ZpbHRlciInCgxTdWJzY3JpYmVBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNIiYKC1Vuc3Vic2NyaWJlEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoDSIpCg5VbnN1YnNjcmliZUFjaxIXCg9zdWJzY3JpcHRpb25faWQYASABKA0iFQoEUGluZxINCgVub25jZRgBIAEoBCIVCgRQb25nEg0KBW5vbmNlGAEgASgEIn8KBUVycm9yEi4KBGNvZGUYASABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSDQoFZmF0YWwYAyABKAgSFwoPc3Vic2NyaXB0aW9uX2lkGAQgASgNEg0KBXRvcGljGAUgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJIiIKDFN0YXRzUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEInQKEVN1YnNjcmlwdGlvblN0YXRzEhIKCnNlc3Npb25faWQYASABKAkSFwoPc3Vic2NyaXB0aW9uX2lkGAIgASgNEg4KBmZpbHRlchgDIAEoCRIRCglkZWxpdmVyZWQYBCABKAQSDwoHZHJvcHBlZBgFIAEoBCLmAQoPQ29ubmVjdGlvblN0YXRzEhIKCnNlc3Npb25faWQYASABKAkSEwoLY2xpZW50X25hbWUYAiABKAkSEQoJY29tcG9uZW50GAMgASgJEhAKCHBlZXJfcGlkGAQgASgNEhAKCHBlZXJfdWlkGAUgASgNEhYKDnF1ZXVlX21lc3NhZ2VzGAYgASgNEhMKC3F1ZXVlX2J5dGVzGAcgASgEEhEKCXB1Ymxpc2hlZBgIIAEoBBIYChBpbnZhbGlkX3BheWxvYWRzGAkgASgEEhkKEXRocm90dGxlZF9zZWNvbmRzGAogASgBImsKClRvcGljU3RhdHMSDQoFdG9waWMYASABKAkSEQoJcHVibGlzaGVkGAIgASgEEhEKCWRlbGl2ZXJlZBgDIAEoBBIPCgdkcm9wcGVkGAQgASgEEhcKD3B1Ymxpc2hlZF9ieXRlcxgFIAEoBCKjAwoNU3RhdHNSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgEEhMKC2Nvbm5lY3Rpb25zGAIgASgNEhkKEWNvbm5lY3Rpb25zX3RvdGFsGAMgASgEEhEKCXB1Ymxpc2hlZBgEIAEoBBIRCglkZWxpdmVyZWQYBSABKAQSDwoHZHJvcHBlZBgGIAEoBBIPCgdyZWZ1c2VkGAcgASgEEkAKEGNvbm5lY3Rpb25fc3RhdHMYCCADKAsyJi5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ubmVjdGlvblN0YXRzEkQKEnN1YnNjcmlwdGlvbl9zdGF0cxgJIAMoCzIoLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5TdWJzY3JpcHRpb25TdGF0cxIRCgl0cnVuY2F0ZWQYCiABKAgSGAoQaW52YWxpZF9wYXlsb2FkcxgLIAEoBBIZChF0aHJvdHRsZWRfc2Vjb25kcxgMIAEoARI2Cgt0b3BpY19zdGF0cxgNIAMoCzIhLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Ub3BpY1N0YXRzKo0FCglFcnJvckNvZGUSGgoWRVJST1JfQ09ERV9VTlNQRUNJRklFRBAAEh4KGkVSUk9SX0NPREVfRlJBTUVfVE9PX0xBUkdFEAESHgoaRVJST1JfQ09ERV9NQUxGT1JNRURfRlJBTUUQAhIfChtFUlJPUl9DT0RFX1VORVhQRUNURURfRlJBTUUQAxIiCh5FUlJPUl9DT0RFX1VOU1VQUE9SVEVEX1ZFUlNJT04QBBIgChxFUlJPUl9DT0RFX0hBTkRTSEFLRV9USU1FT1VUEAUSHAoYRVJST1JfQ09ERV9JTlZBTElEX1RPUElDEAYSHQoZRVJST1JfQ09ERV9JTlZBTElEX0ZJTFRFUhAHEiIKHkVSUk9SX0NPREVfSU5WQUxJRF9DT1JSRUxBVElPThAIEhwKGEVSUk9SX0NPREVfQUNDRVNTX0RFTklFRBAJEh0KGUVSUk9SX0NPREVfTElNSVRfRVhDRUVERUQQChIfChtFUlJPUl9DT0RFX0NPTk5FQ1RJT05fTElNSVQQCxIcChhFUlJPUl9DT0RFX1NMT1dfQ09OU1VNRVIQDBIbChdFUlJPUl9DT0RFX0lETEVfVElNRU9VVBANEhwKGEVSUk9SX0NPREVfU0hVVFRJTkdfRE9XThAOEiMKH0VSUk9SX0NPREVfVU5LTk9XTl9TVUJTQ1JJUFRJT04QDxImCiJFUlJPUl9DT0RFX0lOVkFMSURfU1VCU0NSSVBUSU9OX0lEEBASHwobRVJST1JfQ09ERV9QQVlMT0FEX01JU01BVENIEBESFwoTRVJST1JfQ09ERV9JTlRFUk5BTBASEh4KGkVSUk9SX0NPREVfSU5WQUxJRF9QQVlMT0FEEBNiBnByb3RvMw", [file_daemoneye_eventbus_v1_correlation]);
+  fileDesc("CiJkYWVtb25leWUvZXZlbnRidXMvdjEvZnJhbWVzLnByb3RvEhVkYWVtb25leWUuZXZlbnRidXMudjEisAcKBUZyYW1lEi0KBWhlbGxvGAEgASgLMhwuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkhlbGxvSAASMQoHd2VsY29tZRgCIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5XZWxjb21lSAASMQoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoSAASMQoHZGVsaXZlchgEIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVySAASNQoJc3Vic2NyaWJlGAUgASgLMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlN1YnNjcmliZUgAEjwKDXN1YnNjcmliZV9hY2sYBiABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaWJlQWNrSAASOQoLdW5zdWJzY3JpYmUYByABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVIABJACg91bnN1YnNjcmliZV9hY2sYCCABKAsyJS5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVBY2tIABIrCgRwaW5nGAkgASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBpbmdIABIrCgRwb25nGAogASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBvbmdIABItCgVlcnJvchgLIAEoCzIcLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5FcnJvckgAEjEKB2dvb2RieWUYDCABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuR29vZGJ5ZUgAEjwKDXN0YXRzX3JlcXVlc3QYDSABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXF1ZXN0SAASPgoOc3RhdHNfcmVzcG9uc2UYDiABKAsyJC5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXNwb25zZUgAEjwKDXB1Ymxpc2hfYmF0Y2gYDyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEJhdGNoSAASPAoNZGVsaXZlcl9iYXRjaBgQIAEoCzIjLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVyQmF0Y2hIABIvCgZjcmVkaXQYESABKAsyHS5kYWVtb25leWUuZXZlbnRidXMudjEuQ3JlZGl0SABCBgoEa2luZCJxCgVIZWxsbxIYChBwcm90b2NvbF92ZXJzaW9uGAEgASgNEhMKC2NsaWVudF9uYW1lGAIgASgJEhEKCWNvbXBvbmVudBgDIAEoCRIWCg5hY2NlcHRfYmF0Y2hlcxgEIAEoCBIOCgZjcmVkaXQYBSABKAgi3AEKBkxpbWl0cxIXCg9tYXhfZnJhbWVfYnl0ZXMYASABKA0SFwoPbWF4X3RvcGljX2J5dGVzGAIgASgNEhgKEG1heF90b3BpY19sZXZlbHMYAyABKA0SGQoRbWF4X3N1YnNjcmlwdGlvbnMYBCABKA0SGgoSbWF4X3F1ZXVlX21lc3NhZ2VzGAUgASgNEhcKD21heF9xdWV1ZV9ieXRlcxgGIAEoBBIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYByABKA0SFwoPaWRsZV90aW1lb3V0X21zGAggASgNIooBCgdXZWxjb21lEhgKEHByb3RvY29sX3ZlcnNpb24YASABKA0SEgoKc2Vzc2lvbl9pZBgCIAEoCRItCgZsaW1pdHMYAyABKAsyHS5kYWVtb25leWUuZXZlbnRidXMudjEuTGltaXRzEhEKCWNvbXBvbmVudBgEIAEoCRIPCgdiYXRjaGVzGAUgASgIIpUBCgdQdWJsaXNoEg0KBXRvcGljGAEgASgJEkQKC2NvcnJlbGF0aW9uGAIgASgLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvcnJlbGF0aW9uTWV0YWRhdGFIAIgBARIUCgxwYXlsb2FkX3R5cGUYAyABKAkSDwoHcGF5bG9hZBgEIAEoDEIOCgxfY29ycmVsYXRpb24iZQoHRGVsaXZlchIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SEAoIc2VxdWVuY2UYAiABKAQSLwoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoIpsBCgxQdWJsaXNoQmF0Y2gSDQoFdG9waWMYASABKAkSRAoLY29ycmVsYXRpb24YAiABKAsyKi5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ycmVsYXRpb25NZXRhZGF0YUgAiAEBEhQKDHBheWxvYWRfdHlwZRgDIAEoCRIQCghwYXlsb2FkcxgEIAMoDEIOCgxfY29ycmVsYXRpb24icwoMRGVsaXZlckJhdGNoEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoDRIWCg5maXJzdF9zZXF1ZW5jZRgCIAEoBBIyCgViYXRjaBgDIAEoCzIjLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoQmF0Y2gi0QEKCVN1YnNjcmliZRIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SDgoGZmlsdGVyGAIgASgJEkkKEmNvcnJlbGF0aW9uX2ZpbHRlchgDIAEoCzIoLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db3JyZWxhdGlvbkZpbHRlckgAiAEBEhcKD2luY2x1ZGVfY29udHJvbBgEIAEoCBIQCghsb3NzbGVzcxgFIAEoCBIOCgZ3aW5kb3cYBiABKA1CFQoTX2NvcnJlbGF0aW9uX2ZpbHRlciJJCgxTdWJzY3JpYmVBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBndpbmRvdxgCIAEoDRIQCghsb3NzbGVzcxgDIAEoCCIxCgZDcmVkaXQSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBmV2ZW50cxgCIAEoDSImCgtVbnN1YnNjcmliZRIXCg9zdWJzY3JpcHRpb25faWQYASABKA0iKQoOVW5zdWJzY3JpYmVBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNIhUKBFBpbmcSDQoFbm9uY2UYASABKAQiFQoEUG9uZxINCgVub25jZRgBIAEoBCJ/CgVFcnJvchIuCgRjb2RlGAEgASgOMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEg0KBWZhdGFsGAMgASgIEhcKD3N1YnNjcmlwdGlvbl9pZBgEIAEoDRINCgV0b3BpYxgFIAEoCSIZCgdHb29kYnllEg4KBnJlYXNvbhgBIAEoCSIiCgxTdGF0c1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoBCKUAQoRU3Vic2NyaXB0aW9uU3RhdHMSEgoKc2Vzc2lvbl9pZBgBIAEoCRIXCg9zdWJzY3JpcHRpb25faWQYAiABKA0SDgoGZmlsdGVyGAMgASgJEhEKCWRlbGl2ZXJlZBgEIAEoBBIPCgdkcm9wcGVkGAUgASgEEhAKCGxvc3NsZXNzGAYgASgIEgwKBGhlbGQYByABKA0i5gEKD0Nvbm5lY3Rpb25TdGF0cxISCgpzZXNzaW9uX2lkGAEgASgJEhMKC2NsaWVudF9uYW1lGAIgASgJEhEKCWNvbXBvbmVudBgDIAEoCRIQCghwZWVyX3BpZBgEIAEoDRIQCghwZWVyX3VpZBgFIAEoDRIWCg5xdWV1ZV9tZXNzYWdlcxgGIAEoDRITCgtxdWV1ZV9ieXRlcxgHIAEoBBIRCglwdWJsaXNoZWQYCCABKAQSGAoQaW52YWxpZF9wYXlsb2FkcxgJIAEoBBIZChF0aHJvdHRsZWRfc2Vjb25kcxgKIAEoASJrCgpUb3BpY1N0YXRzEg0KBXRvcGljGAEgASgJEhEKCXB1Ymxpc2hlZBgCIAEoBBIRCglkZWxpdmVyZWQYAyABKAQSDwoHZHJvcHBlZBgEIAEoBBIXCg9wdWJsaXNoZWRfYnl0ZXMYBSABKAQiowMKDVN0YXRzUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoBBITCgtjb25uZWN0aW9ucxgCIAEoDRIZChFjb25uZWN0aW9uc190b3RhbBgDIAEoBBIRCglwdWJsaXNoZWQYBCABKAQSEQoJZGVsaXZlcmVkGAUgASgEEg8KB2Ryb3BwZWQYBiABKAQSDwoHcmVmdXNlZBgHIAEoBBJAChBjb25uZWN0aW9uX3N0YXRzGAggAygLMiYuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbm5lY3Rpb25TdGF0cxJEChJzdWJzY3JpcHRpb25fc3RhdHMYCSADKAsyKC5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaXB0aW9uU3RhdHMSEQoJdHJ1bmNhdGVkGAogASgIEhgKEGludmFsaWRfcGF5bG9hZHMYCyABKAQSGQoRdGhyb3R0bGVkX3NlY29uZHMYDCABKAESNgoLdG9waWNfc3RhdHMYDSADKAsyIS5kYWVtb25leWUuZXZlbnRidXMudjEuVG9waWNTdGF0cyqNBQoJRXJyb3JDb2RlEhoKFkVSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIeChpFUlJPUl9DT0RFX0ZSQU1FX1RPT19MQVJHRRABEh4KGkVSUk9SX0NPREVfTUFMRk9STUVEX0ZSQU1FEAISHwobRVJST1JfQ09ERV9VTkVYUEVDVEVEX0ZSQU1FEAMSIgoeRVJST1JfQ09ERV9VTlNVUFBPUlRFRF9WRVJTSU9OEAQSIAocRVJST1JfQ09ERV9IQU5EU0hBS0VfVElNRU9VVBAFEhwKGEVSUk9SX0NPREVfSU5WQUxJRF9UT1BJQxAGEh0KGUVSUk9SX0NPREVfSU5WQUxJRF9GSUxURVIQBxIiCh5FUlJPUl9DT0RFX0lOVkFMSURfQ09SUkVMQVRJT04QCBIcChhFUlJPUl9DT0RFX0FDQ0VTU19ERU5JRUQQCRIdChlFUlJPUl9DT0RFX0xJTUlUX0VYQ0VFREVEEAoSHwobRVJST1JfQ09ERV9DT05ORUNUSU9OX0xJTUlUEAsSHAoYRVJST1JfQ09ERV9TTE9XX0NPTlNVTUVSEAwSGwoXRVJST1JfQ09ERV9JRExFX1RJTUVPVVQQDRIcChhFUlJPUl9DT0RFX1NIVVRUSU5HX0RPV04QDhIjCh9FUlJPUl9DT0RFX1VOS05PV05fU1VCU0NSSVBUSU9OEA8SJgoiRVJST1JfQ09ERV9JTlZBTElEX1NVQlNDUklQVElPTl9JRBAQEh8KG0VSUk9SX0NPREVfUEFZTE9BRF9NSVNNQVRDSBAREhcKE0VSUk9SX0NPREVfSU5URVJOQUwQEhIeChpFUlJPUl9DT0RFX0lOVkFMSURfUEFZTE9BRBATYgZwcm90bzM", [file_daemoneye_eventbus_v1_correlation]);
 
 /**
  * One frame on a connection.
@@ -162,6 +162,15 @@ export type Frame = Message<"daemoneye.eventbus.v1.Frame"> & {
      */
     value: DeliverBatch;
     case: "deliverBatch";
+  } | {
+    /**
+     * Client to broker: the client consumed events of a lossless
+     * subscription; the broker may send that many more.
+     *
+     * @generated from field: daemoneye.eventbus.v1.Credit credit = 17;
+     */
+    value: Credit;
+    case: "credit";
   } | { case: undefined; value?: undefined };
 };
 
@@ -209,6 +218,16 @@ export type Hello = Message<"daemoneye.eventbus.v1.Hello"> & {
    * @generated from field: bool accept_batches = 4;
    */
   acceptBatches: boolean;
+
+  /**
+   * The client grants credit (`Credit` frames) for every subscription whose
+   * `SubscribeAck` has a window. Without it the broker never uses credit-based
+   * delivery on the connection: `Subscribe.lossless` is refused and topics
+   * declared lossless are delivered at most once.
+   *
+   * @generated from field: bool credit = 5;
+   */
+  credit: boolean;
 };
 
 /**
@@ -532,6 +551,25 @@ export type Subscribe = Message<"daemoneye.eventbus.v1.Subscribe"> & {
    * @generated from field: bool include_control = 4;
    */
   includeControl: boolean;
+
+  /**
+   * Ask for lossless delivery: when this subscriber falls behind, the broker
+   * holds back the publishers of its events instead of dropping them (credit
+   * based, see `Credit`). A subscription whose filter reaches a topic the
+   * schema declares lossless gets credit-based delivery without asking.
+   *
+   * @generated from field: bool lossless = 5;
+   */
+  lossless: boolean;
+
+  /**
+   * Credit-based delivery only: how many events the client can take before it
+   * grants more with `Credit` frames. 0 lets the broker choose; the broker
+   * may grant fewer (see `SubscribeAck.window`).
+   *
+   * @generated from field: uint32 window = 6;
+   */
+  window: number;
 };
 
 /**
@@ -553,6 +591,24 @@ export type SubscribeAck = Message<"daemoneye.eventbus.v1.SubscribeAck"> & {
    * @generated from field: uint32 subscription_id = 1;
    */
   subscriptionId: number;
+
+  /**
+   * 0: delivery is at most once. Otherwise delivery is credit based: the
+   * broker sends at most this many events (plus the rest of one batch) beyond
+   * what the client has granted back with `Credit` frames.
+   *
+   * @generated from field: uint32 window = 2;
+   */
+  window: number;
+
+  /**
+   * True: every event of the subscription is delivered losslessly (it asked).
+   * False with a window: only the events of topics the schema declares
+   * lossless are; its other events may still be dropped.
+   *
+   * @generated from field: bool lossless = 3;
+   */
+  lossless: boolean;
 };
 
 /**
@@ -561,6 +617,35 @@ export type SubscribeAck = Message<"daemoneye.eventbus.v1.SubscribeAck"> & {
  */
 export const SubscribeAckSchema: GenMessage<SubscribeAck> = /*@__PURE__*/
   messageDesc(file_daemoneye_eventbus_v1_frames, 9);
+
+/**
+ * Credit for a credit-based subscription: the client consumed `events` more
+ * of its events, so the broker may send that many more.
+ *
+ * @generated from message daemoneye.eventbus.v1.Credit
+ */
+export type Credit = Message<"daemoneye.eventbus.v1.Credit"> & {
+  /**
+   * The subscription.
+   *
+   * @generated from field: uint32 subscription_id = 1;
+   */
+  subscriptionId: number;
+
+  /**
+   * Events consumed since the last `Credit` frame for this subscription.
+   *
+   * @generated from field: uint32 events = 2;
+   */
+  events: number;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.Credit.
+ * Use `create(CreditSchema)` to create a new message.
+ */
+export const CreditSchema: GenMessage<Credit> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_frames, 10);
 
 /**
  * End a subscription.
@@ -581,7 +666,7 @@ export type Unsubscribe = Message<"daemoneye.eventbus.v1.Unsubscribe"> & {
  * Use `create(UnsubscribeSchema)` to create a new message.
  */
 export const UnsubscribeSchema: GenMessage<Unsubscribe> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 10);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 11);
 
 /**
  * The subscription has ended; no more events for it follow.
@@ -602,7 +687,7 @@ export type UnsubscribeAck = Message<"daemoneye.eventbus.v1.UnsubscribeAck"> & {
  * Use `create(UnsubscribeAckSchema)` to create a new message.
  */
 export const UnsubscribeAckSchema: GenMessage<UnsubscribeAck> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 11);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 12);
 
 /**
  * Are you alive?
@@ -623,7 +708,7 @@ export type Ping = Message<"daemoneye.eventbus.v1.Ping"> & {
  * Use `create(PingSchema)` to create a new message.
  */
 export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 12);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 13);
 
 /**
  * Answer to a `Ping`.
@@ -644,7 +729,7 @@ export type Pong = Message<"daemoneye.eventbus.v1.Pong"> & {
  * Use `create(PongSchema)` to create a new message.
  */
 export const PongSchema: GenMessage<Pong> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 13);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 14);
 
 /**
  * Something went wrong. Unless `fatal` is false, the sender closes the
@@ -694,7 +779,7 @@ export type Error = Message<"daemoneye.eventbus.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 14);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 15);
 
 /**
  * The sender is closing the connection.
@@ -715,7 +800,7 @@ export type Goodbye = Message<"daemoneye.eventbus.v1.Goodbye"> & {
  * Use `create(GoodbyeSchema)` to create a new message.
  */
 export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 15);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 16);
 
 /**
  * Ask for the broker's statistics.
@@ -736,7 +821,7 @@ export type StatsRequest = Message<"daemoneye.eventbus.v1.StatsRequest"> & {
  * Use `create(StatsRequestSchema)` to create a new message.
  */
 export const StatsRequestSchema: GenMessage<StatsRequest> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 16);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 17);
 
 /**
  * Statistics of one subscription.
@@ -778,6 +863,21 @@ export type SubscriptionStats = Message<"daemoneye.eventbus.v1.SubscriptionStats
    * @generated from field: uint64 dropped = 5;
    */
   dropped: bigint;
+
+  /**
+   * Lossless delivery (the subscription asked for it).
+   *
+   * @generated from field: bool lossless = 6;
+   */
+  lossless: boolean;
+
+  /**
+   * Events held in the broker for this subscription while its publishers
+   * wait for credit.
+   *
+   * @generated from field: uint32 held = 7;
+   */
+  held: number;
 };
 
 /**
@@ -785,7 +885,7 @@ export type SubscriptionStats = Message<"daemoneye.eventbus.v1.SubscriptionStats
  * Use `create(SubscriptionStatsSchema)` to create a new message.
  */
 export const SubscriptionStatsSchema: GenMessage<SubscriptionStats> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 17);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 18);
 
 /**
  * Statistics of one connection.
@@ -871,7 +971,7 @@ export type ConnectionStats = Message<"daemoneye.eventbus.v1.ConnectionStats"> &
  * Use `create(ConnectionStatsSchema)` to create a new message.
  */
 export const ConnectionStatsSchema: GenMessage<ConnectionStats> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 18);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 19);
 
 /**
  * The events of one topic label since the broker started: a declared topic's
@@ -921,7 +1021,7 @@ export type TopicStats = Message<"daemoneye.eventbus.v1.TopicStats"> & {
  * Use `create(TopicStatsSchema)` to create a new message.
  */
 export const TopicStatsSchema: GenMessage<TopicStats> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 19);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 20);
 
 /**
  * The broker's statistics.
@@ -1029,7 +1129,7 @@ export type StatsResponse = Message<"daemoneye.eventbus.v1.StatsResponse"> & {
  * Use `create(StatsResponseSchema)` to create a new message.
  */
 export const StatsResponseSchema: GenMessage<StatsResponse> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 20);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 21);
 
 /**
  * Stable error codes. Never renumbered; new codes may be added.

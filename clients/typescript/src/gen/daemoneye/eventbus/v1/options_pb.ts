@@ -22,7 +22,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file daemoneye/eventbus/v1/options.proto.
  */
 export const file_daemoneye_eventbus_v1_options: GenFile = /*@__PURE__*/
-  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvb3B0aW9ucy5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIpsBCgxUb3BpY09wdGlvbnMSDAoEbmFtZRgBIAEoCRIyCgZhY2Nlc3MYAiABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuQWNjZXNzTGV2ZWwSEgoKcHVibGlzaGVycxgDIAMoCRITCgtzdWJzY3JpYmVycxgEIAMoCRIPCgdwYXlsb2FkGAUgASgJEg8KB2NvbnRyb2wYBiABKAgqfgoLQWNjZXNzTGV2ZWwSHAoYQUNDRVNTX0xFVkVMX1VOU1BFQ0lGSUVEEAASFwoTQUNDRVNTX0xFVkVMX1BVQkxJQxABEhsKF0FDQ0VTU19MRVZFTF9SRVNUUklDVEVEEAISGwoXQUNDRVNTX0xFVkVMX1BSSVZJTEVHRUQQAzpeCgV0b3BpYxIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGNGGAyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuVG9waWNPcHRpb25zUgV0b3BpYzpECgtldmVudF90b3BpYxIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGNKGAyABKAlSCmV2ZW50VG9waWNiBnByb3RvMw", [file_google_protobuf_descriptor]);
+  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvb3B0aW9ucy5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIq0BCgxUb3BpY09wdGlvbnMSDAoEbmFtZRgBIAEoCRIyCgZhY2Nlc3MYAiABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuQWNjZXNzTGV2ZWwSEgoKcHVibGlzaGVycxgDIAMoCRITCgtzdWJzY3JpYmVycxgEIAMoCRIPCgdwYXlsb2FkGAUgASgJEg8KB2NvbnRyb2wYBiABKAgSEAoIbG9zc2xlc3MYByABKAgqfgoLQWNjZXNzTGV2ZWwSHAoYQUNDRVNTX0xFVkVMX1VOU1BFQ0lGSUVEEAASFwoTQUNDRVNTX0xFVkVMX1BVQkxJQxABEhsKF0FDQ0VTU19MRVZFTF9SRVNUUklDVEVEEAISGwoXQUNDRVNTX0xFVkVMX1BSSVZJTEVHRUQQAzpeCgV0b3BpYxIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGNGGAyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuVG9waWNPcHRpb25zUgV0b3BpYzpECgtldmVudF90b3BpYxIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGNKGAyABKAlSCmV2ZW50VG9waWNiBnByb3RvMw", [file_google_protobuf_descriptor]);
 
 /**
  * The declaration of one topic or topic template.
@@ -76,6 +76,15 @@ export type TopicOptions = Message<"daemoneye.eventbus.v1.TopicOptions"> & {
    * @generated from field: bool control = 6;
    */
   control: boolean;
+
+  /**
+   * Events on this topic are never dropped for a subscriber that falls
+   * behind: their publishers wait instead (credit-based backpressure, with a
+   * stall deadline after which the subscriber is disconnected).
+   *
+   * @generated from field: bool lossless = 7;
+   */
+  lossless: boolean;
 };
 
 /**
