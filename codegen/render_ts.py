@@ -316,6 +316,13 @@ def render_ts(
             kind = f"Topic<typeof {schema}>"
             args = f"  {_str(d.name)},\n  {schema},\n{rest}"
             ctor = "Topic"
+        if d.lossless:
+            # The trailing optional `lossless` argument, passed only when true so
+            # that every other constant reads as before; a concrete topic passes
+            # no template before it.
+            if not d.is_template:
+                args += "  undefined, // template\n"
+            args += "  true, // lossless\n"
         lines.append(f"\n/** {doc} */\nexport const {d.constant}: {kind} = new {ctor}(\n{args});\n")
     for d in decls:
         if not d.is_template:

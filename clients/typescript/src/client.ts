@@ -16,6 +16,12 @@
  * The API mirrors the Python client (`daemoneye_eventbus.client`); times are
  * in milliseconds.
  *
+ * Delivery is at most once unless a subscription is credit based: one that
+ * asks for it (`client.subscribe(filter, { lossless: true })`) or whose filter
+ * reaches a topic the schema declares lossless. The client grants credit back
+ * to the broker as the application takes events, and the broker holds back
+ * the publishers instead of dropping events for a subscriber that falls behind.
+ *
  * @module
  */
 
@@ -45,6 +51,7 @@ import {
   type Frame,
   type Limits,
   type StatsResponse,
+  type SubscribeAck,
   type Welcome,
 } from "./gen/daemoneye/eventbus/v1/frames_pb.js";
 import { PAYLOAD_REGISTRY, type Topic } from "./gen/daemoneye/eventbus/v1/registry.js";
@@ -62,8 +69,10 @@ import {
 } from "./errors.js";
 import {
   ClientConnection,
+  CreditCounter,
   DEFAULT_MAX_FRAME_BYTES,
   DELIVER_OVERHEAD,
+  MAX_UINT32,
   PROTOCOL_VERSION,
   encodeFrame,
   frame,
@@ -93,7 +102,11 @@ export interface ClientOptions {
   connectTimeoutMs?: number;
   /** Deadline for acks, pongs and statistics, in ms (default 5000). */
   requestTimeoutMs?: number;
-  /** Events kept per subscription before new ones are dropped (default 10000). */
+  /**
+   * Events kept per subscription before new ones are dropped (default 10000);
+   * also the default credit window of a subscription (see
+   * {@link SubscribeOptions.window}).
+   */
   maxPending?: number;
   /** `publishNowait` refuses once this many bytes wait to be written (default 8 MiB). */
   maxBufferBytes?: number;
@@ -111,8 +124,27 @@ export interface SubscribeOptions {
   correlationFilter?: CorrelationFilterInit | undefined;
   /** Deliver control topics matched only through a wildcard (e.g. `#`). */
   includeControl?: boolean | undefined;
-  /** Events kept before new ones are dropped (default: the client's `maxPending`). */
+  /**
+   * Events kept before new ones are dropped (default: the client's
+   * `maxPending`). A credit-based subscription never drops: the broker sends
+   * no more than its window beyond what was granted back.
+   */
   maxPending?: number | undefined;
+  /**
+   * Ask for lossless delivery: when this subscriber falls behind, the broker
+   * holds back the publishers of its events instead of dropping them (credit
+   * based: {@link Subscription.window}). Without it, only the events of topics
+   * the schema declares lossless (`Topic.lossless`) are held rather than
+   * dropped. A broker may refuse it (e.g. `AccessDenied` or `LimitExceeded`).
+   */
+  lossless?: boolean | undefined;
+  /**
+   * Credit-based delivery only: how many events the broker may send beyond
+   * what the application has taken (an integer, at most 2^32 - 1; 0 lets the
+   * broker choose). Default: the subscription's `maxPending`. The broker may
+   * grant fewer: {@link Subscription.window} is what it granted.
+   */
+  window?: number | undefined;
 }
 
 /** A snapshot of a client's figures. */
@@ -189,7 +221,9 @@ export class ReceivedEvent<Desc extends DescMessage = DescMessage> {
 /**
  * Received events, bounded: when the application does not keep up, new
  * events are dropped and counted in {@link dropped}; sequence gaps (events
- * the broker dropped) are counted in {@link missed}.
+ * the broker dropped) are counted in {@link missed}. A credit-based
+ * subscription's queue (see {@link dropWhenFull}) never drops: the broker
+ * bounds what it sends.
  */
 export class EventQueue<Desc extends DescMessage = DescMessage> {
   private readonly items: ReceivedEvent<Desc>[] = [];
@@ -203,6 +237,19 @@ export class EventQueue<Desc extends DescMessage = DescMessage> {
   missed = 0;
   /** Events accepted into the queue. */
   received = 0;
+  /**
+   * Drop new events once {@link maxMessages} are queued (at-most-once
+   * delivery). False for a credit-based subscription, whose broker sends at
+   * most its window (plus the rest of one batch) beyond what was granted
+   * back: every event it sends is kept.
+   */
+  dropWhenFull = true;
+  /**
+   * Called each time the queue hands an event to the application
+   * ({@link getNowait}, {@link get}, iteration): a credit-based subscription
+   * counts the events taken there, to grant credit.
+   */
+  onTake: (() => void) | undefined;
 
   constructor(readonly maxMessages: number) {}
 
@@ -220,7 +267,7 @@ export class EventQueue<Desc extends DescMessage = DescMessage> {
       this.missed += Number(event.sequence - this.lastSequence - 1n);
     }
     this.lastSequence = event.sequence;
-    if (this.closedWith !== undefined || this.length >= this.maxMessages) {
+    if (this.closedWith !== undefined || (this.dropWhenFull && this.length >= this.maxMessages)) {
       this.dropped += 1;
       return false;
     }
@@ -242,6 +289,7 @@ export class EventQueue<Desc extends DescMessage = DescMessage> {
       this.items.splice(0, this.head);
       this.head = 0;
     }
+    this.onTake?.();
     return event;
   }
 
@@ -313,6 +361,11 @@ export class EventQueue<Desc extends DescMessage = DescMessage> {
  * {@link messages}. Iteration ends after {@link unsubscribe} or
  * {@link Client.close}; it throws a {@link BrokenResourceError} if the broker
  * went away.
+ *
+ * A credit-based subscription ({@link window} > 0) grants credit back to the
+ * broker as the application takes events (iteration, {@link get},
+ * {@link getNowait}, {@link messages}): one `Credit` frame per quarter of the
+ * window. Events received but not taken hold the broker back, never drop.
  */
 export class Subscription<Desc extends DescMessage = DescMessage> implements AsyncIterable<
   ReceivedEvent<Desc>
@@ -325,6 +378,8 @@ export class Subscription<Desc extends DescMessage = DescMessage> implements Asy
   onInvalid: ((error: InvalidPayload) => void) | undefined;
   /** Events {@link messages} skipped because their payload did not decode. */
   invalid = 0;
+  private credit: CreditCounter | undefined;
+  private losslessFlag = false;
 
   constructor(
     readonly client: Client,
@@ -340,7 +395,31 @@ export class Subscription<Desc extends DescMessage = DescMessage> implements Asy
     return this.activeFlag;
   }
 
-  /** Events dropped here because the application did not keep up. */
+  /**
+   * The credit window the broker granted (`SubscribeAck.window`): 0 for
+   * at-most-once delivery; otherwise delivery is credit based, with at most
+   * this many events (plus the rest of one batch) sent beyond what the
+   * application has taken.
+   */
+  get window(): number {
+    return this.credit?.window ?? 0;
+  }
+
+  /**
+   * Every event is delivered losslessly (the subscription asked, and the
+   * broker agreed). False with a {@link window}: only events of topics the
+   * schema declares lossless are held rather than dropped.
+   */
+  get lossless(): boolean {
+    return this.losslessFlag;
+  }
+
+  /** Events granted back to the broker in `Credit` frames, in total. */
+  get credited(): number {
+    return this.credit?.granted ?? 0;
+  }
+
+  /** Events dropped here because the application did not keep up (never when credit based). */
   get dropped(): number {
     return this.queue.dropped;
   }
@@ -352,6 +431,31 @@ export class Subscription<Desc extends DescMessage = DescMessage> implements Asy
 
   get received(): number {
     return this.queue.received;
+  }
+
+  /**
+   * The broker's `SubscribeAck`: credit based if it has a window, with the
+   * count of events taken starting from 0.
+   *
+   * @internal
+   */
+  acknowledged(ack: SubscribeAck): void {
+    this.losslessFlag = ack.lossless;
+    if (ack.window > 0) {
+      const credit = new CreditCounter(ack.window);
+      this.credit = credit;
+      this.queue.dropWhenFull = false;
+      this.queue.onTake = () => {
+        const events = credit.take();
+        if (events > 0 && this.activeFlag && this.credit === credit) {
+          this.client.grantCredit(this.subscriptionId, events);
+        }
+      };
+    } else {
+      this.credit = undefined;
+      this.queue.dropWhenFull = true;
+      this.queue.onTake = undefined;
+    }
   }
 
   /** @internal */
@@ -591,6 +695,7 @@ export class Client {
           clientName: this.name,
           component: this.component,
           acceptBatches: true, // decoded by Subscription.deliverBatch
+          credit: true, // granted by Subscription.acknowledged's counter
         },
       });
       socket.write(this.conn.send(hello));
@@ -762,6 +867,8 @@ export class Client {
         this.resolve(`pong:${kind.value.nonce}`, undefined);
         break;
       case "subscribeAck":
+        // Before any event that follows the ack in the same read is queued.
+        this.subs.get(kind.value.subscriptionId)?.acknowledged(kind.value);
         this.resolve(`sub:${kind.value.subscriptionId}`, undefined);
         break;
       case "unsubscribeAck":
@@ -875,6 +982,22 @@ export class Client {
   private send(f: Frame): void {
     this.checkOpen();
     this.queue(this.conn.send(f));
+  }
+
+  /**
+   * Grant `events` more events of a credit-based subscription (a `Credit`
+   * frame, written at once so that the broker resumes as early as possible).
+   * Nothing once the connection is closing or gone: the broker forgets its
+   * subscriptions with the connection.
+   *
+   * @internal
+   */
+  grantCredit(subscriptionId: number, events: number): void {
+    if (!this.isConnected) {
+      return;
+    }
+    this.queue(this.conn.send(frame({ case: "credit", value: { subscriptionId, events } })));
+    this.writeNow();
   }
 
   /** The bytes of a Publish frame, size-checked against the Deliver envelope [protocol §5]. */
@@ -1010,8 +1133,12 @@ export class Client {
    * Subscribe to a topic, or to a filter with `+` / `#` wildcards [protocol §4].
    *
    * With a {@link Topic}, events decode to its payload type. Control topics
-   * reach a wildcard filter only with `includeControl`. Throws the typed
-   * error of the broker's refusal (e.g. {@link AccessDenied} with its `code`).
+   * reach a wildcard filter only with `includeControl`. With `lossless` (or a
+   * filter that reaches a topic the schema declares lossless) delivery is
+   * credit based: see {@link SubscribeOptions.lossless} and
+   * {@link Subscription.window}. Throws the typed error of the broker's
+   * refusal (e.g. {@link AccessDenied} with its `code`), and a `RangeError`
+   * for a `window` that is not a `uint32`.
    */
   subscribe<Desc extends DescMessage>(
     filter: Topic<Desc>,
@@ -1032,6 +1159,12 @@ export class Client {
     if (correlationFilter !== undefined) {
       validateCorrelationFilter(correlationFilter);
     }
+    const maxPending = options.maxPending ?? this.maxPending;
+    const window = options.window ?? Math.min(Math.max(Math.floor(maxPending), 0), MAX_UINT32);
+    if (!Number.isInteger(window) || window < 0 || window > MAX_UINT32) {
+      throw new RangeError(`window must be an integer from 0 to ${MAX_UINT32}, got ${window}`);
+    }
+    const lossless = options.lossless ?? false;
     this.checkOpen();
     const id = this.nextId++;
     const sub = new Subscription<DescMessage>(
@@ -1041,7 +1174,7 @@ export class Client {
       correlationFilter,
       options.includeControl ?? false,
       schema,
-      new EventQueue(options.maxPending ?? this.maxPending),
+      new EventQueue(maxPending),
     );
     this.subs.set(id, sub);
     try {
@@ -1054,6 +1187,8 @@ export class Client {
             filter: text,
             correlationFilter,
             includeControl: sub.includeControl,
+            lossless,
+            window,
           },
         }),
       );

@@ -17,10 +17,13 @@ export * from "./correlation.js";
 export * from "./errors.js";
 export {
   ClientConnection,
+  CreditCounter,
   DEFAULT_MAX_FRAME_BYTES,
   DELIVER_OVERHEAD,
   HANDSHAKE_MAX_FRAME_BYTES,
+  MAX_UINT32,
   PROTOCOL_VERSION,
+  creditThreshold,
   decodeFrameBody,
   decodeLengthPrefix,
   encodeFrame,

@@ -44,6 +44,7 @@ const CLIENT_SENDS: Readonly<Record<"connecting" | "open", ReadonlySet<FrameKind
     "error",
     "goodbye",
     "statsRequest",
+    "credit",
   ]),
 };
 
@@ -61,6 +62,70 @@ const CLIENT_RECEIVES: Readonly<Record<"connecting" | "open", ReadonlySet<FrameK
     "statsResponse",
   ]),
 };
+
+/** The largest `uint32`: the bound of `Subscribe.window` and of `Credit.events`. */
+export const MAX_UINT32 = 0xffff_ffff;
+
+/**
+ * Events a credit-based subscription takes before it grants them back in one
+ * `Credit` frame: a quarter of the window `SubscribeAck` announced, at least 1.
+ */
+export function creditThreshold(window: number): number {
+  return Math.max(1, Math.floor(window / 4));
+}
+
+/**
+ * The credit bookkeeping of one credit-based subscription (a `SubscribeAck`
+ * with a window), sans I/O.
+ *
+ * The broker sends at most `window` events (plus the rest of one batch)
+ * beyond what the client has granted back. The client counts the events the
+ * application has taken from the subscription (not those merely received)
+ * and grants them back with a `Credit` frame as soon as they reach
+ * {@link threshold}; the count then starts again. A new `SubscribeAck` (after
+ * a resubscription) means a new counter: the window starts afresh.
+ */
+export class CreditCounter {
+  /** Events taken since the last grant. */
+  private taken = 0;
+  /** Events granted back so far, in total. */
+  granted = 0;
+  /** Grants (`Credit` frames) so far. */
+  grants = 0;
+  /** Events taken before a grant is due: {@link creditThreshold} of the window. */
+  readonly threshold: number;
+
+  /** `window`: `SubscribeAck.window`, greater than 0. */
+  constructor(readonly window: number) {
+    if (!Number.isInteger(window) || window < 1 || window > MAX_UINT32) {
+      throw new RangeError(
+        `a credit window must be an integer from 1 to ${MAX_UINT32}, got ${window}`,
+      );
+    }
+    this.threshold = creditThreshold(window);
+  }
+
+  /** Events taken and not yet granted back. */
+  get pending(): number {
+    return this.taken;
+  }
+
+  /**
+   * The application took one event: the number of events to grant back now
+   * in a `Credit` frame (the count since the last grant), or 0 if none is due.
+   */
+  take(): number {
+    this.taken += 1;
+    if (this.taken < this.threshold) {
+      return 0;
+    }
+    const events = this.taken;
+    this.taken = 0;
+    this.granted += events;
+    this.grants += 1;
+    return events;
+  }
+}
 
 /** Encode a non-negative integer (at most 2^53 - 1) as a protobuf varint. */
 export function encodeVarint(value: number): Uint8Array {

@@ -44,6 +44,11 @@ export class Topic<Desc extends DescMessage = DescMessage> {
     readonly control: boolean,
     /** The template this topic was built from, if any. */
     readonly template?: string,
+    /**
+     * Declared lossless: its events wait for a subscriber that falls behind
+     * instead of being dropped (for clients that grant credit, as this one does).
+     */
+    readonly lossless: boolean = false,
   ) {
     Object.freeze(this.publishers);
     Object.freeze(this.subscribers);
@@ -81,6 +86,8 @@ export class TopicTemplate<Desc extends DescMessage = DescMessage, Param extends
     readonly subscribers: readonly string[],
     /** Control-plane topics. */
     readonly control: boolean,
+    /** Declared lossless (see {@link Topic.lossless}). */
+    readonly lossless: boolean = false,
   ) {
     Object.freeze(this.parameters);
     Object.freeze(this.publishers);
@@ -133,6 +140,7 @@ export class TopicTemplate<Desc extends DescMessage = DescMessage, Param extends
       this.subscribers,
       this.control,
       this.pattern,
+      this.lossless,
     );
   }
 

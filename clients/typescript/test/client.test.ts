@@ -31,6 +31,7 @@ import {
 import {
   PublishBatchSchema,
   PublishSchema,
+  SubscribeAckSchema,
   type Frame,
 } from "../src/gen/daemoneye/eventbus/v1/frames_pb.js";
 
@@ -531,6 +532,192 @@ describe("client against a fake broker", () => {
       })(),
       (err: unknown) => err instanceof BrokenResourceError && /goodbye/.test(err.message),
     );
+    await client.close();
+    await fake.close();
+  });
+});
+
+/** The `Credit` frames a peer received, as `[subscriptionId, events]`. */
+function credits(peer: Peer): [number, number][] {
+  return peer.frames.flatMap((f) =>
+    f.kind.case === "credit" ? [[f.kind.value.subscriptionId, f.kind.value.events]] : [],
+  );
+}
+
+/** A broker that acks every subscribe with `window` and `lossless`, then sends `count` events in one batch. */
+function creditBroker(window: number, lossless: boolean, count: number): Reply {
+  return (f, peer) => {
+    switch (f.kind.case) {
+      case "hello":
+      case "ping":
+      case "unsubscribe":
+        standard()(f, peer);
+        break;
+      case "subscribe": {
+        const subscriptionId = f.kind.value.subscriptionId;
+        peer.send({ case: "subscribeAck", value: { subscriptionId, window, lossless } });
+        const batch = create(PublishBatchSchema, {
+          topic: "events.process.lifecycle",
+          payloadType: "daemoneye.eventbus.v1.ProcessEvent",
+          payloads: Array.from({ length: count }, (_, i) => new Uint8Array([0x08, i + 1])),
+        });
+        if (count > 0) {
+          peer.send({ case: "deliverBatch", value: { subscriptionId, firstSequence: 1n, batch } });
+        }
+        break;
+      }
+      default:
+        break;
+    }
+  };
+}
+
+describe("credit-based delivery against a fake broker", () => {
+  test("hello grants credit; subscribe carries lossless and the window", async () => {
+    const fake = await fakeBroker(standard());
+    const client = await connect(fake.path, { maxPending: 300 });
+    const peer = fake.peers[0];
+    assert.ok(peer);
+    const hello = peer.frames[0];
+    assert.ok(hello?.kind.case === "hello");
+    assert.equal(hello.kind.value.credit, true);
+    await client.subscribe("events.#", { lossless: true, window: 8 });
+    await client.subscribe(EVENTS_PROCESS_LIFECYCLE, { maxPending: 50 });
+    await client.subscribe("events.process.+");
+    await client.subscribe("events.process.+", { lossless: true, window: 0 });
+    const subscribes = peer.frames.flatMap((f) =>
+      f.kind.case === "subscribe" ? [[f.kind.value.lossless, f.kind.value.window]] : [],
+    );
+    // The default window is the subscription's bound on pending events.
+    assert.deepEqual(subscribes, [
+      [true, 8],
+      [false, 50],
+      [false, 300],
+      [true, 0],
+    ]);
+    for (const window of [-1, 1.5, 2 ** 32, Number.NaN]) {
+      await assert.rejects(client.subscribe("events.#", { window }), RangeError, String(window));
+    }
+    assert.equal(peer.kinds().filter((k) => k === "subscribe").length, 4);
+    await client.close();
+    await fake.close();
+  });
+
+  test("an ack without a window: at most once, no credit, a full queue drops", async () => {
+    const fake = await fakeBroker(creditBroker(0, false, 5));
+    const client = await connect(fake.path);
+    const sub = await client.subscribe(EVENTS_PROCESS_LIFECYCLE, { maxPending: 3 });
+    await client.flush();
+    assert.deepEqual([sub.window, sub.lossless, sub.received, sub.dropped], [0, false, 3, 2]);
+    for (let i = 0; i < 3; i++) {
+      assert.ok(sub.getNowait());
+    }
+    await client.flush();
+    assert.deepEqual(credits(fake.peers[0] as Peer), []);
+    assert.equal(sub.credited, 0);
+    await client.close();
+    await fake.close();
+  });
+
+  test("credit for every quarter window the application takes, not receives; nothing dropped", async () => {
+    // Window 8: a Credit every 2 events taken. 12 events (a batch may overrun
+    // the window) into a queue bounded at 4 when at most once.
+    const fake = await fakeBroker(creditBroker(8, true, 12));
+    const client = await connect(fake.path, { component: "daemoneye-agent" });
+    const sub = await client.subscribe(EVENTS_PROCESS_LIFECYCLE, {
+      lossless: true,
+      window: 8,
+      maxPending: 4,
+    });
+    const peer = fake.peers[0];
+    assert.ok(peer);
+    assert.deepEqual([sub.window, sub.lossless], [8, true]);
+    await client.flush();
+    assert.deepEqual([sub.received, sub.dropped, sub.missed], [12, 0, 0]);
+    assert.deepEqual(credits(peer), [], "received but not taken: no credit");
+
+    const pids: number[] = [];
+    const take = (event: { message(): { pid: number } } | undefined) => {
+      assert.ok(event);
+      pids.push(event.message().pid);
+    };
+    take(sub.getNowait());
+    await client.flush();
+    assert.deepEqual(credits(peer), []);
+    take(await sub.get(1000));
+    await until(() => credits(peer).length === 1, "the first credit");
+    assert.deepEqual(credits(peer), [[sub.subscriptionId, 2]]);
+    for await (const event of sub) {
+      take(event);
+      if (pids.length === 7) {
+        break;
+      }
+    }
+    for await (const [event] of sub.messages()) {
+      take(event);
+      if (pids.length === 12) {
+        break;
+      }
+    }
+    await client.flush();
+    assert.deepEqual(pids, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    assert.deepEqual(
+      credits(peer).map(([, events]) => events),
+      [2, 2, 2, 2, 2, 2],
+    );
+    assert.equal(sub.credited, 12);
+    await client.close();
+    await fake.close();
+  });
+
+  test("a small window grants after every event; an odd one rounds the quarter down", async () => {
+    for (const [window, expected] of [
+      [1, [1, 1, 1, 1, 1]],
+      [3, [1, 1, 1, 1, 1]],
+      [11, [2, 2]],
+    ] as const) {
+      const fake = await fakeBroker(creditBroker(window, false, 5));
+      const client = await connect(fake.path, { component: "daemoneye-agent" });
+      const sub = await client.subscribe("events.process.+");
+      assert.deepEqual([sub.window, sub.lossless], [window, false]);
+      for (let i = 0; i < 5; i++) {
+        await sub.get(1000);
+      }
+      await client.flush();
+      assert.deepEqual(
+        credits(fake.peers[0] as Peer).map(([, events]) => events),
+        expected,
+        `window ${window}`,
+      );
+      await client.close();
+      await fake.close();
+    }
+  });
+
+  test("a new ack restarts the count; an ended subscription grants nothing", async () => {
+    const fake = await fakeBroker(creditBroker(8, true, 6));
+    const client = await connect(fake.path, { component: "daemoneye-agent" });
+    const sub = await client.subscribe(EVENTS_PROCESS_LIFECYCLE, { lossless: true });
+    const peer = fake.peers[0];
+    assert.ok(peer);
+    await client.flush();
+    assert.ok(sub.getNowait());
+    // As after a resubscription: a fresh window, the count from 0.
+    sub.acknowledged(create(SubscribeAckSchema, { subscriptionId: sub.subscriptionId, window: 8 }));
+    assert.deepEqual([sub.window, sub.lossless], [8, false]);
+    assert.ok(sub.getNowait());
+    await client.flush();
+    assert.deepEqual(credits(peer), [], "one event since the new ack");
+    assert.ok(sub.getNowait());
+    await client.flush();
+    assert.deepEqual(credits(peer), [[sub.subscriptionId, 2]]);
+    await sub.unsubscribe();
+    assert.ok(sub.getNowait());
+    assert.ok(sub.getNowait());
+    assert.ok(sub.getNowait());
+    assert.equal(sub.getNowait(), undefined);
+    await client.flush();
+    assert.deepEqual(credits(peer), [[sub.subscriptionId, 2]], "no credit once unsubscribed");
     await client.close();
     await fake.close();
   });

@@ -9,8 +9,11 @@ import { ErrorCode, FrameSchema, type Frame } from "../src/gen/daemoneye/eventbu
 import { LocalProtocolError, RemoteProtocolError } from "../src/errors.js";
 import {
   ClientConnection,
+  CreditCounter,
   DEFAULT_MAX_FRAME_BYTES,
   HANDSHAKE_MAX_FRAME_BYTES,
+  MAX_UINT32,
+  creditThreshold,
   decodeLengthPrefix,
   delimit,
   encodeFrame,
@@ -190,3 +193,80 @@ describe("ClientConnection", () => {
 });
 
 const PING_FRAME = frame({ case: "ping", value: { nonce: 1n } });
+
+describe("credit-based delivery", () => {
+  test("the threshold is a quarter of the window, at least 1", () => {
+    const cases: [number, number][] = [
+      [1, 1],
+      [3, 1],
+      [4, 1],
+      [7, 1],
+      [8, 2],
+      [11, 2],
+      [256, 64],
+      [10_000, 2500],
+      [MAX_UINT32, 1073741823],
+    ];
+    for (const [window, threshold] of cases) {
+      assert.equal(creditThreshold(window), threshold, `window ${window}`);
+      assert.equal(new CreditCounter(window).threshold, threshold);
+    }
+  });
+
+  test("a counter grants what was taken once it reaches the threshold, then starts again", () => {
+    const counter = new CreditCounter(10); // threshold 2
+    const grants = Array.from({ length: 7 }, () => counter.take());
+    assert.deepEqual(grants, [0, 2, 0, 2, 0, 2, 0]);
+    assert.deepEqual([counter.granted, counter.grants, counter.pending], [6, 3, 1]);
+    const one = new CreditCounter(1);
+    assert.deepEqual([one.take(), one.take(), one.pending], [1, 1, 0]);
+    for (const bad of [0, -1, 2.5, MAX_UINT32 + 1, Number.NaN]) {
+      assert.throws(() => new CreditCounter(bad), RangeError, String(bad));
+    }
+  });
+
+  test("Credit, Hello.credit, Subscribe.lossless/window and SubscribeAck on the wire", () => {
+    const conn = open(1024);
+    // Frame.credit = 17 (0x8a 0x01), Credit{subscription_id = 3, events = 250}.
+    const credit = conn.send(frame({ case: "credit", value: { subscriptionId: 3, events: 250 } }));
+    assert.deepEqual([...credit], [0x08, 0x8a, 0x01, 0x05, 0x08, 0x03, 0x10, 0xfa, 0x01]);
+    // Hello.accept_batches = 4 and Hello.credit = 5.
+    const hello = new ClientConnection().send(
+      frame({ case: "hello", value: { protocolVersion: 1, acceptBatches: true, credit: true } }),
+    );
+    assert.deepEqual([...hello], [0x08, 0x0a, 0x06, 0x08, 0x01, 0x20, 0x01, 0x28, 0x01]);
+    // Subscribe.lossless = 5 and Subscribe.window = 6 (300).
+    const subscribe = conn.send(
+      frame({
+        case: "subscribe",
+        value: { subscriptionId: 1, filter: "#", lossless: true, window: 300 },
+      }),
+    );
+    assert.deepEqual(
+      [...subscribe],
+      [0x0c, 0x2a, 0x0a, 0x08, 0x01, 0x12, 0x01, 0x23, 0x28, 0x01, 0x30, 0xac, 0x02],
+    );
+    // SubscribeAck{subscription_id = 7, window = 128, lossless = true}, from the broker.
+    const ack = Uint8Array.of(0x09, 0x32, 0x07, 0x08, 0x07, 0x10, 0x80, 0x01, 0x18, 0x01);
+    const [decoded] = conn.receiveData(ack);
+    assert.ok(decoded?.kind.case === "subscribeAck");
+    assert.deepEqual(
+      [decoded.kind.value.subscriptionId, decoded.kind.value.window, decoded.kind.value.lossless],
+      [7, 128, true],
+    );
+    assert.equal(conn.error, undefined);
+  });
+
+  test("Credit only once open, and only from the client", () => {
+    const early = new ClientConnection();
+    assert.throws(
+      () => early.send(frame({ case: "credit", value: { subscriptionId: 1, events: 1 } })),
+      LocalProtocolError,
+    );
+    const conn = open();
+    conn.receiveData(
+      encodeFrame(frame({ case: "credit", value: { subscriptionId: 1, events: 1 } })),
+    );
+    assert.equal(conn.error?.code, ErrorCode.UNEXPECTED_FRAME);
+  });
+});

@@ -69,6 +69,20 @@ describe("registry", () => {
     assert.equal(CONTROL_COLLECTOR_TASK_TARGETED.match("control.collector.task.scan"), undefined);
   });
 
+  test("the topics the schema declares lossless, and only those, carry the flag", () => {
+    const lossless = [...TOPICS.values()].filter((t) => t.lossless).map((t) => t.name);
+    assert.deepEqual(lossless, ["events.process.integrity", "control.collector.task"]);
+    assert.equal(EVENTS_PROCESS_LIFECYCLE.lossless, false);
+    assert.deepEqual(
+      TEMPLATES.filter((t) => t.lossless).map((t) => t.pattern),
+      ["control.collector.task.{type}.{id}"],
+    );
+    // A built topic carries its template's flag, whichever way it is built.
+    assert.equal(controlCollectorTaskTargeted({ type: "scan", id: "p1" }).lossless, true);
+    assert.equal(lookup("control.collector.task.scan.p1")?.lossless, true);
+    assert.equal(lookup("events.process.integrity")?.lossless, true);
+  });
+
   test("lookup finds topics and template instances", () => {
     assert.equal(lookup("events.process.lifecycle"), EVENTS_PROCESS_LIFECYCLE);
     const built = lookup("control.collector.task.hash.fsmond");

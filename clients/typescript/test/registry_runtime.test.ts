@@ -69,6 +69,42 @@ describe("registry runtime", () => {
     assert.ok(Object.isFrozen(EVENT.subscribers));
   });
 
+  test("lossless is false unless passed, and a template passes it to what it builds", () => {
+    assert.equal(EVENT.lossless, false);
+    assert.equal(TARGETED.lossless, false);
+    assert.equal(TARGETED.build({ kind: "scan", id: "p-1" }).lossless, false);
+    const held = new Topic("svc.held", ProcessEventSchema, AccessLevel.PUBLIC, [], [], false);
+    assert.equal(held.lossless, false);
+    const kept = new Topic(
+      "svc.kept",
+      ProcessEventSchema,
+      AccessLevel.PUBLIC,
+      [],
+      [],
+      false,
+      undefined,
+      true,
+    );
+    assert.equal(kept.lossless, true);
+    assert.equal(kept.template, undefined);
+    const template = new TopicTemplate(
+      "svc.kept.{id}",
+      ["id"] as const,
+      ProcessEventSchema,
+      AccessLevel.PUBLIC,
+      [],
+      [],
+      false,
+      true,
+    );
+    assert.equal(template.lossless, true);
+    const built = template.build({ id: "x" });
+    assert.deepEqual(
+      [built.name, built.template, built.lossless],
+      ["svc.kept.x", "svc.kept.{id}", true],
+    );
+  });
+
   test("a template builds, matches and filters", () => {
     assert.equal(TARGETED.payloadName, "daemoneye.eventbus.v1.TaskAssignment");
     assert.equal(TARGETED.filter, "svc.command.+.+");

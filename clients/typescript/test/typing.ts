@@ -50,6 +50,13 @@ export async function typedSubscribe(client: Client): Promise<void> {
     void message;
     void wrong;
   }
+  const lossless = await client.subscribe(EVENTS_PROCESS_LIFECYCLE, { lossless: true, window: 64 });
+  const credit: [number, boolean, number] = [lossless.window, lossless.lossless, lossless.credited];
+  void credit;
+  // @ts-expect-error the window is the broker's, read-only
+  lossless.window = 8;
+  // @ts-expect-error lossless is a boolean
+  await client.subscribe("events.#", { lossless: 1 });
   const any = await client.subscribe("events.#");
   const decoded = (await any.get()).message();
   void decoded.$typeName;

@@ -55,6 +55,8 @@ export const EVENTS_PROCESS_INTEGRITY: Topic<typeof ProcessEventSchema> = new To
   ["procmond"],
   ["daemoneye-agent"],
   false,
+  undefined, // template
+  true, // lossless
 );
 
 /** Behavioural anomalies. */
@@ -135,6 +137,8 @@ export const CONTROL_COLLECTOR_TASK: Topic<typeof TaskAssignmentSchema> = new To
   ["daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
+  undefined, // template
+  true, // lossless
 );
 
 /** Task distribution to one collector, by task type and collector id. */
@@ -146,6 +150,7 @@ export const CONTROL_COLLECTOR_TASK_TARGETED: TopicTemplate<typeof TaskAssignmen
   ["daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
+  true, // lossless
 );
 
 /** Collector registration and capabilities. */
