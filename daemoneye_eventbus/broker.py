@@ -353,6 +353,8 @@ class Broker:
             self.tally.record_lag(now - due)  # how late the loop got to this wake-up
             for session in list(self._sessions):
                 session.check(now)
+            for local in list(self._local_sessions):
+                local.check(now)
 
 
 def _snapshot(broker: Broker) -> BrokerStatistics:
@@ -376,7 +378,13 @@ def _snapshot(broker: Broker) -> BrokerStatistics:
         )
         subs.extend(
             SubscriptionStatistics(
-                s.session_id, sub.subscription_id, sub.filter, sub.delivered, sub.dropped
+                s.session_id,
+                sub.subscription_id,
+                sub.filter,
+                sub.delivered,
+                sub.dropped,
+                sub.flow is not None and sub.flow.lossless,
+                sub.flow.held_events if sub.flow is not None else 0,
             )
             for sub in s.endpoint.subscriptions.values()
         )

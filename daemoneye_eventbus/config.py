@@ -58,8 +58,13 @@ class BrokerConfig:
     #: Bytes of partial input all connections together may hold (frames not
     #: yet complete); a connection that would go past it is closed.
     max_total_input_bytes: int = 32 * 1024 * 1024
-    #: Seconds a subscriber's socket may stay backed up before it is disconnected.
+    #: Seconds a subscriber's socket may stay backed up, or a lossless
+    #: subscriber may hold its publishers without granting credit, before it
+    #: is disconnected as a slow consumer.
     slow_consumer_timeout: float = 10.0
+    #: Most credit (events) a lossless subscription may be granted; also its
+    #: window when the client leaves the choice to the broker.
+    max_credit_window: int = 10_000
     #: Seconds of silence after which the broker pings a client.
     heartbeat_interval: float = 5.0
     #: Seconds of silence after which the broker disconnects a client.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from itertools import count, repeat
 from operator import itemgetter
 from typing import Any, Final, Generic, NamedTuple, TypeVar
@@ -25,7 +25,7 @@ from daemoneye_eventbus.errors import (
     RequestTimeout,
 )
 
-__all__ = ["EventQueue", "ReceivedEvent", "message_class", "received_batch"]
+__all__ = ["Credits", "EventQueue", "ReceivedEvent", "message_class", "received_batch"]
 
 P = TypeVar("P", bound=Message)
 
@@ -115,12 +115,53 @@ _PAYLOAD: Final = itemgetter(2)
 _TIMER_SLACK: Final = 0.001
 
 
+class Credits:
+    """Credit for credit-based subscriptions, granted as the application reads.
+
+    The broker sends a credit-based subscription at most ``window`` events
+    beyond what was granted back [protocol §5, "Lossless delivery"]; each read from a queue
+    counts one event of its subscription, and every quarter window read is
+    granted back through ``grant(subscription_id, events)`` (a ``Credit``
+    frame, or the in-process session's flow).
+    """
+
+    __slots__ = ("_every", "_grant", "_taken")
+
+    def __init__(self, grant: Callable[[int, int], None]) -> None:
+        self._grant = grant
+        self._every: dict[int, int] = {}
+        self._taken: dict[int, int] = {}
+
+    def track(self, subscription_id: int, window: int) -> None:
+        """Count reads of ``subscription_id`` (credit-based, ``window`` events)."""
+        self._every[subscription_id] = max(1, window // 4)
+        self._taken[subscription_id] = 0
+
+    def forget(self, subscription_id: int) -> None:
+        self._every.pop(subscription_id, None)
+        self._taken.pop(subscription_id, None)
+
+    def took(self, subscription_id: int) -> None:
+        """The application read one event of ``subscription_id``."""
+        every = self._every.get(subscription_id)
+        if every is None:
+            return
+        taken = self._taken[subscription_id] + 1
+        if taken >= every:
+            self._taken[subscription_id] = 0
+            self._grant(subscription_id, taken)
+        else:
+            self._taken[subscription_id] = taken
+
+
 class EventQueue(Generic[P]):
     """A queue of received events bounded in messages and bytes.
 
     :meth:`put_nowait` never blocks: when the queue is full the event is
     dropped and counted in :attr:`dropped`. Sequence gaps per subscription are
     counted in :attr:`missed`. Several subscriptions may share one queue.
+    Events of credit-based subscriptions are put unbounded (the broker's
+    window bounds them) and each read is counted in :attr:`credits`.
     """
 
     def __init__(self, max_messages: int, max_bytes: int | None = None) -> None:
@@ -144,6 +185,8 @@ class EventQueue(Generic[P]):
         self.missed = 0
         #: Events accepted into the queue.
         self.received = 0
+        #: Counts reads for credit-based subscriptions (set by their owner).
+        self.credits: Credits | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -157,10 +200,10 @@ class EventQueue(Generic[P]):
     def closed(self) -> bool:
         return self._closed
 
-    def put_nowait(self, event: ReceivedEvent[P]) -> bool:
+    def put_nowait(self, event: ReceivedEvent[P], bounded: bool = True) -> bool:
         """Queue ``event``; return False (and count it) if it had to be dropped.
 
-        Its payload's size counts against ``max_bytes``.
+        Its payload's size counts against ``max_bytes`` (unless not ``bounded``).
         """
         size = len(event.payload)
         sid = event.subscription_id
@@ -168,10 +211,12 @@ class EventQueue(Generic[P]):
         if event.sequence > last + 1:
             self.missed += event.sequence - last - 1
         self._last_sequence[sid] = event.sequence
-        if (
-            self._closed
-            or len(self._items) >= self.max_messages
-            or (self.max_bytes is not None and self._bytes + size > self.max_bytes)
+        if self._closed or (
+            bounded
+            and (
+                len(self._items) >= self.max_messages
+                or (self.max_bytes is not None and self._bytes + size > self.max_bytes)
+            )
         ):
             self.dropped += 1
             return False
@@ -183,8 +228,9 @@ class EventQueue(Generic[P]):
             waiter.set_result(False)
         return True
 
-    def put_batch(self, events: list[ReceivedEvent[P]]) -> bool:
-        """Queue consecutive events of one subscription, all or none.
+    def put_batch(self, events: list[ReceivedEvent[P]], bounded: bool = True) -> bool:
+        """Queue consecutive events of one subscription, all or none (past the
+        bounds if not ``bounded``).
 
         Returns False (and counts them) if they had to be dropped; each event
         counts its payload's size against ``max_bytes``.
@@ -199,10 +245,12 @@ class EventQueue(Generic[P]):
         self._last_sequence[sid] = events[-1].sequence
         count = len(events)
         size = sum(map(len, map(_PAYLOAD, events)))
-        if (
-            self._closed
-            or len(self._items) + count > self.max_messages
-            or (self.max_bytes is not None and self._bytes + size > self.max_bytes)
+        if self._closed or (
+            bounded
+            and (
+                len(self._items) + count > self.max_messages
+                or (self.max_bytes is not None and self._bytes + size > self.max_bytes)
+            )
         ):
             self.dropped += count
             return False
@@ -223,6 +271,7 @@ class EventQueue(Generic[P]):
         first_sequence: int,
         subscription_id: int,
         payload_class: type[P] | None = None,
+        bounded: bool = True,
     ) -> bool:
         """Queue the events of one delivery (see :func:`received_batch`), all or none."""
         if len(payloads) == 1:  # one event in flight: no batch machinery
@@ -235,7 +284,7 @@ class EventQueue(Generic[P]):
                 subscription_id,
                 payload_class,
             )
-            return self.put_nowait(event)
+            return self.put_nowait(event, bounded)
         events = received_batch(
             topic,
             payload_type,
@@ -245,7 +294,7 @@ class EventQueue(Generic[P]):
             subscription_id,
             payload_class,
         )
-        return self.put_batch(events)
+        return self.put_batch(events, bounded)
 
     def restart_sequence(self, subscription_id: int) -> None:
         """A new session began for this subscription: its numbering starts again."""
@@ -257,6 +306,8 @@ class EventQueue(Generic[P]):
             return None
         event = self._items.popleft()
         self._bytes -= len(event.payload)
+        if self.credits is not None:
+            self.credits.took(event.subscription_id)
         return event
 
     async def get(self, timeout: float | None = None) -> ReceivedEvent[P]:
@@ -288,6 +339,8 @@ class EventQueue(Generic[P]):
                 raise RequestTimeout(f"no event within {timeout} s")
         event = self._items.popleft()
         self._bytes -= len(event.payload)
+        if self.credits is not None:
+            self.credits.took(event.subscription_id)
         return event
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:

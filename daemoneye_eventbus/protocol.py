@@ -111,6 +111,7 @@ _CLIENT_OPEN = frozenset(
         "error",
         "goodbye",
         "stats_request",
+        "credit",
     }
 )
 _BROKER_OPEN = frozenset(
@@ -406,6 +407,12 @@ class Connection:
         events, self._events = self._events, []
         return events
 
+    def hold_back(self, frames: list[Frame]) -> None:
+        """Put back frames not handled yet: returned first next time (input pending)."""
+        if frames:
+            self._events[:0] = frames
+            self.input_pending = True
+
     @property
     def buffered_input(self) -> int:
         """Bytes of an incomplete frame held in memory."""
@@ -434,11 +441,8 @@ class Connection:
 
     def send_encoded(self, data: bytes, messages: int = 1) -> None:
         """Queue a frame already encoded with its prefix (:func:`encode_publish`,
-        :meth:`PublishBatcher.seal` with ``messages`` events).
-
-        For the client's publish hot path, which builds frames without protobuf
-        objects; only while open, and the caller checks the size.
-        """
+        :meth:`PublishBatcher.seal` with ``messages`` events): the client's
+        publish hot path; only while open, and the caller checks the size."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot send while {self.state.value}")
         self._append(data, messages)

@@ -55,6 +55,7 @@ from daemoneye_eventbus.errors import (
     PayloadTypeMismatch,
     ServerError,
 )
+from daemoneye_eventbus.flow import HELD
 from daemoneye_eventbus.frames import batch_budget, event_budget
 from daemoneye_eventbus.statistics import TopicFigures
 from daemoneye_eventbus.subscriptions import (
@@ -156,6 +157,8 @@ class TopicInfo:
     parser: type[ProtoMessage] | None = None
     #: The counts of the topic's label, shared by every topic of that label.
     counts: TopicCounts = field(default_factory=TopicCounts)
+    #: Declared lossless: held, not dropped, for a credit-based subscriber.
+    lossless: bool = False
 
 
 class Router:
@@ -198,10 +201,13 @@ class Router:
         filter: str,
         correlation_filter: CorrelationFilter | None = None,
         include_control: bool = False,
+        lossless: bool = False,
+        window: int = 0,
     ) -> SubscriptionEntry:
-        """Add a subscription; raise a typed error with the reason if refused."""
+        """Add a subscription; raise a typed error with the reason if refused
+        (``lossless`` and ``window``: see :meth:`SubscriptionTable.subscribe`)."""
         return self.table.subscribe(
-            endpoint, subscription_id, filter, correlation_filter, include_control
+            endpoint, subscription_id, filter, correlation_filter, include_control, lossless, window
         )
 
     def unsubscribe(self, endpoint: Endpoint, subscription_id: int) -> None:
@@ -273,7 +279,12 @@ class Router:
             access = TopicAccess(declared.access, declared.publishers, declared.subscribers)
             counts = self.counts.label(declared.template or declared.name)
             info = TopicInfo(
-                declared.payload_name, declared.control, access, declared.payload_type, counts
+                declared.payload_name,
+                declared.control,
+                access,
+                declared.payload_type,
+                counts,
+                declared.lossless,
             )
         elif cfg.allow_undeclared_topics:
             info = TopicInfo(
@@ -293,7 +304,8 @@ class Router:
 
     def route(self, endpoint: Endpoint, message: Published) -> int:
         """Check and route one published event or batch; return how many
-        events queues took.
+        events queues took (or hold: a lossless subscriber without credit
+        holds them and ``endpoint`` with them, see :mod:`~daemoneye_eventbus.flow`).
 
         Raises a typed :class:`EventBusError` with its error code when it is
         refused; nothing is delivered then. A batch is accepted or refused as
@@ -340,9 +352,12 @@ class Router:
                 continue
             first = sub.sequence + 1
             sub.sequence += count
-            if sub.enqueue(sub, message, data, first, count):
+            queued = sub.enqueue(sub, message, data, first, count)
+            if queued:
                 sub.delivered += count
                 taken += count
+                if queued == HELD and sub.flow is not None:
+                    sub.flow.wait(endpoint)  # the publisher waits for this subscriber
             else:
                 sub.dropped += count
                 counts.dropped += count

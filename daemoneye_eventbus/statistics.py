@@ -95,6 +95,10 @@ class SubscriptionStatistics:
     filter: str
     delivered: int
     dropped: int
+    #: Lossless delivery (the subscription asked for it).
+    lossless: bool = False
+    #: Events held for it in the broker while its publishers wait for credit.
+    held: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +203,8 @@ class BrokerStatistics:
                     filter=s.filter,
                     delivered=s.delivered,
                     dropped=s.dropped,
+                    lossless=s.lossless,
+                    held=s.held,
                 )
                 for s in self.subscription_stats
             ],

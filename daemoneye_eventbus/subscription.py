@@ -17,7 +17,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 from google.protobuf.message import Message
 
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
-from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
+from daemoneye_eventbus.delivery import Credits, EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import ConnectionClosed, InvalidPayload
 from daemoneye_eventbus.registry_runtime import Topic
 
@@ -46,9 +46,13 @@ class Subscription(Generic[P]):
 
     Received events wait in an :class:`EventQueue` bounded by ``max_pending``;
     when the application does not keep up, new events are dropped and counted
-    in :attr:`dropped`. Events the broker dropped show as gaps in
-    :attr:`ReceivedEvent.sequence` and are counted in :attr:`missed`. Several
-    subscriptions may share one queue (pass ``queue=`` to ``subscribe``).
+    in :attr:`dropped`. A credit-based subscription (:attr:`window` > 0: it
+    asked for lossless delivery, or reaches a topic declared lossless) never
+    drops here: the broker sends at most a window beyond what the application
+    has read, and holds the publishers of lossless events meanwhile. Events
+    the broker dropped show as gaps in :attr:`ReceivedEvent.sequence` and are
+    counted in :attr:`missed`. Several subscriptions may share one queue (pass
+    ``queue=`` to ``subscribe``).
     """
 
     def __init__(
@@ -60,6 +64,8 @@ class Subscription(Generic[P]):
         include_control: bool,
         payload_class: type[P] | None,
         queue: EventQueue[P],
+        lossless: bool = False,
+        window: int = 0,
     ) -> None:
         #: The client or in-process session the subscription belongs to.
         self.owner = owner
@@ -74,7 +80,24 @@ class Subscription(Generic[P]):
         self.on_invalid: Callable[[InvalidPayload], None] | None = None
         #: Events :meth:`messages` skipped because their payload did not decode.
         self.invalid = 0
+        #: Lossless delivery was asked for (every event, whatever its topic).
+        self.lossless = lossless
+        #: The credit window the client offers (0: the owner's choice).
+        self.requested_window = window
+        #: The window the broker granted: 0 for at-most-once delivery.
+        self.window = 0
         self._active = True
+
+    def credit_based(self, window: int, lossless: bool, credits: Credits) -> None:
+        """The broker made this subscription credit based (for the owner):
+        reads of its queue are counted in ``credits`` from now on."""
+        self.window = window
+        self.lossless = lossless
+        if window:
+            credits.track(self.subscription_id, window)
+            self.queue.credits = credits
+        else:
+            credits.forget(self.subscription_id)
 
     @property
     def client(self) -> SubscriptionOwner:
@@ -116,6 +139,7 @@ class Subscription(Generic[P]):
             first_sequence,
             self.subscription_id,
             self.payload_class,
+            not self.window,
         )
 
     def end(self, error: BaseException | None = None) -> None:

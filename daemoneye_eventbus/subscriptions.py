@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, NoReturn, Protocol
 
-from daemoneye.eventbus.v1 import frames_pb2, registry
+from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye_eventbus.access import (
@@ -40,6 +40,7 @@ from daemoneye_eventbus.errors import (
     SubscriptionExists,
     UnknownSubscription,
 )
+from daemoneye_eventbus.flow import Flow, Published
 from daemoneye_eventbus.topics import SubscriptionTrie, validate_topic_filter
 
 __all__ = [
@@ -50,9 +51,6 @@ __all__ = [
     "SubscriptionEntry",
     "SubscriptionTable",
 ]
-
-#: What a session publishes: one event or a batch of events on one topic.
-Published = frames_pb2.Publish | frames_pb2.PublishBatch
 
 # Topics whose routing is remembered; the cache is cleared when it grows past
 # this, and whenever a subscription is added or removed.
@@ -67,15 +65,34 @@ DECLARED_TOPICS: Final[tuple[tuple[str, TopicAccess], ...]] = (
     *((t.filter, TopicAccess(t.access, t.publishers, t.subscribers)) for t in registry.TEMPLATES),
 )
 
+#: The declared topics and templates that are lossless, as :data:`DECLARED_TOPICS`.
+LOSSLESS_TOPICS: Final[tuple[tuple[str, TopicAccess], ...]] = (
+    *(
+        (t.name, TopicAccess(t.access, t.publishers, t.subscribers))
+        for t in registry.TOPICS.values()
+        if t.lossless
+    ),
+    *(
+        (t.filter, TopicAccess(t.access, t.publishers, t.subscribers))
+        for t in registry.TEMPLATES
+        if t.lossless
+    ),
+)
+
 
 class Sink(Protocol):
     """Where the router hands one session's deliveries."""
 
     def enqueue(
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> bool:
+    ) -> int:
         """Queue the ``count`` events of ``message`` (``data`` encoded), numbered
-        from ``first``, for ``sub``: all or none; False if dropped."""
+        from ``first``, for ``sub``, all or none: ``flow.QUEUED``, ``flow.DROPPED``
+        (0), or ``flow.HELD`` for a lossless subscription without credit."""
+        ...
+
+    def resume(self) -> None:
+        """Every flow that held this session as a publisher released it."""
         ...
 
 
@@ -83,6 +100,8 @@ class Endpoint:
     """One session as the router sees it: who it is, what it subscribed, its figures."""
 
     __slots__ = (
+        "credit",
+        "held_by",
         "identity",
         "invalid_payloads",
         "peer",
@@ -117,11 +136,21 @@ class Endpoint:
         self.invalid_payloads = 0
         #: Broker memory its subscriptions are charged (daemoneye_eventbus.budget).
         self.subscription_bytes = 0
+        #: The session grants credit (its Hello said so): it may have flows.
+        self.credit = False
+        #: Flows holding this session as a publisher (see daemoneye_eventbus.flow).
+        self.held_by = 0
 
     @property
     def component(self) -> str:
         """The accepted component, or "" for an anonymous peer."""
         return self.identity.component
+
+    def unhold(self) -> None:
+        """A flow released this publisher; its sink resumes it when none holds it."""
+        self.held_by -= 1
+        if not self.held_by:
+            self.sink.resume()
 
     def authenticate(self, identity: Identity) -> None:
         """Take the identity established at the handshake."""
@@ -140,9 +169,12 @@ class SubscriptionEntry:
     #: Deliver control topics to this subscription.
     wants_control: bool
     #: The endpoint's sink's ``enqueue``, bound once for the delivery loop.
-    enqueue: Callable[[SubscriptionEntry, Published, bytes, int, int], bool]
+    enqueue: Callable[[SubscriptionEntry, Published, bytes, int, int], int]
     #: Broker memory the subscription is charged.
     cost: int = 0
+    #: Credit-based delivery, for a client that grants credit and a
+    #: subscription that asked for lossless delivery or reaches a lossless topic.
+    flow: Flow | None = None
     sequence: int = 0
     delivered: int = 0
     dropped: int = 0
@@ -182,8 +214,14 @@ class SubscriptionTable:
         filter: str,
         correlation_filter: CorrelationFilter | None = None,
         include_control: bool = False,
+        lossless: bool = False,
+        window: int = 0,
     ) -> SubscriptionEntry:
-        """Add a subscription; raise a typed error with the reason if refused."""
+        """Add a subscription; raise a typed error with the reason if refused.
+
+        ``lossless`` asks for lossless delivery of every event, ``window`` is
+        the credit the client offers (0: the broker's ``max_credit_window``).
+        """
         cfg = self.config
         if subscription_id <= 0 or subscription_id in endpoint.subscriptions:
             self._refuse(
@@ -259,9 +297,11 @@ class SubscriptionTable:
                 )
         # A filter that names the control tree explicitly asks for control topics.
         wants_control = include_control or filter.startswith("control.") or filter == "control"
+        flow = self._flow(endpoint, filter, lossless, window)
         sub = SubscriptionEntry(
             endpoint, subscription_id, filter, matcher, wants_control, endpoint.sink.enqueue, cost
         )
+        sub.flow = flow
         self._trie.insert(filter, sub)
         endpoint.subscriptions[subscription_id] = sub
         endpoint.subscription_bytes += cost
@@ -283,6 +323,35 @@ class SubscriptionTable:
         endpoint.subscription_bytes -= sub.cost
         self.subscription_bytes -= sub.cost
         self.route_cache.clear()
+        if sub.flow is not None:
+            sub.dropped += sub.flow.discard()
+
+    def _flow(self, endpoint: Endpoint, filter: str, lossless: bool, window: int) -> Flow | None:
+        """The flow of a new subscription, None for at-most-once delivery; raises
+        if lossless delivery was asked for and cannot be had."""
+        identity = endpoint.identity
+        if lossless and not endpoint.credit:
+            self._refuse(
+                LimitExceeded(
+                    "lossless delivery needs a client that grants credit (Hello.credit)",
+                    code=ErrorCode.ERROR_CODE_LIMIT_EXCEEDED,
+                )
+            )
+        if lossless and not identity.component:
+            # Held publishers wait for the subscriber: not for an anonymous one.
+            self._refuse(
+                AccessDenied(
+                    "lossless delivery is for authenticated components, not anonymous peers",
+                    code=ErrorCode.ERROR_CODE_ACCESS_DENIED,
+                )
+            )
+        if not lossless:
+            if not (endpoint.credit and identity.component and LOSSLESS_TOPICS):
+                return None
+            if not filter_reach(identity, filter, LOSSLESS_TOPICS)[1]:
+                return None  # reaches no lossless topic it may read
+        most = self.config.max_credit_window
+        return Flow(min(window, most) if window > 0 else most, lossless)
 
     def detach(self, endpoint: Endpoint) -> None:
         """Drop every subscription of ``endpoint`` (its session has ended)."""
@@ -291,6 +360,8 @@ class SubscriptionTable:
             return
         for sub in subs.values():
             self._trie.remove(sub.filter, sub)
+            if sub.flow is not None:
+                sub.flow.discard()
         self.subscription_bytes -= endpoint.subscription_bytes
         endpoint.subscription_bytes = 0
         subs.clear()

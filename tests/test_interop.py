@@ -617,6 +617,7 @@ def _decl(enum_value: str, name: str, parameters: tuple[str, ...] = ()) -> Topic
         payload_file="daemoneye/eventbus/v1/control.proto",
         payload_package="daemoneye.eventbus.v1",
         control=False,
+        lossless=False,
         parameters=parameters,
         comment="A test topic.",
     )

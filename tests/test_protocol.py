@@ -99,6 +99,7 @@ SAMPLES: dict[str, Frame] = {
     "error": error_frame(ErrorCode.ERROR_CODE_INVALID_TOPIC, "no such topic", fatal=False),
     "goodbye": goodbye(),
     "stats_request": Frame(stats_request=frames_pb2.StatsRequest(request_id=3)),
+    "credit": Frame(credit=frames_pb2.Credit(subscription_id=1, events=250)),
     "stats_response": Frame(stats_response=frames_pb2.StatsResponse(request_id=3)),
     "publish_batch": Frame(
         publish_batch=frames_pb2.PublishBatch(
@@ -731,9 +732,9 @@ def test_undecodable_body_is_malformed(body: bytes) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        pytest.param(b"\x88\x01\x01", id="unknown-field-17"),
+        pytest.param(b"\x90\x01\x01", id="unknown-field-18"),
         pytest.param(b"\xa0\x06\x01", id="unknown-field-100"),
-        pytest.param(b"\x8a\x01\x03abc", id="unknown-length-delimited"),
+        pytest.param(b"\x92\x01\x03abc", id="unknown-length-delimited"),
     ],
 )
 def test_frame_with_no_kind_is_malformed(body: bytes) -> None:

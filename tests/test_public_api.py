@@ -72,6 +72,7 @@ PURE_MODULES = [
     "subscriptions",
     "budget",
     "ratelimit",
+    "flow",
     "privileges",
 ]
 PACKAGE_DIR = Path(daemoneye_eventbus.__file__).resolve().parent

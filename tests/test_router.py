@@ -83,7 +83,7 @@ class RecordingSink:
 
     def enqueue(
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> bool:
+    ) -> int:
         if isinstance(message, frames_pb2.PublishBatch):
             payloads = tuple(message.payloads)
             assert frames_pb2.PublishBatch.FromString(data) == message
@@ -93,6 +93,9 @@ class RecordingSink:
         assert count == len(payloads)
         self.deliveries.append(Delivery(sub.subscription_id, message.topic, first, count, payloads))
         return not self.full
+
+    def resume(self) -> None:
+        """Nothing to resume: no flow holds a recording publisher."""
 
     def take(self) -> list[tuple[int, str, int, int]]:
         """(subscription id, topic, first sequence, count) of each delivery since the

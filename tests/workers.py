@@ -49,8 +49,12 @@ async def publish(args: argparse.Namespace) -> None:
 async def subscribe(args: argparse.Namespace) -> None:
     flt = CorrelationFilter(correlation_ids=args.correlation) if args.correlation else None
     async with Client(args.socket, name="subscriber", component=args.component) as client:
-        sub = await client.subscribe(args.filter, correlation_filter=flt)
-        print(json.dumps({"ready": True}), flush=True)
+        sub = await client.subscribe(
+            args.filter, correlation_filter=flt, lossless=args.lossless, window=args.window
+        )
+        # The credit window only where lossless delivery was asked for.
+        ready = {"ready": True, "window": sub.window} if args.lossless else {"ready": True}
+        print(json.dumps(ready), flush=True)
         got = 0
         last_pid: dict[int, int] = {}
         ordered = True
@@ -60,6 +64,8 @@ async def subscribe(args: argparse.Namespace) -> None:
             except RequestTimeout:
                 break
             got += 1
+            if args.slow and got % 100 == 0:
+                await asyncio.sleep(args.slow)  # a reader slower than its publishers
             msg = event.message()
             assert isinstance(msg, events_pb2.ProcessEvent)
             if last_pid.get(msg.ppid, -1) >= msg.pid:
@@ -76,7 +82,14 @@ async def subscribe(args: argparse.Namespace) -> None:
                 "corr": corr,
             }
             print(json.dumps(record), flush=True)
-        summary = {"done": got, "missed": sub.missed, "dropped": sub.dropped, "ordered": ordered}
+        summary = {
+            "done": got,
+            "missed": sub.missed,
+            "dropped": sub.dropped,
+            "ordered": ordered,
+        }
+        if args.lossless:
+            summary["window"] = sub.window
         print(json.dumps(summary), flush=True)
 
 
@@ -108,6 +121,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--rate", type=float, help="publish at most this many events/s")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--lossless", action="store_true", help="subscribe: lossless delivery")
+    parser.add_argument("--window", type=int, help="subscribe: the credit window")
+    parser.add_argument(
+        "--slow", type=float, default=0.0, help="subscribe: sleep this long every 100 events"
+    )
     parser.add_argument(
         "--component",
         help="component to claim (default: procmond to publish, daemoneye-agent to subscribe)",

@@ -22,6 +22,7 @@ from daemoneye.eventbus.v1.frames_pb2 import Frame
 from daemoneye_eventbus.client.pump import ClientPump
 from daemoneye_eventbus.client.requests import PendingRequests, RequestKey, RequestKind
 from daemoneye_eventbus.client.writer import PublishWriter
+from daemoneye_eventbus.delivery import Credits
 from daemoneye_eventbus.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -95,6 +96,7 @@ class ClientConnection:
         self._entered = False
         self._refused = 0
         self._reconnects = 0
+        self._credits = Credits(self._writer.grant)  # reads of credit-based subscriptions
 
     # -- connection -------------------------------------------------------------
 
@@ -119,6 +121,7 @@ class ClientConnection:
                     client_name=self.name,
                     component=self.component,
                     accept_batches=True,
+                    credit=True,
                 )
                 self._conn.send(Frame(hello=hello))
                 self._writer.write_now()
@@ -290,8 +293,8 @@ class ClientConnection:
             elif kind == "pong":
                 self._requests.resolve(RequestKey(RequestKind.PING, frame.pong.nonce), None)
             elif kind == "subscribe_ack":
-                sid = frame.subscribe_ack.subscription_id
-                self._requests.resolve(RequestKey(_SUBSCRIBE, sid), None)
+                ack = frame.subscribe_ack
+                self._requests.resolve(RequestKey(_SUBSCRIBE, ack.subscription_id), ack)
             elif kind == "unsubscribe_ack":
                 sid = frame.unsubscribe_ack.subscription_id
                 self._requests.resolve(RequestKey(_UNSUBSCRIBE, sid), None)

@@ -151,6 +151,8 @@ class Client(ClientConnection):
         include_control: bool = False,
         max_pending: int | None = None,
         queue: EventQueue[P] | None = None,
+        lossless: bool = False,
+        window: int | None = None,
     ) -> Subscription[P]: ...
 
     @overload
@@ -162,6 +164,8 @@ class Client(ClientConnection):
         include_control: bool = False,
         max_pending: int | None = None,
         queue: EventQueue[Message] | None = None,
+        lossless: bool = False,
+        window: int | None = None,
     ) -> Subscription[Message]: ...
 
     async def subscribe(
@@ -172,6 +176,8 @@ class Client(ClientConnection):
         include_control: bool = False,
         max_pending: int | None = None,
         queue: EventQueue[Any] | None = None,
+        lossless: bool = False,
+        window: int | None = None,
     ) -> Subscription[Any]:
         """Subscribe to a topic or a filter with ``+`` / ``#`` wildcards.
 
@@ -179,6 +185,15 @@ class Client(ClientConnection):
         ``correlation_filter`` is applied by the broker, so events it rejects
         never cross the socket. Control topics reach a wildcard filter only
         with ``include_control=True``.
+
+        ``lossless=True`` asks for lossless delivery: when the application
+        reads slower than events come, the broker holds their publishers
+        (their ``publish`` waits) instead of dropping events, and disconnects
+        this client as a slow consumer only if it reads nothing for the
+        broker's ``slow_consumer_timeout``. ``window`` is how many events may
+        be on their way beyond what was read (default: the queue's size).
+        Subscriptions reaching a topic the schema declares lossless get the
+        same for that topic's events without asking.
         """
         text, cls = subscription_target(filter)
         validate_topic_filter(
@@ -194,6 +209,8 @@ class Client(ClientConnection):
             include_control,
             cls,
             queue if queue is not None else self.new_queue(max_pending),
+            lossless,
+            window or 0,
         )
         self._subs[sub.subscription_id] = sub
         try:
@@ -215,10 +232,16 @@ class Client(ClientConnection):
             subscription_id=sub.subscription_id,
             filter=sub.filter,
             include_control=sub.include_control,
+            lossless=sub.lossless,
+            window=sub.requested_window or sub.queue.max_messages,
         )
         if sub.correlation_filter is not None:
             req.correlation_filter.CopyFrom(sub.correlation_filter)
-        await self._request(RequestKey(_SUBSCRIBE, sub.subscription_id), Frame(subscribe=req))
+        ack: frames_pb2.SubscribeAck = await self._request(
+            RequestKey(_SUBSCRIBE, sub.subscription_id), Frame(subscribe=req)
+        )
+        # A new session numbers and credits the subscription afresh.
+        sub.credit_based(ack.window, ack.lossless or sub.lossless, self._credits)
 
     async def unsubscribe(self, sub: Subscription[Any]) -> None:
         """End a subscription; events still queued for it are kept for reading."""
@@ -226,6 +249,7 @@ class Client(ClientConnection):
             sub.end(None)
             return
         sub.end(None)
+        self._credits.forget(sub.subscription_id)
         if self.is_connected:
             frame = Frame(unsubscribe=frames_pb2.Unsubscribe(subscription_id=sub.subscription_id))
             await self._request(RequestKey(_UNSUBSCRIBE, sub.subscription_id), frame)

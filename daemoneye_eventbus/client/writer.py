@@ -20,6 +20,7 @@ from typing import Final, Protocol, TypeVar
 
 from google.protobuf.message import Message
 
+from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import Frame
 from daemoneye_eventbus.correlation import validate_metadata
@@ -163,6 +164,13 @@ class PublishWriter:
                 self.conn.send_encoded(*sealed)
                 return sealed[1]
         return 0
+
+    def grant(self, subscription_id: int, events: int) -> None:
+        """Send credit for a credit-based subscription (written at the end of the turn)."""
+        if self.conn.state is State.OPEN and not self.conn.close_expected:
+            self.send(
+                Frame(credit=frames_pb2.Credit(subscription_id=subscription_id, events=events))
+            )
 
     def send(self, frame: Frame) -> None:
         """Queue a control frame after everything published before it."""

@@ -135,9 +135,14 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def enqueue(
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> bool:
+    ) -> int:
         """Queue the ``count`` events of ``message`` (``data`` encoded), numbered
-        from ``first``, for ``sub``: all or none; False if dropped."""
+        from ``first``, for ``sub``, all or none: ``flow.QUEUED``, ``flow.DROPPED``,
+        or ``flow.HELD`` (credit-based subscriptions only)."""
+
+    @abc.abstractmethod
+    def resume(self) -> None:
+        """No lossless subscriber holds this session as a publisher any more."""
 
     @abc.abstractmethod
     def queue_depth(self) -> tuple[int, int]:

@@ -68,6 +68,8 @@ class HandledSession(Protocol):
 
     def send(self, frame: Frame) -> None: ...
 
+    def grant(self, subscription_id: int, events: int) -> None: ...
+
     def handshake_complete(self) -> None: ...
 
 
@@ -84,8 +86,19 @@ class FrameHandler:
         # (their answers are not sent: the connection is closing) [protocol §1];
         # a violation found while *handling* a frame ends the read there.
         closing_already = conn.close_expected
-        for frame in conn.events_received():
+        endpoint = self.session.endpoint
+        frames = conn.events_received()
+        for index, frame in enumerate(frames):
             if not closing_already and conn.state in _CLOSING_STATES:
+                break
+            if endpoint.held_by and not conn.close_expected:
+                # A lossless subscriber holds this publisher: the rest waits,
+                # except credit, which only ever lets deliveries go on.
+                rest = frames[index:]
+                for held in rest:
+                    if held.WhichOneof("kind") == "credit":
+                        self.session.grant(held.credit.subscription_id, held.credit.events)
+                conn.hold_back([f for f in rest if f.WhichOneof("kind") != "credit"])
                 break
             try:
                 self.handle(frame)
@@ -108,15 +121,25 @@ class FrameHandler:
             self.session.router.route(self.session.endpoint, frame.publish_batch)
         elif kind == "publish":
             self.session.router.route(self.session.endpoint, frame.publish)
+        elif kind == "credit":
+            self.session.grant(frame.credit.subscription_id, frame.credit.events)
         elif kind == "subscribe":
             req = frame.subscribe
             flt = req.correlation_filter if req.HasField("correlation_filter") else None
-            self.session.router.subscribe(
-                self.session.endpoint, req.subscription_id, req.filter, flt, req.include_control
+            sub = self.session.router.subscribe(
+                self.session.endpoint,
+                req.subscription_id,
+                req.filter,
+                flt,
+                req.include_control,
+                req.lossless,
+                req.window,
             )
-            self.session.send(
-                Frame(subscribe_ack=frames_pb2.SubscribeAck(subscription_id=req.subscription_id))
-            )
+            ack = frames_pb2.SubscribeAck(subscription_id=req.subscription_id)
+            if sub.flow is not None:
+                ack.window = sub.flow.window
+                ack.lossless = sub.flow.lossless
+            self.session.send(Frame(subscribe_ack=ack))
         elif kind == "unsubscribe":
             sid = frame.unsubscribe.subscription_id
             self.session.router.unsubscribe(self.session.endpoint, sid)
@@ -150,6 +173,7 @@ class FrameHandler:
             raise
         self.session.client_name = hello.client_name[:MAX_CLIENT_NAME_CHARS]
         self.session.accepts_batches = hello.accept_batches
+        self.session.endpoint.credit = hello.credit
         claimed = hello.component
         policy = host.policy
         peer = self.session.peer

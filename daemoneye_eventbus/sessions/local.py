@@ -7,10 +7,15 @@ the socket client's shape (``publish``, ``publish_nowait``, ``publish_raw``,
 ``unsubscribe``, ``close``), so code written against one runs on the other;
 the difference is that a refusal is raised at once, as the typed error the
 router raised, instead of arriving later from the broker.
+
+Lossless subscriptions work in process too: the queue's reads grant credit
+straight to the session's flows, and an in-process publisher held by a
+lossless subscriber waits in ``publish`` until it is released.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Sequence
@@ -20,13 +25,16 @@ from google.protobuf.message import Message
 
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye_eventbus.access import Identity, PeerCredentials
-from daemoneye_eventbus.delivery import EventQueue
-from daemoneye_eventbus.errors import ClosedResourceError
-from daemoneye_eventbus.protocol import build_publish
+from daemoneye_eventbus.delivery import Credits, EventQueue
+from daemoneye_eventbus.errors import ClosedResourceError, LimitExceeded
+from daemoneye_eventbus.flow import DROPPED, QUEUED
+from daemoneye_eventbus.protocol import build_publish, error_for_code
 from daemoneye_eventbus.registry_runtime import Topic
 from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
+from daemoneye_eventbus.sessions.flows import FlowDelivery
 from daemoneye_eventbus.subscription import Subscription, subscription_target
 
 __all__ = ["LocalSession"]
@@ -53,9 +61,16 @@ class LocalSession(Session):
             identity=Identity(None, component, privileged=True, trusted=True),
             peer=PeerCredentials(os.getpid(), os.getuid(), os.getgid()),
         )
+        # In-process reads grant credit directly (see Credits).
+        self.endpoint.credit = True
         self._subs: dict[int, Subscription[Any]] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        #: Credit-based subscriptions' deliveries (lossless delivery).
+        self.flows = FlowDelivery(self, self.router.topic_info)
+        self._credits = Credits(self.grant)
+        #: Set while a lossless subscriber holds this session as a publisher.
+        self._released: asyncio.Future[None] | None = None
 
     @property
     def identity(self) -> Identity:
@@ -84,6 +99,11 @@ class LocalSession(Session):
         error code) when it is refused.
         """
         self._check_open()
+        if self.endpoint.held_by:
+            raise LimitExceeded(
+                "a lossless subscriber holds this publisher until it reads: "
+                "await publish() waits for it"
+            )
         taken = self.router.route(self.endpoint, publish)
         # Socket subscribers it reached get their frames at the end of this turn.
         self.host.outbox.schedule()
@@ -98,8 +118,20 @@ class LocalSession(Session):
     async def publish(
         self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
     ) -> None:
-        """Publish one event (never waits: in process, delivery is a queue put)."""
+        """Publish one event; waits only while a lossless subscriber holds this
+        session (in process, delivery is otherwise a queue put)."""
+        await self._until_released()
         self.publish_nowait(topic, message, correlation=correlation)
+
+    async def _until_released(self) -> None:
+        while self.endpoint.held_by and not self._closed:
+            if self._released is None or self._released.done():
+                self._released = asyncio.get_running_loop().create_future()
+            await self._released
+
+    def resume(self) -> None:  # no lossless subscriber holds this session any more
+        if self._released is not None and not self._released.done():
+            self._released.set_result(None)
 
     async def publish_raw(
         self,
@@ -113,6 +145,7 @@ class LocalSession(Session):
         publish = frames_pb2.Publish(topic=topic, payload_type=payload_type, payload=payload)
         if correlation is not None:
             publish.correlation.CopyFrom(correlation)
+        await self._until_released()
         self.publish_frame(publish)
 
     async def flush(self) -> float:
@@ -130,10 +163,11 @@ class LocalSession(Session):
         correlation_filter: CorrelationFilter | None = None,
         include_control: bool = False,
         payload_class: type[Message] | None = None,
+        lossless: bool = False,
     ) -> int:
         """Subscribe, delivering into ``queue``; returns the subscription id."""
         return self._subscribe(
-            filter, queue, correlation_filter, include_control, payload_class
+            filter, queue, correlation_filter, include_control, payload_class, lossless, 0
         ).subscription_id
 
     def _subscribe(
@@ -143,13 +177,25 @@ class LocalSession(Session):
         correlation_filter: CorrelationFilter | None,
         include_control: bool,
         payload_class: type[Message] | None,
+        lossless: bool,
+        window: int | None,
     ) -> Subscription[Any]:
         self._check_open()
         sid = next(self._ids)
         sub: Subscription[Any] = Subscription(
-            self, sid, filter, correlation_filter, include_control, payload_class, queue
+            self, sid, filter, correlation_filter, include_control, payload_class, queue, lossless
         )
-        self.router.subscribe(self.endpoint, sid, filter, correlation_filter, include_control)
+        entry = self.router.subscribe(
+            self.endpoint,
+            sid,
+            filter,
+            correlation_filter,
+            include_control,
+            lossless,
+            window or queue.max_messages,
+        )
+        if entry.flow is not None:
+            sub.credit_based(entry.flow.window, entry.flow.lossless, self._credits)
         self._subs[sid] = sub
         return sub
 
@@ -162,6 +208,8 @@ class LocalSession(Session):
         include_control: bool = False,
         max_pending: int | None = None,
         queue: EventQueue[P] | None = None,
+        lossless: bool = False,
+        window: int | None = None,
     ) -> Subscription[P]: ...
 
     @overload
@@ -173,6 +221,8 @@ class LocalSession(Session):
         include_control: bool = False,
         max_pending: int | None = None,
         queue: EventQueue[Message] | None = None,
+        lossless: bool = False,
+        window: int | None = None,
     ) -> Subscription[Message]: ...
 
     async def subscribe(
@@ -183,18 +233,24 @@ class LocalSession(Session):
         include_control: bool = False,
         max_pending: int | None = None,
         queue: EventQueue[Any] | None = None,
+        lossless: bool = False,
+        window: int | None = None,
     ) -> Subscription[Any]:
-        """Subscribe to a topic or a filter, as :meth:`Client.subscribe` does."""
+        """Subscribe to a topic or a filter, as :meth:`Client.subscribe` does
+        (``lossless`` and ``window`` too: the window defaults to the queue's size)."""
         text, cls = subscription_target(filter)
         if queue is None:
             queue = self.new_queue(max_pending)
-        return self._subscribe(text, queue, correlation_filter, include_control, cls)
+        return self._subscribe(
+            text, queue, correlation_filter, include_control, cls, lossless, window
+        )
 
     def unsubscribe_id(self, subscription_id: int) -> None:
         """End a subscription by id; events already queued stay readable."""
         sub = self._subs.pop(subscription_id, None)
         if not self._closed:  # else the session (or the broker) already ended everything
             self.router.unsubscribe(self.endpoint, subscription_id)
+        self._credits.forget(subscription_id)
         if sub is not None:
             sub.end()
 
@@ -209,16 +265,62 @@ class LocalSession(Session):
 
     def enqueue(
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> bool:
+    ) -> int:
         local = self._subs.get(sub.subscription_id)
         if local is None or self._closed:
-            return False
+            return DROPPED
+        flow = sub.flow
+        if flow is not None:
+            return self.flows.enqueue(sub, flow, message, data, first, count)
+        return QUEUED if self._put(local, message, first) else DROPPED
+
+    def _put(self, local: Subscription[Any], message: Published, first: int) -> bool:
         payloads: Sequence[bytes] = (
             message.payloads if isinstance(message, frames_pb2.PublishBatch) else (message.payload,)
         )
         # One copy of the correlation per subscriber: the publisher may reuse its message.
         correlation = _copy_correlation(message) if message.HasField("correlation") else None
         return local.deliver(message.topic, message.payload_type, payloads, correlation, first)
+
+    # The FlowDelivery seam: a queue always has room (the window bounds it).
+    @property
+    def delivering(self) -> bool:
+        return not self._closed
+
+    def room(self, size: int, may_flush: bool) -> bool:
+        return True
+
+    def deliver(
+        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+    ) -> None:
+        local = self._subs.get(sub.subscription_id)
+        if local is not None:
+            self._put(local, message, first)
+
+    def grant(self, subscription_id: int, events: int) -> None:
+        """The application read ``events`` events of a credit-based subscription."""
+        if (entry := self.endpoint.subscriptions.get(subscription_id)) and not self._closed:
+            self.flows.grant(entry, events)
+
+    def check(self, now: float) -> None:
+        """End a lossless subscription whose reader stalled while publishers
+        waited for it (called by the broker's housekeeping)."""
+        if not self.flows.holding:
+            return
+        timeout = self.host.config.slow_consumer_timeout
+        stalled = self.flows.stalled(now, timeout)
+        if stalled is not None:
+            sid = stalled.subscription_id
+            local = self._subs.get(sid)
+            if local is not None:
+                local.end(
+                    error_for_code(
+                        ErrorCode.ERROR_CODE_SLOW_CONSUMER,
+                        f"lossless subscription {local.filter!r} was not read for {timeout} s "
+                        "while its publishers waited",
+                    )
+                )
+            self.unsubscribe_id(sid)
 
     def queue_depth(self) -> tuple[int, int]:
         queues = {id(s.queue): s.queue for s in self._subs.values()}.values()
@@ -235,6 +337,7 @@ class LocalSession(Session):
         for sub in self._subs.values():
             sub.end()
         self._subs.clear()
+        self.resume()  # a publish waiting for a lossless subscriber ends too
 
     async def close(self) -> None:
         """Like :meth:`Client.close`: end the session (idempotent)."""

@@ -9,11 +9,14 @@ output, and writes that output when the broker's outbox flushes. It also
 enforces the session's deadlines: handshake, heartbeat, idle and slow
 consumer [protocol §2, §6, §8].
 
-Delivery is at most once [protocol §5]: when a subscriber's queue is full,
-new events for it are dropped and counted, and its per-subscription sequence
-numbers show the gap; the publisher and the other subscribers are never held
-up. A subscriber whose socket stays backed up past ``slow_consumer_timeout``
-is disconnected.
+Delivery is at most once by default [protocol §5]: when a subscriber's
+queue is full, new events for it are dropped and counted, and its
+per-subscription sequence numbers show the gap; the publisher and the other
+subscribers are never held up. A subscriber whose socket stays backed up past
+``slow_consumer_timeout`` is disconnected. Credit-based subscriptions go
+through :class:`~daemoneye_eventbus.sessions.flows.FlowDelivery` instead: a
+lossless event that finds no credit is held, and so is its publisher (this
+session stops reading it until released, see :meth:`SocketSession.resume`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from daemoneye_eventbus.budget import Account, queued_cost
 from daemoneye_eventbus.errors import (
     RemoteProtocolError,
 )
-from daemoneye_eventbus.frames import publish_body, publish_header
 from daemoneye_eventbus.protocol import (
     Connection,
     Role,
@@ -39,6 +41,7 @@ from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
 from daemoneye_eventbus.sessions.gate import ReadGate
 from daemoneye_eventbus.sessions.handler import FrameHandler
+from daemoneye_eventbus.sessions.output import SocketOutput
 
 __all__ = ["SocketSession"]
 
@@ -68,7 +71,6 @@ class SocketSession(Session, asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: The client decodes DeliverBatch frames (said in its Hello).
         self.accepts_batches = False
-        self._mark_pending = host.outbox.pending.add
         self._paused_since: float | None = None
         self._last_rx = 0.0
         self._ping_sent = False
@@ -81,6 +83,10 @@ class SocketSession(Session, asyncio.Protocol):
         self._account = Account(budget)
         self._gate = ReadGate(self._continue)
         self._read = 0  # bytes read this turn, for the rate limit
+        #: What is queued for the peer, within which bounds.
+        self.output = SocketOutput(self, budget, host.outbox.pending.add, self.router.topic_info)
+        #: Credit-based subscriptions' deliveries (lossless delivery).
+        self.flows = self.output.flows
 
     # asyncio.Protocol ------------------------------------------------------
 
@@ -138,7 +144,7 @@ class SocketSession(Session, asyncio.Protocol):
         """Charge what waits: frames with their overhead, and the transport's
         buffer (below WRITE_HIGH unless backed up; charged on every tick)."""
         conn, transport = self.conn, self.transport
-        held = queued_cost(conn.buffered_bytes, conn.buffered_frames)
+        held = queued_cost(conn.buffered_bytes, conn.buffered_frames) + self.flows.held_bytes
         self._account.hold_output(held + (transport.get_write_buffer_size() if transport else 0))
 
     def _handle_received(self) -> None:
@@ -147,7 +153,11 @@ class SocketSession(Session, asyncio.Protocol):
         self.flush()
         nbytes, self._read = self._read, 0
         self._gate.after_turn(
-            self.transport, self.conn.input_pending, self.endpoint.published, nbytes
+            self.transport,
+            self.conn.input_pending,
+            self.endpoint.published,
+            nbytes,
+            self.endpoint.held_by > 0 and not self.conn.close_expected,
         )
 
     def eof_received(self) -> bool | None:
@@ -171,6 +181,7 @@ class SocketSession(Session, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused_since = None
+        self.flows.pump_all()
         self.flush()
 
     # frames -------------------------------------------------------------------
@@ -200,49 +211,24 @@ class SocketSession(Session, asyncio.Protocol):
 
     def enqueue(
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> bool:
-        if not self._make_room(count, len(data)):
-            return False
-        conn = self.conn
-        sid = sub.subscription_id
-        if isinstance(message, frames_pb2.Publish):
-            conn.send_deliver(sid, first, data)
-        elif self.accepts_batches:
-            conn.send_deliver_batch(sid, first, data, count)
-        else:
-            # A client without batch support gets one Deliver per event.
-            header = publish_header(message.topic, message.payload_type)
-            corr = (
-                message.correlation.SerializeToString() if message.HasField("correlation") else None
-            )
-            for sequence, payload in enumerate(message.payloads, first):
-                conn.send_deliver(sid, sequence, publish_body(header, payload, corr))
-        self._mark_pending(self)
-        return True
+    ) -> int:
+        return self.output.enqueue(sub, message, data, first, count)
 
-    def _make_room(self, count: int, size: int) -> bool:
-        """Whether ``count`` more events (``size`` bytes) fit the queue, flushing if need be."""
-        conn = self.conn
-        cfg = self.config
-        if conn.state is not State.OPEN:
-            return False
-        if self._paused_since is not None and self._budget.output_full:
-            return False  # backed up while the broker's total is used up: drop
-        if (
-            conn.buffered_messages + count > cfg.max_queue_messages
-            or conn.buffered_bytes + size > cfg.max_queue_bytes
-        ):
-            # The queue holds what waits while the socket is backed up; if it
-            # is not, hand the batch to the socket now instead of dropping.
-            if self._paused_since is not None:
-                return False
-            self.flush()
-            if (
-                self._paused_since is not None
-                and conn.buffered_messages + count > cfg.max_queue_messages
-            ):
-                return False
-        return True
+    @property
+    def backed_up(self) -> bool:
+        """The socket does not take more now (paused past the write buffer's mark)."""
+        return self._paused_since is not None
+
+    def grant(self, subscription_id: int, events: int) -> None:
+        """A ``Credit`` frame: the client took ``events`` events of the subscription."""
+        sub = self.endpoint.subscriptions.get(subscription_id)
+        if sub is not None:  # one that just ended: nothing to grant
+            self.flows.grant(sub, events)
+
+    def resume(self) -> None:
+        """No flow holds this session as a publisher any more: read it again."""
+        if self.conn.state is State.OPEN:
+            self._gate.release()
 
     def queue_depth(self) -> tuple[int, int]:
         buffered = self.transport.get_write_buffer_size() if self.transport else 0
@@ -275,6 +261,9 @@ class SocketSession(Session, asyncio.Protocol):
             data = conn.data_to_send()
             if data:
                 transport.write(data)
+            # Held events that waited for room, now that the output is written.
+            if self.flows.holding and self._paused_since is None and self.flows.pump_all():
+                transport.write(conn.data_to_send())
         if self._paused_since is not None or self._account.output:  # else: on the next tick
             self._charge_output()
         if conn.close_expected:
@@ -319,6 +308,15 @@ class SocketSession(Session, asyncio.Protocol):
         if self.conn.state is not State.OPEN:
             return
         self._charge_output()
+        stalled = self.flows.stalled(now, cfg.slow_consumer_timeout) if self.flows.holding else None
+        if stalled is not None:
+            log.warning("session %s: lossless subscriber stalled, disconnecting", self.session_id)
+            self._fail(
+                ErrorCode.ERROR_CODE_SLOW_CONSUMER,
+                f"lossless subscription {stalled.subscription_id} granted no credit for "
+                f"{cfg.slow_consumer_timeout} s while its publishers waited",
+            )
+            return
         if self._paused_since is not None and now - self._paused_since > cfg.slow_consumer_timeout:
             log.warning("session %s: slow consumer, disconnecting", self.session_id)
             self.conn.data_to_send()  # its backlog is dropped, not delivered

@@ -293,6 +293,27 @@ def vectors() -> list[Vector]:
             Frame(goodbye=frames_pb2.Goodbye(reason="client closing ✓")),
         ),
         Vector(
+            "subscribe_lossless",
+            "Subscribe with lossless, credit-based delivery and a window of 500 events.",
+            Frame(
+                subscribe=frames_pb2.Subscribe(
+                    subscription_id=2, filter="events.process.#", lossless=True, window=500
+                )
+            ),
+        ),
+        Vector(
+            "subscribe_ack_credit",
+            "The subscription is active and credit based, every event lossless.",
+            Frame(
+                subscribe_ack=frames_pb2.SubscribeAck(subscription_id=2, window=500, lossless=True)
+            ),
+        ),
+        Vector(
+            "credit",
+            "The client took 125 events of subscription 2: the broker may send 125 more.",
+            Frame(credit=frames_pb2.Credit(subscription_id=2, events=125)),
+        ),
+        Vector(
             "stats_request",
             "Ask for the broker's statistics.",
             Frame(stats_request=frames_pb2.StatsRequest(request_id=9)),
