@@ -13,7 +13,10 @@ Workloads (256-byte events; every publisher and subscriber its own process):
 * **D** round-trip latency through the broker, one message in flight;
 * **E** routing cost as idle connections hold 10 ... 100,000 filters;
 * **F** broker memory: idle with many clients, and peak under A with a stalled
-  subscriber.
+  subscriber;
+* **BL**, **CL** B and C with every event delivered: this bus's lossless
+  subscriptions beside the peers that deliver everything (NATS, and ZeroMQ
+  with HWM 0, that is without a bound).
 
 Each system is an adapter in ``benchmarks/peers``. The suite installs what a
 peer lacks (``apt-get install`` as root, ``pip`` for the client libraries)
@@ -88,9 +91,19 @@ WORKLOADS: Final[dict[str, str]] = {
     "D": "round-trip latency, one message in flight",
     "E": "routing cost vs. number of subscriptions",
     "F": "broker memory (idle clients; stalled subscriber)",
+    "BL": "4 publishers → 1 subscriber, every event delivered (lossless)",
+    "CL": "1 publisher → 4 subscribers, every event delivered (lossless)",
 }
 #: Publishers and subscribers of the throughput workloads.
-SHAPES: Final[dict[str, tuple[int, int]]] = {"A": (1, 1), "B": (4, 1), "C": (1, 4)}
+SHAPES: Final[dict[str, tuple[int, int]]] = {
+    "A": (1, 1),
+    "B": (4, 1),
+    "C": (1, 4),
+    "BL": (4, 1),
+    "CL": (1, 4),
+}
+#: The workloads where every event must be delivered.
+LOSSLESS: Final = frozenset({"BL", "CL"})
 #: Processes the idle clients of workload F are spread over.
 IDLE_PROCESSES: Final = 4
 _NS: Final = 1_000_000_000
@@ -491,10 +504,14 @@ def run_throughput(
     holder of ``filters`` idle filters (E) or a stalled subscriber (F)."""
     n_pubs, n_subs = shape
     result = Result(system.name, system.label, workload, messages=messages, filters=filters)
+    lossless = workload in LOSSLESS
     options = BrokerOptions(
         subscriptions_per_connection=(filters or 0) + 64,
         undeclared_filters=filters is not None,
+        lossless=lossless,
     )
+    if lossless:
+        result.notes.append(system.lossless_mode)
 
     def body(run: _Run) -> None:
         shares = [messages // n_pubs + (1 if i < messages % n_pubs else 0) for i in range(n_pubs)]
@@ -505,13 +522,14 @@ def run_throughput(
             run.wait(run.ready, {("holder", 0)})
             waiting.add(("holder", 0))
         for i in range(n_subs):
-            run.spawn("sub", i, {"filter": WILDCARD, "expected": messages, "publishers": n_pubs})
+            params = {"filter": WILDCARD, "expected": messages, "publishers": n_pubs}
+            run.spawn("sub", i, {**params, "lossless": lossless})
         if stalled:
             run.spawn("stalled", 0, {"filter": WILDCARD, "publishers": n_pubs})
         subs = run.keys("sub") | run.keys("stalled")
         run.wait(run.ready, subs)
         for i in range(n_pubs):
-            run.spawn("pub", i, {"count": shares[i]})
+            run.spawn("pub", i, {"count": shares[i], "lossless": lossless})
         pubs = run.keys("pub")
         run.wait(run.ready, pubs)
         run.wait(run.synced, subs | waiting)
@@ -774,13 +792,16 @@ def run_suite(
             runs: dict[str, list[list[Result]]] = {s.name: [] for s in ready}
             for rep in range(settings.repeat):
                 for system in ready:
+                    if w in LOSSLESS and not system.lossless_mode:
+                        continue  # it cannot deliver every event: no row
                     tag = f"[{system.label}] {w}"
                     if settings.repeat > 1:
                         tag += f" (run {rep + 1}/{settings.repeat})"
                     out = _run_workload(system, w, settings, workdirs, profile_dir, tag)
                     runs[system.name].append(out)
             for system in ready:
-                results += _median_runs(runs[system.name])
+                if runs[system.name]:
+                    results += _median_runs(runs[system.name])
     finally:
         workdirs.remove()
     # Table order: systems as given, then workloads.
@@ -796,6 +817,8 @@ _MEDIAN_BY: Final[dict[str, tuple[str, Callable[[Result], float | None]]]] = {
     "A": ("received/s", lambda r: r.received_per_s),
     "B": ("received/s", lambda r: r.received_per_s),
     "C": ("received/s", lambda r: r.received_per_s),
+    "BL": ("received/s", lambda r: r.received_per_s),
+    "CL": ("received/s", lambda r: r.received_per_s),
     "D": ("p50", lambda r: r.latency_us["p50"] if r.latency_us else None),
     "E": ("broker CPU µs/msg", lambda r: r.broker_us_per_msg),
     "F": ("peak RSS", lambda r: r.memory.get("peak_kib")),
@@ -1127,6 +1150,18 @@ def _targets(results: Sequence[Result]) -> list[str]:
                 f"| {w}: ahead of every peer | {ours.received_per_s:,.0f}/s; best peer "
                 f"{best.label} {best.received_per_s:,.0f}/s "
                 f"({ours.received_per_s / best.received_per_s:.2f}x) | {'yes' if met else 'NO'} |"
+            )
+    for w in sorted(LOSSLESS):
+        ours = get(_OURS, w)
+        peers = [p for p in peers_of(w) if p.received_per_s]
+        if ours and ours.received_per_s and peers:
+            full = all((r.delivered_pct or 0) >= 99.999 for r in (ours, *peers))
+            met = full and all(ours.received_per_s > (p.received_per_s or 0) for p in peers)
+            vs = ", ".join(f"{p.label} {p.received_per_s:,.0f}/s" for p in peers)
+            lines.append(
+                f"| {w}: every event delivered, ahead of {', '.join(p.label for p in peers)} "
+                f"| {ours.received_per_s:,.0f}/s ({ours.delivered_pct:.2f}% delivered) vs "
+                f"{vs} | {'yes' if met else 'NO'} |"
             )
     d, zd = get(_OURS, "D"), get("zmq", "D")
     if d and d.latency_us:

@@ -48,9 +48,9 @@ def test_daemoneye_runs_every_workload_and_the_report_renders(tmp_path: Path) ->
     failed = [(r.workload, r.status, r.errors) for r in results if not r.ok]
     assert not failed
     # One row per workload, E once per filter count.
-    assert [r.workload for r in results] == ["A", "B", "C", "D", "E", "E", "F"]
+    assert [r.workload for r in results] == ["A", "B", "C", "D", "E", "E", "F", "BL", "CL"]
     for r in results:
-        if r.workload in "ABCEF":
+        if r.workload in ("A", "B", "C", "E", "F", "BL", "CL"):
             assert r.received == r.expected > 0, r  # nothing is dropped at this pace
             assert r.received_per_s
             assert r.broker_cpu_pct is not None
@@ -63,7 +63,8 @@ def test_daemoneye_runs_every_workload_and_the_report_renders(tmp_path: Path) ->
     report = markdown_report(results, machine, TINY, "python -m benchmarks.suite (test)")
     for w, title in WORKLOADS.items():
         assert f"## {w}: {title}" in report
-    assert report.count("| daemoneye-eventbus | Unix socket |") == 5  # A, B, C, D, F
+    # A, B, C, D, F, BL, CL
+    assert report.count("| daemoneye-eventbus | Unix socket |") == 7
     assert "| daemoneye-eventbus | 300 |" in report  # E, per filter count
     assert "## Targets" in report
     assert machine["versions"]["protobuf"]

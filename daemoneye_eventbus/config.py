@@ -64,7 +64,7 @@ class BrokerConfig:
     slow_consumer_timeout: float = 10.0
     #: Most credit (events) a lossless subscription may be granted; also its
     #: window when the client leaves the choice to the broker.
-    max_credit_window: int = 10_000
+    max_credit_window: int = 1_000_000
     #: Seconds of silence after which the broker pings a client.
     heartbeat_interval: float = 5.0
     #: Seconds of silence after which the broker disconnects a client.

@@ -290,6 +290,8 @@ class BrokerOptions:
     connections: int = 0
     #: Filters outside the declared topics are used (workload E, this bus only).
     undeclared_filters: bool = False
+    #: Every event must be delivered (workloads BL, CL): no drop bound.
+    lossless: bool = False
 
 
 @dataclass
@@ -400,6 +402,9 @@ class Adapter(abc.ABC):
     needs_probe_sync: bool = False
     #: The broker is a Python process (py-spy can profile it).
     python_broker: bool = False
+    #: How the system delivers every event, for workloads BL and CL ("" if it
+    #: cannot: it then has no row there).
+    lossless_mode: str = ""
 
     @abc.abstractmethod
     def ensure(self, install: bool) -> str | None:

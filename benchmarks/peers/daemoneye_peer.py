@@ -73,6 +73,7 @@ class DaemoneyeAdapter(Adapter):
     label = "daemoneye-eventbus"
     module = "benchmarks.peers.daemoneye_peer"
     python_broker = True
+    lossless_mode = "lossless subscriptions (credit-based backpressure)"
 
     def ensure(self, install: bool) -> str | None:
         try:
@@ -263,7 +264,9 @@ def _sub(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
         async with Client(
             path, name=f"bench-sub-{ctl.index}", component=SUBSCRIBER, request_timeout=30.0
         ) as client:
-            sub = await client.subscribe(flt, max_pending=SUB_MAX_PENDING)
+            sub = await client.subscribe(
+                flt, max_pending=SUB_MAX_PENDING, lossless=params.get("lossless", False)
+            )
             ctl.ready()
             ctl.synced()  # the broker acknowledged the subscription
             tracker = IdleTracker(ctl, IDLE_AFTER_PUBLISHERS)

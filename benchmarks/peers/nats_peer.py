@@ -58,6 +58,7 @@ class NatsAdapter(Adapter):
     name = "nats"
     label = "NATS"
     module = "benchmarks.peers.nats_peer"
+    lossless_mode = "core NATS, defaults: the server buffers up to 64 MiB per client"
 
     def ensure(self, install: bool) -> str | None:
         return apt_install("nats-server", "nats-server", install) or pip_install("nats", install)

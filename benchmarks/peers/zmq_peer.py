@@ -70,6 +70,7 @@ class ZmqAdapter(Adapter):
     label = "ZeroMQ proxy"
     module = "benchmarks.peers.zmq_peer"
     needs_probe_sync = True
+    lossless_mode = "HWM 0 (no bound) on the proxy's and the clients' sockets"
 
     def ensure(self, install: bool) -> str | None:
         return pip_install("zmq", install)
@@ -82,12 +83,13 @@ class ZmqAdapter(Adapter):
     def start_broker(self, workdir: str, options: BrokerOptions) -> BrokerProcess:
         front = f"ipc://{workdir}/xsub"
         back = f"ipc://{workdir}/xpub"
+        hwm = 0 if options.lossless else HWM
         broker = spawn_broker(
-            [sys.executable, str(PROXY_SCRIPT), front, back, str(HWM)],
+            [sys.executable, str(PROXY_SCRIPT), front, back, str(hwm)],
             workdir,
             f"{front} {back}",
             "ipc:// (Unix socket)",
-            settings=[f"HWM {HWM} messages per peer on every socket, data direction"],
+            settings=[f"HWM {hwm} messages per peer on every socket, data direction"],
             clean_exit_codes=frozenset({0, -15}),
         )
         try:
@@ -106,8 +108,11 @@ def _endpoints(endpoint: str) -> tuple[str, str]:
     return front, back
 
 
-def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
-    """A socket bounded at :data:`HWM` messages in the direction data flows.
+def _socket(
+    ctx: zmq.Context[zmq.Socket[bytes]], kind: int, lossless: bool = False
+) -> zmq.Socket[bytes]:
+    """A socket bounded at :data:`HWM` messages in the direction data flows
+    (without a bound if ``lossless``: HWM 0).
 
     Subscriptions flow the other way (SUB -> XPUB, XSUB -> PUB): that direction
     is unbounded, or a PUB that connects after 100,000 subscriptions would
@@ -117,8 +122,9 @@ def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]
 
     sock = ctx.socket(kind)
     data_out = kind in (zmq.PUB, zmq.XPUB)
-    sock.set(zmq.SNDHWM, HWM if data_out else 0)
-    sock.set(zmq.RCVHWM, 0 if data_out else HWM)
+    hwm = 0 if lossless else HWM
+    sock.set(zmq.SNDHWM, hwm if data_out else 0)
+    sock.set(zmq.RCVHWM, 0 if data_out else hwm)
     sock.set(zmq.LINGER, 0)
     return sock
 
@@ -144,7 +150,7 @@ def _pub(ctl: Ctl, endpoint: str, params: dict[str, Any]) -> dict[str, Any]:
     count: int = params["count"]
     front, _ = _endpoints(endpoint)
     ctx = zmq.Context(io_threads=1)
-    sock = _socket(ctx, zmq.PUB)
+    sock = _socket(ctx, zmq.PUB, params.get("lossless", False))
     sock.set(zmq.LINGER, 30_000)  # close() waits until everything went out
     sock.connect(front)
     topic, probe_topic = dotted(TOPIC).encode(), dotted(PROBE_TOPIC).encode()
@@ -178,7 +184,7 @@ def _sub(ctl: Ctl, endpoint: str, params: dict[str, Any]) -> dict[str, Any]:
     expected: int = params["expected"]
     _, back = _endpoints(endpoint)
     ctx = zmq.Context(io_threads=1)
-    sock = _socket(ctx, zmq.SUB)
+    sock = _socket(ctx, zmq.SUB, params.get("lossless", False))
     sock.connect(back)
     sock.set(zmq.SUBSCRIBE, prefix(params["filter"]))
     ctl.ready()
@@ -219,7 +225,7 @@ def _stalled(ctl: Ctl, endpoint: str, params: dict[str, Any]) -> dict[str, Any]:
 
     _, back = _endpoints(endpoint)
     ctx = zmq.Context(io_threads=1)
-    sock = _socket(ctx, zmq.SUB)
+    sock = _socket(ctx, zmq.SUB, params.get("lossless", False))
     sock.connect(back)
     sock.set(zmq.SUBSCRIBE, prefix(params["filter"]))
     ctl.ready()
