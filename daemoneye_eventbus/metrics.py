@@ -80,14 +80,6 @@ OTHER_LABEL: Final = "other"
 #: Seconds a scrape from another thread waits for the broker's event loop.
 READ_TIMEOUT: Final = 5.0
 
-_DECLARATIONS: Final[tuple[schema.Topic[Any] | schema.TopicTemplate[Any], ...]] = (
-    *schema.TOPICS.values(),
-    *schema.TEMPLATES,
-)
-#: Every component the schema names as a publisher or subscriber.
-_SCHEMA_COMPONENTS: Final = frozenset(
-    name for topic in _DECLARATIONS for name in topic.publishers | topic.subscribers
-)
 #: The topic label of every declared topic and template.
 _DECLARED_LABELS: Final = (
     *schema.TOPICS,
@@ -176,7 +168,7 @@ class BrokerCollector(Collector):
         self.source = source
         self.timeout = timeout
         #: Component names that are their own label; any other is OTHER_LABEL.
-        self.components = _SCHEMA_COMPONENTS | frozenset(source.policy.components)
+        self.components = source.policy.known_components
         self._topic_labels: tuple[str, ...] = _DECLARED_LABELS
         if source.config.allow_undeclared_topics:
             self._topic_labels += (UNDECLARED_LABEL,)
