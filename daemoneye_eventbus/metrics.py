@@ -75,7 +75,9 @@ log = logging.getLogger("daemoneye_eventbus.metrics")
 NAMESPACE: Final = "daemoneye_eventbus"
 #: The component label of a peer that claimed none (or has not said Hello yet).
 ANONYMOUS_LABEL: Final = "anonymous"
-#: The component label of a component neither the schema nor the policy names.
+#: The component label of a component neither the schema nor the policy names:
+#: the handshake refuses such a claim, so only an in-process session, named
+#: by the embedding code, can carry one.
 OTHER_LABEL: Final = "other"
 #: Seconds a scrape from another thread waits for the broker's event loop.
 READ_TIMEOUT: Final = 5.0
