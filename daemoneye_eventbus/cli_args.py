@@ -208,16 +208,22 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     )
 
 
-def parser() -> argparse.ArgumentParser:
-    """The ``daemoneye-eventbus`` command line."""
+def _common(socket_default: str) -> argparse.ArgumentParser:
+    """The options every command takes."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--socket", metavar="PATH", help=f"broker socket (default: {DEFAULT_ADDRESS})"
+        "--socket", metavar="PATH", help=f"broker socket (default: {socket_default})"
     )
     common.add_argument(
         "--instance", metavar="NAME", help="named instance: /tmp/daemoneye-NAME.sock"
     )
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return common
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``daemoneye-eventbus`` command line."""
+    common = _common(DEFAULT_ADDRESS)
 
     top = argparse.ArgumentParser(
         prog="daemoneye-eventbus",
@@ -277,7 +283,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--require-count",
         action="store_true",
-        help="with --count: exit with status 1 if --timeout ends the wait before N events arrived",
+        help="with --count and --timeout: exit with status 1 if the timeout ends the wait "
+        "before N events arrived",
     )
 
     stats = _command(
@@ -309,7 +316,10 @@ def parser() -> argparse.ArgumentParser:
     topics.add_argument("--json", action="store_true", help="a JSON array, one object per topic")
 
     demo = _command(
-        cmds, "demo", [common], "broker + collector process + agent subscriber, end to end"
+        cmds,
+        "demo",
+        [_common("a private socket in a new temporary directory")],
+        "broker + collector process + agent subscriber, end to end",
     )
     demo.add_argument(
         "--count", type=int, default=20, metavar="N", help="process events the collector sends"

@@ -228,7 +228,8 @@ def test_every_option_has_help(command: str) -> None:
         assert help_text(entry), f"{command} {flag} has no help: {entry!r}"
     for flag, default in DEFAULTS.get(command, {}).items():
         assert f"(default: {default})" in entries[flag], entries[flag]
-    assert "(default: /tmp/daemoneye.sock)" in entries["--socket"]
+    socket_default = "a private socket" if command == "demo" else "/tmp/daemoneye.sock"
+    assert f"(default: {socket_default}" in entries["--socket"]
     # Flags and options without a default do not claim one.
     assert "default: None" not in " ".join(entries.values())
     assert "default: False" not in " ".join(entries.values())
