@@ -4,8 +4,9 @@ Commands: ``serve``, ``pub``, ``sub``, ``stats``, ``topics``, ``demo``. Every
 command takes ``--socket PATH`` and ``--instance NAME``. An error is one line
 on stderr, ``daemoneye-eventbus COMMAND: error: …``, and a non-zero exit
 status: 1 when the command failed, 2 for a usage or configuration error (a
-bad command line, a bad ``DAEMONEYE_EVENTBUS_LOOP``, ``serve`` refusing to run
-as root or failing to drop its privileges), 130 when interrupted.
+bad command line, a bad ``DAEMONEYE_EVENTBUS_LOOP``, a policy file that does
+not load, an unknown user or group, ``serve`` refusing to run as root or
+failing to drop its privileges), 130 when interrupted.
 ``serve --metrics-listen`` serves the broker's Prometheus metrics
 (:mod:`daemoneye_eventbus.metrics`). The command line itself is
 :mod:`daemoneye_eventbus.cli_args`; tables and JSON are
@@ -44,6 +45,7 @@ from daemoneye_eventbus.errors import (
     BrokerError,
     ClosedResourceError,
     EventBusError,
+    PolicyError,
     PrivilegeError,
     RequestTimeout,
 )
@@ -70,7 +72,7 @@ def _group(name: str | None) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise EventBusError(f"no group named {name!r}") from None
+        raise PrivilegeError(f"no group named {name!r}") from None
 
 
 def _access_name(level: int) -> str:
@@ -378,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Interrupting a live view is how it ends; anything else was cut short.
         return 0 if getattr(args, "watch", False) else 130
-    except PrivilegeError as exc:
+    except (PrivilegeError, PolicyError) as exc:  # the configuration of serve
         return error(exc, EXIT_USAGE)
     except (EventBusError, json_format.ParseError, ValueError, OSError) as exc:
         return error(exc, EXIT_ERROR)

@@ -19,8 +19,9 @@ __all__ = ["EXIT_ERROR", "EXIT_USAGE", "HelpFormatter", "parser"]
 #: Exit status of a command that failed (the broker refused it, is gone, …).
 EXIT_ERROR: Final = 1
 #: Exit status of a usage or configuration error: argparse's own for a bad
-#: command line, and the CLI's for a bad ``DAEMONEYE_EVENTBUS_LOOP`` and for
-#: ``serve`` refusing to run as root or failing to drop privileges.
+#: command line, and the CLI's for a bad ``DAEMONEYE_EVENTBUS_LOOP``, a policy
+#: file that does not load, an unknown user or group, and ``serve`` refusing
+#: to run as root or failing to drop privileges.
 EXIT_USAGE: Final = 2
 
 

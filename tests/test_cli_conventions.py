@@ -129,6 +129,19 @@ def test_topics_needs_no_loop() -> None:
     assert result.stderr == ""
 
 
+# -- serve's configuration: exit status 2, one line --------------------------------------------
+
+
+def test_an_unknown_socket_group_is_a_configuration_error(sock_dir: Path) -> None:
+    path = sock_dir / "bus.sock"
+    result = run_env(
+        worker_env(), "serve", *ROOT, "--socket", str(path), "--socket-group", "no-such-group-17"
+    )
+    assert result.returncode == 2, result
+    assert one_error_line(result, "serve") == "no group named 'no-such-group-17'"
+    assert not path.exists()
+
+
 # -- a refused publish: one line ---------------------------------------------------------------
 
 
