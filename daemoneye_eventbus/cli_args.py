@@ -25,7 +25,7 @@ EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Help that shows every option's default, unless it has none worth showing.
 
     Flags (default False), options without a default (None) and help that
