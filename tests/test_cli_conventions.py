@@ -3,9 +3,10 @@
 One clear line per error and the right exit status, no tracebacks or warnings
 for configuration mistakes, help with units and defaults for every option,
 aligned tables, JSON with numbers as numbers and without internal fields,
-unknown components refused at connect with the list of known ones. Every
-test runs the command as a real process, against a real broker where it
-needs one.
+unknown components refused at connect with the list of known ones. The
+commands run as real processes, against a real broker where they need one;
+only the JSON conversion is also checked on its own, on messages the broker
+never sends.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import AGENT, PROCMOND, worker_env
+from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from test_cli import (
     CLI,
@@ -35,10 +37,11 @@ from test_cli import (
 )
 
 from daemoneye.eventbus.v1 import frames_pb2, registry
-from daemoneye.eventbus.v1.events_pb2 import ProcessEvent
+from daemoneye.eventbus.v1.events_pb2 import ProcessBatch, ProcessEvent
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye_eventbus.access import SCHEMA_COMPONENTS
 from daemoneye_eventbus.broker import Broker, BrokerConfig
+from daemoneye_eventbus.cli_output import message_json
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import AccessDenied
 from daemoneye_eventbus.runtime import LOOP_ENV, loop_name
@@ -315,6 +318,33 @@ async def test_sub_json_64_bit_payload_fields_are_numbers(broker: Broker, sock_p
     assert line["payload"]["pid"] == 9
     # A well-known type keeps its own JSON form.
     assert line["payload"]["observedAt"] == "2023-11-14T22:13:20Z"
+
+
+def test_message_json_converts_nested_64_bit_fields_only() -> None:
+    batch = ProcessBatch(enumeration_id="e1", batch_index=2)
+    first = batch.processes.add(pid=1, memory_rss_bytes=2**63 - 1, metadata={"k": "12"})
+    first.start_time.FromSeconds(0)
+    batch.processes.add(pid=2, name="7")
+    data = message_json(batch)
+    assert data == {
+        "enumerationId": "e1",
+        "batchIndex": 2,
+        "processes": [
+            {
+                "pid": 1,
+                "memoryRssBytes": 2**63 - 1,  # a uint64, exact
+                "metadata": {"k": "12"},  # map values that are strings stay strings
+                "startTime": "1970-01-01T00:00:00Z",  # a well-known type keeps its form
+            },
+            {"pid": 2, "name": "7"},  # a string that looks like a number stays a string
+        ],
+    }
+    assert json_format.ParseDict(data, ProcessBatch()) == batch  # pub --json reads it back
+    stats = frames_pb2.StatsResponse(request_id=7, published=2**40)
+    shown = message_json(stats, omit=("request_id",), all_fields=True)
+    assert "requestId" not in shown
+    assert shown["published"] == 2**40
+    assert shown["dropped"] == 0  # counters at zero are shown, as numbers
 
 
 # -- the topics table ---------------------------------------------------------------------------
