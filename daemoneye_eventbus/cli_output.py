@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from daemoneye_eventbus.broker import Broker
 from daemoneye_eventbus.runtime import running_loop_name
+
+if TYPE_CHECKING:  # watch uses the tables without a broker
+    from daemoneye_eventbus.broker import Broker
 
 __all__ = ["listening_line", "message_json", "table"]
 
