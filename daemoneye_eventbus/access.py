@@ -40,8 +40,11 @@ A policy is a TOML file::
     allow = true                         # peers claiming no component: public topics only
 
 Without a policy file, :meth:`Policy.default` applies: peers running as the
-broker's own uid or as root may act as any component, ``daemoneye-agent`` is
-privileged, and every other peer may only connect anonymously.
+broker's own uid or as root may act as any component the schema names,
+``daemoneye-agent`` is privileged, and every other peer may only connect
+anonymously. Under any policy, a claim of a component that neither the schema
+(:data:`SCHEMA_COMPONENTS`) nor the policy names is refused, with the list of
+the known ones.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from daemoneye.eventbus.v1 import registry
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.errors import AccessDenied, PolicyError
 from daemoneye_eventbus.ratelimit import RateLimit, rate_limit_from_mapping
@@ -69,6 +74,7 @@ __all__ = [
     "PeerCredentials",
     "Policy",
     "PolicyError",
+    "SCHEMA_COMPONENTS",
     "TopicAccess",
     "filter_reach",
     "may_publish",
@@ -80,6 +86,18 @@ MAX_COMPONENT_CHARS: Final = 128
 
 #: Components privileged by the default policy.
 DEFAULT_PRIVILEGED: Final = frozenset({"daemoneye-agent"})
+
+_DECLARATIONS: Final[tuple[registry.Topic[Any] | registry.TopicTemplate[Any], ...]] = (
+    *registry.TOPICS.values(),
+    *registry.TEMPLATES,
+)
+#: Every component the schema names as a publisher or subscriber of a topic.
+SCHEMA_COMPONENTS: Final = frozenset(
+    name for topic in _DECLARATIONS for name in topic.publishers | topic.subscribers
+)
+
+#: The wire code of every refusal at the handshake.
+_DENIED: Final = ErrorCode.ERROR_CODE_ACCESS_DENIED
 
 # The schema's access levels (options.proto).
 _PUBLIC: Final = AccessLevel.ACCESS_LEVEL_PUBLIC
@@ -267,28 +285,48 @@ class Policy:
     ) -> Identity:
         """The identity of a peer that claims ``claimed`` (or "" for none).
 
-        Raises :class:`AccessDenied` with the reason when the claim is refused.
-        ``executable`` is the peer's ``/proc/<pid>/exe``, when it could be read.
+        Raises :class:`AccessDenied` (code ``ERROR_CODE_ACCESS_DENIED``) with
+        the reason when the claim is refused: a claim too long, no claim where
+        the policy wants one, a component neither the schema nor the policy
+        names (the reason lists the known ones), or a peer the policy does not
+        allow to act as the component. ``executable`` is the peer's
+        ``/proc/<pid>/exe``, when it could be read.
         """
         if len(claimed) > MAX_COMPONENT_CHARS:
             raise AccessDenied(
-                f"a component name is at most {MAX_COMPONENT_CHARS} characters, not {len(claimed)}"
+                f"a component name is at most {MAX_COMPONENT_CHARS} characters, not {len(claimed)}",
+                code=_DENIED,
             )
         if not claimed:
             if not self.allow_anonymous:
-                raise AccessDenied("anonymous peers are not allowed by the policy")
+                raise AccessDenied("anonymous peers are not allowed by the policy", code=_DENIED)
             return Identity(peer, rate=self.anonymous_rate)
+        if claimed not in self.known_components:
+            raise AccessDenied(
+                f"unknown component {_show(claimed)}; known components (the schema's and "
+                f"the policy's): {', '.join(sorted(self.known_components))}",
+                code=_DENIED,
+            )
         if peer is None:
-            raise AccessDenied("the peer's credentials are unknown; no component claim is allowed")
+            raise AccessDenied(
+                "the peer's credentials are unknown; no component claim is allowed", code=_DENIED
+            )
         rule = self.components.get(claimed)
         if rule is not None:
             reason = rule.allows(peer, executable)
             if reason is None:
                 return Identity(peer, claimed, rule.privileged, rate=rule.rate)
-            raise AccessDenied(f"component {_show(claimed)} refused: {reason}")
+            raise AccessDenied(f"component {_show(claimed)} refused: {reason}", code=_DENIED)
         if peer.uid in self.trusted_uids:
             return Identity(peer, claimed, claimed in self.trusted_privileged)
-        raise AccessDenied(f"uid {peer.uid} may not act as component {_show(claimed)}")
+        raise AccessDenied(
+            f"uid {peer.uid} may not act as component {_show(claimed)}", code=_DENIED
+        )
+
+    @property
+    def known_components(self) -> frozenset[str]:
+        """The components a peer may claim at all: those the schema or this policy names."""
+        return SCHEMA_COMPONENTS | frozenset(self.components)
 
     def needs_executable(self, claimed: str) -> bool:
         """Whether :meth:`authenticate` needs the peer's executable path for this claim."""

@@ -1,10 +1,16 @@
 """``daemoneye-eventbus``: run a broker, publish, subscribe, inspect.
 
 Commands: ``serve``, ``pub``, ``sub``, ``stats``, ``topics``, ``demo``. Every
-command takes ``--socket PATH`` and ``--instance NAME``; errors go to stderr
-with a non-zero exit code (2 when ``serve`` will not run as root, or cannot
-drop its privileges as asked). ``serve --metrics-listen`` serves the broker's
-Prometheus metrics (:mod:`daemoneye_eventbus.metrics`).
+command takes ``--socket PATH`` and ``--instance NAME``. An error is one line
+on stderr, ``daemoneye-eventbus COMMAND: error: …``, and a non-zero exit
+status: 1 when the command failed, 2 for a usage or configuration error (a
+bad command line, a bad ``DAEMONEYE_EVENTBUS_LOOP``, a policy file that does
+not load, an unknown user or group, ``serve`` refusing to run as root or
+failing to drop its privileges), 130 when interrupted.
+``serve --metrics-listen`` serves the broker's Prometheus metrics
+(:mod:`daemoneye_eventbus.metrics`). The command line itself is
+:mod:`daemoneye_eventbus.cli_args`; tables and JSON are
+:mod:`daemoneye_eventbus.cli_output`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus import privileges
 from daemoneye_eventbus.access import Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
+from daemoneye_eventbus.cli_args import EXIT_ERROR, EXIT_USAGE, parser
+from daemoneye_eventbus.cli_output import listening_line, message_json, table
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.delivery import ReceivedEvent
@@ -37,10 +45,11 @@ from daemoneye_eventbus.errors import (
     BrokerError,
     ClosedResourceError,
     EventBusError,
+    PolicyError,
     PrivilegeError,
     RequestTimeout,
 )
-from daemoneye_eventbus.runtime import run, running_loop_name
+from daemoneye_eventbus.runtime import loop_factory, run
 from daemoneye_eventbus.transports import default_address
 from daemoneye_eventbus.watch import watch
 
@@ -54,17 +63,6 @@ def _socket(args: argparse.Namespace) -> str:
     return path or default_address(args.instance)
 
 
-def _mode(text: str) -> int:
-    """An octal socket mode such as 0600 or 0660; never wider than 0666."""
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
-    if mode & ~0o666:
-        raise argparse.ArgumentTypeError(f"socket mode {text} may only hold read/write bits")
-    return mode
-
-
 def _group(name: str | None) -> int | None:
     """A group given by name or number, as a gid."""
     if name is None:
@@ -74,18 +72,7 @@ def _group(name: str | None) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise EventBusError(f"no group named {name!r}") from None
-
-
-def _metrics_listen(text: str) -> str:
-    """``HOST:PORT`` or a Unix socket path, checked (the metrics module parses it again)."""
-    from daemoneye_eventbus.metrics import listen_address  # imports prometheus_client
-
-    try:
-        listen_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+        raise PrivilegeError(f"no group named {name!r}") from None
 
 
 def _access_name(level: int) -> str:
@@ -93,9 +80,6 @@ def _access_name(level: int) -> str:
 
 
 # -- serve ---------------------------------------------------------------------
-
-#: Exit status of ``serve`` when it will not run as root or cannot drop privileges.
-_EXIT_PRIVILEGES = 2
 
 
 def _identity(args: argparse.Namespace) -> tuple[int, int] | None:
@@ -192,12 +176,7 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
                 mode=config.socket_mode,
                 group=config.socket_group,
             )
-        print(
-            f"daemoneye-eventbus broker listening on {broker.path} "
-            f"(mode {config.socket_mode:04o}, policy {broker.policy.source}, "
-            f"uid {os.geteuid()}, gid {os.getegid()}, loop {running_loop_name()})",
-            flush=True,
-        )
+        print(listening_line(broker), flush=True)
         if metrics is not None:
             print(f"daemoneye-eventbus metrics on {metrics.url}", flush=True)
         await stop.wait()
@@ -226,12 +205,15 @@ async def _pub(args: argparse.Namespace) -> int:
     message = topic.payload_type()
     json_format.Parse(args.json, message)
     correlation = new_correlation(args.correlation_id) if args.correlation_id else None
+    refusals: list[EventBusError] = []
     async with Client(_socket(args), name=args.name, component=args.component) as client:
+        # Handled here, so the client does not log the refusal too: it is reported once.
+        client.on_error = refusals.append
         for _ in range(args.count):
             await client.publish(topic, message, correlation=correlation)
         await client.flush()
-        if client.last_error is not None:
-            raise client.last_error
+    if refusals:
+        raise refusals[0]
     return 0
 
 
@@ -243,10 +225,10 @@ def _event_dict(event: ReceivedEvent[Message]) -> dict[str, Any]:
         "topic": event.topic,
         "sequence": event.sequence,
         "payload_type": event.payload_type,
-        "payload": json_format.MessageToDict(event.message()),
+        "payload": message_json(event.message()),
     }
     if event.correlation is not None:
-        out["correlation"] = json_format.MessageToDict(event.correlation)
+        out["correlation"] = message_json(event.correlation)
     return out
 
 
@@ -275,9 +257,12 @@ async def _sub(args: argparse.Namespace) -> int:
             try:
                 event = await sub.get(timeout=args.timeout)
             except RequestTimeout:
-                if seen == 0:
-                    raise
-                break  # --timeout after some events: done
+                if args.require_count:
+                    raise RequestTimeout(
+                        f"{seen} of {args.count} events before {args.timeout:g} s passed "
+                        "without one (--require-count)"
+                    ) from None
+                break  # --timeout: a normal end, with or without events
             except ClosedResourceError:
                 break  # unsubscribed
             seen += 1
@@ -298,9 +283,8 @@ async def _stats(args: argparse.Namespace) -> int:
             return 0
         stats = await client.broker_statistics()
     if args.json:
-        print(
-            json.dumps(json_format.MessageToDict(stats, always_print_fields_with_no_presence=True))
-        )
+        # Counters as numbers; the request id only paired the reply with the request.
+        print(json.dumps(message_json(stats, omit=("request_id",), all_fields=True)))
         return 0
     print(f"connections: {stats.connections} open, {stats.connections_total} since start")
     print(
@@ -342,13 +326,18 @@ def _topics(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    width = max(len(str(r["topic"])) for r in rows)
-    for r in rows:
-        pubs = ",".join(r["publishers"]) or "*"
-        subs = ",".join(r["subscribers"]) or "*"
-        print(
-            f"{r['topic']:<{width}}  {r['access']:<10}  {r['payload']:<45}  pub={pubs}  sub={subs}"
+    lines = [("topic", "access", "payload", "publishers", "subscribers")]
+    lines += [
+        (
+            str(r["topic"]),
+            str(r["access"]),
+            str(r["payload"]),
+            ",".join(r["publishers"]) or "*",
+            ",".join(r["subscribers"]) or "*",
         )
+        for r in rows
+    ]
+    print("\n".join(table(lines)))
     return 0
 
 
@@ -361,173 +350,29 @@ async def _demo(args: argparse.Namespace) -> int:
     return await run_demo(path, count=args.count)
 
 
-# -- parser ----------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--socket", metavar="PATH", help="broker socket (default /tmp/daemoneye.sock)"
-    )
-    common.add_argument(
-        "--instance", metavar="NAME", help="named instance: /tmp/daemoneye-NAME.sock"
-    )
-    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-
-    parser = argparse.ArgumentParser(
-        prog="daemoneye-eventbus", description="Local typed pub/sub message bus.", parents=[common]
-    )
-    cmds = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = cmds.add_parser(
-        "serve", parents=[common], help="run a standalone broker until SIGINT/SIGTERM"
-    )
-    d = BrokerConfig()
-    serve.add_argument("--max-connections", type=int, default=d.max_connections)
-    serve.add_argument("--max-subscriptions", type=int, default=d.max_subscriptions)
-    serve.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
-    serve.add_argument("--max-queue-messages", type=int, default=d.max_queue_messages)
-    serve.add_argument("--max-queue-bytes", type=int, default=d.max_queue_bytes)
-    serve.add_argument(
-        "--max-subscription-bytes",
-        type=int,
-        default=d.max_subscription_bytes,
-        help="bytes of broker memory one connection's subscriptions may hold",
-    )
-    serve.add_argument(
-        "--max-total-subscription-bytes",
-        type=int,
-        default=d.max_total_subscription_bytes,
-        help="bytes of broker memory all subscriptions together may hold",
-    )
-    serve.add_argument(
-        "--max-frames-per-turn",
-        type=int,
-        default=d.max_frames_per_turn,
-        help="frames handled from one connection per event-loop turn (0: no limit)",
-    )
-    serve.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout)
-    serve.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
-    serve.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
-    serve.add_argument("--slow-consumer-timeout", type=float, default=d.slow_consumer_timeout)
-    serve.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
-    serve.add_argument("--max-connections-per-uid", type=int, default=d.max_connections_per_uid)
-    serve.add_argument(
-        "--socket-mode",
-        type=_mode,
-        default=d.socket_mode,
-        metavar="MODE",
-        help="permissions of the socket file, e.g. 0660 (default 0600)",
-    )
-    serve.add_argument(
-        "--socket-group", metavar="GROUP", help="group (name or gid) of the socket file"
-    )
-    serve.add_argument(
-        "--policy", metavar="FILE", help="TOML policy: which peers may act as which component"
-    )
-    serve.add_argument(
-        "--user",
-        metavar="NAME",
-        help="started as root: bind the socket, give it to this user (name or uid), then "
-        "drop to it for good before accepting any connection",
-    )
-    serve.add_argument(
-        "--group",
-        metavar="NAME",
-        help="with --user: the one group (name or gid) to keep (default: the user's primary group)",
-    )
-    serve.add_argument(
-        "--allow-root",
-        action="store_true",
-        help="keep running as root without --user (by default serve refuses to)",
-    )
-    serve.add_argument(
-        "--allow-undeclared-topics",
-        action="store_true",
-        help="accept topics the schema does not declare, as public topics",
-    )
-    serve.add_argument(
-        "--metrics-listen",
-        type=_metrics_listen,
-        metavar="HOST:PORT|PATH",
-        help="serve Prometheus metrics over HTTP on HOST:PORT (e.g. 127.0.0.1:9464), or on a "
-        "Unix socket at PATH (any value with a '/'; mode and group as --socket-mode and "
-        "--socket-group), once the broker's socket is bound and privileges dropped "
-        "(default: off)",
-    )
-    serve.add_argument(
-        "--no-validate-payloads",
-        action="store_true",
-        help="forward payloads without parsing them as their topic's declared type "
-        "(default: parse each one and refuse what does not parse); for trusted deployments",
-    )
-
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument(
-        "--name", default="daemoneye-eventbus-cli", help="client name for the broker's logs"
-    )
-    client.add_argument("--component", default="", help="component to claim (e.g. procmond)")
-
-    pub = cmds.add_parser("pub", parents=[common, client], help="publish one event")
-    pub.add_argument("topic", help="a topic declared in the schema (see `topics`)")
-    pub.add_argument("--json", required=True, help="the payload in protobuf's JSON mapping")
-    pub.add_argument("--correlation-id", help="attach new correlation metadata with this id")
-    pub.add_argument("--count", type=int, default=1, help="publish the event this many times")
-
-    sub = cmds.add_parser("sub", parents=[common, client], help="print events matching a filter")
-    sub.add_argument("filter", help="topic filter, with + (one level) and # (the rest)")
-    sub.add_argument("--json", action="store_true", help="one JSON object per line")
-    sub.add_argument("--correlation-root", action="append", metavar="ID", help="only this workflow")
-    sub.add_argument(
-        "--correlation-id", action="append", metavar="ID", help="only this correlation id"
-    )
-    sub.add_argument(
-        "--include-control", action="store_true", help="wildcards also match control topics"
-    )
-    sub.add_argument("--count", type=int, help="exit after this many events")
-    sub.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
-
-    stats = cmds.add_parser(
-        "stats",
-        parents=[common, client],
-        help="print the broker's statistics (per connection only for a privileged component)",
-    )
-    stats.add_argument("--json", action="store_true")
-    stats.add_argument(
-        "--watch",
-        action="store_true",
-        help="redraw a live view (rates per topic, drops, throttling, fullest queues) "
-        "until interrupted",
-    )
-    stats.add_argument(
-        "--interval",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="with --watch, seconds between redraws (default: 1)",
-    )
-
-    topics = cmds.add_parser("topics", parents=[common], help="list the topic registry")
-    topics.add_argument("--json", action="store_true")
-
-    demo = cmds.add_parser(
-        "demo", parents=[common], help="broker + collector process + agent subscriber, end to end"
-    )
-    demo.add_argument("--count", type=int, default=20, help="process events the collector sends")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daemoneye-eventbus`` command."""
-    args = _parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.command == "sub" and args.require_count and None in (args.count, args.timeout):
+        cli.error("sub --require-count needs --count and --timeout")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+    def error(exc: BaseException, status: int) -> int:
+        print(f"daemoneye-eventbus {args.command}: error: {exc}", file=sys.stderr)
+        return status
+
+    if args.command == "topics":
+        return _topics(args)
     try:
-        if args.command == "topics":
-            return _topics(args)
+        loop_factory()  # the loop is chosen before any command's coroutine exists
+    except (ValueError, RuntimeError) as exc:  # DAEMONEYE_EVENTBUS_LOOP
+        return error(exc, EXIT_USAGE)
+    try:
         if args.command == "serve":
             return run(_serve(args, _identity(args)))
         runner = {"pub": _pub, "sub": _sub, "stats": _stats, "demo": _demo}
@@ -535,12 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Interrupting a live view is how it ends; anything else was cut short.
         return 0 if getattr(args, "watch", False) else 130
-    except PrivilegeError as exc:
-        print(f"daemoneye-eventbus {args.command}: error: {exc}", file=sys.stderr)
-        return _EXIT_PRIVILEGES
+    except (PrivilegeError, PolicyError) as exc:  # the configuration of serve
+        return error(exc, EXIT_USAGE)
     except (EventBusError, json_format.ParseError, ValueError, OSError) as exc:
-        print(f"daemoneye-eventbus {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return error(exc, EXIT_ERROR)
 
 
 if __name__ == "__main__":

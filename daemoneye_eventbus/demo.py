@@ -21,6 +21,7 @@ from pathlib import Path
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye_eventbus.bus import DaemoneyeBroker, DaemoneyeEventBus, EventSubscription
+from daemoneye_eventbus.cli_output import listening_line
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import create_child, new_correlation, with_stage
 from daemoneye_eventbus.errors import RequestTimeout
@@ -94,7 +95,7 @@ async def run_demo(path: str | None = None, *, count: int = 20) -> int:
         sock = path or str(Path(tmp) / "bus.sock")
         scan_id = f"scan-{uuid.uuid4().hex[:8]}"
         async with await DaemoneyeBroker.new(sock) as broker:
-            print(f"broker listening on {sock}")
+            print(listening_line(broker.broker), flush=True)  # as `serve` starts
             bus = await DaemoneyeEventBus.from_broker(broker)
             receiver = await bus.subscribe(
                 EventSubscription(

@@ -75,19 +75,13 @@ log = logging.getLogger("daemoneye_eventbus.metrics")
 NAMESPACE: Final = "daemoneye_eventbus"
 #: The component label of a peer that claimed none (or has not said Hello yet).
 ANONYMOUS_LABEL: Final = "anonymous"
-#: The component label of a component neither the schema nor the policy names.
+#: The component label of a component neither the schema nor the policy names:
+#: the handshake refuses such a claim, so only an in-process session, named
+#: by the embedding code, can carry one.
 OTHER_LABEL: Final = "other"
 #: Seconds a scrape from another thread waits for the broker's event loop.
 READ_TIMEOUT: Final = 5.0
 
-_DECLARATIONS: Final[tuple[schema.Topic[Any] | schema.TopicTemplate[Any], ...]] = (
-    *schema.TOPICS.values(),
-    *schema.TEMPLATES,
-)
-#: Every component the schema names as a publisher or subscriber.
-_SCHEMA_COMPONENTS: Final = frozenset(
-    name for topic in _DECLARATIONS for name in topic.publishers | topic.subscribers
-)
 #: The topic label of every declared topic and template.
 _DECLARED_LABELS: Final = (
     *schema.TOPICS,
@@ -176,7 +170,7 @@ class BrokerCollector(Collector):
         self.source = source
         self.timeout = timeout
         #: Component names that are their own label; any other is OTHER_LABEL.
-        self.components = _SCHEMA_COMPONENTS | frozenset(source.policy.components)
+        self.components = source.policy.known_components
         self._topic_labels: tuple[str, ...] = _DECLARED_LABELS
         if source.config.allow_undeclared_topics:
             self._topic_labels += (UNDECLARED_LABEL,)

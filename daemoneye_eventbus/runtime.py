@@ -52,8 +52,18 @@ def loop_name() -> str:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` to completion on a new loop (uvloop when available)."""
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+    """Run ``main`` to completion on a new loop (uvloop when available).
+
+    If the loop choice is refused (:func:`loop_factory` raises), ``main`` is
+    closed unstarted before the error propagates, so that it is not reported
+    as a coroutine that was never awaited.
+    """
+    try:
+        factory = loop_factory()
+    except BaseException:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
 
 

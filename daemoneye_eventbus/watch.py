@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TextIO
 
 from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye_eventbus.cli_output import table
 
 __all__ = ["CLEAR", "render", "watch"]
 
@@ -82,13 +83,8 @@ def render(
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    out = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0])]
-        cells += [v.rjust(w) for v, w in zip(row[1:], widths[1:], strict=True)]
-        out.append("  ".join(cells).rstrip())
-    return out
+    """Names left-aligned in the first column, figures right-aligned in the others."""
+    return table(rows, right=range(1, len(rows[0])))
 
 
 async def watch(

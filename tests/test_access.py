@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemoneye.eventbus.v1 import registry
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.access import (
     ANONYMOUS,
+    SCHEMA_COMPONENTS,
     AuditLog,
     Identity,
     PeerCredentials,
@@ -252,7 +254,7 @@ def test_default_policy_shape(default_policy: Policy) -> None:
 
 
 @pytest.mark.parametrize("uid", [BROKER_UID, 0])
-@pytest.mark.parametrize("component", ["procmond", "netmond", "anything-at-all"])
+@pytest.mark.parametrize("component", sorted(SCHEMA_COMPONENTS - {"daemoneye-agent"}))
 def test_default_policy_trusts_broker_uid_and_root(
     default_policy: Policy, uid: int, component: str
 ) -> None:
@@ -283,6 +285,57 @@ def test_default_policy_others_only_anonymous(default_policy: Policy) -> None:
     assert isinstance(info.value, PermissionError)
     with pytest.raises(AccessDenied, match="daemoneye-agent"):
         default_policy.authenticate(p, "daemoneye-agent")
+
+
+def test_schema_components_are_the_registrys_publishers_and_subscribers() -> None:
+    named: set[str] = set()
+    for topic in registry.TOPICS.values():
+        named |= topic.publishers | topic.subscribers
+    for template in registry.TEMPLATES:
+        named |= template.publishers | template.subscribers
+    assert named == SCHEMA_COMPONENTS
+    assert {"daemoneye-agent", "procmond", "netmond"} <= SCHEMA_COMPONENTS
+
+
+@pytest.mark.parametrize("uid", [BROKER_UID, 0, STRANGER_UID])
+def test_default_policy_refuses_an_unknown_component_listing_the_known(
+    default_policy: Policy, uid: int
+) -> None:
+    # Trusted uids may claim any component the schema names, and nothing else.
+    with pytest.raises(AccessDenied) as info:
+        default_policy.authenticate(peer(uid), "nosuchcomponent")
+    known = ", ".join(sorted(SCHEMA_COMPONENTS))
+    assert str(info.value) == (
+        f"unknown component 'nosuchcomponent'; known components (the schema's and the "
+        f"policy's): {known}"
+    )
+    assert info.value.code == ErrorCode.ERROR_CODE_ACCESS_DENIED
+    assert default_policy.known_components == SCHEMA_COMPONENTS
+
+
+def test_a_policy_may_name_components_the_schema_does_not() -> None:
+    policy = Policy.from_mapping({"components": {"inventory-tool": {"uids": [BROKER_UID]}}})
+    assert policy.known_components == SCHEMA_COMPONENTS | {"inventory-tool"}
+    assert policy.authenticate(peer(BROKER_UID), "inventory-tool").component == "inventory-tool"
+    with pytest.raises(AccessDenied, match=r"unknown component 'inventry-tool'; .*inventory-tool"):
+        policy.authenticate(peer(BROKER_UID), "inventry-tool")
+
+
+def test_every_handshake_refusal_carries_the_access_denied_code(
+    default_policy: Policy, file_policy: Policy
+) -> None:
+    refusals = [
+        (default_policy, peer(BROKER_UID), "p" * 129),
+        (default_policy, None, "procmond"),
+        (default_policy, peer(STRANGER_UID), "procmond"),
+        (file_policy, peer(1001), ""),
+        (file_policy, peer(5555), "netmond"),
+        (file_policy, peer(0), "perfmond"),
+    ]
+    for policy, who, claimed in refusals:
+        with pytest.raises(AccessDenied) as info:
+            policy.authenticate(who, claimed)
+        assert info.value.code == ErrorCode.ERROR_CODE_ACCESS_DENIED, claimed
 
 
 def test_default_policy_ignores_the_gid(default_policy: Policy) -> None:

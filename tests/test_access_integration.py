@@ -521,8 +521,10 @@ def test_serve_rejects_a_malformed_policy(tmp_path: Path, sock_dir: Path) -> Non
             env=worker_env(),
             timeout=30,
         )
-        assert result.returncode == 1, result.stderr
-        assert expected in result.stderr
+        # A configuration error: status 2, one line.
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"daemoneye-eventbus serve: error: {expected}"), line
         assert not (sock_dir / "bus.sock").exists()
 
 

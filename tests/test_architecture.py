@@ -60,6 +60,8 @@ LAYERS: dict[str, int] = {
     # faces
     "bus": 3,
     "cli": 3,
+    "cli_args": 3,
+    "cli_output": 3,
     "demo": 3,
     "watch": 3,
     "__init__": 3,

@@ -158,7 +158,9 @@ def test_no_command_is_an_error() -> None:
 def test_topics_table_lists_every_topic_with_access() -> None:
     result = run_sync("topics")
     assert result.returncode == 0, result
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line}
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == ["topic", "access", "payload", "publishers", "subscribers"]
+    rows = {line.split()[0]: line.split() for line in lines}
     expected = {name: t.access for name, t in registry.TOPICS.items()}
     expected.update({t.pattern: t.access for t in registry.TEMPLATES})
     assert set(rows) == set(expected)
@@ -265,11 +267,11 @@ async def test_sub_correlation_id_filters(broker: Broker, sock_path: str) -> Non
     assert [r["payload"]["pid"] for r in result.json_lines()] == [2]
 
 
-async def test_sub_timeout_without_events(broker: Broker, sock_path: str) -> None:
+async def test_sub_timeout_without_events_is_a_normal_end(broker: Broker, sock_path: str) -> None:
     result = await run("sub", "#", "--timeout", "0.5", "--socket", sock_path)
-    assert result.returncode == 1
+    assert result.returncode == 0, result
     assert result.stdout == ""
-    assert "error" in result.stderr
+    assert result.stderr == "subscribed to #\n"
 
 
 async def test_sub_timeout_after_events_exits_0(broker: Broker, sock_path: str) -> None:
@@ -397,12 +399,12 @@ async def test_stats_json(broker: Broker, sock_path: str) -> None:
         )
     assert result.returncode == 0, result
     stats = json.loads(result.stdout)
-    # uint64 fields are strings in protobuf's JSON mapping.
+    # Counters are numbers (protobuf's JSON mapping would write uint64 as strings).
     assert stats["connections"] == 2
-    assert int(stats["connectionsTotal"]) == 3
-    assert int(stats["published"]) == 2
-    assert int(stats["delivered"]) == 2
-    assert int(stats["dropped"]) == 0
+    assert stats["connectionsTotal"] == 3
+    assert stats["published"] == 2
+    assert stats["delivered"] == 2
+    assert stats["dropped"] == 0
     names = {c["clientName"] for c in stats["connectionStats"]}
     assert names == {"watcher", "stats-cli"}
     assert {s["filter"] for s in stats["subscriptionStats"]} == {"events.#"}
@@ -457,7 +459,7 @@ def test_serve_instance_and_sigint(instance: str) -> None:
         assert published.returncode == 0, published
         stats = run_sync("stats", "--json", "--instance", instance)
         assert stats.returncode == 0, stats
-        assert int(json.loads(stats.stdout)["published"]) == 2
+        assert json.loads(stats.stdout)["published"] == 2
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=PROC_TIMEOUT)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -482,3 +483,22 @@ async def test_local_session_ends_with_the_broker(sock_path: str) -> None:
     assert [pid_of(e) async for e in sub] == [1]  # what was queued is still read
     with pytest.raises(ClosedResourceError):
         broker.local_session("late")
+
+
+# A refusal is reported once: to on_error when the application set it, else in
+# the client's log (the CLI's pub once printed it both ways).
+async def test_a_refusal_goes_to_on_error_or_to_the_log(
+    broker: Broker, sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    errors: list[EventBusError] = []
+    with caplog.at_level(logging.WARNING, logger="daemoneye_eventbus.client"):
+        async with Client(sock_path) as handled, Client(sock_path) as unhandled:
+            handled.on_error = errors.append
+            for client in (handled, unhandled):
+                await client.publish(LIFECYCLE, proc(1))  # anonymous: refused
+                await client.flush()
+            assert handled.last_error is errors[0]
+            assert unhandled.last_error is not None
+    assert [type(e) for e in errors] == [AccessDenied]
+    (record,) = [r for r in caplog.records if r.name == "daemoneye_eventbus.client"]
+    assert record.getMessage().startswith("broker refused a request: publish on")

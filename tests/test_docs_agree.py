@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rawpeer import RawPeer, describe, hello, kind, ping
 from daemoneye.eventbus.v1 import frames_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus import budget
-from daemoneye_eventbus.access import MAX_COMPONENT_CHARS
+from daemoneye_eventbus.access import MAX_COMPONENT_CHARS, Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import AccessDenied, InvalidTopic
@@ -130,12 +131,14 @@ async def test_a_claim_of_129_characters_is_refused_fatally(broker: Broker, sock
     assert "at most 128 characters" in error.error.message
 
 
-async def test_a_claim_of_128_is_echoed_and_a_long_name_is_cut(
-    broker: Broker, sock_path: str
-) -> None:
-    # The tests run as the broker's user (or root): the default policy lets
-    # them claim any component, so only the length decides here.
-    async with await RawPeer.connect(sock_path, handshake=False) as peer:
+async def test_a_claim_of_128_is_echoed_and_a_long_name_is_cut(sock_path: str) -> None:
+    # A component of 128 characters that the policy names for this test's uid:
+    # only the length decides here.
+    policy = Policy.from_mapping({"components": {"p" * 128: {"uids": [os.geteuid()]}}})
+    async with (
+        Broker(sock_path, dataclasses.replace(TEST_CONFIG, policy=policy)) as broker,
+        await RawPeer.connect(sock_path, handshake=False) as peer,
+    ):
         await peer.send(hello(name="n" * 300, component="p" * 128))
         welcome = (await peer.expect("welcome")).welcome
         assert welcome.component == "p" * 128

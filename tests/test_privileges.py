@@ -243,15 +243,23 @@ async def test_before_serving_failure_releases_the_socket(sock_dir: Path) -> Non
 
 
 async def test_listener_chown_gives_away_only_its_own_socket(sock_dir: Path) -> None:
-    directory = sock_dir / "created"
+    outer = sock_dir / "created"
+    directory = outer / "bus"
     path = str(directory / "bus.sock")
     listening = transports.listener(path)
     await listening.start(asyncio.Protocol, serve=False)
     try:
-        assert getattr(listening, "created_directory", None) == str(directory)
-        listening.chown(os.geteuid(), os.getegid())  # to ourselves: allowed for anyone
+        assert getattr(listening, "created_directories", None) == (str(outer), str(directory))
+        # Root may give them to anyone; anyone may give them to themselves.
+        owner = (4242, 4243) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        listening.chown(*owner)
         st = os.lstat(path)
-        assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+        assert (st.st_uid, st.st_gid) == owner
+        # Every directory the listener created, so that the user can reach its socket.
+        for created in (outer, directory):
+            st = os.lstat(created)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (*owner, 0o700)
+        assert os.lstat(sock_dir).st_uid == os.geteuid()  # not the one that existed
         # A file put in the socket's place is not ours to change.
         os.unlink(path)
         Path(path).write_text("")
@@ -264,7 +272,7 @@ async def test_listener_chown_gives_away_only_its_own_socket(sock_dir: Path) -> 
     existing = transports.listener(str(sock_dir / "other.sock"))
     await existing.start(asyncio.Protocol, serve=False)
     try:
-        assert getattr(existing, "created_directory", "unset") is None
+        assert getattr(existing, "created_directories", "unset") == ()
     finally:
         existing.close()
         await existing.wait_closed()

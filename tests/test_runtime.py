@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import sys
@@ -39,6 +40,25 @@ def test_bad_choices_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)
     with pytest.raises(RuntimeError, match=r"uvloop is not installed"):
         loop_factory()
+
+
+@pytest.mark.parametrize("choice", ["tokio", "uvloop"])
+def test_a_refused_choice_closes_the_coroutine_unstarted(
+    monkeypatch: pytest.MonkeyPatch, choice: str
+) -> None:
+    monkeypatch.setenv(LOOP_ENV, choice)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    started = []
+
+    async def main() -> None:
+        started.append(True)
+
+    coro = main()
+    with pytest.raises((ValueError, RuntimeError)):
+        run(coro)
+    # Closed, so never reported as "coroutine ... was never awaited".
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    assert started == []
 
 
 @pytest.mark.parametrize("choice", ["uvloop", "asyncio"])

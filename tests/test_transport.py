@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -275,15 +275,34 @@ async def test_socket_file_takes_the_given_mode_and_group(sock_path: str) -> Non
         assert await answers(sock_path)
 
 
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """A umask that takes nothing away, so that only the code decides the modes."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 @unix_only
-async def test_missing_parent_directory_is_created_private(sock_dir: Path) -> None:
-    parent = sock_dir / "run" / "daemoneye"
-    path = parent / "bus.sock"
+@pytest.mark.usefixtures("open_umask")
+async def test_every_missing_directory_is_created_private(sock_dir: Path) -> None:
+    outer = sock_dir / "run"
+    levels = [outer, outer / "daemoneye", outer / "daemoneye" / "bus"]
+    path = levels[-1] / "bus.sock"
+    os.chmod(sock_dir, 0o755)
     async with serving(str(path)):
-        assert parent.is_dir()
-        assert mode_of(parent) == 0o700
+        for directory in levels:
+            st = os.stat(directory)
+            assert stat.S_ISDIR(st.st_mode), directory
+            assert stat.S_IMODE(st.st_mode) == 0o700, directory
+            assert st.st_uid == os.geteuid(), directory
         assert mode_of(path) == 0o600
         assert await answers(str(path))
+    # The directory that existed is as it was.
+    assert mode_of(sock_dir) == 0o755
+    assert not path.exists()
 
 
 @unix_only

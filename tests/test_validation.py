@@ -185,11 +185,11 @@ async def test_in_process_publishers_are_validated_unless_trusted(sock_path: str
 
 
 def test_serve_takes_no_validate_payloads() -> None:
-    from daemoneye_eventbus.cli import _parser
+    from daemoneye_eventbus.cli_args import parser
 
-    args = _parser().parse_args(["serve", "--no-validate-payloads"])
+    args = parser().parse_args(["serve", "--no-validate-payloads"])
     assert args.no_validate_payloads is True
-    assert _parser().parse_args(["serve"]).no_validate_payloads is False
+    assert parser().parse_args(["serve"]).no_validate_payloads is False
     assert sys.executable  # the CLI's own tests run serve end to end
 
 

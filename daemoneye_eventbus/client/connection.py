@@ -78,7 +78,8 @@ class ClientConnection:
         self.reconnect_max_delay = reconnect_max_delay
         self.session_id = ""
         self.limits = frames_pb2.Limits()
-        #: Called with the typed error when the broker refuses a publish.
+        #: Called with the typed error when the broker refuses a publish (without
+        #: one, the refusal is logged as a warning).
         self.on_error: Callable[[EventBusError], None] | None = None
         #: The last non-fatal error the broker sent.
         self.last_error: EventBusError | None = None
@@ -335,9 +336,10 @@ class ClientConnection:
             return
         self._refused += 1
         self.last_error = exc
-        log.warning("broker refused a request: %s", exc)
         if self.on_error is not None:
-            self.on_error(exc)
+            self.on_error(exc)  # the application reports it: not logged a second time
+        else:
+            log.warning("broker refused a request: %s", exc)
 
     async def _resubscribe(self, sub: Subscription[Any]) -> None:
         """Ask the broker again for ``sub`` on a new connection."""

@@ -31,6 +31,8 @@ __all__ = [
     "bind_unix_socket",
     "connect",
     "default_socket_path",
+    "make_directories",
+    "missing_directories",
     "peer_credentials",
     "peer_executable",
     "remove_socket",
@@ -115,6 +117,32 @@ def _reclaim(path: str) -> None:
     os.unlink(path)
 
 
+def missing_directories(path: str) -> list[str]:
+    """The directories above ``path`` that do not exist yet, outermost first."""
+    missing: list[str] = []
+    parent = Path(path).absolute().parent
+    while not os.path.lexists(parent):
+        missing.append(str(parent))
+        parent = parent.parent
+    return missing[::-1]
+
+
+def make_directories(directories: list[str]) -> None:
+    """Create ``directories`` (outermost first), each with mode 0700, never wider.
+
+    Each is created under a 0077 umask, so it is 0700 from the moment it
+    exists, and then set to 0700 in case the file system widened it (a
+    default ACL). One that exists meanwhile is an error: it is not ours.
+    """
+    for directory in directories:
+        old_umask = os.umask(0o077)
+        try:
+            os.mkdir(directory, 0o700)
+        finally:
+            os.umask(old_umask)
+        os.chmod(directory, 0o700)
+
+
 def bind_unix_socket(
     path: str,
     *,
@@ -124,17 +152,15 @@ def bind_unix_socket(
 ) -> socket.socket:
     """Create a listening Unix socket at ``path`` that is never more open than ``mode``.
 
-    A missing parent directory is created with mode 0700. A stale socket
+    Every missing directory above it is created with mode 0700 (see
+    :func:`make_directories`), not only the socket's own. A stale socket
     (nothing listening) is removed; a live one raises
     :class:`BrokerAlreadyRunning`; a symlink or any other file raises
     :class:`BrokerError` and is left alone. The socket file is created under a
     0177 umask, so it is 0600 from the moment it exists; ``mode`` and ``group``
     are applied before ``listen()``, so before any peer can connect.
     """
-    parent = Path(path).parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True)
-        os.chmod(parent, 0o700)
+    make_directories(missing_directories(path))
     _reclaim(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -155,12 +181,6 @@ def bind_unix_socket(
                 os.unlink(path)
         raise
     return sock
-
-
-def _missing_parent(path: str) -> str | None:
-    """The directory of ``path`` if it does not exist yet (bind_unix_socket creates it)."""
-    parent = Path(path).absolute().parent
-    return None if parent.exists() else str(parent)
 
 
 def remove_socket(path: str, inode: int | None) -> None:
@@ -190,17 +210,17 @@ class UnixListener(Listener):
         self.backlog = backlog
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
-        #: The socket's directory, if :meth:`start` created it.
-        self.created_directory: str | None = None
+        #: The directories :meth:`start` created for the socket, outermost first.
+        self.created_directories: tuple[str, ...] = ()
 
     async def start(self, factory: ProtocolFactory, *, serve: bool = True) -> None:
         if self._server is not None:
             raise BrokerError(f"already listening on {self.address}")
-        missing = _missing_parent(self.address)
+        missing = missing_directories(self.address)
         sock = bind_unix_socket(
             self.address, mode=self.mode, group=self.group, backlog=self.backlog
         )
-        self.created_directory = missing
+        self.created_directories = tuple(missing)
         self._inode = os.stat(self.address).st_ino
         loop = asyncio.get_running_loop()
         try:
@@ -229,8 +249,9 @@ class UnixListener(Listener):
         group = gid if self.group is None else self.group
         try:
             os.chown(self.address, uid, group, follow_symlinks=False)
-            if self.created_directory is not None:
-                os.chown(self.created_directory, uid, gid, follow_symlinks=False)
+            # All of them: the user must traverse each to reach (and remove) its socket.
+            for directory in self.created_directories:
+                os.chown(directory, uid, gid, follow_symlinks=False)
         except OSError as exc:
             raise BrokerError(f"cannot give {exc.filename} to uid {uid}: {exc.strerror}") from None
 
