@@ -113,8 +113,7 @@ def render(
             f"    AccessLevel.ACCESS_LEVEL_{d.access},\n"
             f"    {_strs(d.publishers)},\n"
             f"    {_strs(d.subscribers)},\n"
-            f"    {d.control!r},\n"
-            + ("    lossless=True,\n" if d.lossless else "")
+            f"    {d.control!r},\n" + ("    lossless=True,\n" if d.lossless else "")
         )
         kind = "TopicTemplate" if d.is_template else "Topic"
         out.append(f"\n#: {doc}\n{d.constant}: Final[{kind}[{cls}]] = {kind}(\n{args})\n")
