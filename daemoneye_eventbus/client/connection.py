@@ -342,5 +342,4 @@ class ClientConnection:
             log.warning("broker refused a request: %s", exc)
 
     async def _resubscribe(self, sub: Subscription[Any]) -> None:
-        """Ask the broker again for ``sub`` on a new connection."""
-        raise NotImplementedError
+        raise NotImplementedError("Client asks again for sub on a new connection")
