@@ -249,7 +249,10 @@ async def _sub(args: argparse.Namespace) -> int:
         )
     async with Client(_socket(args), name=args.name, component=args.component) as client:
         sub = await client.subscribe(
-            args.filter, correlation_filter=flt, include_control=args.include_control
+            args.filter,
+            correlation_filter=flt,
+            include_control=args.include_control,
+            lossless=args.lossless,
         )
         print(f"subscribed to {args.filter}", file=sys.stderr, flush=True)
         seen = 0
@@ -301,6 +304,7 @@ async def _stats(args: argparse.Namespace) -> int:
         print(
             f"  subscription {s.session_id}/{s.subscription_id} {s.filter} "
             f"delivered={s.delivered} dropped={s.dropped}"
+            + (f" lossless held={s.held}" if s.lossless else "")
         )
     return 0
 
@@ -320,13 +324,14 @@ def _topics(args: argparse.Namespace) -> int:
                 "publishers": sorted(t.publishers),
                 "subscribers": sorted(t.subscribers),
                 "control": t.control,
+                "lossless": t.lossless,
             }
         )
     rows.sort(key=lambda r: str(r["topic"]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    lines = [("topic", "access", "payload", "publishers", "subscribers")]
+    lines = [("topic", "access", "payload", "publishers", "subscribers", "delivery")]
     lines += [
         (
             str(r["topic"]),
@@ -334,6 +339,7 @@ def _topics(args: argparse.Namespace) -> int:
             str(r["payload"]),
             ",".join(r["publishers"]) or "*",
             ",".join(r["subscribers"]) or "*",
+            "lossless" if r["lossless"] else "at-most-once",
         )
         for r in rows
     ]

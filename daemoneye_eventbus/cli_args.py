@@ -273,6 +273,12 @@ def parser() -> argparse.ArgumentParser:
         "--include-control", action="store_true", help="wildcards also match control topics"
     )
     sub.add_argument(
+        "--lossless",
+        action="store_true",
+        help="lossless delivery: when this reader falls behind, the broker holds the "
+        "publishers instead of dropping events (needs --component)",
+    )
+    sub.add_argument(
         "--count", type=int, metavar="N", help="exit after N events (default: no limit)"
     )
     sub.add_argument(

@@ -33,6 +33,7 @@ ROOT = ["--allow-root"] if os.geteuid() == 0 else []
 #: Generous: a loaded 2-core CI machine starts Python + protobuf slowly.
 PROC_TIMEOUT = 60.0
 LIFECYCLE = "events.process.lifecycle"
+INTEGRITY = "events.process.integrity"
 PAYLOAD = '{"pid": 5, "name": "x"}'
 
 
@@ -159,7 +160,14 @@ def test_topics_table_lists_every_topic_with_access() -> None:
     result = run_sync("topics")
     assert result.returncode == 0, result
     header, *lines = result.stdout.splitlines()
-    assert header.split() == ["topic", "access", "payload", "publishers", "subscribers"]
+    assert header.split() == [
+        "topic",
+        "access",
+        "payload",
+        "publishers",
+        "subscribers",
+        "delivery",
+    ]
     rows = {line.split()[0]: line.split() for line in lines}
     expected = {name: t.access for name, t in registry.TOPICS.items()}
     expected.update({t.pattern: t.access for t in registry.TEMPLATES})
@@ -167,6 +175,8 @@ def test_topics_table_lists_every_topic_with_access() -> None:
     for name, access in expected.items():
         level = AccessLevel.Name(access).removeprefix("ACCESS_LEVEL_").lower()
         assert rows[name][1] == level, name
+    assert rows[INTEGRITY][5] == "lossless"
+    assert rows[LIFECYCLE][5] == "at-most-once"
 
 
 def test_topics_json() -> None:
@@ -187,8 +197,18 @@ def test_topics_json() -> None:
     assert by_name[LIFECYCLE]["publishers"] == ["procmond"]
     assert set(by_name) == {*registry.TOPICS, *(t.pattern for t in registry.TEMPLATES)}
     for r in rows:
-        assert set(r) == {"topic", "access", "payload", "publishers", "subscribers", "control"}
+        assert set(r) == {
+            "topic",
+            "access",
+            "payload",
+            "publishers",
+            "subscribers",
+            "control",
+            "lossless",
+        }
         assert r["access"] in {"public", "restricted", "privileged"}
+    assert by_name[INTEGRITY]["lossless"] is True
+    assert by_name[LIFECYCLE]["lossless"] is False
 
 
 # -- pub / sub -------------------------------------------------------------------------
@@ -227,6 +247,17 @@ async def test_sub_text_lines_and_wildcard(broker: Broker, sock_path: str) -> No
     assert 'name: "x"' in lines[0]
     assert lines[1].startswith("events.process.tree #2 ")  # per-subscription numbering
     assert "pid: 7" in lines[1]
+
+
+async def test_sub_lossless_asks_for_lossless_delivery(broker: Broker, sock_path: str) -> None:
+    sub = await start_sub(LIFECYCLE, "--lossless", "--json", "--count", "3", "--socket", sock_path)
+    (stats,) = broker.statistics().subscription_stats
+    assert stats.lossless
+    await pub(sock_path, "--count", "3")
+    result = await finish(sub)
+    assert result.returncode == 0, result
+    assert [r["sequence"] for r in result.json_lines()] == [1, 2, 3]
+    assert broker.statistics().dropped == 0
 
 
 async def test_pub_count(broker: Broker, sock_path: str) -> None:

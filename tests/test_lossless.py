@@ -395,3 +395,27 @@ async def test_every_event_reaches_every_lossless_reader_across_processes(
             summary = await _summary(proc)
             assert summary["done"] == each * publishers, summary
             assert (summary["missed"], summary["dropped"], summary["ordered"]) == (0, 0, True)
+
+
+async def test_held_events_count_in_the_pending_output_total(sock_path: str) -> None:
+    """With the broker's memory for pending output used up, a lossless reader
+    that falls behind is disconnected instead of holding more."""
+    config = replace(TEST_CONFIG, max_total_queue_bytes=32 * 1024)
+    big = events_pb2.ProcessEvent(name="n" * 1000)
+    async with (
+        Broker(sock_path, config) as broker,
+        Client(sock_path, component=AGENT) as reader,
+        Client(sock_path, component=PROCMOND, name="one") as one,
+        Client(sock_path, component=PROCMOND, name="two") as two,
+    ):
+        sub = await reader.subscribe(LIFECYCLE, lossless=True, window=1)
+        for _ in range(100):  # batches of 100 KB in all: held, and charged
+            one.publish_nowait(LIFECYCLE, big)
+        # (no flush: its ping would wait behind the held publish)
+        await asyncio.sleep(0.3)  # a housekeeping tick charges what is held
+        assert broker.statistics().subscription_stats[0].held > 1
+        await two.publish(LIFECYCLE, big)
+        drained: list[int] = []
+        with pytest.raises(ConnectionClosed, match="memory for pending output"):
+            await _drain(sub, drained)
+        await asyncio.wait_for(one.flush(), 5)  # released

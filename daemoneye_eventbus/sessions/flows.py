@@ -41,6 +41,11 @@ class FlowHost(Protocol):
         """Queue the events for the subscriber, whatever its bounds."""
         ...
 
+    def may_hold(self) -> bool:
+        """Whether the broker has memory to hold more events for this session
+        (if not, the host ends the session as a slow consumer)."""
+        ...
+
 
 class FlowDelivery:
     """The flows of one session's credit-based subscriptions."""
@@ -78,6 +83,8 @@ class FlowDelivery:
             flow.sent(count)
             return QUEUED
         if not (flow.lossless or self.topic_info(message.topic).lossless):
+            return DROPPED
+        if not host.may_hold():
             return DROPPED
         flow.hold(message, data, first, count)
         self.holding.add(sub)

@@ -78,6 +78,8 @@ class FrameHandler:
 
     def __init__(self, session: HandledSession) -> None:
         self.session = session
+        #: Bytes of the frames held back by the last call (a held publisher's).
+        self.held_back = 0
 
     def handle_received(self) -> None:
         """Handle every frame the connection parsed since the last call."""
@@ -87,6 +89,7 @@ class FrameHandler:
         # a violation found while *handling* a frame ends the read there.
         closing_already = conn.close_expected
         endpoint = self.session.endpoint
+        self.held_back = 0
         frames = conn.events_received()
         for index, frame in enumerate(frames):
             if not closing_already and conn.state in _CLOSING_STATES:
@@ -98,7 +101,9 @@ class FrameHandler:
                 for held in rest:
                     if held.WhichOneof("kind") == "credit":
                         self.session.grant(held.credit.subscription_id, held.credit.events)
-                conn.hold_back([f for f in rest if f.WhichOneof("kind") != "credit"])
+                kept = [f for f in rest if f.WhichOneof("kind") != "credit"]
+                conn.hold_back(kept)
+                self.held_back = sum(f.ByteSize() for f in kept)
                 break
             try:
                 self.handle(frame)

@@ -290,6 +290,9 @@ class LocalSession(Session):
     def room(self, size: int, may_flush: bool) -> bool:
         return True
 
+    def may_hold(self) -> bool:
+        return True
+
     def deliver(
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
     ) -> None:

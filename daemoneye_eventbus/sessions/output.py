@@ -43,6 +43,10 @@ class OutputOwner(Protocol):
 
     def flush(self) -> None: ...
 
+    def fail_slow(self, message: str) -> None:
+        """End the connection with a fatal ``SLOW_CONSUMER`` error."""
+        ...
+
 
 class SocketOutput:
     """The deliveries of one socket session: bounds, drops, credit, encoding."""
@@ -113,6 +117,17 @@ class SocketOutput:
         if may_flush:
             session.flush()
         return not session.backed_up and conn.buffered_bytes + size <= most
+
+    def may_hold(self) -> bool:
+        """Held events count in the broker's pending output: with that used up,
+        a lossless subscriber that falls behind is the one that goes."""
+        if not self._budget.output_full:
+            return True
+        self.session.fail_slow(
+            "lossless subscriber fell behind while the broker's memory for pending output "
+            "is used up"
+        )
+        return False
 
     def _make_room(self, count: int, size: int) -> bool:
         """Whether ``count`` more events (``size`` bytes) fit the queue, flushing if need be."""

@@ -149,6 +149,8 @@ class SocketSession(Session, asyncio.Protocol):
 
     def _handle_received(self) -> None:
         self._handler.handle_received()
+        if self._handler.held_back:  # frames a lossless subscriber holds back: input
+            self._charge_input(self.conn.buffered_input + self._handler.held_back)
         self.host.outbox.flush()
         self.flush()
         nbytes, self._read = self._read, 0
@@ -286,6 +288,9 @@ class SocketSession(Session, asyncio.Protocol):
         # A peer that never reads (or never closes) is aborted: at once after
         # an error, after the drain deadline on goodbye.
         self._abort_timer = asyncio.get_running_loop().call_later(grace, transport.abort)
+
+    def fail_slow(self, message: str) -> None:
+        self._fail(ErrorCode.ERROR_CODE_SLOW_CONSUMER, message)
 
     def _fail(self, code: ErrorCode.ValueType, message: str) -> None:
         self.conn.fail(RemoteProtocolError(message, code))
