@@ -93,11 +93,8 @@ class LocalSession(Session):
     # -- publishing ---------------------------------------------------------------
 
     def publish_frame(self, publish: frames_pb2.Publish) -> int:
-        """Route one ``Publish``; return how many subscriptions took it.
-
-        Raises the router's typed error (an :class:`EventBusError` with its
-        error code) when it is refused.
-        """
+        """Route one ``Publish``; return how many subscriptions took it. Raises
+        the router's typed error (an :class:`EventBusError`) when it is refused."""
         self._check_open()
         if self.endpoint.held_by:
             raise LimitExceeded(
@@ -149,8 +146,7 @@ class LocalSession(Session):
         self.publish_frame(publish)
 
     async def flush(self) -> float:
-        """Like :meth:`Client.flush`; in process every publish is routed at once,
-        so there is nothing to wait for (0.0 s)."""
+        """Like :meth:`Client.flush`: in process there is nothing to wait for (0.0 s)."""
         self._check_open()
         return 0.0
 
