@@ -154,6 +154,10 @@ class Figures:
     loop_lag_max: float = 0.0
     #: Seconds publishers were throttled for their rate limits, by component label.
     throttled: dict[str, float] = field(default_factory=dict)
+    #: Events lossless subscriptions hold, by the subscriber's component label.
+    held_events: dict[str, int] = field(default_factory=dict)
+    #: Publishers a lossless subscriber holds now, by component label.
+    held_publishers: dict[str, int] = field(default_factory=dict)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -189,10 +193,18 @@ class BrokerCollector(Collector):
         most_messages = most_bytes = 0
         by_messages: dict[str, int] = {}
         by_bytes: dict[str, int] = {}
+        held = dict.fromkeys(connections, 0)
+        publishers = dict.fromkeys(connections, 0)
         for session in source.sessions():
             label = self.component_label(session.component)
             if isinstance(session, SocketSession):
                 connections[label] = connections.get(label, 0) + 1
+            endpoint = session.endpoint
+            if endpoint.held_by:
+                publishers[label] = publishers.get(label, 0) + 1
+            for sub in endpoint.subscriptions.values():
+                if sub.flow is not None and sub.flow.held:
+                    held[label] = held.get(label, 0) + sub.flow.held_events
             messages, nbytes = session.queue_depth()
             most_messages = max(most_messages, messages)
             most_bytes = max(most_bytes, nbytes)
@@ -218,6 +230,8 @@ class BrokerCollector(Collector):
             loop_lag=tally.lag,
             loop_lag_max=tally.take_lag_max(),
             throttled=self._throttled(source.throttled_by_component()),
+            held_events=held,
+            held_publishers=publishers,
         )
 
     def _throttled(self, by_component: dict[str, float]) -> dict[str, float]:
@@ -356,6 +370,24 @@ def _families(f: Figures) -> Iterator[Metric]:
             labels=["component"],
         ),
         sorted(f.throttled.items()),
+    )
+    yield labelled(
+        GaugeMetricFamily(
+            _name("held_events"),
+            "Events held in the broker for lossless subscribers without credit, by the "
+            "subscriber's component.",
+            labels=["component"],
+        ),
+        sorted(f.held_events.items()),
+    )
+    yield labelled(
+        GaugeMetricFamily(
+            _name("held_publishers"),
+            "Publisher connections not read now because a lossless subscriber holds their "
+            "events, by component.",
+            labels=["component"],
+        ),
+        sorted(f.held_publishers.items()),
     )
     yield gauge(
         "event_loop_lag_seconds",

@@ -185,6 +185,27 @@ async def test_queue_depth_of_the_fullest_subscriber(broker: Broker, sock_path: 
     local.end()
 
 
+async def test_held_events_and_publishers_of_a_lossless_subscriber(
+    broker: Broker, sock_path: str
+) -> None:
+    local = broker.local_session("agent", AGENT)
+    sub = await local.subscribe(LIFECYCLE, lossless=True, window=1)
+    async with Client(sock_path, component=PROCMOND) as procmond:
+        for pid in range(5):  # each in its own frame
+            await procmond.publish(LIFECYCLE, events_pb2.ProcessEvent(pid=pid))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # not read: one queued, one held with the publisher
+        found = scrape(broker)
+        assert value(found, f"{NS}_held_events", component=AGENT) >= 1
+        assert value(found, f"{NS}_held_publishers", component=PROCMOND) == 1
+        for _ in range(5):
+            await sub.get(timeout=5)
+        found = scrape(broker)
+    assert value(found, f"{NS}_held_events", component=AGENT) == 0
+    assert value(found, f"{NS}_held_publishers", component=PROCMOND) == 0
+    local.end()
+
+
 async def test_event_loop_lag_and_its_maximum_since_the_last_scrape(broker: Broker) -> None:
     await asyncio.sleep(0.3)  # a few housekeeping ticks (every 0.125 s with TEST_CONFIG)
     scrape(broker)
