@@ -187,6 +187,18 @@ describe("wire vectors", () => {
         }
       });
 
+      if (v.json.kind === "credit") {
+        test("the client's Credit frame has the same bytes", () => {
+          const frame = fromBinary(FrameSchema, body(v));
+          assert.equal(frame.kind.case, "credit");
+          const conn = new ClientConnection();
+          const welcome = VECTORS.find((w) => w.name === "welcome");
+          assert.ok(welcome);
+          conn.receiveData(welcome.data);
+          assert.equal(hex(conn.send(frame)), hex(v.data));
+        });
+      }
+
       if (v.json.kind === "publish") {
         test("the client's publish encoder produces the same bytes", () => {
           const frame = fromBinary(FrameSchema, body(v));
