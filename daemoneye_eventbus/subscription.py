@@ -129,8 +129,10 @@ class Subscription(Generic[P]):
         payloads: Sequence[bytes],
         correlation: CorrelationMetadata | None,
         first_sequence: int,
+        bounded: bool | None = None,
     ) -> bool:
-        """Queue delivered events, numbered from ``first_sequence`` (for the owner)."""
+        """Queue delivered events, numbered from ``first_sequence`` (for the owner);
+        within the queue's bounds unless credit based (or ``bounded`` says)."""
         return self.queue.put_payloads(
             topic,
             payload_type,
@@ -139,7 +141,7 @@ class Subscription(Generic[P]):
             first_sequence,
             self.subscription_id,
             self.payload_class,
-            not self.window,
+            not self.window if bounded is None else bounded,
         )
 
     def end(self, error: BaseException | None = None) -> None:

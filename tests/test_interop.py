@@ -577,6 +577,7 @@ async def test_typescript_registry_matches_python(ts: list[TsProgram]) -> None:
             "publishers": sorted(t.publishers),
             "subscribers": sorted(t.subscribers),
             "control": t.control,
+            "lossless": t.lossless,
         }
         for t in registry.TOPICS.values()
     ]
@@ -591,6 +592,7 @@ async def test_typescript_registry_matches_python(ts: list[TsProgram]) -> None:
             "publishers": sorted(t.publishers),
             "subscribers": sorted(t.subscribers),
             "control": t.control,
+            "lossless": t.lossless,
         }
         for t in registry.TEMPLATES
     ]

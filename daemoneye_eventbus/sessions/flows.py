@@ -4,7 +4,8 @@ A subscription with a :class:`~daemoneye_eventbus.flow.Flow` (its client
 grants credit, see :mod:`daemoneye_eventbus.flow`) is delivered through a
 session's :class:`FlowDelivery`: events go out while the subscriber has
 credit and room; otherwise a lossless event is held, in order, and the
-router holds its publisher; an event that is not lossless is dropped.
+router holds its publisher. An event that is not lossless goes within the
+credit and the usual at-most-once bounds, or is dropped.
 Credit coming back (a ``Credit`` frame, or an in-process queue read) sends
 what was held, and once a flow holds nothing its publishers go on. Socket
 and in-process sessions share this; each says what "room" and "deliver"
@@ -39,6 +40,12 @@ class FlowHost(Protocol):
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
     ) -> None:
         """Queue the events for the subscriber, whatever its bounds."""
+        ...
+
+    def deliver_at_most_once(
+        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+    ) -> bool:
+        """Queue the events within the at-most-once bounds; False if they do not fit."""
         ...
 
     def may_hold(self) -> bool:
@@ -78,12 +85,16 @@ class FlowDelivery:
         host = self.host
         if not host.delivering:
             return DROPPED
+        if not (flow.lossless or self.topic_info(message.topic).lossless):
+            # At most once, within the usual bounds, and within the credit.
+            if flow.can_send() and host.deliver_at_most_once(sub, message, data, first, count):
+                flow.sent(count)
+                return QUEUED
+            return DROPPED
         if flow.can_send() and host.room(len(data), True):
             host.deliver(sub, message, data, first, count)
             flow.sent(count)
             return QUEUED
-        if not (flow.lossless or self.topic_info(message.topic).lossless):
-            return DROPPED
         if not host.may_hold():
             return DROPPED
         flow.hold(message, data, first, count)

@@ -67,7 +67,7 @@ class LocalSession(Session):
         self._ids = itertools.count(1)
         self._closed = False
         #: Credit-based subscriptions' deliveries (lossless delivery).
-        self.flows = FlowDelivery(self, self.router.topic_info)
+        self.flows = FlowDelivery(_QueueOutput(self), self.router.topic_info)
         self._credits = Credits(self.grant)
         #: Set while a lossless subscriber holds this session as a publisher.
         self._released: asyncio.Future[None] | None = None
@@ -270,31 +270,17 @@ class LocalSession(Session):
             return self.flows.enqueue(sub, flow, message, data, first, count)
         return QUEUED if self._put(local, message, first) else DROPPED
 
-    def _put(self, local: Subscription[Any], message: Published, first: int) -> bool:
+    def _put(
+        self, local: Subscription[Any], message: Published, first: int, bounded: bool = True
+    ) -> bool:
         payloads: Sequence[bytes] = (
             message.payloads if isinstance(message, frames_pb2.PublishBatch) else (message.payload,)
         )
         # One copy of the correlation per subscriber: the publisher may reuse its message.
         correlation = _copy_correlation(message) if message.HasField("correlation") else None
-        return local.deliver(message.topic, message.payload_type, payloads, correlation, first)
-
-    # The FlowDelivery seam: a queue always has room (the window bounds it).
-    @property
-    def delivering(self) -> bool:
-        return not self._closed
-
-    def room(self, size: int, may_flush: bool) -> bool:
-        return True
-
-    def may_hold(self) -> bool:
-        return True
-
-    def deliver(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> None:
-        local = self._subs.get(sub.subscription_id)
-        if local is not None:
-            self._put(local, message, first)
+        return local.deliver(
+            message.topic, message.payload_type, payloads, correlation, first, bounded
+        )
 
     def grant(self, subscription_id: int, events: int) -> None:
         """The application read ``events`` events of a credit-based subscription."""
@@ -341,6 +327,36 @@ class LocalSession(Session):
     async def close(self) -> None:
         """Like :meth:`Client.close`: end the session (idempotent)."""
         self.end()
+
+
+class _QueueOutput:
+    """What a :class:`FlowDelivery` needs of an in-process session: its queues
+    always have room (a credit-based subscription's window bounds them)."""
+
+    def __init__(self, session: LocalSession) -> None:
+        self.session = session
+
+    @property
+    def delivering(self) -> bool:
+        return not self.session.is_closed
+
+    def room(self, size: int, may_flush: bool) -> bool:
+        return True
+
+    def may_hold(self) -> bool:
+        return True
+
+    def deliver(
+        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+    ) -> None:
+        if (local := self.session._subs.get(sub.subscription_id)) is not None:
+            self.session._put(local, message, first, bounded=False)
+
+    def deliver_at_most_once(
+        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+    ) -> bool:
+        local = self.session._subs.get(sub.subscription_id)
+        return local is not None and self.session._put(local, message, first)
 
 
 def _copy_correlation(publish: Published) -> CorrelationMetadata:

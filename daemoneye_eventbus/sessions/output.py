@@ -73,10 +73,16 @@ class SocketOutput:
         flow = sub.flow
         if flow is not None:
             return self.flows.enqueue(sub, flow, message, data, first, count)
+        return QUEUED if self.deliver_at_most_once(sub, message, data, first, count) else DROPPED
+
+    def deliver_at_most_once(
+        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+    ) -> bool:
+        """Queue the events if they fit the queue's bounds (flushing if need be)."""
         if not self._make_room(count, len(data)):
-            return DROPPED
+            return False
         self.deliver(sub, message, data, first, count)
-        return QUEUED
+        return True
 
     def deliver(
         self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int

@@ -12,6 +12,7 @@ emit({
     publishers: t.publishers,
     subscribers: t.subscribers,
     control: t.control,
+    lossless: t.lossless,
   })),
   templates: TEMPLATES.map((t) => ({
     pattern: t.pattern,
@@ -22,6 +23,7 @@ emit({
     publishers: t.publishers,
     subscribers: t.subscribers,
     control: t.control,
+    lossless: t.lossless,
   })),
   access: Object.fromEntries(ACCESS_TABLE),
   lookupTemplate: lookup("control.collector.task.scan.procmond-1")?.template ?? null,
