@@ -32,7 +32,7 @@ MYPY_TIMEOUT = 60
 pytestmark = pytest.mark.timeout(MYPY_TIMEOUT + 30)
 
 _EXPECT = re.compile(r"#\s*E:\s*(?P<fragment>.+?)\s*\Z")
-_REPORT = re.compile(r"^(?P<path>.+?):(?P<line>\d+): (?P<severity>error|note): (?P<message>.*)$")
+REPORT = re.compile(r"^(?P<path>.+?):(?P<line>\d+): (?P<severity>error|note): (?P<message>.*)$")
 
 
 class Report(NamedTuple):
@@ -85,7 +85,7 @@ def _run_mypy(path: Path, tmp_path: Path) -> MypyRun:
     )
     reports = []
     for line in proc.stdout.splitlines():
-        m = _REPORT.match(line)
+        m = REPORT.match(line)
         if m is not None:
             reports.append(
                 Report(
@@ -98,7 +98,7 @@ def _run_mypy(path: Path, tmp_path: Path) -> MypyRun:
     return MypyRun(proc.returncode, reports, proc.stdout + proc.stderr)
 
 
-def _expectations(path: Path) -> dict[int, str]:
+def expectations(path: Path) -> dict[int, str]:
     """``{line number: expected fragment}`` from the ``# E:`` comments of ``path``.
 
     Only real comments count (found with :mod:`tokenize`), not ``# E:`` in a
@@ -115,18 +115,18 @@ def _expectations(path: Path) -> dict[int, str]:
 
 
 def test_expectations_are_parsed() -> None:
-    expected = _expectations(CASES / "wrong_payload.py")
+    expected = expectations(CASES / "wrong_payload.py")
     assert len(expected) >= 3
     fragments = list(expected.values())
     assert any("build_publish" in f for f in fragments)
     assert any('Missing named argument "id"' in f for f in fragments)
     assert any("Topic[NetworkEvent]" in f for f in fragments)
-    assert _expectations(CASES / "right_payload.py") == {}
+    assert expectations(CASES / "right_payload.py") == {}
 
 
 def test_wrong_payload_is_a_type_error(tmp_path: Path) -> None:
     path = CASES / "wrong_payload.py"
-    expected = _expectations(path)
+    expected = expectations(path)
     run = _run_mypy(path, tmp_path)
     assert run.returncode == 1, run.output
 
