@@ -13,7 +13,7 @@ this project pins, and runs that mypy ``--strict`` outside the repository
 Without the protobuf stubs among the package's dependencies, mypy there sees
 every message class as ``Any`` and lets the first two mistakes of
 ``user_mistakes.py`` pass. The test needs the package index: it is marked
-``network`` (offline, deselect it with ``-m 'not network'``); CI runs it.
+``network`` (offline, deselect them with ``-m 'not network'``); CI runs them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ RIGHT = CASES / "user_code.py"
 #: Building and installing from the index; mypy itself takes a few seconds.
 INSTALL_TIMEOUT = 240
 
-pytestmark = [pytest.mark.network, pytest.mark.timeout(2 * INSTALL_TIMEOUT + 120)]
+#: For the tests that install: the fixture's steps and mypy, each with its own limit.
+slow_install = pytest.mark.timeout(3 * INSTALL_TIMEOUT + 60)
 
 
 def outside_env() -> dict[str, str]:
@@ -104,6 +105,8 @@ def user_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python
 
 
+@pytest.mark.network
+@slow_install
 def test_the_package_and_its_stubs_come_from_the_wheel(user_python: Path, tmp_path: Path) -> None:
     probe = run(
         [
@@ -125,6 +128,8 @@ def test_the_package_and_its_stubs_come_from_the_wheel(user_python: Path, tmp_pa
     assert stubs.split(".")[0] == runtime.split(".")[0]
 
 
+@pytest.mark.network
+@slow_install
 def test_mypy_strict_reports_each_mistake_and_nothing_in_right_code(
     user_python: Path, tmp_path: Path
 ) -> None:
@@ -172,3 +177,9 @@ def test_mypy_strict_reports_each_mistake_and_nothing_in_right_code(
             f"{MISTAKES.name}:{line}: nothing reported, expected {fragment!r}\n{output}"
         )
         assert any(fragment in message for message in messages), (line, fragment, messages)
+
+
+def test_the_readme_shows_what_mypy_reports() -> None:
+    readme = README.read_text(encoding="utf-8")
+    for fragment in expectations(MISTAKES).values():
+        assert f"\n  {fragment}\n" in readme, fragment

@@ -14,6 +14,7 @@ but only the file under test may report errors.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -23,6 +24,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+
+from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
+from daemoneye_eventbus.client import Client
+from daemoneye_eventbus.registry_runtime import Publication, Topic
+from daemoneye_eventbus.sessions import LocalSession
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "typing_negative"
@@ -146,3 +153,37 @@ def test_right_payload_type_checks(tmp_path: Path) -> None:
     run = _run_mypy(CASES / "right_payload.py", tmp_path)
     assert run.returncode == 0, run.output
     assert [r for r in run.reports if r.severity == "error"] == []
+
+
+# -- the run-time half of the typed publish signatures ------------------------------------------
+
+
+def test_a_topic_applied_to_a_message_checks_its_type() -> None:
+    message = events_pb2.ProcessEvent(pid=1)
+    correlation = CorrelationMetadata(correlation_id="c-1")
+    topic = registry.EVENTS_PROCESS_LIFECYCLE
+    assert topic(message) == Publication(topic, message, None)
+    assert topic(message, correlation=correlation).correlation is correlation
+    with pytest.raises(TypeError, match=r"carries daemoneye\.eventbus\.v1\.ProcessEvent, not Net"):
+        topic(events_pb2.NetworkEvent())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["publish", "publish_nowait"])
+@pytest.mark.parametrize("owner", ["Client", "LocalSession"])
+def test_publish_takes_at_run_time_what_mypy_lets_through(owner: str, method: str) -> None:
+    """mypy checks a publish call against the topic's call (``Topic.__call__``);
+    the method that runs takes the same arguments after the topic, of the same kinds."""
+    cls = {"Client": Client, "LocalSession": LocalSession}[owner]
+    at_run_time = list(inspect.signature(getattr(cls, method)).parameters.values())
+    topic_call = list(inspect.signature(Topic.__call__).parameters.values())
+    assert [p.name for p in at_run_time[:2]] == ["self", "topic"]
+    assert at_run_time[1].kind is inspect.Parameter.POSITIONAL_ONLY
+
+    def shape(params: list[inspect.Parameter]) -> list[tuple[str, object, object]]:
+        return [(p.name, p.kind, p.default) for p in params]
+
+    assert shape(at_run_time[2:]) == shape(topic_call[1:])
+    assert shape(topic_call[1:]) == [
+        ("message", inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.empty),
+        ("correlation", inspect.Parameter.KEYWORD_ONLY, None),
+    ]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from google.protobuf.message import Message
 
@@ -24,7 +24,7 @@ from daemoneye_eventbus.access import Identity, PeerCredentials
 from daemoneye_eventbus.delivery import EventQueue
 from daemoneye_eventbus.errors import ClosedResourceError
 from daemoneye_eventbus.protocol import build_publish
-from daemoneye_eventbus.registry_runtime import Topic
+from daemoneye_eventbus.registry_runtime import Publication, Topic
 from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
 from daemoneye_eventbus.subscription import Subscription, subscription_target
@@ -32,6 +32,8 @@ from daemoneye_eventbus.subscription import Subscription, subscription_target
 __all__ = ["LocalSession"]
 
 P = TypeVar("P", bound=Message)
+#: What a topic's call takes: the message, and the correlation by keyword.
+A = ParamSpec("A")
 
 
 class LocalSession(Session):
@@ -89,17 +91,41 @@ class LocalSession(Session):
         self.host.outbox.schedule()
         return taken
 
-    def publish_nowait(
-        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    def _publish_nowait(
+        self, topic: Topic[P], message: P, /, *, correlation: CorrelationMetadata | None = None
     ) -> int:
         """Publish one event now; return how many subscriptions took it."""
         return self.publish_frame(build_publish(topic, message, correlation))
 
-    async def publish(
-        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    async def _publish(
+        self, topic: Topic[P], message: P, /, *, correlation: CorrelationMetadata | None = None
     ) -> None:
         """Publish one event (never waits: in process, delivery is a queue put)."""
-        self.publish_nowait(topic, message, correlation=correlation)
+        self.publish_frame(build_publish(topic, message, correlation))
+
+    # As for Client.publish: mypy checks calls against these signatures, which take
+    # the message's type from the topic; run time calls the methods above.
+    if TYPE_CHECKING:
+
+        def publish_nowait(
+            self, topic: Callable[A, Publication[Any]], /, *args: A.args, **kwargs: A.kwargs
+        ) -> int:
+            """``publish_nowait(topic, message, *, correlation=None)``.
+
+            See :meth:`_publish_nowait`, which run time calls.
+            """
+
+        async def publish(
+            self, topic: Callable[A, Publication[Any]], /, *args: A.args, **kwargs: A.kwargs
+        ) -> None:
+            """``publish(topic, message, *, correlation=None)``.
+
+            See :meth:`_publish`, which run time calls.
+            """
+
+    else:
+        publish_nowait = _publish_nowait
+        publish = _publish
 
     async def publish_raw(
         self,

@@ -25,4 +25,4 @@ def read_a_field() -> None:
 
 async def collector(client: Client) -> None:
     # A NetworkEvent on a topic that carries ProcessEvent.
-    await client.publish(registry.EVENTS_PROCESS_LIFECYCLE, NetworkEvent())  # E: Cannot infer value of type parameter "P" of "publish" of "Client"
+    await client.publish(registry.EVENTS_PROCESS_LIFECYCLE, NetworkEvent())  # E: Argument 2 to "publish" of "Client" has incompatible type "NetworkEvent"; expected "ProcessEvent"
