@@ -82,10 +82,10 @@ class Block:
         return f"{name}:{self.line}"
 
 
-def fenced_blocks(document: Path, text: str | None = None) -> list[Block]:
-    """The fenced code blocks of ``document`` (or of ``text``), an ``output`` block
-    attached to the ``run`` block right above it when only blank lines separate them."""
-    lines = (document.read_text(encoding="utf-8") if text is None else text).splitlines()
+def fenced_blocks(document: Path) -> list[Block]:
+    """The fenced code blocks of ``document``, an ``output`` block attached to the
+    ``run`` block right above it when only blank lines separate them."""
+    lines = document.read_text(encoding="utf-8").splitlines()
     blocks: list[Block] = []
     i = 0
     while i < len(lines):
