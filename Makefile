@@ -19,10 +19,20 @@ venv: $(VENV)/.installed
 node: node_modules/.installed
 ts-node: $(TS)/node_modules/.installed
 
+# Everything the checks, the benchmarks and the code generator use. A venv
+# filled this way also has all that the demo needs (.runtime).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(VENV)/.runtime $@
+
+# Only what the demo needs: the package, its runtime dependencies and the
+# `fast` extra (uvloop).
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[fast]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -67,7 +77,7 @@ ts-test: ts-node
 
 check: gen-check lint types ts-test test bench-smoke bench-quick fuzz-smoke soak-smoke
 
-demo: venv
+demo: $(VENV)/.runtime
 	$(BIN)/daemoneye-eventbus demo
 
 # This bus side by side with ZeroMQ, NATS and Mosquitto (installed by the suite

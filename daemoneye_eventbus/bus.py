@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, Final, ParamSpec, Protocol, Self, runtime_checkable
 
 from google.protobuf.message import Message
 
@@ -42,7 +42,7 @@ from daemoneye_eventbus.errors import (
     SubscriptionExists,
     UnknownSubscription,
 )
-from daemoneye_eventbus.registry_runtime import Topic
+from daemoneye_eventbus.registry_runtime import Publication, Topic
 from daemoneye_eventbus.sessions import LocalSession
 from daemoneye_eventbus.subscription import Subscription
 from daemoneye_eventbus.transports import DEFAULT_ADDRESS
@@ -278,14 +278,15 @@ class DaemoneyeBroker:
         await self.shutdown()
 
 
-P = TypeVar("P", bound=Message)
+#: What a topic's call takes (Topic.__call__): the message, the correlation by keyword.
+A = ParamSpec("A")
 
 
 class _Backend(Protocol):
     """What the bus needs of a connection: a :class:`Client` or a :class:`LocalSession`."""
 
     async def publish(
-        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+        self, topic: Callable[A, Publication[Any]], /, *args: A.args, **kwargs: A.kwargs
     ) -> None: ...
 
     async def subscribe(

@@ -19,17 +19,27 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from google.protobuf.message import Message
 
 if TYPE_CHECKING:
+    from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
     from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 
-__all__ = ["Topic", "TopicRegistry", "TopicTemplate"]
+__all__ = ["Publication", "Topic", "TopicRegistry", "TopicTemplate"]
 
 #: The payload message type of a topic.
 P = TypeVar("P", bound=Message)
+
+
+class Publication(NamedTuple, Generic[P]):
+    """A message on its topic, with its correlation: what ``topic(message)`` gives."""
+
+    topic: Topic[P]
+    message: P
+    correlation: CorrelationMetadata | None
+
 
 # One topic level as a template parameter may take it: no dot, no wildcard.
 _LEVEL = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -59,6 +69,23 @@ class Topic(Generic[P]):
     def payload_name(self) -> str:
         """Fully qualified name of the payload message type."""
         return self.payload_type.DESCRIPTOR.full_name
+
+    def __call__(
+        self, message: P, /, *, correlation: CorrelationMetadata | None = None
+    ) -> Publication[P]:
+        """``message`` on this topic: raises :class:`TypeError` unless it is of the
+        topic's payload type.
+
+        The typed ``publish`` methods take their arguments after the topic as this
+        call does (``client.publish(topic, message, correlation=…)``), so that mypy
+        checks them against this signature: a wrong message is reported as an
+        argument of the wrong type, naming the payload type the topic expects.
+        """
+        if type(message) is not self.payload_type:
+            raise TypeError(
+                f"topic {self.name!r} carries {self.payload_name}, not {type(message).__qualname__}"
+            )
+        return Publication(self, message, correlation)
 
     def __str__(self) -> str:
         return self.name

@@ -25,14 +25,20 @@ async def broker_process(path: str, *args: str) -> AsyncIterator[asyncio.subproc
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
+        # The socket file appears at bind(), a moment before listen(): until then a
+        # connection is refused (a loaded machine can stretch that moment).
         for _ in range(250):
             if os.path.exists(path):
-                break
+                try:
+                    peer = await RawPeer.connect(path)  # let it settle: imports, first connection
+                except ConnectionRefusedError:
+                    pass
+                else:
+                    peer.close()
+                    break
             await asyncio.sleep(0.02)
         else:
             raise AssertionError("broker did not start")
-        peer = await RawPeer.connect(path)  # let it settle: imports, first connection
-        peer.close()
         await asyncio.sleep(0.2)
         yield proc
     finally:

@@ -14,6 +14,7 @@ but only the file under test may report errors.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -24,6 +25,12 @@ from typing import NamedTuple
 
 import pytest
 
+from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
+from daemoneye_eventbus.client import Client
+from daemoneye_eventbus.registry_runtime import Publication, Topic
+from daemoneye_eventbus.sessions import LocalSession
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "typing_negative"
 
@@ -32,7 +39,7 @@ MYPY_TIMEOUT = 60
 pytestmark = pytest.mark.timeout(MYPY_TIMEOUT + 30)
 
 _EXPECT = re.compile(r"#\s*E:\s*(?P<fragment>.+?)\s*\Z")
-_REPORT = re.compile(r"^(?P<path>.+?):(?P<line>\d+): (?P<severity>error|note): (?P<message>.*)$")
+REPORT = re.compile(r"^(?P<path>.+?):(?P<line>\d+): (?P<severity>error|note): (?P<message>.*)$")
 
 
 class Report(NamedTuple):
@@ -85,7 +92,7 @@ def _run_mypy(path: Path, tmp_path: Path) -> MypyRun:
     )
     reports = []
     for line in proc.stdout.splitlines():
-        m = _REPORT.match(line)
+        m = REPORT.match(line)
         if m is not None:
             reports.append(
                 Report(
@@ -98,7 +105,7 @@ def _run_mypy(path: Path, tmp_path: Path) -> MypyRun:
     return MypyRun(proc.returncode, reports, proc.stdout + proc.stderr)
 
 
-def _expectations(path: Path) -> dict[int, str]:
+def expectations(path: Path) -> dict[int, str]:
     """``{line number: expected fragment}`` from the ``# E:`` comments of ``path``.
 
     Only real comments count (found with :mod:`tokenize`), not ``# E:`` in a
@@ -115,18 +122,18 @@ def _expectations(path: Path) -> dict[int, str]:
 
 
 def test_expectations_are_parsed() -> None:
-    expected = _expectations(CASES / "wrong_payload.py")
+    expected = expectations(CASES / "wrong_payload.py")
     assert len(expected) >= 3
     fragments = list(expected.values())
     assert any("build_publish" in f for f in fragments)
     assert any('Missing named argument "id"' in f for f in fragments)
     assert any("Topic[NetworkEvent]" in f for f in fragments)
-    assert _expectations(CASES / "right_payload.py") == {}
+    assert expectations(CASES / "right_payload.py") == {}
 
 
 def test_wrong_payload_is_a_type_error(tmp_path: Path) -> None:
     path = CASES / "wrong_payload.py"
-    expected = _expectations(path)
+    expected = expectations(path)
     run = _run_mypy(path, tmp_path)
     assert run.returncode == 1, run.output
 
@@ -146,3 +153,37 @@ def test_right_payload_type_checks(tmp_path: Path) -> None:
     run = _run_mypy(CASES / "right_payload.py", tmp_path)
     assert run.returncode == 0, run.output
     assert [r for r in run.reports if r.severity == "error"] == []
+
+
+# -- the run-time half of the typed publish signatures ------------------------------------------
+
+
+def test_a_topic_applied_to_a_message_checks_its_type() -> None:
+    message = events_pb2.ProcessEvent(pid=1)
+    correlation = CorrelationMetadata(correlation_id="c-1")
+    topic = registry.EVENTS_PROCESS_LIFECYCLE
+    assert topic(message) == Publication(topic, message, None)
+    assert topic(message, correlation=correlation).correlation is correlation
+    with pytest.raises(TypeError, match=r"carries daemoneye\.eventbus\.v1\.ProcessEvent, not Net"):
+        topic(events_pb2.NetworkEvent())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["publish", "publish_nowait"])
+@pytest.mark.parametrize("owner", ["Client", "LocalSession"])
+def test_publish_takes_at_run_time_what_mypy_lets_through(owner: str, method: str) -> None:
+    """mypy checks a publish call against the topic's call (``Topic.__call__``);
+    the method that runs takes the same arguments after the topic, of the same kinds."""
+    cls = {"Client": Client, "LocalSession": LocalSession}[owner]
+    at_run_time = list(inspect.signature(getattr(cls, method)).parameters.values())
+    topic_call = list(inspect.signature(Topic.__call__).parameters.values())
+    assert [p.name for p in at_run_time[:2]] == ["self", "topic"]
+    assert at_run_time[1].kind is inspect.Parameter.POSITIONAL_ONLY
+
+    def shape(params: list[inspect.Parameter]) -> list[tuple[str, object, object]]:
+        return [(p.name, p.kind, p.default) for p in params]
+
+    assert shape(at_run_time[2:]) == shape(topic_call[1:])
+    assert shape(topic_call[1:]) == [
+        ("message", inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.empty),
+        ("correlation", inspect.Parameter.KEYWORD_ONLY, None),
+    ]

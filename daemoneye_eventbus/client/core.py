@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from google.protobuf.message import Message
 
@@ -25,7 +26,7 @@ from daemoneye_eventbus.errors import (
     LimitExceeded,
     RequestTimeout,
 )
-from daemoneye_eventbus.registry_runtime import Topic
+from daemoneye_eventbus.registry_runtime import Publication, Topic
 from daemoneye_eventbus.subscription import Subscription, subscription_target
 from daemoneye_eventbus.topics import (
     DEFAULT_MAX_TOPIC_BYTES,
@@ -40,6 +41,8 @@ __all__ = ["Client", "ClientStatistics", "connect"]
 log = logging.getLogger("daemoneye_eventbus.client")
 
 P = TypeVar("P", bound=Message)
+#: What a topic's call takes: the message, and the correlation by keyword.
+A = ParamSpec("A")
 
 _SUBSCRIBE = RequestKind.SUBSCRIBE
 _UNSUBSCRIBE = RequestKind.UNSUBSCRIBE
@@ -72,8 +75,8 @@ class Client(ClientConnection):
 
     # -- publishing ---------------------------------------------------------------
 
-    def publish_nowait(
-        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    def _publish_nowait(
+        self, topic: Topic[P], message: P, /, *, correlation: CorrelationMetadata | None = None
     ) -> None:
         """Queue one event without waiting.
 
@@ -85,8 +88,8 @@ class Client(ClientConnection):
             raise LimitExceeded(f"more than {self.max_buffer_bytes} bytes wait to be written")
         self._writer.queue_publish(topic, message, correlation)
 
-    async def publish(
-        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    async def _publish(
+        self, topic: Topic[P], message: P, /, *, correlation: CorrelationMetadata | None = None
     ) -> None:
         """Publish one event, waiting only while the socket is backed up.
 
@@ -100,6 +103,33 @@ class Client(ClientConnection):
             await pump.drain()
             self._check_open()
         self._writer.queue_publish(topic, message, correlation)
+
+    # mypy checks a call against the signatures below, run time calls the methods
+    # above (the same arguments: the message positional, correlation by keyword).
+    # The message's type comes from the topic alone, so that a wrong one is
+    # reported as "Argument 2 ... has incompatible type "NetworkEvent"; expected
+    # "ProcessEvent"" rather than as a type parameter that cannot be inferred.
+    if TYPE_CHECKING:
+
+        def publish_nowait(
+            self, topic: Callable[A, Publication[Any]], /, *args: A.args, **kwargs: A.kwargs
+        ) -> None:
+            """``publish_nowait(topic, message, *, correlation=None)``.
+
+            See :meth:`_publish_nowait`, which run time calls.
+            """
+
+        async def publish(
+            self, topic: Callable[A, Publication[Any]], /, *args: A.args, **kwargs: A.kwargs
+        ) -> None:
+            """``publish(topic, message, *, correlation=None)``.
+
+            See :meth:`_publish`, which run time calls.
+            """
+
+    else:
+        publish_nowait = _publish_nowait
+        publish = _publish
 
     async def publish_raw(
         self,

@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Sequence
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from google.protobuf.message import Message
 
@@ -31,7 +31,7 @@ from daemoneye_eventbus.delivery import Credits, EventQueue
 from daemoneye_eventbus.errors import ClosedResourceError, LimitExceeded
 from daemoneye_eventbus.flow import DROPPED, QUEUED
 from daemoneye_eventbus.protocol import build_publish, error_for_code
-from daemoneye_eventbus.registry_runtime import Topic
+from daemoneye_eventbus.registry_runtime import Publication, Topic
 from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
 from daemoneye_eventbus.sessions.flows import FlowDelivery
@@ -39,7 +39,11 @@ from daemoneye_eventbus.subscription import Subscription, subscription_target
 
 __all__ = ["LocalSession"]
 
+_HELD = "a lossless subscriber holds this publisher until it reads: await publish() waits for it"
+
 P = TypeVar("P", bound=Message)
+#: What a topic's call takes: the message, and the correlation by keyword.
+A = ParamSpec("A")
 
 
 class LocalSession(Session):
@@ -87,8 +91,7 @@ class LocalSession(Session):
     def new_queue(self, max_pending: int | None = None) -> EventQueue[Any]:
         """An empty queue with the broker's bounds (or fewer messages)."""
         cfg = self.host.config
-        most = cfg.max_queue_messages if max_pending is None else max_pending
-        return EventQueue(most, cfg.max_queue_bytes)
+        return EventQueue(max_pending or cfg.max_queue_messages, cfg.max_queue_bytes)
 
     # -- publishing ---------------------------------------------------------------
 
@@ -97,28 +100,43 @@ class LocalSession(Session):
         the router's typed error (an :class:`EventBusError`) when it is refused."""
         self._check_open()
         if self.endpoint.held_by:
-            raise LimitExceeded(
-                "a lossless subscriber holds this publisher until it reads: "
-                "await publish() waits for it"
-            )
+            raise LimitExceeded(_HELD)
         taken = self.router.route(self.endpoint, publish)
         # Socket subscribers it reached get their frames at the end of this turn.
         self.host.outbox.schedule()
         return taken
 
-    def publish_nowait(
-        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    def _publish_nowait(
+        self, topic: Topic[P], message: P, /, *, correlation: CorrelationMetadata | None = None
     ) -> int:
         """Publish one event now; return how many subscriptions took it."""
         return self.publish_frame(build_publish(topic, message, correlation))
 
-    async def publish(
-        self, topic: Topic[P], message: P, *, correlation: CorrelationMetadata | None = None
+    async def _publish(
+        self, topic: Topic[P], message: P, /, *, correlation: CorrelationMetadata | None = None
     ) -> None:
         """Publish one event; waits only while a lossless subscriber holds this
         session (in process, delivery is otherwise a queue put)."""
         await self._until_released()
-        self.publish_nowait(topic, message, correlation=correlation)
+        self.publish_frame(build_publish(topic, message, correlation))
+
+    # As for Client.publish: mypy checks calls against these signatures, which take
+    # the message's type from the topic; run time calls the methods above.
+    if TYPE_CHECKING:
+
+        def publish_nowait(
+            self, topic: Callable[A, Publication[Any]], /, *args: A.args, **kwargs: A.kwargs
+        ) -> int:
+            """``publish_nowait(topic, message, *, correlation=None)``: :meth:`_publish_nowait`."""
+
+        async def publish(
+            self, topic: Callable[A, Publication[Any]], /, *args: A.args, **kwargs: A.kwargs
+        ) -> None:
+            """``publish(topic, message, *, correlation=None)``: :meth:`_publish`."""
+
+    else:
+        publish_nowait = _publish_nowait
+        publish = _publish
 
     async def _until_released(self) -> None:
         while self.endpoint.held_by and not self._closed:
@@ -288,8 +306,7 @@ class LocalSession(Session):
             self.flows.grant(entry, events)
 
     def check(self, now: float) -> None:
-        """End a lossless subscription whose reader stalled while publishers
-        waited for it (called by the broker's housekeeping)."""
+        """End a lossless subscription whose reader stalled (broker's housekeeping)."""
         if not self.flows.holding:
             return
         timeout = self.host.config.slow_consumer_timeout

@@ -21,7 +21,11 @@ from daemoneye.eventbus.v1.registry import (
     lookup,
     topics_for_payload,
 )
-from daemoneye_eventbus.client import build_publish
+from daemoneye_eventbus.client import Client, build_publish
+from daemoneye_eventbus.correlation import new_correlation
+from daemoneye_eventbus.registry_runtime import Publication
+from daemoneye_eventbus.sessions import LocalSession
+from google.protobuf.message import Message
 
 # Each topic carries its own payload type.
 process: frames_pb2.Publish = build_publish(EVENTS_PROCESS_LIFECYCLE, events_pb2.ProcessEvent())
@@ -50,3 +54,21 @@ found = lookup("events.process.lifecycle")
 assert_type(found, Topic[Any] | None)
 if found is not None:
     dynamic = build_publish(found, events_pb2.ProcessEvent())
+
+
+async def publish_right(client: Client, session: LocalSession, message: Message) -> None:
+    # The message of the topic's payload type, the correlation by keyword.
+    await client.publish(EVENTS_PROCESS_LIFECYCLE, events_pb2.ProcessEvent(pid=1))
+    await client.publish(
+        EVENTS_PROCESS_LIFECYCLE, events_pb2.ProcessEvent(), correlation=new_correlation("c-1")
+    )
+    client.publish_nowait(targeted, control_pb2.TaskAssignment(task_id="t-3"), correlation=None)
+    assert_type(session.publish_nowait(EVENTS_NETWORK_CONNECTIONS, events_pb2.NetworkEvent()), int)
+    await session.publish(EVENTS_PROCESS_BATCH, events_pb2.ProcessBatch())
+    # A topic found at run time takes any message (the broker checks it).
+    if found is not None:
+        await client.publish(found, message)
+    # A topic applied to a message: the publication, typed by the topic.
+    publication = EVENTS_PROCESS_LIFECYCLE(events_pb2.ProcessEvent(), correlation=None)
+    assert_type(publication, Publication[events_pb2.ProcessEvent])
+    assert_type(publication.message, events_pb2.ProcessEvent)
