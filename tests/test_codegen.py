@@ -1017,7 +1017,7 @@ def test_runtime_imports_nothing_heavy() -> None:
         check=True,
     )
     assert proc.stdout.strip() == str(["daemoneye_eventbus", "daemoneye_eventbus.registry_runtime"])
-    assert registry_runtime.__all__ == ["Topic", "TopicRegistry", "TopicTemplate"]
+    assert registry_runtime.__all__ == ["Publication", "Topic", "TopicRegistry", "TopicTemplate"]
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ does not exist yet), not by patterns over its text.
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shlex
 import shutil
@@ -23,9 +24,12 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no `make` 
 
 def make_plan(target: str, venv: Path) -> list[list[str]]:
     """The commands ``make target`` would run with ``VENV=venv``, as argument lists."""
+    # Run under `make check` too: a nested make would announce its directory.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     done = subprocess.run(
-        ["make", "-n", target, f"VENV={venv}"],
+        ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
