@@ -141,12 +141,22 @@ class Credits:
         self._every.pop(subscription_id, None)
         self._taken.pop(subscription_id, None)
 
-    def took(self, subscription_id: int) -> None:
-        """The application read one event of ``subscription_id``."""
+    def every(self, subscription_id: int) -> int:
+        """How many reads of ``subscription_id`` are granted back at once (0: none)."""
+        return self._every.get(subscription_id, 0)
+
+    def grant(self, subscription_id: int, events: int) -> None:
+        """The application read ``events`` events of ``subscription_id``: grant them."""
+        if subscription_id in self._every:
+            self._grant(subscription_id, events)
+
+    def took(self, subscription_id: int, events: int = 1) -> None:
+        """The application read ``events`` events of ``subscription_id``; granted
+        back once a quarter window is read."""
         every = self._every.get(subscription_id)
         if every is None:
             return
-        taken = self._taken[subscription_id] + 1
+        taken = self._taken[subscription_id] + events
         if taken >= every:
             self._taken[subscription_id] = 0
             self._grant(subscription_id, taken)
@@ -185,8 +195,13 @@ class EventQueue(Generic[P]):
         self.missed = 0
         #: Events accepted into the queue.
         self.received = 0
-        #: Counts reads for credit-based subscriptions (set by their owner).
+        #: Counts reads for credit-based subscriptions (see :meth:`count_reads`).
         self.credits: Credits | None = None
+        # Reads since the last grant, the reads granted at once (0: not credit
+        # based), and the one subscription they belong to (-1: several).
+        self._reads = 0
+        self._grant_at = 0
+        self._credit_sid = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -296,6 +311,30 @@ class EventQueue(Generic[P]):
         )
         return self.put_batch(events, bounded)
 
+    def count_reads(self, credits: Credits, subscription_id: int) -> None:
+        """Grant ``credits`` back as the application reads ``subscription_id``'s
+        events (a credit-based subscription). One such subscription per queue is
+        counted inline; a queue shared by several counts each read by its id."""
+        if self._credit_sid > 0 and self._credit_sid != subscription_id and self._reads:
+            credits.took(self._credit_sid, self._reads)  # counted by id from now on
+        self.credits = credits
+        self._reads = 0
+        if self._credit_sid in (0, subscription_id):
+            self._credit_sid = subscription_id
+            self._grant_at = credits.every(subscription_id)
+        else:
+            self._credit_sid = -1
+            self._grant_at = 1
+
+    def _grant(self, subscription_id: int) -> None:
+        reads, self._reads = self._reads, 0
+        if self.credits is None:
+            return
+        if self._credit_sid > 0:
+            self.credits.grant(self._credit_sid, reads)
+        else:
+            self.credits.took(subscription_id)
+
     def restart_sequence(self, subscription_id: int) -> None:
         """A new session began for this subscription: its numbering starts again."""
         self._last_sequence.pop(subscription_id, None)
@@ -306,8 +345,10 @@ class EventQueue(Generic[P]):
             return None
         event = self._items.popleft()
         self._bytes -= len(event.payload)
-        if self.credits is not None:
-            self.credits.took(event.subscription_id)
+        if self._grant_at:  # credit based: counted inline, granted now and then
+            self._reads += 1
+            if self._reads >= self._grant_at:
+                self._grant(event.subscription_id)
         return event
 
     async def get(self, timeout: float | None = None) -> ReceivedEvent[P]:
@@ -339,8 +380,10 @@ class EventQueue(Generic[P]):
                 raise RequestTimeout(f"no event within {timeout} s")
         event = self._items.popleft()
         self._bytes -= len(event.payload)
-        if self.credits is not None:
-            self.credits.took(event.subscription_id)
+        if self._grant_at:  # credit based: counted inline, granted now and then
+            self._reads += 1
+            if self._reads >= self._grant_at:
+                self._grant(event.subscription_id)
         return event
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:

@@ -95,7 +95,7 @@ class Subscription(Generic[P]):
         self.lossless = lossless
         if window:
             credits.track(self.subscription_id, window)
-            self.queue.credits = credits
+            self.queue.count_reads(credits, self.subscription_id)
         else:
             credits.forget(self.subscription_id)
 

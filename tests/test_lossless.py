@@ -27,7 +27,7 @@ from daemoneye.eventbus.v1 import events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.broker import Broker
 from daemoneye_eventbus.client import Client
-from daemoneye_eventbus.delivery import ReceivedEvent
+from daemoneye_eventbus.delivery import Credits, EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import AccessDenied, ConnectionClosed, EventBusError, LimitExceeded
 from daemoneye_eventbus.flow import Flow
 from daemoneye_eventbus.subscription import Subscription
@@ -98,6 +98,35 @@ def test_a_publisher_held_by_two_flows_goes_on_when_both_let_go() -> None:
     assert not publisher.resumed
     assert two.discard() == 0
     assert (publisher.held_by, publisher.resumed) == (0, 1)
+
+
+def _event(sid: int, sequence: int) -> ReceivedEvent[Any]:
+    return ReceivedEvent(LIFECYCLE.name, "t", b"", None, sequence, sid)
+
+
+def test_reads_are_granted_back_per_quarter_window_and_per_subscription() -> None:
+    granted: list[tuple[int, int]] = []
+    credits = Credits(lambda sid, events: granted.append((sid, events)))
+    queue: EventQueue[Any] = EventQueue(100)
+    credits.track(1, 8)  # a quarter window: 2 reads
+    queue.count_reads(credits, 1)
+    for n in range(1, 6):
+        queue.put_nowait(_event(1, n), bounded=False)
+    while queue.get_nowait() is not None:
+        pass
+    assert granted == [(1, 2), (1, 2)]  # the fifth read waits for a sixth
+    # A second credit-based subscription on the same queue: each read by its id.
+    credits.track(2, 4)
+    queue.count_reads(credits, 2)
+    for sid, n in ((2, 1), (1, 6), (2, 2)):
+        queue.put_nowait(_event(sid, n), bounded=False)
+    while queue.get_nowait() is not None:
+        pass
+    assert granted[2:] == [(2, 1), (1, 2), (2, 1)]
+    credits.forget(2)  # ended: its reads grant nothing
+    queue.put_nowait(_event(2, 3), bounded=False)
+    queue.get_nowait()
+    assert len(granted) == 5
 
 
 # -- over real sockets -------------------------------------------------------------------
