@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 
+import conftest
 import pytest
 from conftest import REPO
 
@@ -175,7 +176,25 @@ def test_an_unsupported_system_refuses_before_anything_else(
         privileges.check_switch(0, 0)
 
 
-# -- verified where: the workflow and make types -------------------------------------------------
+# -- verified where: the linux_only marker, the workflow and make types ---------------------------
+
+
+def test_linux_only_tests_are_skipped_elsewhere(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The marks are read at collection; this item has run its setup already,
+    # so marking it now changes nothing about this run.
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    item.add_marker(pytest.mark.linux_only("reads /proc"))
+    conftest.pytest_collection_modifyitems([item])
+    if sys.platform.startswith("linux"):
+        assert item.get_closest_marker("skip") is None
+    monkeypatch.setattr(sys, "platform", "darwin")
+    conftest.pytest_collection_modifyitems([item])
+    skip = item.get_closest_marker("skip")
+    assert skip is not None
+    assert skip.kwargs["reason"] == "needs Linux: reads /proc"
 
 
 def test_the_workflow_runs_on_the_three_systems() -> None:
