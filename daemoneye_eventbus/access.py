@@ -25,7 +25,8 @@ A policy is a TOML file::
     [components.procmond]
     uids = [0, 1001]                     # peers with one of these uids ...
     gids = [1002]                        # ... or this primary gid
-    executables = ["/usr/sbin/procmond"] # optional: and /proc/<pid>/exe is one of these
+    sids = ["S-1-5-32-544"]              # ... or (Windows) this user or group SID
+    executables = ["/usr/sbin/procmond"] # optional: and the peer's executable is one of these
 
     [components.daemoneye-agent]
     uids = [0]
@@ -40,9 +41,10 @@ A policy is a TOML file::
     allow = true                         # peers claiming no component: public topics only
 
 Without a policy file, :meth:`Policy.default` applies: peers running as the
-broker's own uid or as root may act as any component the schema names,
-``daemoneye-agent`` is privileged, and every other peer may only connect
-anonymously. Under any policy, a claim of a component that neither the schema
+broker's own uid or as root (on Windows: as the broker's own user SID, as
+LocalSystem or in the Administrators group) may act as any component the
+schema names, ``daemoneye-agent`` is privileged, and every other peer may only
+connect anonymously. Under any policy, a claim of a component that neither the schema
 (:data:`SCHEMA_COMPONENTS`) nor the policy names is refused, with the list of
 the known ones.
 """
@@ -50,9 +52,10 @@ the known ones.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -62,10 +65,13 @@ from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.errors import AccessDenied, PolicyError
 from daemoneye_eventbus.ratelimit import RateLimit, rate_limit_from_mapping
+from daemoneye_eventbus.sids import ADMINISTRATORS, LOCAL_SYSTEM, parse_sid, resolve_sids
+from daemoneye_eventbus.sids import lookup_account as windows_lookup_account
 from daemoneye_eventbus.topics import filters_overlap
 
 __all__ = [
     "DEFAULT_PRIVILEGED",
+    "EXECUTABLE_PLATFORMS",
     "MAX_COMPONENT_CHARS",
     "ANONYMOUS",
     "AuditLog",
@@ -76,9 +82,11 @@ __all__ = [
     "PolicyError",
     "SCHEMA_COMPONENTS",
     "TopicAccess",
+    "account_key",
     "filter_reach",
     "may_publish",
     "may_read",
+    "peer_fields",
 ]
 
 #: Longest component name a peer may claim.
@@ -86,6 +94,12 @@ MAX_COMPONENT_CHARS: Final = 128
 
 #: Components privileged by the default policy.
 DEFAULT_PRIVILEGED: Final = frozenset({"daemoneye-agent"})
+
+#: Where the broker can read a peer's executable, so where a policy may list
+#: ``executables`` (``sys.platform`` values): Linux (``/proc/<pid>/exe``), macOS
+#: (``proc_pidpath``) and Windows (the client process's image). Elsewhere (the
+#: BSDs) the kernel does not give the peer's pid, and such a policy is refused.
+EXECUTABLE_PLATFORMS: Final = frozenset({"linux", "darwin", "win32"})
 
 _DECLARATIONS: Final[tuple[registry.Topic[Any] | registry.TopicTemplate[Any], ...]] = (
     *registry.TOPICS.values(),
@@ -109,13 +123,19 @@ _PRIVILEGED: Final = AccessLevel.ACCESS_LEVEL_PRIVILEGED
 class PeerCredentials:
     """Who is at the other end of a local connection, as the kernel says.
 
-    Transports fill it in (``SO_PEERCRED`` on Linux, ``LOCAL_PEERCRED`` on
-    macOS); it is never taken from what a peer claims.
+    Transports fill it in (``SO_PEERCRED`` on Linux, ``LOCAL_PEERCRED`` and
+    ``LOCAL_PEERPID`` on macOS, ``getpeereid`` on the BSDs, the client
+    process's token on Windows); it is never taken from what a peer claims.
+    A pid of 0 means the kernel did not say (the BSDs).
     """
 
     pid: int
     uid: int
     gid: int
+    #: Windows: the user SID of the peer's token (uid and gid are -1 there).
+    sid: str | None = None
+    #: Windows: the group SIDs of the peer's token (Administrators is S-1-5-32-544).
+    group_sids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +164,8 @@ class Identity:
             return f"{who} (in process)"
         if self.peer is None:
             return f"{who} (credentials unknown)"
-        return f"{who} (pid {self.peer.pid}, uid {self.peer.uid}, gid {self.peer.gid})"
+        fields = ", ".join(f"{k} {v}" for k, v in peer_fields(self.peer).items())
+        return f"{who} ({fields})"
 
 
 #: The identity of a peer before its handshake, or one that claims nothing.
@@ -206,7 +227,9 @@ class ComponentRule:
 
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
-    #: If set, the peer's executable (``/proc/<pid>/exe``) must be one of these.
+    #: Windows: user or group SIDs, in canonical form (:func:`.sids.parse_sid`).
+    sids: frozenset[str] = frozenset()
+    #: If set, the peer's executable (Linux: ``/proc/<pid>/exe``) must be one of these.
     executables: frozenset[str] | None = None
     privileged: bool = False
     #: How fast peers acting as this component may publish (None: no limit).
@@ -214,7 +237,13 @@ class ComponentRule:
 
     def allows(self, peer: PeerCredentials, executable: str | None) -> str | None:
         """None if ``peer`` matches the rule, else why not."""
-        if peer.uid not in self.uids and peer.gid not in self.gids:
+        if not (
+            (peer.uid >= 0 and peer.uid in self.uids)
+            or (peer.gid >= 0 and peer.gid in self.gids)
+            or _sid_match(peer, self.sids)
+        ):
+            if peer.sid is not None:
+                return f"sid {peer.sid} (and its groups) is not allowed"
             return f"uid {peer.uid} / gid {peer.gid} is not allowed"
         if self.executables is not None and executable not in self.executables:
             return f"executable {executable or '(unknown)'} is not allowed"
@@ -228,6 +257,9 @@ class Policy:
     components: Mapping[str, ComponentRule] = field(default_factory=dict)
     #: Peers that may act as any component (the default policy's trusted uids).
     trusted_uids: frozenset[int] = frozenset()
+    #: Windows: peers whose user SID or a group SID is one of these may act as
+    #: any component (the default policy's trusted accounts).
+    trusted_sids: frozenset[str] = frozenset()
     #: Components that trusted peers acting as them are privileged as.
     trusted_privileged: frozenset[str] = DEFAULT_PRIVILEGED
     #: Whether peers claiming no component may connect (public topics only).
@@ -238,13 +270,33 @@ class Policy:
     anonymous_rate: RateLimit | None = None
 
     @classmethod
-    def default(cls, broker_uid: int) -> Policy:
-        """The policy without a file: the broker's uid and root are trusted."""
-        return cls(trusted_uids=frozenset({broker_uid, 0}), source="default")
+    def default(cls, broker_uid: int, broker_sid: str | None = None) -> Policy:
+        """The policy without a file: the broker's uid and root are trusted.
+
+        On Windows (``broker_sid``, the broker's own user SID, given; the uid
+        is -1 there) LocalSystem, the Administrators group and the broker's
+        own user are trusted instead, and no uid is.
+        """
+        if broker_sid is None:
+            return cls(trusted_uids=frozenset({broker_uid, 0}), source="default")
+        return cls(
+            trusted_uids=frozenset({broker_uid}) if broker_uid >= 0 else frozenset(),
+            trusted_sids=frozenset({LOCAL_SYSTEM, ADMINISTRATORS, parse_sid(broker_sid)}),
+            source="default",
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> Policy:
-        """Read a policy file; raise :class:`PolicyError` naming what is wrong."""
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        platform: str = sys.platform,
+        lookup_account: Callable[[str], str] | None = None,
+    ) -> Policy:
+        """Read a policy file; raise :class:`PolicyError` naming what is wrong.
+
+        ``platform`` and ``lookup_account`` are as for :meth:`from_mapping`.
+        """
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -252,20 +304,45 @@ class Policy:
             raise PolicyError(f"cannot read policy {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError(f"policy {path} is not valid TOML: {exc}") from None
-        return cls.from_mapping(data, source=str(path))
+        return cls.from_mapping(
+            data, source=str(path), platform=platform, lookup_account=lookup_account
+        )
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "<mapping>") -> Policy:
-        """Build a policy from parsed TOML."""
+    def from_mapping(
+        cls,
+        data: Mapping[str, Any],
+        source: str = "<mapping>",
+        *,
+        platform: str = sys.platform,
+        lookup_account: Callable[[str], str] | None = None,
+    ) -> Policy:
+        """Build a policy from parsed TOML.
+
+        ``platform`` is the ``sys.platform`` the broker runs on: ``executables``
+        rules are refused where the broker cannot read a peer's executable
+        (see :data:`EXECUTABLE_PLATFORMS`). ``lookup_account`` turns an account
+        name in ``sids`` into a SID; by default Windows resolves it
+        (:func:`~daemoneye_eventbus.sids.lookup_account`) and any other
+        ``platform`` refuses account names.
+        """
         unknown = set(data) - {"components", "anonymous"}
         if unknown:
             raise PolicyError(f"{source}: unknown section(s) {sorted(unknown)}")
+        if lookup_account is None and platform == "win32":
+            lookup_account = windows_lookup_account
         components: dict[str, ComponentRule] = {}
         raw_components = data.get("components", {})
         if not isinstance(raw_components, dict):
             raise PolicyError(f"{source}: [components] must be a table")
         for name, raw in raw_components.items():
-            components[name] = _rule(raw, f"{source}: [components.{name}]")
+            where = f"{source}: [components.{name}]"
+            components[name] = rule = _rule(raw, where, lookup_account)
+            if rule.executables is not None and platform not in EXECUTABLE_PLATFORMS:
+                raise PolicyError(
+                    f"{where}: executables rules need the peer's executable, which the "
+                    f"broker can read only on Linux, macOS and Windows, not on {platform}"
+                )
         anonymous = data.get("anonymous", {})
         if not isinstance(anonymous, dict) or set(anonymous) - {"allow", "rate"}:
             raise PolicyError(f"{source}: [anonymous] takes only allow = true|false and rate")
@@ -317,11 +394,10 @@ class Policy:
             if reason is None:
                 return Identity(peer, claimed, rule.privileged, rate=rule.rate)
             raise AccessDenied(f"component {_show(claimed)} refused: {reason}", code=_DENIED)
-        if peer.uid in self.trusted_uids:
+        if (peer.uid >= 0 and peer.uid in self.trusted_uids) or _sid_match(peer, self.trusted_sids):
             return Identity(peer, claimed, claimed in self.trusted_privileged)
-        raise AccessDenied(
-            f"uid {peer.uid} may not act as component {_show(claimed)}", code=_DENIED
-        )
+        who = f"uid {peer.uid}" if peer.sid is None else f"sid {peer.sid}"
+        raise AccessDenied(f"{who} may not act as component {_show(claimed)}", code=_DENIED)
 
     @property
     def known_components(self) -> frozenset[str]:
@@ -340,6 +416,39 @@ def _show(claimed: str) -> str:
     return text if len(text) <= 66 else text[:64] + "…'"
 
 
+def account_key(peer: PeerCredentials | None) -> int | str:
+    """The account a peer runs as, for per-user counts: its user SID where the
+    kernel gives one (Windows), else its uid; -1 for unknown credentials."""
+    if peer is None:
+        return -1
+    return peer.sid if peer.sid is not None else peer.uid
+
+
+def peer_fields(peer: PeerCredentials) -> dict[str, object]:
+    """Who a peer is, for audit lines and messages: pid, uid and gid, or on
+    Windows (where there is no uid) pid and user SID."""
+    if peer.sid is not None:
+        return {"pid": peer.pid, "sid": peer.sid}
+    return {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid}
+
+
+def _sid_match(peer: PeerCredentials, sids: frozenset[str]) -> bool:
+    """Whether the peer's user SID or one of its group SIDs is in ``sids``."""
+    if not sids:
+        return False
+    return (peer.sid is not None and peer.sid in sids) or not sids.isdisjoint(peer.group_sids)
+
+
+def _sids(raw: Any, where: str, lookup: Callable[[str], str] | None) -> frozenset[str]:
+    value = raw.get("sids", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f"{where}: sids must be a list of SIDs (or Windows account names)")
+    try:
+        return resolve_sids(value, lookup)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+
+
 def _ids(raw: Any, where: str, key: str) -> frozenset[int]:
     value = raw.get(key, [])
     if not isinstance(value, list) or not all(
@@ -349,10 +458,10 @@ def _ids(raw: Any, where: str, key: str) -> frozenset[int]:
     return frozenset(value)
 
 
-def _rule(raw: Any, where: str) -> ComponentRule:
+def _rule(raw: Any, where: str, lookup: Callable[[str], str] | None) -> ComponentRule:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where} must be a table")
-    unknown = set(raw) - {"uids", "gids", "executables", "privileged", "rate"}
+    unknown = set(raw) - {"uids", "gids", "sids", "executables", "privileged", "rate"}
     if unknown:
         raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}")
     executables = raw.get("executables")
@@ -367,22 +476,25 @@ def _rule(raw: Any, where: str) -> ComponentRule:
     rule = ComponentRule(
         uids=_ids(raw, where, "uids"),
         gids=_ids(raw, where, "gids"),
+        sids=_sids(raw, where, lookup),
         executables=frozenset(executables) if executables is not None else None,
         privileged=privileged,
         rate=None if raw.get("rate") is None else rate_limit_from_mapping(raw["rate"], where),
     )
-    if not rule.uids and not rule.gids:
-        raise PolicyError(f"{where}: give uids or gids (or both)")
+    if not rule.uids and not rule.gids and not rule.sids:
+        raise PolicyError(f"{where}: give uids, gids or sids (or several)")
     return rule
 
 
 class AuditLog:
-    """Structured audit lines for refusals, rate-limited per peer uid.
+    """Structured audit lines for refusals, rate-limited per peer account.
 
     Each line goes to the ``daemoneye_eventbus.audit`` logger at WARNING with
-    ``key=value`` fields (also passed as ``extra={"audit": {...}}``). A peer
-    gets at most ``burst`` lines per ``window`` seconds; the lines suppressed
-    beyond that are counted and reported in its next line.
+    ``key=value`` fields (also passed as ``extra={"audit": {...}}``): the
+    peer's pid, uid and gid, or on Windows its pid and user SID. A peer's
+    account (uid, or SID; :func:`account_key`) gets at most ``burst`` lines per
+    ``window`` seconds; the lines suppressed beyond that are counted and
+    reported in its next line.
     """
 
     def __init__(
@@ -397,13 +509,14 @@ class AuditLog:
         self.burst = burst
         self.window = window
         self.max_peers = max_peers
-        self._buckets: dict[int, list[float]] = {}  # uid -> [window start, count, suppressed]
+        # account (uid or SID) -> [window start, count, suppressed]
+        self._buckets: dict[int | str, list[float]] = {}
         #: Lines suppressed in total.
         self.suppressed = 0
 
     def record(self, event: str, peer: PeerCredentials | None, **fields: object) -> bool:
         """Log one refusal; return False if it was suppressed by the rate limit."""
-        key = peer.uid if peer is not None else -1
+        key = account_key(peer)
         now = time.monotonic()
         bucket = self._buckets.get(key)
         if bucket is None or now - bucket[0] >= self.window:
@@ -420,7 +533,7 @@ class AuditLog:
         bucket[1] += 1
         record: dict[str, object] = {"event": event}
         if peer is not None:
-            record.update(pid=peer.pid, uid=peer.uid, gid=peer.gid)
+            record.update(peer_fields(peer))
         record.update(fields)
         if suppressed:
             record["suppressed_before"] = suppressed

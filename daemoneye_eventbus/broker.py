@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from daemoneye_eventbus.access import AuditLog, Policy
+from daemoneye_eventbus.access import AuditLog, Policy, account_key
 from daemoneye_eventbus.budget import MemoryBudget
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.errors import BrokerError, ClosedResourceError
@@ -90,7 +90,8 @@ class Broker:
         self._listener: Listener | None = None
         self._sessions: set[SocketSession] = set()
         self._local_sessions: set[LocalSession] = set()
-        self._per_uid: collections.Counter[int] = collections.Counter()
+        # Open connections by peer account: uid, or user SID on Windows.
+        self._per_uid: collections.Counter[int | str] = collections.Counter()
         self._housekeeper: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
@@ -146,7 +147,7 @@ class Broker:
             raise TypeError("only socket sessions are admitted; use local_session()")
         if len(self._sessions) >= self._config.max_connections:
             return f"connection limit of {self._config.max_connections} reached"
-        uid = session.peer.uid if session.peer else -1
+        uid = account_key(session.peer)
         if self._per_uid[uid] >= self._config.max_connections_per_uid:
             return f"connection limit of {self._config.max_connections_per_uid} per user reached"
         self._sessions.add(session)
@@ -162,7 +163,7 @@ class Broker:
         if isinstance(session, SocketSession):
             if session in self._sessions:
                 self._sessions.discard(session)
-                uid = session.peer.uid if session.peer else -1
+                uid = account_key(session.peer)
                 self._per_uid[uid] -= 1
                 if self._per_uid[uid] <= 0:
                     del self._per_uid[uid]
@@ -288,8 +289,9 @@ class Broker:
         """Open socket connections."""
         return len(self._sessions)
 
-    def connections_per_uid(self) -> dict[int, int]:
-        """Open socket connections by peer uid (-1: credentials unknown)."""
+    def connections_per_uid(self) -> dict[int | str, int]:
+        """Open socket connections by peer uid (on Windows: by user SID; -1:
+        credentials unknown)."""
         return dict(self._per_uid)
 
     @property

@@ -297,7 +297,8 @@ async def _stats(args: argparse.Namespace) -> int:
     for c in stats.connection_stats:
         print(
             f"  session {c.session_id} {c.client_name!r} component={c.component or '-'} "
-            f"pid={c.peer_pid} uid={c.peer_uid} published={c.published} "
+            f"pid={c.peer_pid} {f'sid={c.peer_sid}' if c.peer_sid else f'uid={c.peer_uid}'} "
+            f"published={c.published} "
             f"queued={c.queue_messages}/{c.queue_bytes}B"
         )
     for s in stats.subscription_stats:

@@ -6,22 +6,64 @@ socket file (and the directory it created for it) to the target user, and then
 calls :func:`drop_privileges` before it accepts the first connection. From
 then on it runs as that user with that one group, and cannot become root again.
 
-Pure: ``os``, ``pwd`` and ``grp`` only, no event loop; Unix only.
+Pure: ``os``, ``pwd`` and ``grp`` (imported where used: Windows has
+neither) only, no event loop. Where the drop
+cannot be both made and verified, it is refused with :class:`PrivilegeError`
+before anything is bound (:func:`unsupported_reason`): on Linux and the BSDs
+whose Python has ``os.getresuid`` (FreeBSD, OpenBSD, DragonFly) it works; on
+macOS, NetBSD and Windows the broker must be started as its user instead.
 """
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
+import sys
 
 from daemoneye_eventbus.errors import PrivilegeError
 
-__all__ = ["check_switch", "drop_privileges", "resolve", "verify_dropped"]
+__all__ = ["check_switch", "drop_privileges", "resolve", "unsupported_reason", "verify_dropped"]
+
+#: Whether this Python can read the saved uid and gid (not on macOS nor NetBSD).
+_HAS_RESIDS = hasattr(os, "getresuid") and hasattr(os, "getresgid")
+
+
+def unsupported_reason(platform: str, *, has_getresuid: bool) -> str | None:
+    """Why the broker cannot drop privileges on ``platform`` (a ``sys.platform``
+    value, where ``os.getresuid`` is there or not), or None where it can.
+
+    Dropping for good must be verified afterwards (:func:`verify_dropped`):
+    real, effective and saved ids, and the process's own groups.
+    """
+    if platform == "win32":
+        return (
+            "Windows has no uids to drop to; run the broker as the service account it should run as"
+        )
+    if platform == "darwin":
+        return (
+            "macOS gives no way to read back the saved uid and gid (no getresuid), and "
+            "os.getgroups there lists the user's directory groups, not the process's, so "
+            "the drop cannot be verified; start the broker as its user instead "
+            "(launchd: UserName and GroupName)"
+        )
+    if not has_getresuid:
+        return (
+            f"this Python on {platform} has no os.getresuid to verify the drop; start the "
+            "broker as its user instead"
+        )
+    return None
+
+
+def _unsupported() -> PrivilegeError:
+    reason = unsupported_reason(sys.platform, has_getresuid=_HAS_RESIDS)
+    return PrivilegeError(f"cannot drop privileges here: {reason or 'unsupported'}")
 
 
 def _uid(user: str) -> tuple[int, int | None]:
     """A user by name or number: its uid and primary gid (None: no passwd entry)."""
+    if sys.platform == "win32":
+        raise _unsupported()
+    import pwd  # not on Windows
+
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
@@ -36,6 +78,10 @@ def _uid(user: str) -> tuple[int, int | None]:
 
 def _gid(group: str) -> int:
     """A group by name or number."""
+    if sys.platform == "win32":
+        raise _unsupported()
+    import grp  # not on Windows
+
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
@@ -68,10 +114,13 @@ def check_switch(uid: int, gid: int) -> bool:
 
     True for root (it may switch), False for a process that is already exactly
     ``uid`` and ``gid``; :class:`PrivilegeError` for any other process (only
-    root may switch users) and for uid 0.
+    root may switch users), for uid 0, and where dropping is not supported
+    (:func:`unsupported_reason`).
     """
     if uid == 0:
         raise PrivilegeError("refusing to drop privileges to uid 0 (root)")
+    if sys.platform == "win32" or sys.platform == "darwin" or not _HAS_RESIDS:
+        raise _unsupported()
     if os.geteuid() == 0:
         return True
     if os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid):
@@ -93,6 +142,8 @@ def drop_privileges(uid: int, gid: int) -> None:
     """
     if not check_switch(uid, gid):
         return
+    if sys.platform == "win32" or sys.platform == "darwin":  # refused by check_switch
+        raise _unsupported()
     try:
         os.setgroups([gid])
         os.setgid(gid)
@@ -109,6 +160,8 @@ def verify_dropped(uid: int, gid: int) -> None:
     supplementary group ``gid``, and ``setuid(0)`` and ``seteuid(0)`` must
     fail. Raises :class:`PrivilegeError` otherwise.
     """
+    if sys.platform == "win32" or sys.platform == "darwin" or not _HAS_RESIDS:
+        raise _unsupported()
     ids = (os.getresuid(), os.getresgid(), sorted(set(os.getgroups())))
     if ids != ((uid, uid, uid), (gid, gid, gid), [gid]):
         raise PrivilegeError(

@@ -57,6 +57,17 @@ async def broker(sock_path: str) -> AsyncIterator[Broker]:
         yield b
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``linux_only`` anywhere but on Linux."""
+    if sys.platform.startswith("linux"):
+        return
+    for item in items:
+        mark = item.get_closest_marker("linux_only")
+        if mark is not None:
+            reason = mark.args[0] if mark.args else "Linux only"
+            item.add_marker(pytest.mark.skip(reason=f"needs Linux: {reason}"))
+
+
 def worker_cmd(*args: str) -> list[str]:
     """Command line running tests/workers.py in a separate Python process."""
     return [sys.executable, str(WORKERS), *args]

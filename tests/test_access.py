@@ -169,13 +169,13 @@ def test_load_minimal_policy_defaults(tmp_path: Path) -> None:
         pytest.param(
             "[components.procmond]\nprivileged = true\n",
             "[components.procmond]",
-            "give uids or gids",
+            "give uids, gids or sids",
             id="no-uids-no-gids",
         ),
         pytest.param(
             "[components.procmond]\nuids = []\ngids = []\n",
             "[components.procmond]",
-            "give uids or gids",
+            "give uids, gids or sids",
             id="empty-uids-and-gids",
         ),
         pytest.param("components = 3\n", "[components]", "must be a table", id="components-value"),

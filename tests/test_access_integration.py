@@ -418,7 +418,7 @@ async def test_undeclared_topics_are_public_when_allowed(sock_path: str) -> None
         assert broker.statistics().refused == 1
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/exe"), reason="needs /proc/<pid>/exe")
+@pytest.mark.linux_only("reads /proc/<pid>/exe")
 async def test_policy_executables(sock_path: str, audit_log: pytest.LogCaptureFixture) -> None:
     exe = os.readlink(f"/proc/{os.getpid()}/exe")
     allowed = make_policy({"procmond": {"uids": [ME], "executables": [exe]}})

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "topics": 1,
     "correlation": 1,
     "access": 1,
+    "sids": 1,
     "frames": 1,
     "config": 1,
     "budget": 1,

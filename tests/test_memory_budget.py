@@ -9,7 +9,6 @@ the budget allows (docs/security.md, "Memory"), not by wire bytes.
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 from rawpeer import RawPeer
@@ -23,9 +22,7 @@ from daemoneye_eventbus.frames import encode_frame, encode_varint
 
 MIB = 1024 * 1024
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status"
-)
+pytestmark = pytest.mark.linux_only("reads /proc/<pid>/status")
 
 
 def rss(pid: int) -> int:

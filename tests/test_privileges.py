@@ -42,6 +42,11 @@ PROC_TIMEOUT = 60.0
 IS_ROOT = os.geteuid() == 0
 NO_USER = "deb-no-such-user"
 NO_GROUP = "deb-no-such-group"
+#: The tests of a real switch, where this system supports one (not macOS).
+can_drop = pytest.mark.skipif(
+    privileges.unsupported_reason(sys.platform, has_getresuid=hasattr(os, "getresuid")) is not None,
+    reason="this system cannot drop privileges (privileges.unsupported_reason)",
+)
 REFUSAL = (
     "daemoneye-eventbus serve: error: refusing to run as root: "
     "give --user NAME to drop privileges, or --allow-root"
@@ -144,12 +149,14 @@ def test_drop_privileges_refuses_uid_0() -> None:
         privileges.drop_privileges(0, 0)
 
 
+@can_drop
 @pytest.mark.skipif(not IS_ROOT, reason="checks what root may do")
 def test_root_may_switch() -> None:
     other = an_ordinary_user()
     assert privileges.check_switch(other.pw_uid, other.pw_gid) is True
 
 
+@can_drop
 @pytest.mark.skipif(IS_ROOT, reason="checks what a process that is not root may do")
 def test_drop_privileges_without_root() -> None:
     # Already who it should become: nothing to do.
@@ -161,6 +168,7 @@ def test_drop_privileges_without_root() -> None:
             call(other.pw_uid, other.pw_gid)
 
 
+@can_drop
 @pytest.mark.skipif(not IS_ROOT, reason="checks that root is detected as not dropped")
 def test_verify_dropped_refuses_a_process_that_is_still_root() -> None:
     with pytest.raises(PrivilegeError, match="privileges not dropped"):
@@ -314,6 +322,7 @@ def test_serve_unknown_user_or_group_exits_2(sock_dir: Path) -> None:
         assert not path.parent.exists()  # not even its directory
 
 
+@can_drop
 @pytest.mark.skipif(IS_ROOT, reason="checks serve started by an ordinary user")
 def test_serve_as_an_ordinary_user_cannot_switch_users(sock_dir: Path) -> None:
     path = sock_dir / "bus.sock"

@@ -391,7 +391,7 @@ async def test_close_leaves_a_foreign_file_at_the_path(sock_path: str) -> None:
         assert Path(sock_path).read_text() == "not a socket"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/exe")
+@pytest.mark.linux_only("/proc/<pid>/exe")
 def test_peer_executable() -> None:
     assert peer_executable(os.getpid()) == os.path.realpath(sys.executable)
     assert peer_executable(2**22 + 12345) is None  # above pid_max: no such process

@@ -237,7 +237,7 @@ print(rss() - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.linux_only("reads /proc/self/status")
 async def test_validation_holds_no_memory_per_event() -> None:
     """Each payload is parsed into a new message: a reused one would keep every
     parse in its arena (upb), about 50 MiB per 200,000 events."""

@@ -1,8 +1,10 @@
-"""The Unix domain socket transport (Linux and macOS).
+"""The Unix domain socket transport (Linux, macOS and the BSDs).
 
 This module knows nothing of frames, sessions or routing. It creates the
 listening socket safely (see :func:`bind_unix_socket`), reads the peer's
-credentials from the kernel, computes default socket paths, and offers the
+credentials from the kernel (:func:`peer_credentials`, by the method
+:func:`credentials_method` names for each system) and its executable
+(:func:`peer_executable`), computes default socket paths, and offers the
 :class:`~daemoneye_eventbus.transports.base.Listener` interface over them
 (:class:`UnixListener`) and :func:`connect` for clients.
 """
@@ -11,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import functools
 import os
 import socket
 import stat
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from daemoneye_eventbus.access import PeerCredentials
 from daemoneye_eventbus.errors import BrokerAlreadyRunning, BrokerError
@@ -27,12 +32,15 @@ from daemoneye_eventbus.transports.base import Listener, ProtocolFactory
 __all__ = [
     "DEFAULT_SOCKET_PATH",
     "LISTEN_BACKLOG",
+    "CredentialsMethod",
     "UnixListener",
     "bind_unix_socket",
     "connect",
+    "credentials_method",
     "default_socket_path",
     "make_directories",
     "missing_directories",
+    "parse_xucred",
     "peer_credentials",
     "peer_executable",
     "remove_socket",
@@ -54,35 +62,109 @@ def default_socket_path(instance: str | None = None) -> str:
     return f"/tmp/daemoneye-{instance}.sock"
 
 
+#: How the broker asks a kernel who the peer of a Unix socket is.
+CredentialsMethod = Literal["SO_PEERCRED", "LOCAL_PEERCRED", "getpeereid"]
+
+_BSDS: Final = ("freebsd", "openbsd", "netbsd", "dragonfly")
+
+
+def credentials_method(platform: str) -> CredentialsMethod | None:
+    """How :func:`peer_credentials` reads a peer's credentials on ``platform``
+    (a ``sys.platform`` value); None where it reads none.
+
+    * ``SO_PEERCRED`` (Linux): pid, effective uid and gid at ``connect()``;
+    * ``LOCAL_PEERCRED`` (macOS): effective uid and gid at ``connect()``, and
+      ``LOCAL_PEERPID`` for the pid;
+    * ``getpeereid`` (FreeBSD, OpenBSD, NetBSD, DragonFly): effective uid and
+      gid at ``connect()``; no pid.
+    """
+    if platform.startswith("linux"):
+        return "SO_PEERCRED"
+    if platform == "darwin":
+        return "LOCAL_PEERCRED"
+    if platform.startswith(_BSDS):
+        return "getpeereid"
+    return None
+
+
 def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
-    """Read the peer's credentials from the kernel (never from what it claims)."""
-    if sys.platform.startswith("linux"):
+    """Read the peer's credentials from the kernel (never from what it claims).
+
+    None where :func:`credentials_method` names no method or the kernel's
+    answer is not understood; OSError when the call fails.
+    """
+    if sys.platform.startswith("linux"):  # credentials_method: SO_PEERCRED
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
         return PeerCredentials(pid, uid, gid)
-    if sys.platform == "darwin":  # pragma: no cover - macOS only
+    method = credentials_method(sys.platform)  # pragma: no cover - not Linux
+    if method == "LOCAL_PEERCRED":  # pragma: no cover - macOS only
         return _darwin_peer_credentials(sock)
+    if method == "getpeereid":  # pragma: no cover - the BSDs only
+        return _bsd_peer_credentials(sock)
     return None  # pragma: no cover - no way to ask this kernel
 
 
 # macOS <sys/un.h>: SOL_LOCAL is 0; LOCAL_PEERCRED returns a struct xucred
-# {u_int cr_version; uid_t cr_uid; short cr_ngroups; gid_t cr_groups[16]};
-# LOCAL_PEERPID returns the peer's pid_t.
-_SOL_LOCAL = 0
-_LOCAL_PEERCRED = 0x001
-_LOCAL_PEERPID = 0x002
-_XUCRED = struct.Struct("=IIh2x16I")
+# {u_int cr_version; uid_t cr_uid; short cr_ngroups; gid_t cr_groups[NGROUPS]}
+# (<sys/ucred.h>, NGROUPS 16, cr_version XUCRED_VERSION 0) taken when the peer
+# connected; LOCAL_PEERPID returns a pid_t.
+_SOL_LOCAL: Final = 0
+_LOCAL_PEERCRED: Final = 0x001
+_LOCAL_PEERPID: Final = 0x002
+_XUCRED: Final = struct.Struct("=IIh2x16I")
+_XUCRED_VERSION: Final = 0
+_PID: Final = struct.Struct("=i")
 
 
-def _darwin_peer_credentials(sock: socket.socket) -> PeerCredentials:  # pragma: no cover
-    raw = sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED.size)
-    _, uid, ngroups, *groups = _XUCRED.unpack(raw[: _XUCRED.size])
-    gid = groups[0] if ngroups > 0 else -1
+def parse_xucred(raw: bytes) -> tuple[int, int] | None:
+    """The effective uid and gid in a macOS ``struct xucred`` (``LOCAL_PEERCRED``).
+
+    The gid is the credential's first group, the effective gid. None when
+    ``raw`` is not one: too short, another layout version, or a group count
+    out of range.
+    """
+    if len(raw) < _XUCRED.size:
+        return None
+    version, uid, ngroups, *groups = _XUCRED.unpack_from(raw)
+    if version != _XUCRED_VERSION or not 0 < ngroups <= len(groups):
+        return None
+    return uid, groups[0]
+
+
+def _darwin_peer_credentials(sock: socket.socket) -> PeerCredentials | None:  # pragma: no cover
+    ids = parse_xucred(sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED.size))
+    if ids is None:
+        return None
+    uid, gid = ids
     try:
-        pid = struct.unpack("=i", sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERPID, 4))[0]
-    except OSError:
+        pid = _PID.unpack(sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERPID, _PID.size))[0]
+    except (OSError, struct.error):
         pid = 0
-    return PeerCredentials(pid, uid, gid)
+    return PeerCredentials(max(pid, 0), uid, gid)
+
+
+@functools.cache
+def _getpeereid() -> Callable[..., int]:  # pragma: no cover - the BSDs only
+    # int getpeereid(int s, uid_t *euid, gid_t *egid); uid_t and gid_t are
+    # 32-bit unsigned on every BSD.
+    function = ctypes.CDLL(None, use_errno=True).getpeereid
+    function.argtypes = (
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.POINTER(ctypes.c_uint32),
+    )
+    function.restype = ctypes.c_int
+    return function
+
+
+def _bsd_peer_credentials(sock: socket.socket) -> PeerCredentials:  # pragma: no cover
+    uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
+    if _getpeereid()(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    # getpeereid gives no pid: 0, so the executable is unknown.
+    return PeerCredentials(0, uid.value, gid.value)
 
 
 def _is_live(path: str) -> bool:
@@ -284,11 +366,44 @@ class UnixListener(Listener):
 
 
 def peer_executable(pid: int) -> str | None:
-    """The executable of process ``pid`` (Linux: ``/proc/<pid>/exe``); None if unknown."""
+    """The executable of process ``pid``; None if unknown (pid 0 included).
+
+    Linux: the link ``/proc/<pid>/exe``; macOS: ``proc_pidpath`` (libproc);
+    elsewhere None (a policy with ``executables`` is refused there at load).
+    """
+    if pid <= 0:
+        return None
+    if sys.platform == "darwin":  # pragma: no cover - macOS only
+        return _darwin_executable(pid)
     try:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
+
+
+#: Longest path proc_pidpath writes (<libproc.h> PROC_PIDPATHINFO_MAXSIZE, 4 * MAXPATHLEN).
+_PROC_PIDPATHINFO_MAXSIZE: Final = 4096
+
+
+@functools.cache
+def _proc_pidpath() -> Callable[..., int]:  # pragma: no cover - macOS only
+    # int proc_pidpath(int pid, void *buffer, uint32_t buffersize): the length
+    # written, or 0 (and errno) on failure.
+    function = ctypes.CDLL("/usr/lib/libproc.dylib", use_errno=True).proc_pidpath
+    function.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)
+    function.restype = ctypes.c_int
+    return function
+
+
+def _darwin_executable(pid: int) -> str | None:  # pragma: no cover - macOS only
+    buffer = ctypes.create_string_buffer(_PROC_PIDPATHINFO_MAXSIZE)
+    try:
+        length = _proc_pidpath()(pid, buffer, _PROC_PIDPATHINFO_MAXSIZE)
+    except OSError:  # libproc could not be loaded
+        return None
+    if length <= 0:
+        return None
+    return os.fsdecode(buffer.raw[:length])
 
 
 async def connect(path: str, factory: ProtocolFactory) -> asyncio.BaseTransport:

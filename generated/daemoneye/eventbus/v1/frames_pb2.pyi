@@ -902,6 +902,7 @@ class ConnectionStats(_message.Message):
     PUBLISHED_FIELD_NUMBER: _builtins.int
     INVALID_PAYLOADS_FIELD_NUMBER: _builtins.int
     THROTTLED_SECONDS_FIELD_NUMBER: _builtins.int
+    PEER_SID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
     client_name: _builtins.str
@@ -911,7 +912,9 @@ class ConnectionStats(_message.Message):
     peer_pid: _builtins.int
     """Peer process id from the kernel, 0 if unknown."""
     peer_uid: _builtins.int
-    """Peer user id from the kernel."""
+    """Peer user id from the kernel; 0 when unknown and on Windows, where
+    `peer_sid` says who the peer is.
+    """
     queue_messages: _builtins.int
     """Messages waiting in the outbound queue."""
     queue_bytes: _builtins.int
@@ -926,6 +929,8 @@ class ConnectionStats(_message.Message):
     """Seconds the broker stopped reading from this connection because it
     published faster than its rate limit.
     """
+    peer_sid: _builtins.str
+    """Windows: the user SID of the peer's token (`S-1-5-...`); empty elsewhere."""
     def __init__(
         self,
         *,
@@ -939,10 +944,11 @@ class ConnectionStats(_message.Message):
         published: _builtins.int = ...,
         invalid_payloads: _builtins.int = ...,
         throttled_seconds: _builtins.float = ...,
+        peer_sid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "invalid_payloads", b"invalid_payloads", "peer_pid", b"peer_pid", "peer_uid", b"peer_uid", "published", b"published", "queue_bytes", b"queue_bytes", "queue_messages", b"queue_messages", "session_id", b"session_id", "throttled_seconds", b"throttled_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "invalid_payloads", b"invalid_payloads", "peer_pid", b"peer_pid", "peer_sid", b"peer_sid", "peer_uid", b"peer_uid", "published", b"published", "queue_bytes", b"queue_bytes", "queue_messages", b"queue_messages", "session_id", b"session_id", "throttled_seconds", b"throttled_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
