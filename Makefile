@@ -67,6 +67,7 @@ lint: venv buf-lint buf-breaking
 
 types: venv
 	$(BIN)/mypy
+	$(BIN)/mypy --platform win32
 
 # pytest exits 5 when it collects nothing: like every non-zero exit, that fails.
 test: venv ts-node

@@ -116,6 +116,10 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
+    #: Windows: the user SID of the peer's token (uid and gid are -1 there).
+    sid: str | None = None
+    #: Windows: the group SIDs of the peer's token (Administrators is S-1-5-32-544).
+    group_sids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

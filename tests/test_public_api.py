@@ -37,6 +37,7 @@ PUBLIC_MODULES = [
     "privileges",
     "transports",
     "transports.base",
+    "transports.pipes",
     "transports.unix",
     "sessions",
     "sessions.base",
