@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -416,6 +417,8 @@ def listen_address(text: str) -> str | tuple[str, int]:
     """``HOST:PORT`` (``[::1]:9464`` for IPv6) as ``(host, port)``, or a Unix socket
     path (anything holding ``/``) as is; raise ``ValueError`` for anything else."""
     if "/" in text:
+        if sys.platform == "win32":
+            raise ValueError(f"{text!r}: no Unix sockets on Windows; give HOST:PORT")
         return text
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
@@ -432,24 +435,26 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class _UnixWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
-    """The standard library's WSGI server, on a Unix socket bound beforehand."""
+if sys.platform != "win32":  # a metrics endpoint on a Unix socket
 
-    address_family = socket.AF_UNIX
-    daemon_threads = True
+    class _UnixWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+        """The standard library's WSGI server, on a Unix socket bound beforehand."""
 
-    def __init__(self, sock: socket.socket, path: str) -> None:
-        # Not bound here: the socket, bound beforehand, replaces the one made here.
-        super().__init__(("localhost", 0), _QuietHandler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock
-        self.server_name = "localhost"
-        self.server_port = 0
-        self.setup_environ()
+        address_family = socket.AF_UNIX
+        daemon_threads = True
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        conn, _ = self.socket.accept()
-        return conn, ("local", 0)  # the handler wants a (host, port) pair
+        def __init__(self, sock: socket.socket, path: str) -> None:
+            # Not bound here: the socket, bound beforehand, replaces the one made here.
+            super().__init__(("localhost", 0), _QuietHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_name = "localhost"
+            self.server_port = 0
+            self.setup_environ()
+
+        def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+            conn, _ = self.socket.accept()
+            return conn, ("local", 0)  # the handler wants a (host, port) pair
 
 
 class MetricsServer:
@@ -499,6 +504,8 @@ def serve_metrics(
         bound = server.server_address[1]
         shown = f"[{host}]" if ":" in host else host
         return MetricsServer(server, thread, f"http://{shown}:{bound}/metrics")
+    if sys.platform == "win32":  # listen_address gives no path there
+        raise ValueError(f"{listen!r}: no Unix sockets on Windows; give HOST:PORT")
     sock = bind_unix_socket(address, mode=mode, group=group)
     inode = os.stat(address).st_ino
     try:

@@ -14,8 +14,12 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import sys
 
 from daemoneye_eventbus.errors import PrivilegeError
+
+# Unix only: the CLI imports this module only there (mypy skips the rest on Windows).
+assert sys.platform != "win32", "dropping privileges is for Unix"
 
 __all__ = ["check_switch", "drop_privileges", "resolve", "verify_dropped"]
 
