@@ -117,6 +117,8 @@ def _identity(args: argparse.Namespace) -> tuple[int, int] | None:
 
 def _drop_to(broker: Broker, uid: int, gid: int) -> None:
     """Give the socket to ``uid``/``gid`` and become them (``before_serving``)."""
+    if sys.platform == "win32":  # _identity gives none there
+        raise PrivilegeError("dropping privileges is for Unix")
     from daemoneye_eventbus import privileges  # Unix only: pwd, grp
 
     if broker.listener is None:

@@ -54,7 +54,9 @@ from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.router import UNDECLARED_LABEL, Router
 from daemoneye_eventbus.sessions import Session, SocketSession
 from daemoneye_eventbus.statistics import BrokerTally, TopicFigures
-from daemoneye_eventbus.transports.unix import bind_unix_socket, remove_socket
+
+if sys.platform != "win32":  # a metrics endpoint on a Unix socket
+    from daemoneye_eventbus.transports.unix import bind_unix_socket, remove_socket
 
 __all__ = [
     "ANONYMOUS_LABEL",
@@ -481,7 +483,7 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
-        if self.path is not None:
+        if sys.platform != "win32" and self.path is not None:
             remove_socket(self.path, self.inode)
 
 
@@ -504,23 +506,32 @@ def serve_metrics(
         bound = server.server_address[1]
         shown = f"[{host}]" if ":" in host else host
         return MetricsServer(server, thread, f"http://{shown}:{bound}/metrics")
-    if sys.platform == "win32":  # listen_address gives no path there
-        raise ValueError(f"{listen!r}: no Unix sockets on Windows; give HOST:PORT")
-    sock = bind_unix_socket(address, mode=mode, group=group)
-    inode = os.stat(address).st_ino
-    try:
-        sock.setblocking(True)
-        unix = _UnixWSGIServer(sock, address)
-    except BaseException:
-        sock.close()
-        remove_socket(address, inode)
-        raise
-    unix.set_app(make_wsgi_app(registry))
-    thread = threading.Thread(
-        target=unix.serve_forever, name=f"eventbus metrics {address}", daemon=True
-    )
-    thread.start()
-    return MetricsServer(unix, thread, f"unix:{address}", address, inode)
+    if sys.platform != "win32":
+        return _serve_on_unix_socket(address, registry, mode, group)
+    raise ValueError(f"{listen!r}: no Unix sockets on Windows; give HOST:PORT")
+
+
+if sys.platform != "win32":
+
+    def _serve_on_unix_socket(
+        address: str, registry: CollectorRegistry, mode: int, group: int | None
+    ) -> MetricsServer:
+        """Serve ``registry`` over HTTP on a Unix socket created at ``address``."""
+        sock = bind_unix_socket(address, mode=mode, group=group)
+        inode = os.stat(address).st_ino
+        try:
+            sock.setblocking(True)
+            unix = _UnixWSGIServer(sock, address)
+        except BaseException:
+            sock.close()
+            remove_socket(address, inode)
+            raise
+        unix.set_app(make_wsgi_app(registry))
+        thread = threading.Thread(
+            target=unix.serve_forever, name=f"eventbus metrics {address}", daemon=True
+        )
+        thread.start()
+        return MetricsServer(unix, thread, f"unix:{address}", address, inode)
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,6 +17,7 @@ import stat
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ from daemoneye_eventbus import transports
 from daemoneye_eventbus.access import PeerCredentials
 from daemoneye_eventbus.errors import BrokerAlreadyRunning, BrokerError
 from daemoneye_eventbus.transports import Listener
-from daemoneye_eventbus.transports.unix import peer_executable
+from daemoneye_eventbus.transports.unix import default_socket_path, peer_executable
 
 unix_only = pytest.mark.skipif(sys.platform == "win32", reason="socket files")
 
@@ -105,7 +106,7 @@ class Serving:
 
 
 @contextlib.asynccontextmanager
-async def serving(address: str, **options: int) -> AsyncIterator[Serving]:
+async def serving(address: str, **options: Any) -> AsyncIterator[Serving]:
     """A listener for ``address`` (``transports.listener(address, **options)``), started."""
     server = Serving(transports.listener(address, **options))
     await server.listener.start(server.factory)
@@ -175,7 +176,8 @@ async def test_listener_names_the_peer_executable(sock_path: str) -> None:
             assert server.listener.executable(served.peer) == os.path.realpath(sys.executable)
         if sys.platform == "win32":  # the interpreter, maybe behind a virtualenv's launcher
             executable = server.listener.executable(served.peer)
-            assert executable is not None and executable.lower().endswith(".exe")
+            assert executable is not None
+            assert executable.lower().endswith(".exe")
         await hang_up(transport)
 
 
@@ -258,6 +260,9 @@ def test_default_address() -> None:
     if sys.platform != "win32":
         assert transports.DEFAULT_ADDRESS == "/tmp/daemoneye.sock"
         assert named == "/tmp/daemoneye-x-1.sock"
+        # The dispatcher's (pure) answer and the Unix transport's agree.
+        assert named == default_socket_path("x-1")
+        assert default_socket_path() == transports.DEFAULT_ADDRESS
 
 
 @pytest.mark.parametrize("instance", ["a/b", "../x", "x y", "x.sock", "é\n", "a\0b"])

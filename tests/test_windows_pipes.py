@@ -90,7 +90,8 @@ async def test_the_peer_is_this_process_and_its_user(pipe: str) -> None:
         assert peer.sid == windows.current_user_sid()
         assert "S-1-1-0" in peer.group_sids  # Everyone: enabled in every token
         image = listening.executable(peer)
-        assert image is not None and image.lower().endswith(".exe")
+        assert image is not None
+        assert image.lower().endswith(".exe")
         assert os.path.isfile(image)
         transport.close()
     finally:

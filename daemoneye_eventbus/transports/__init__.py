@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from daemoneye_eventbus.transports import pipes, unix
+from daemoneye_eventbus.transports import pipes
 from daemoneye_eventbus.transports.base import Listener, ProtocolFactory
 
+# Each platform's transport, and only it: mypy checks each branch for its platform.
 if sys.platform == "win32":
     from daemoneye_eventbus.transports import windows
+else:
+    from daemoneye_eventbus.transports import unix
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -36,9 +39,7 @@ def default_address(instance: str | None = None, *, platform: str = sys.platform
     A pipe name on Windows (``\\\\.\\pipe\\DaemonEye[-{instance}]``), a socket
     path elsewhere (``/tmp/daemoneye[-{instance}].sock``).
     """
-    if platform == "win32":
-        return pipes.pipe_name(instance)
-    return unix.default_socket_path(instance)
+    return pipes.default_address(instance, platform)
 
 
 #: Where the broker listens unless told otherwise.
@@ -51,7 +52,7 @@ def listener(
     mode: int = 0o600,
     group: int | None = None,
     send_buffer: int | None = None,
-    backlog: int = unix.LISTEN_BACKLOG,
+    backlog: int | None = None,
     pipe_sddl: str | None = None,
 ) -> Listener:
     """A listener for ``address`` on this platform's transport (not started yet).
@@ -61,13 +62,18 @@ def listener(
     pipe's security descriptor; None for the default, see
     :func:`~daemoneye_eventbus.transports.pipes.default_sddl`). ``send_buffer``
     is the kernel send buffer asked for on each connection (None for the
-    system default). Each option applies to its own transport only.
+    system default), ``backlog`` the Unix socket's listen backlog (None for
+    ``unix.LISTEN_BACKLOG``). Each option applies to its own transport only.
     """
+    made: Listener
     if sys.platform == "win32":
-        return windows.PipeListener(address, sddl=pipe_sddl, send_buffer=send_buffer)
-    return unix.UnixListener(
-        address, mode=mode, group=group, send_buffer=send_buffer, backlog=backlog
-    )
+        made = windows.PipeListener(address, sddl=pipe_sddl, send_buffer=send_buffer)
+    else:
+        queued = unix.LISTEN_BACKLOG if backlog is None else backlog
+        made = unix.UnixListener(
+            address, mode=mode, group=group, send_buffer=send_buffer, backlog=queued
+        )
+    return made
 
 
 async def connect(address: str, factory: ProtocolFactory) -> asyncio.BaseTransport:
@@ -77,5 +83,7 @@ async def connect(address: str, factory: ProtocolFactory) -> asyncio.BaseTranspo
     no broker is there.
     """
     if sys.platform == "win32":
-        return await windows.connect(address, factory)
-    return await unix.connect(address, factory)
+        transport = await windows.connect(address, factory)
+    else:
+        transport = await unix.connect(address, factory)
+    return transport

@@ -25,6 +25,7 @@ calls Windows, kept apart so that it is tested on every platform.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 from typing import Final
 
@@ -45,6 +46,7 @@ __all__ = [
     "check_sddl",
     "check_sid",
     "create_error",
+    "default_address",
     "default_sddl",
     "effective_group_sids",
     "pipe_name",
@@ -107,6 +109,20 @@ def pipe_name(instance: str | None = None) -> str:
     if not instance:
         return DEFAULT_PIPE_NAME
     return f"{DEFAULT_PIPE_NAME}-{check_instance(instance)}"
+
+
+def default_address(instance: str | None = None, platform: str = sys.platform) -> str:
+    """Where a broker listens unless told otherwise, on ``platform``.
+
+    On Windows the pipe :func:`pipe_name` names; elsewhere the Unix socket
+    ``/tmp/daemoneye.sock``, or ``/tmp/daemoneye-{instance}.sock`` for a named
+    instance (as ``transports.unix.default_socket_path`` says).
+    """
+    if platform == "win32":
+        return pipe_name(instance)
+    if not instance:
+        return "/tmp/daemoneye.sock"
+    return f"/tmp/daemoneye-{check_instance(instance)}.sock"
 
 
 def check_pipe_name(name: str) -> str:

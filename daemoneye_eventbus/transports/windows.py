@@ -47,9 +47,9 @@ import win32file
 import win32pipe
 import win32security
 
+import daemoneye_eventbus.transports.pipes as pipes
 from daemoneye_eventbus.access import PeerCredentials
 from daemoneye_eventbus.errors import BrokerError
-from daemoneye_eventbus.transports import pipes
 from daemoneye_eventbus.transports.base import Listener, ProtocolFactory
 
 # The rest of this module exists on Windows only (mypy skips it elsewhere).
@@ -351,7 +351,8 @@ class PipeListener(Listener):
 
     def _hand_over(self, pipe: windows_utils.PipeHandle) -> None:
         """Make ``pipe`` a stream transport served by a new session protocol."""
-        assert self._factory is not None and self._make_transport is not None
+        assert self._factory is not None
+        assert self._make_transport is not None
         try:
             self._make_transport(pipe, self._factory(), {"addr": self.address})
         except Exception:
