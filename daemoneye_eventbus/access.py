@@ -52,6 +52,7 @@ the known ones.
 from __future__ import annotations
 
 import logging
+import ntpath
 import sys
 import time
 import tomllib
@@ -458,6 +459,11 @@ def _ids(raw: Any, where: str, key: str) -> frozenset[int]:
     return frozenset(value)
 
 
+def _absolute(path: str) -> bool:
+    """An absolute path: ``/usr/sbin/procmond``, or on Windows ``C:\\...\\procmond.exe``."""
+    return path.startswith("/") or (ntpath.isabs(path) and bool(ntpath.splitdrive(path)[0]))
+
+
 def _rule(raw: Any, where: str, lookup: Callable[[str], str] | None) -> ComponentRule:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where} must be a table")
@@ -467,7 +473,7 @@ def _rule(raw: Any, where: str, lookup: Callable[[str], str] | None) -> Componen
     executables = raw.get("executables")
     if executables is not None and (
         not isinstance(executables, list)
-        or not all(isinstance(e, str) and e.startswith("/") for e in executables)
+        or not all(isinstance(e, str) and _absolute(e) for e in executables)
     ):
         raise PolicyError(f"{where}: executables must be a list of absolute paths")
     privileged = raw.get("privileged", False)

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -39,7 +40,7 @@ from daemoneye_eventbus.statistics import (
     ConnectionStatistics,
     SubscriptionStatistics,
 )
-from daemoneye_eventbus.transports import Listener, listener
+from daemoneye_eventbus.transports import Listener, listener, own_sid
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -57,8 +58,18 @@ __all__ = [
 log = logging.getLogger("daemoneye_eventbus.broker")
 
 
+def _default_policy() -> Policy:
+    """The policy without a file: the broker's uid and root are trusted (Unix);
+    on Windows, where peers have no uid, LocalSystem, the Administrators group
+    and the broker's own user SID are."""
+    if sys.platform == "win32":
+        return Policy.default(-1, broker_sid=own_sid())
+    return Policy.default(os.geteuid())
+
+
 class Broker:
-    """The message broker, listening on a local address (a Unix socket path).
+    """The message broker, listening on a local address (a Unix socket path, or a
+    named pipe's name on Windows).
 
     Use as ``async with Broker(path) as broker:`` or call :meth:`start` and
     :meth:`close`. The socket file is removed on close (a directory created
@@ -81,7 +92,7 @@ class Broker:
         self._config = config or BrokerConfig()
         self._before_serving = before_serving
         #: Who may act as which component (the default policy without a file).
-        self._policy = self._config.policy or Policy.default(os.geteuid())
+        self._policy = self._config.policy or _default_policy()
         #: Structured, rate-limited log of refusals.
         self._audit = AuditLog()
         self._router = Router(self._config, self._audit)
@@ -195,6 +206,7 @@ class Broker:
             mode=cfg.socket_mode,
             group=cfg.socket_group,
             send_buffer=cfg.socket_send_buffer,
+            pipe_sddl=cfg.pipe_sddl,
         )
         await listening.start(lambda: SocketSession(self), serve=False)
         self._listener = listening

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import grp
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from google.protobuf import json_format, text_format
@@ -33,7 +32,6 @@ from google.protobuf.message import Message
 from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
-from daemoneye_eventbus import privileges
 from daemoneye_eventbus.access import Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.cli_args import EXIT_ERROR, EXIT_USAGE, parser
@@ -51,6 +49,7 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.runtime import loop_factory, run
 from daemoneye_eventbus.transports import default_address
+from daemoneye_eventbus.transports.pipes import broad_grants
 from daemoneye_eventbus.watch import watch
 
 __all__ = ["main"]
@@ -67,8 +66,12 @@ def _group(name: str | None) -> int | None:
     """A group given by name or number, as a gid."""
     if name is None:
         return None
+    if sys.platform == "win32":
+        raise PrivilegeError("--socket-group is for Unix sockets; on Windows give --pipe-sddl")
     if name.isdigit():
         return int(name)
+    import grp
+
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
@@ -86,8 +89,19 @@ def _identity(args: argparse.Namespace) -> tuple[int, int] | None:
     """Who ``serve`` becomes once its socket is bound: ``(uid, gid)``, or None to stay.
 
     Refuses (:class:`PrivilegeError`) an unknown ``--user``/``--group``, and
-    running on as root without ``--user`` or ``--allow-root``.
+    running on as root without ``--user`` or ``--allow-root``; on Windows,
+    ``--user`` and ``--group`` (a broker runs as the account it is started
+    as, and its pipe's security descriptor says who may connect).
     """
+    if sys.platform == "win32":
+        if args.user is not None or args.group is not None:
+            raise PrivilegeError(
+                "--user and --group are for Unix: on Windows, start the broker as the account "
+                "it should run as, and say who may connect with --pipe-sddl"
+            )
+        return None
+    from daemoneye_eventbus import privileges  # Unix only: pwd, grp
+
     if args.user is None:
         if args.group is not None:
             raise PrivilegeError("--group needs --user")
@@ -103,6 +117,10 @@ def _identity(args: argparse.Namespace) -> tuple[int, int] | None:
 
 def _drop_to(broker: Broker, uid: int, gid: int) -> None:
     """Give the socket to ``uid``/``gid`` and become them (``before_serving``)."""
+    if sys.platform == "win32":  # _identity gives none there
+        raise PrivilegeError("dropping privileges is for Unix")
+    from daemoneye_eventbus import privileges  # Unix only: pwd, grp
+
     if broker.listener is None:
         raise PrivilegeError("the broker's socket is not bound yet")
     try:
@@ -120,8 +138,37 @@ def _drop_to(broker: Broker, uid: int, gid: int) -> None:
         )
 
 
+def _stop_on_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """Call ``stop`` on SIGINT or SIGTERM (Windows: Ctrl+C or Ctrl+Break); returns the undo."""
+    loop = asyncio.get_running_loop()
+    if sys.platform == "win32":
+        # The proactor loop has no add_signal_handler: a plain handler wakes it
+        # through call_soon_threadsafe instead.
+        signals = (signal.SIGINT, signal.SIGBREAK)
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+        for sig in signals:
+            signal.signal(sig, lambda _sig, _frame: loop.call_soon_threadsafe(stop))
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+    def remove() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
 async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = None) -> int:
     policy = Policy.load(args.policy) if args.policy else None
+    broad = broad_grants(args.pipe_sddl) if args.pipe_sddl is not None else []
+    if broad:
+        log.warning("--pipe-sddl lets %s connect to the broker's pipe", " and ".join(broad))
     if identity is not None:
         # The default policy trusts the broker's own uid (and root): the uid it drops to.
         policy = policy or Policy.default(identity[0])
@@ -152,6 +199,7 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
         max_connections_per_uid=args.max_connections_per_uid,
         socket_mode=args.socket_mode,
         socket_group=_group(args.socket_group),
+        pipe_sddl=args.pipe_sddl,
         policy=policy,
     )
 
@@ -162,9 +210,7 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
     broker = Broker(_socket(args), config, before_serving=drop if identity else None)
     await broker.start()  # bound, and privileges dropped: only then the metrics endpoint
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    restore = _stop_on_signals(stop.set)
     metrics = None
     try:
         if args.metrics_listen is not None:
@@ -181,8 +227,7 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
             print(f"daemoneye-eventbus metrics on {metrics.url}", flush=True)
         await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        restore()
         if metrics is not None:
             metrics.close()
         await broker.close()
@@ -363,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if args.command == "sub" and args.require_count and None in (args.count, args.timeout):
         cli.error("sub --require-count needs --count and --timeout")
+    if args.command == "serve" and args.pipe_sddl is not None and sys.platform != "win32":
+        cli.error("serve --pipe-sddl is for Windows named pipes; here use --socket-mode")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -9,10 +9,12 @@ already says it. :func:`parser` builds the whole command line.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Final
 
 from daemoneye_eventbus.config import BrokerConfig
-from daemoneye_eventbus.transports import DEFAULT_ADDRESS
+from daemoneye_eventbus.transports import DEFAULT_ADDRESS, default_address
+from daemoneye_eventbus.transports.pipes import check_sddl
 
 __all__ = ["EXIT_ERROR", "EXIT_USAGE", "HelpFormatter", "parser"]
 
@@ -55,6 +57,14 @@ def _mode(text: str) -> int:
     if mode & ~0o666:
         raise argparse.ArgumentTypeError(f"socket mode {text} may only hold read/write bits")
     return mode
+
+
+def _sddl(text: str) -> str:
+    """A pipe security descriptor in SDDL, of the shape a pipe's takes (see ``check_sddl``)."""
+    try:
+        return check_sddl(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _metrics_listen(text: str) -> str:
@@ -166,6 +176,15 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         help="group (name or gid) of the socket file (default: the broker's group)",
     )
     serve.add_argument(
+        "--pipe-sddl",
+        type=_sddl,
+        metavar="SDDL",
+        help="Windows: security descriptor of the named pipe, e.g. "
+        "'D:P(A;;GA;;;SY)(A;;GA;;;BA)(A;;GA;;;S-1-5-21-...)' to add an account "
+        "(default: full access for LocalSystem, Administrators and the broker's own user, "
+        "nobody else)",
+    )
+    serve.add_argument(
         "--policy",
         metavar="FILE",
         help="TOML policy: which peers may act as which component (default: the broker's "
@@ -212,11 +231,12 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
 def _common(socket_default: str) -> argparse.ArgumentParser:
     """The options every command takes."""
     common = argparse.ArgumentParser(add_help=False)
+    where = "named pipe" if sys.platform == "win32" else "socket"
     common.add_argument(
-        "--socket", metavar="PATH", help=f"broker socket (default: {socket_default})"
+        "--socket", metavar="PATH", help=f"broker {where} (default: {socket_default})"
     )
     common.add_argument(
-        "--instance", metavar="NAME", help="named instance: /tmp/daemoneye-NAME.sock"
+        "--instance", metavar="NAME", help=f"named instance: {default_address('NAME')}"
     )
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return common

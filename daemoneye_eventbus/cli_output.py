@@ -10,6 +10,7 @@ writes them as strings, for JavaScript's sake; a count is a number), and
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -100,6 +101,12 @@ def _value(field: FieldDescriptor, value: Any) -> Any:
 
 def listening_line(broker: Broker) -> str:
     """The first line of a broker the CLI runs: where, how open, whose policy, which loop."""
+    if sys.platform == "win32":
+        sddl = broker.config.pipe_sddl or "default"
+        return (
+            f"daemoneye-eventbus broker listening on {broker.path} "
+            f"(pipe security {sddl}, policy {broker.policy.source}, loop {running_loop_name()})"
+        )
     return (
         f"daemoneye-eventbus broker listening on {broker.path} "
         f"(mode {broker.config.socket_mode:04o}, policy {broker.policy.source}, "

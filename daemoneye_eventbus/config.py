@@ -79,10 +79,14 @@ class BrokerConfig:
     #: With validation on, skip it for in-process publishers (the agent's own
     #: code, which holds the broker anyway).
     trust_local_payloads: bool = False
-    #: Permission bits of the socket file.
+    #: Permission bits of the socket file (Unix sockets).
     socket_mode: int = 0o600
-    #: Group of the socket file (gid), or None to keep the broker's.
+    #: Group of the socket file (gid), or None to keep the broker's (Unix sockets).
     socket_group: int | None = None
+    #: Security descriptor (SDDL) of the named pipe (Windows), or None for the
+    #: default: full access for LocalSystem, Administrators and the broker's
+    #: own user, nobody else (daemoneye_eventbus.transports.pipes.default_sddl).
+    pipe_sddl: str | None = None
     #: Which peers may act as which component; None for :meth:`Policy.default`.
     policy: Policy | None = None
     #: Kernel send buffer asked for on each connection (SO_SNDBUF), or None for

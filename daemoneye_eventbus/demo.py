@@ -26,6 +26,7 @@ from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import create_child, new_correlation, with_stage
 from daemoneye_eventbus.errors import RequestTimeout
 from daemoneye_eventbus.runtime import run
+from daemoneye_eventbus.transports.pipes import pipe_name
 
 __all__ = ["enumerate_processes", "run_collector", "run_demo"]
 
@@ -92,7 +93,13 @@ async def run_collector(path: str, scan_id: str, count: int) -> int:
 async def run_demo(path: str | None = None, *, count: int = 20) -> int:
     """The agent side: embedded broker, in-process subscriber, collector subprocess."""
     with tempfile.TemporaryDirectory(prefix="deb-demo-") as tmp:
-        sock = path or str(Path(tmp) / "bus.sock")
+        # A private address: a socket in a new directory, or a pipe of its own on Windows.
+        private = (
+            pipe_name(f"demo-{uuid.uuid4().hex[:12]}")
+            if sys.platform == "win32"
+            else str(Path(tmp) / "bus.sock")
+        )
+        sock = path or private
         scan_id = f"scan-{uuid.uuid4().hex[:8]}"
         async with await DaemoneyeBroker.new(sock) as broker:
             print(listening_line(broker.broker), flush=True)  # as `serve` starts

@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.router import UNDECLARED_LABEL, Router
 from daemoneye_eventbus.sessions import Session, SocketSession
 from daemoneye_eventbus.statistics import BrokerTally, TopicFigures
-from daemoneye_eventbus.transports.unix import bind_unix_socket, remove_socket
+
+if sys.platform != "win32":  # a metrics endpoint on a Unix socket
+    from daemoneye_eventbus.transports.unix import bind_unix_socket, remove_socket
 
 __all__ = [
     "ANONYMOUS_LABEL",
@@ -416,6 +419,8 @@ def listen_address(text: str) -> str | tuple[str, int]:
     """``HOST:PORT`` (``[::1]:9464`` for IPv6) as ``(host, port)``, or a Unix socket
     path (anything holding ``/``) as is; raise ``ValueError`` for anything else."""
     if "/" in text:
+        if sys.platform == "win32":
+            raise ValueError(f"{text!r}: no Unix sockets on Windows; give HOST:PORT")
         return text
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
@@ -432,24 +437,26 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class _UnixWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
-    """The standard library's WSGI server, on a Unix socket bound beforehand."""
+if sys.platform != "win32":  # a metrics endpoint on a Unix socket
 
-    address_family = socket.AF_UNIX
-    daemon_threads = True
+    class _UnixWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+        """The standard library's WSGI server, on a Unix socket bound beforehand."""
 
-    def __init__(self, sock: socket.socket, path: str) -> None:
-        # Not bound here: the socket, bound beforehand, replaces the one made here.
-        super().__init__(("localhost", 0), _QuietHandler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock
-        self.server_name = "localhost"
-        self.server_port = 0
-        self.setup_environ()
+        address_family = socket.AF_UNIX
+        daemon_threads = True
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        conn, _ = self.socket.accept()
-        return conn, ("local", 0)  # the handler wants a (host, port) pair
+        def __init__(self, sock: socket.socket, path: str) -> None:
+            # Not bound here: the socket, bound beforehand, replaces the one made here.
+            super().__init__(("localhost", 0), _QuietHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_name = "localhost"
+            self.server_port = 0
+            self.setup_environ()
+
+        def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+            conn, _ = self.socket.accept()
+            return conn, ("local", 0)  # the handler wants a (host, port) pair
 
 
 class MetricsServer:
@@ -476,7 +483,7 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
-        if self.path is not None:
+        if sys.platform != "win32" and self.path is not None:
             remove_socket(self.path, self.inode)
 
 
@@ -499,21 +506,32 @@ def serve_metrics(
         bound = server.server_address[1]
         shown = f"[{host}]" if ":" in host else host
         return MetricsServer(server, thread, f"http://{shown}:{bound}/metrics")
-    sock = bind_unix_socket(address, mode=mode, group=group)
-    inode = os.stat(address).st_ino
-    try:
-        sock.setblocking(True)
-        unix = _UnixWSGIServer(sock, address)
-    except BaseException:
-        sock.close()
-        remove_socket(address, inode)
-        raise
-    unix.set_app(make_wsgi_app(registry))
-    thread = threading.Thread(
-        target=unix.serve_forever, name=f"eventbus metrics {address}", daemon=True
-    )
-    thread.start()
-    return MetricsServer(unix, thread, f"unix:{address}", address, inode)
+    if sys.platform != "win32":
+        return _serve_on_unix_socket(address, registry, mode, group)
+    raise ValueError(f"{listen!r}: no Unix sockets on Windows; give HOST:PORT")
+
+
+if sys.platform != "win32":
+
+    def _serve_on_unix_socket(
+        address: str, registry: CollectorRegistry, mode: int, group: int | None
+    ) -> MetricsServer:
+        """Serve ``registry`` over HTTP on a Unix socket created at ``address``."""
+        sock = bind_unix_socket(address, mode=mode, group=group)
+        inode = os.stat(address).st_ino
+        try:
+            sock.setblocking(True)
+            unix = _UnixWSGIServer(sock, address)
+        except BaseException:
+            sock.close()
+            remove_socket(address, inode)
+            raise
+        unix.set_app(make_wsgi_app(registry))
+        thread = threading.Thread(
+            target=unix.serve_forever, name=f"eventbus metrics {address}", daemon=True
+        )
+        thread.start()
+        return MetricsServer(unix, thread, f"unix:{address}", address, inode)
 
 
 def _is_loopback(host: str) -> bool:

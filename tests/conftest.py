@@ -39,7 +39,7 @@ TEST_CONFIG = BrokerConfig(
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     """A short private directory: Unix socket paths are limited to ~104 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="deb-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="deb-", dir=None if sys.platform == "win32" else "/tmp"))
     try:
         yield path
     finally:
@@ -48,6 +48,9 @@ def sock_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def sock_path(sock_dir: Path) -> str:
+    """The broker's address: a socket in ``sock_dir``; on Windows a pipe name of its own."""
+    if sys.platform == "win32":
+        return rf"\\.\pipe\deb-{sock_dir.name}"
     return str(sock_dir / "bus.sock")
 
 

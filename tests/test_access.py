@@ -974,3 +974,23 @@ def test_filters_overlap_matches_brute_force(a: str, b: str) -> None:
 def test_filters_overlap_examples(a: str, b: str, expected: bool) -> None:
     assert filters_overlap(a, b) is expected
     assert filters_overlap(b, a) is expected
+
+
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [
+        ("/usr/sbin/procmond", True),
+        ("C:\\Program Files\\DaemonEye\\procmond.exe", True),
+        ("procmond", False),
+        ("\\procmond.exe", False),  # no drive: relative to the current one
+        ("bin/procmond", False),
+    ],
+)
+def test_executables_are_absolute_paths_on_unix_and_windows(path: str, ok: bool) -> None:
+    rules = {"components": {"procmond": {"uids": [0], "executables": [path]}}}
+    if ok:
+        policy = Policy.from_mapping(rules)
+        assert policy.components["procmond"].executables == frozenset({path})
+    else:
+        with pytest.raises(PolicyError, match="absolute paths"):
+            Policy.from_mapping(rules)

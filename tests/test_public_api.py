@@ -38,6 +38,7 @@ PUBLIC_MODULES = [
     "privileges",
     "transports",
     "transports.base",
+    "transports.pipes",
     "transports.unix",
     "sessions",
     "sessions.base",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
@@ -46,6 +47,13 @@ P = TypeVar("P", bound=Message)
 A = ParamSpec("A")
 
 
+def _own_credentials() -> PeerCredentials:
+    """This process's pid, uid and gid (Windows: no uid or gid, -1)."""
+    if sys.platform == "win32":
+        return PeerCredentials(os.getpid(), -1, -1)
+    return PeerCredentials(os.getpid(), os.getuid(), os.getgid())
+
+
 class LocalSession(Session):
     """An in-process session: publishes and subscribes without a socket.
 
@@ -63,7 +71,7 @@ class LocalSession(Session):
         self.endpoint = Endpoint(
             self,
             identity=Identity(None, component, privileged=True, trusted=True),
-            peer=PeerCredentials(os.getpid(), os.getuid(), os.getgid()),
+            peer=_own_credentials(),
         )
         # In-process reads grant credit directly (see Credits).
         self.endpoint.credit = True
