@@ -73,12 +73,10 @@ class Broker:
 
     Use as ``async with Broker(path) as broker:`` or call :meth:`start` and
     :meth:`close`. The socket file is removed on close (a directory created
-    for it is left in place).
-
-    ``before_serving`` is called once the socket is bound (its mode and group
-    applied) and before the first connection is accepted; ``serve --user``
-    drops its privileges there. If it raises, :meth:`start` releases the
-    socket and raises that error.
+    for it is left in place). ``before_serving`` is called once the address is
+    claimed and before the first connection is accepted (``serve --user`` drops
+    its privileges there); if it raises, :meth:`start` releases the address
+    and raises that error.
     """
 
     def __init__(
