@@ -114,6 +114,10 @@ class EventSubscription:
     #: Called with each event skipped because its payload does not decode
     #: (logged when None); the receiver goes on with the next event.
     on_invalid: Callable[[InvalidPayload], None] | None = None
+    #: Lossless delivery: when the receiver falls behind, the broker holds the
+    #: publishers instead of dropping (docs/protocol.md §5, "Lossless delivery";
+    #: for an authenticated component over a socket, always in process).
+    lossless: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +401,7 @@ class DaemoneyeEventBus:
                         correlation_filter=subscription.correlation_filter,
                         include_control=subscription.include_control,
                         queue=queue,
+                        lossless=subscription.lossless,
                     )
                 )
         except BaseException:

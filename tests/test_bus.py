@@ -624,3 +624,35 @@ async def test_recv_timeout(broker: Broker) -> None:
         receiver = await bus.subscribe(EventSubscription("idle"))
         with pytest.raises(RequestTimeout):
             await receiver.recv(timeout=0.05)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_lossless_subscriber_gets_every_event_of_a_faster_publisher(
+    broker: Broker, mode: str
+) -> None:
+    n = 3000
+    # A small client queue over the socket (in process, the broker's queue
+    # bound): without lossless delivery the slow receiver would lose events.
+    small = {"max_pending": 100} if mode == "socket" else {}
+    async with (
+        open_bus(mode, broker, AGENT, **small) as agent,
+        open_bus(mode, broker, PROCMOND) as collector,
+    ):
+        receiver = await agent.subscribe(
+            EventSubscription("slow", ["events.process.lifecycle"], lossless=True)
+        )
+
+        async def publish() -> None:
+            for pid in range(n):
+                await collector.publish(proc_event(pid))
+            await collector.flush()
+
+        publishing = asyncio.create_task(publish())
+        pids = []
+        for count in range(n):
+            pids.append(pid_of(await receiver.recv(timeout=WAIT)))
+            if count % 300 == 299:
+                await asyncio.sleep(0.02)  # slower than the publisher
+        await publishing
+    assert pids == list(range(n))
+    assert receiver.dropped == 0
