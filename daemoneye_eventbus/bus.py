@@ -301,6 +301,8 @@ class _Backend(Protocol):
         include_control: bool = False,
         max_pending: int | None = None,
         queue: EventQueue[Message] | None = None,
+        lossless: bool = False,
+        window: int | None = None,
     ) -> Subscription[Message]: ...
 
     def new_queue(self, max_pending: int | None = None) -> EventQueue[Any]: ...
