@@ -79,6 +79,15 @@ def render(
             for c in slow
         ]
         lines += _table(rows)
+    held = sorted(
+        (s for s in stats.subscription_stats if s.held), key=lambda s: s.held, reverse=True
+    )[:_SLOWEST]
+    if held:  # lossless subscribers whose publishers wait for them
+        names = {c.session_id: c.client_name or c.session_id for c in stats.connection_stats}
+        lines.append("")
+        rows = [("held for lossless subscribers", "filter", "held")]
+        rows += [(names.get(s.session_id, s.session_id), s.filter, f"{s.held:,}") for s in held]
+        lines += _table(rows)
     return lines
 
 

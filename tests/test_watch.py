@@ -54,6 +54,25 @@ def test_rates_come_from_two_snapshots() -> None:
     assert not any(line.startswith("idle") for line in lines)
 
 
+def test_lossless_subscribers_holding_events_are_listed() -> None:
+    now = snapshot(10, 10, 0)
+    now.connection_stats[0].session_id = "s1"
+    now.subscription_stats.append(
+        frames_pb2.SubscriptionStats(
+            session_id="s1", subscription_id=1, filter=LIFECYCLE.name, lossless=True, held=1234
+        )
+    )
+    now.subscription_stats.append(
+        frames_pb2.SubscriptionStats(session_id="s1", subscription_id=2, filter="events.#")
+    )
+    lines = render(now, None, 0.0)
+    assert any(line.startswith("held for lossless subscribers") for line in lines)
+    row = next(line for line in lines if line.startswith("slow ") and LIFECYCLE.name in line)
+    assert row.split()[-1] == "1,234"
+    assert not any("events.#" in line for line in lines)  # holds nothing: not listed
+    assert not any(line.startswith("held") for line in render(snapshot(10, 10, 0), None, 0.0))
+
+
 def test_the_first_screen_has_no_rates_yet() -> None:
     text = "\n".join(render(snapshot(10, 10, 0), None, 0.0))
     assert "published 10 (-)" in text
