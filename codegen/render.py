@@ -7,9 +7,11 @@ for freshness by rendering again and comparing.
 The registry holds only data and typed declarations: a constant per topic, a
 builder function per template, the ``TOPICS`` / ``TEMPLATES`` / ``ACCESS_TABLE``
 tables, one ``<ENUM>_TOPICS`` table per event-kind enum and the look-ups bound
-from one ``TopicRegistry``. The classes (``Topic``, ``TopicTemplate``,
-``TopicRegistry``) are hand-written in :mod:`daemoneye_eventbus.registry_runtime`,
-which the registry imports.
+from one ``TopicRegistry``. A topic the schema declares with a ``reply`` type is
+a ``RequestTopic[Req, Rep]`` (a template: ``RequestTopicTemplate[Req, Rep]``).
+The classes (``Topic``, ``TopicTemplate``, ``RequestTopic``,
+``RequestTopicTemplate``, ``TopicRegistry``) are hand-written in
+:mod:`daemoneye_eventbus.registry_runtime`, which the registry imports.
 """
 
 from __future__ import annotations
@@ -51,6 +53,24 @@ def _class(decl: TopicDecl, package: str) -> str:
     return f"{_import(decl, package)[2]}.{name}"
 
 
+def _reply_class(decl: TopicDecl, package: str) -> str:
+    """The reply message class of a request topic."""
+    name = decl.reply.removeprefix(decl.reply_package + ".") if decl.reply_package else decl.reply
+    return f"{_module(decl.reply_file, decl.reply_package, package)[2]}.{name}"
+
+
+def _types(decl: TopicDecl, package: str) -> str:
+    """The type arguments of a topic's class: ``Req`` or, for a request topic, ``Req, Rep``."""
+    cls = _class(decl, package)
+    return f"{cls}, {_reply_class(decl, package)}" if decl.is_request else cls
+
+
+def _kind(decl: TopicDecl) -> str:
+    """The runtime class of a declaration."""
+    kind = "TopicTemplate" if decl.is_template else "Topic"
+    return "Request" + kind if decl.is_request else kind
+
+
 def _kind_table(kind: EventKindTopics, package: str) -> str:
     """The ``<ENUM>_TOPICS`` mapping of an event-kind enum."""
     enum = f"{_module(kind.enum_file, kind.enum_package, package)[2]}.{kind.local_name}"
@@ -81,13 +101,15 @@ def render(
     """The text of the typed registry module for ``decls`` and ``event_kinds``."""
     imports = sorted(
         {_import(d, package) for d in decls}
+        | {_module(d.reply_file, d.reply_package, package) for d in decls if d.is_request}
         | {_module(k.enum_file, k.enum_package, package) for k in event_kinds}
     )
     constants = [d.constant for d in decls]
     functions = [d.constant.lower() for d in decls if d.is_template]
     tables = [k.constant for k in event_kinds]
     defined = ["ACCESS_TABLE", "REGISTRY", "TEMPLATES", "TOPICS", "lookup", "topics_for_payload"]
-    runtime = ["Topic", "TopicRegistry", "TopicTemplate"]  # re-exported
+    # Re-exported.
+    runtime = ["RequestTopic", "RequestTopicTemplate", "Topic", "TopicRegistry", "TopicTemplate"]
     names = sorted([*constants, *functions, *tables, *defined, *runtime])
     out: list[str] = [
         HEADER,
@@ -101,7 +123,11 @@ def render(
     ]
     out += [_import_line(*imp) for imp in imports]
     out.append(f"from {package}.options_pb2 import AccessLevel\n")
-    out.append(f"from {RUNTIME_MODULE} import Topic, TopicRegistry, TopicTemplate\n\n")
+    out.append(
+        f"from {RUNTIME_MODULE} import (\n"
+        "    RequestTopic,\n    RequestTopicTemplate,\n    Topic,\n    TopicRegistry,\n"
+        "    TopicTemplate,\n)\n\n"
+    )
     out.append("__all__ = [\n" + "".join(f'    "{n}",\n' for n in names) + "]\n")
     for d in decls:
         cls = _class(d, package)
@@ -113,18 +139,23 @@ def render(
             f"    AccessLevel.ACCESS_LEVEL_{d.access},\n"
             f"    {_strs(d.publishers)},\n"
             f"    {_strs(d.subscribers)},\n"
-            f"    {d.control!r},\n" + ("    lossless=True,\n" if d.lossless else "")
+            f"    {d.control!r},\n"
+            + ("    lossless=True,\n" if d.lossless else "")
+            + ("    retained=True,\n" if d.retained else "")
+            + (f"    reply_type={_reply_class(d, package)},\n" if d.is_request else "")
         )
-        kind = "TopicTemplate" if d.is_template else "Topic"
-        out.append(f"\n#: {doc}\n{d.constant}: Final[{kind}[{cls}]] = {kind}(\n{args})\n")
+        kind = _kind(d)
+        out.append(
+            f"\n#: {doc}\n{d.constant}: Final[{kind}[{_types(d, package)}]] = {kind}(\n{args})\n"
+        )
     for d in decls:
         if not d.is_template:
             continue
-        cls = _class(d, package)
+        built = "RequestTopic" if d.is_request else "Topic"
         params = ", ".join(f"{p}: str" for p in d.parameters)
         call = ", ".join(f"{p}={p}" for p in d.parameters)
         out.append(
-            f"\n\ndef {d.constant.lower()}(*, {params}) -> Topic[{cls}]:\n"
+            f"\n\ndef {d.constant.lower()}(*, {params}) -> {built}[{_types(d, package)}]:\n"
             f'    """Build a concrete ``{d.name}`` topic."""\n'
             f"    return {d.constant}.build({call})\n"
         )

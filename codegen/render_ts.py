@@ -6,9 +6,11 @@ per topic carrying its payload schema, a builder function per template, the
 access table, one ``<ENUM>_TOPICS`` table per event-kind enum, ``lookup``),
 from the same :class:`~codegen.schema.TopicDecl` and
 :class:`~codegen.schema.EventKindTopics` lists. Like ``registry.py`` it holds
-only data and typed declarations: the classes ``Topic``, ``TopicTemplate`` and
-``TopicRegistry`` are hand-written in ``clients/typescript/src/registry_runtime.ts``,
-which it imports (the generated code lives in ``src/gen/``).
+only data and typed declarations: the classes ``Topic``, ``TopicTemplate``,
+``RequestTopic``, ``RequestTopicTemplate`` (for topics declared with a ``reply``
+type) and ``TopicRegistry`` are hand-written in
+``clients/typescript/src/registry_runtime.ts``, which it imports (the generated
+code lives in ``src/gen/``).
 
 ``generate_ts(proto_root, out_dir)`` does the I/O: it runs protoc (from
 grpcio-tools) once with the ``protoc-gen-es`` plugin of
@@ -91,6 +93,8 @@ _RESERVED = frozenset(
         # Imported from registry_runtime.ts, @bufbuild/protobuf and options_pb.ts.
         "AccessLevel",
         "Registry",
+        "RequestTopic",
+        "RequestTopicTemplate",
         "Topic",
         "TopicRegistry",
         "TopicTemplate",
@@ -189,6 +193,19 @@ def _schema(decl: TopicDecl) -> str:
     return _local_name(decl) + "Schema"
 
 
+def _reply_schema(decl: TopicDecl) -> str:
+    """The protobuf-es schema of a request topic's reply message."""
+    name = decl.reply.removeprefix(decl.reply_package + ".") if decl.reply_package else decl.reply
+    return name.replace(".", "_") + "Schema"
+
+
+def _concrete_type(decl: TopicDecl) -> str:
+    """The type of a concrete topic of ``decl`` (the declaration itself or one it builds)."""
+    if decl.is_request:
+        return f"RequestTopic<typeof {_schema(decl)}, typeof {_reply_schema(decl)}>"
+    return f"Topic<typeof {_schema(decl)}>"
+
+
 def _module(from_file: str, proto_file: str) -> str:
     """The relative ESM specifier of ``proto_file``'s ``_pb.js`` seen from ``from_file``."""
     target = proto_file.removesuffix(".proto") + "_pb.js"
@@ -276,6 +293,10 @@ def render_ts(
     imports: dict[str, set[str]] = {}
     for d in decls:
         imports.setdefault(d.payload_file, set()).update({_schema(d), _file_symbol(d.payload_file)})
+        if d.is_request:
+            imports.setdefault(d.reply_file, set()).update(
+                {_reply_schema(d), _file_symbol(d.reply_file)}
+            )
     files = sorted(_file_symbol(f) for f in imports)
     options = package.replace(".", "/") + "/options.proto"
     lines: list[str] = [
@@ -292,8 +313,9 @@ def render_ts(
         names = ", ".join(sorted(imports[proto_file]))
         lines.append(f'import {{ {names} }} from "{_module(here, proto_file)}";\n')
     lines.append(f'import {{ AccessLevel }} from "{_module(here, options)}";\n')
-    lines.append(f'import {{ Topic, TopicRegistry, TopicTemplate }} from "{runtime}";\n\n')
-    lines.append("export { AccessLevel, Topic, TopicRegistry, TopicTemplate };\n")
+    classes = "RequestTopic, RequestTopicTemplate, Topic, TopicRegistry, TopicTemplate"
+    lines.append(f'import {{ {classes} }} from "{runtime}";\n\n')
+    lines.append(f"export {{ AccessLevel, {classes} }};\n")
     lines.append(
         "\n/** The message types of every topic payload, to decode an event by its type name. */\n"
         f"export const PAYLOAD_REGISTRY: Registry = createRegistry({', '.join(files)});\n"
@@ -304,35 +326,38 @@ def render_ts(
         access = f"AccessLevel.{d.access}"
         rest = f"  {access},\n  {_strs(d.publishers)},\n  {_strs(d.subscribers)},\n"
         rest += f"  {'true' if d.control else 'false'},\n"
+        # A request topic's reply schema follows the payload's.
+        schemas = f"  {schema},\n" + (f"  {_reply_schema(d)},\n" if d.is_request else "")
+        types = f"typeof {schema}" + (f", typeof {_reply_schema(d)}" if d.is_request else "")
+        ctor = ("Request" if d.is_request else "") + ("TopicTemplate" if d.is_template else "Topic")
         if d.is_template:
             params = " | ".join(_str(p) for p in d.parameters)
-            kind = f"TopicTemplate<typeof {schema}, {params}>"
+            kind = f"{ctor}<{types}, {params}>"
             args = (
                 f"  {_str(d.name)},\n  [{', '.join(_str(p) for p in d.parameters)}],\n"
-                f"  {schema},\n{rest}"
+                f"{schemas}{rest}"
             )
-            ctor = "TopicTemplate"
         else:
-            kind = f"Topic<typeof {schema}>"
-            args = f"  {_str(d.name)},\n  {schema},\n{rest}"
-            ctor = "Topic"
-        if d.lossless:
-            # The trailing optional `lossless` argument, passed only when true so
-            # that every other constant reads as before; a concrete topic passes
-            # no template before it.
+            kind = f"{ctor}<{types}>"
+            args = f"  {_str(d.name)},\n{schemas}{rest}"
+        if d.lossless or d.retained:
+            # The trailing optional `lossless` and `retained` arguments, passed
+            # only when one is true so that every other constant reads as
+            # before; a concrete topic passes no template before them.
             if not d.is_template:
                 args += "  undefined, // template\n"
-            args += "  true, // lossless\n"
+            args += f"  {'true' if d.lossless else 'false'}, // lossless\n"
+            if d.retained:
+                args += "  true, // retained\n"
         lines.append(f"\n/** {doc} */\nexport const {d.constant}: {kind} = new {ctor}(\n{args});\n")
     for d in decls:
         if not d.is_template:
             continue
-        schema = _schema(d)
         fields = "; ".join(f"readonly {p}: string" for p in d.parameters)
         lines.append(
             f"\n/** Build a concrete `{d.name}` topic. */\n"
             f"export function {ts_function_name(d.constant)}(values: {{ {fields} }}): "
-            f"Topic<typeof {schema}> {{\n"
+            f"{_concrete_type(d)} {{\n"
             f"  return {d.constant}.build(values);\n"
             "}\n"
         )
@@ -341,7 +366,7 @@ def render_ts(
     lines.append(
         "\n/** Every concrete topic by name, with its payload schema. */\n"
         "export interface TopicsByName {\n"
-        + "".join(f"  {_str(d.name)}: Topic<typeof {_schema(d)}>;\n" for d in concrete)
+        + "".join(f"  {_str(d.name)}: {_concrete_type(d)};\n" for d in concrete)
         + "}\n"
         "\n/** Every concrete topic by name. */\n"
         "export const TOPICS: ReadonlyMap<string, Topic> = new Map<string, Topic>([\n"

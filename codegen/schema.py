@@ -3,7 +3,9 @@
 The schema declares each topic as a value of an enum whose values carry the
 ``(daemoneye.eventbus.v1.topic)`` option, and the topic of each kind of event
 through the ``(daemoneye.eventbus.v1.event_topic)`` option on the values of an
-event-kind enum such as ``ProcessEventKind``. This module turns a
+event-kind enum such as ``ProcessEventKind``. A topic option may name a
+``reply`` type (a request topic, never retained nor named by an event kind)
+and mark the topic ``retained``. This module turns a
 ``FileDescriptorSet`` into a checked :class:`Schema` (a list of
 :class:`TopicDecl` and of :class:`EventKindTopics`), and refuses a broken
 schema with a :class:`SchemaError` that says what is wrong and where.
@@ -64,6 +66,8 @@ RESERVED_NAMES = frozenset(
         "lookup",
         "topics_for_payload",
         # Imported from daemoneye_eventbus.registry_runtime.
+        "RequestTopic",
+        "RequestTopicTemplate",
         "Topic",
         "TopicRegistry",
         "TopicTemplate",
@@ -103,6 +107,20 @@ class TopicDecl:
     parameters: tuple[str, ...]
     #: The comment above the enum value in the schema.
     comment: str
+    #: The broker keeps the last event of each concrete topic for new subscriptions.
+    retained: bool = False
+    #: Fully qualified reply message name of a request topic; empty for a
+    #: publish/subscribe topic.
+    reply: str = ""
+    #: Proto file that defines the reply message (empty without a reply).
+    reply_file: str = ""
+    #: Proto package of ``reply_file``.
+    reply_package: str = ""
+
+    @property
+    def is_request(self) -> bool:
+        """A request topic: each request on it is answered by one ``reply`` message."""
+        return bool(self.reply)
 
     @property
     def constant(self) -> str:
@@ -322,6 +340,11 @@ def _collect_event_kinds(
                 raise SchemaError(
                     f"{where}: (event_topic) {topic!r} is not a topic declared in {TOPIC_ENUM}"
                 )
+            if decl.is_request:
+                raise SchemaError(
+                    f"{where}: (event_topic) {topic!r} is a request topic (reply "
+                    f"{decl.reply}); events are published on publish/subscribe topics"
+                )
             first = values[0].topic if values else decl
             if decl.payload != first.payload:
                 raise SchemaError(
@@ -433,6 +456,15 @@ def _check(
     for component in publishers + subscribers:
         if not _COMPONENT.match(component):
             raise SchemaError(f"{where}: invalid component name {component!r}")
+    reply: str = topic.reply.removeprefix(".")
+    retained = bool(topic.retained)
+    if reply and reply not in messages:
+        raise SchemaError(f"{where}: reply type {reply!r} of topic {name!r} does not exist")
+    if reply and retained:
+        raise SchemaError(
+            f"{where}: request topic {name!r} cannot be retained: a request is for the "
+            "responders present when it is made, never replayed to a later one"
+        )
     if _ACCESS_NAMES[access] != "PUBLIC" and not (publishers and subscribers):
         raise SchemaError(
             f"{where}: {_ACCESS_NAMES[access].lower()} topic {name!r} "
@@ -451,4 +483,8 @@ def _check(
         lossless=bool(topic.lossless),
         parameters=parameters,
         comment=comment,
+        retained=retained,
+        reply=reply,
+        reply_file=messages[reply][0] if reply else "",
+        reply_package=messages[reply][1] if reply else "",
     )

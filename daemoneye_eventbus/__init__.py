@@ -25,7 +25,12 @@ if TYPE_CHECKING:
         ProcessBatch,
         ProcessEvent,
     )
-    from daemoneye.eventbus.v1.registry import Topic, TopicTemplate
+    from daemoneye.eventbus.v1.registry import (
+        RequestTopic,
+        RequestTopicTemplate,
+        Topic,
+        TopicTemplate,
+    )
     from daemoneye_eventbus.access import PeerCredentials, Policy
     from daemoneye_eventbus.broker import Broker
     from daemoneye_eventbus.bus import (
@@ -100,6 +105,8 @@ _EXPORTS: dict[str, str] = {
     "PerformanceEvent": "daemoneye.eventbus.v1.events_pb2",
     "ProcessBatch": "daemoneye.eventbus.v1.events_pb2",
     "ProcessEvent": "daemoneye.eventbus.v1.events_pb2",
+    "RequestTopic": "daemoneye.eventbus.v1.registry",
+    "RequestTopicTemplate": "daemoneye.eventbus.v1.registry",
     "Topic": "daemoneye.eventbus.v1.registry",
     "TopicTemplate": "daemoneye.eventbus.v1.registry",
     "PeerCredentials": "daemoneye_eventbus.access",
@@ -204,6 +211,8 @@ __all__ = [
     "ReceivedEvent",
     "RemoteProtocolError",
     "RequestTimeout",
+    "RequestTopic",
+    "RequestTopicTemplate",
     "SchemaError",
     "ServerError",
     "Subscription",

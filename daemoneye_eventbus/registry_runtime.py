@@ -2,7 +2,9 @@
 
 A generated registry (``generated/daemoneye/eventbus/v1/registry.py``, written
 by ``codegen/render.py``) holds only data: one :class:`Topic` or
-:class:`TopicTemplate` constant per topic the schema declares, builder
+:class:`TopicTemplate` constant per topic the schema declares (a
+:class:`RequestTopic` or :class:`RequestTopicTemplate`, which also carry the
+reply type, for a topic declared with a ``reply``), builder
 functions for the templates, the ``TOPICS`` / ``TEMPLATES`` / ``ACCESS_TABLE``
 tables and a :class:`TopicRegistry` over them. It imports the classes from
 here, so that they are ordinary source: linted, type-checked and tested like
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from google.protobuf.message import Message
@@ -27,10 +29,19 @@ if TYPE_CHECKING:
     from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
     from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 
-__all__ = ["Publication", "Topic", "TopicRegistry", "TopicTemplate"]
+__all__ = [
+    "Publication",
+    "RequestTopic",
+    "RequestTopicTemplate",
+    "Topic",
+    "TopicRegistry",
+    "TopicTemplate",
+]
 
-#: The payload message type of a topic.
+#: The payload message type of a topic (the request type of a request topic).
 P = TypeVar("P", bound=Message)
+#: The reply message type of a request topic.
+R = TypeVar("R", bound=Message)
 
 
 class Publication(NamedTuple, Generic[P]):
@@ -64,6 +75,9 @@ class Topic(Generic[P]):
     #: Declared lossless: its events wait for a subscriber that falls behind
     #: instead of being dropped (for clients that grant credit).
     lossless: bool = False
+    #: Declared retained: the broker keeps its last event and gives it first to
+    #: each new subscription that may read it.
+    retained: bool = False
 
     @property
     def payload_name(self) -> str:
@@ -107,6 +121,8 @@ class TopicTemplate(Generic[P]):
     control: bool
     #: Declared lossless (see :attr:`Topic.lossless`).
     lossless: bool = False
+    #: Declared retained (see :attr:`Topic.retained`).
+    retained: bool = False
 
     @property
     def payload_name(self) -> str:
@@ -120,6 +136,20 @@ class TopicTemplate(Generic[P]):
 
     def build(self, **values: str) -> Topic[P]:
         """Build the concrete topic; each value must be one valid topic level."""
+        return Topic(
+            self._name(values),
+            self.payload_type,
+            self.access,
+            self.publishers,
+            self.subscribers,
+            self.control,
+            self.pattern,
+            self.lossless,
+            self.retained,
+        )
+
+    def _name(self, values: Mapping[str, str]) -> str:
+        """The concrete topic name for ``values``; each must be one valid topic level."""
         if set(values) != set(self.parameters):
             raise ValueError(
                 f"topic template {self.pattern!r} takes parameters {list(self.parameters)}, "
@@ -131,17 +161,7 @@ class TopicTemplate(Generic[P]):
                     f"parameter {key!r} of topic template {self.pattern!r} must be one topic "
                     f"level made of [A-Za-z0-9_-], got {value!r}"
                 )
-        name = self.pattern.format(**values)
-        return Topic(
-            name,
-            self.payload_type,
-            self.access,
-            self.publishers,
-            self.subscribers,
-            self.control,
-            self.pattern,
-            self.lossless,
-        )
+        return self.pattern.format(**values)
 
     def match(self, topic: str) -> dict[str, str] | None:
         """The parameter values if ``topic`` was built from this template, else None."""
@@ -158,6 +178,56 @@ class TopicTemplate(Generic[P]):
             elif want != got:
                 return None
         return values
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTopic(Topic[P], Generic[P, R]):
+    """A concrete request topic: requests of type ``P``, each answered by one ``R``.
+
+    Declared in the schema by a ``reply`` type on the topic. It is a
+    :class:`Topic` of its request type (same name, access rules and payload
+    check), and its reply type is part of its type too, so that mypy knows what
+    a request on it returns. A request topic is never retained.
+    """
+
+    #: The reply message type (keyword-only: it follows the topic's defaults).
+    reply_type: type[R] = field(kw_only=True)
+
+    @property
+    def reply_name(self) -> str:
+        """Fully qualified name of the reply message type."""
+        return self.reply_type.DESCRIPTOR.full_name
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTopicTemplate(TopicTemplate[P], Generic[P, R]):
+    """A parametrised request topic such as ``control.collector.rpc.health.{id}``.
+
+    What it builds is a :class:`RequestTopic` with the same request and reply types.
+    """
+
+    #: The reply message type (keyword-only: it follows the template's defaults).
+    reply_type: type[R] = field(kw_only=True)
+
+    @property
+    def reply_name(self) -> str:
+        """Fully qualified name of the reply message type."""
+        return self.reply_type.DESCRIPTOR.full_name
+
+    def build(self, **values: str) -> RequestTopic[P, R]:
+        """Build the concrete request topic; each value must be one valid topic level."""
+        return RequestTopic(
+            self._name(values),
+            self.payload_type,
+            self.access,
+            self.publishers,
+            self.subscribers,
+            self.control,
+            self.pattern,
+            self.lossless,
+            self.retained,
+            reply_type=self.reply_type,
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)

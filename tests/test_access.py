@@ -611,6 +611,12 @@ PRIVILEGED_CONTROL = {
     "control.collector.task.{type}.{id}",
     "control.agent.orchestration",
     "control.agent.policy",
+    # Request topics: the agent asks, the collectors answer.
+    "control.collector.rpc.health.{id}",
+    "control.collector.rpc.config.{id}",
+    "control.collector.rpc.lifecycle.{id}",
+    "control.collector.rpc.task.{id}",
+    "control.collector.queue.{type}",
 }
 
 

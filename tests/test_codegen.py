@@ -9,8 +9,8 @@ Four parts:
 * the generator: ``python -m codegen check`` on the repository, staleness
   detection, determinism, the "DO NOT EDIT" header, and a registry that holds
   only data (its classes are in :mod:`daemoneye_eventbus.registry_runtime`);
-* the hand-written runtime (``Topic``, ``TopicTemplate``, ``TopicRegistry``) on
-  its own;
+* the hand-written runtime (``Topic``, ``TopicTemplate``, ``RequestTopic``,
+  ``RequestTopicTemplate``, ``TopicRegistry``) on its own;
 * the committed registry at run time: lookups, templates, payload index,
   access table, the event-kind tables and the topic hierarchy the project
   requires.
@@ -50,7 +50,13 @@ from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus import registry_runtime
 from daemoneye_eventbus.errors import SchemaError
-from daemoneye_eventbus.registry_runtime import Topic, TopicRegistry, TopicTemplate
+from daemoneye_eventbus.registry_runtime import (
+    RequestTopic,
+    RequestTopicTemplate,
+    Topic,
+    TopicRegistry,
+    TopicTemplate,
+)
 from daemoneye_eventbus.topics import topic_matches, validate_topic, validate_topic_filter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +140,8 @@ def _topic(
     subscribers: Sequence[str] = (),
     control: bool = False,
     comment: str | None = None,
+    reply: str | None = None,
+    retained: bool = False,
 ) -> str:
     """One value of the ``Topic`` enum; ``None`` leaves a field out."""
     fields: list[str] = []
@@ -149,6 +157,10 @@ def _topic(
         fields.append(f"payload: {json.dumps(payload)}")
     if control:
         fields.append("control: true")
+    if reply is not None:
+        fields.append(f"reply: {json.dumps(reply)}")
+    if retained:
+        fields.append("retained: true")
     body = "\n".join(f"  {f}" for f in fields)
     lead = f"// {comment}\n" if comment is not None else ""
     return f"{lead}{value} = {number} [(topic) = {{\n{body}\n}}];\n"
@@ -417,6 +429,131 @@ def test_invalid_component_name(tmp_path: Path, component: str) -> None:
 
 
 # --------------------------------------------------------------------------
+# Schema: request topics (a `reply` type) and retained topics
+
+
+def test_request_and_retained_topics_are_collected(tmp_path: Path) -> None:
+    decls = _collect(
+        tmp_path,
+        _topic("svc.ask", value="TOPIC_SVC_ASK", reply=SMALL_COMMAND),
+        _topic("svc.ask.{id}", value="TOPIC_SVC_ASK_ONE", number=2, reply="." + SMALL_EVENT),
+        _topic("svc.kept", value="TOPIC_SVC_KEPT", number=3, retained=True),
+        _topic("svc.plain", value="TOPIC_SVC_PLAIN", number=4),
+    )
+    ask, ask_one, kept, plain = decls
+    assert (ask.is_request, ask.reply, ask.reply_file, ask.reply_package) == (
+        True,
+        SMALL_COMMAND,
+        "daemoneye/eventbus/v1/events.proto",
+        "daemoneye.eventbus.v1",
+    )
+    assert ask.payload == SMALL_EVENT
+    assert ask_one.is_request
+    assert ask_one.is_template
+    assert ask_one.reply == SMALL_EVENT  # the leading dot is dropped
+    assert (ask.retained, ask_one.retained) == (False, False)
+    assert (kept.retained, kept.is_request, kept.reply, kept.reply_file) == (True, False, "", "")
+    assert (plain.retained, plain.is_request) == (False, False)
+
+    py = render(decls, PACKAGE)
+    assert (
+        "SVC_ASK: Final[RequestTopic[events_pb2.SmallEvent, events_pb2.SmallCommand]] = "
+        "RequestTopic(\n    'svc.ask',\n    events_pb2.SmallEvent," in py
+    )
+    assert "    reply_type=events_pb2.SmallCommand,\n)" in py
+    assert (
+        "SVC_ASK_ONE: Final[RequestTopicTemplate[events_pb2.SmallEvent, events_pb2.SmallEvent]]"
+        in py
+    )
+    assert (
+        "def svc_ask_one(*, id: str) -> RequestTopic[events_pb2.SmallEvent, events_pb2.SmallEvent]:"
+        in py
+    )
+    assert "    False,\n    retained=True,\n)" in py
+    assert (py.count("retained=True"), py.count("reply_type=")) == (1, 2)
+
+    ts = render_ts(decls, PACKAGE)
+    assert (
+        "export const SVC_ASK: RequestTopic<typeof SmallEventSchema, typeof SmallCommandSchema> = "
+        'new RequestTopic(\n  "svc.ask",\n  SmallEventSchema,\n  SmallCommandSchema,\n' in ts
+    )
+    assert (
+        "export const SVC_ASK_ONE: RequestTopicTemplate<typeof SmallEventSchema, "
+        'typeof SmallEventSchema, "id"> = new RequestTopicTemplate(' in ts
+    )
+    assert (
+        "export function svcAskOne(values: { readonly id: string }): "
+        "RequestTopic<typeof SmallEventSchema, typeof SmallEventSchema> {" in ts
+    )
+    assert '  "svc.ask": RequestTopic<typeof SmallEventSchema, typeof SmallCommandSchema>;' in ts
+    assert "  undefined, // template\n  false, // lossless\n  true, // retained\n);" in ts
+    assert ts.count("// retained") == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "daemoneye.eventbus.v1.Missing",
+        "SmallCommand",  # not fully qualified
+        "daemoneye.eventbus.v1.Colour",  # an enum, not a message
+        "daemoneye.eventbus.v1.SmallEvent.Missing",
+    ],
+)
+def test_reply_type_that_does_not_exist(tmp_path: Path, reply: str) -> None:
+    message = _reject(tmp_path, _topic("svc.ask", value="TOPIC_SVC_ASK", reply=reply))
+    assert f"Topic.TOPIC_SVC_ASK: reply type {reply!r} of topic 'svc.ask' does not exist" in (
+        message
+    )
+
+
+@pytest.mark.parametrize("name", ["svc.ask", "svc.ask.{id}"])
+def test_a_request_topic_cannot_be_retained(tmp_path: Path, name: str) -> None:
+    message = _reject(
+        tmp_path, _topic(name, value="TOPIC_SVC_ASK", reply=SMALL_COMMAND, retained=True)
+    )
+    assert f"Topic.TOPIC_SVC_ASK: request topic {name!r} cannot be retained" in message
+
+
+def test_real_schema_request_and_retained_topics(real_decls: list[TopicDecl]) -> None:
+    """The request topics the control plane (issues 19 and 20) needs, typed by their reply."""
+    requests = {d.name: (d.payload, d.reply) for d in real_decls if d.is_request}
+    v1 = "daemoneye.eventbus.v1."
+    assert requests == {
+        "control.collector.rpc.health.{id}": (v1 + "HealthCheckRequest", v1 + "HealthCheckReply"),
+        "control.collector.rpc.config.{id}": (v1 + "ConfigurationUpdate", v1 + "ConfigurationAck"),
+        "control.collector.rpc.lifecycle.{id}": (
+            v1 + "CollectorLifecycleCommand",
+            v1 + "LifecycleReply",
+        ),
+        "control.collector.rpc.task.{id}": (v1 + "TaskAssignment", v1 + "TaskAck"),
+        "control.collector.queue.{type}": (v1 + "TaskAssignment", v1 + "TaskAck"),
+    }
+    assert [d.name for d in real_decls if d.retained] == [
+        "control.collector.config",
+        "control.agent.policy",
+        "control.health.status",
+    ]
+    # The generated registry says the same.
+    for d in real_decls:
+        obj = getattr(registry, d.constant)
+        assert obj.retained is d.retained, d.name
+        if d.is_request:
+            assert isinstance(obj, RequestTopicTemplate), d.name
+            assert obj.reply_name == d.reply, d.name
+            assert (obj.access, obj.control) == (PRIVILEGED, True), d.name
+            assert obj.publishers == {"daemoneye-agent"}, d.name
+        else:
+            assert not isinstance(obj, RequestTopic | RequestTopicTemplate), d.name
+    health = registry.control_collector_rpc_health(id="procmond-1")
+    assert isinstance(health, RequestTopic)
+    assert health.reply_type is control_pb2.HealthCheckReply
+    assert registry.lookup("control.collector.rpc.health.procmond-1") == health
+    assert registry.lookup("control.collector.queue.scan") == registry.control_collector_queue(
+        type="scan"
+    )
+
+
+# --------------------------------------------------------------------------
 # Schema: event-kind enums and their (event_topic) options
 
 # Topics for the event-kind schemas: two concrete SmallEvent topics, a
@@ -576,6 +713,16 @@ def test_event_kind_names_a_template(tmp_path: Path) -> None:
     assert "must name a concrete topic" in message
 
 
+def test_event_kind_names_a_request_topic(tmp_path: Path) -> None:
+    message = _reject_kinds(
+        tmp_path,
+        _kind_messages("svc.small.a", "svc.ask"),
+        *_KIND_TOPICS,
+        _topic("svc.ask", value="TOPIC_SVC_ASK", number=5, reply=SMALL_COMMAND),
+    )
+    assert "SmallKind.SMALL_KIND_1: (event_topic) 'svc.ask' is a request topic" in message
+
+
 def test_event_kind_mixes_payload_types(tmp_path: Path) -> None:
     message = _reject_kinds(tmp_path, _kind_messages("svc.small.a", "svc.small.b", "svc.command"))
     assert "SmallKind.SMALL_KIND_2: (event_topic) 'svc.command' carries " + SMALL_COMMAND in (
@@ -642,10 +789,21 @@ for d in json.loads(sys.argv[1]):
         built = getattr(r, d["constant"].lower())(**values)
         assert built == obj.build(**values), (built, d)
         assert r.lookup(built.name) == built, (r.lookup(built.name), built)
+        assert built.retained == obj.retained == d["retained"], (built, d)
+        if d["reply"]:
+            assert isinstance(obj, r.RequestTopicTemplate), (obj, d)
+            assert isinstance(built, r.RequestTopic) and built.reply_name == d["reply"], (built, d)
+        else:
+            assert type(obj) is r.TopicTemplate and type(built) is r.Topic, (obj, built, d)
     else:
         assert isinstance(obj, r.Topic) and obj.name == d["name"], (obj, d)
         assert r.TOPICS[d["name"]] is obj and r.lookup(d["name"]) is obj, d
         assert r.topics_for_payload(obj.payload_type).count(obj) == 1, d
+        assert obj.retained == d["retained"], (obj, d)
+        if d["reply"]:
+            assert isinstance(obj, r.RequestTopic) and obj.reply_name == d["reply"], (obj, d)
+        else:
+            assert type(obj) is r.Topic, (obj, d)
 """
 
 
@@ -658,7 +816,14 @@ def _assert_rejected_or_sound(tmp_path: Path, *values: str) -> None:
     out = tmp_path / "out"
     generate(proto, out)
     spec = [
-        {"constant": d.constant, "name": d.name, "parameters": d.parameters, "payload": d.payload}
+        {
+            "constant": d.constant,
+            "name": d.name,
+            "parameters": d.parameters,
+            "payload": d.payload,
+            "reply": d.reply,
+            "retained": d.retained,
+        }
         for d in decls
     ]
     proc = subprocess.run(
@@ -691,6 +856,22 @@ def _assert_rejected_or_sound(tmp_path: Path, *values: str) -> None:
                 ),
             ),
             id="valid",
+        ),
+        pytest.param(
+            (
+                _topic("svc.ask", value="TOPIC_SVC_ASK", reply=SMALL_COMMAND),
+                _topic("svc.ask.{id}", value="TOPIC_SVC_ASK_ONE", number=2, reply=SMALL_EVENT),
+                _topic("svc.kept", value="TOPIC_SVC_KEPT", number=3, retained=True),
+                _topic("svc.kept.{id}", value="TOPIC_SVC_KEPT_ONE", number=4, retained=True),
+                _topic(
+                    "svc.part.ask",
+                    value="TOPIC_SVC_PART_ASK",
+                    number=5,
+                    payload=SMALL_EVENT + ".Part",
+                    reply=SMALL_EVENT + ".Part",
+                ),
+            ),
+            id="request-and-retained",
         ),
         # Once accepted and broken: placeholders may be Python keywords; the builder function
         # `def svc_task(*, from: str)` is a SyntaxError.
@@ -867,11 +1048,13 @@ def test_generated_registry_is_data_only() -> None:
             assert isinstance(body, ast.Return)
     runtime = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == RUNTIME_MODULE]
     assert [[a.name for a in n.names] for n in runtime] == [
-        ["Topic", "TopicRegistry", "TopicTemplate"]
+        ["RequestTopic", "RequestTopicTemplate", "Topic", "TopicRegistry", "TopicTemplate"]
     ]
     # The names callers import from the registry are its runtime's classes.
     assert registry.Topic is Topic
     assert registry.TopicTemplate is TopicTemplate
+    assert registry.RequestTopic is RequestTopic
+    assert registry.RequestTopicTemplate is RequestTopicTemplate
     assert isinstance(registry.REGISTRY, TopicRegistry)
     assert registry.REGISTRY.topics is registry.TOPICS
     assert registry.REGISTRY.templates is registry.TEMPLATES
@@ -886,8 +1069,8 @@ def test_typescript_registry_is_data_only() -> None:
     text = TS_REGISTRY.read_text()
     assert not re.search(r"^\s*(export\s+)?(abstract\s+)?class\s", text, re.MULTILINE)
     assert (
-        'import { Topic, TopicRegistry, TopicTemplate } from "../../../../registry_runtime.js";'
-        in text
+        "import { RequestTopic, RequestTopicTemplate, Topic, TopicRegistry, TopicTemplate } "
+        'from "../../../../registry_runtime.js";' in text
     )
     assert (ROOT / "clients/typescript/src/registry_runtime.ts").is_file()
 
@@ -1002,6 +1185,80 @@ def test_runtime_registry_topics_for_payload() -> None:
         _RUNTIME_REGISTRY.templates = ()  # type: ignore[misc]
 
 
+def test_runtime_retained_is_false_unless_passed_and_a_template_passes_it_on() -> None:
+    assert _EVENT.retained is False
+    assert _TARGETED.retained is False
+    assert _TARGETED.build(kind="scan", id="p-1").retained is False
+    kept = dataclasses.replace(_TARGETED, retained=True)
+    built = kept.build(kind="scan", id="p-1")
+    assert (built.retained, built.lossless, built.template) == (True, False, kept.pattern)
+
+
+_ASK: RequestTopicTemplate[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply] = (
+    RequestTopicTemplate(
+        "svc.ask.{id}",
+        ("id",),
+        control_pb2.HealthCheckRequest,
+        PRIVILEGED,
+        frozenset({"a"}),
+        frozenset({"b"}),
+        True,
+        lossless=True,
+        reply_type=control_pb2.HealthCheckReply,
+    )
+)
+
+
+def test_runtime_request_topic_template_builds_request_topics() -> None:
+    assert isinstance(_ASK, TopicTemplate)
+    assert _ASK.reply_name == "daemoneye.eventbus.v1.HealthCheckReply"
+    assert _ASK.payload_name == "daemoneye.eventbus.v1.HealthCheckRequest"
+    built = _ASK.build(id="p-1")
+    assert built == RequestTopic(
+        "svc.ask.p-1",
+        control_pb2.HealthCheckRequest,
+        PRIVILEGED,
+        frozenset({"a"}),
+        frozenset({"b"}),
+        True,
+        "svc.ask.{id}",
+        True,
+        reply_type=control_pb2.HealthCheckReply,
+    )
+    assert isinstance(built, Topic)
+    assert built.reply_name == _ASK.reply_name
+    assert (built.lossless, built.retained) == (True, False)
+    # A request topic is not equal to the plain topic of the same fields.
+    plain: Topic[control_pb2.HealthCheckRequest] = Topic(
+        built.name,
+        built.payload_type,
+        built.access,
+        built.publishers,
+        built.subscribers,
+        built.control,
+        built.template,
+        built.lossless,
+    )
+    assert plain != built
+    assert type(_TARGETED.build(kind="scan", id="p-1")) is Topic
+    assert _ASK.match("svc.ask.p-1") == {"id": "p-1"}
+    with pytest.raises(ValueError, match=r"takes parameters \['id'\], got \[\]"):
+        _ASK.build()
+    with pytest.raises(ValueError, match=r"parameter 'id' .* must be one topic level"):
+        _ASK.build(id="a.b")
+    # Frozen and slotted like Topic; the request type is checked by the topic's call.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.reply_type = control_pb2.HealthCheckReply  # type: ignore[misc]
+    assert not hasattr(built, "__dict__")
+    assert built(control_pb2.HealthCheckRequest()).topic is built
+    with pytest.raises(TypeError, match=r"carries daemoneye\.eventbus\.v1\.HealthCheckRequest"):
+        built(control_pb2.HealthCheckReply())  # type: ignore[arg-type]
+    # A registry builds a request topic from its template.
+    reg = TopicRegistry(MappingProxyType({}), (_ASK,))
+    assert reg.lookup("svc.ask.p-2") == _ASK.build(id="p-2")
+    assert isinstance(reg.lookup("svc.ask.p-2"), RequestTopic)
+
+
 def test_runtime_imports_nothing_heavy() -> None:
     """Importing the runtime loads no other module of the bus and no generated code."""
     code = (
@@ -1017,7 +1274,14 @@ def test_runtime_imports_nothing_heavy() -> None:
         check=True,
     )
     assert proc.stdout.strip() == str(["daemoneye_eventbus", "daemoneye_eventbus.registry_runtime"])
-    assert registry_runtime.__all__ == ["Publication", "Topic", "TopicRegistry", "TopicTemplate"]
+    assert registry_runtime.__all__ == [
+        "Publication",
+        "RequestTopic",
+        "RequestTopicTemplate",
+        "Topic",
+        "TopicRegistry",
+        "TopicTemplate",
+    ]
 
 
 # --------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from daemoneye_eventbus.broker import Broker
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.delivery import ReceivedEvent
 from daemoneye_eventbus.errors import SchemaError
+from daemoneye_eventbus.registry_runtime import RequestTopic, RequestTopicTemplate
 
 REPO = Path(__file__).resolve().parents[1]
 TS_DIR = REPO / "clients" / "typescript"
@@ -578,6 +579,8 @@ async def test_typescript_registry_matches_python(ts: list[TsProgram]) -> None:
             "subscribers": sorted(t.subscribers),
             "control": t.control,
             "lossless": t.lossless,
+            "retained": t.retained,
+            "reply": t.reply_name if isinstance(t, RequestTopic) else None,
         }
         for t in registry.TOPICS.values()
     ]
@@ -593,12 +596,27 @@ async def test_typescript_registry_matches_python(ts: list[TsProgram]) -> None:
             "subscribers": sorted(t.subscribers),
             "control": t.control,
             "lossless": t.lossless,
+            "retained": t.retained,
+            "reply": t.reply_name if isinstance(t, RequestTopicTemplate) else None,
         }
         for t in registry.TEMPLATES
     ]
     assert dump["templates"] == templates
     assert dump["access"] == {k: int(v) for k, v in registry.ACCESS_TABLE.items()}
     assert dump["lookupTemplate"] == "control.collector.task.{type}.{id}"
+    health = registry.lookup("control.collector.rpc.health.procmond-1")
+    assert isinstance(health, RequestTopic)
+    assert dump["lookupRequest"] == [health.name, health.template, health.reply_name]
+    # The schema's request and retained topics are there, on both sides.
+    assert {t["pattern"] for t in dump["templates"] if t["reply"]} >= {
+        "control.collector.rpc.health.{id}",
+        "control.collector.queue.{type}",
+    }
+    assert {t["name"] for t in dump["topics"] if t["retained"]} == {
+        "control.collector.config",
+        "control.agent.policy",
+        "control.health.status",
+    }
 
 
 @needs_node

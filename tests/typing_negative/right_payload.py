@@ -6,17 +6,24 @@ and ruff runs.
 
 from __future__ import annotations
 
-from typing import Any, assert_type
+from typing import Any, TypeVar, assert_type
 
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2
 from daemoneye.eventbus.v1.registry import (
+    CONTROL_COLLECTOR_CONFIG,
+    CONTROL_COLLECTOR_RPC_HEALTH,
     CONTROL_COLLECTOR_TASK,
     CONTROL_COLLECTOR_TASK_TARGETED,
     EVENTS_NETWORK_CONNECTIONS,
     EVENTS_PROCESS_BATCH,
     EVENTS_PROCESS_LIFECYCLE,
+    RequestTopic,
+    RequestTopicTemplate,
     Topic,
     TopicTemplate,
+    control_collector_queue,
+    control_collector_rpc_config,
+    control_collector_rpc_health,
     control_collector_task_targeted,
     lookup,
     topics_for_payload,
@@ -72,3 +79,45 @@ async def publish_right(client: Client, session: LocalSession, message: Message)
     publication = EVENTS_PROCESS_LIFECYCLE(events_pb2.ProcessEvent(), correlation=None)
     assert_type(publication, Publication[events_pb2.ProcessEvent])
     assert_type(publication.message, events_pb2.ProcessEvent)
+
+
+# -- request topics: the reply type is part of the topic's type ---------------------------------
+
+Req = TypeVar("Req", bound=Message)
+Rep = TypeVar("Rep", bound=Message)
+
+
+async def request(topic: RequestTopic[Req, Rep], message: Req, /) -> Rep:
+    """The shape of the client's request call to come (issue 19): typed by the topic."""
+    raise NotImplementedError
+
+
+health = control_collector_rpc_health(id="procmond-1")
+assert_type(health, RequestTopic[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply])
+assert_type(
+    CONTROL_COLLECTOR_RPC_HEALTH,
+    RequestTopicTemplate[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply],
+)
+assert_type(
+    CONTROL_COLLECTOR_RPC_HEALTH.build(id="procmond-1"),
+    RequestTopic[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply],
+)
+assert_type(health.reply_type, type[control_pb2.HealthCheckReply])
+# A request topic is a topic of its request type; its template a template of it.
+health_topic: Topic[control_pb2.HealthCheckRequest] = health
+health_template: TopicTemplate[control_pb2.HealthCheckRequest] = CONTROL_COLLECTOR_RPC_HEALTH
+# Retained is a flag of every topic.
+assert_type(CONTROL_COLLECTOR_CONFIG.retained, bool)
+
+
+async def ask_right() -> None:
+    reply = await request(health, control_pb2.HealthCheckRequest(component_id="procmond-1"))
+    assert_type(reply, control_pb2.HealthCheckReply)
+    status: control_pb2.RpcStatus.ValueType = reply.status
+    ack = await request(control_collector_queue(type="scan"), control_pb2.TaskAssignment())
+    assert_type(ack, control_pb2.TaskAck)
+    config = control_collector_rpc_config(id="procmond-1")
+    applied: control_pb2.ConfigurationAck = await request(
+        config, control_pb2.ConfigurationUpdate(config_version=2)
+    )
+    print(status, applied.applied_version)

@@ -6,12 +6,19 @@ and ruff runs.
 
 from __future__ import annotations
 
-from daemoneye.eventbus.v1 import events_pb2
+from typing import TypeVar
+
+from daemoneye.eventbus.v1 import control_pb2, events_pb2
 from daemoneye.eventbus.v1.registry import (
+    CONTROL_HEALTH_STATUS,
     EVENTS_PROCESS_LIFECYCLE,
+    RequestTopic,
     Topic,
+    control_collector_queue,
+    control_collector_rpc_health,
     control_collector_task_targeted,
 )
+from google.protobuf.message import Message
 from daemoneye_eventbus.client import Client, build_publish
 from daemoneye_eventbus.sessions import LocalSession
 
@@ -44,3 +51,38 @@ async def publish_wrong(client: Client, session: LocalSession) -> None:
     # The message is positional, as in the topic's own call.
     await client.publish(EVENTS_PROCESS_LIFECYCLE, message=events_pb2.ProcessEvent())  # E: Unexpected keyword argument "message" for "publish" of "Client"
     EVENTS_PROCESS_LIFECYCLE(events_pb2.NetworkEvent())  # E: Argument 1 to "__call__" of "Topic" has incompatible type "NetworkEvent"; expected "ProcessEvent"
+
+
+# -- request topics: a wrong request or reply type ----------------------------------------------
+
+Req = TypeVar("Req", bound=Message)
+Rep = TypeVar("Rep", bound=Message)
+
+
+async def request(topic: RequestTopic[Req, Rep], message: Req, /) -> Rep:
+    """The shape of the client's request call to come (issue 19): typed by the topic."""
+    raise NotImplementedError
+
+
+async def ask_wrong() -> None:
+    health = control_collector_rpc_health(id="procmond-1")
+    # A TaskAssignment on the health request topic, which takes HealthCheckRequest.
+    await request(health, control_pb2.TaskAssignment())  # E: Cannot infer value of type parameter "Req" of "request"
+    # The reply of a health request is a HealthCheckReply, not a TaskAck.
+    answer = await request(health, control_pb2.HealthCheckRequest())
+    ack: control_pb2.TaskAck = answer  # E: Incompatible types in assignment (expression has type "HealthCheckReply", variable has type "TaskAck")
+    # The same, the expected type given at the call: the topic does not answer with it.
+    ack = await request(health, control_pb2.HealthCheckRequest())  # E: Argument 1 to "request" has incompatible type "RequestTopic[HealthCheckRequest, HealthCheckReply]"; expected "RequestTopic[HealthCheckRequest, TaskAck]"
+    # The work queue answers with a TaskAck.
+    reply: control_pb2.HealthCheckReply = await request(control_collector_queue(type="scan"), control_pb2.TaskAssignment())  # E: Argument 1 to "request" has incompatible type "RequestTopic[TaskAssignment, TaskAck]"; expected "RequestTopic[TaskAssignment, HealthCheckReply]"
+    # A publish/subscribe topic is not a request topic.
+    await request(CONTROL_HEALTH_STATUS, control_pb2.ComponentStatus())  # E: Argument 1 to "request" has incompatible type "Topic[ComponentStatus]"; expected "RequestTopic[ComponentStatus, Never]"
+    print(ack, reply)
+
+
+# The reply type is part of a request topic's type.
+wrong_reply: RequestTopic[control_pb2.HealthCheckRequest, control_pb2.TaskAck] = control_collector_rpc_health(id="p-1")  # E: Incompatible types in assignment (expression has type "RequestTopic[HealthCheckRequest, HealthCheckReply]", variable has type "RequestTopic[HealthCheckRequest, TaskAck]")
+# So is the request type.
+wrong_request: RequestTopic[control_pb2.TaskAssignment, control_pb2.HealthCheckReply] = control_collector_rpc_health(id="p-1")  # E: Incompatible types in assignment (expression has type "RequestTopic[HealthCheckRequest, HealthCheckReply]", variable has type "RequestTopic[TaskAssignment, HealthCheckReply]")
+# A request topic template takes its parameters by name.
+control_collector_rpc_health()  # E: Missing named argument "id" for "control_collector_rpc_health"

@@ -4,7 +4,8 @@
  * The generated `gen/daemoneye/eventbus/v1/registry.ts` (written by
  * `codegen/render_ts.py`) holds only data and typed declarations: one
  * {@link Topic} or {@link TopicTemplate} constant per topic the schema
- * declares, builder functions for the templates, the `TOPICS` / `TEMPLATES` /
+ * declares (a {@link RequestTopic} or {@link RequestTopicTemplate} for a topic
+ * declared with a `reply` type), builder functions for the templates, the `TOPICS` / `TEMPLATES` /
  * `ACCESS_TABLE` tables and a {@link TopicRegistry} over them. It imports the
  * classes from here, so that they are ordinary source: type-checked,
  * formatted and tested like the rest of the client.
@@ -49,10 +50,18 @@ export class Topic<Desc extends DescMessage = DescMessage> {
      * instead of being dropped (for clients that grant credit, as this one does).
      */
     readonly lossless: boolean = false,
+    /**
+     * Declared retained: the broker keeps its last event and gives it first to
+     * each new subscription that may read it.
+     */
+    readonly retained: boolean = false,
   ) {
     Object.freeze(this.publishers);
     Object.freeze(this.subscribers);
-    Object.freeze(this);
+    // A subclass adds its own fields first, then freezes itself.
+    if (new.target === Topic) {
+      Object.freeze(this);
+    }
   }
 
   /** Fully qualified name of the payload message type. */
@@ -88,11 +97,16 @@ export class TopicTemplate<Desc extends DescMessage = DescMessage, Param extends
     readonly control: boolean,
     /** Declared lossless (see {@link Topic.lossless}). */
     readonly lossless: boolean = false,
+    /** Declared retained (see {@link Topic.retained}). */
+    readonly retained: boolean = false,
   ) {
     Object.freeze(this.parameters);
     Object.freeze(this.publishers);
     Object.freeze(this.subscribers);
-    Object.freeze(this);
+    // A subclass adds its own fields first, then freezes itself.
+    if (new.target === TopicTemplate) {
+      Object.freeze(this);
+    }
   }
 
   /** Fully qualified name of the payload message type. */
@@ -110,6 +124,21 @@ export class TopicTemplate<Desc extends DescMessage = DescMessage, Param extends
 
   /** Build the concrete topic; each value must be one valid topic level. */
   build(values: Readonly<Record<Param, string>>): Topic<Desc> {
+    return new Topic(
+      this.concreteName(values),
+      this.schema,
+      this.access,
+      this.publishers,
+      this.subscribers,
+      this.control,
+      this.pattern,
+      this.lossless,
+      this.retained,
+    );
+  }
+
+  /** The concrete topic name for `values`; each must be one valid topic level. */
+  protected concreteName(values: Readonly<Record<Param, string>>): string {
     const given = Object.keys(values).sort();
     const wanted = [...this.parameters].sort();
     if (given.length !== wanted.length || given.some((key, i) => key !== wanted[i])) {
@@ -118,30 +147,23 @@ export class TopicTemplate<Desc extends DescMessage = DescMessage, Param extends
           `${JSON.stringify(this.parameters)}, got ${JSON.stringify(given)}`,
       );
     }
-    const levels = this.pattern.split(".").map((level) => {
-      if (!level.startsWith("{")) {
-        return level;
-      }
-      const key = level.slice(1, -1) as Param;
-      const value: unknown = values[key];
-      if (typeof value !== "string" || !LEVEL.test(value)) {
-        throw new TypeError(
-          `parameter ${JSON.stringify(key)} of topic template ${JSON.stringify(this.pattern)} ` +
-            `must be one topic level made of [A-Za-z0-9_-], got ${JSON.stringify(value)}`,
-        );
-      }
-      return value;
-    });
-    return new Topic(
-      levels.join("."),
-      this.schema,
-      this.access,
-      this.publishers,
-      this.subscribers,
-      this.control,
-      this.pattern,
-      this.lossless,
-    );
+    return this.pattern
+      .split(".")
+      .map((level) => {
+        if (!level.startsWith("{")) {
+          return level;
+        }
+        const key = level.slice(1, -1) as Param;
+        const value: unknown = values[key];
+        if (typeof value !== "string" || !LEVEL.test(value)) {
+          throw new TypeError(
+            `parameter ${JSON.stringify(key)} of topic template ${JSON.stringify(this.pattern)} ` +
+              `must be one topic level made of [A-Za-z0-9_-], got ${JSON.stringify(value)}`,
+          );
+        }
+        return value;
+      })
+      .join(".");
   }
 
   /** The parameter values if `topic` was built from this template, else undefined. */
@@ -165,6 +187,91 @@ export class TopicTemplate<Desc extends DescMessage = DescMessage, Param extends
       }
     }
     return values as Record<Param, string>;
+  }
+}
+
+/**
+ * A concrete request topic: requests of schema `Req`, each answered by one
+ * message of schema `Rep`.
+ *
+ * Declared in the schema by a `reply` type on the topic. It is a {@link Topic}
+ * of its request schema (same name, access rules and payload), and its reply
+ * schema is part of its type too, so that the compiler knows what a request on
+ * it returns. A request topic is never retained.
+ */
+export class RequestTopic<
+  Req extends DescMessage = DescMessage,
+  Rep extends DescMessage = DescMessage,
+> extends Topic<Req> {
+  constructor(
+    name: string,
+    schema: Req,
+    /** The protobuf-es schema of the reply message. */
+    readonly replySchema: Rep,
+    access: AccessLevel,
+    publishers: readonly string[],
+    subscribers: readonly string[],
+    control: boolean,
+    template?: string,
+    lossless = false,
+  ) {
+    super(name, schema, access, publishers, subscribers, control, template, lossless);
+    if (new.target === RequestTopic) {
+      Object.freeze(this);
+    }
+  }
+
+  /** Fully qualified name of the reply message type. */
+  get replyName(): string {
+    return this.replySchema.typeName;
+  }
+}
+
+/**
+ * A parametrised request topic such as `control.collector.rpc.health.{id}`:
+ * what it builds is a {@link RequestTopic} with the same request and reply schemas.
+ */
+export class RequestTopicTemplate<
+  Req extends DescMessage = DescMessage,
+  Rep extends DescMessage = DescMessage,
+  Param extends string = string,
+> extends TopicTemplate<Req, Param> {
+  constructor(
+    pattern: string,
+    parameters: readonly Param[],
+    schema: Req,
+    /** The protobuf-es schema of the reply message. */
+    readonly replySchema: Rep,
+    access: AccessLevel,
+    publishers: readonly string[],
+    subscribers: readonly string[],
+    control: boolean,
+    lossless = false,
+  ) {
+    super(pattern, parameters, schema, access, publishers, subscribers, control, lossless);
+    if (new.target === RequestTopicTemplate) {
+      Object.freeze(this);
+    }
+  }
+
+  /** Fully qualified name of the reply message type. */
+  get replyName(): string {
+    return this.replySchema.typeName;
+  }
+
+  /** Build the concrete request topic; each value must be one valid topic level. */
+  override build(values: Readonly<Record<Param, string>>): RequestTopic<Req, Rep> {
+    return new RequestTopic(
+      this.concreteName(values),
+      this.schema,
+      this.replySchema,
+      this.access,
+      this.publishers,
+      this.subscribers,
+      this.control,
+      this.pattern,
+      this.lossless,
+    );
   }
 }
 

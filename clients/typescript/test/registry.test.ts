@@ -3,18 +3,29 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { TaskAssignmentSchema } from "../src/gen/daemoneye/eventbus/v1/control_pb.js";
+import {
+  HealthCheckReplySchema,
+  HealthCheckRequestSchema,
+  TaskAckSchema,
+  TaskAssignmentSchema,
+} from "../src/gen/daemoneye/eventbus/v1/control_pb.js";
 import { ProcessEventSchema } from "../src/gen/daemoneye/eventbus/v1/events_pb.js";
 import {
   ACCESS_TABLE,
   AccessLevel,
+  CONTROL_COLLECTOR_RPC_HEALTH,
   CONTROL_COLLECTOR_TASK_TARGETED,
   EVENTS_PROCESS_ANOMALY,
   EVENTS_PROCESS_LIFECYCLE,
   PAYLOAD_REGISTRY,
   TEMPLATES,
   TOPICS,
+  RequestTopic,
+  RequestTopicTemplate,
   Topic,
+  TopicTemplate,
+  controlCollectorQueue,
+  controlCollectorRpcHealth,
   controlCollectorTaskTargeted,
   lookup,
   topicsForPayload,
@@ -81,6 +92,59 @@ describe("registry", () => {
     assert.equal(controlCollectorTaskTargeted({ type: "scan", id: "p1" }).lossless, true);
     assert.equal(lookup("control.collector.task.scan.p1")?.lossless, true);
     assert.equal(lookup("events.process.integrity")?.lossless, true);
+  });
+
+  test("the topics the schema declares retained, and only those, carry the flag", () => {
+    const retained = [...TOPICS.values()].filter((t) => t.retained).map((t) => t.name);
+    assert.deepEqual(retained, [
+      "control.collector.config",
+      "control.agent.policy",
+      "control.health.status",
+    ]);
+    assert.deepEqual(
+      TEMPLATES.filter((t) => t.retained).map((t) => t.pattern),
+      [],
+    );
+    assert.equal(lookup("control.agent.policy")?.retained, true);
+    assert.equal(EVENTS_PROCESS_LIFECYCLE.retained, false);
+  });
+
+  test("request topics carry their reply schema, and build request topics", () => {
+    const requests = TEMPLATES.filter((t) => t instanceof RequestTopicTemplate).map((t) => [
+      t.pattern,
+      t.payloadName,
+      (t as RequestTopicTemplate).replyName,
+    ]);
+    const v1 = "daemoneye.eventbus.v1.";
+    assert.deepEqual(requests, [
+      ["control.collector.rpc.health.{id}", v1 + "HealthCheckRequest", v1 + "HealthCheckReply"],
+      ["control.collector.rpc.config.{id}", v1 + "ConfigurationUpdate", v1 + "ConfigurationAck"],
+      [
+        "control.collector.rpc.lifecycle.{id}",
+        v1 + "CollectorLifecycleCommand",
+        v1 + "LifecycleReply",
+      ],
+      ["control.collector.rpc.task.{id}", v1 + "TaskAssignment", v1 + "TaskAck"],
+      ["control.collector.queue.{type}", v1 + "TaskAssignment", v1 + "TaskAck"],
+    ]);
+    assert.ok(![...TOPICS.values()].some((t) => t instanceof RequestTopic));
+    assert.ok(CONTROL_COLLECTOR_RPC_HEALTH instanceof TopicTemplate);
+    assert.ok(Object.isFrozen(CONTROL_COLLECTOR_RPC_HEALTH));
+    const health = controlCollectorRpcHealth({ id: "procmond-1" });
+    assert.ok(health instanceof RequestTopic && health instanceof Topic);
+    assert.ok(Object.isFrozen(health));
+    assert.equal(health.name, "control.collector.rpc.health.procmond-1");
+    assert.equal(health.schema, HealthCheckRequestSchema);
+    assert.equal(health.replySchema, HealthCheckReplySchema);
+    assert.equal(health.template, "control.collector.rpc.health.{id}");
+    assert.equal(health.retained, false);
+    const found = lookup("control.collector.queue.scan");
+    assert.ok(found instanceof RequestTopic);
+    assert.equal(found.replySchema, TaskAckSchema);
+    assert.equal(controlCollectorQueue({ type: "scan" }).name, found.name);
+    // The reply types are in the payload registry too, to decode a reply by its type name.
+    assert.ok(PAYLOAD_REGISTRY.getMessage(v1 + "HealthCheckReply"));
+    assert.ok(PAYLOAD_REGISTRY.getMessage(v1 + "TaskAck"));
   });
 
   test("lookup finds topics and template instances", () => {

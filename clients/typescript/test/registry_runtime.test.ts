@@ -5,7 +5,11 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { TaskAssignmentSchema } from "../src/gen/daemoneye/eventbus/v1/control_pb.js";
+import {
+  HealthCheckReplySchema,
+  HealthCheckRequestSchema,
+  TaskAssignmentSchema,
+} from "../src/gen/daemoneye/eventbus/v1/control_pb.js";
 import {
   ProcessEventKind,
   ProcessEventKindSchema,
@@ -15,7 +19,13 @@ import {
 import { AccessLevel } from "../src/gen/daemoneye/eventbus/v1/options_pb.js";
 import * as generated from "../src/gen/daemoneye/eventbus/v1/registry.js";
 import * as client from "../src/index.js";
-import { Topic, TopicRegistry, TopicTemplate } from "../src/registry_runtime.js";
+import {
+  RequestTopic,
+  RequestTopicTemplate,
+  Topic,
+  TopicRegistry,
+  TopicTemplate,
+} from "../src/registry_runtime.js";
 import { matches } from "../src/topics.js";
 
 const EVENT = new Topic(
@@ -102,6 +112,85 @@ describe("registry runtime", () => {
     assert.deepEqual(
       [built.name, built.template, built.lossless],
       ["svc.kept.x", "svc.kept.{id}", true],
+    );
+  });
+
+  test("retained is false unless passed, and a template passes it to what it builds", () => {
+    assert.equal(EVENT.retained, false);
+    assert.equal(TARGETED.build({ kind: "scan", id: "p-1" }).retained, false);
+    const kept = new Topic(
+      "svc.kept",
+      ProcessEventSchema,
+      AccessLevel.PUBLIC,
+      [],
+      [],
+      false,
+      undefined,
+      false,
+      true,
+    );
+    assert.deepEqual([kept.lossless, kept.retained], [false, true]);
+    const template = new TopicTemplate(
+      "svc.kept.{id}",
+      ["id"] as const,
+      ProcessEventSchema,
+      AccessLevel.PUBLIC,
+      [],
+      [],
+      false,
+      false,
+      true,
+    );
+    const built = template.build({ id: "x" });
+    assert.deepEqual([built.lossless, built.retained], [false, true]);
+  });
+
+  test("a request topic template builds frozen request topics with its reply schema", () => {
+    const ask = new RequestTopicTemplate(
+      "svc.ask.{id}",
+      ["id"] as const,
+      HealthCheckRequestSchema,
+      HealthCheckReplySchema,
+      AccessLevel.PRIVILEGED,
+      ["a"],
+      ["b"],
+      true,
+      true,
+    );
+    assert.ok(Object.isFrozen(ask));
+    assert.ok(ask instanceof TopicTemplate);
+    assert.equal(ask.replyName, "daemoneye.eventbus.v1.HealthCheckReply");
+    assert.equal(ask.filter, "svc.ask.+");
+    const built = ask.build({ id: "p-1" });
+    assert.ok(built instanceof RequestTopic && built instanceof Topic);
+    assert.ok(Object.isFrozen(built));
+    assert.deepEqual(
+      [built.name, built.template, built.payloadName, built.replyName, built.lossless],
+      [
+        "svc.ask.p-1",
+        "svc.ask.{id}",
+        "daemoneye.eventbus.v1.HealthCheckRequest",
+        "daemoneye.eventbus.v1.HealthCheckReply",
+        true,
+      ],
+    );
+    assert.equal(built.retained, false);
+    assert.throws(() => ask.build({ id: "a.b" }), TypeError);
+    const registry = new TopicRegistry(new Map(), [ask]);
+    assert.ok(registry.lookup("svc.ask.p-2") instanceof RequestTopic);
+    const concrete = new RequestTopic(
+      "svc.ask",
+      HealthCheckRequestSchema,
+      HealthCheckReplySchema,
+      AccessLevel.PUBLIC,
+      [],
+      [],
+      false,
+    );
+    assert.ok(Object.isFrozen(concrete));
+    assert.deepEqual(
+      [concrete.template, concrete.lossless, concrete.retained],
+      [undefined, false, false],
     );
   });
 

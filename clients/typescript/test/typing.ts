@@ -2,16 +2,28 @@
 // `@ts-expect-error` line MUST be a type error, or tsc fails.
 
 import { create } from "@bufbuild/protobuf";
+import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 
 import {
+  CONTROL_COLLECTOR_RPC_HEALTH,
+  CONTROL_HEALTH_STATUS,
+  ComponentStatusSchema,
   EVENTS_NETWORK_CONNECTIONS,
   EVENTS_PROCESS_LIFECYCLE,
   NetworkEventSchema,
   ProcessEventSchema,
+  HealthCheckReplySchema,
+  HealthCheckRequestSchema,
+  RequestTopic,
   TaskAssignmentSchema,
+  Topic,
+  controlCollectorQueue,
+  controlCollectorRpcHealth,
   controlCollectorTaskTargeted,
   lookup,
   type Client,
+  type HealthCheckReply,
+  type TaskAck,
   type NetworkEvent,
   type ProcessEvent,
 } from "../src/index.js";
@@ -60,4 +72,43 @@ export async function typedSubscribe(client: Client): Promise<void> {
   const any = await client.subscribe("events.#");
   const decoded = (await any.get()).message();
   void decoded.$typeName;
+}
+
+/** The shape of the client's request call to come (issue 19): typed by the topic. */
+declare function request<Req extends DescMessage, Rep extends DescMessage>(
+  topic: RequestTopic<Req, Rep>,
+  message: MessageShape<Req>,
+): Promise<MessageShape<Rep>>;
+
+export async function typedRequest(): Promise<void> {
+  const health = controlCollectorRpcHealth({ id: "procmond-1" });
+  const typed: RequestTopic<typeof HealthCheckRequestSchema, typeof HealthCheckReplySchema> =
+    health;
+  // A request topic is a topic of its request schema.
+  const asTopic: Topic<typeof HealthCheckRequestSchema> = health;
+  const reply: HealthCheckReply = await request(health, create(HealthCheckRequestSchema));
+  const ack: TaskAck = await request(
+    controlCollectorQueue({ type: "scan" }),
+    create(TaskAssignmentSchema),
+  );
+  void [typed, asTopic, reply, ack, CONTROL_COLLECTOR_RPC_HEALTH.build({ id: "p" }).replySchema];
+  // @ts-expect-error the health request topic takes a HealthCheckRequest
+  await request(health, create(TaskAssignmentSchema));
+  // @ts-expect-error the health request topic answers with a HealthCheckReply
+  const wrong: TaskAck = await request(health, create(HealthCheckRequestSchema));
+  // @ts-expect-error the work queue answers with a TaskAck
+  const wrongAck: HealthCheckReply = await request(
+    controlCollectorQueue({ type: "scan" }),
+    create(TaskAssignmentSchema),
+  );
+  // @ts-expect-error a publish/subscribe topic is not a request topic
+  await request(CONTROL_HEALTH_STATUS, create(ComponentStatusSchema));
+  // @ts-expect-error the reply schema is part of the request topic's type
+  const wrongType: RequestTopic<typeof HealthCheckRequestSchema, typeof TaskAssignmentSchema> =
+    health;
+  // @ts-expect-error a template parameter is missing
+  controlCollectorRpcHealth({});
+  void [wrong, wrongAck, wrongType];
+  const retained: boolean = CONTROL_HEALTH_STATUS.retained;
+  void retained;
 }

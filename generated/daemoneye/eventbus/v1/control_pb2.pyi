@@ -145,6 +145,49 @@ DIAGNOSTIC_SEVERITY_ERROR: DiagnosticSeverity.ValueType  # 3
 """Something is wrong."""
 Global___DiagnosticSeverity: _TypeAlias = DiagnosticSeverity  # noqa: Y015
 
+class _RpcStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RpcStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RpcStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RPC_STATUS_UNSPECIFIED: _RpcStatus.ValueType  # 0
+    """Not set."""
+    RPC_STATUS_SUCCESS: _RpcStatus.ValueType  # 1
+    """Done as asked."""
+    RPC_STATUS_ERROR: _RpcStatus.ValueType  # 2
+    """Failed; the reply's `error` says why."""
+    RPC_STATUS_IN_PROGRESS: _RpcStatus.ValueType  # 3
+    """Accepted and still running; the outcome follows elsewhere."""
+    RPC_STATUS_TIMEOUT: _RpcStatus.ValueType  # 4
+    """No reply before the request's deadline."""
+    RPC_STATUS_CANCELLED: _RpcStatus.ValueType  # 5
+    """The requester gave up before the reply."""
+    RPC_STATUS_UNAVAILABLE: _RpcStatus.ValueType  # 6
+    """Nobody may answer the request."""
+
+class RpcStatus(_RpcStatus, metaclass=_RpcStatusEnumTypeWrapper):
+    """The outcome of a request to a component (request/reply), as the reference
+    `RpcStatus`. A responder sets SUCCESS, ERROR or IN_PROGRESS; the requesting
+    side reports TIMEOUT, CANCELLED and UNAVAILABLE (no responder) itself.
+    """
+
+RPC_STATUS_UNSPECIFIED: RpcStatus.ValueType  # 0
+"""Not set."""
+RPC_STATUS_SUCCESS: RpcStatus.ValueType  # 1
+"""Done as asked."""
+RPC_STATUS_ERROR: RpcStatus.ValueType  # 2
+"""Failed; the reply's `error` says why."""
+RPC_STATUS_IN_PROGRESS: RpcStatus.ValueType  # 3
+"""Accepted and still running; the outcome follows elsewhere."""
+RPC_STATUS_TIMEOUT: RpcStatus.ValueType  # 4
+"""No reply before the request's deadline."""
+RPC_STATUS_CANCELLED: RpcStatus.ValueType  # 5
+"""The requester gave up before the reply."""
+RPC_STATUS_UNAVAILABLE: RpcStatus.ValueType  # 6
+"""Nobody may answer the request."""
+Global___RpcStatus: _TypeAlias = RpcStatus  # noqa: Y015
+
 @_typing.final
 class CollectorLifecycleCommand(_message.Message):
     """Asks a collector to start, stop or restart."""
@@ -656,3 +699,185 @@ class Diagnostics(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Diagnostics: _TypeAlias = Diagnostics  # noqa: Y015
+
+@_typing.final
+class HealthCheckRequest(_message.Message):
+    """Asks a component for its health (request on
+    `control.collector.rpc.health.{id}`, answered by a `HealthCheckReply`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPONENT_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_DIAGNOSTICS_FIELD_NUMBER: _builtins.int
+    component_id: _builtins.str
+    """The component addressed, e.g. `procmond-1`."""
+    include_diagnostics: _builtins.bool
+    """Whether the reply should carry the component's diagnostics."""
+    def __init__(
+        self,
+        *,
+        component_id: _builtins.str = ...,
+        include_diagnostics: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component_id", b"component_id", "include_diagnostics", b"include_diagnostics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthCheckRequest: _TypeAlias = HealthCheckRequest  # noqa: Y015
+
+@_typing.final
+class HealthCheckReply(_message.Message):
+    """A component's answer to a `HealthCheckRequest`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    DIAGNOSTICS_FIELD_NUMBER: _builtins.int
+    status: Global___RpcStatus.ValueType
+    """Outcome of the request."""
+    error: _builtins.str
+    """Why the request failed, when `status` is ERROR."""
+    @_builtins.property
+    def component(self) -> Global___ComponentStatus:
+        """The component's status."""
+
+    @_builtins.property
+    def diagnostics(self) -> Global___Diagnostics:
+        """The component's diagnostics, when asked for."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___RpcStatus.ValueType = ...,
+        error: _builtins.str = ...,
+        component: Global___ComponentStatus | None = ...,
+        diagnostics: Global___Diagnostics | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "diagnostics", b"diagnostics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "diagnostics", b"diagnostics", "error", b"error", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthCheckReply: _TypeAlias = HealthCheckReply  # noqa: Y015
+
+@_typing.final
+class ConfigurationAck(_message.Message):
+    """A collector's acknowledgement of a `ConfigurationUpdate` sent as a request
+    on `control.collector.rpc.config.{id}`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    APPLIED_VERSION_FIELD_NUMBER: _builtins.int
+    RESTART_PENDING_FIELD_NUMBER: _builtins.int
+    collector_id: _builtins.str
+    """The collector answering."""
+    status: Global___RpcStatus.ValueType
+    """Outcome of the request."""
+    error: _builtins.str
+    """Why the configuration was not applied, when `status` is ERROR."""
+    applied_version: _builtins.int
+    """The configuration version in effect after the update."""
+    restart_pending: _builtins.bool
+    """Whether the collector must restart before the settings take effect."""
+    def __init__(
+        self,
+        *,
+        collector_id: _builtins.str = ...,
+        status: Global___RpcStatus.ValueType = ...,
+        error: _builtins.str = ...,
+        applied_version: _builtins.int = ...,
+        restart_pending: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "collector_id", b"collector_id", "error", b"error", "restart_pending", b"restart_pending", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigurationAck: _TypeAlias = ConfigurationAck  # noqa: Y015
+
+@_typing.final
+class LifecycleReply(_message.Message):
+    """A collector's answer to a `CollectorLifecycleCommand` sent as a request on
+    `control.collector.rpc.lifecycle.{id}`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    collector_id: _builtins.str
+    """The collector answering."""
+    status: Global___RpcStatus.ValueType
+    """Outcome of the request."""
+    error: _builtins.str
+    """Why the command failed, when `status` is ERROR."""
+    state: Global___HealthState.ValueType
+    """The collector's health after the command (STARTING or STOPPING while it
+    is still complying).
+    """
+    def __init__(
+        self,
+        *,
+        collector_id: _builtins.str = ...,
+        status: Global___RpcStatus.ValueType = ...,
+        error: _builtins.str = ...,
+        state: Global___HealthState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "error", b"error", "state", b"state", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleReply: _TypeAlias = LifecycleReply  # noqa: Y015
+
+@_typing.final
+class TaskAck(_message.Message):
+    """A collector's acknowledgement of a `TaskAssignment` sent as a request on
+    `control.collector.rpc.task.{id}` or `control.collector.queue.{type}`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task acknowledged."""
+    collector_id: _builtins.str
+    """The collector answering."""
+    status: Global___RpcStatus.ValueType
+    """SUCCESS or IN_PROGRESS: the collector accepted the task; ERROR: it
+    refused it.
+    """
+    error: _builtins.str
+    """Why the task was refused, when `status` is ERROR."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        collector_id: _builtins.str = ...,
+        status: Global___RpcStatus.ValueType = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "error", b"error", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskAck: _TypeAlias = TaskAck  # noqa: Y015

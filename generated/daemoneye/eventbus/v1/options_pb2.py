@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#daemoneye/eventbus/v1/options.proto\x12\x15\x64\x61\x65moneye.eventbus.v1\x1a google/protobuf/descriptor.proto\"\xad\x01\n\x0cTopicOptions\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x06\x61\x63\x63\x65ss\x18\x02 \x01(\x0e\x32\".daemoneye.eventbus.v1.AccessLevel\x12\x12\n\npublishers\x18\x03 \x03(\t\x12\x13\n\x0bsubscribers\x18\x04 \x03(\t\x12\x0f\n\x07payload\x18\x05 \x01(\t\x12\x0f\n\x07\x63ontrol\x18\x06 \x01(\x08\x12\x10\n\x08lossless\x18\x07 \x01(\x08*~\n\x0b\x41\x63\x63\x65ssLevel\x12\x1c\n\x18\x41\x43\x43\x45SS_LEVEL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43\x43\x45SS_LEVEL_PUBLIC\x10\x01\x12\x1b\n\x17\x41\x43\x43\x45SS_LEVEL_RESTRICTED\x10\x02\x12\x1b\n\x17\x41\x43\x43\x45SS_LEVEL_PRIVILEGED\x10\x03:W\n\x05topic\x12!.google.protobuf.EnumValueOptions\x18\xd1\x86\x03 \x01(\x0b\x32#.daemoneye.eventbus.v1.TopicOptions:8\n\x0b\x65vent_topic\x12!.google.protobuf.EnumValueOptions\x18\xd2\x86\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#daemoneye/eventbus/v1/options.proto\x12\x15\x64\x61\x65moneye.eventbus.v1\x1a google/protobuf/descriptor.proto\"\xce\x01\n\x0cTopicOptions\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x06\x61\x63\x63\x65ss\x18\x02 \x01(\x0e\x32\".daemoneye.eventbus.v1.AccessLevel\x12\x12\n\npublishers\x18\x03 \x03(\t\x12\x13\n\x0bsubscribers\x18\x04 \x03(\t\x12\x0f\n\x07payload\x18\x05 \x01(\t\x12\x0f\n\x07\x63ontrol\x18\x06 \x01(\x08\x12\x10\n\x08lossless\x18\x07 \x01(\x08\x12\r\n\x05reply\x18\x08 \x01(\t\x12\x10\n\x08retained\x18\t \x01(\x08*~\n\x0b\x41\x63\x63\x65ssLevel\x12\x1c\n\x18\x41\x43\x43\x45SS_LEVEL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43\x43\x45SS_LEVEL_PUBLIC\x10\x01\x12\x1b\n\x17\x41\x43\x43\x45SS_LEVEL_RESTRICTED\x10\x02\x12\x1b\n\x17\x41\x43\x43\x45SS_LEVEL_PRIVILEGED\x10\x03:W\n\x05topic\x12!.google.protobuf.EnumValueOptions\x18\xd1\x86\x03 \x01(\x0b\x32#.daemoneye.eventbus.v1.TopicOptions:8\n\x0b\x65vent_topic\x12!.google.protobuf.EnumValueOptions\x18\xd2\x86\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'daemoneye.eventbus.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCESSLEVEL']._serialized_start=272
-  _globals['_ACCESSLEVEL']._serialized_end=398
+  _globals['_ACCESSLEVEL']._serialized_start=305
+  _globals['_ACCESSLEVEL']._serialized_end=431
   _globals['_TOPICOPTIONS']._serialized_start=97
-  _globals['_TOPICOPTIONS']._serialized_end=270
+  _globals['_TOPICOPTIONS']._serialized_end=303
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,8 @@ class TopicOptions(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     CONTROL_FIELD_NUMBER: _builtins.int
     LOSSLESS_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    RETAINED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The dot-separated topic name, e.g. `events.process.lifecycle`. A template
     names its parameters in braces, each standing for exactly one level, e.g.
@@ -88,6 +90,19 @@ class TopicOptions(_message.Message):
     """Events on this topic are never dropped for a subscriber that falls
     behind: their publishers wait instead (credit-based backpressure, with a
     stall deadline after which the subscriber is disconnected).
+    """
+    reply: _builtins.str
+    """Declares a request topic: the fully qualified name of the reply message
+    type, e.g. `daemoneye.eventbus.v1.TaskAck`. A request published on the
+    topic (whose message is of the `payload` type) is answered by one of the
+    topic's subscribers with one message of this type, routed back to the
+    requester alone. Empty for an ordinary publish/subscribe topic.
+    """
+    retained: _builtins.bool
+    """The broker keeps the last event of every concrete topic of this
+    declaration and delivers it first, marked as retained, to each new
+    subscription that may read it; an empty event clears it. Not allowed on
+    a request topic.
     """
     @_builtins.property
     def publishers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -111,10 +126,12 @@ class TopicOptions(_message.Message):
         payload: _builtins.str = ...,
         control: _builtins.bool = ...,
         lossless: _builtins.bool = ...,
+        reply: _builtins.str = ...,
+        retained: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "control", b"control", "lossless", b"lossless", "name", b"name", "payload", b"payload", "publishers", b"publishers", "subscribers", b"subscribers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "control", b"control", "lossless", b"lossless", "name", b"name", "payload", b"payload", "publishers", b"publishers", "reply", b"reply", "retained", b"retained", "subscribers", b"subscribers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,13 @@ from typing import Any, Final
 from daemoneye.eventbus.v1 import control_pb2
 from daemoneye.eventbus.v1 import events_pb2
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
-from daemoneye_eventbus.registry_runtime import Topic, TopicRegistry, TopicTemplate
+from daemoneye_eventbus.registry_runtime import (
+    RequestTopic,
+    RequestTopicTemplate,
+    Topic,
+    TopicRegistry,
+    TopicTemplate,
+)
 
 __all__ = [
     "ACCESS_TABLE",
@@ -21,7 +27,12 @@ __all__ = [
     "CONTROL_AGENT_POLICY",
     "CONTROL_COLLECTOR_CONFIG",
     "CONTROL_COLLECTOR_LIFECYCLE",
+    "CONTROL_COLLECTOR_QUEUE",
     "CONTROL_COLLECTOR_REGISTRATION",
+    "CONTROL_COLLECTOR_RPC_CONFIG",
+    "CONTROL_COLLECTOR_RPC_HEALTH",
+    "CONTROL_COLLECTOR_RPC_LIFECYCLE",
+    "CONTROL_COLLECTOR_RPC_TASK",
     "CONTROL_COLLECTOR_TASK",
     "CONTROL_COLLECTOR_TASK_TARGETED",
     "CONTROL_HEALTH_DIAGNOSTICS",
@@ -38,11 +49,18 @@ __all__ = [
     "EVENTS_PROCESS_TREE",
     "PROCESS_EVENT_KIND_TOPICS",
     "REGISTRY",
+    "RequestTopic",
+    "RequestTopicTemplate",
     "TEMPLATES",
     "TOPICS",
     "Topic",
     "TopicRegistry",
     "TopicTemplate",
+    "control_collector_queue",
+    "control_collector_rpc_config",
+    "control_collector_rpc_health",
+    "control_collector_rpc_lifecycle",
+    "control_collector_rpc_task",
     "control_collector_task_targeted",
     "lookup",
     "topics_for_payload",
@@ -157,6 +175,7 @@ CONTROL_COLLECTOR_CONFIG: Final[Topic[control_pb2.ConfigurationUpdate]] = Topic(
     frozenset({'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
+    retained=True,
 )
 
 #: Task distribution to all collectors.
@@ -210,6 +229,7 @@ CONTROL_AGENT_POLICY: Final[Topic[control_pb2.PolicyUpdate]] = Topic(
     frozenset({'daemoneye-agent'}),
     frozenset({'daemoneye-agent', 'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
+    retained=True,
 )
 
 #: Liveness of components.
@@ -230,6 +250,7 @@ CONTROL_HEALTH_STATUS: Final[Topic[control_pb2.ComponentStatus]] = Topic(
     frozenset(),
     frozenset(),
     True,
+    retained=True,
 )
 
 #: Diagnostics of components.
@@ -242,10 +263,95 @@ CONTROL_HEALTH_DIAGNOSTICS: Final[Topic[control_pb2.Diagnostics]] = Topic(
     True,
 )
 
+#: Request/reply: ask one collector, by id, for its health.
+CONTROL_COLLECTOR_RPC_HEALTH: Final[RequestTopicTemplate[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply]] = RequestTopicTemplate(
+    'control.collector.rpc.health.{id}',
+    ('id',),
+    control_pb2.HealthCheckRequest,
+    AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    frozenset({'daemoneye-agent'}),
+    frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
+    True,
+    reply_type=control_pb2.HealthCheckReply,
+)
+
+#: Request/reply: give one collector, by id, new configuration and wait for its acknowledgement.
+CONTROL_COLLECTOR_RPC_CONFIG: Final[RequestTopicTemplate[control_pb2.ConfigurationUpdate, control_pb2.ConfigurationAck]] = RequestTopicTemplate(
+    'control.collector.rpc.config.{id}',
+    ('id',),
+    control_pb2.ConfigurationUpdate,
+    AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    frozenset({'daemoneye-agent'}),
+    frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
+    True,
+    reply_type=control_pb2.ConfigurationAck,
+)
+
+#: Request/reply: start, stop or restart one collector, by id.
+CONTROL_COLLECTOR_RPC_LIFECYCLE: Final[RequestTopicTemplate[control_pb2.CollectorLifecycleCommand, control_pb2.LifecycleReply]] = RequestTopicTemplate(
+    'control.collector.rpc.lifecycle.{id}',
+    ('id',),
+    control_pb2.CollectorLifecycleCommand,
+    AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    frozenset({'daemoneye-agent'}),
+    frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
+    True,
+    reply_type=control_pb2.LifecycleReply,
+)
+
+#: Request/reply: have one collector, by id, execute a task; the reply accepts or refuses it.
+CONTROL_COLLECTOR_RPC_TASK: Final[RequestTopicTemplate[control_pb2.TaskAssignment, control_pb2.TaskAck]] = RequestTopicTemplate(
+    'control.collector.rpc.task.{id}',
+    ('id',),
+    control_pb2.TaskAssignment,
+    AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    frozenset({'daemoneye-agent'}),
+    frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
+    True,
+    reply_type=control_pb2.TaskAck,
+)
+
+#: Request/reply work queue of one task type: every collector able to run tasks of that type answers on it, and each task goes to one of them.
+CONTROL_COLLECTOR_QUEUE: Final[RequestTopicTemplate[control_pb2.TaskAssignment, control_pb2.TaskAck]] = RequestTopicTemplate(
+    'control.collector.queue.{type}',
+    ('type',),
+    control_pb2.TaskAssignment,
+    AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    frozenset({'daemoneye-agent'}),
+    frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
+    True,
+    reply_type=control_pb2.TaskAck,
+)
+
 
 def control_collector_task_targeted(*, type: str, id: str) -> Topic[control_pb2.TaskAssignment]:
     """Build a concrete ``control.collector.task.{type}.{id}`` topic."""
     return CONTROL_COLLECTOR_TASK_TARGETED.build(type=type, id=id)
+
+
+def control_collector_rpc_health(*, id: str) -> RequestTopic[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply]:
+    """Build a concrete ``control.collector.rpc.health.{id}`` topic."""
+    return CONTROL_COLLECTOR_RPC_HEALTH.build(id=id)
+
+
+def control_collector_rpc_config(*, id: str) -> RequestTopic[control_pb2.ConfigurationUpdate, control_pb2.ConfigurationAck]:
+    """Build a concrete ``control.collector.rpc.config.{id}`` topic."""
+    return CONTROL_COLLECTOR_RPC_CONFIG.build(id=id)
+
+
+def control_collector_rpc_lifecycle(*, id: str) -> RequestTopic[control_pb2.CollectorLifecycleCommand, control_pb2.LifecycleReply]:
+    """Build a concrete ``control.collector.rpc.lifecycle.{id}`` topic."""
+    return CONTROL_COLLECTOR_RPC_LIFECYCLE.build(id=id)
+
+
+def control_collector_rpc_task(*, id: str) -> RequestTopic[control_pb2.TaskAssignment, control_pb2.TaskAck]:
+    """Build a concrete ``control.collector.rpc.task.{id}`` topic."""
+    return CONTROL_COLLECTOR_RPC_TASK.build(id=id)
+
+
+def control_collector_queue(*, type: str) -> RequestTopic[control_pb2.TaskAssignment, control_pb2.TaskAck]:
+    """Build a concrete ``control.collector.queue.{type}`` topic."""
+    return CONTROL_COLLECTOR_QUEUE.build(type=type)
 
 
 #: Every concrete topic by name.
@@ -273,6 +379,11 @@ TOPICS: Final[Mapping[str, Topic[Any]]] = MappingProxyType({
 #: Every topic template.
 TEMPLATES: Final[tuple[TopicTemplate[Any], ...]] = (
     CONTROL_COLLECTOR_TASK_TARGETED,
+    CONTROL_COLLECTOR_RPC_HEALTH,
+    CONTROL_COLLECTOR_RPC_CONFIG,
+    CONTROL_COLLECTOR_RPC_LIFECYCLE,
+    CONTROL_COLLECTOR_RPC_TASK,
+    CONTROL_COLLECTOR_QUEUE,
 )
 
 #: Access level of every topic and template, by name or pattern.
@@ -296,6 +407,11 @@ ACCESS_TABLE: Final[Mapping[str, AccessLevel.ValueType]] = MappingProxyType({
     'control.health.heartbeat': AccessLevel.ACCESS_LEVEL_PUBLIC,
     'control.health.status': AccessLevel.ACCESS_LEVEL_PUBLIC,
     'control.health.diagnostics': AccessLevel.ACCESS_LEVEL_PUBLIC,
+    'control.collector.rpc.health.{id}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    'control.collector.rpc.config.{id}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    'control.collector.rpc.lifecycle.{id}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    'control.collector.rpc.task.{id}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    'control.collector.queue.{type}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
 })
 
 #: The topic of each ProcessEventKind value, from the schema's (event_topic) options.

@@ -67,6 +67,22 @@ class _TopicEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Topic.ValueType
     """Status of components."""
     TOPIC_CONTROL_HEALTH_DIAGNOSTICS: _Topic.ValueType  # 29
     """Diagnostics of components."""
+    TOPIC_CONTROL_COLLECTOR_RPC_HEALTH: _Topic.ValueType  # 30
+    """Request/reply: ask one collector, by id, for its health."""
+    TOPIC_CONTROL_COLLECTOR_RPC_CONFIG: _Topic.ValueType  # 31
+    """Request/reply: give one collector, by id, new configuration and wait for
+    its acknowledgement.
+    """
+    TOPIC_CONTROL_COLLECTOR_RPC_LIFECYCLE: _Topic.ValueType  # 32
+    """Request/reply: start, stop or restart one collector, by id."""
+    TOPIC_CONTROL_COLLECTOR_RPC_TASK: _Topic.ValueType  # 33
+    """Request/reply: have one collector, by id, execute a task; the reply
+    accepts or refuses it.
+    """
+    TOPIC_CONTROL_COLLECTOR_QUEUE: _Topic.ValueType  # 34
+    """Request/reply work queue of one task type: every collector able to run
+    tasks of that type answers on it, and each task goes to one of them.
+    """
 
 class Topic(_Topic, metaclass=_TopicEnumTypeWrapper):
     """Every topic of the bus."""
@@ -111,4 +127,20 @@ TOPIC_CONTROL_HEALTH_STATUS: Topic.ValueType  # 28
 """Status of components."""
 TOPIC_CONTROL_HEALTH_DIAGNOSTICS: Topic.ValueType  # 29
 """Diagnostics of components."""
+TOPIC_CONTROL_COLLECTOR_RPC_HEALTH: Topic.ValueType  # 30
+"""Request/reply: ask one collector, by id, for its health."""
+TOPIC_CONTROL_COLLECTOR_RPC_CONFIG: Topic.ValueType  # 31
+"""Request/reply: give one collector, by id, new configuration and wait for
+its acknowledgement.
+"""
+TOPIC_CONTROL_COLLECTOR_RPC_LIFECYCLE: Topic.ValueType  # 32
+"""Request/reply: start, stop or restart one collector, by id."""
+TOPIC_CONTROL_COLLECTOR_RPC_TASK: Topic.ValueType  # 33
+"""Request/reply: have one collector, by id, execute a task; the reply
+accepts or refuses it.
+"""
+TOPIC_CONTROL_COLLECTOR_QUEUE: Topic.ValueType  # 34
+"""Request/reply work queue of one task type: every collector able to run
+tasks of that type answers on it, and each task goes to one of them.
+"""
 Global___Topic: _TypeAlias = Topic  # noqa: Y015

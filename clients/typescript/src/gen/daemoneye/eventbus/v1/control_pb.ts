@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file daemoneye/eventbus/v1/control.proto.
  */
 export const file_daemoneye_eventbus_v1_control: GenFile = /*@__PURE__*/
-  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvY29udHJvbC5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIqYBChlDb2xsZWN0b3JMaWZlY3ljbGVDb21tYW5kEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRI2CgZhY3Rpb24YAiABKA4yJi5kYWVtb25leWUuZXZlbnRidXMudjEuTGlmZWN5Y2xlQWN0aW9uEg4KBnJlYXNvbhgDIAEoCRIrCghkZWFkbGluZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLaAQoTQ29uZmlndXJhdGlvblVwZGF0ZRIUCgxjb2xsZWN0b3JfaWQYASABKAkSFgoOY29uZmlnX3ZlcnNpb24YAiABKAQSSgoIc2V0dGluZ3MYAyADKAsyOC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29uZmlndXJhdGlvblVwZGF0ZS5TZXR0aW5nc0VudHJ5EhgKEHJlcXVpcmVzX3Jlc3RhcnQYBCABKAgaLwoNU2V0dGluZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIogCCg5UYXNrQXNzaWdubWVudBIPCgd0YXNrX2lkGAEgASgJEhEKCXRhc2tfdHlwZRgCIAEoCRIUCgxjb2xsZWN0b3JfaWQYAyABKAkSSQoKcGFyYW1ldGVycxgEIAMoCzI1LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5UYXNrQXNzaWdubWVudC5QYXJhbWV0ZXJzRW50cnkSEAoIcHJpb3JpdHkYBSABKAUSLAoIZGVhZGxpbmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrcBChNDb2xsZWN0b3JDYXBhYmlsaXR5EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRJOCgpwYXJhbWV0ZXJzGAMgAygLMjouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkuUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrUBChVDb2xsZWN0b3JSZWdpc3RyYXRpb24SFAoMY29sbGVjdG9yX2lkGAEgASgJEhYKDmNvbGxlY3Rvcl90eXBlGAIgASgJEg8KB3ZlcnNpb24YAyABKAkSQAoMY2FwYWJpbGl0aWVzGAQgAygLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkSCwoDcGlkGAUgASgNEg4KBnRvcGljcxgGIAMoCSL7AQoSQWdlbnRPcmNoZXN0cmF0aW9uEhAKCGFnZW50X2lkGAEgASgJEjoKBmFjdGlvbhgCIAEoDjIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5PcmNoZXN0cmF0aW9uQWN0aW9uEhUKDWNvbGxlY3Rvcl9pZHMYAyADKAkSTQoKcGFyYW1ldGVycxgEIAMoCzI5LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5BZ2VudE9yY2hlc3RyYXRpb24uUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpIBCgxQb2xpY3lVcGRhdGUSEQoJcG9saWN5X2lkGAEgASgJEhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEg8KB2NvbnRlbnQYAyABKAwSFAoMY29udGVudF90eXBlGAQgASgJEjAKDGVmZmVjdGl2ZV9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYAoJSGVhcnRiZWF0EhQKDGNvbXBvbmVudF9pZBgBIAEoCRIrCgdzZW50X2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghzZXF1ZW5jZRgDIAEoBCKMAgoPQ29tcG9uZW50U3RhdHVzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRIxCgVzdGF0ZRgCIAEoDjIiLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5IZWFsdGhTdGF0ZRIPCgdtZXNzYWdlGAMgASgJEikKBnVwdGltZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhJECgdtZXRyaWNzGAUgAygLMjMuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbXBvbmVudFN0YXR1cy5NZXRyaWNzRW50cnkaLgoMTWV0cmljc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEibQoPRGlhZ25vc3RpY0VudHJ5EjsKCHNldmVyaXR5GAEgASgOMikuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNTZXZlcml0eRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkijgEKC0RpYWdub3N0aWNzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRI3CgdlbnRyaWVzGAIgAygLMiYuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNFbnRyeRIwCgxjb2xsZWN0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKogBCg9MaWZlY3ljbGVBY3Rpb24SIAocTElGRUNZQ0xFX0FDVElPTl9VTlNQRUNJRklFRBAAEhoKFkxJRkVDWUNMRV9BQ1RJT05fU1RBUlQQARIZChVMSUZFQ1lDTEVfQUNUSU9OX1NUT1AQAhIcChhMSUZFQ1lDTEVfQUNUSU9OX1JFU1RBUlQQAyrPAQoTT3JjaGVzdHJhdGlvbkFjdGlvbhIkCiBPUkNIRVNUUkFUSU9OX0FDVElPTl9VTlNQRUNJRklFRBAAEiIKHk9SQ0hFU1RSQVRJT05fQUNUSU9OX1JFQkFMQU5DRRABEiIKHk9SQ0hFU1RSQVRJT05fQUNUSU9OX1BBVVNFX0FMTBACEiMKH09SQ0hFU1RSQVRJT05fQUNUSU9OX1JFU1VNRV9BTEwQAxIlCiFPUkNIRVNUUkFUSU9OX0FDVElPTl9TSFVURE9XTl9BTEwQBCqyAQoLSGVhbHRoU3RhdGUSHAoYSEVBTFRIX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUSEVBTFRIX1NUQVRFX0hFQUxUSFkQARIZChVIRUFMVEhfU1RBVEVfREVHUkFERUQQAhIaChZIRUFMVEhfU1RBVEVfVU5IRUFMVEhZEAMSGQoVSEVBTFRIX1NUQVRFX1NUQVJUSU5HEAQSGQoVSEVBTFRIX1NUQVRFX1NUT1BQSU5HEAUqlwEKEkRpYWdub3N0aWNTZXZlcml0eRIjCh9ESUFHTk9TVElDX1NFVkVSSVRZX1VOU1BFQ0lGSUVEEAASHAoYRElBR05PU1RJQ19TRVZFUklUWV9JTkZPEAESHwobRElBR05PU1RJQ19TRVZFUklUWV9XQVJOSU5HEAISHQoZRElBR05PU1RJQ19TRVZFUklUWV9FUlJPUhADYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvY29udHJvbC5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIqYBChlDb2xsZWN0b3JMaWZlY3ljbGVDb21tYW5kEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRI2CgZhY3Rpb24YAiABKA4yJi5kYWVtb25leWUuZXZlbnRidXMudjEuTGlmZWN5Y2xlQWN0aW9uEg4KBnJlYXNvbhgDIAEoCRIrCghkZWFkbGluZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLaAQoTQ29uZmlndXJhdGlvblVwZGF0ZRIUCgxjb2xsZWN0b3JfaWQYASABKAkSFgoOY29uZmlnX3ZlcnNpb24YAiABKAQSSgoIc2V0dGluZ3MYAyADKAsyOC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29uZmlndXJhdGlvblVwZGF0ZS5TZXR0aW5nc0VudHJ5EhgKEHJlcXVpcmVzX3Jlc3RhcnQYBCABKAgaLwoNU2V0dGluZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIogCCg5UYXNrQXNzaWdubWVudBIPCgd0YXNrX2lkGAEgASgJEhEKCXRhc2tfdHlwZRgCIAEoCRIUCgxjb2xsZWN0b3JfaWQYAyABKAkSSQoKcGFyYW1ldGVycxgEIAMoCzI1LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5UYXNrQXNzaWdubWVudC5QYXJhbWV0ZXJzRW50cnkSEAoIcHJpb3JpdHkYBSABKAUSLAoIZGVhZGxpbmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrcBChNDb2xsZWN0b3JDYXBhYmlsaXR5EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRJOCgpwYXJhbWV0ZXJzGAMgAygLMjouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkuUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrUBChVDb2xsZWN0b3JSZWdpc3RyYXRpb24SFAoMY29sbGVjdG9yX2lkGAEgASgJEhYKDmNvbGxlY3Rvcl90eXBlGAIgASgJEg8KB3ZlcnNpb24YAyABKAkSQAoMY2FwYWJpbGl0aWVzGAQgAygLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkSCwoDcGlkGAUgASgNEg4KBnRvcGljcxgGIAMoCSL7AQoSQWdlbnRPcmNoZXN0cmF0aW9uEhAKCGFnZW50X2lkGAEgASgJEjoKBmFjdGlvbhgCIAEoDjIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5PcmNoZXN0cmF0aW9uQWN0aW9uEhUKDWNvbGxlY3Rvcl9pZHMYAyADKAkSTQoKcGFyYW1ldGVycxgEIAMoCzI5LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5BZ2VudE9yY2hlc3RyYXRpb24uUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpIBCgxQb2xpY3lVcGRhdGUSEQoJcG9saWN5X2lkGAEgASgJEhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEg8KB2NvbnRlbnQYAyABKAwSFAoMY29udGVudF90eXBlGAQgASgJEjAKDGVmZmVjdGl2ZV9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYAoJSGVhcnRiZWF0EhQKDGNvbXBvbmVudF9pZBgBIAEoCRIrCgdzZW50X2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghzZXF1ZW5jZRgDIAEoBCKMAgoPQ29tcG9uZW50U3RhdHVzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRIxCgVzdGF0ZRgCIAEoDjIiLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5IZWFsdGhTdGF0ZRIPCgdtZXNzYWdlGAMgASgJEikKBnVwdGltZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhJECgdtZXRyaWNzGAUgAygLMjMuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbXBvbmVudFN0YXR1cy5NZXRyaWNzRW50cnkaLgoMTWV0cmljc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEibQoPRGlhZ25vc3RpY0VudHJ5EjsKCHNldmVyaXR5GAEgASgOMikuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNTZXZlcml0eRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkijgEKC0RpYWdub3N0aWNzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRI3CgdlbnRyaWVzGAIgAygLMiYuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNFbnRyeRIwCgxjb2xsZWN0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkcKEkhlYWx0aENoZWNrUmVxdWVzdBIUCgxjb21wb25lbnRfaWQYASABKAkSGwoTaW5jbHVkZV9kaWFnbm9zdGljcxgCIAEoCCLHAQoQSGVhbHRoQ2hlY2tSZXBseRIwCgZzdGF0dXMYASABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAIgASgJEjkKCWNvbXBvbmVudBgDIAEoCzImLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db21wb25lbnRTdGF0dXMSNwoLZGlhZ25vc3RpY3MYBCABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuRGlhZ25vc3RpY3MimwEKEENvbmZpZ3VyYXRpb25BY2sSFAoMY29sbGVjdG9yX2lkGAEgASgJEjAKBnN0YXR1cxgCIAEoDjIgLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5ScGNTdGF0dXMSDQoFZXJyb3IYAyABKAkSFwoPYXBwbGllZF92ZXJzaW9uGAQgASgEEhcKD3Jlc3RhcnRfcGVuZGluZxgFIAEoCCKaAQoOTGlmZWN5Y2xlUmVwbHkSFAoMY29sbGVjdG9yX2lkGAEgASgJEjAKBnN0YXR1cxgCIAEoDjIgLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5ScGNTdGF0dXMSDQoFZXJyb3IYAyABKAkSMQoFc3RhdGUYBCABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuSGVhbHRoU3RhdGUicQoHVGFza0FjaxIPCgd0YXNrX2lkGAEgASgJEhQKDGNvbGxlY3Rvcl9pZBgCIAEoCRIwCgZzdGF0dXMYAyABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAQgASgJKogBCg9MaWZlY3ljbGVBY3Rpb24SIAocTElGRUNZQ0xFX0FDVElPTl9VTlNQRUNJRklFRBAAEhoKFkxJRkVDWUNMRV9BQ1RJT05fU1RBUlQQARIZChVMSUZFQ1lDTEVfQUNUSU9OX1NUT1AQAhIcChhMSUZFQ1lDTEVfQUNUSU9OX1JFU1RBUlQQAyrPAQoTT3JjaGVzdHJhdGlvbkFjdGlvbhIkCiBPUkNIRVNUUkFUSU9OX0FDVElPTl9VTlNQRUNJRklFRBAAEiIKHk9SQ0hFU1RSQVRJT05fQUNUSU9OX1JFQkFMQU5DRRABEiIKHk9SQ0hFU1RSQVRJT05fQUNUSU9OX1BBVVNFX0FMTBACEiMKH09SQ0hFU1RSQVRJT05fQUNUSU9OX1JFU1VNRV9BTEwQAxIlCiFPUkNIRVNUUkFUSU9OX0FDVElPTl9TSFVURE9XTl9BTEwQBCqyAQoLSGVhbHRoU3RhdGUSHAoYSEVBTFRIX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUSEVBTFRIX1NUQVRFX0hFQUxUSFkQARIZChVIRUFMVEhfU1RBVEVfREVHUkFERUQQAhIaChZIRUFMVEhfU1RBVEVfVU5IRUFMVEhZEAMSGQoVSEVBTFRIX1NUQVRFX1NUQVJUSU5HEAQSGQoVSEVBTFRIX1NUQVRFX1NUT1BQSU5HEAUqlwEKEkRpYWdub3N0aWNTZXZlcml0eRIjCh9ESUFHTk9TVElDX1NFVkVSSVRZX1VOU1BFQ0lGSUVEEAASHAoYRElBR05PU1RJQ19TRVZFUklUWV9JTkZPEAESHwobRElBR05PU1RJQ19TRVZFUklUWV9XQVJOSU5HEAISHQoZRElBR05PU1RJQ19TRVZFUklUWV9FUlJPUhADKr8BCglScGNTdGF0dXMSGgoWUlBDX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKElJQQ19TVEFUVVNfU1VDQ0VTUxABEhQKEFJQQ19TVEFUVVNfRVJST1IQAhIaChZSUENfU1RBVFVTX0lOX1BST0dSRVNTEAMSFgoSUlBDX1NUQVRVU19USU1FT1VUEAQSGAoUUlBDX1NUQVRVU19DQU5DRUxMRUQQBRIaChZSUENfU1RBVFVTX1VOQVZBSUxBQkxFEAZiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Asks a collector to start, stop or restart.
@@ -493,6 +493,215 @@ export const DiagnosticsSchema: GenMessage<Diagnostics> = /*@__PURE__*/
   messageDesc(file_daemoneye_eventbus_v1_control, 10);
 
 /**
+ * Asks a component for its health (request on
+ * `control.collector.rpc.health.{id}`, answered by a `HealthCheckReply`).
+ *
+ * @generated from message daemoneye.eventbus.v1.HealthCheckRequest
+ */
+export type HealthCheckRequest = Message<"daemoneye.eventbus.v1.HealthCheckRequest"> & {
+  /**
+   * The component addressed, e.g. `procmond-1`.
+   *
+   * @generated from field: string component_id = 1;
+   */
+  componentId: string;
+
+  /**
+   * Whether the reply should carry the component's diagnostics.
+   *
+   * @generated from field: bool include_diagnostics = 2;
+   */
+  includeDiagnostics: boolean;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.HealthCheckRequest.
+ * Use `create(HealthCheckRequestSchema)` to create a new message.
+ */
+export const HealthCheckRequestSchema: GenMessage<HealthCheckRequest> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_control, 11);
+
+/**
+ * A component's answer to a `HealthCheckRequest`.
+ *
+ * @generated from message daemoneye.eventbus.v1.HealthCheckReply
+ */
+export type HealthCheckReply = Message<"daemoneye.eventbus.v1.HealthCheckReply"> & {
+  /**
+   * Outcome of the request.
+   *
+   * @generated from field: daemoneye.eventbus.v1.RpcStatus status = 1;
+   */
+  status: RpcStatus;
+
+  /**
+   * Why the request failed, when `status` is ERROR.
+   *
+   * @generated from field: string error = 2;
+   */
+  error: string;
+
+  /**
+   * The component's status.
+   *
+   * @generated from field: daemoneye.eventbus.v1.ComponentStatus component = 3;
+   */
+  component?: ComponentStatus | undefined;
+
+  /**
+   * The component's diagnostics, when asked for.
+   *
+   * @generated from field: daemoneye.eventbus.v1.Diagnostics diagnostics = 4;
+   */
+  diagnostics?: Diagnostics | undefined;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.HealthCheckReply.
+ * Use `create(HealthCheckReplySchema)` to create a new message.
+ */
+export const HealthCheckReplySchema: GenMessage<HealthCheckReply> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_control, 12);
+
+/**
+ * A collector's acknowledgement of a `ConfigurationUpdate` sent as a request
+ * on `control.collector.rpc.config.{id}`.
+ *
+ * @generated from message daemoneye.eventbus.v1.ConfigurationAck
+ */
+export type ConfigurationAck = Message<"daemoneye.eventbus.v1.ConfigurationAck"> & {
+  /**
+   * The collector answering.
+   *
+   * @generated from field: string collector_id = 1;
+   */
+  collectorId: string;
+
+  /**
+   * Outcome of the request.
+   *
+   * @generated from field: daemoneye.eventbus.v1.RpcStatus status = 2;
+   */
+  status: RpcStatus;
+
+  /**
+   * Why the configuration was not applied, when `status` is ERROR.
+   *
+   * @generated from field: string error = 3;
+   */
+  error: string;
+
+  /**
+   * The configuration version in effect after the update.
+   *
+   * @generated from field: uint64 applied_version = 4;
+   */
+  appliedVersion: bigint;
+
+  /**
+   * Whether the collector must restart before the settings take effect.
+   *
+   * @generated from field: bool restart_pending = 5;
+   */
+  restartPending: boolean;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.ConfigurationAck.
+ * Use `create(ConfigurationAckSchema)` to create a new message.
+ */
+export const ConfigurationAckSchema: GenMessage<ConfigurationAck> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_control, 13);
+
+/**
+ * A collector's answer to a `CollectorLifecycleCommand` sent as a request on
+ * `control.collector.rpc.lifecycle.{id}`.
+ *
+ * @generated from message daemoneye.eventbus.v1.LifecycleReply
+ */
+export type LifecycleReply = Message<"daemoneye.eventbus.v1.LifecycleReply"> & {
+  /**
+   * The collector answering.
+   *
+   * @generated from field: string collector_id = 1;
+   */
+  collectorId: string;
+
+  /**
+   * Outcome of the request.
+   *
+   * @generated from field: daemoneye.eventbus.v1.RpcStatus status = 2;
+   */
+  status: RpcStatus;
+
+  /**
+   * Why the command failed, when `status` is ERROR.
+   *
+   * @generated from field: string error = 3;
+   */
+  error: string;
+
+  /**
+   * The collector's health after the command (STARTING or STOPPING while it
+   * is still complying).
+   *
+   * @generated from field: daemoneye.eventbus.v1.HealthState state = 4;
+   */
+  state: HealthState;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.LifecycleReply.
+ * Use `create(LifecycleReplySchema)` to create a new message.
+ */
+export const LifecycleReplySchema: GenMessage<LifecycleReply> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_control, 14);
+
+/**
+ * A collector's acknowledgement of a `TaskAssignment` sent as a request on
+ * `control.collector.rpc.task.{id}` or `control.collector.queue.{type}`.
+ *
+ * @generated from message daemoneye.eventbus.v1.TaskAck
+ */
+export type TaskAck = Message<"daemoneye.eventbus.v1.TaskAck"> & {
+  /**
+   * The task acknowledged.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * The collector answering.
+   *
+   * @generated from field: string collector_id = 2;
+   */
+  collectorId: string;
+
+  /**
+   * SUCCESS or IN_PROGRESS: the collector accepted the task; ERROR: it
+   * refused it.
+   *
+   * @generated from field: daemoneye.eventbus.v1.RpcStatus status = 3;
+   */
+  status: RpcStatus;
+
+  /**
+   * Why the task was refused, when `status` is ERROR.
+   *
+   * @generated from field: string error = 4;
+   */
+  error: string;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.TaskAck.
+ * Use `create(TaskAckSchema)` to create a new message.
+ */
+export const TaskAckSchema: GenMessage<TaskAck> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_control, 15);
+
+/**
  * A lifecycle action on a collector.
  *
  * @generated from enum daemoneye.eventbus.v1.LifecycleAction
@@ -676,4 +885,68 @@ export enum DiagnosticSeverity {
  */
 export const DiagnosticSeveritySchema: GenEnum<DiagnosticSeverity> = /*@__PURE__*/
   enumDesc(file_daemoneye_eventbus_v1_control, 3);
+
+/**
+ * The outcome of a request to a component (request/reply), as the reference
+ * `RpcStatus`. A responder sets SUCCESS, ERROR or IN_PROGRESS; the requesting
+ * side reports TIMEOUT, CANCELLED and UNAVAILABLE (no responder) itself.
+ *
+ * @generated from enum daemoneye.eventbus.v1.RpcStatus
+ */
+export enum RpcStatus {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: RPC_STATUS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Done as asked.
+   *
+   * @generated from enum value: RPC_STATUS_SUCCESS = 1;
+   */
+  SUCCESS = 1,
+
+  /**
+   * Failed; the reply's `error` says why.
+   *
+   * @generated from enum value: RPC_STATUS_ERROR = 2;
+   */
+  ERROR = 2,
+
+  /**
+   * Accepted and still running; the outcome follows elsewhere.
+   *
+   * @generated from enum value: RPC_STATUS_IN_PROGRESS = 3;
+   */
+  IN_PROGRESS = 3,
+
+  /**
+   * No reply before the request's deadline.
+   *
+   * @generated from enum value: RPC_STATUS_TIMEOUT = 4;
+   */
+  TIMEOUT = 4,
+
+  /**
+   * The requester gave up before the reply.
+   *
+   * @generated from enum value: RPC_STATUS_CANCELLED = 5;
+   */
+  CANCELLED = 5,
+
+  /**
+   * Nobody may answer the request.
+   *
+   * @generated from enum value: RPC_STATUS_UNAVAILABLE = 6;
+   */
+  UNAVAILABLE = 6,
+}
+
+/**
+ * Describes the enum daemoneye.eventbus.v1.RpcStatus.
+ */
+export const RpcStatusSchema: GenEnum<RpcStatus> = /*@__PURE__*/
+  enumDesc(file_daemoneye_eventbus_v1_control, 4);
 

@@ -22,7 +22,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file daemoneye/eventbus/v1/options.proto.
  */
 export const file_daemoneye_eventbus_v1_options: GenFile = /*@__PURE__*/
-  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvb3B0aW9ucy5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIq0BCgxUb3BpY09wdGlvbnMSDAoEbmFtZRgBIAEoCRIyCgZhY2Nlc3MYAiABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuQWNjZXNzTGV2ZWwSEgoKcHVibGlzaGVycxgDIAMoCRITCgtzdWJzY3JpYmVycxgEIAMoCRIPCgdwYXlsb2FkGAUgASgJEg8KB2NvbnRyb2wYBiABKAgSEAoIbG9zc2xlc3MYByABKAgqfgoLQWNjZXNzTGV2ZWwSHAoYQUNDRVNTX0xFVkVMX1VOU1BFQ0lGSUVEEAASFwoTQUNDRVNTX0xFVkVMX1BVQkxJQxABEhsKF0FDQ0VTU19MRVZFTF9SRVNUUklDVEVEEAISGwoXQUNDRVNTX0xFVkVMX1BSSVZJTEVHRUQQAzpeCgV0b3BpYxIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGNGGAyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuVG9waWNPcHRpb25zUgV0b3BpYzpECgtldmVudF90b3BpYxIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGNKGAyABKAlSCmV2ZW50VG9waWNiBnByb3RvMw", [file_google_protobuf_descriptor]);
+  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvb3B0aW9ucy5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIs4BCgxUb3BpY09wdGlvbnMSDAoEbmFtZRgBIAEoCRIyCgZhY2Nlc3MYAiABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuQWNjZXNzTGV2ZWwSEgoKcHVibGlzaGVycxgDIAMoCRITCgtzdWJzY3JpYmVycxgEIAMoCRIPCgdwYXlsb2FkGAUgASgJEg8KB2NvbnRyb2wYBiABKAgSEAoIbG9zc2xlc3MYByABKAgSDQoFcmVwbHkYCCABKAkSEAoIcmV0YWluZWQYCSABKAgqfgoLQWNjZXNzTGV2ZWwSHAoYQUNDRVNTX0xFVkVMX1VOU1BFQ0lGSUVEEAASFwoTQUNDRVNTX0xFVkVMX1BVQkxJQxABEhsKF0FDQ0VTU19MRVZFTF9SRVNUUklDVEVEEAISGwoXQUNDRVNTX0xFVkVMX1BSSVZJTEVHRUQQAzpeCgV0b3BpYxIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGNGGAyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuVG9waWNPcHRpb25zUgV0b3BpYzpECgtldmVudF90b3BpYxIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGNKGAyABKAlSCmV2ZW50VG9waWNiBnByb3RvMw", [file_google_protobuf_descriptor]);
 
 /**
  * The declaration of one topic or topic template.
@@ -85,6 +85,27 @@ export type TopicOptions = Message<"daemoneye.eventbus.v1.TopicOptions"> & {
    * @generated from field: bool lossless = 7;
    */
   lossless: boolean;
+
+  /**
+   * Declares a request topic: the fully qualified name of the reply message
+   * type, e.g. `daemoneye.eventbus.v1.TaskAck`. A request published on the
+   * topic (whose message is of the `payload` type) is answered by one of the
+   * topic's subscribers with one message of this type, routed back to the
+   * requester alone. Empty for an ordinary publish/subscribe topic.
+   *
+   * @generated from field: string reply = 8;
+   */
+  reply: string;
+
+  /**
+   * The broker keeps the last event of every concrete topic of this
+   * declaration and delivers it first, marked as retained, to each new
+   * subscription that may read it; an empty event clears it. Not allowed on
+   * a request topic.
+   *
+   * @generated from field: bool retained = 9;
+   */
+  retained: boolean;
 };
 
 /**

@@ -7,12 +7,12 @@
 
 import type { Registry } from "@bufbuild/protobuf";
 import { createRegistry } from "@bufbuild/protobuf";
-import { AgentOrchestrationSchema, CollectorLifecycleCommandSchema, CollectorRegistrationSchema, ComponentStatusSchema, ConfigurationUpdateSchema, DiagnosticsSchema, HeartbeatSchema, PolicyUpdateSchema, TaskAssignmentSchema, file_daemoneye_eventbus_v1_control } from "./control_pb.js";
+import { AgentOrchestrationSchema, CollectorLifecycleCommandSchema, CollectorRegistrationSchema, ComponentStatusSchema, ConfigurationAckSchema, ConfigurationUpdateSchema, DiagnosticsSchema, HealthCheckReplySchema, HealthCheckRequestSchema, HeartbeatSchema, LifecycleReplySchema, PolicyUpdateSchema, TaskAckSchema, TaskAssignmentSchema, file_daemoneye_eventbus_v1_control } from "./control_pb.js";
 import { FilesystemEventSchema, NetworkEventSchema, PerformanceEventSchema, ProcessBatchSchema, ProcessEventSchema, file_daemoneye_eventbus_v1_events } from "./events_pb.js";
 import { AccessLevel } from "./options_pb.js";
-import { Topic, TopicRegistry, TopicTemplate } from "../../../../registry_runtime.js";
+import { RequestTopic, RequestTopicTemplate, Topic, TopicRegistry, TopicTemplate } from "../../../../registry_runtime.js";
 
-export { AccessLevel, Topic, TopicRegistry, TopicTemplate };
+export { AccessLevel, RequestTopic, RequestTopicTemplate, Topic, TopicRegistry, TopicTemplate };
 
 /** The message types of every topic payload, to decode an event by its type name. */
 export const PAYLOAD_REGISTRY: Registry = createRegistry(file_daemoneye_eventbus_v1_control, file_daemoneye_eventbus_v1_events);
@@ -127,6 +127,9 @@ export const CONTROL_COLLECTOR_CONFIG: Topic<typeof ConfigurationUpdateSchema> =
   ["daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
+  undefined, // template
+  false, // lossless
+  true, // retained
 );
 
 /** Task distribution to all collectors. */
@@ -181,6 +184,9 @@ export const CONTROL_AGENT_POLICY: Topic<typeof PolicyUpdateSchema> = new Topic(
   ["daemoneye-agent"],
   ["daemoneye-agent", "fsmond", "netmond", "perfmond", "procmond"],
   true,
+  undefined, // template
+  false, // lossless
+  true, // retained
 );
 
 /** Liveness of components. */
@@ -201,6 +207,9 @@ export const CONTROL_HEALTH_STATUS: Topic<typeof ComponentStatusSchema> = new To
   [],
   [],
   true,
+  undefined, // template
+  false, // lossless
+  true, // retained
 );
 
 /** Diagnostics of components. */
@@ -213,9 +222,94 @@ export const CONTROL_HEALTH_DIAGNOSTICS: Topic<typeof DiagnosticsSchema> = new T
   true,
 );
 
+/** Request/reply: ask one collector, by id, for its health. */
+export const CONTROL_COLLECTOR_RPC_HEALTH: RequestTopicTemplate<typeof HealthCheckRequestSchema, typeof HealthCheckReplySchema, "id"> = new RequestTopicTemplate(
+  "control.collector.rpc.health.{id}",
+  ["id"],
+  HealthCheckRequestSchema,
+  HealthCheckReplySchema,
+  AccessLevel.PRIVILEGED,
+  ["daemoneye-agent"],
+  ["fsmond", "netmond", "perfmond", "procmond"],
+  true,
+);
+
+/** Request/reply: give one collector, by id, new configuration and wait for its acknowledgement. */
+export const CONTROL_COLLECTOR_RPC_CONFIG: RequestTopicTemplate<typeof ConfigurationUpdateSchema, typeof ConfigurationAckSchema, "id"> = new RequestTopicTemplate(
+  "control.collector.rpc.config.{id}",
+  ["id"],
+  ConfigurationUpdateSchema,
+  ConfigurationAckSchema,
+  AccessLevel.PRIVILEGED,
+  ["daemoneye-agent"],
+  ["fsmond", "netmond", "perfmond", "procmond"],
+  true,
+);
+
+/** Request/reply: start, stop or restart one collector, by id. */
+export const CONTROL_COLLECTOR_RPC_LIFECYCLE: RequestTopicTemplate<typeof CollectorLifecycleCommandSchema, typeof LifecycleReplySchema, "id"> = new RequestTopicTemplate(
+  "control.collector.rpc.lifecycle.{id}",
+  ["id"],
+  CollectorLifecycleCommandSchema,
+  LifecycleReplySchema,
+  AccessLevel.PRIVILEGED,
+  ["daemoneye-agent"],
+  ["fsmond", "netmond", "perfmond", "procmond"],
+  true,
+);
+
+/** Request/reply: have one collector, by id, execute a task; the reply accepts or refuses it. */
+export const CONTROL_COLLECTOR_RPC_TASK: RequestTopicTemplate<typeof TaskAssignmentSchema, typeof TaskAckSchema, "id"> = new RequestTopicTemplate(
+  "control.collector.rpc.task.{id}",
+  ["id"],
+  TaskAssignmentSchema,
+  TaskAckSchema,
+  AccessLevel.PRIVILEGED,
+  ["daemoneye-agent"],
+  ["fsmond", "netmond", "perfmond", "procmond"],
+  true,
+);
+
+/** Request/reply work queue of one task type: every collector able to run tasks of that type answers on it, and each task goes to one of them. */
+export const CONTROL_COLLECTOR_QUEUE: RequestTopicTemplate<typeof TaskAssignmentSchema, typeof TaskAckSchema, "type"> = new RequestTopicTemplate(
+  "control.collector.queue.{type}",
+  ["type"],
+  TaskAssignmentSchema,
+  TaskAckSchema,
+  AccessLevel.PRIVILEGED,
+  ["daemoneye-agent"],
+  ["fsmond", "netmond", "perfmond", "procmond"],
+  true,
+);
+
 /** Build a concrete `control.collector.task.{type}.{id}` topic. */
 export function controlCollectorTaskTargeted(values: { readonly type: string; readonly id: string }): Topic<typeof TaskAssignmentSchema> {
   return CONTROL_COLLECTOR_TASK_TARGETED.build(values);
+}
+
+/** Build a concrete `control.collector.rpc.health.{id}` topic. */
+export function controlCollectorRpcHealth(values: { readonly id: string }): RequestTopic<typeof HealthCheckRequestSchema, typeof HealthCheckReplySchema> {
+  return CONTROL_COLLECTOR_RPC_HEALTH.build(values);
+}
+
+/** Build a concrete `control.collector.rpc.config.{id}` topic. */
+export function controlCollectorRpcConfig(values: { readonly id: string }): RequestTopic<typeof ConfigurationUpdateSchema, typeof ConfigurationAckSchema> {
+  return CONTROL_COLLECTOR_RPC_CONFIG.build(values);
+}
+
+/** Build a concrete `control.collector.rpc.lifecycle.{id}` topic. */
+export function controlCollectorRpcLifecycle(values: { readonly id: string }): RequestTopic<typeof CollectorLifecycleCommandSchema, typeof LifecycleReplySchema> {
+  return CONTROL_COLLECTOR_RPC_LIFECYCLE.build(values);
+}
+
+/** Build a concrete `control.collector.rpc.task.{id}` topic. */
+export function controlCollectorRpcTask(values: { readonly id: string }): RequestTopic<typeof TaskAssignmentSchema, typeof TaskAckSchema> {
+  return CONTROL_COLLECTOR_RPC_TASK.build(values);
+}
+
+/** Build a concrete `control.collector.queue.{type}` topic. */
+export function controlCollectorQueue(values: { readonly type: string }): RequestTopic<typeof TaskAssignmentSchema, typeof TaskAckSchema> {
+  return CONTROL_COLLECTOR_QUEUE.build(values);
 }
 
 /** Every concrete topic by name, with its payload schema. */
@@ -265,6 +359,11 @@ export const TOPICS: ReadonlyMap<string, Topic> = new Map<string, Topic>([
 /** Every topic template. */
 export const TEMPLATES: readonly TopicTemplate[] = Object.freeze([
   CONTROL_COLLECTOR_TASK_TARGETED,
+  CONTROL_COLLECTOR_RPC_HEALTH,
+  CONTROL_COLLECTOR_RPC_CONFIG,
+  CONTROL_COLLECTOR_RPC_LIFECYCLE,
+  CONTROL_COLLECTOR_RPC_TASK,
+  CONTROL_COLLECTOR_QUEUE,
 ]);
 
 /** Access level of every topic and template, by name or pattern. */
@@ -288,6 +387,11 @@ export const ACCESS_TABLE: ReadonlyMap<string, AccessLevel> = new Map<string, Ac
   ["control.health.heartbeat", AccessLevel.PUBLIC],
   ["control.health.status", AccessLevel.PUBLIC],
   ["control.health.diagnostics", AccessLevel.PUBLIC],
+  ["control.collector.rpc.health.{id}", AccessLevel.PRIVILEGED],
+  ["control.collector.rpc.config.{id}", AccessLevel.PRIVILEGED],
+  ["control.collector.rpc.lifecycle.{id}", AccessLevel.PRIVILEGED],
+  ["control.collector.rpc.task.{id}", AccessLevel.PRIVILEGED],
+  ["control.collector.queue.{type}", AccessLevel.PRIVILEGED],
 ]);
 
 /** The topic of each `ProcessEventKind` value, from the schema's (event_topic) options. */
