@@ -294,6 +294,12 @@ def _families(f: Figures) -> Iterator[Metric]:
     def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
         return GaugeMetricFamily(_name(name), doc, value=value)
 
+    def per_component(name: str, doc: str, values: dict[str, int]) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(_name(name), doc, labels=["component"])
+        for label, value in sorted(values.items()):
+            family.add_metric([label], value)
+        return family
+
     def per_topic(name: str, doc: str, pick: str) -> CounterMetricFamily | GaugeMetricFamily:
         family = CounterMetricFamily(_name(name), doc, labels=["topic"])
         return labelled(family, ((t, getattr(c, pick)) for t, c in sorted(f.topics.items())))
@@ -349,21 +355,15 @@ def _families(f: Figures) -> Iterator[Metric]:
         "Bytes waiting for the fullest subscriber (socket or in-process).",
         f.queue_max_bytes,
     )
-    yield labelled(
-        GaugeMetricFamily(
-            _name("component_queue_depth_max_messages"),
-            "Messages waiting for the fullest subscriber of each component.",
-            labels=["component"],
-        ),
-        sorted(f.component_queue_messages.items()),
+    yield per_component(
+        "component_queue_depth_max_messages",
+        "Messages waiting for the fullest subscriber of each component.",
+        f.component_queue_messages,
     )
-    yield labelled(
-        GaugeMetricFamily(
-            _name("component_queue_depth_max_bytes"),
-            "Bytes waiting for the fullest subscriber of each component.",
-            labels=["component"],
-        ),
-        sorted(f.component_queue_bytes.items()),
+    yield per_component(
+        "component_queue_depth_max_bytes",
+        "Bytes waiting for the fullest subscriber of each component.",
+        f.component_queue_bytes,
     )
     yield labelled(
         CounterMetricFamily(
@@ -374,23 +374,17 @@ def _families(f: Figures) -> Iterator[Metric]:
         ),
         sorted(f.throttled.items()),
     )
-    yield labelled(
-        GaugeMetricFamily(
-            _name("held_events"),
-            "Events held in the broker for lossless subscribers without credit, by the "
-            "subscriber's component.",
-            labels=["component"],
-        ),
-        sorted(f.held_events.items()),
+    yield per_component(
+        "held_events",
+        "Events held in the broker for lossless subscribers without credit, by the "
+        "subscriber's component.",
+        f.held_events,
     )
-    yield labelled(
-        GaugeMetricFamily(
-            _name("held_publishers"),
-            "Publisher connections not read now because a lossless subscriber holds their "
-            "events, by component.",
-            labels=["component"],
-        ),
-        sorted(f.held_publishers.items()),
+    yield per_component(
+        "held_publishers",
+        "Publisher connections not read now because a lossless subscriber holds their "
+        "events, by component.",
+        f.held_publishers,
     )
     yield gauge(
         "event_loop_lag_seconds",
