@@ -136,7 +136,15 @@ class TopicTemplate(Generic[P]):
 
     def build(self, **values: str) -> Topic[P]:
         """Build the concrete topic; each value must be one valid topic level."""
-        return Topic(
+        return Topic(*self._fields(values))
+
+    def _fields(
+        self, values: Mapping[str, str]
+    ) -> tuple[
+        str, type[P], AccessLevel.ValueType, frozenset[str], frozenset[str], bool, str, bool, bool
+    ]:
+        """The fields of the concrete topic built with ``values``, in :class:`Topic`'s order."""
+        return (
             self._name(values),
             self.payload_type,
             self.access,
@@ -216,18 +224,7 @@ class RequestTopicTemplate(TopicTemplate[P], Generic[P, R]):
 
     def build(self, **values: str) -> RequestTopic[P, R]:
         """Build the concrete request topic; each value must be one valid topic level."""
-        return RequestTopic(
-            self._name(values),
-            self.payload_type,
-            self.access,
-            self.publishers,
-            self.subscribers,
-            self.control,
-            self.pattern,
-            self.lossless,
-            self.retained,
-            reply_type=self.reply_type,
-        )
+        return RequestTopic(*self._fields(values), reply_type=self.reply_type)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

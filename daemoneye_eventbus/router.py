@@ -346,13 +346,14 @@ class Router:
         counts = info.counts
         counts.published += count
         counts.published_bytes += size
+        lossless = info.lossless
         taken = 0
         for sub in subs:
             if sub.matcher is not None and not sub.matcher.matches(correlation):
                 continue
             first = sub.sequence + 1
             sub.sequence += count
-            queued = sub.enqueue(sub, message, data, first, count)
+            queued = sub.enqueue(sub, message, data, first, count, lossless)
             if queued:
                 sub.delivered += count
                 taken += count

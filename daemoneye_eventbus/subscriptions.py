@@ -84,11 +84,18 @@ class Sink(Protocol):
     """Where the router hands one session's deliveries."""
 
     def enqueue(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        lossless: bool,
     ) -> int:
         """Queue the ``count`` events of ``message`` (``data`` encoded), numbered
         from ``first``, for ``sub``, all or none: ``flow.QUEUED``, ``flow.DROPPED``
-        (0), or ``flow.HELD`` for a lossless subscription without credit."""
+        (0), or ``flow.HELD`` for a lossless subscription without credit
+        (``lossless``: the topic is declared lossless)."""
         ...
 
     def resume(self) -> None:
@@ -169,7 +176,7 @@ class SubscriptionEntry:
     #: Deliver control topics to this subscription.
     wants_control: bool
     #: The endpoint's sink's ``enqueue``, bound once for the delivery loop.
-    enqueue: Callable[[SubscriptionEntry, Published, bytes, int, int], int]
+    enqueue: Callable[[SubscriptionEntry, Published, bytes, int, int, bool], int]
     #: Broker memory the subscription is charged.
     cost: int = 0
     #: Credit-based delivery, for a client that grants credit and a

@@ -82,7 +82,13 @@ class RecordingSink:
         self.full = False
 
     def enqueue(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        lossless: bool,
     ) -> int:
         if isinstance(message, frames_pb2.PublishBatch):
             payloads = tuple(message.payloads)

@@ -4,7 +4,8 @@ A session is one peer of the broker: a socket connection
 (:class:`~daemoneye_eventbus.sessions.socket.SocketSession`) or in-process
 code of the agent (:class:`~daemoneye_eventbus.sessions.local.LocalSession`).
 To the router each is an :class:`~daemoneye_eventbus.router.Endpoint` whose
-sink is the session itself. Sessions reach the broker only through
+sink is the in-process session itself, or a socket session's
+:class:`~daemoneye_eventbus.sessions.output.SocketOutput`. Sessions reach the broker only through
 :class:`SessionHost`, the seam the broker implements.
 """
 
@@ -17,7 +18,7 @@ from typing import Protocol
 from daemoneye_eventbus.access import AuditLog, PeerCredentials, Policy
 from daemoneye_eventbus.budget import MemoryBudget
 from daemoneye_eventbus.config import BrokerConfig
-from daemoneye_eventbus.router import Endpoint, Published, Router, SubscriptionEntry
+from daemoneye_eventbus.router import Endpoint, Router
 from daemoneye_eventbus.statistics import BrokerStatistics
 from daemoneye_eventbus.transports import Listener
 
@@ -105,7 +106,7 @@ class SessionHost(Protocol):
 class Session(abc.ABC):
     """One peer of the broker, as the broker and the router see it."""
 
-    #: The session's place in the router (its sink is the session itself).
+    #: The session's place in the router (its sink: see the module's description).
     endpoint: Endpoint
     #: The name the peer gave in its Hello (or the in-process name).
     client_name: str = ""
@@ -131,18 +132,6 @@ class Session(abc.ABC):
     def throttled(self) -> float:
         """Seconds the broker stopped reading from this peer for its rate limit."""
         return 0.0
-
-    @abc.abstractmethod
-    def enqueue(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> int:
-        """Queue the ``count`` events of ``message`` (``data`` encoded), numbered
-        from ``first``, for ``sub``, all or none: ``flow.QUEUED``, ``flow.DROPPED``,
-        or ``flow.HELD`` (credit-based subscriptions only)."""
-
-    @abc.abstractmethod
-    def resume(self) -> None:
-        """No lossless subscriber holds this session as a publisher any more."""
 
     @abc.abstractmethod
     def queue_depth(self) -> tuple[int, int]:

@@ -14,11 +14,10 @@ mean for it (:class:`FlowHost`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 from daemoneye_eventbus.flow import DROPPED, HELD, QUEUED, Flow, Published
-from daemoneye_eventbus.router import SubscriptionEntry, TopicInfo
+from daemoneye_eventbus.router import SubscriptionEntry
 
 __all__ = ["FlowDelivery", "FlowHost"]
 
@@ -57,12 +56,10 @@ class FlowHost(Protocol):
 class FlowDelivery:
     """The flows of one session's credit-based subscriptions."""
 
-    __slots__ = ("holding", "host", "topic_info")
+    __slots__ = ("holding", "host")
 
-    def __init__(self, host: FlowHost, topic_info: Callable[[str], TopicInfo]) -> None:
+    def __init__(self, host: FlowHost) -> None:
         self.host = host
-        #: What the schema says of a topic (the router's cached look-up).
-        self.topic_info = topic_info
         #: Subscriptions with held events (one that ended may linger until
         #: the next look: its flow then holds nothing).
         self.holding: set[SubscriptionEntry] = set()
@@ -80,12 +77,14 @@ class FlowDelivery:
         data: bytes,
         first: int,
         count: int,
+        lossless: bool,
     ) -> int:
-        """Send, hold or drop events for ``sub`` (see the module's description)."""
+        """Send, hold or drop events for ``sub`` (see the module's description);
+        ``lossless``: their topic is declared lossless."""
         host = self.host
         if not host.delivering:
             return DROPPED
-        if not (flow.lossless or self.topic_info(message.topic).lossless):
+        if not (flow.lossless or lossless):
             # At most once, within the usual bounds, and within the credit.
             if flow.can_send() and host.deliver_at_most_once(sub, message, data, first, count):
                 flow.sent(count)

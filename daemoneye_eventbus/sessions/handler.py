@@ -97,13 +97,14 @@ class FrameHandler:
             if endpoint.held_by and not conn.close_expected:
                 # A lossless subscriber holds this publisher: the rest waits,
                 # except credit, which only ever lets deliveries go on.
-                rest = frames[index:]
-                for held in rest:
+                kept = []
+                for held in frames[index:]:
                     if held.WhichOneof("kind") == "credit":
                         self.session.grant(held.credit.subscription_id, held.credit.events)
-                kept = [f for f in rest if f.WhichOneof("kind") != "credit"]
+                    else:
+                        kept.append(held)
+                        self.held_back += held.ByteSize()
                 conn.hold_back(kept)
-                self.held_back = sum(f.ByteSize() for f in kept)
                 break
             try:
                 self.handle(frame)

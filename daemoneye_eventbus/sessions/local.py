@@ -79,7 +79,7 @@ class LocalSession(Session):
         self._ids = itertools.count(1)
         self._closed = False
         #: Credit-based subscriptions' deliveries (lossless delivery).
-        self.flows = FlowDelivery(_QueueOutput(self), self.router.topic_info)
+        self.flows = FlowDelivery(_QueueOutput(self))
         self._credits = Credits(self.grant)
         #: Set while a lossless subscriber holds this session as a publisher.
         self._released: asyncio.Future[None] | None = None
@@ -286,14 +286,20 @@ class LocalSession(Session):
     # -- delivery -----------------------------------------------------------------
 
     def enqueue(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        lossless: bool,
     ) -> int:
         local = self._subs.get(sub.subscription_id)
         if local is None or self._closed:
             return DROPPED
         flow = sub.flow
         if flow is not None:
-            return self.flows.enqueue(sub, flow, message, data, first, count)
+            return self.flows.enqueue(sub, flow, message, data, first, count, lossless)
         return QUEUED if self._put(local, message, first) else DROPPED
 
     def _put(
@@ -315,22 +321,14 @@ class LocalSession(Session):
 
     def check(self, now: float) -> None:
         """End a lossless subscription whose reader stalled (broker's housekeeping)."""
-        if not self.flows.holding:
-            return
         timeout = self.host.config.slow_consumer_timeout
-        stalled = self.flows.stalled(now, timeout)
-        if stalled is not None:
-            sid = stalled.subscription_id
-            local = self._subs.get(sid)
-            if local is not None:
-                local.end(
-                    error_for_code(
-                        ErrorCode.ERROR_CODE_SLOW_CONSUMER,
-                        f"lossless subscription {local.filter!r} was not read for {timeout} s "
-                        "while its publishers waited",
-                    )
-                )
-            self.unsubscribe_id(sid)
+        stalled = self.flows.stalled(now, timeout) if self.flows.holding else None
+        if stalled is None:
+            return
+        if (local := self._subs.get(stalled.subscription_id)) is not None:
+            why = f"lossless subscription {local.filter!r} was not read for {timeout} s"
+            local.end(error_for_code(ErrorCode.ERROR_CODE_SLOW_CONSUMER, why))
+        self.unsubscribe_id(stalled.subscription_id)
 
     def queue_depth(self) -> tuple[int, int]:
         queues = {id(s.queue): s.queue for s in self._subs.values()}.values()

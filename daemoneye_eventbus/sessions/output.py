@@ -2,7 +2,8 @@
 
 :class:`SocketOutput` is the delivery half of a
 :class:`~daemoneye_eventbus.sessions.socket.SocketSession`: it takes the
-router's deliveries for the connection (``enqueue``), keeps them within the
+router's deliveries for the connection (it is the session endpoint's
+:class:`~daemoneye_eventbus.subscriptions.Sink`: ``enqueue``, ``resume``), keeps them within the
 session's queue bounds and the broker's total, and encodes them into the
 connection's output (``DeliverBatch`` frames, or one ``Deliver`` per event for
 a client without batches). At most once by default: what does not fit is
@@ -22,7 +23,7 @@ from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.flow import DROPPED, QUEUED, Published
 from daemoneye_eventbus.frames import publish_body, publish_header
 from daemoneye_eventbus.protocol import Connection, State
-from daemoneye_eventbus.router import SubscriptionEntry, TopicInfo
+from daemoneye_eventbus.router import SubscriptionEntry
 from daemoneye_eventbus.sessions.flows import FlowDelivery
 
 __all__ = ["OutputOwner", "SocketOutput"]
@@ -51,28 +52,36 @@ class OutputOwner(Protocol):
 class SocketOutput:
     """The deliveries of one socket session: bounds, drops, credit, encoding."""
 
-    __slots__ = ("_budget", "_mark_pending", "flows", "session")
+    __slots__ = ("_budget", "_mark_pending", "flows", "resume", "session")
 
     def __init__(
         self,
         session: OutputOwner,
         budget: MemoryBudget,
         mark_pending: Callable[[OutputOwner], None],
-        topic_info: Callable[[str], TopicInfo],
+        resume: Callable[[], None],
     ) -> None:
         self.session = session
         self._budget = budget
         self._mark_pending = mark_pending
         #: Credit-based subscriptions' deliveries (lossless delivery).
-        self.flows = FlowDelivery(self, topic_info)
+        self.flows = FlowDelivery(self)
+        #: The session's endpoint is no longer held as a publisher (``Sink.resume``).
+        self.resume = resume
 
     def enqueue(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        lossless: bool,
     ) -> int:
         """The router's delivery of ``count`` events for ``sub`` (see ``Sink``)."""
         flow = sub.flow
         if flow is not None:
-            return self.flows.enqueue(sub, flow, message, data, first, count)
+            return self.flows.enqueue(sub, flow, message, data, first, count, lossless)
         return QUEUED if self.deliver_at_most_once(sub, message, data, first, count) else DROPPED
 
     def deliver_at_most_once(

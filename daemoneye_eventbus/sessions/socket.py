@@ -37,7 +37,7 @@ from daemoneye_eventbus.protocol import (
     Role,
     State,
 )
-from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
+from daemoneye_eventbus.router import Endpoint
 from daemoneye_eventbus.sessions.base import Session, SessionHost
 from daemoneye_eventbus.sessions.gate import ReadGate
 from daemoneye_eventbus.sessions.handler import FrameHandler
@@ -61,7 +61,6 @@ class SocketSession(Session, asyncio.Protocol):
         self.host = host
         self.config = cfg = host.config
         self.router = host.router
-        self.endpoint = Endpoint(self)
         self.conn = Connection(
             Role.BROKER,
             max_frame_bytes=cfg.max_frame_bytes,
@@ -83,8 +82,9 @@ class SocketSession(Session, asyncio.Protocol):
         self._account = Account(budget)
         self._gate = ReadGate(self._continue)
         self._read = 0  # bytes read this turn, for the rate limit
-        #: What is queued for the peer, within which bounds.
-        self.output = SocketOutput(self, budget, host.outbox.pending.add, self.router.topic_info)
+        #: What is queued for the peer, within which bounds: the router's sink.
+        self.output = SocketOutput(self, budget, host.outbox.pending.add, self.resume)
+        self.endpoint = Endpoint(self.output)
         #: Credit-based subscriptions' deliveries (lossless delivery).
         self.flows = self.output.flows
 
@@ -210,11 +210,6 @@ class SocketSession(Session, asyncio.Protocol):
             )
 
     # delivery ------------------------------------------------------------------
-
-    def enqueue(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
-    ) -> int:
-        return self.output.enqueue(sub, message, data, first, count)
 
     @property
     def backed_up(self) -> bool:
