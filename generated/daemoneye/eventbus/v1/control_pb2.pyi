@@ -4,6 +4,7 @@ isort:skip_file
 Control messages between the agent and the collectors."""
 
 from collections import abc as _abc
+from daemoneye.eventbus.v1 import frames_pb2 as _frames_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -187,6 +188,74 @@ RPC_STATUS_CANCELLED: RpcStatus.ValueType  # 5
 RPC_STATUS_UNAVAILABLE: RpcStatus.ValueType  # 6
 """Nobody may answer the request."""
 Global___RpcStatus: _TypeAlias = RpcStatus  # noqa: Y015
+
+class _PresenceState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PresenceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PresenceState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRESENCE_STATE_UNSPECIFIED: _PresenceState.ValueType  # 0
+    """Not set."""
+    PRESENCE_STATE_CONNECTED: _PresenceState.ValueType  # 1
+    """The component completed its handshake."""
+    PRESENCE_STATE_DISCONNECTED: _PresenceState.ValueType  # 2
+    """The component's connection ended; `reason` says how."""
+
+class PresenceState(_PresenceState, metaclass=_PresenceStateEnumTypeWrapper):
+    """Whether a presence event announces a connection or its end."""
+
+PRESENCE_STATE_UNSPECIFIED: PresenceState.ValueType  # 0
+"""Not set."""
+PRESENCE_STATE_CONNECTED: PresenceState.ValueType  # 1
+"""The component completed its handshake."""
+PRESENCE_STATE_DISCONNECTED: PresenceState.ValueType  # 2
+"""The component's connection ended; `reason` says how."""
+Global___PresenceState: _TypeAlias = PresenceState  # noqa: Y015
+
+class _DisconnectReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DisconnectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DisconnectReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DISCONNECT_REASON_UNSPECIFIED: _DisconnectReason.ValueType  # 0
+    """Not set (a CONNECTED event)."""
+    DISCONNECT_REASON_GOODBYE: _DisconnectReason.ValueType  # 1
+    """The client said goodbye: a clean end; its last will is not published."""
+    DISCONNECT_REASON_CONNECTION_LOST: _DisconnectReason.ValueType  # 2
+    """The connection was lost without a goodbye (the process died, the
+    socket closed).
+    """
+    DISCONNECT_REASON_HEARTBEAT_TIMEOUT: _DisconnectReason.ValueType  # 3
+    """The client was silent past the broker's idle deadline."""
+    DISCONNECT_REASON_REFUSED: _DisconnectReason.ValueType  # 4
+    """The broker ended the connection for something the client did (a
+    protocol violation, a slow consumer, a memory limit); `error` says what.
+    """
+    DISCONNECT_REASON_SHUTDOWN: _DisconnectReason.ValueType  # 5
+    """The broker is shutting down."""
+
+class DisconnectReason(_DisconnectReason, metaclass=_DisconnectReasonEnumTypeWrapper):
+    """How a connection ended, in a presence event."""
+
+DISCONNECT_REASON_UNSPECIFIED: DisconnectReason.ValueType  # 0
+"""Not set (a CONNECTED event)."""
+DISCONNECT_REASON_GOODBYE: DisconnectReason.ValueType  # 1
+"""The client said goodbye: a clean end; its last will is not published."""
+DISCONNECT_REASON_CONNECTION_LOST: DisconnectReason.ValueType  # 2
+"""The connection was lost without a goodbye (the process died, the
+socket closed).
+"""
+DISCONNECT_REASON_HEARTBEAT_TIMEOUT: DisconnectReason.ValueType  # 3
+"""The client was silent past the broker's idle deadline."""
+DISCONNECT_REASON_REFUSED: DisconnectReason.ValueType  # 4
+"""The broker ended the connection for something the client did (a
+protocol violation, a slow consumer, a memory limit); `error` says what.
+"""
+DISCONNECT_REASON_SHUTDOWN: DisconnectReason.ValueType  # 5
+"""The broker is shutting down."""
+Global___DisconnectReason: _TypeAlias = DisconnectReason  # noqa: Y015
 
 @_typing.final
 class CollectorLifecycleCommand(_message.Message):
@@ -881,3 +950,73 @@ class TaskAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskAck: _TypeAlias = TaskAck  # noqa: Y015
+
+@_typing.final
+class PresenceEvent(_message.Message):
+    """A component connected to the broker or went away (published by the broker
+    on `control.presence`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    CLIENT_NAME_FIELD_NUMBER: _builtins.int
+    PEER_PID_FIELD_NUMBER: _builtins.int
+    PEER_UID_FIELD_NUMBER: _builtins.int
+    PEER_SID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    LAST_WILL_PUBLISHED_FIELD_NUMBER: _builtins.int
+    CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    state: Global___PresenceState.ValueType
+    """Connected or disconnected."""
+    session_id: _builtins.str
+    """The broker's id of the session (as in the statistics)."""
+    component: _builtins.str
+    """The accepted component; empty for an anonymous peer."""
+    client_name: _builtins.str
+    """The client's name from its `Hello`."""
+    peer_pid: _builtins.int
+    """The peer's process id from the kernel, 0 if unknown."""
+    peer_uid: _builtins.int
+    """The peer's user id from the kernel, 0 if unknown and on Windows."""
+    peer_sid: _builtins.str
+    """Windows: the peer's user SID; empty elsewhere."""
+    reason: Global___DisconnectReason.ValueType
+    """How the connection ended (DISCONNECTED only)."""
+    error: _frames_pb2.ErrorCode.ValueType
+    """The error that ended it, for REFUSED and HEARTBEAT_TIMEOUT."""
+    detail: _builtins.str
+    """Human-readable detail of the end, for logs."""
+    last_will_published: _builtins.bool
+    """The broker published the client's last will (DISCONNECTED only)."""
+    @_builtins.property
+    def connected_at(self) -> _timestamp_pb2.Timestamp:
+        """When the session started (its handshake completed)."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___PresenceState.ValueType = ...,
+        session_id: _builtins.str = ...,
+        component: _builtins.str = ...,
+        client_name: _builtins.str = ...,
+        peer_pid: _builtins.int = ...,
+        peer_uid: _builtins.int = ...,
+        peer_sid: _builtins.str = ...,
+        reason: Global___DisconnectReason.ValueType = ...,
+        error: _frames_pb2.ErrorCode.ValueType = ...,
+        detail: _builtins.str = ...,
+        last_will_published: _builtins.bool = ...,
+        connected_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "connected_at", b"connected_at", "detail", b"detail", "error", b"error", "last_will_published", b"last_will_published", "peer_pid", b"peer_pid", "peer_sid", b"peer_sid", "peer_uid", b"peer_uid", "reason", b"reason", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresenceEvent: _TypeAlias = PresenceEvent  # noqa: Y015

@@ -75,6 +75,19 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """A published payload does not parse as the topic's declared payload type
     (non-fatal: the event or batch is refused and never delivered).
     """
+    ERROR_CODE_NO_RESPONDERS: _ErrorCode.ValueType  # 20
+    """Nobody may answer the request: no responder subscription matches its
+    topic, or none whose owner may read it (non-fatal; `Error.request_id`).
+    """
+    ERROR_CODE_REQUEST_TIMEOUT: _ErrorCode.ValueType  # 21
+    """The request's deadline passed without a reply (non-fatal;
+    `Error.request_id`).
+    """
+    ERROR_CODE_UNKNOWN_REQUEST: _ErrorCode.ValueType  # 22
+    """A `Reply` names a token this connection does not hold: the request was
+    answered already, its deadline passed, or it was never this
+    connection's (non-fatal).
+    """
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Stable error codes. Never renumbered; new codes may be added."""
@@ -123,6 +136,19 @@ ERROR_CODE_INVALID_PAYLOAD: ErrorCode.ValueType  # 19
 """A published payload does not parse as the topic's declared payload type
 (non-fatal: the event or batch is refused and never delivered).
 """
+ERROR_CODE_NO_RESPONDERS: ErrorCode.ValueType  # 20
+"""Nobody may answer the request: no responder subscription matches its
+topic, or none whose owner may read it (non-fatal; `Error.request_id`).
+"""
+ERROR_CODE_REQUEST_TIMEOUT: ErrorCode.ValueType  # 21
+"""The request's deadline passed without a reply (non-fatal;
+`Error.request_id`).
+"""
+ERROR_CODE_UNKNOWN_REQUEST: ErrorCode.ValueType  # 22
+"""A `Reply` names a token this connection does not hold: the request was
+answered already, its deadline passed, or it was never this
+connection's (non-fatal).
+"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
@@ -148,6 +174,10 @@ class Frame(_message.Message):
     PUBLISH_BATCH_FIELD_NUMBER: _builtins.int
     DELIVER_BATCH_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    REQUEST_DELIVER_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    REPLY_DELIVER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """Client to broker, first frame of a connection."""
@@ -223,6 +253,24 @@ class Frame(_message.Message):
         subscription; the broker may send that many more.
         """
 
+    @_builtins.property
+    def request(self) -> Global___Request:
+        """Client to broker: ask one responder of a request topic for a reply."""
+
+    @_builtins.property
+    def request_deliver(self) -> Global___RequestDeliver:
+        """Broker to client: a request for one of the client's responder
+        subscriptions (`Subscribe.respond`).
+        """
+
+    @_builtins.property
+    def reply(self) -> Global___Reply:
+        """Client to broker: the answer to a `RequestDeliver`."""
+
+    @_builtins.property
+    def reply_deliver(self) -> Global___ReplyDeliver:
+        """Broker to client: the answer to one of the client's requests."""
+
     def __init__(
         self,
         *,
@@ -243,12 +291,16 @@ class Frame(_message.Message):
         publish_batch: Global___PublishBatch | None = ...,
         deliver_batch: Global___DeliverBatch | None = ...,
         credit: Global___Credit | None = ...,
+        request: Global___Request | None = ...,
+        request_deliver: Global___RequestDeliver | None = ...,
+        reply: Global___Reply | None = ...,
+        reply_deliver: Global___ReplyDeliver | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "reply", b"reply", "reply_deliver", b"reply_deliver", "request", b"request", "request_deliver", b"request_deliver", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "deliver", b"deliver", "deliver_batch", b"deliver_batch", "error", b"error", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "ping", b"ping", "pong", b"pong", "publish", b"publish", "publish_batch", b"publish_batch", "reply", b"reply", "reply_deliver", b"reply_deliver", "request", b"request", "request_deliver", b"request_deliver", "stats_request", b"stats_request", "stats_response", b"stats_response", "subscribe", b"subscribe", "subscribe_ack", b"subscribe_ack", "unsubscribe", b"unsubscribe", "unsubscribe_ack", b"unsubscribe_ack", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "welcome", "publish", "deliver", "subscribe", "subscribe_ack", "unsubscribe", "unsubscribe_ack", "ping", "pong", "error", "goodbye", "stats_request", "stats_response", "publish_batch", "deliver_batch", "credit"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "welcome", "publish", "deliver", "subscribe", "subscribe_ack", "unsubscribe", "unsubscribe_ack", "ping", "pong", "error", "goodbye", "stats_request", "stats_response", "publish_batch", "deliver_batch", "credit", "request", "request_deliver", "reply", "reply_deliver"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -265,6 +317,7 @@ class Hello(_message.Message):
     COMPONENT_FIELD_NUMBER: _builtins.int
     ACCEPT_BATCHES_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
+    LAST_WILL_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Protocol version the client speaks; this schema defines version 1."""
     client_name: _builtins.str
@@ -285,6 +338,15 @@ class Hello(_message.Message):
     delivery on the connection: `Subscribe.lossless` is refused and topics
     declared lossless are delivered at most once.
     """
+    @_builtins.property
+    def last_will(self) -> Global___Publish:
+        """The client's last will: an event the broker publishes on the client's
+        behalf if the connection ends without a `Goodbye` from the client. It is
+        checked at the handshake as a publish by the client would be (declared
+        topic, access, payload type, payload that parses, size); a will the
+        client may not publish refuses the handshake.
+        """
+
     def __init__(
         self,
         *,
@@ -293,12 +355,15 @@ class Hello(_message.Message):
         component: _builtins.str = ...,
         accept_batches: _builtins.bool = ...,
         credit: _builtins.bool = ...,
+        last_will: Global___Publish | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_last_will", b"_last_will", "last_will", b"last_will"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_batches", b"accept_batches", "client_name", b"client_name", "component", b"component", "credit", b"credit", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_will", b"_last_will", "accept_batches", b"accept_batches", "client_name", b"client_name", "component", b"component", "credit", b"credit", "last_will", b"last_will", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__last_will: _TypeAlias = _typing.Literal["last_will"]  # noqa: Y015
+    _WhichOneofArgType__last_will: _TypeAlias = _typing.Literal["_last_will", b"_last_will"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_will) -> _WhichOneofReturnType__last_will | None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
@@ -316,6 +381,9 @@ class Limits(_message.Message):
     MAX_QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    DEFAULT_REQUEST_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     max_frame_bytes: _builtins.int
     """Largest frame body in bytes, excluding the length prefix."""
     max_topic_bytes: _builtins.int
@@ -332,6 +400,14 @@ class Limits(_message.Message):
     """The broker pings an idle client after this many milliseconds."""
     idle_timeout_ms: _builtins.int
     """The broker closes a client silent for this many milliseconds."""
+    max_pending_requests: _builtins.int
+    """Most requests one connection may have waiting for a reply."""
+    max_request_timeout_ms: _builtins.int
+    """The longest deadline a request may ask for, in milliseconds; a longer
+    one is shortened to it.
+    """
+    default_request_timeout_ms: _builtins.int
+    """The deadline of a request that asks for none, in milliseconds."""
     def __init__(
         self,
         *,
@@ -343,10 +419,13 @@ class Limits(_message.Message):
         max_queue_bytes: _builtins.int = ...,
         heartbeat_interval_ms: _builtins.int = ...,
         idle_timeout_ms: _builtins.int = ...,
+        max_pending_requests: _builtins.int = ...,
+        max_request_timeout_ms: _builtins.int = ...,
+        default_request_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "idle_timeout_ms", b"idle_timeout_ms", "max_frame_bytes", b"max_frame_bytes", "max_queue_bytes", b"max_queue_bytes", "max_queue_messages", b"max_queue_messages", "max_subscriptions", b"max_subscriptions", "max_topic_bytes", b"max_topic_bytes", "max_topic_levels", b"max_topic_levels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_request_timeout_ms", b"default_request_timeout_ms", "heartbeat_interval_ms", b"heartbeat_interval_ms", "idle_timeout_ms", b"idle_timeout_ms", "max_frame_bytes", b"max_frame_bytes", "max_pending_requests", b"max_pending_requests", "max_queue_bytes", b"max_queue_bytes", "max_queue_messages", b"max_queue_messages", "max_request_timeout_ms", b"max_request_timeout_ms", "max_subscriptions", b"max_subscriptions", "max_topic_bytes", b"max_topic_bytes", "max_topic_levels", b"max_topic_levels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -363,6 +442,7 @@ class Welcome(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
     BATCHES_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Protocol version the broker will speak."""
     session_id: _builtins.str
@@ -371,6 +451,11 @@ class Welcome(_message.Message):
     """The component the broker accepted for this connection; empty if anonymous."""
     batches: _builtins.bool
     """The broker accepts `PublishBatch` frames on this connection."""
+    requests: _builtins.bool
+    """The broker routes `Request` frames, delivers retained events, publishes
+    presence events and honours `Hello.last_will`, and stamps every delivery
+    with an event id and its receive time.
+    """
     @_builtins.property
     def limits(self) -> Global___Limits:
         """The limits in force for this connection."""
@@ -383,10 +468,11 @@ class Welcome(_message.Message):
         limits: Global___Limits | None = ...,
         component: _builtins.str = ...,
         batches: _builtins.bool = ...,
+        requests: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "component", b"component", "limits", b"limits", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "component", b"component", "limits", b"limits", "protocol_version", b"protocol_version", "requests", b"requests", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -441,11 +527,27 @@ class Deliver(_message.Message):
     SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     PUBLISH_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_NS_FIELD_NUMBER: _builtins.int
+    RETAINED_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.int
     """The subscription the event matched."""
     sequence: _builtins.int
     """Per-subscription sequence number, starting at 1. A gap means the broker
     dropped events for this subscription (its queue was full).
+    """
+    event_id: _builtins.int
+    """The broker's id of the event: unique for the broker's life and
+    increasing in the order the broker accepted events, the same for every
+    subscriber of the event. 0 from a broker without ids.
+    """
+    received_at_ns: _builtins.int
+    """When the broker accepted the event, in nanoseconds since the Unix epoch
+    (the broker's wall clock).
+    """
+    retained: _builtins.bool
+    """The event is the retained event of its topic, delivered because the
+    subscription is new, not because it was just published.
     """
     @_builtins.property
     def publish(self) -> Global___Publish:
@@ -457,10 +559,13 @@ class Deliver(_message.Message):
         subscription_id: _builtins.int = ...,
         sequence: _builtins.int = ...,
         publish: Global___Publish | None = ...,
+        event_id: _builtins.int = ...,
+        received_at_ns: _builtins.int = ...,
+        retained: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["publish", b"publish"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["publish", b"publish", "sequence", b"sequence", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "publish", b"publish", "received_at_ns", b"received_at_ns", "retained", b"retained", "sequence", b"sequence", "subscription_id", b"subscription_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -519,12 +624,20 @@ class DeliverBatch(_message.Message):
     SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
     FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    FIRST_EVENT_ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_NS_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.int
     """The subscription the events matched."""
     first_sequence: _builtins.int
     """Sequence number of the first event; the next event has the next number,
     and so on. Numbering is shared with `Deliver` frames of the subscription.
     """
+    first_event_id: _builtins.int
+    """The broker's id of the first event; the next event has the next id, and
+    so on (see `Deliver.event_id`).
+    """
+    received_at_ns: _builtins.int
+    """When the broker accepted the batch, in nanoseconds since the Unix epoch."""
     @_builtins.property
     def batch(self) -> Global___PublishBatch:
         """The events, as they were published."""
@@ -535,10 +648,12 @@ class DeliverBatch(_message.Message):
         subscription_id: _builtins.int = ...,
         first_sequence: _builtins.int = ...,
         batch: Global___PublishBatch | None = ...,
+        first_event_id: _builtins.int = ...,
+        received_at_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "first_sequence", b"first_sequence", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "first_event_id", b"first_event_id", "first_sequence", b"first_sequence", "received_at_ns", b"received_at_ns", "subscription_id", b"subscription_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,6 +671,7 @@ class Subscribe(_message.Message):
     INCLUDE_CONTROL_FIELD_NUMBER: _builtins.int
     LOSSLESS_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    RESPOND_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.int
     """Chosen by the client, unique among its active subscriptions, not 0."""
     filter: _builtins.str
@@ -578,6 +694,12 @@ class Subscribe(_message.Message):
     grants more with `Credit` frames. 0 lets the broker choose; the broker
     may grant fewer (see `SubscribeAck.window`).
     """
+    respond: _builtins.bool
+    """A responder subscription: it receives the requests (`RequestDeliver`)
+    on the request topics its filter matches, never events, and answers each
+    with a `Reply`. Every request goes to one responder among those whose
+    filters match and that may read the topic, in turn (a queue group).
+    """
     @_builtins.property
     def correlation_filter(self) -> _correlation_pb2.CorrelationFilter:
         """Only events whose correlation metadata matches this filter are delivered."""
@@ -591,10 +713,11 @@ class Subscribe(_message.Message):
         include_control: _builtins.bool = ...,
         lossless: _builtins.bool = ...,
         window: _builtins.int = ...,
+        respond: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_correlation_filter", b"_correlation_filter", "correlation_filter", b"correlation_filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_correlation_filter", b"_correlation_filter", "correlation_filter", b"correlation_filter", "filter", b"filter", "include_control", b"include_control", "lossless", b"lossless", "subscription_id", b"subscription_id", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_correlation_filter", b"_correlation_filter", "correlation_filter", b"correlation_filter", "filter", b"filter", "include_control", b"include_control", "lossless", b"lossless", "respond", b"respond", "subscription_id", b"subscription_id", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__correlation_filter: _TypeAlias = _typing.Literal["correlation_filter"]  # noqa: Y015
     _WhichOneofArgType__correlation_filter: _TypeAlias = _typing.Literal["_correlation_filter", b"_correlation_filter"]  # noqa: Y015
@@ -665,6 +788,176 @@ class Credit(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Credit: _TypeAlias = Credit  # noqa: Y015
+
+@_typing.final
+class Request(_message.Message):
+    """A request: one event on a request topic (a topic the schema declares with a
+    reply type), for one responder, whose reply comes back to this connection
+    alone as a `ReplyDeliver` with the same `request_id`, or an `Error` that
+    names it (no responders, timeout).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PUBLISH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """Chosen by the client, unique among its requests waiting for a reply, not 0."""
+    timeout_ms: _builtins.int
+    """How long the client waits for the reply, in milliseconds, from the
+    broker's receipt of the request. 0 asks for the broker's default
+    (`Limits.default_request_timeout_ms`); a longer one than
+    `Limits.max_request_timeout_ms` is shortened to it.
+    """
+    @_builtins.property
+    def publish(self) -> Global___Publish:
+        """The request: a concrete request topic, the request message type and the
+        serialized request.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        publish: Global___Publish | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publish", b"publish"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publish", b"publish", "request_id", b"request_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Request: _TypeAlias = Request  # noqa: Y015
+
+@_typing.final
+class RequestDeliver(_message.Message):
+    """A request for a responder subscription."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    PUBLISH_FIELD_NUMBER: _builtins.int
+    REMAINING_MS_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_NS_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.int
+    """The responder subscription whose filter matched."""
+    token: _builtins.int
+    """The broker's token for the request: the `Reply` names it. Valid for
+    this connection only, until the request's deadline.
+    """
+    remaining_ms: _builtins.int
+    """Milliseconds left before the request's deadline when the broker sent
+    this frame; a reply after it is discarded.
+    """
+    event_id: _builtins.int
+    """The broker's id of the request (numbered with the events)."""
+    received_at_ns: _builtins.int
+    """When the broker accepted the request, in nanoseconds since the Unix epoch."""
+    requester: _builtins.str
+    """The component that sent the request; empty if anonymous."""
+    @_builtins.property
+    def publish(self) -> Global___Publish:
+        """The request as the requester sent it."""
+
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.int = ...,
+        token: _builtins.int = ...,
+        publish: Global___Publish | None = ...,
+        remaining_ms: _builtins.int = ...,
+        event_id: _builtins.int = ...,
+        received_at_ns: _builtins.int = ...,
+        requester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publish", b"publish"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "publish", b"publish", "received_at_ns", b"received_at_ns", "remaining_ms", b"remaining_ms", "requester", b"requester", "subscription_id", b"subscription_id", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestDeliver: _TypeAlias = RequestDeliver  # noqa: Y015
+
+@_typing.final
+class Reply(_message.Message):
+    """The answer to a `RequestDeliver`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    token: _builtins.int
+    """The token of the request answered."""
+    payload_type: _builtins.str
+    """Fully qualified name of the reply message type: the request topic's
+    declared reply type.
+    """
+    payload: _builtins.bytes
+    """The serialized reply message."""
+    error: _builtins.str
+    """Set when the responder could not answer: why. The payload is then
+    ignored and the requester gets this reason.
+    """
+    def __init__(
+        self,
+        *,
+        token: _builtins.int = ...,
+        payload_type: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "payload", b"payload", "payload_type", b"payload_type", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reply: _TypeAlias = Reply  # noqa: Y015
+
+@_typing.final
+class ReplyDeliver(_message.Message):
+    """The answer to a request, for its requester alone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESPONDER_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """The `Request.request_id` of the request answered."""
+    payload_type: _builtins.str
+    """Fully qualified name of the reply message type."""
+    payload: _builtins.bytes
+    """The serialized reply message."""
+    error: _builtins.str
+    """Set when the responder could not answer: why (the payload is empty)."""
+    responder: _builtins.str
+    """The component that answered; empty if anonymous."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        payload_type: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+        responder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "payload", b"payload", "payload_type", b"payload_type", "request_id", b"request_id", "responder", b"responder"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplyDeliver: _TypeAlias = ReplyDeliver  # noqa: Y015
 
 @_typing.final
 class Unsubscribe(_message.Message):
@@ -767,6 +1060,7 @@ class Error(_message.Message):
     FATAL_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
     TOPIC_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     code: Global___ErrorCode.ValueType
     """What went wrong."""
     message: _builtins.str
@@ -777,6 +1071,8 @@ class Error(_message.Message):
     """The subscription id the error concerns, 0 if none."""
     topic: _builtins.str
     """The topic or filter the error concerns, empty if none."""
+    request_id: _builtins.int
+    """The request the error concerns (`Request.request_id`), 0 if none."""
     def __init__(
         self,
         *,
@@ -785,10 +1081,11 @@ class Error(_message.Message):
         fatal: _builtins.bool = ...,
         subscription_id: _builtins.int = ...,
         topic: _builtins.str = ...,
+        request_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "fatal", b"fatal", "message", b"message", "subscription_id", b"subscription_id", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "fatal", b"fatal", "message", b"message", "request_id", b"request_id", "subscription_id", b"subscription_id", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -903,6 +1200,7 @@ class ConnectionStats(_message.Message):
     INVALID_PAYLOADS_FIELD_NUMBER: _builtins.int
     THROTTLED_SECONDS_FIELD_NUMBER: _builtins.int
     PEER_SID_FIELD_NUMBER: _builtins.int
+    PENDING_REQUESTS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
     client_name: _builtins.str
@@ -931,6 +1229,8 @@ class ConnectionStats(_message.Message):
     """
     peer_sid: _builtins.str
     """Windows: the user SID of the peer's token (`S-1-5-...`); empty elsewhere."""
+    pending_requests: _builtins.int
+    """Requests of this connection waiting for a reply."""
     def __init__(
         self,
         *,
@@ -945,10 +1245,11 @@ class ConnectionStats(_message.Message):
         invalid_payloads: _builtins.int = ...,
         throttled_seconds: _builtins.float = ...,
         peer_sid: _builtins.str = ...,
+        pending_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "invalid_payloads", b"invalid_payloads", "peer_pid", b"peer_pid", "peer_sid", b"peer_sid", "peer_uid", b"peer_uid", "published", b"published", "queue_bytes", b"queue_bytes", "queue_messages", b"queue_messages", "session_id", b"session_id", "throttled_seconds", b"throttled_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_name", b"client_name", "component", b"component", "invalid_payloads", b"invalid_payloads", "peer_pid", b"peer_pid", "peer_sid", b"peer_sid", "peer_uid", b"peer_uid", "pending_requests", b"pending_requests", "published", b"published", "queue_bytes", b"queue_bytes", "queue_messages", b"queue_messages", "session_id", b"session_id", "throttled_seconds", b"throttled_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1013,6 +1314,11 @@ class StatsResponse(_message.Message):
     INVALID_PAYLOADS_FIELD_NUMBER: _builtins.int
     THROTTLED_SECONDS_FIELD_NUMBER: _builtins.int
     TOPIC_STATS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    NO_RESPONDERS_FIELD_NUMBER: _builtins.int
+    REQUEST_TIMEOUTS_FIELD_NUMBER: _builtins.int
+    RETAINED_EVENTS_FIELD_NUMBER: _builtins.int
+    RETAINED_BYTES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """The request's id."""
     connections: _builtins.int
@@ -1039,6 +1345,16 @@ class StatsResponse(_message.Message):
     """Seconds the broker stopped reading from publishers over their rate
     limits, summed over the connections open now and those that have ended.
     """
+    requests: _builtins.int
+    """Requests routed to a responder since the broker started."""
+    no_responders: _builtins.int
+    """Requests answered at once with ERROR_CODE_NO_RESPONDERS."""
+    request_timeouts: _builtins.int
+    """Requests whose deadline passed without a reply."""
+    retained_events: _builtins.int
+    """Retained events the broker holds now."""
+    retained_bytes: _builtins.int
+    """Bytes of the retained events the broker holds now (encoded)."""
     @_builtins.property
     def connection_stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectionStats]:
         """Per-connection figures."""
@@ -1067,10 +1383,15 @@ class StatsResponse(_message.Message):
         invalid_payloads: _builtins.int = ...,
         throttled_seconds: _builtins.float = ...,
         topic_stats: _abc.Iterable[Global___TopicStats] | None = ...,
+        requests: _builtins.int = ...,
+        no_responders: _builtins.int = ...,
+        request_timeouts: _builtins.int = ...,
+        retained_events: _builtins.int = ...,
+        retained_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "invalid_payloads", b"invalid_payloads", "published", b"published", "refused", b"refused", "request_id", b"request_id", "subscription_stats", b"subscription_stats", "throttled_seconds", b"throttled_seconds", "topic_stats", b"topic_stats", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_stats", b"connection_stats", "connections", b"connections", "connections_total", b"connections_total", "delivered", b"delivered", "dropped", b"dropped", "invalid_payloads", b"invalid_payloads", "no_responders", b"no_responders", "published", b"published", "refused", b"refused", "request_id", b"request_id", "request_timeouts", b"request_timeouts", "requests", b"requests", "retained_bytes", b"retained_bytes", "retained_events", b"retained_events", "subscription_stats", b"subscription_stats", "throttled_seconds", b"throttled_seconds", "topic_stats", b"topic_stats", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

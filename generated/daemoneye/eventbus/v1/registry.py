@@ -38,6 +38,7 @@ __all__ = [
     "CONTROL_HEALTH_DIAGNOSTICS",
     "CONTROL_HEALTH_HEARTBEAT",
     "CONTROL_HEALTH_STATUS",
+    "CONTROL_PRESENCE",
     "EVENTS_FILESYSTEM_CHANGES",
     "EVENTS_NETWORK_CONNECTIONS",
     "EVENTS_PERFORMANCE_METRICS",
@@ -323,6 +324,16 @@ CONTROL_COLLECTOR_QUEUE: Final[RequestTopicTemplate[control_pb2.TaskAssignment, 
     reply_type=control_pb2.TaskAck,
 )
 
+#: Components connecting to the broker and going away, with the reason. Published by the broker alone (the component name `daemoneye-eventbus` is reserved for it: no peer may claim it).
+CONTROL_PRESENCE: Final[Topic[control_pb2.PresenceEvent]] = Topic(
+    'control.presence',
+    control_pb2.PresenceEvent,
+    AccessLevel.ACCESS_LEVEL_RESTRICTED,
+    frozenset({'daemoneye-eventbus'}),
+    frozenset({'daemoneye-agent'}),
+    True,
+)
+
 
 def control_collector_task_targeted(*, type: str, id: str) -> Topic[control_pb2.TaskAssignment]:
     """Build a concrete ``control.collector.task.{type}.{id}`` topic."""
@@ -374,6 +385,7 @@ TOPICS: Final[Mapping[str, Topic[Any]]] = MappingProxyType({
     CONTROL_HEALTH_HEARTBEAT.name: CONTROL_HEALTH_HEARTBEAT,
     CONTROL_HEALTH_STATUS.name: CONTROL_HEALTH_STATUS,
     CONTROL_HEALTH_DIAGNOSTICS.name: CONTROL_HEALTH_DIAGNOSTICS,
+    CONTROL_PRESENCE.name: CONTROL_PRESENCE,
 })
 
 #: Every topic template.
@@ -412,6 +424,7 @@ ACCESS_TABLE: Final[Mapping[str, AccessLevel.ValueType]] = MappingProxyType({
     'control.collector.rpc.lifecycle.{id}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
     'control.collector.rpc.task.{id}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
     'control.collector.queue.{type}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
+    'control.presence': AccessLevel.ACCESS_LEVEL_RESTRICTED,
 })
 
 #: The topic of each ProcessEventKind value, from the schema's (event_topic) options.

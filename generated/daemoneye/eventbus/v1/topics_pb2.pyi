@@ -83,6 +83,11 @@ class _TopicEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Topic.ValueType
     """Request/reply work queue of one task type: every collector able to run
     tasks of that type answers on it, and each task goes to one of them.
     """
+    TOPIC_CONTROL_PRESENCE: _Topic.ValueType  # 35
+    """Components connecting to the broker and going away, with the reason.
+    Published by the broker alone (the component name `daemoneye-eventbus`
+    is reserved for it: no peer may claim it).
+    """
 
 class Topic(_Topic, metaclass=_TopicEnumTypeWrapper):
     """Every topic of the bus."""
@@ -142,5 +147,10 @@ accepts or refuses it.
 TOPIC_CONTROL_COLLECTOR_QUEUE: Topic.ValueType  # 34
 """Request/reply work queue of one task type: every collector able to run
 tasks of that type answers on it, and each task goes to one of them.
+"""
+TOPIC_CONTROL_PRESENCE: Topic.ValueType  # 35
+"""Components connecting to the broker and going away, with the reason.
+Published by the broker alone (the component name `daemoneye-eventbus`
+is reserved for it: no peer may claim it).
 """
 Global___Topic: _TypeAlias = Topic  # noqa: Y015

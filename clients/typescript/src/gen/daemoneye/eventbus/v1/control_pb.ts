@@ -6,6 +6,8 @@
 
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import type { ErrorCode } from "./frames_pb.js";
+import { file_daemoneye_eventbus_v1_frames } from "./frames_pb.js";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file daemoneye/eventbus/v1/control.proto.
  */
 export const file_daemoneye_eventbus_v1_control: GenFile = /*@__PURE__*/
-  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvY29udHJvbC5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIqYBChlDb2xsZWN0b3JMaWZlY3ljbGVDb21tYW5kEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRI2CgZhY3Rpb24YAiABKA4yJi5kYWVtb25leWUuZXZlbnRidXMudjEuTGlmZWN5Y2xlQWN0aW9uEg4KBnJlYXNvbhgDIAEoCRIrCghkZWFkbGluZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLaAQoTQ29uZmlndXJhdGlvblVwZGF0ZRIUCgxjb2xsZWN0b3JfaWQYASABKAkSFgoOY29uZmlnX3ZlcnNpb24YAiABKAQSSgoIc2V0dGluZ3MYAyADKAsyOC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29uZmlndXJhdGlvblVwZGF0ZS5TZXR0aW5nc0VudHJ5EhgKEHJlcXVpcmVzX3Jlc3RhcnQYBCABKAgaLwoNU2V0dGluZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIogCCg5UYXNrQXNzaWdubWVudBIPCgd0YXNrX2lkGAEgASgJEhEKCXRhc2tfdHlwZRgCIAEoCRIUCgxjb2xsZWN0b3JfaWQYAyABKAkSSQoKcGFyYW1ldGVycxgEIAMoCzI1LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5UYXNrQXNzaWdubWVudC5QYXJhbWV0ZXJzRW50cnkSEAoIcHJpb3JpdHkYBSABKAUSLAoIZGVhZGxpbmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrcBChNDb2xsZWN0b3JDYXBhYmlsaXR5EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRJOCgpwYXJhbWV0ZXJzGAMgAygLMjouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkuUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrUBChVDb2xsZWN0b3JSZWdpc3RyYXRpb24SFAoMY29sbGVjdG9yX2lkGAEgASgJEhYKDmNvbGxlY3Rvcl90eXBlGAIgASgJEg8KB3ZlcnNpb24YAyABKAkSQAoMY2FwYWJpbGl0aWVzGAQgAygLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkSCwoDcGlkGAUgASgNEg4KBnRvcGljcxgGIAMoCSL7AQoSQWdlbnRPcmNoZXN0cmF0aW9uEhAKCGFnZW50X2lkGAEgASgJEjoKBmFjdGlvbhgCIAEoDjIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5PcmNoZXN0cmF0aW9uQWN0aW9uEhUKDWNvbGxlY3Rvcl9pZHMYAyADKAkSTQoKcGFyYW1ldGVycxgEIAMoCzI5LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5BZ2VudE9yY2hlc3RyYXRpb24uUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpIBCgxQb2xpY3lVcGRhdGUSEQoJcG9saWN5X2lkGAEgASgJEhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEg8KB2NvbnRlbnQYAyABKAwSFAoMY29udGVudF90eXBlGAQgASgJEjAKDGVmZmVjdGl2ZV9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYAoJSGVhcnRiZWF0EhQKDGNvbXBvbmVudF9pZBgBIAEoCRIrCgdzZW50X2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghzZXF1ZW5jZRgDIAEoBCKMAgoPQ29tcG9uZW50U3RhdHVzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRIxCgVzdGF0ZRgCIAEoDjIiLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5IZWFsdGhTdGF0ZRIPCgdtZXNzYWdlGAMgASgJEikKBnVwdGltZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhJECgdtZXRyaWNzGAUgAygLMjMuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbXBvbmVudFN0YXR1cy5NZXRyaWNzRW50cnkaLgoMTWV0cmljc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEibQoPRGlhZ25vc3RpY0VudHJ5EjsKCHNldmVyaXR5GAEgASgOMikuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNTZXZlcml0eRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkijgEKC0RpYWdub3N0aWNzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRI3CgdlbnRyaWVzGAIgAygLMiYuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNFbnRyeRIwCgxjb2xsZWN0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkcKEkhlYWx0aENoZWNrUmVxdWVzdBIUCgxjb21wb25lbnRfaWQYASABKAkSGwoTaW5jbHVkZV9kaWFnbm9zdGljcxgCIAEoCCLHAQoQSGVhbHRoQ2hlY2tSZXBseRIwCgZzdGF0dXMYASABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAIgASgJEjkKCWNvbXBvbmVudBgDIAEoCzImLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db21wb25lbnRTdGF0dXMSNwoLZGlhZ25vc3RpY3MYBCABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuRGlhZ25vc3RpY3MimwEKEENvbmZpZ3VyYXRpb25BY2sSFAoMY29sbGVjdG9yX2lkGAEgASgJEjAKBnN0YXR1cxgCIAEoDjIgLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5ScGNTdGF0dXMSDQoFZXJyb3IYAyABKAkSFwoPYXBwbGllZF92ZXJzaW9uGAQgASgEEhcKD3Jlc3RhcnRfcGVuZGluZxgFIAEoCCKaAQoOTGlmZWN5Y2xlUmVwbHkSFAoMY29sbGVjdG9yX2lkGAEgASgJEjAKBnN0YXR1cxgCIAEoDjIgLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5ScGNTdGF0dXMSDQoFZXJyb3IYAyABKAkSMQoFc3RhdGUYBCABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuSGVhbHRoU3RhdGUicQoHVGFza0FjaxIPCgd0YXNrX2lkGAEgASgJEhQKDGNvbGxlY3Rvcl9pZBgCIAEoCRIwCgZzdGF0dXMYAyABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAQgASgJKogBCg9MaWZlY3ljbGVBY3Rpb24SIAocTElGRUNZQ0xFX0FDVElPTl9VTlNQRUNJRklFRBAAEhoKFkxJRkVDWUNMRV9BQ1RJT05fU1RBUlQQARIZChVMSUZFQ1lDTEVfQUNUSU9OX1NUT1AQAhIcChhMSUZFQ1lDTEVfQUNUSU9OX1JFU1RBUlQQAyrPAQoTT3JjaGVzdHJhdGlvbkFjdGlvbhIkCiBPUkNIRVNUUkFUSU9OX0FDVElPTl9VTlNQRUNJRklFRBAAEiIKHk9SQ0hFU1RSQVRJT05fQUNUSU9OX1JFQkFMQU5DRRABEiIKHk9SQ0hFU1RSQVRJT05fQUNUSU9OX1BBVVNFX0FMTBACEiMKH09SQ0hFU1RSQVRJT05fQUNUSU9OX1JFU1VNRV9BTEwQAxIlCiFPUkNIRVNUUkFUSU9OX0FDVElPTl9TSFVURE9XTl9BTEwQBCqyAQoLSGVhbHRoU3RhdGUSHAoYSEVBTFRIX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUSEVBTFRIX1NUQVRFX0hFQUxUSFkQARIZChVIRUFMVEhfU1RBVEVfREVHUkFERUQQAhIaChZIRUFMVEhfU1RBVEVfVU5IRUFMVEhZEAMSGQoVSEVBTFRIX1NUQVRFX1NUQVJUSU5HEAQSGQoVSEVBTFRIX1NUQVRFX1NUT1BQSU5HEAUqlwEKEkRpYWdub3N0aWNTZXZlcml0eRIjCh9ESUFHTk9TVElDX1NFVkVSSVRZX1VOU1BFQ0lGSUVEEAASHAoYRElBR05PU1RJQ19TRVZFUklUWV9JTkZPEAESHwobRElBR05PU1RJQ19TRVZFUklUWV9XQVJOSU5HEAISHQoZRElBR05PU1RJQ19TRVZFUklUWV9FUlJPUhADKr8BCglScGNTdGF0dXMSGgoWUlBDX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKElJQQ19TVEFUVVNfU1VDQ0VTUxABEhQKEFJQQ19TVEFUVVNfRVJST1IQAhIaChZSUENfU1RBVFVTX0lOX1BST0dSRVNTEAMSFgoSUlBDX1NUQVRVU19USU1FT1VUEAQSGAoUUlBDX1NUQVRVU19DQU5DRUxMRUQQBRIaChZSUENfU1RBVFVTX1VOQVZBSUxBQkxFEAZiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvY29udHJvbC5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIqYBChlDb2xsZWN0b3JMaWZlY3ljbGVDb21tYW5kEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRI2CgZhY3Rpb24YAiABKA4yJi5kYWVtb25leWUuZXZlbnRidXMudjEuTGlmZWN5Y2xlQWN0aW9uEg4KBnJlYXNvbhgDIAEoCRIrCghkZWFkbGluZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLaAQoTQ29uZmlndXJhdGlvblVwZGF0ZRIUCgxjb2xsZWN0b3JfaWQYASABKAkSFgoOY29uZmlnX3ZlcnNpb24YAiABKAQSSgoIc2V0dGluZ3MYAyADKAsyOC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29uZmlndXJhdGlvblVwZGF0ZS5TZXR0aW5nc0VudHJ5EhgKEHJlcXVpcmVzX3Jlc3RhcnQYBCABKAgaLwoNU2V0dGluZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIogCCg5UYXNrQXNzaWdubWVudBIPCgd0YXNrX2lkGAEgASgJEhEKCXRhc2tfdHlwZRgCIAEoCRIUCgxjb2xsZWN0b3JfaWQYAyABKAkSSQoKcGFyYW1ldGVycxgEIAMoCzI1LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5UYXNrQXNzaWdubWVudC5QYXJhbWV0ZXJzRW50cnkSEAoIcHJpb3JpdHkYBSABKAUSLAoIZGVhZGxpbmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrcBChNDb2xsZWN0b3JDYXBhYmlsaXR5EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRJOCgpwYXJhbWV0ZXJzGAMgAygLMjouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkuUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrUBChVDb2xsZWN0b3JSZWdpc3RyYXRpb24SFAoMY29sbGVjdG9yX2lkGAEgASgJEhYKDmNvbGxlY3Rvcl90eXBlGAIgASgJEg8KB3ZlcnNpb24YAyABKAkSQAoMY2FwYWJpbGl0aWVzGAQgAygLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkSCwoDcGlkGAUgASgNEg4KBnRvcGljcxgGIAMoCSL7AQoSQWdlbnRPcmNoZXN0cmF0aW9uEhAKCGFnZW50X2lkGAEgASgJEjoKBmFjdGlvbhgCIAEoDjIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5PcmNoZXN0cmF0aW9uQWN0aW9uEhUKDWNvbGxlY3Rvcl9pZHMYAyADKAkSTQoKcGFyYW1ldGVycxgEIAMoCzI5LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5BZ2VudE9yY2hlc3RyYXRpb24uUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpIBCgxQb2xpY3lVcGRhdGUSEQoJcG9saWN5X2lkGAEgASgJEhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEg8KB2NvbnRlbnQYAyABKAwSFAoMY29udGVudF90eXBlGAQgASgJEjAKDGVmZmVjdGl2ZV9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYAoJSGVhcnRiZWF0EhQKDGNvbXBvbmVudF9pZBgBIAEoCRIrCgdzZW50X2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghzZXF1ZW5jZRgDIAEoBCKMAgoPQ29tcG9uZW50U3RhdHVzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRIxCgVzdGF0ZRgCIAEoDjIiLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5IZWFsdGhTdGF0ZRIPCgdtZXNzYWdlGAMgASgJEikKBnVwdGltZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhJECgdtZXRyaWNzGAUgAygLMjMuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbXBvbmVudFN0YXR1cy5NZXRyaWNzRW50cnkaLgoMTWV0cmljc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEibQoPRGlhZ25vc3RpY0VudHJ5EjsKCHNldmVyaXR5GAEgASgOMikuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNTZXZlcml0eRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkijgEKC0RpYWdub3N0aWNzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRI3CgdlbnRyaWVzGAIgAygLMiYuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNFbnRyeRIwCgxjb2xsZWN0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkcKEkhlYWx0aENoZWNrUmVxdWVzdBIUCgxjb21wb25lbnRfaWQYASABKAkSGwoTaW5jbHVkZV9kaWFnbm9zdGljcxgCIAEoCCLHAQoQSGVhbHRoQ2hlY2tSZXBseRIwCgZzdGF0dXMYASABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAIgASgJEjkKCWNvbXBvbmVudBgDIAEoCzImLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db21wb25lbnRTdGF0dXMSNwoLZGlhZ25vc3RpY3MYBCABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuRGlhZ25vc3RpY3MimwEKEENvbmZpZ3VyYXRpb25BY2sSFAoMY29sbGVjdG9yX2lkGAEgASgJEjAKBnN0YXR1cxgCIAEoDjIgLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5ScGNTdGF0dXMSDQoFZXJyb3IYAyABKAkSFwoPYXBwbGllZF92ZXJzaW9uGAQgASgEEhcKD3Jlc3RhcnRfcGVuZGluZxgFIAEoCCKaAQoOTGlmZWN5Y2xlUmVwbHkSFAoMY29sbGVjdG9yX2lkGAEgASgJEjAKBnN0YXR1cxgCIAEoDjIgLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5ScGNTdGF0dXMSDQoFZXJyb3IYAyABKAkSMQoFc3RhdGUYBCABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuSGVhbHRoU3RhdGUicQoHVGFza0FjaxIPCgd0YXNrX2lkGAEgASgJEhQKDGNvbGxlY3Rvcl9pZBgCIAEoCRIwCgZzdGF0dXMYAyABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAQgASgJIv8CCg1QcmVzZW5jZUV2ZW50EjMKBXN0YXRlGAEgASgOMiQuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlByZXNlbmNlU3RhdGUSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCgljb21wb25lbnQYAyABKAkSEwoLY2xpZW50X25hbWUYBCABKAkSEAoIcGVlcl9waWQYBSABKA0SEAoIcGVlcl91aWQYBiABKA0SEAoIcGVlcl9zaWQYByABKAkSNwoGcmVhc29uGAggASgOMicuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpc2Nvbm5lY3RSZWFzb24SLwoFZXJyb3IYCSABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuRXJyb3JDb2RlEg4KBmRldGFpbBgKIAEoCRIbChNsYXN0X3dpbGxfcHVibGlzaGVkGAsgASgIEjAKDGNvbm5lY3RlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqiAEKD0xpZmVjeWNsZUFjdGlvbhIgChxMSUZFQ1lDTEVfQUNUSU9OX1VOU1BFQ0lGSUVEEAASGgoWTElGRUNZQ0xFX0FDVElPTl9TVEFSVBABEhkKFUxJRkVDWUNMRV9BQ1RJT05fU1RPUBACEhwKGExJRkVDWUNMRV9BQ1RJT05fUkVTVEFSVBADKs8BChNPcmNoZXN0cmF0aW9uQWN0aW9uEiQKIE9SQ0hFU1RSQVRJT05fQUNUSU9OX1VOU1BFQ0lGSUVEEAASIgoeT1JDSEVTVFJBVElPTl9BQ1RJT05fUkVCQUxBTkNFEAESIgoeT1JDSEVTVFJBVElPTl9BQ1RJT05fUEFVU0VfQUxMEAISIwofT1JDSEVTVFJBVElPTl9BQ1RJT05fUkVTVU1FX0FMTBADEiUKIU9SQ0hFU1RSQVRJT05fQUNUSU9OX1NIVVRET1dOX0FMTBAEKrIBCgtIZWFsdGhTdGF0ZRIcChhIRUFMVEhfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRIRUFMVEhfU1RBVEVfSEVBTFRIWRABEhkKFUhFQUxUSF9TVEFURV9ERUdSQURFRBACEhoKFkhFQUxUSF9TVEFURV9VTkhFQUxUSFkQAxIZChVIRUFMVEhfU1RBVEVfU1RBUlRJTkcQBBIZChVIRUFMVEhfU1RBVEVfU1RPUFBJTkcQBSqXAQoSRGlhZ25vc3RpY1NldmVyaXR5EiMKH0RJQUdOT1NUSUNfU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIcChhESUFHTk9TVElDX1NFVkVSSVRZX0lORk8QARIfChtESUFHTk9TVElDX1NFVkVSSVRZX1dBUk5JTkcQAhIdChlESUFHTk9TVElDX1NFVkVSSVRZX0VSUk9SEAMqvwEKCVJwY1N0YXR1cxIaChZSUENfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSUlBDX1NUQVRVU19TVUNDRVNTEAESFAoQUlBDX1NUQVRVU19FUlJPUhACEhoKFlJQQ19TVEFUVVNfSU5fUFJPR1JFU1MQAxIWChJSUENfU1RBVFVTX1RJTUVPVVQQBBIYChRSUENfU1RBVFVTX0NBTkNFTExFRBAFEhoKFlJQQ19TVEFUVVNfVU5BVkFJTEFCTEUQBipuCg1QcmVzZW5jZVN0YXRlEh4KGlBSRVNFTkNFX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYUFJFU0VOQ0VfU1RBVEVfQ09OTkVDVEVEEAESHwobUFJFU0VOQ0VfU1RBVEVfRElTQ09OTkVDVEVEEAIq4wEKEERpc2Nvbm5lY3RSZWFzb24SIQodRElTQ09OTkVDVF9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlESVNDT05ORUNUX1JFQVNPTl9HT09EQllFEAESJQohRElTQ09OTkVDVF9SRUFTT05fQ09OTkVDVElPTl9MT1NUEAISJwojRElTQ09OTkVDVF9SRUFTT05fSEVBUlRCRUFUX1RJTUVPVVQQAxIdChlESVNDT05ORUNUX1JFQVNPTl9SRUZVU0VEEAQSHgoaRElTQ09OTkVDVF9SRUFTT05fU0hVVERPV04QBWIGcHJvdG8z", [file_daemoneye_eventbus_v1_frames, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Asks a collector to start, stop or restart.
@@ -702,6 +704,105 @@ export const TaskAckSchema: GenMessage<TaskAck> = /*@__PURE__*/
   messageDesc(file_daemoneye_eventbus_v1_control, 15);
 
 /**
+ * A component connected to the broker or went away (published by the broker
+ * on `control.presence`).
+ *
+ * @generated from message daemoneye.eventbus.v1.PresenceEvent
+ */
+export type PresenceEvent = Message<"daemoneye.eventbus.v1.PresenceEvent"> & {
+  /**
+   * Connected or disconnected.
+   *
+   * @generated from field: daemoneye.eventbus.v1.PresenceState state = 1;
+   */
+  state: PresenceState;
+
+  /**
+   * The broker's id of the session (as in the statistics).
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * The accepted component; empty for an anonymous peer.
+   *
+   * @generated from field: string component = 3;
+   */
+  component: string;
+
+  /**
+   * The client's name from its `Hello`.
+   *
+   * @generated from field: string client_name = 4;
+   */
+  clientName: string;
+
+  /**
+   * The peer's process id from the kernel, 0 if unknown.
+   *
+   * @generated from field: uint32 peer_pid = 5;
+   */
+  peerPid: number;
+
+  /**
+   * The peer's user id from the kernel, 0 if unknown and on Windows.
+   *
+   * @generated from field: uint32 peer_uid = 6;
+   */
+  peerUid: number;
+
+  /**
+   * Windows: the peer's user SID; empty elsewhere.
+   *
+   * @generated from field: string peer_sid = 7;
+   */
+  peerSid: string;
+
+  /**
+   * How the connection ended (DISCONNECTED only).
+   *
+   * @generated from field: daemoneye.eventbus.v1.DisconnectReason reason = 8;
+   */
+  reason: DisconnectReason;
+
+  /**
+   * The error that ended it, for REFUSED and HEARTBEAT_TIMEOUT.
+   *
+   * @generated from field: daemoneye.eventbus.v1.ErrorCode error = 9;
+   */
+  error: ErrorCode;
+
+  /**
+   * Human-readable detail of the end, for logs.
+   *
+   * @generated from field: string detail = 10;
+   */
+  detail: string;
+
+  /**
+   * The broker published the client's last will (DISCONNECTED only).
+   *
+   * @generated from field: bool last_will_published = 11;
+   */
+  lastWillPublished: boolean;
+
+  /**
+   * When the session started (its handshake completed).
+   *
+   * @generated from field: google.protobuf.Timestamp connected_at = 12;
+   */
+  connectedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.PresenceEvent.
+ * Use `create(PresenceEventSchema)` to create a new message.
+ */
+export const PresenceEventSchema: GenMessage<PresenceEvent> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_control, 16);
+
+/**
  * A lifecycle action on a collector.
  *
  * @generated from enum daemoneye.eventbus.v1.LifecycleAction
@@ -949,4 +1050,95 @@ export enum RpcStatus {
  */
 export const RpcStatusSchema: GenEnum<RpcStatus> = /*@__PURE__*/
   enumDesc(file_daemoneye_eventbus_v1_control, 4);
+
+/**
+ * Whether a presence event announces a connection or its end.
+ *
+ * @generated from enum daemoneye.eventbus.v1.PresenceState
+ */
+export enum PresenceState {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: PRESENCE_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The component completed its handshake.
+   *
+   * @generated from enum value: PRESENCE_STATE_CONNECTED = 1;
+   */
+  CONNECTED = 1,
+
+  /**
+   * The component's connection ended; `reason` says how.
+   *
+   * @generated from enum value: PRESENCE_STATE_DISCONNECTED = 2;
+   */
+  DISCONNECTED = 2,
+}
+
+/**
+ * Describes the enum daemoneye.eventbus.v1.PresenceState.
+ */
+export const PresenceStateSchema: GenEnum<PresenceState> = /*@__PURE__*/
+  enumDesc(file_daemoneye_eventbus_v1_control, 5);
+
+/**
+ * How a connection ended, in a presence event.
+ *
+ * @generated from enum daemoneye.eventbus.v1.DisconnectReason
+ */
+export enum DisconnectReason {
+  /**
+   * Not set (a CONNECTED event).
+   *
+   * @generated from enum value: DISCONNECT_REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The client said goodbye: a clean end; its last will is not published.
+   *
+   * @generated from enum value: DISCONNECT_REASON_GOODBYE = 1;
+   */
+  GOODBYE = 1,
+
+  /**
+   * The connection was lost without a goodbye (the process died, the
+   * socket closed).
+   *
+   * @generated from enum value: DISCONNECT_REASON_CONNECTION_LOST = 2;
+   */
+  CONNECTION_LOST = 2,
+
+  /**
+   * The client was silent past the broker's idle deadline.
+   *
+   * @generated from enum value: DISCONNECT_REASON_HEARTBEAT_TIMEOUT = 3;
+   */
+  HEARTBEAT_TIMEOUT = 3,
+
+  /**
+   * The broker ended the connection for something the client did (a
+   * protocol violation, a slow consumer, a memory limit); `error` says what.
+   *
+   * @generated from enum value: DISCONNECT_REASON_REFUSED = 4;
+   */
+  REFUSED = 4,
+
+  /**
+   * The broker is shutting down.
+   *
+   * @generated from enum value: DISCONNECT_REASON_SHUTDOWN = 5;
+   */
+  SHUTDOWN = 5,
+}
+
+/**
+ * Describes the enum daemoneye.eventbus.v1.DisconnectReason.
+ */
+export const DisconnectReasonSchema: GenEnum<DisconnectReason> = /*@__PURE__*/
+  enumDesc(file_daemoneye_eventbus_v1_control, 6);
 

@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file daemoneye/eventbus/v1/frames.proto.
  */
 export const file_daemoneye_eventbus_v1_frames: GenFile = /*@__PURE__*/
-  fileDesc("CiJkYWVtb25leWUvZXZlbnRidXMvdjEvZnJhbWVzLnByb3RvEhVkYWVtb25leWUuZXZlbnRidXMudjEisAcKBUZyYW1lEi0KBWhlbGxvGAEgASgLMhwuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkhlbGxvSAASMQoHd2VsY29tZRgCIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5XZWxjb21lSAASMQoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoSAASMQoHZGVsaXZlchgEIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVySAASNQoJc3Vic2NyaWJlGAUgASgLMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlN1YnNjcmliZUgAEjwKDXN1YnNjcmliZV9hY2sYBiABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaWJlQWNrSAASOQoLdW5zdWJzY3JpYmUYByABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVIABJACg91bnN1YnNjcmliZV9hY2sYCCABKAsyJS5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVBY2tIABIrCgRwaW5nGAkgASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBpbmdIABIrCgRwb25nGAogASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBvbmdIABItCgVlcnJvchgLIAEoCzIcLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5FcnJvckgAEjEKB2dvb2RieWUYDCABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuR29vZGJ5ZUgAEjwKDXN0YXRzX3JlcXVlc3QYDSABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXF1ZXN0SAASPgoOc3RhdHNfcmVzcG9uc2UYDiABKAsyJC5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXNwb25zZUgAEjwKDXB1Ymxpc2hfYmF0Y2gYDyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEJhdGNoSAASPAoNZGVsaXZlcl9iYXRjaBgQIAEoCzIjLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVyQmF0Y2hIABIvCgZjcmVkaXQYESABKAsyHS5kYWVtb25leWUuZXZlbnRidXMudjEuQ3JlZGl0SABCBgoEa2luZCJxCgVIZWxsbxIYChBwcm90b2NvbF92ZXJzaW9uGAEgASgNEhMKC2NsaWVudF9uYW1lGAIgASgJEhEKCWNvbXBvbmVudBgDIAEoCRIWCg5hY2NlcHRfYmF0Y2hlcxgEIAEoCBIOCgZjcmVkaXQYBSABKAgi3AEKBkxpbWl0cxIXCg9tYXhfZnJhbWVfYnl0ZXMYASABKA0SFwoPbWF4X3RvcGljX2J5dGVzGAIgASgNEhgKEG1heF90b3BpY19sZXZlbHMYAyABKA0SGQoRbWF4X3N1YnNjcmlwdGlvbnMYBCABKA0SGgoSbWF4X3F1ZXVlX21lc3NhZ2VzGAUgASgNEhcKD21heF9xdWV1ZV9ieXRlcxgGIAEoBBIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYByABKA0SFwoPaWRsZV90aW1lb3V0X21zGAggASgNIooBCgdXZWxjb21lEhgKEHByb3RvY29sX3ZlcnNpb24YASABKA0SEgoKc2Vzc2lvbl9pZBgCIAEoCRItCgZsaW1pdHMYAyABKAsyHS5kYWVtb25leWUuZXZlbnRidXMudjEuTGltaXRzEhEKCWNvbXBvbmVudBgEIAEoCRIPCgdiYXRjaGVzGAUgASgIIpUBCgdQdWJsaXNoEg0KBXRvcGljGAEgASgJEkQKC2NvcnJlbGF0aW9uGAIgASgLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvcnJlbGF0aW9uTWV0YWRhdGFIAIgBARIUCgxwYXlsb2FkX3R5cGUYAyABKAkSDwoHcGF5bG9hZBgEIAEoDEIOCgxfY29ycmVsYXRpb24iZQoHRGVsaXZlchIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SEAoIc2VxdWVuY2UYAiABKAQSLwoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoIpsBCgxQdWJsaXNoQmF0Y2gSDQoFdG9waWMYASABKAkSRAoLY29ycmVsYXRpb24YAiABKAsyKi5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ycmVsYXRpb25NZXRhZGF0YUgAiAEBEhQKDHBheWxvYWRfdHlwZRgDIAEoCRIQCghwYXlsb2FkcxgEIAMoDEIOCgxfY29ycmVsYXRpb24icwoMRGVsaXZlckJhdGNoEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoDRIWCg5maXJzdF9zZXF1ZW5jZRgCIAEoBBIyCgViYXRjaBgDIAEoCzIjLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoQmF0Y2gi0QEKCVN1YnNjcmliZRIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SDgoGZmlsdGVyGAIgASgJEkkKEmNvcnJlbGF0aW9uX2ZpbHRlchgDIAEoCzIoLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db3JyZWxhdGlvbkZpbHRlckgAiAEBEhcKD2luY2x1ZGVfY29udHJvbBgEIAEoCBIQCghsb3NzbGVzcxgFIAEoCBIOCgZ3aW5kb3cYBiABKA1CFQoTX2NvcnJlbGF0aW9uX2ZpbHRlciJJCgxTdWJzY3JpYmVBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBndpbmRvdxgCIAEoDRIQCghsb3NzbGVzcxgDIAEoCCIxCgZDcmVkaXQSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBmV2ZW50cxgCIAEoDSImCgtVbnN1YnNjcmliZRIXCg9zdWJzY3JpcHRpb25faWQYASABKA0iKQoOVW5zdWJzY3JpYmVBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNIhUKBFBpbmcSDQoFbm9uY2UYASABKAQiFQoEUG9uZxINCgVub25jZRgBIAEoBCJ/CgVFcnJvchIuCgRjb2RlGAEgASgOMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEg0KBWZhdGFsGAMgASgIEhcKD3N1YnNjcmlwdGlvbl9pZBgEIAEoDRINCgV0b3BpYxgFIAEoCSIZCgdHb29kYnllEg4KBnJlYXNvbhgBIAEoCSIiCgxTdGF0c1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoBCKUAQoRU3Vic2NyaXB0aW9uU3RhdHMSEgoKc2Vzc2lvbl9pZBgBIAEoCRIXCg9zdWJzY3JpcHRpb25faWQYAiABKA0SDgoGZmlsdGVyGAMgASgJEhEKCWRlbGl2ZXJlZBgEIAEoBBIPCgdkcm9wcGVkGAUgASgEEhAKCGxvc3NsZXNzGAYgASgIEgwKBGhlbGQYByABKA0i+AEKD0Nvbm5lY3Rpb25TdGF0cxISCgpzZXNzaW9uX2lkGAEgASgJEhMKC2NsaWVudF9uYW1lGAIgASgJEhEKCWNvbXBvbmVudBgDIAEoCRIQCghwZWVyX3BpZBgEIAEoDRIQCghwZWVyX3VpZBgFIAEoDRIWCg5xdWV1ZV9tZXNzYWdlcxgGIAEoDRITCgtxdWV1ZV9ieXRlcxgHIAEoBBIRCglwdWJsaXNoZWQYCCABKAQSGAoQaW52YWxpZF9wYXlsb2FkcxgJIAEoBBIZChF0aHJvdHRsZWRfc2Vjb25kcxgKIAEoARIQCghwZWVyX3NpZBgLIAEoCSJrCgpUb3BpY1N0YXRzEg0KBXRvcGljGAEgASgJEhEKCXB1Ymxpc2hlZBgCIAEoBBIRCglkZWxpdmVyZWQYAyABKAQSDwoHZHJvcHBlZBgEIAEoBBIXCg9wdWJsaXNoZWRfYnl0ZXMYBSABKAQiowMKDVN0YXRzUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoBBITCgtjb25uZWN0aW9ucxgCIAEoDRIZChFjb25uZWN0aW9uc190b3RhbBgDIAEoBBIRCglwdWJsaXNoZWQYBCABKAQSEQoJZGVsaXZlcmVkGAUgASgEEg8KB2Ryb3BwZWQYBiABKAQSDwoHcmVmdXNlZBgHIAEoBBJAChBjb25uZWN0aW9uX3N0YXRzGAggAygLMiYuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbm5lY3Rpb25TdGF0cxJEChJzdWJzY3JpcHRpb25fc3RhdHMYCSADKAsyKC5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaXB0aW9uU3RhdHMSEQoJdHJ1bmNhdGVkGAogASgIEhgKEGludmFsaWRfcGF5bG9hZHMYCyABKAQSGQoRdGhyb3R0bGVkX3NlY29uZHMYDCABKAESNgoLdG9waWNfc3RhdHMYDSADKAsyIS5kYWVtb25leWUuZXZlbnRidXMudjEuVG9waWNTdGF0cyqNBQoJRXJyb3JDb2RlEhoKFkVSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIeChpFUlJPUl9DT0RFX0ZSQU1FX1RPT19MQVJHRRABEh4KGkVSUk9SX0NPREVfTUFMRk9STUVEX0ZSQU1FEAISHwobRVJST1JfQ09ERV9VTkVYUEVDVEVEX0ZSQU1FEAMSIgoeRVJST1JfQ09ERV9VTlNVUFBPUlRFRF9WRVJTSU9OEAQSIAocRVJST1JfQ09ERV9IQU5EU0hBS0VfVElNRU9VVBAFEhwKGEVSUk9SX0NPREVfSU5WQUxJRF9UT1BJQxAGEh0KGUVSUk9SX0NPREVfSU5WQUxJRF9GSUxURVIQBxIiCh5FUlJPUl9DT0RFX0lOVkFMSURfQ09SUkVMQVRJT04QCBIcChhFUlJPUl9DT0RFX0FDQ0VTU19ERU5JRUQQCRIdChlFUlJPUl9DT0RFX0xJTUlUX0VYQ0VFREVEEAoSHwobRVJST1JfQ09ERV9DT05ORUNUSU9OX0xJTUlUEAsSHAoYRVJST1JfQ09ERV9TTE9XX0NPTlNVTUVSEAwSGwoXRVJST1JfQ09ERV9JRExFX1RJTUVPVVQQDRIcChhFUlJPUl9DT0RFX1NIVVRUSU5HX0RPV04QDhIjCh9FUlJPUl9DT0RFX1VOS05PV05fU1VCU0NSSVBUSU9OEA8SJgoiRVJST1JfQ09ERV9JTlZBTElEX1NVQlNDUklQVElPTl9JRBAQEh8KG0VSUk9SX0NPREVfUEFZTE9BRF9NSVNNQVRDSBAREhcKE0VSUk9SX0NPREVfSU5URVJOQUwQEhIeChpFUlJPUl9DT0RFX0lOVkFMSURfUEFZTE9BRBATYgZwcm90bzM", [file_daemoneye_eventbus_v1_correlation]);
+  fileDesc("CiJkYWVtb25leWUvZXZlbnRidXMvdjEvZnJhbWVzLnByb3RvEhVkYWVtb25leWUuZXZlbnRidXMudjEikgkKBUZyYW1lEi0KBWhlbGxvGAEgASgLMhwuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkhlbGxvSAASMQoHd2VsY29tZRgCIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5XZWxjb21lSAASMQoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoSAASMQoHZGVsaXZlchgEIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVySAASNQoJc3Vic2NyaWJlGAUgASgLMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlN1YnNjcmliZUgAEjwKDXN1YnNjcmliZV9hY2sYBiABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaWJlQWNrSAASOQoLdW5zdWJzY3JpYmUYByABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVIABJACg91bnN1YnNjcmliZV9hY2sYCCABKAsyJS5kYWVtb25leWUuZXZlbnRidXMudjEuVW5zdWJzY3JpYmVBY2tIABIrCgRwaW5nGAkgASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBpbmdIABIrCgRwb25nGAogASgLMhsuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlBvbmdIABItCgVlcnJvchgLIAEoCzIcLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5FcnJvckgAEjEKB2dvb2RieWUYDCABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuR29vZGJ5ZUgAEjwKDXN0YXRzX3JlcXVlc3QYDSABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXF1ZXN0SAASPgoOc3RhdHNfcmVzcG9uc2UYDiABKAsyJC5kYWVtb25leWUuZXZlbnRidXMudjEuU3RhdHNSZXNwb25zZUgAEjwKDXB1Ymxpc2hfYmF0Y2gYDyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEJhdGNoSAASPAoNZGVsaXZlcl9iYXRjaBgQIAEoCzIjLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EZWxpdmVyQmF0Y2hIABIvCgZjcmVkaXQYESABKAsyHS5kYWVtb25leWUuZXZlbnRidXMudjEuQ3JlZGl0SAASMQoHcmVxdWVzdBgSIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5SZXF1ZXN0SAASQAoPcmVxdWVzdF9kZWxpdmVyGBMgASgLMiUuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlJlcXVlc3REZWxpdmVySAASLQoFcmVwbHkYFCABKAsyHC5kYWVtb25leWUuZXZlbnRidXMudjEuUmVwbHlIABI8Cg1yZXBseV9kZWxpdmVyGBUgASgLMiMuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlJlcGx5RGVsaXZlckgAQgYKBGtpbmQitwEKBUhlbGxvEhgKEHByb3RvY29sX3ZlcnNpb24YASABKA0SEwoLY2xpZW50X25hbWUYAiABKAkSEQoJY29tcG9uZW50GAMgASgJEhYKDmFjY2VwdF9iYXRjaGVzGAQgASgIEg4KBmNyZWRpdBgFIAEoCBI2CglsYXN0X3dpbGwYBiABKAsyHi5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEgAiAEBQgwKCl9sYXN0X3dpbGwivgIKBkxpbWl0cxIXCg9tYXhfZnJhbWVfYnl0ZXMYASABKA0SFwoPbWF4X3RvcGljX2J5dGVzGAIgASgNEhgKEG1heF90b3BpY19sZXZlbHMYAyABKA0SGQoRbWF4X3N1YnNjcmlwdGlvbnMYBCABKA0SGgoSbWF4X3F1ZXVlX21lc3NhZ2VzGAUgASgNEhcKD21heF9xdWV1ZV9ieXRlcxgGIAEoBBIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYByABKA0SFwoPaWRsZV90aW1lb3V0X21zGAggASgNEhwKFG1heF9wZW5kaW5nX3JlcXVlc3RzGAkgASgNEh4KFm1heF9yZXF1ZXN0X3RpbWVvdXRfbXMYCiABKA0SIgoaZGVmYXVsdF9yZXF1ZXN0X3RpbWVvdXRfbXMYCyABKA0inAEKB1dlbGNvbWUSGAoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoDRISCgpzZXNzaW9uX2lkGAIgASgJEi0KBmxpbWl0cxgDIAEoCzIdLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5MaW1pdHMSEQoJY29tcG9uZW50GAQgASgJEg8KB2JhdGNoZXMYBSABKAgSEAoIcmVxdWVzdHMYBiABKAgilQEKB1B1Ymxpc2gSDQoFdG9waWMYASABKAkSRAoLY29ycmVsYXRpb24YAiABKAsyKi5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ycmVsYXRpb25NZXRhZGF0YUgAiAEBEhQKDHBheWxvYWRfdHlwZRgDIAEoCRIPCgdwYXlsb2FkGAQgASgMQg4KDF9jb3JyZWxhdGlvbiKhAQoHRGVsaXZlchIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SEAoIc2VxdWVuY2UYAiABKAQSLwoHcHVibGlzaBgDIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoEhAKCGV2ZW50X2lkGAQgASgEEhYKDnJlY2VpdmVkX2F0X25zGAUgASgGEhAKCHJldGFpbmVkGAYgASgIIpsBCgxQdWJsaXNoQmF0Y2gSDQoFdG9waWMYASABKAkSRAoLY29ycmVsYXRpb24YAiABKAsyKi5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ycmVsYXRpb25NZXRhZGF0YUgAiAEBEhQKDHBheWxvYWRfdHlwZRgDIAEoCRIQCghwYXlsb2FkcxgEIAMoDEIOCgxfY29ycmVsYXRpb24iowEKDERlbGl2ZXJCYXRjaBIXCg9zdWJzY3JpcHRpb25faWQYASABKA0SFgoOZmlyc3Rfc2VxdWVuY2UYAiABKAQSMgoFYmF0Y2gYAyABKAsyIy5kYWVtb25leWUuZXZlbnRidXMudjEuUHVibGlzaEJhdGNoEhYKDmZpcnN0X2V2ZW50X2lkGAQgASgEEhYKDnJlY2VpdmVkX2F0X25zGAUgASgGIuIBCglTdWJzY3JpYmUSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBmZpbHRlchgCIAEoCRJJChJjb3JyZWxhdGlvbl9maWx0ZXIYAyABKAsyKC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29ycmVsYXRpb25GaWx0ZXJIAIgBARIXCg9pbmNsdWRlX2NvbnRyb2wYBCABKAgSEAoIbG9zc2xlc3MYBSABKAgSDgoGd2luZG93GAYgASgNEg8KB3Jlc3BvbmQYByABKAhCFQoTX2NvcnJlbGF0aW9uX2ZpbHRlciJJCgxTdWJzY3JpYmVBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBndpbmRvdxgCIAEoDRIQCghsb3NzbGVzcxgDIAEoCCIxCgZDcmVkaXQSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNEg4KBmV2ZW50cxgCIAEoDSJiCgdSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSLwoHcHVibGlzaBgCIAEoCzIeLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5QdWJsaXNoEhIKCnRpbWVvdXRfbXMYAyABKA0ivAEKDlJlcXVlc3REZWxpdmVyEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoDRINCgV0b2tlbhgCIAEoBBIvCgdwdWJsaXNoGAMgASgLMh4uZGFlbW9uZXllLmV2ZW50YnVzLnYxLlB1Ymxpc2gSFAoMcmVtYWluaW5nX21zGAQgASgNEhAKCGV2ZW50X2lkGAUgASgEEhYKDnJlY2VpdmVkX2F0X25zGAYgASgGEhEKCXJlcXVlc3RlchgHIAEoCSJMCgVSZXBseRINCgV0b2tlbhgBIAEoBBIUCgxwYXlsb2FkX3R5cGUYAiABKAkSDwoHcGF5bG9hZBgDIAEoDBINCgVlcnJvchgEIAEoCSJrCgxSZXBseURlbGl2ZXISEgoKcmVxdWVzdF9pZBgBIAEoBBIUCgxwYXlsb2FkX3R5cGUYAiABKAkSDwoHcGF5bG9hZBgDIAEoDBINCgVlcnJvchgEIAEoCRIRCglyZXNwb25kZXIYBSABKAkiJgoLVW5zdWJzY3JpYmUSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgNIikKDlVuc3Vic2NyaWJlQWNrEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoDSIVCgRQaW5nEg0KBW5vbmNlGAEgASgEIhUKBFBvbmcSDQoFbm9uY2UYASABKAQikwEKBUVycm9yEi4KBGNvZGUYASABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSDQoFZmF0YWwYAyABKAgSFwoPc3Vic2NyaXB0aW9uX2lkGAQgASgNEg0KBXRvcGljGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAQiGQoHR29vZGJ5ZRIOCgZyZWFzb24YASABKAkiIgoMU3RhdHNSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQilAEKEVN1YnNjcmlwdGlvblN0YXRzEhIKCnNlc3Npb25faWQYASABKAkSFwoPc3Vic2NyaXB0aW9uX2lkGAIgASgNEg4KBmZpbHRlchgDIAEoCRIRCglkZWxpdmVyZWQYBCABKAQSDwoHZHJvcHBlZBgFIAEoBBIQCghsb3NzbGVzcxgGIAEoCBIMCgRoZWxkGAcgASgNIpICCg9Db25uZWN0aW9uU3RhdHMSEgoKc2Vzc2lvbl9pZBgBIAEoCRITCgtjbGllbnRfbmFtZRgCIAEoCRIRCgljb21wb25lbnQYAyABKAkSEAoIcGVlcl9waWQYBCABKA0SEAoIcGVlcl91aWQYBSABKA0SFgoOcXVldWVfbWVzc2FnZXMYBiABKA0SEwoLcXVldWVfYnl0ZXMYByABKAQSEQoJcHVibGlzaGVkGAggASgEEhgKEGludmFsaWRfcGF5bG9hZHMYCSABKAQSGQoRdGhyb3R0bGVkX3NlY29uZHMYCiABKAESEAoIcGVlcl9zaWQYCyABKAkSGAoQcGVuZGluZ19yZXF1ZXN0cxgMIAEoDSJrCgpUb3BpY1N0YXRzEg0KBXRvcGljGAEgASgJEhEKCXB1Ymxpc2hlZBgCIAEoBBIRCglkZWxpdmVyZWQYAyABKAQSDwoHZHJvcHBlZBgEIAEoBBIXCg9wdWJsaXNoZWRfYnl0ZXMYBSABKAQilwQKDVN0YXRzUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoBBITCgtjb25uZWN0aW9ucxgCIAEoDRIZChFjb25uZWN0aW9uc190b3RhbBgDIAEoBBIRCglwdWJsaXNoZWQYBCABKAQSEQoJZGVsaXZlcmVkGAUgASgEEg8KB2Ryb3BwZWQYBiABKAQSDwoHcmVmdXNlZBgHIAEoBBJAChBjb25uZWN0aW9uX3N0YXRzGAggAygLMiYuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbm5lY3Rpb25TdGF0cxJEChJzdWJzY3JpcHRpb25fc3RhdHMYCSADKAsyKC5kYWVtb25leWUuZXZlbnRidXMudjEuU3Vic2NyaXB0aW9uU3RhdHMSEQoJdHJ1bmNhdGVkGAogASgIEhgKEGludmFsaWRfcGF5bG9hZHMYCyABKAQSGQoRdGhyb3R0bGVkX3NlY29uZHMYDCABKAESNgoLdG9waWNfc3RhdHMYDSADKAsyIS5kYWVtb25leWUuZXZlbnRidXMudjEuVG9waWNTdGF0cxIQCghyZXF1ZXN0cxgOIAEoBBIVCg1ub19yZXNwb25kZXJzGA8gASgEEhgKEHJlcXVlc3RfdGltZW91dHMYECABKAQSFwoPcmV0YWluZWRfZXZlbnRzGBEgASgNEhYKDnJldGFpbmVkX2J5dGVzGBIgASgEKusFCglFcnJvckNvZGUSGgoWRVJST1JfQ09ERV9VTlNQRUNJRklFRBAAEh4KGkVSUk9SX0NPREVfRlJBTUVfVE9PX0xBUkdFEAESHgoaRVJST1JfQ09ERV9NQUxGT1JNRURfRlJBTUUQAhIfChtFUlJPUl9DT0RFX1VORVhQRUNURURfRlJBTUUQAxIiCh5FUlJPUl9DT0RFX1VOU1VQUE9SVEVEX1ZFUlNJT04QBBIgChxFUlJPUl9DT0RFX0hBTkRTSEFLRV9USU1FT1VUEAUSHAoYRVJST1JfQ09ERV9JTlZBTElEX1RPUElDEAYSHQoZRVJST1JfQ09ERV9JTlZBTElEX0ZJTFRFUhAHEiIKHkVSUk9SX0NPREVfSU5WQUxJRF9DT1JSRUxBVElPThAIEhwKGEVSUk9SX0NPREVfQUNDRVNTX0RFTklFRBAJEh0KGUVSUk9SX0NPREVfTElNSVRfRVhDRUVERUQQChIfChtFUlJPUl9DT0RFX0NPTk5FQ1RJT05fTElNSVQQCxIcChhFUlJPUl9DT0RFX1NMT1dfQ09OU1VNRVIQDBIbChdFUlJPUl9DT0RFX0lETEVfVElNRU9VVBANEhwKGEVSUk9SX0NPREVfU0hVVFRJTkdfRE9XThAOEiMKH0VSUk9SX0NPREVfVU5LTk9XTl9TVUJTQ1JJUFRJT04QDxImCiJFUlJPUl9DT0RFX0lOVkFMSURfU1VCU0NSSVBUSU9OX0lEEBASHwobRVJST1JfQ09ERV9QQVlMT0FEX01JU01BVENIEBESFwoTRVJST1JfQ09ERV9JTlRFUk5BTBASEh4KGkVSUk9SX0NPREVfSU5WQUxJRF9QQVlMT0FEEBMSHAoYRVJST1JfQ09ERV9OT19SRVNQT05ERVJTEBQSHgoaRVJST1JfQ09ERV9SRVFVRVNUX1RJTUVPVVQQFRIeChpFUlJPUl9DT0RFX1VOS05PV05fUkVRVUVTVBAWYgZwcm90bzM", [file_daemoneye_eventbus_v1_correlation]);
 
 /**
  * One frame on a connection.
@@ -171,6 +171,39 @@ export type Frame = Message<"daemoneye.eventbus.v1.Frame"> & {
      */
     value: Credit;
     case: "credit";
+  } | {
+    /**
+     * Client to broker: ask one responder of a request topic for a reply.
+     *
+     * @generated from field: daemoneye.eventbus.v1.Request request = 18;
+     */
+    value: Request;
+    case: "request";
+  } | {
+    /**
+     * Broker to client: a request for one of the client's responder
+     * subscriptions (`Subscribe.respond`).
+     *
+     * @generated from field: daemoneye.eventbus.v1.RequestDeliver request_deliver = 19;
+     */
+    value: RequestDeliver;
+    case: "requestDeliver";
+  } | {
+    /**
+     * Client to broker: the answer to a `RequestDeliver`.
+     *
+     * @generated from field: daemoneye.eventbus.v1.Reply reply = 20;
+     */
+    value: Reply;
+    case: "reply";
+  } | {
+    /**
+     * Broker to client: the answer to one of the client's requests.
+     *
+     * @generated from field: daemoneye.eventbus.v1.ReplyDeliver reply_deliver = 21;
+     */
+    value: ReplyDeliver;
+    case: "replyDeliver";
   } | { case: undefined; value?: undefined };
 };
 
@@ -228,6 +261,17 @@ export type Hello = Message<"daemoneye.eventbus.v1.Hello"> & {
    * @generated from field: bool credit = 5;
    */
   credit: boolean;
+
+  /**
+   * The client's last will: an event the broker publishes on the client's
+   * behalf if the connection ends without a `Goodbye` from the client. It is
+   * checked at the handshake as a publish by the client would be (declared
+   * topic, access, payload type, payload that parses, size); a will the
+   * client may not publish refuses the handshake.
+   *
+   * @generated from field: optional daemoneye.eventbus.v1.Publish last_will = 6;
+   */
+  lastWill?: Publish | undefined;
 };
 
 /**
@@ -298,6 +342,28 @@ export type Limits = Message<"daemoneye.eventbus.v1.Limits"> & {
    * @generated from field: uint32 idle_timeout_ms = 8;
    */
   idleTimeoutMs: number;
+
+  /**
+   * Most requests one connection may have waiting for a reply.
+   *
+   * @generated from field: uint32 max_pending_requests = 9;
+   */
+  maxPendingRequests: number;
+
+  /**
+   * The longest deadline a request may ask for, in milliseconds; a longer
+   * one is shortened to it.
+   *
+   * @generated from field: uint32 max_request_timeout_ms = 10;
+   */
+  maxRequestTimeoutMs: number;
+
+  /**
+   * The deadline of a request that asks for none, in milliseconds.
+   *
+   * @generated from field: uint32 default_request_timeout_ms = 11;
+   */
+  defaultRequestTimeoutMs: number;
 };
 
 /**
@@ -347,6 +413,15 @@ export type Welcome = Message<"daemoneye.eventbus.v1.Welcome"> & {
    * @generated from field: bool batches = 5;
    */
   batches: boolean;
+
+  /**
+   * The broker routes `Request` frames, delivers retained events, publishes
+   * presence events and honours `Hello.last_will`, and stamps every delivery
+   * with an event id and its receive time.
+   *
+   * @generated from field: bool requests = 6;
+   */
+  requests: boolean;
 };
 
 /**
@@ -426,6 +501,31 @@ export type Deliver = Message<"daemoneye.eventbus.v1.Deliver"> & {
    * @generated from field: daemoneye.eventbus.v1.Publish publish = 3;
    */
   publish?: Publish | undefined;
+
+  /**
+   * The broker's id of the event: unique for the broker's life and
+   * increasing in the order the broker accepted events, the same for every
+   * subscriber of the event. 0 from a broker without ids.
+   *
+   * @generated from field: uint64 event_id = 4;
+   */
+  eventId: bigint;
+
+  /**
+   * When the broker accepted the event, in nanoseconds since the Unix epoch
+   * (the broker's wall clock).
+   *
+   * @generated from field: fixed64 received_at_ns = 5;
+   */
+  receivedAtNs: bigint;
+
+  /**
+   * The event is the retained event of its topic, delivered because the
+   * subscription is new, not because it was just published.
+   *
+   * @generated from field: bool retained = 6;
+   */
+  retained: boolean;
 };
 
 /**
@@ -506,6 +606,21 @@ export type DeliverBatch = Message<"daemoneye.eventbus.v1.DeliverBatch"> & {
    * @generated from field: daemoneye.eventbus.v1.PublishBatch batch = 3;
    */
   batch?: PublishBatch | undefined;
+
+  /**
+   * The broker's id of the first event; the next event has the next id, and
+   * so on (see `Deliver.event_id`).
+   *
+   * @generated from field: uint64 first_event_id = 4;
+   */
+  firstEventId: bigint;
+
+  /**
+   * When the broker accepted the batch, in nanoseconds since the Unix epoch.
+   *
+   * @generated from field: fixed64 received_at_ns = 5;
+   */
+  receivedAtNs: bigint;
 };
 
 /**
@@ -570,6 +685,16 @@ export type Subscribe = Message<"daemoneye.eventbus.v1.Subscribe"> & {
    * @generated from field: uint32 window = 6;
    */
   window: number;
+
+  /**
+   * A responder subscription: it receives the requests (`RequestDeliver`)
+   * on the request topics its filter matches, never events, and answers each
+   * with a `Reply`. Every request goes to one responder among those whose
+   * filters match and that may read the topic, in turn (a queue group).
+   *
+   * @generated from field: bool respond = 7;
+   */
+  respond: boolean;
 };
 
 /**
@@ -648,6 +773,206 @@ export const CreditSchema: GenMessage<Credit> = /*@__PURE__*/
   messageDesc(file_daemoneye_eventbus_v1_frames, 10);
 
 /**
+ * A request: one event on a request topic (a topic the schema declares with a
+ * reply type), for one responder, whose reply comes back to this connection
+ * alone as a `ReplyDeliver` with the same `request_id`, or an `Error` that
+ * names it (no responders, timeout).
+ *
+ * @generated from message daemoneye.eventbus.v1.Request
+ */
+export type Request = Message<"daemoneye.eventbus.v1.Request"> & {
+  /**
+   * Chosen by the client, unique among its requests waiting for a reply, not 0.
+   *
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * The request: a concrete request topic, the request message type and the
+   * serialized request.
+   *
+   * @generated from field: daemoneye.eventbus.v1.Publish publish = 2;
+   */
+  publish?: Publish | undefined;
+
+  /**
+   * How long the client waits for the reply, in milliseconds, from the
+   * broker's receipt of the request. 0 asks for the broker's default
+   * (`Limits.default_request_timeout_ms`); a longer one than
+   * `Limits.max_request_timeout_ms` is shortened to it.
+   *
+   * @generated from field: uint32 timeout_ms = 3;
+   */
+  timeoutMs: number;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.Request.
+ * Use `create(RequestSchema)` to create a new message.
+ */
+export const RequestSchema: GenMessage<Request> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_frames, 11);
+
+/**
+ * A request for a responder subscription.
+ *
+ * @generated from message daemoneye.eventbus.v1.RequestDeliver
+ */
+export type RequestDeliver = Message<"daemoneye.eventbus.v1.RequestDeliver"> & {
+  /**
+   * The responder subscription whose filter matched.
+   *
+   * @generated from field: uint32 subscription_id = 1;
+   */
+  subscriptionId: number;
+
+  /**
+   * The broker's token for the request: the `Reply` names it. Valid for
+   * this connection only, until the request's deadline.
+   *
+   * @generated from field: uint64 token = 2;
+   */
+  token: bigint;
+
+  /**
+   * The request as the requester sent it.
+   *
+   * @generated from field: daemoneye.eventbus.v1.Publish publish = 3;
+   */
+  publish?: Publish | undefined;
+
+  /**
+   * Milliseconds left before the request's deadline when the broker sent
+   * this frame; a reply after it is discarded.
+   *
+   * @generated from field: uint32 remaining_ms = 4;
+   */
+  remainingMs: number;
+
+  /**
+   * The broker's id of the request (numbered with the events).
+   *
+   * @generated from field: uint64 event_id = 5;
+   */
+  eventId: bigint;
+
+  /**
+   * When the broker accepted the request, in nanoseconds since the Unix epoch.
+   *
+   * @generated from field: fixed64 received_at_ns = 6;
+   */
+  receivedAtNs: bigint;
+
+  /**
+   * The component that sent the request; empty if anonymous.
+   *
+   * @generated from field: string requester = 7;
+   */
+  requester: string;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.RequestDeliver.
+ * Use `create(RequestDeliverSchema)` to create a new message.
+ */
+export const RequestDeliverSchema: GenMessage<RequestDeliver> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_frames, 12);
+
+/**
+ * The answer to a `RequestDeliver`.
+ *
+ * @generated from message daemoneye.eventbus.v1.Reply
+ */
+export type Reply = Message<"daemoneye.eventbus.v1.Reply"> & {
+  /**
+   * The token of the request answered.
+   *
+   * @generated from field: uint64 token = 1;
+   */
+  token: bigint;
+
+  /**
+   * Fully qualified name of the reply message type: the request topic's
+   * declared reply type.
+   *
+   * @generated from field: string payload_type = 2;
+   */
+  payloadType: string;
+
+  /**
+   * The serialized reply message.
+   *
+   * @generated from field: bytes payload = 3;
+   */
+  payload: Uint8Array;
+
+  /**
+   * Set when the responder could not answer: why. The payload is then
+   * ignored and the requester gets this reason.
+   *
+   * @generated from field: string error = 4;
+   */
+  error: string;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.Reply.
+ * Use `create(ReplySchema)` to create a new message.
+ */
+export const ReplySchema: GenMessage<Reply> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_frames, 13);
+
+/**
+ * The answer to a request, for its requester alone.
+ *
+ * @generated from message daemoneye.eventbus.v1.ReplyDeliver
+ */
+export type ReplyDeliver = Message<"daemoneye.eventbus.v1.ReplyDeliver"> & {
+  /**
+   * The `Request.request_id` of the request answered.
+   *
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * Fully qualified name of the reply message type.
+   *
+   * @generated from field: string payload_type = 2;
+   */
+  payloadType: string;
+
+  /**
+   * The serialized reply message.
+   *
+   * @generated from field: bytes payload = 3;
+   */
+  payload: Uint8Array;
+
+  /**
+   * Set when the responder could not answer: why (the payload is empty).
+   *
+   * @generated from field: string error = 4;
+   */
+  error: string;
+
+  /**
+   * The component that answered; empty if anonymous.
+   *
+   * @generated from field: string responder = 5;
+   */
+  responder: string;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.ReplyDeliver.
+ * Use `create(ReplyDeliverSchema)` to create a new message.
+ */
+export const ReplyDeliverSchema: GenMessage<ReplyDeliver> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_frames, 14);
+
+/**
  * End a subscription.
  *
  * @generated from message daemoneye.eventbus.v1.Unsubscribe
@@ -666,7 +991,7 @@ export type Unsubscribe = Message<"daemoneye.eventbus.v1.Unsubscribe"> & {
  * Use `create(UnsubscribeSchema)` to create a new message.
  */
 export const UnsubscribeSchema: GenMessage<Unsubscribe> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 11);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 15);
 
 /**
  * The subscription has ended; no more events for it follow.
@@ -687,7 +1012,7 @@ export type UnsubscribeAck = Message<"daemoneye.eventbus.v1.UnsubscribeAck"> & {
  * Use `create(UnsubscribeAckSchema)` to create a new message.
  */
 export const UnsubscribeAckSchema: GenMessage<UnsubscribeAck> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 12);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 16);
 
 /**
  * Are you alive?
@@ -708,7 +1033,7 @@ export type Ping = Message<"daemoneye.eventbus.v1.Ping"> & {
  * Use `create(PingSchema)` to create a new message.
  */
 export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 13);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 17);
 
 /**
  * Answer to a `Ping`.
@@ -729,7 +1054,7 @@ export type Pong = Message<"daemoneye.eventbus.v1.Pong"> & {
  * Use `create(PongSchema)` to create a new message.
  */
 export const PongSchema: GenMessage<Pong> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 14);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 18);
 
 /**
  * Something went wrong. Unless `fatal` is false, the sender closes the
@@ -772,6 +1097,13 @@ export type Error = Message<"daemoneye.eventbus.v1.Error"> & {
    * @generated from field: string topic = 5;
    */
   topic: string;
+
+  /**
+   * The request the error concerns (`Request.request_id`), 0 if none.
+   *
+   * @generated from field: uint64 request_id = 6;
+   */
+  requestId: bigint;
 };
 
 /**
@@ -779,7 +1111,7 @@ export type Error = Message<"daemoneye.eventbus.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 15);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 19);
 
 /**
  * The sender is closing the connection.
@@ -800,7 +1132,7 @@ export type Goodbye = Message<"daemoneye.eventbus.v1.Goodbye"> & {
  * Use `create(GoodbyeSchema)` to create a new message.
  */
 export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 16);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 20);
 
 /**
  * Ask for the broker's statistics.
@@ -821,7 +1153,7 @@ export type StatsRequest = Message<"daemoneye.eventbus.v1.StatsRequest"> & {
  * Use `create(StatsRequestSchema)` to create a new message.
  */
 export const StatsRequestSchema: GenMessage<StatsRequest> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 17);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 21);
 
 /**
  * Statistics of one subscription.
@@ -885,7 +1217,7 @@ export type SubscriptionStats = Message<"daemoneye.eventbus.v1.SubscriptionStats
  * Use `create(SubscriptionStatsSchema)` to create a new message.
  */
 export const SubscriptionStatsSchema: GenMessage<SubscriptionStats> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 18);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 22);
 
 /**
  * Statistics of one connection.
@@ -972,6 +1304,13 @@ export type ConnectionStats = Message<"daemoneye.eventbus.v1.ConnectionStats"> &
    * @generated from field: string peer_sid = 11;
    */
   peerSid: string;
+
+  /**
+   * Requests of this connection waiting for a reply.
+   *
+   * @generated from field: uint32 pending_requests = 12;
+   */
+  pendingRequests: number;
 };
 
 /**
@@ -979,7 +1318,7 @@ export type ConnectionStats = Message<"daemoneye.eventbus.v1.ConnectionStats"> &
  * Use `create(ConnectionStatsSchema)` to create a new message.
  */
 export const ConnectionStatsSchema: GenMessage<ConnectionStats> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 19);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 23);
 
 /**
  * The events of one topic label since the broker started: a declared topic's
@@ -1029,7 +1368,7 @@ export type TopicStats = Message<"daemoneye.eventbus.v1.TopicStats"> & {
  * Use `create(TopicStatsSchema)` to create a new message.
  */
 export const TopicStatsSchema: GenMessage<TopicStats> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 20);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 24);
 
 /**
  * The broker's statistics.
@@ -1130,6 +1469,41 @@ export type StatsResponse = Message<"daemoneye.eventbus.v1.StatsResponse"> & {
    * @generated from field: repeated daemoneye.eventbus.v1.TopicStats topic_stats = 13;
    */
   topicStats: TopicStats[];
+
+  /**
+   * Requests routed to a responder since the broker started.
+   *
+   * @generated from field: uint64 requests = 14;
+   */
+  requests: bigint;
+
+  /**
+   * Requests answered at once with ERROR_CODE_NO_RESPONDERS.
+   *
+   * @generated from field: uint64 no_responders = 15;
+   */
+  noResponders: bigint;
+
+  /**
+   * Requests whose deadline passed without a reply.
+   *
+   * @generated from field: uint64 request_timeouts = 16;
+   */
+  requestTimeouts: bigint;
+
+  /**
+   * Retained events the broker holds now.
+   *
+   * @generated from field: uint32 retained_events = 17;
+   */
+  retainedEvents: number;
+
+  /**
+   * Bytes of the retained events the broker holds now (encoded).
+   *
+   * @generated from field: uint64 retained_bytes = 18;
+   */
+  retainedBytes: bigint;
 };
 
 /**
@@ -1137,7 +1511,7 @@ export type StatsResponse = Message<"daemoneye.eventbus.v1.StatsResponse"> & {
  * Use `create(StatsResponseSchema)` to create a new message.
  */
 export const StatsResponseSchema: GenMessage<StatsResponse> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_frames, 21);
+  messageDesc(file_daemoneye_eventbus_v1_frames, 25);
 
 /**
  * Stable error codes. Never renumbered; new codes may be added.
@@ -1286,6 +1660,31 @@ export enum ErrorCode {
    * @generated from enum value: ERROR_CODE_INVALID_PAYLOAD = 19;
    */
   INVALID_PAYLOAD = 19,
+
+  /**
+   * Nobody may answer the request: no responder subscription matches its
+   * topic, or none whose owner may read it (non-fatal; `Error.request_id`).
+   *
+   * @generated from enum value: ERROR_CODE_NO_RESPONDERS = 20;
+   */
+  NO_RESPONDERS = 20,
+
+  /**
+   * The request's deadline passed without a reply (non-fatal;
+   * `Error.request_id`).
+   *
+   * @generated from enum value: ERROR_CODE_REQUEST_TIMEOUT = 21;
+   */
+  REQUEST_TIMEOUT = 21,
+
+  /**
+   * A `Reply` names a token this connection does not hold: the request was
+   * answered already, its deadline passed, or it was never this
+   * connection's (non-fatal).
+   *
+   * @generated from enum value: ERROR_CODE_UNKNOWN_REQUEST = 22;
+   */
+  UNKNOWN_REQUEST = 22,
 }
 
 /**

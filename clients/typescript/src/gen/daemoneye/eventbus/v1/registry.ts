@@ -7,7 +7,7 @@
 
 import type { Registry } from "@bufbuild/protobuf";
 import { createRegistry } from "@bufbuild/protobuf";
-import { AgentOrchestrationSchema, CollectorLifecycleCommandSchema, CollectorRegistrationSchema, ComponentStatusSchema, ConfigurationAckSchema, ConfigurationUpdateSchema, DiagnosticsSchema, HealthCheckReplySchema, HealthCheckRequestSchema, HeartbeatSchema, LifecycleReplySchema, PolicyUpdateSchema, TaskAckSchema, TaskAssignmentSchema, file_daemoneye_eventbus_v1_control } from "./control_pb.js";
+import { AgentOrchestrationSchema, CollectorLifecycleCommandSchema, CollectorRegistrationSchema, ComponentStatusSchema, ConfigurationAckSchema, ConfigurationUpdateSchema, DiagnosticsSchema, HealthCheckReplySchema, HealthCheckRequestSchema, HeartbeatSchema, LifecycleReplySchema, PolicyUpdateSchema, PresenceEventSchema, TaskAckSchema, TaskAssignmentSchema, file_daemoneye_eventbus_v1_control } from "./control_pb.js";
 import { FilesystemEventSchema, NetworkEventSchema, PerformanceEventSchema, ProcessBatchSchema, ProcessEventSchema, file_daemoneye_eventbus_v1_events } from "./events_pb.js";
 import { AccessLevel } from "./options_pb.js";
 import { RequestTopic, RequestTopicTemplate, Topic, TopicRegistry, TopicTemplate } from "../../../../registry_runtime.js";
@@ -282,6 +282,16 @@ export const CONTROL_COLLECTOR_QUEUE: RequestTopicTemplate<typeof TaskAssignment
   true,
 );
 
+/** Components connecting to the broker and going away, with the reason. Published by the broker alone (the component name `daemoneye-eventbus` is reserved for it: no peer may claim it). */
+export const CONTROL_PRESENCE: Topic<typeof PresenceEventSchema> = new Topic(
+  "control.presence",
+  PresenceEventSchema,
+  AccessLevel.RESTRICTED,
+  ["daemoneye-eventbus"],
+  ["daemoneye-agent"],
+  true,
+);
+
 /** Build a concrete `control.collector.task.{type}.{id}` topic. */
 export function controlCollectorTaskTargeted(values: { readonly type: string; readonly id: string }): Topic<typeof TaskAssignmentSchema> {
   return CONTROL_COLLECTOR_TASK_TARGETED.build(values);
@@ -332,6 +342,7 @@ export interface TopicsByName {
   "control.health.heartbeat": Topic<typeof HeartbeatSchema>;
   "control.health.status": Topic<typeof ComponentStatusSchema>;
   "control.health.diagnostics": Topic<typeof DiagnosticsSchema>;
+  "control.presence": Topic<typeof PresenceEventSchema>;
 }
 
 /** Every concrete topic by name. */
@@ -354,6 +365,7 @@ export const TOPICS: ReadonlyMap<string, Topic> = new Map<string, Topic>([
   [CONTROL_HEALTH_HEARTBEAT.name, CONTROL_HEALTH_HEARTBEAT],
   [CONTROL_HEALTH_STATUS.name, CONTROL_HEALTH_STATUS],
   [CONTROL_HEALTH_DIAGNOSTICS.name, CONTROL_HEALTH_DIAGNOSTICS],
+  [CONTROL_PRESENCE.name, CONTROL_PRESENCE],
 ]);
 
 /** Every topic template. */
@@ -392,6 +404,7 @@ export const ACCESS_TABLE: ReadonlyMap<string, AccessLevel> = new Map<string, Ac
   ["control.collector.rpc.lifecycle.{id}", AccessLevel.PRIVILEGED],
   ["control.collector.rpc.task.{id}", AccessLevel.PRIVILEGED],
   ["control.collector.queue.{type}", AccessLevel.PRIVILEGED],
+  ["control.presence", AccessLevel.RESTRICTED],
 ]);
 
 /** The topic of each `ProcessEventKind` value, from the schema's (event_topic) options. */
