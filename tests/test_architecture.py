@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "budget": 1,
     "ratelimit": 1,
     "flow": 1,
+    "stamps": 1,
     "subscriptions": 1,
     "privileges": 1,
     "statistics": 1,

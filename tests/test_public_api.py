@@ -76,6 +76,7 @@ PURE_MODULES = [
     "budget",
     "ratelimit",
     "flow",
+    "stamps",
     "privileges",
 ]
 PACKAGE_DIR = Path(daemoneye_eventbus.__file__).resolve().parent
