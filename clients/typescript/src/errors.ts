@@ -16,14 +16,18 @@
  * ├── ConnectionClosed        the connection is gone
  * │   ├── ClosedResourceError ... because we closed it
  * │   └── BrokenResourceError ... because the broker did, or it broke
+ * │       └── ConnectionLost  ... while in use: goodbye, fatal error, end of stream
  * ├── ServerError             any other Error frame from the broker
- * └── RequestTimeout          an answer did not come in time
+ * ├── RequestTimeout          an answer did not come in time (REQUEST_TIMEOUT)
+ * ├── NoResponders            no responder may answer a request (NO_RESPONDERS)
+ * ├── RequestFailed           the responder answered a request with an error
+ * └── UnknownRequest          a reply named a request the broker no longer holds
  * ```
  *
  * An error built from an `Error` frame of the broker carries its `code`,
- * `fatal`, `subscriptionId` and `topic` ([protocol §7]); a local error has
- * `code === undefined`, except {@link InvalidPayload}, which always carries
- * `ErrorCode.INVALID_PAYLOAD`.
+ * `fatal`, `subscriptionId`, `topic` and `requestId` ([protocol §7]); a local
+ * error has `code === undefined`, except {@link InvalidPayload}, which always
+ * carries `ErrorCode.INVALID_PAYLOAD`.
  *
  * @module
  */
@@ -40,6 +44,8 @@ export interface ErrorDetails {
   subscriptionId?: number | undefined;
   /** The topic or filter the error concerns, "" if none. */
   topic?: string | undefined;
+  /** The request the error concerns (`Request.request_id`), 0n if none. */
+  requestId?: bigint | undefined;
   /** The underlying error. */
   cause?: unknown;
 }
@@ -54,6 +60,8 @@ export class EventBusError extends Error {
   readonly subscriptionId: number;
   /** The topic or filter concerned, "" if none. */
   readonly topic: string;
+  /** The request concerned (`Request.request_id`), 0n if none. */
+  readonly requestId: bigint;
 
   constructor(message: string, details: ErrorDetails = {}) {
     super(message, details.cause === undefined ? undefined : { cause: details.cause });
@@ -62,6 +70,7 @@ export class EventBusError extends Error {
     this.fatal = details.fatal ?? false;
     this.subscriptionId = details.subscriptionId ?? 0;
     this.topic = details.topic ?? "";
+    this.requestId = details.requestId ?? 0n;
   }
 
   /** The name of `code` without its prefix, e.g. `ACCESS_DENIED`; undefined if local. */
@@ -126,10 +135,66 @@ export class ConnectionClosed extends EventBusError {}
 export class ClosedResourceError extends ConnectionClosed {}
 /** The connection was closed by the broker, or broken. */
 export class BrokenResourceError extends ConnectionClosed {}
+
+/** What a {@link ConnectionLost} says about the end, besides {@link ErrorDetails}. */
+export interface ConnectionLostDetails extends ErrorDetails {
+  /** The broker said goodbye (it shuts down) before closing. */
+  goodbye?: boolean | undefined;
+}
+
+/**
+ * The connection ended while the client used it, not by its own
+ * {@link ClosedResourceError | close}: the broker said goodbye (it shuts
+ * down), sent a fatal error (`code`, `fatal`), broke the protocol, or the
+ * stream ended. Subscriptions, acknowledgements and requests waiting on the
+ * connection fail with it. A client with `reconnect` keeps its subscriptions
+ * and reconnects; without it, the client is closed.
+ */
+export class ConnectionLost extends BrokenResourceError {
+  /** The broker said goodbye first: an orderly shutdown [protocol §8]. */
+  readonly goodbye: boolean;
+
+  constructor(message: string, details: ConnectionLostDetails = {}) {
+    super(message, details);
+    this.goodbye = details.goodbye ?? false;
+  }
+}
+
 /** The broker refused a request with an error code that has no class of its own. */
 export class ServerError extends EventBusError {}
-/** An answer from the broker did not arrive in time. */
+/**
+ * An answer did not arrive in time: an acknowledgement of the broker, or the
+ * reply to a request (`code` `REQUEST_TIMEOUT` when the broker said so,
+ * undefined when the client's own deadline passed first).
+ */
 export class RequestTimeout extends EventBusError {}
+/** No responder may answer the request: none serves its topic, or none may read it. */
+export class NoResponders extends EventBusError {}
+
+/** What a {@link RequestFailed} says, besides {@link ErrorDetails}. */
+export interface RequestFailedDetails extends ErrorDetails {
+  /** The responder's reason (`ReplyDeliver.error`). */
+  reason?: string | undefined;
+  /** The component that answered, "" if anonymous. */
+  responder?: string | undefined;
+}
+
+/** The responder could not answer the request: `reason` says why. */
+export class RequestFailed extends EventBusError {
+  /** The responder's reason, as it gave it. */
+  readonly reason: string;
+  /** The component that answered; "" if anonymous. */
+  readonly responder: string;
+
+  constructor(message: string, details: RequestFailedDetails = {}) {
+    super(message, details);
+    this.reason = details.reason ?? "";
+    this.responder = details.responder ?? "";
+  }
+}
+
+/** A reply named a request the broker does not hold (answered, expired, or not this connection's). */
+export class UnknownRequest extends EventBusError {}
 
 type ErrorClass = new (message: string, details?: ErrorDetails) => EventBusError;
 
@@ -145,6 +210,9 @@ const BY_CODE: ReadonlyMap<ErrorCode, ErrorClass> = new Map<ErrorCode, ErrorClas
   [ErrorCode.INVALID_PAYLOAD, InvalidPayload],
   [ErrorCode.UNKNOWN_SUBSCRIPTION, UnknownSubscription],
   [ErrorCode.INVALID_SUBSCRIPTION_ID, UnknownSubscription],
+  [ErrorCode.NO_RESPONDERS, NoResponders],
+  [ErrorCode.REQUEST_TIMEOUT, RequestTimeout],
+  [ErrorCode.UNKNOWN_REQUEST, UnknownRequest],
 ]);
 
 /** `ERROR_CODE_ACCESS_DENIED` -> `ACCESS_DENIED`; unknown codes as their number. */
@@ -169,5 +237,6 @@ export function errorFromFrame(frame: ErrorFrame): EventBusError {
     fatal: frame.fatal,
     subscriptionId: frame.subscriptionId,
     topic: frame.topic,
+    requestId: frame.requestId,
   });
 }

@@ -1,7 +1,9 @@
 /**
  * daemoneye-eventbus client for Node.js.
  *
- * - {@link connect} / {@link Client}: the connection, typed publish and subscribe;
+ * - {@link connect} / {@link Client}: the connection (with reconnection and a
+ *   last will), typed publish and subscribe, request/reply ({@link Client.request},
+ *   {@link Client.serve});
  * - the topic registry generated from the schema (`EVENTS_PROCESS_LIFECYCLE`,
  *   `controlCollectorTaskTargeted(...)`, `ACCESS_TABLE`, `lookup`, ...);
  * - the generated protobuf-es messages of the payloads (`ProcessEventSchema`,
@@ -16,9 +18,34 @@ export * from "./client.js";
 export * from "./correlation.js";
 export * from "./errors.js";
 export {
+  BATCH_BYTES,
+  PublishBatcher,
+  batchBudget,
+  encodePublish,
+  publishBody,
+  publishHeader,
+  type PublishHeader,
+  type SealedBatch,
+} from "./batcher.js";
+export {
+  DEFAULT_RECONNECT,
+  reconnectDelay,
+  reconnectPolicy,
+  type ReconnectOptions,
+  type ReconnectPolicy,
+} from "./reconnect.js";
+export {
+  IncomingRequest,
+  Responder,
+  type RawReply,
+  type RequestOptions,
+  type ServeOptions,
+} from "./rpc.js";
+export {
   ClientConnection,
   CreditCounter,
   DEFAULT_MAX_FRAME_BYTES,
+  DELIVER_BATCH_OVERHEAD,
   DELIVER_OVERHEAD,
   HANDSHAKE_MAX_FRAME_BYTES,
   MAX_UINT32,

@@ -26,6 +26,8 @@ export const HANDSHAKE_MAX_FRAME_BYTES = 4096;
 export const MAX_PREFIX_BYTES = 5;
 /** Room a `Publish` must leave for the `Deliver` envelope [protocol §1, §5]. */
 export const DELIVER_OVERHEAD = 29;
+/** Room a `PublishBatch` must leave for the `DeliverBatch` envelope [protocol §5]. */
+export const DELIVER_BATCH_OVERHEAD = 30;
 
 /** The name of a `Frame.kind` member, e.g. `"subscribe_ack"` is `"subscribeAck"`. */
 export type FrameKind = NonNullable<Frame["kind"]["case"]>;
@@ -44,7 +46,10 @@ const CLIENT_SENDS: Readonly<Record<"connecting" | "open", ReadonlySet<FrameKind
     "error",
     "goodbye",
     "statsRequest",
+    "publishBatch",
     "credit",
+    "request",
+    "reply",
   ]),
 };
 
@@ -60,6 +65,8 @@ const CLIENT_RECEIVES: Readonly<Record<"connecting" | "open", ReadonlySet<FrameK
     "error",
     "goodbye",
     "statsResponse",
+    "requestDeliver",
+    "replyDeliver",
   ]),
 };
 
