@@ -3,11 +3,9 @@
 // broker is exercised by tests/test_interop.py.
 
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import * as net from "node:net";
-import { tmpdir } from "node:os";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { after, describe, test } from "node:test";
+import { describe, test } from "node:test";
 
 import { create, fromBinary } from "@bufbuild/protobuf";
 
@@ -24,133 +22,13 @@ import {
   connect,
   decodeFrameBody,
   decodeLengthPrefix,
-  encodeFrame,
-  frame,
-  type FrameInit,
 } from "../src/index.js";
 import {
   PublishBatchSchema,
   PublishSchema,
   SubscribeAckSchema,
-  type Frame,
 } from "../src/gen/daemoneye/eventbus/v1/frames_pb.js";
-
-const DIR = mkdtempSync(join(tmpdir(), "deb-ts-"));
-after(() => rmSync(DIR, { recursive: true, force: true }));
-let counter = 0;
-
-type Reply = (frame: Frame, peer: Peer) => void;
-
-/** One connection to the fake broker. */
-class Peer {
-  readonly frames: Frame[] = [];
-  chunks = 0;
-  private buf = new Uint8Array(0);
-  ended = false;
-
-  constructor(
-    readonly socket: net.Socket,
-    onFrame: Reply,
-  ) {
-    socket.on("data", (chunk: Buffer) => {
-      this.chunks += 1;
-      this.buf = new Uint8Array(Buffer.concat([this.buf, chunk]));
-      for (;;) {
-        const prefix = decodeLengthPrefix(this.buf);
-        if (prefix === undefined || prefix[1] + prefix[0] > this.buf.length) {
-          break;
-        }
-        const f = decodeFrameBody(this.buf.subarray(prefix[1], prefix[1] + prefix[0]));
-        this.buf = this.buf.subarray(prefix[1] + prefix[0]);
-        this.frames.push(f);
-        onFrame(f, this);
-      }
-    });
-    socket.on("end", () => {
-      this.ended = true;
-      socket.end();
-    });
-    socket.on("error", () => undefined);
-  }
-
-  send(kind: FrameInit): void {
-    this.socket.write(encodeFrame(frame(kind)));
-  }
-
-  raw(bytes: Uint8Array): void {
-    this.socket.write(bytes);
-  }
-
-  kinds(): (string | undefined)[] {
-    return this.frames.map((f) => f.kind.case);
-  }
-}
-
-const WELCOME: FrameInit = {
-  case: "welcome",
-  value: {
-    protocolVersion: 1,
-    sessionId: "0123456789abcdef",
-    limits: { maxFrameBytes: 1 << 20, maxTopicBytes: 255, maxTopicLevels: 16 },
-    component: "procmond",
-  },
-};
-
-/** A broker that welcomes, answers pings and subscribes, then runs `extra`. */
-function standard(extra?: Reply): Reply {
-  return (f, peer) => {
-    switch (f.kind.case) {
-      case "hello":
-        peer.send(WELCOME);
-        break;
-      case "ping":
-        peer.send({ case: "pong", value: { nonce: f.kind.value.nonce } });
-        break;
-      case "subscribe":
-        peer.send({ case: "subscribeAck", value: { subscriptionId: f.kind.value.subscriptionId } });
-        break;
-      case "unsubscribe":
-        peer.send({
-          case: "unsubscribeAck",
-          value: { subscriptionId: f.kind.value.subscriptionId },
-        });
-        break;
-      default:
-        break;
-    }
-    extra?.(f, peer);
-  };
-}
-
-async function fakeBroker(
-  onFrame: Reply,
-): Promise<{ path: string; peers: Peer[]; close(): Promise<void> }> {
-  const path = join(DIR, `fake-${counter++}.sock`);
-  const peers: Peer[] = [];
-  const server = net.createServer((socket) => peers.push(new Peer(socket, onFrame)));
-  await new Promise<void>((resolve) => server.listen(path, resolve));
-  return {
-    path,
-    peers,
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const p of peers) {
-          p.socket.destroy();
-        }
-        server.close(() => resolve());
-      }),
-  };
-}
-
-async function until(check: () => boolean, what: string, ms = 2000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) {
-      throw new Error(`timed out waiting for ${what}`);
-    }
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
+import { DIR, WELCOME, fakeBroker, standard, until, type Peer, type Reply } from "./fake_broker.js";
 
 const event = (pid: number) => create(ProcessEventSchema, { pid, name: `p${pid}` });
 
