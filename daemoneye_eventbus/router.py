@@ -57,6 +57,7 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.flow import HELD
 from daemoneye_eventbus.frames import batch_budget, event_budget
+from daemoneye_eventbus.stamps import EventClock
 from daemoneye_eventbus.statistics import TopicFigures
 from daemoneye_eventbus.subscriptions import (
     Endpoint,
@@ -187,6 +188,8 @@ class Router:
         self._batch_limit = batch_budget(config.max_frame_bytes)
         #: Published events refused because a payload did not parse.
         self.invalid_payloads = 0
+        #: The broker's event ids and receive times (one stamp per accepted publish).
+        self.clock = EventClock()
 
     def _refuse(self, exc: EventBusError) -> NoReturn:
         self.counts.refuse(exc.code)
@@ -347,13 +350,14 @@ class Router:
         counts.published += count
         counts.published_bytes += size
         lossless = info.lossless
+        stamp = self.clock.stamp(count)
         taken = 0
         for sub in subs:
             if sub.matcher is not None and not sub.matcher.matches(correlation):
                 continue
             first = sub.sequence + 1
             sub.sequence += count
-            queued = sub.enqueue(sub, message, data, first, count, lossless)
+            queued = sub.enqueue(sub, message, data, first, count, lossless, stamp)
             if queued:
                 sub.delivered += count
                 taken += count
