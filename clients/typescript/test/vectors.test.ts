@@ -14,6 +14,7 @@ import {
   type Frame,
 } from "../src/gen/daemoneye/eventbus/v1/frames_pb.js";
 import { PAYLOAD_REGISTRY } from "../src/gen/daemoneye/eventbus/v1/registry.js";
+import { EventQueue, ReceivedEvent, Subscription } from "../src/index.js";
 import {
   ClientConnection,
   decodeLengthPrefix,
@@ -94,7 +95,7 @@ function publishOf(frame: Frame) {
 
 describe("wire vectors", () => {
   test("every Frame.kind member has a vector", () => {
-    assert.ok(ALL_KINDS.length === 17);
+    assert.equal(ALL_KINDS.length, 21);
     assert.deepEqual(new Set(VECTORS.map((v) => v.json.kind)), new Set(ALL_KINDS));
   });
 
@@ -110,7 +111,7 @@ describe("wire vectors", () => {
     const batches = VECTORS.map((v) => fromBinary(FrameSchema, body(v)).kind).flatMap((k) =>
       k.case === "publishBatch" ? [k.value] : k.case === "deliverBatch" ? [k.value.batch] : [],
     );
-    assert.equal(batches.length, 2);
+    assert.ok(batches.length >= 2);
     for (const batch of batches) {
       assert.ok(batch && batch.payloads.length >= 2);
       const schema = PAYLOAD_REGISTRY.getMessage(batch.payloadType);
@@ -119,6 +120,46 @@ describe("wire vectors", () => {
         assert.equal(hex(toBinary(schema, fromBinary(schema, payload))), hex(payload));
       }
     }
+  });
+
+  test("stamped deliveries: exact event ids, receive times and the retained flag", () => {
+    const frames = new Map(VECTORS.map((v) => [v.name, fromBinary(FrameSchema, body(v))]));
+    const events: ReceivedEvent[] = [];
+    const owner = { unsubscribe: () => Promise.resolve(), grantCredit: () => undefined };
+    const sub = (id: number) =>
+      new Subscription(owner, id, "#", undefined, false, undefined, new EventQueue(100));
+    for (const name of [
+      "deliver_stamped",
+      "deliver_retained",
+      "deliver_batch_stamped",
+      "deliver",
+    ]) {
+      const kind = frames.get(name)?.kind;
+      assert.ok(kind, name);
+      const s = sub(kind.value && "subscriptionId" in kind.value ? kind.value.subscriptionId : 0);
+      if (kind.case === "deliver") {
+        s.deliver(kind.value);
+      } else if (kind.case === "deliverBatch") {
+        s.deliverBatch(kind.value);
+      }
+      for (let e = s.getNowait(); e !== undefined; e = s.getNowait()) {
+        events.push(e);
+      }
+    }
+    const ns = 1767323045000000006n; // 2026-01-02T03:04:05.000000006Z: beyond 2^53
+    assert.deepEqual(
+      events.map((e) => [e.eventId, e.receivedAtNs, e.retained, e.sequence]),
+      [
+        [1000n, ns, false, 42n],
+        [17n, ns, true, 1n],
+        [1000n, ns, false, 42n],
+        [1001n, ns, false, 43n],
+        [0n, 0n, false, 42n], // a broker without stamps
+      ],
+    );
+    assert.equal(events[0]?.receivedAt?.toISOString(), "2026-01-02T03:04:05.000Z");
+    assert.equal(events[4]?.receivedAt, undefined);
+    assert.equal(events[1]?.topic, "control.health.status");
   });
 
   for (const v of VECTORS) {
