@@ -2,7 +2,6 @@
 // `@ts-expect-error` line MUST be a type error, or tsc fails.
 
 import { create } from "@bufbuild/protobuf";
-import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 
 import {
   CONTROL_COLLECTOR_RPC_HEALTH,
@@ -15,14 +14,20 @@ import {
   HealthCheckReplySchema,
   HealthCheckRequestSchema,
   RequestTopic,
+  TaskAckSchema,
   TaskAssignmentSchema,
   Topic,
+  connect,
   controlCollectorQueue,
   controlCollectorRpcHealth,
   controlCollectorTaskTargeted,
   lookup,
+  publication,
   type Client,
+  type ConnectionClosed,
   type HealthCheckReply,
+  type HealthCheckRequest,
+  type TaskAssignment,
   type TaskAck,
   type NetworkEvent,
   type ProcessEvent,
@@ -74,19 +79,16 @@ export async function typedSubscribe(client: Client): Promise<void> {
   void decoded.$typeName;
 }
 
-/** The shape of the client's request call to come (issue 19): typed by the topic. */
-declare function request<Req extends DescMessage, Rep extends DescMessage>(
-  topic: RequestTopic<Req, Rep>,
-  message: MessageShape<Req>,
-): Promise<MessageShape<Rep>>;
-
-export async function typedRequest(): Promise<void> {
+export async function typedRequest(client: Client): Promise<void> {
+  const request = client.request.bind(client);
   const health = controlCollectorRpcHealth({ id: "procmond-1" });
   const typed: RequestTopic<typeof HealthCheckRequestSchema, typeof HealthCheckReplySchema> =
     health;
   // A request topic is a topic of its request schema.
   const asTopic: Topic<typeof HealthCheckRequestSchema> = health;
-  const reply: HealthCheckReply = await request(health, create(HealthCheckRequestSchema));
+  const reply: HealthCheckReply = await request(health, create(HealthCheckRequestSchema), {
+    timeoutMs: 500,
+  });
   const ack: TaskAck = await request(
     controlCollectorQueue({ type: "scan" }),
     create(TaskAssignmentSchema),
@@ -111,4 +113,50 @@ export async function typedRequest(): Promise<void> {
   void [wrong, wrongAck, wrongType];
   const retained: boolean = CONTROL_HEALTH_STATUS.retained;
   void retained;
+}
+
+export async function typedServe(client: Client): Promise<void> {
+  // A template serves every topic built from it, typed by its schemas.
+  const responder = await client.serve(CONTROL_COLLECTOR_RPC_HEALTH);
+  for await (const req of responder) {
+    const message: HealthCheckRequest = req.message();
+    const left: number = req.remaining;
+    const deadline: Date = req.deadline;
+    const who: string = req.requester;
+    const id: bigint = req.eventId;
+    void [message, left, deadline, who, id];
+    await req.reply(create(HealthCheckReplySchema));
+    // @ts-expect-error the health topics answer with a HealthCheckReply
+    await req.reply(create(TaskAckSchema));
+    await req.fail("cannot");
+  }
+  const one = await client.serve(controlCollectorQueue({ type: "scan" }));
+  const task: TaskAssignment = (await one.get()).message();
+  void task;
+  // @ts-expect-error a publish/subscribe topic has no reply type to serve
+  await client.serve(CONTROL_HEALTH_STATUS);
+  const untyped = await client.serve("control.collector.rpc.#");
+  await (await untyped.get()).reply(create(HealthCheckReplySchema));
+  await responder.close();
+}
+
+export async function typedEventsAndWill(client: Client): Promise<void> {
+  const sub = await client.subscribe(CONTROL_HEALTH_STATUS);
+  const event = await sub.get();
+  const stamp: [bigint, bigint, boolean, Date | undefined] = [
+    event.eventId,
+    event.receivedAtNs,
+    event.retained,
+    event.receivedAt,
+  ];
+  void stamp;
+  // @ts-expect-error event ids are exact: bigint, not number
+  const lossy: number = event.eventId;
+  void lossy;
+  const will = publication(CONTROL_HEALTH_STATUS, create(ComponentStatusSchema));
+  await connect("/tmp/daemoneye.sock", { lastWill: will, reconnect: { maxDelayMs: 2000 } });
+  // @ts-expect-error a will's message is of its topic's payload type
+  publication(CONTROL_HEALTH_STATUS, create(ProcessEventSchema));
+  const reason: ConnectionClosed | undefined = await client.closed;
+  void reason;
 }
