@@ -6,13 +6,11 @@
 // CLI (`daemoneye-eventbus pub --count`) in another.
 
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import * as net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { fileURLToPath } from "node:url";
 
 import { create, fromBinary } from "@bufbuild/protobuf";
 
@@ -28,18 +26,9 @@ import {
   type Subscription,
 } from "../src/index.js";
 import type { Frame } from "../src/gen/daemoneye/eventbus/v1/frames_pb.js";
+import { SKIP, cli, sleep, startBroker, stopBroker, type Broker } from "./python_broker.js";
 
-const REPO = fileURLToPath(new URL("../../../", import.meta.url));
-const PYTHON = join(REPO, ".venv", "bin", "python");
-const SKIP = existsSync(PYTHON) ? false : `no ${PYTHON}: run \`make venv\``;
 const EVENTS = 20_000;
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-function pythonEnv(): NodeJS.ProcessEnv {
-  const path = [REPO, join(REPO, "generated"), process.env["PYTHONPATH"] ?? ""];
-  return { ...process.env, PYTHONPATH: path.filter(Boolean).join(":") };
-}
 
 /** What went through the relay for one client connection. */
 class Tap {
@@ -159,55 +148,6 @@ async function relay(
   };
 }
 
-async function startBroker(path: string): Promise<{ proc: ChildProcess; stderr: () => string }> {
-  const args = ["-m", "daemoneye_eventbus.cli", "serve", "--socket", path];
-  if (process.getuid?.() === 0) {
-    args.push("--allow-root"); // as root (CI) serve refuses to run on without it
-  }
-  const proc = spawn(PYTHON, args, { env: pythonEnv(), stdio: ["ignore", "ignore", "pipe"] });
-  let stderr = "";
-  proc.stderr?.on("data", (chunk: Buffer) => {
-    stderr += chunk.toString();
-  });
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    if (proc.exitCode !== null) {
-      throw new Error(`the broker exited with ${proc.exitCode}: ${stderr}`);
-    }
-    if (existsSync(path)) {
-      try {
-        const probe = await connect(path, { name: "probe" });
-        await probe.close();
-        break;
-      } catch {
-        // not accepting yet
-      }
-    }
-    if (Date.now() > deadline) {
-      proc.kill("SIGKILL");
-      throw new Error(`the broker did not start: ${stderr}`);
-    }
-    await sleep(50);
-  }
-  return { proc, stderr: () => stderr };
-}
-
-/** Run a command of the Python CLI against the broker; resolve to its exit code and output. */
-function cli(
-  socket: string,
-  command: string,
-  ...args: string[]
-): Promise<{ code: number | null; output: string }> {
-  return new Promise((resolve) => {
-    const argv = ["-m", "daemoneye_eventbus.cli", command, "--socket", socket, ...args];
-    const proc = spawn(PYTHON, argv, { env: pythonEnv(), stdio: ["ignore", "pipe", "pipe"] });
-    let output = "";
-    proc.stdout.on("data", (chunk: Buffer) => (output += chunk.toString()));
-    proc.stderr.on("data", (chunk: Buffer) => (output += chunk.toString()));
-    proc.on("close", (code) => resolve({ code, output }));
-  });
-}
-
 /**
  * A slow reader: take `count` events (or, with `count` undefined, every event
  * until `done()` and the queue is empty), pausing 1 ms every `every` events.
@@ -257,7 +197,7 @@ async function publishAll(client: Client, count: number): Promise<void> {
 describe("credit-based delivery against the Python broker", { skip: SKIP }, () => {
   let dir: string;
   let socket: string;
-  let broker: { proc: ChildProcess; stderr: () => string };
+  let broker: Broker;
   let counter = 0;
 
   before(async () => {
@@ -267,14 +207,7 @@ describe("credit-based delivery against the Python broker", { skip: SKIP }, () =
   });
 
   after(async () => {
-    if (broker !== undefined && broker.proc.exitCode === null) {
-      const exited = new Promise((resolve) => broker.proc.once("exit", resolve));
-      broker.proc.kill("SIGTERM");
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([exited, new Promise((resolve) => (timer = setTimeout(resolve, 10_000)))]);
-      clearTimeout(timer);
-      broker.proc.kill("SIGKILL");
-    }
+    await stopBroker(broker);
     rmSync(dir, { recursive: true, force: true });
   });
 
