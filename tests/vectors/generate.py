@@ -30,7 +30,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from daemoneye.eventbus.v1 import events_pb2, frames_pb2
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2
 from daemoneye.eventbus.v1.correlation_pb2 import (
     CorrelationFilter,
     CorrelationMetadata,
@@ -126,6 +126,9 @@ def vectors() -> list[Vector]:
     """Every vector, in a fixed order."""
     process = _process_event()
     network = _network_event()
+    status = control_pb2.ComponentStatus(
+        component_id="procmond-1", state=control_pb2.HEALTH_STATE_HEALTHY
+    )
     return [
         Vector(
             "hello",
@@ -235,9 +238,9 @@ def vectors() -> list[Vector]:
         ),
         Vector(
             "deliver_retained",
-            "The retained event of control.health.status, delivered first to a new "
-            "subscription (sequence 1) and marked retained; it keeps the id and receive "
-            "time the broker gave it when it was published.",
+            "The retained event of control.health.status (procmond-1 is healthy), "
+            "delivered first to a new subscription (sequence 1) and marked retained; it "
+            "keeps the id and receive time the broker gave it when it was published.",
             Frame(
                 deliver=frames_pb2.Deliver(
                     subscription_id=3,
@@ -245,13 +248,14 @@ def vectors() -> list[Vector]:
                     publish=frames_pb2.Publish(
                         topic="control.health.status",
                         payload_type="daemoneye.eventbus.v1.ComponentStatus",
-                        payload=b"\x0a\x08procmond",
+                        payload=status.SerializeToString(deterministic=True),
                     ),
                     event_id=17,
                     received_at_ns=1767323045000000006,
                     retained=True,
                 )
             ),
+            status,
         ),
         Vector(
             "deliver_batch_stamped",
