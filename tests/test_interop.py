@@ -560,8 +560,11 @@ async def test_broker_goodbye_ends_iteration(broker: Broker, ts: list[TsProgram]
     await broker.close()
     result = await program.expect("result")
     await program.finish()
-    assert result["ended"]["class"] == "BrokenResourceError"
+    assert result["ended"]["class"] == "ConnectionLost"
+    assert result["broken"] is True  # a BrokenResourceError, as before
+    assert result["goodbye"] is True
     assert "goodbye" in result["ended"]["message"]
+    assert result["closed"] == "ConnectionLost"  # client.closed resolved with it
     assert result["connected"] is False
 
 

@@ -233,6 +233,7 @@ export class IncomingRequest<
   readonly deadline: Date;
   private readonly deadlineMono: number;
   private answeredFlag = false;
+  private decoded: MessageShape<Req> | undefined;
 
   constructor(
     private readonly responder: Responder<Req, Rep>,
@@ -276,17 +277,19 @@ export class IncomingRequest<
   }
 
   /**
-   * The decoded request. Throws {@link PayloadTypeMismatch} for a type other
-   * than the topic's, `InvalidPayload` if it does not parse.
+   * The decoded request, decoded once on first use. Throws
+   * {@link PayloadTypeMismatch} for a type other than the topic's,
+   * `InvalidPayload` if it does not parse (then {@link fail} it).
    */
-  message(): MessageShape<Req> {
-    return decodePayload(
+  get message(): MessageShape<Req> {
+    this.decoded ??= decodePayload(
       this.responder.schema,
       this.payloadType,
       this.payload,
       `request on ${JSON.stringify(this.topic)}`,
       { topic: this.topic, subscriptionId: this.subscriptionId },
     );
+    return this.decoded;
   }
 
   /**

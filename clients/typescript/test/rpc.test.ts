@@ -287,7 +287,7 @@ describe("responders against a fake broker", () => {
     peer.send(requestDeliver(responder.subscriptionId, 77n, 1000, 3));
     const req = await responder.get(1000);
     assert.equal(req.topic, "control.collector.rpc.health.c3");
-    assert.equal(req.message().componentId, "c3");
+    assert.equal(req.message.componentId, "c3");
     assert.deepEqual([req.token, req.eventId, req.receivedAtNs], [77n, 577n, 1767323045000000006n]);
     assert.equal(req.requester, "daemoneye-agent");
     assert.equal(req.correlation?.correlationId, "k");
@@ -391,7 +391,7 @@ describe("responders against a fake broker", () => {
     const peer = fake.peers[0] as Peer;
     peer.send(requestDeliver(responder.subscriptionId, 9n, 1000));
     const req = await responder.get(1000);
-    assert.equal(req.message().$typeName, HealthCheckRequestSchema.typeName);
+    assert.equal(req.message.$typeName, HealthCheckRequestSchema.typeName);
     await assert.rejects(req.reply(create(ComponentStatusSchema)), PayloadTypeMismatch);
     assert.equal(req.answered, false);
     assert.equal(await req.reply(REP), true);

@@ -119,7 +119,7 @@ export async function typedServe(client: Client): Promise<void> {
   // A template serves every topic built from it, typed by its schemas.
   const responder = await client.serve(CONTROL_COLLECTOR_RPC_HEALTH);
   for await (const req of responder) {
-    const message: HealthCheckRequest = req.message();
+    const message: HealthCheckRequest = req.message;
     const left: number = req.remaining;
     const deadline: Date = req.deadline;
     const who: string = req.requester;
@@ -131,7 +131,7 @@ export async function typedServe(client: Client): Promise<void> {
     await req.fail("cannot");
   }
   const one = await client.serve(controlCollectorQueue({ type: "scan" }));
-  const task: TaskAssignment = (await one.get()).message();
+  const task: TaskAssignment = (await one.get()).message;
   void task;
   // @ts-expect-error a publish/subscribe topic has no reply type to serve
   await client.serve(CONTROL_HEALTH_STATUS);

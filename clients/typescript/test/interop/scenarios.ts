@@ -7,7 +7,9 @@ import { create, toBinary } from "@bufbuild/protobuf";
 
 import {
   AccessDenied,
+  BrokenResourceError,
   ClosedResourceError,
+  ConnectionLost,
   EVENTS_PROCESS_ANOMALY,
   EVENTS_PROCESS_LIFECYCLE,
   NetworkEventSchema,
@@ -143,7 +145,7 @@ const scenarios: Record<string, (opts: Options) => Promise<Record<string, unknow
     };
   },
 
-  /** The broker shuts down: iteration ends with BrokenResourceError (goodbye). */
+  /** The broker shuts down: iteration ends with ConnectionLost (a BrokenResourceError), goodbye set. */
   async goodbye(opts) {
     const client = await connect(opts.socket, { name: "ts-goodbye", component: "daemoneye-agent" });
     const sub = await client.subscribe("#");
@@ -154,7 +156,14 @@ const scenarios: Record<string, (opts: Options) => Promise<Record<string, unknow
         received += 1;
       }
     } catch (err) {
-      return { ended: describeError(err), received, connected: client.isConnected };
+      return {
+        ended: describeError(err),
+        broken: err instanceof BrokenResourceError,
+        goodbye: err instanceof ConnectionLost && err.goodbye,
+        closed: (await client.closed)?.name ?? null,
+        received,
+        connected: client.isConnected,
+      };
     }
     return { ended: null, received };
   },
