@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -385,6 +386,70 @@ async def test_python_publisher_batches_to_typescript_subscribers(
     assert BATCH_EVENTS // BATCH_RUN <= done["batches"] <= BATCH_EVENTS // 10
     stats = broker.statistics()
     assert (stats.delivered, stats.dropped) == (2 * BATCH_EVENTS, 0)
+
+
+@needs_node
+async def test_event_ids_and_receive_times(broker: Broker, ts: list[TsProgram]) -> None:
+    """Every subscriber gets the broker's id and receive time of each event.
+
+    A Python publisher's events one by one, then a TypeScript publisher's
+    burst (the first event alone, the rest in a batch): the TypeScript and
+    the Python subscriber see the same ids, increasing in publishing order,
+    consecutive for the burst, and receive times taken while the test ran.
+    """
+    py_events = process_events(4, "py-ids")
+    ts_payloads = process_events(8, "ts-ids")
+    count = len(py_events) + len(ts_payloads)
+    t0 = time.time_ns()
+    subscriber = await start(
+        ts,
+        "subscribe.ts",
+        {
+            "socket": broker.path,
+            "component": "daemoneye-agent",
+            "filter": "events.process.lifecycle",
+            "count": count,
+        },
+    )
+    await subscriber.expect("ready")
+    async with (
+        Client(broker.path, name="py-ids-subscriber", component="daemoneye-agent") as watcher,
+        Client(broker.path, name="py-ids-publisher", component="procmond") as client,
+    ):
+        sub = await watcher.subscribe(registry.EVENTS_PROCESS_LIFECYCLE)
+        for payload in py_events:
+            await client.publish(registry.EVENTS_PROCESS_LIFECYCLE, payload)
+            await client.flush()
+        publisher = await start(
+            ts,
+            "publish.ts",
+            {
+                "socket": broker.path,
+                "component": "procmond",
+                "events": ts_events("events.process.lifecycle", ts_payloads, [None] * 8),
+            },
+        )
+        await publisher.expect("ready")
+        assert await publisher.expect("published") == len(ts_payloads)
+        await publisher.finish()
+        seen = [await sub.get(timeout=10) for _ in range(count)]
+    t1 = time.time_ns()
+    got = [await subscriber.expect("event") for _ in range(count)]
+    await subscriber.expect("done")
+    await subscriber.finish()
+    for event, payload in zip(got, [*py_events, *ts_payloads], strict=True):
+        assert_event(event, "events.process.lifecycle", payload, None)
+        assert event["retained"] is False
+    ids = [int(e["eventId"]) for e in got]
+    assert ids[0] > 0
+    assert ids == sorted(set(ids)), "unique and increasing in publishing order"
+    assert ids == [e.event_id for e in seen], "the same id for every subscriber"
+    burst = ids[len(py_events) :]
+    assert burst == list(range(burst[0], burst[0] + len(ts_payloads)))
+    times = [int(e["receivedAtNs"]) for e in got]
+    assert all(t0 <= t <= t1 for t in times)
+    assert times == [e.received_at_ns for e in seen]
+    assert times == sorted(times)
 
 
 @needs_node

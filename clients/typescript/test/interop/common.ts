@@ -54,6 +54,9 @@ export function eventJson(event: ReceivedEvent): Record<string, JsonValue> {
     correlation:
       event.correlation === undefined ? null : toJson(CorrelationMetadataSchema, event.correlation),
     payload: toJson(schema, event.message()),
+    eventId: event.eventId.toString(),
+    receivedAtNs: event.receivedAtNs.toString(),
+    retained: event.retained,
   };
 }
 
