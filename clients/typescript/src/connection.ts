@@ -563,7 +563,9 @@ export class BrokerConnection {
       this.welcome?.reject(conn.error);
       this.welcome = undefined;
     }
-    this.writer.writeNow();
+    if (this.writer.buffered) {
+      this.writer.writeNow(); // pongs, or the fatal Error of a violation
+    }
     if (conn.closeExpected) {
       this.socket?.end();
     }

@@ -80,6 +80,11 @@ export class Writer {
     return this.outBytes + (this.socket?.writableLength ?? 0) + (this.batcher?.pendingBytes ?? 0);
   }
 
+  /** Frames (not counting the open batch) wait in our buffer. */
+  get buffered(): boolean {
+    return this.outBytes > 0;
+  }
+
   /** The socket's buffer is over its high-water mark: publishers should wait. */
   get isBackedUp(): boolean {
     return this.backedUp;
