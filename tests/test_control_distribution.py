@@ -388,6 +388,19 @@ def test_a_task_handed_out_max_attempts_times_fails() -> None:
     assert stats.by_collector["b"].reassigned == 1  # taken back from b, not given again
 
 
+def test_a_task_failing_its_last_attempt_frees_its_slot_once() -> None:
+    # Regression: the slot was given back twice, so the collector looked idle
+    # while it still ran another task.
+    d = setup("a", max_tasks=2, max_attempts=1)
+    d.distribute(task("t1"), now=0.0)
+    d.distribute(task("t2"), now=0.0)
+    d.refuse("t1", "a", now=1.0)
+    info = d.registry.get("a")
+    assert info is not None
+    assert info.assigned_tasks == 1
+    assert d.in_flight == 1
+
+
 # -- finishing ----------------------------------------------------------------------------------
 
 
@@ -501,10 +514,10 @@ def test_hand_outs_follow_priority_then_arrival(priorities: list[int]) -> None:
 
 
 distribution_op = st.one_of(
-    st.tuples(st.just("distribute"), st.integers(0, 11), st.integers(0, 2)),
-    st.tuples(st.just("ack"), st.integers(0, 11), st.integers(0, 2)),
-    st.tuples(st.just("refuse"), st.integers(0, 11), st.integers(0, 2)),
-    st.tuples(st.just("complete"), st.integers(0, 11), st.integers(0, 2)),
+    st.tuples(st.just("distribute"), st.integers(0, 7), st.integers(0, 2)),
+    st.tuples(st.just("ack"), st.integers(0, 7), st.integers(0, 2)),
+    st.tuples(st.just("refuse"), st.integers(0, 7), st.integers(0, 2)),
+    st.tuples(st.just("complete"), st.integers(0, 7), st.integers(0, 2)),
     st.tuples(st.just("lost"), st.integers(0, 2), st.just(0)),
     st.tuples(st.just("register"), st.integers(0, 2), st.just(0)),
     st.tuples(st.just("heartbeat"), st.integers(0, 2), st.just(0)),
@@ -512,18 +525,24 @@ distribution_op = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(distribution_op, max_size=80))
 def test_bookkeeping_holds_whatever_happens(ops: list[tuple[str, int, int]]) -> None:
     """Each task ends at most once (finished or failed); no collector holds more
     than it runs; the registry's counts are the distributor's; tasks go only
     to live collectors able to run them."""
     reg = CollectorRegistry(missed_heartbeats=2, heartbeat_interval=1.0)
-    d = TaskDistributor(reg, max_pending=5, max_attempts=3)
+    d = TaskDistributor(reg, max_pending=5, max_attempts=2)
     collectors = ["c0", "c1", "c2"]
     sessions: Counter[str] = Counter()
     ended: Counter[str] = Counter()
     now = 0.0
+    for i, cid in enumerate(collectors):
+        sessions[cid] += 1
+        types = ["scan", "hash"] if i != 1 else ["scan"]
+        msg = registration(cid, task_types=types, max_tasks=2, session=f"{cid}-1")
+        reg.register(msg, now=now)
+        reg.heartbeat(heartbeat(cid), now=now)
 
     def carry_out() -> None:
         for action in d.take_actions():
@@ -532,7 +551,7 @@ def test_bookkeeping_holds_whatever_happens(ops: list[tuple[str, int, int]]) -> 
                 assert info is not None
                 assert info.state in (CollectorState.READY, CollectorState.BUSY)
                 assert info.can_run(action.task.task_type)
-                assert action.attempt <= 3
+                assert action.attempt <= 2
             else:
                 ended[action.task_id] += 1
 
@@ -542,7 +561,9 @@ def test_bookkeeping_holds_whatever_happens(ops: list[tuple[str, int, int]]) -> 
             t = task(f"t{x}", ["scan", "hash"][y % 2], priority=y)
             d.distribute(t, now=now, deadline=now + 5)
         elif op in ("ack", "refuse", "complete"):
-            tid, cid = f"t{x}", collectors[y]
+            # Mostly from the task's holder, sometimes from another collector.
+            tid, status = f"t{x}", d.task(f"t{x}")
+            cid = status.collector_id if status and status.collector_id and y else collectors[y]
             if op == "ack":
                 d.acknowledge(tid, cid, now=now)
             elif op == "refuse":

@@ -75,6 +75,7 @@ class _Task:
         "deadline",
         "excluded",
         "holders",
+        "holding",
         "incarnation",
         "previous",
         "seq",
@@ -104,6 +105,8 @@ class _Task:
         self.excluded: set[tuple[str, int]] = set()
         #: Every collector it was handed to: a result from any of them finishes it.
         self.holders: set[str] = set()
+        #: It occupies a task slot of ``collector_id``.
+        self.holding = False
 
     def entry(self) -> tuple[int, int, str]:
         """Its place in the queue: higher priority first, then first come."""
@@ -427,6 +430,7 @@ class TaskDistributor:
         record.assigned_at = now
         record.acknowledged_at = None
         record.holders.add(cid)
+        record.holding = True
         self._holding[cid] += 1
         task = TaskAssignment()
         task.CopyFrom(record.task)
@@ -441,8 +445,9 @@ class TaskDistributor:
 
     def _release(self, record: _Task, now: float) -> None:
         """The task no longer occupies a slot of its collector."""
-        if record.state not in IN_FLIGHT_STATES:
+        if not record.holding:
             return
+        record.holding = False
         cid = record.collector_id
         self._holding[cid] -= 1
         left = self._holding[cid]
@@ -466,7 +471,7 @@ class TaskDistributor:
         self._enqueue(record)
 
     def _fail(self, record: _Task, reason: FailureReason, detail: str, now: float) -> None:
-        cid = record.collector_id if record.state in IN_FLIGHT_STATES else ""
+        cid = record.collector_id if record.holding else ""
         if reason is FailureReason.EXPIRED:
             self._figures.count("expired", collector=cid)
         self._figures.count("failed", strategy=record.strategy.name, collector=cid)
