@@ -13,6 +13,7 @@ from daemoneye_eventbus.control import (
     AddOutcome,
     AggregateKind,
     AggregateState,
+    AggregationStatistics,
     ResultAggregator,
 )
 from daemoneye_eventbus.errors import LimitExceeded
@@ -75,6 +76,8 @@ def test_a_workflow_completes_when_every_expected_collector_answered() -> None:
     agg.add(result("t2", "n", ERROR), now=2.0, root_id="root")
     [workflow] = agg.completed()
     assert (workflow.kind, workflow.state) == (WORKFLOW, AggregateState.COMPLETE)
+    stats = agg.statistics()
+    assert (stats.completed, stats.partial, stats.open, stats.results) == (2, 0, 0, 2)
     assert not workflow.succeeded  # complete, but n failed
     assert {r.collector_id for r in workflow.results} == {"p", "n"}
 
@@ -107,8 +110,17 @@ def test_late_and_unexpected_results() -> None:
     assert agg.add(result("t1", "p"), now=2.0) is AddOutcome.LATE
     assert agg.add(result("t9", "p"), now=2.0) is AddOutcome.UNEXPECTED
     assert agg.add(result("t8", "p"), now=2.0, root_id="nowhere") is AddOutcome.UNEXPECTED
-    stats = agg.statistics()
-    assert (stats.late, stats.unexpected, stats.results) == (1, 2, 3)
+    assert agg.statistics() == AggregationStatistics(
+        open=0,
+        completed=0,
+        partial=1,
+        results=3,
+        duplicates=0,
+        unexpected=2,
+        late=1,
+        dropped=0,
+        undrained=0,
+    )
     health = agg.health("p")
     assert health is not None
     assert (health.results, health.timeouts, health.samples) == (3, 1, 0)

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from daemoneye.eventbus.v1.control_pb2 import TaskAssignment
 from daemoneye_eventbus.control import (
     Assignment,
+    CollectorFigures,
     CollectorRegistry,
     CollectorState,
+    DistributionStatistics,
     FailureReason,
     Finish,
     FirstAvailable,
@@ -25,6 +27,7 @@ from daemoneye_eventbus.control import (
     Random,
     RoundRobin,
     Strategy,
+    StrategyFigures,
     TaskDistributor,
     TaskFailed,
     TaskState,
@@ -322,8 +325,10 @@ def test_a_refused_task_goes_to_another_collector() -> None:
     status = d.task("t1")
     assert status is not None
     assert ("a", 1) in status.excluded
-    figures = d.statistics().by_collector
+    stats = d.statistics()
+    figures = stats.by_collector
     assert (figures["a"].refused, figures["a"].reassigned, figures["b"].assigned) == (1, 1, 1)
+    assert (stats.refused, stats.reassigned, stats.assigned) == (0, 1, 2)
 
 
 def test_a_task_of_a_dead_collector_is_reassigned_elsewhere() -> None:
@@ -466,6 +471,40 @@ def test_cancel() -> None:
     assert isinstance(handout, Assignment)
     assert handout.task_id == "t2"
     assert d.statistics().cancelled == 1
+
+
+def test_every_figure() -> None:
+    d = setup("a", "b", strategy=FirstAvailable())
+    d.distribute(task("t1"), now=0.0)  # a
+    d.distribute(task("t2"), now=0.0)  # b
+    d.acknowledge("t1", "a", now=0.0)
+    d.distribute(task("t3"), now=0.0)  # waits
+    d.distribute(task("t4"), now=1.0, deadline=1.0)  # refused: expired
+    d.distribute(task("t1"), now=1.0)  # refused: duplicate
+    d.complete("t1", "a", now=2.0)  # t3 to a
+    d.refuse("t2", "b", now=3.0)  # t2 waits: a is busy, b refused it
+    d.cancel("t3", now=4.0)  # t2 to a
+    d.complete("t2", "a", now=5.0, success=False)
+    assert handed(d) == [("t1", "a"), ("t2", "b"), ("t3", "a"), ("t2", "a")]
+    stats = d.statistics()
+    assert stats == DistributionStatistics(
+        submitted=5,
+        assigned=4,
+        acknowledged=1,
+        completed=1,
+        failed=2,
+        reassigned=1,
+        expired=1,
+        refused=2,
+        cancelled=1,
+        pending=0,
+        in_flight=0,
+        by_strategy={"first_available": StrategyFigures(assigned=4, completed=1, failed=2)},
+        by_collector={
+            "a": CollectorFigures(assigned=3, acknowledged=1, completed=1, failed=2),
+            "b": CollectorFigures(assigned=1, refused=1, reassigned=1),
+        },
+    )
 
 
 def test_the_distributor_copies_the_task() -> None:

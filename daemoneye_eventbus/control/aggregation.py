@@ -320,7 +320,7 @@ class ResultAggregator:
     def statistics(self) -> AggregationStatistics:
         c = self._counts
         return AggregationStatistics(
-            self.open, c["completed"], c["partial"], *(c[name] for name in _STATISTICS)
+            self.open, c["complete"], c["partial"], *(c[name] for name in _STATISTICS)
         )
 
     # -- what the agent does -----------------------------------------------------------

@@ -323,7 +323,8 @@ class TaskDistributor:
             or record.collector_id != collector_id
         ):
             return False
-        self._figures.count("refused", collector=collector_id)
+        # Counted for the collector; the total counts the distributor's own refusals.
+        self._figures.count("refused", collector=collector_id, total=False)
         self._take_back(record, now, f"refused by {collector_id}: {reason}".rstrip(": "))
         self._hand_out(now)
         return True
