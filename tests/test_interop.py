@@ -15,6 +15,12 @@ field by field with what was published.
   TypeScript and a Python publisher at once;
 * client behaviour: typed refusals with their error codes, heartbeats,
   statistics, unsubscribe and close, the broker's goodbye;
+* event ids and receive times seen alike by TypeScript and Python subscribers;
+* with a broker whose ``Welcome`` sets ``requests`` (skipped otherwise): a
+  TypeScript requester and a Python responder, a Python requester and a
+  TypeScript responder, a retained event for a late TypeScript subscriber,
+  presence events, and a TypeScript client's last will (killed: published;
+  closed: none);
 * the generated TypeScript registry agrees with the Python one, and the
   committed TypeScript code (clients/typescript/src/gen/) is fresh.
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -37,15 +44,16 @@ import pytest
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from rawpeer import RawPeer, hello
 
 from codegen.render_ts import HEADER, check_ts, render_ts, ts_function_name
 from codegen.schema import TopicDecl
-from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
 from daemoneye_eventbus.broker import Broker
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.delivery import ReceivedEvent
-from daemoneye_eventbus.errors import SchemaError
+from daemoneye_eventbus.errors import EventBusError, SchemaError
 from daemoneye_eventbus.registry_runtime import RequestTopic, RequestTopicTemplate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -631,6 +639,227 @@ async def test_broker_goodbye_ends_iteration(broker: Broker, ts: list[TsProgram]
     assert "goodbye" in result["ended"]["message"]
     assert result["closed"] == "ConnectionLost"  # client.closed resolved with it
     assert result["connected"] is False
+
+
+# -- request/reply, retained events, presence, last will ---------------------------
+#
+# These need a broker whose Welcome sets `requests` (it routes requests,
+# delivers retained events, publishes presence and honours last wills); they
+# are skipped against one that does not.
+
+
+async def broker_features(path: str) -> frames_pb2.Welcome:
+    """The broker's Welcome, from a raw handshake."""
+    async with await RawPeer.connect(path, handshake=False) as peer:
+        await peer.send(hello("features-probe"))
+        frame = await peer.recv()
+    assert frame.WhichOneof("kind") == "welcome"
+    return frame.welcome
+
+
+@pytest.fixture
+async def stamping_broker(broker: Broker) -> Broker:
+    """The broker, if it routes requests, retains, publishes presence and honours wills."""
+    if not (await broker_features(broker.path)).requests:
+        pytest.skip("the broker's Welcome does not set `requests` yet")
+    return broker
+
+
+def rpc(client: Client) -> Any:
+    """The client, for its request/reply calls (``request``, ``serve``): built
+    alongside the broker's request routing, they are called untyped here so
+    that this file type-checks before they exist."""
+    return client
+
+
+def health_reply(request: control_pb2.HealthCheckRequest) -> control_pb2.HealthCheckReply:
+    return control_pb2.HealthCheckReply(
+        status=control_pb2.RPC_STATUS_SUCCESS,
+        component=control_pb2.ComponentStatus(
+            component_id=request.component_id, message="python answered"
+        ),
+    )
+
+
+@needs_node
+async def test_typescript_requester_python_responder(
+    stamping_broker: Broker, ts: list[TsProgram]
+) -> None:
+    """Typed replies from a Python responder; NoResponders and RequestFailed are typed."""
+    path = stamping_broker.path
+    topic = registry.CONTROL_COLLECTOR_RPC_HEALTH.build(id="py-1")
+    async with (
+        Client(path, name="py-responder", component="procmond") as responder_client,
+        rpc(responder_client).serve(topic) as requests,
+    ):
+
+        async def answer() -> list[str]:
+            requesters = []
+            async for request in requests:
+                requesters.append(request.requester)
+                if request.message.component_id == "py-1":
+                    await request.reply(health_reply(request.message))
+                else:
+                    await request.fail("python refuses")
+                if len(requesters) == 2:
+                    return requesters
+            return requesters
+
+        answering = asyncio.ensure_future(answer())
+        requester = await start(
+            ts,
+            "rpc.ts",
+            {
+                "socket": path,
+                "component": "daemoneye-agent",
+                "role": "request",
+                "ids": ["py-1", "nobody", "py-1"],
+                "timeoutMs": 5000,
+            },
+        )
+        assert (await requester.expect("ready")) is True
+        assert requester.lines[-1]["requests"] is True
+        first = await requester.expect("reply")
+        assert json_format.ParseDict(first, control_pb2.HealthCheckReply()) == health_reply(
+            control_pb2.HealthCheckRequest(component_id="py-1")
+        )
+        nobody = await requester.expect("failed")
+        assert (nobody["class"], nobody["code"]) == ("NoResponders", "NO_RESPONDERS")
+        assert nobody["topic"] == "control.collector.rpc.health.nobody"
+        second = await requester.expect("reply")
+        assert second["component"]["componentId"] == "py-1"
+        assert await requester.expect("done") == 3
+        await requester.finish()
+        assert await asyncio.wait_for(answering, 10) == ["daemoneye-agent", "daemoneye-agent"]
+
+
+@needs_node
+async def test_python_requester_typescript_responder(
+    stamping_broker: Broker, ts: list[TsProgram]
+) -> None:
+    """A TypeScript responder's typed reply and failure reach a Python requester."""
+    path = stamping_broker.path
+    responder = await start(
+        ts,
+        "rpc.ts",
+        {"socket": path, "component": "procmond", "role": "serve", "id": "ts-1", "count": 2},
+    )
+    await responder.expect("ready")
+    assert responder.lines[-1]["filter"] == "control.collector.rpc.health.ts-1"
+    topic = registry.CONTROL_COLLECTOR_RPC_HEALTH.build(id="ts-1")
+    async with Client(path, name="py-requester", component="daemoneye-agent") as client:
+        reply = await rpc(client).request(
+            topic, control_pb2.HealthCheckRequest(component_id="abc"), timeout=5.0
+        )
+        assert reply.status == control_pb2.RPC_STATUS_SUCCESS
+        assert reply.component.component_id == "abc"
+        assert reply.component.message == "ts answered daemoneye-agent"
+        with pytest.raises(EventBusError, match="refused by ts"):
+            await rpc(client).request(
+                topic, control_pb2.HealthCheckRequest(component_id="fail-me"), timeout=5.0
+            )
+    served = [await responder.expect("served") for _ in range(2)]
+    assert [s["componentId"] for s in served] == ["abc", "fail-me"]
+    assert all(s["topic"] == "control.collector.rpc.health.ts-1" for s in served)
+    assert all(s["requester"] == "daemoneye-agent" and s["sent"] for s in served)
+    assert all(int(s["eventId"]) > 0 and s["remainingPositive"] for s in served)
+    assert await responder.expect("done") == 2
+    await responder.finish()
+
+
+@needs_node
+async def test_retained_event_reaches_a_late_typescript_subscriber(
+    stamping_broker: Broker, ts: list[TsProgram]
+) -> None:
+    """The topic's last event comes first to a new subscription, marked retained."""
+    path = stamping_broker.path
+    statuses = [
+        control_pb2.ComponentStatus(component_id=f"c-{i}", message=f"status {i}") for i in range(3)
+    ]
+    async with Client(path, name="py-status", component="procmond") as client:
+        for status in statuses[:2]:
+            await client.publish(registry.CONTROL_HEALTH_STATUS, status)
+        await client.flush()
+        subscriber = await start(
+            ts,
+            "subscribe.ts",
+            {
+                "socket": path,
+                "component": "daemoneye-agent",
+                "filter": "control.health.status",
+                "count": 2,
+            },
+        )
+        await subscriber.expect("ready")
+        retained = await subscriber.expect("event")
+        assert_event(retained, "control.health.status", statuses[1], None)
+        assert retained["retained"] is True
+        await client.publish(registry.CONTROL_HEALTH_STATUS, statuses[2])
+        await client.flush()
+    fresh = await subscriber.expect("event")
+    assert_event(fresh, "control.health.status", statuses[2], None)
+    assert fresh["retained"] is False
+    assert int(fresh["eventId"]) > int(retained["eventId"]) > 0
+    assert (await subscriber.expect("done")) == 2
+    await subscriber.finish()
+
+
+@needs_node
+async def test_presence_reaches_a_typescript_subscriber(
+    stamping_broker: Broker, ts: list[TsProgram]
+) -> None:
+    """A component connecting and leaving: CONNECTED, then DISCONNECTED (GOODBYE)."""
+    path = stamping_broker.path
+    subscriber = await start(
+        ts,
+        "subscribe.ts",
+        {"socket": path, "component": "daemoneye-agent", "filter": "control.presence", "count": 2},
+    )
+    await subscriber.expect("ready")
+    async with Client(path, name="py-present", component="procmond") as client:
+        session = client.session_id
+    events = [await subscriber.expect("event") for _ in range(2)]
+    await subscriber.expect("done")
+    await subscriber.finish()
+    states = [e["payload"] for e in events]
+    assert [s["state"] for s in states] == [
+        "PRESENCE_STATE_CONNECTED",
+        "PRESENCE_STATE_DISCONNECTED",
+    ]
+    assert all(s["component"] == "procmond" and s["sessionId"] == session for s in states)
+    assert states[1]["reason"] == "DISCONNECT_REASON_GOODBYE"
+    assert not states[1].get("lastWillPublished", False)
+
+
+@needs_node
+async def test_typescript_last_will(stamping_broker: Broker, ts: list[TsProgram]) -> None:
+    """A killed TypeScript client's will reaches a Python subscriber; a closed one leaves none."""
+    path = stamping_broker.path
+    async with Client(path, name="py-will-watcher", component="daemoneye-agent") as watcher:
+        sub = await watcher.subscribe(registry.CONTROL_HEALTH_STATUS)
+        closing = await start(
+            ts,
+            "will.ts",
+            {"socket": path, "component": "procmond", "componentId": "ts-clean", "mode": "close"},
+        )
+        await closing.expect("ready")
+        assert await closing.expect("closed") is True
+        await closing.finish()
+        killed = await start(
+            ts,
+            "will.ts",
+            {"socket": path, "component": "procmond", "componentId": "ts-killed", "mode": "kill"},
+        )
+        await killed.expect("ready")
+        killed.proc.send_signal(signal.SIGKILL)
+        await killed.proc.wait()
+        will = await sub.get(timeout=10)
+        status = will.message()
+        assert (status.component_id, status.message) == ("ts-killed", "ts-killed went away")
+        assert status.state == control_pb2.HEALTH_STATE_UNHEALTHY
+        assert will.event_id > 0
+        # The clean one left nothing: the will above was the first status.
+        assert sub.get_nowait() is None
 
 
 @needs_node
