@@ -111,6 +111,8 @@ export class BrokerConnection {
   protected established = false;
   /** A connection was established once: losing one later reconnects (with `reconnect`). */
   protected connectedOnce = false;
+  /** Reconnecting: the error that lost the last connection (what publish and the others throw). */
+  protected disconnected: ConnectionLost | undefined;
   protected welcome: Pending | undefined;
   protected readonly pending = new Map<string, Pending>();
   protected readonly subs = new Map<number, Subscription<DescMessage>>();
@@ -290,6 +292,7 @@ export class BrokerConnection {
   /** Our `Welcome` arrived: the connection is open (before anything after it in the read). */
   protected welcomed(answer: Welcome): void {
     this.established = true;
+    this.disconnected = undefined;
     this.sessionId = answer.sessionId;
     this.acceptedComponent = answer.component;
     this.limits = answer.limits;
@@ -373,6 +376,7 @@ export class BrokerConnection {
   /** The client is closed for good: fail every waiter, end every subscription and responder. */
   protected finish(error: ConnectionClosed): void {
     this.closedError = error;
+    this.disconnected = undefined;
     this.stopReconnect();
     const welcome = this.welcome;
     this.welcome = undefined;
@@ -429,6 +433,7 @@ export class BrokerConnection {
       this.finish(error);
       return;
     }
+    this.disconnected = error;
     this.failPending(error);
     this.onDisconnect?.(error);
     this.reconnecting ??= this.reconnectLoop(this.reconnect)
@@ -526,7 +531,8 @@ export class BrokerConnection {
 
   protected checkOpen(): void {
     if (this.conn.state !== "open" || this.closing) {
-      const error = this.closedError;
+      // While reconnecting, the error that lost the last connection.
+      const error = this.disconnected ?? this.closedError;
       if (error !== undefined && !this.closing && !(error instanceof ClosedResourceError)) {
         throw new ConnectionLost(error.message, {
           cause: error,

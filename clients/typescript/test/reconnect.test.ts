@@ -122,6 +122,31 @@ describe("reconnection against a fake broker", () => {
     await fake.close();
   });
 
+  test("while an attempt waits for its handshake, publishing still throws ConnectionLost", async () => {
+    let answer = true;
+    const fake = await fakeBroker((f, peer) => {
+      if (f.kind.case !== "hello" || answer) {
+        standard()(f, peer);
+      }
+    });
+    const client = await connect(fake.path, { reconnect: FAST, connectTimeoutMs: 60_000 });
+    answer = false; // the next handshakes hang
+    const lost: ConnectionLost[] = [];
+    client.onDisconnect = (err) => lost.push(err);
+    fake.drop();
+    await until(() => fake.peers.length === 2 && fake.peers[1]?.frames.length === 1, "an attempt");
+    const err = await rejectsLost(
+      client.publish(EVENTS_PROCESS_LIFECYCLE, create(ProcessEventSchema)),
+    );
+    assert.equal(err.message, lost[0]?.message);
+    answer = true;
+    fake.drop(); // the hanging attempt fails; the next one succeeds
+    await until(() => client.statistics().reconnects === 1, "the reconnection");
+    await client.publish(EVENTS_PROCESS_LIFECYCLE, create(ProcessEventSchema));
+    await client.close();
+    await fake.close();
+  });
+
   test("a dropped connection with a request in flight: it fails, the client comes back", async () => {
     let silent = true;
     const fake = await fakeBroker(
