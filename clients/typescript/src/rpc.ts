@@ -336,14 +336,25 @@ export class IncomingRequest<
         new LocalProtocolError(`the request on ${this.topic} was already answered`),
       );
     }
-    this.answeredFlag = true;
-    this.responder.taken(this);
     if (this.expired) {
+      this.answeredFlag = true;
+      this.responder.answeredOne();
       return Promise.resolve(false);
     }
-    return Promise.resolve(
-      this.owner.sendReply(this.generation, this.token, payloadType, payload, error),
-    );
+    let sent: boolean;
+    try {
+      sent = this.owner.sendReply(this.generation, this.token, payloadType, payload, error);
+    } catch (err) {
+      return Promise.reject(err as Error); // e.g. a reply over the frame limit: fail() it instead
+    }
+    this.answeredFlag = true;
+    this.responder.answeredOne();
+    return Promise.resolve(sent);
+  }
+
+  /** Fail the request from inside the client (busy, closed), ignoring the outcome. @internal */
+  dismiss(reason: string): void {
+    this.fail(reason).catch(() => undefined);
   }
 }
 
@@ -421,12 +432,12 @@ export class Responder<
     const request = new IncomingRequest(this, this.owner, frame, generation);
     this.received += 1;
     if (this.closedWith !== undefined) {
-      void request.fail("responder closed");
+      request.dismiss("responder closed");
     } else if (frame.remainingMs === 0) {
       this.expired += 1; // nobody waits for it any more
     } else if (this.items.length >= this.maxPending) {
       this.busy += 1;
-      void request.fail(`responder busy: ${this.items.length} requests waiting`);
+      request.dismiss(`responder busy: ${this.items.length} requests waiting`);
     } else {
       this.items.push(request);
       this.waiter?.();
@@ -434,7 +445,7 @@ export class Responder<
   }
 
   /** @internal */
-  taken(_request: IncomingRequest<Req, Rep>): void {
+  answeredOne(): void {
     this.answered += 1;
   }
 
@@ -505,7 +516,7 @@ export class Responder<
       this.closedWith = { error };
     }
     for (const request of this.items.splice(0)) {
-      void request.fail("responder closed");
+      request.dismiss("responder closed");
     }
     this.waiter?.();
   }
