@@ -189,6 +189,8 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
         max_frames_per_turn=args.max_frames_per_turn,
         max_subscription_bytes=args.max_subscription_bytes,
         max_total_subscription_bytes=args.max_total_subscription_bytes,
+        max_retained_events=args.max_retained_events,
+        max_retained_bytes=args.max_retained_bytes,
         handshake_timeout=args.handshake_timeout,
         heartbeat_interval=args.heartbeat_interval,
         idle_timeout=args.idle_timeout,
@@ -339,6 +341,7 @@ async def _stats(args: argparse.Namespace) -> int:
         f"events:      {stats.published} published, {stats.delivered} delivered, "
         f"{stats.dropped} dropped, {stats.refused} refused"
     )
+    print(f"retained:    {stats.retained_events} events, {stats.retained_bytes} bytes")
     for c in stats.connection_stats:
         print(
             f"  session {c.session_id} {c.client_name!r} component={c.component or '-'} "

@@ -207,6 +207,8 @@ SERVE_NUMBERS = {
     "--max-queue-bytes": ("bytes", str(D.max_queue_bytes)),
     "--max-subscription-bytes": ("bytes", str(D.max_subscription_bytes)),
     "--max-total-subscription-bytes": ("bytes", str(D.max_total_subscription_bytes)),
+    "--max-retained-events": ("events", str(D.max_retained_events)),
+    "--max-retained-bytes": ("bytes", str(D.max_retained_bytes)),
     "--max-frames-per-turn": ("frames", str(D.max_frames_per_turn)),
     "--handshake-timeout": ("seconds", str(D.handshake_timeout)),
     "--heartbeat-interval": ("seconds", str(D.heartbeat_interval)),

@@ -77,6 +77,8 @@ PURE_MODULES = [
     "ratelimit",
     "flow",
     "stamps",
+    "retained",
+    "presence",
     "privileges",
 ]
 PACKAGE_DIR = Path(daemoneye_eventbus.__file__).resolve().parent
