@@ -112,10 +112,11 @@ _DECLARATIONS: Final[tuple[registry.Topic[Any] | registry.TopicTemplate[Any], ..
     *registry.TOPICS.values(),
     *registry.TEMPLATES,
 )
-#: Every component the schema names as a publisher or subscriber of a topic.
+#: Every component the schema names as a publisher or subscriber of a topic,
+#: but the broker's own (:data:`BROKER_COMPONENT`): those a peer may claim.
 SCHEMA_COMPONENTS: Final = frozenset(
     name for topic in _DECLARATIONS for name in topic.publishers | topic.subscribers
-)
+) - {BROKER_COMPONENT}
 
 #: The wire code of every refusal at the handshake.
 _DENIED: Final = ErrorCode.ERROR_CODE_ACCESS_DENIED

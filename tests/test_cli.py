@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT, PROCMOND, worker_env
+from conftest import AGENT, PROCMOND, peer_published, worker_env
 
 from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.events_pb2 import ProcessEvent
@@ -267,7 +267,7 @@ async def test_pub_count(broker: Broker, sock_path: str) -> None:
     result = await finish(sub)
     assert result.returncode == 0, result
     assert [r["sequence"] for r in result.json_lines()] == [1, 2, 3]
-    assert broker.statistics().published == 3
+    assert peer_published(broker.statistics()) == 3
 
 
 async def test_sub_correlation_root_filters(broker: Broker, sock_path: str) -> None:
@@ -285,7 +285,7 @@ async def test_sub_correlation_root_filters(broker: Broker, sock_path: str) -> N
     assert {r["correlation"]["rootCorrelationId"] for r in records} == {"c1"}
     # The broker filtered: the other two never reached the subscriber.
     assert [r["sequence"] for r in records] == [1, 2]
-    assert broker.statistics().published == 4
+    assert peer_published(broker.statistics()) == 4
 
 
 async def test_sub_correlation_id_filters(broker: Broker, sock_path: str) -> None:
@@ -408,7 +408,9 @@ async def test_stats_text(broker: Broker, sock_path: str) -> None:
     text = result.stdout
     # The watcher and the stats command itself are connected; the publisher has left.
     assert "connections: 2 open, 3 since start" in text
-    assert "events:      3 published, 3 delivered, 0 dropped, 0 refused" in text
+    # 3 events of the publisher, and the broker's presence events: 3 connections, 1 gone.
+    assert "events:      7 published, 3 delivered, 0 dropped, 0 refused" in text
+    assert "retained:    0 events, 0 bytes" in text
     assert "'watcher'" in text
     assert "events.#" in text
     assert "delivered=3 dropped=0" in text
@@ -434,7 +436,7 @@ async def test_stats_json(broker: Broker, sock_path: str) -> None:
     # Counters are numbers (protobuf's JSON mapping would write uint64 as strings).
     assert stats["connections"] == 2
     assert stats["connectionsTotal"] == 3
-    assert stats["published"] == 2
+    assert peer_published(stats) == 2
     assert stats["delivered"] == 2
     assert stats["dropped"] == 0
     names = {c["clientName"] for c in stats["connectionStats"]}
@@ -491,7 +493,7 @@ def test_serve_instance_and_sigint(instance: str) -> None:
         assert published.returncode == 0, published
         stats = run_sync("stats", "--json", "--instance", instance)
         assert stats.returncode == 0, stats
-        assert json.loads(stats.stdout)["published"] == 2
+        assert peer_published(json.loads(stats.stdout)) == 2
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=PROC_TIMEOUT)
     finally:

@@ -30,7 +30,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from daemoneye.eventbus.v1 import events_pb2, frames_pb2
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2
 from daemoneye.eventbus.v1.correlation_pb2 import (
     CorrelationFilter,
     CorrelationMetadata,
@@ -125,6 +125,10 @@ def _publish(
 def vectors() -> list[Vector]:
     """Every vector, in a fixed order."""
     process = _process_event()
+    status = control_pb2.ComponentStatus(component_id="procmond")
+    gone = control_pb2.ComponentStatus(
+        component_id="procmond-1", state=control_pb2.HEALTH_STATE_UNHEALTHY, message="gone"
+    )
     network = _network_event()
     return [
         Vector(
@@ -140,6 +144,22 @@ def vectors() -> list[Vector]:
             "hello_anonymous",
             "Client handshake of an anonymous client (no component claim).",
             Frame(hello=frames_pb2.Hello(protocol_version=1, client_name="ts-cli")),
+        ),
+        Vector(
+            "hello_last_will",
+            "Client handshake of procmond with a last will: the ComponentStatus the broker "
+            "publishes on control.health.status for it if its connection ends without a "
+            'goodbye (protocol §3, §5 "Presence and last will").',
+            Frame(
+                hello=frames_pb2.Hello(
+                    protocol_version=1,
+                    client_name="procmond",
+                    component="procmond",
+                    accept_batches=True,
+                    credit=True,
+                    last_will=_publish("control.health.status", gone, None),
+                )
+            ),
         ),
         Vector(
             "welcome",
@@ -242,16 +262,13 @@ def vectors() -> list[Vector]:
                 deliver=frames_pb2.Deliver(
                     subscription_id=3,
                     sequence=1,
-                    publish=frames_pb2.Publish(
-                        topic="control.health.status",
-                        payload_type="daemoneye.eventbus.v1.ComponentStatus",
-                        payload=b"\x0a\x08procmond",
-                    ),
+                    publish=_publish("control.health.status", status, None),
                     event_id=17,
                     received_at_ns=1767323045000000006,
                     retained=True,
                 )
             ),
+            status,
         ),
         Vector(
             "deliver_batch_stamped",
