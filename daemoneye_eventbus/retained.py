@@ -44,8 +44,10 @@ from daemoneye_eventbus.topics import topic_matches
 
 __all__ = ["RETAINED_COST", "RetainedEvent", "RetainedStore", "RetainedTopic", "retained_cost"]
 
-#: Bytes of broker memory a retained event costs beyond its encoded
-#: ``Publish``: its entry, its topic as the key, its stamp (CPython 3.11).
+#: Bytes of broker memory a retained event is charged beyond its encoded
+#: ``Publish``: its entry, its stamp, its slot in the store, its topic as the
+#: key and the bytes object's header, measured at about 400 with CPython 3.11
+#: (tracemalloc, topics of 35 characters).
 RETAINED_COST: Final = 512
 
 # Filters with a wildcard level: the others name one topic.

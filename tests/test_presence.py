@@ -152,6 +152,8 @@ async def test_a_killed_collector_leaves_its_will_then_its_presence(
     assert down.last_will_published
     assert down.peer_pid == ready["pid"]
     assert broker.last_wills == 1
+    metrics = broker.metrics_registry()
+    assert metrics.get_sample_value("daemoneye_eventbus_last_wills_published_total") == 1
     # The will is on a retained topic: whoever looks later sees the collector's last word.
     async with Client(sock_path) as anonymous, await anonymous.subscribe(STATUS) as late:
         event = await late.get(timeout=5)
