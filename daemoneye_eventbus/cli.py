@@ -274,6 +274,8 @@ def _event_dict(event: ReceivedEvent[Message]) -> dict[str, Any]:
         "payload_type": event.payload_type,
         "payload": message_json(event.message()),
     }
+    if event.retained:  # the topic's retained event, given to the new subscription
+        out["retained"] = True
     if event.correlation is not None:
         out["correlation"] = message_json(event.correlation)
     return out
@@ -284,7 +286,8 @@ def _event_line(event: ReceivedEvent[Message]) -> str:
     corr = ""
     if event.correlation is not None:
         corr = f" correlation={event.correlation.correlation_id}"
-    return f"{event.topic} #{event.sequence}{corr} {body}"
+    retained = " (retained)" if event.retained else ""
+    return f"{event.topic} #{event.sequence}{retained}{corr} {body}"
 
 
 async def _sub(args: argparse.Namespace) -> int:
@@ -374,13 +377,14 @@ def _topics(args: argparse.Namespace) -> int:
                 "subscribers": sorted(t.subscribers),
                 "control": t.control,
                 "lossless": t.lossless,
+                "retained": t.retained,
             }
         )
     rows.sort(key=lambda r: str(r["topic"]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    lines = [("topic", "access", "payload", "publishers", "subscribers", "delivery")]
+    lines = [("topic", "access", "payload", "publishers", "subscribers", "delivery", "retained")]
     lines += [
         (
             str(r["topic"]),
@@ -389,6 +393,7 @@ def _topics(args: argparse.Namespace) -> int:
             ",".join(r["publishers"]) or "*",
             ",".join(r["subscribers"]) or "*",
             "lossless" if r["lossless"] else "at-most-once",
+            "retained" if r["retained"] else "-",
         )
         for r in rows
     ]

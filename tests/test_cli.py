@@ -167,6 +167,7 @@ def test_topics_table_lists_every_topic_with_access() -> None:
         "publishers",
         "subscribers",
         "delivery",
+        "retained",
     ]
     rows = {line.split()[0]: line.split() for line in lines}
     expected = {name: t.access for name, t in registry.TOPICS.items()}
@@ -177,6 +178,8 @@ def test_topics_table_lists_every_topic_with_access() -> None:
         assert rows[name][1] == level, name
     assert rows[INTEGRITY][5] == "lossless"
     assert rows[LIFECYCLE][5] == "at-most-once"
+    assert rows["control.collector.config"][6] == "retained"
+    assert rows[LIFECYCLE][6] == "-"
 
 
 def test_topics_json() -> None:
@@ -184,10 +187,10 @@ def test_topics_json() -> None:
     assert result.returncode == 0, result
     rows = json.loads(result.stdout)
     assert isinstance(rows, list)
-    # 18 topics and 6 templates (5 of them request topics).
-    assert len(rows) == 24
+    # 19 topics and 6 templates (5 of them request topics).
+    assert len(rows) == 25
     by_name = {r["topic"]: r for r in rows}
-    assert len(by_name) == 24
+    assert len(by_name) == 25
     template = by_name["control.collector.task.{type}.{id}"]
     assert template["access"] == "privileged"
     assert template["payload"] == "daemoneye.eventbus.v1.TaskAssignment"
@@ -206,10 +209,14 @@ def test_topics_json() -> None:
             "subscribers",
             "control",
             "lossless",
+            "retained",
         }
         assert r["access"] in {"public", "restricted", "privileged"}
     assert by_name[INTEGRITY]["lossless"] is True
     assert by_name[LIFECYCLE]["lossless"] is False
+    retained = {r["topic"] for r in rows if r["retained"]}
+    assert retained == {"control.collector.config", "control.agent.policy", "control.health.status"}
+    assert by_name["control.presence"]["publishers"] == ["daemoneye-eventbus"]
 
 
 # -- pub / sub -------------------------------------------------------------------------
@@ -259,6 +266,22 @@ async def test_sub_lossless_asks_for_lossless_delivery(broker: Broker, sock_path
     assert result.returncode == 0, result
     assert [r["sequence"] for r in result.json_lines()] == [1, 2, 3]
     assert broker.statistics().dropped == 0
+
+
+async def test_sub_marks_a_retained_event(broker: Broker, sock_path: str) -> None:
+    status = "control.health.status"  # retained, public
+    await pub(sock_path, topic=status, payload='{"componentId": "procmond-1", "message": "ok"}')
+    sub = await start_sub(status, "--json", "--count", "2", "--socket", sock_path)
+    await pub(sock_path, topic=status, payload='{"componentId": "procmond-1", "message": "busy"}')
+    result = await finish(sub)
+    assert result.returncode == 0, result
+    first, second = result.json_lines()
+    assert (first["sequence"], first["retained"], first["payload"]["message"]) == (1, True, "ok")
+    assert (second["sequence"], second["payload"]["message"]) == (2, "busy")
+    assert "retained" not in second
+    text = await start_sub(status, "--count", "1", "--socket", sock_path)
+    line = (await finish(text)).stdout.splitlines()[0]
+    assert line.startswith(f"{status} #1 (retained) ")
 
 
 async def test_pub_count(broker: Broker, sock_path: str) -> None:
@@ -501,7 +524,8 @@ def test_serve_instance_and_sigint(instance: str) -> None:
             server.kill()
             server.communicate()
     assert server.returncode == 0, err
-    assert "broker stopped: 2 published" in out
+    # pub's 2 events and the broker's presence events: pub and stats came and went.
+    assert "broker stopped: 6 published" in out
     assert "Traceback" not in err
     assert not os.path.exists(path)
 

@@ -357,7 +357,8 @@ def test_topics_table_columns_are_aligned() -> None:
     assert result.returncode == 0, result
     lines = result.stdout.splitlines()
     starts = [[m.start() for m in re.finditer(r"\S+", line)] for line in lines]
-    assert len(starts[0]) == 6  # topic, access, payload, publishers, subscribers, delivery
+    # topic, access, payload, publishers, subscribers, delivery, retained
+    assert len(starts[0]) == 7
     for line, columns in zip(lines, starts, strict=True):
         assert columns == starts[0], f"misaligned: {line!r}"
     assert len(lines) == 1 + len(registry.TOPICS) + len(registry.TEMPLATES)
