@@ -125,11 +125,13 @@ def _publish(
 def vectors() -> list[Vector]:
     """Every vector, in a fixed order."""
     process = _process_event()
-    status = control_pb2.ComponentStatus(component_id="procmond")
     gone = control_pb2.ComponentStatus(
         component_id="procmond-1", state=control_pb2.HEALTH_STATE_UNHEALTHY, message="gone"
     )
     network = _network_event()
+    status = control_pb2.ComponentStatus(
+        component_id="procmond-1", state=control_pb2.HEALTH_STATE_HEALTHY
+    )
     return [
         Vector(
             "hello",
@@ -255,14 +257,18 @@ def vectors() -> list[Vector]:
         ),
         Vector(
             "deliver_retained",
-            "The retained event of control.health.status, delivered first to a new "
-            "subscription (sequence 1) and marked retained; it keeps the id and receive "
-            "time the broker gave it when it was published.",
+            "The retained event of control.health.status (procmond-1 is healthy), "
+            "delivered first to a new subscription (sequence 1) and marked retained; it "
+            "keeps the id and receive time the broker gave it when it was published.",
             Frame(
                 deliver=frames_pb2.Deliver(
                     subscription_id=3,
                     sequence=1,
-                    publish=_publish("control.health.status", status, None),
+                    publish=frames_pb2.Publish(
+                        topic="control.health.status",
+                        payload_type="daemoneye.eventbus.v1.ComponentStatus",
+                        payload=status.SerializeToString(deterministic=True),
+                    ),
                     event_id=17,
                     received_at_ns=1767323045000000006,
                     retained=True,
