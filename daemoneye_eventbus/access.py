@@ -46,7 +46,8 @@ LocalSystem or in the Administrators group) may act as any component the
 schema names, ``daemoneye-agent`` is privileged, and every other peer may only
 connect anonymously. Under any policy, a claim of a component that neither the schema
 (:data:`SCHEMA_COMPONENTS`) nor the policy names is refused, with the list of
-the known ones.
+the known ones, and so is a claim of :data:`BROKER_COMPONENT`, the broker's
+own component (the publisher of presence events).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from daemoneye_eventbus.sids import lookup_account as windows_lookup_account
 from daemoneye_eventbus.topics import filters_overlap
 
 __all__ = [
+    "BROKER_COMPONENT",
     "DEFAULT_PRIVILEGED",
     "EXECUTABLE_PLATFORMS",
     "MAX_COMPONENT_CHARS",
@@ -96,6 +98,10 @@ MAX_COMPONENT_CHARS: Final = 128
 #: Components privileged by the default policy.
 DEFAULT_PRIVILEGED: Final = frozenset({"daemoneye-agent"})
 
+#: The broker's own component: the publisher of ``control.presence``. It is
+#: reserved: no peer may claim it, and no policy may name it.
+BROKER_COMPONENT: Final = "daemoneye-eventbus"
+
 #: Where the broker can read a peer's executable, so where a policy may list
 #: ``executables`` (``sys.platform`` values): Linux (``/proc/<pid>/exe``), macOS
 #: (``proc_pidpath``) and Windows (the client process's image). Elsewhere (the
@@ -106,10 +112,11 @@ _DECLARATIONS: Final[tuple[registry.Topic[Any] | registry.TopicTemplate[Any], ..
     *registry.TOPICS.values(),
     *registry.TEMPLATES,
 )
-#: Every component the schema names as a publisher or subscriber of a topic.
+#: Every component the schema names as a publisher or subscriber of a topic,
+#: but the broker's own (:data:`BROKER_COMPONENT`): those a peer may claim.
 SCHEMA_COMPONENTS: Final = frozenset(
     name for topic in _DECLARATIONS for name in topic.publishers | topic.subscribers
-)
+) - {BROKER_COMPONENT}
 
 #: The wire code of every refusal at the handshake.
 _DENIED: Final = ErrorCode.ERROR_CODE_ACCESS_DENIED
@@ -338,6 +345,8 @@ class Policy:
             raise PolicyError(f"{source}: [components] must be a table")
         for name, raw in raw_components.items():
             where = f"{source}: [components.{name}]"
+            if name == BROKER_COMPONENT:
+                raise PolicyError(f"{where}: {BROKER_COMPONENT!r} is the broker's own component")
             components[name] = rule = _rule(raw, where, lookup_account)
             if rule.executables is not None and platform not in EXECUTABLE_PLATFORMS:
                 raise PolicyError(
@@ -374,6 +383,10 @@ class Policy:
             raise AccessDenied(
                 f"a component name is at most {MAX_COMPONENT_CHARS} characters, not {len(claimed)}",
                 code=_DENIED,
+            )
+        if claimed == BROKER_COMPONENT:
+            raise AccessDenied(
+                f"component {BROKER_COMPONENT!r} is reserved for the broker itself", code=_DENIED
             )
         if not claimed:
             if not self.allow_anonymous:

@@ -32,6 +32,7 @@ from daemoneye_eventbus.access import AuditLog, Policy, account_key
 from daemoneye_eventbus.budget import MemoryBudget
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.errors import BrokerError, ClosedResourceError
+from daemoneye_eventbus.presence import Presence
 from daemoneye_eventbus.router import Router
 from daemoneye_eventbus.sessions import LocalSession, Outbox, Session, SocketSession
 from daemoneye_eventbus.statistics import (
@@ -95,6 +96,8 @@ class Broker:
         self._audit = AuditLog()
         self._router = Router(self._config, self._audit)
         self._outbox = Outbox()
+        #: Presence events on control.presence, and the last wills of sessions.
+        self._presence = Presence(self._router, self._outbox.schedule)
         self._budget = MemoryBudget(self._config)
         self._listener: Listener | None = None
         self._sessions: set[SocketSession] = set()
@@ -164,8 +167,14 @@ class Broker:
         self.connections_total += 1
         return None
 
+    def opened(self, session: Session) -> None:
+        """A socket session completed its handshake: publish its CONNECTED presence."""
+        if isinstance(session, SocketSession):
+            self._presence.connected(session)
+
     def release(self, session: Session) -> None:
-        """Forget a session that ended: its connection slot and its subscriptions."""
+        """Forget a session that ended (its connection slot, its subscriptions); announce
+        a socket session's end, after its last will if due (not at shutdown)."""
         if session.throttled:
             gone = self._throttled_gone
             gone[session.component] = gone.get(session.component, 0.0) + session.throttled
@@ -180,6 +189,8 @@ class Broker:
         elif isinstance(session, LocalSession):
             self._local_sessions.discard(session)
         self._router.detach(session.endpoint)
+        if isinstance(session, SocketSession):
+            self._presence.disconnected(session, wills=not self._closing)
 
     def count_refusal(self, code: int, *, handshake: bool = False) -> None:
         self.tally.refuse(code, handshake=handshake)
@@ -218,7 +229,7 @@ class Broker:
             await listening.wait_closed()
             raise
         self._housekeeper = asyncio.create_task(
-            self._housekeeping(), name=f"eventbus[broker {self.path}].housekeeping"
+            _housekeeping(self), name=f"eventbus[broker {self.path}].housekeeping"
         )
         log.info("broker listening on %s", self.path)
 
@@ -337,6 +348,11 @@ class Broker:
         return self._metrics
 
     @property
+    def last_wills(self) -> int:
+        """Last wills published for sessions that ended without a goodbye, so far."""
+        return self._presence.wills
+
+    @property
     def throttled_seconds(self) -> float:
         """Seconds reading was paused for rate limits, over every connection so far."""
         return sum(self.throttled_by_component().values())
@@ -353,20 +369,21 @@ class Broker:
         """A frozen snapshot of the broker's figures."""
         return _snapshot(self)
 
-    async def _housekeeping(self) -> None:
-        """Heartbeats, idle peers and stuck subscribers, a few times a second."""
-        cfg = self._config
-        tick = max(0.02, min(0.25, cfg.heartbeat_interval / 4, cfg.slow_consumer_timeout / 4))
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + tick
-            await asyncio.sleep(tick)
-            now = loop.time()
-            self.tally.record_lag(now - due)  # how late the loop got to this wake-up
-            for session in list(self._sessions):
-                session.check(now)
-            for local in list(self._local_sessions):
-                local.check(now)
+
+async def _housekeeping(broker: Broker) -> None:
+    """Heartbeats, idle peers and stuck subscribers, a few times a second."""
+    cfg = broker.config
+    tick = max(0.02, min(0.25, cfg.heartbeat_interval / 4, cfg.slow_consumer_timeout / 4))
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + tick
+        await asyncio.sleep(tick)
+        now = loop.time()
+        broker.tally.record_lag(now - due)  # how late the loop got to this wake-up
+        for session in list(broker._sessions):
+            session.check(now)
+        for local in list(broker._local_sessions):
+            local.check(now)
 
 
 def _snapshot(broker: Broker) -> BrokerStatistics:
@@ -412,6 +429,8 @@ def _snapshot(broker: Broker) -> BrokerStatistics:
         invalid_payloads=broker.router.invalid_payloads,
         throttled_seconds=broker.throttled_seconds,
         topic_stats=tuple(sorted(broker.router.topic_counts().items())),
+        retained_events=len(broker.router.retained),
+        retained_bytes=broker.router.retained.encoded_bytes,
     )
 
 

@@ -189,6 +189,8 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
         max_frames_per_turn=args.max_frames_per_turn,
         max_subscription_bytes=args.max_subscription_bytes,
         max_total_subscription_bytes=args.max_total_subscription_bytes,
+        max_retained_events=args.max_retained_events,
+        max_retained_bytes=args.max_retained_bytes,
         handshake_timeout=args.handshake_timeout,
         heartbeat_interval=args.heartbeat_interval,
         idle_timeout=args.idle_timeout,
@@ -272,6 +274,8 @@ def _event_dict(event: ReceivedEvent[Message]) -> dict[str, Any]:
         "payload_type": event.payload_type,
         "payload": message_json(event.message()),
     }
+    if event.retained:  # the topic's retained event, given to the new subscription
+        out["retained"] = True
     if event.correlation is not None:
         out["correlation"] = message_json(event.correlation)
     return out
@@ -282,7 +286,8 @@ def _event_line(event: ReceivedEvent[Message]) -> str:
     corr = ""
     if event.correlation is not None:
         corr = f" correlation={event.correlation.correlation_id}"
-    return f"{event.topic} #{event.sequence}{corr} {body}"
+    retained = " (retained)" if event.retained else ""
+    return f"{event.topic} #{event.sequence}{retained}{corr} {body}"
 
 
 async def _sub(args: argparse.Namespace) -> int:
@@ -339,6 +344,7 @@ async def _stats(args: argparse.Namespace) -> int:
         f"events:      {stats.published} published, {stats.delivered} delivered, "
         f"{stats.dropped} dropped, {stats.refused} refused"
     )
+    print(f"retained:    {stats.retained_events} events, {stats.retained_bytes} bytes")
     for c in stats.connection_stats:
         print(
             f"  session {c.session_id} {c.client_name!r} component={c.component or '-'} "
@@ -371,13 +377,14 @@ def _topics(args: argparse.Namespace) -> int:
                 "subscribers": sorted(t.subscribers),
                 "control": t.control,
                 "lossless": t.lossless,
+                "retained": t.retained,
             }
         )
     rows.sort(key=lambda r: str(r["topic"]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    lines = [("topic", "access", "payload", "publishers", "subscribers", "delivery")]
+    lines = [("topic", "access", "payload", "publishers", "subscribers", "delivery", "retained")]
     lines += [
         (
             str(r["topic"]),
@@ -386,6 +393,7 @@ def _topics(args: argparse.Namespace) -> int:
             ",".join(r["publishers"]) or "*",
             ",".join(r["subscribers"]) or "*",
             "lossless" if r["lossless"] else "at-most-once",
+            "retained" if r["retained"] else "-",
         )
         for r in rows
     ]

@@ -135,6 +135,18 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
             "bytes of broker memory all subscriptions together may hold",
         ),
         (
+            "--max-retained-events",
+            d.max_retained_events,
+            "N",
+            "retained events kept at most (the last event of each retained topic)",
+        ),
+        (
+            "--max-retained-bytes",
+            d.max_retained_bytes,
+            "BYTES",
+            "bytes of broker memory the retained events may hold",
+        ),
+        (
             "--max-frames-per-turn",
             d.max_frames_per_turn,
             "FRAMES",

@@ -58,6 +58,12 @@ class BrokerConfig:
     #: Bytes of partial input all connections together may hold (frames not
     #: yet complete); a connection that would go past it is closed.
     max_total_input_bytes: int = 32 * 1024 * 1024
+    #: Retained events the broker keeps at most (one per concrete retained
+    #: topic); a publish that would retain one more is refused [protocol §5].
+    max_retained_events: int = 10_000
+    #: Bytes of broker memory the retained events may hold together (each
+    #: its encoded Publish plus daemoneye_eventbus.retained.RETAINED_COST).
+    max_retained_bytes: int = 16 * 1024 * 1024
     #: Seconds a subscriber's socket may stay backed up, or a lossless
     #: subscriber may hold its publishers without granting credit, before it
     #: is disconnected as a slow consumer.

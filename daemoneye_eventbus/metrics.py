@@ -133,6 +133,11 @@ class MetricsSource(Protocol):
         """Seconds of rate limiting by component, over every connection so far."""
         ...
 
+    @property
+    def last_wills(self) -> int:
+        """Last wills published so far."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Figures:
@@ -161,6 +166,11 @@ class Figures:
     held_events: dict[str, int] = field(default_factory=dict)
     #: Publishers a lossless subscriber holds now, by component label.
     held_publishers: dict[str, int] = field(default_factory=dict)
+    #: Retained events the broker holds now, and their encoded bytes.
+    retained_events: int = 0
+    retained_bytes: int = 0
+    #: Last wills published for sessions that ended without a goodbye.
+    last_wills: int = 0
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -235,6 +245,9 @@ class BrokerCollector(Collector):
             throttled=self._throttled(source.throttled_by_component()),
             held_events=held,
             held_publishers=publishers,
+            retained_events=len(router.retained),
+            retained_bytes=router.retained.encoded_bytes,
+            last_wills=source.last_wills,
         )
 
     def _throttled(self, by_component: dict[str, float]) -> dict[str, float]:
@@ -385,6 +398,22 @@ def _families(f: Figures) -> Iterator[Metric]:
         "Publisher connections not read now because a lossless subscriber holds their "
         "events, by component.",
         f.held_publishers,
+    )
+    yield gauge(
+        "retained_events",
+        "Retained events the broker holds (the last event of each retained topic).",
+        f.retained_events,
+    )
+    yield gauge(
+        "retained_bytes",
+        "Encoded bytes of the retained events (max_retained_bytes bounds them with 512 "
+        "bytes more for each).",
+        f.retained_bytes,
+    )
+    yield CounterMetricFamily(
+        _name("last_wills_published"),
+        "Last wills the broker published for sessions that ended without a goodbye.",
+        value=f.last_wills,
     )
     yield gauge(
         "event_loop_lag_seconds",

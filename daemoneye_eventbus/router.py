@@ -11,6 +11,10 @@ changes), and whose correlation filter accepts the event's metadata. It then
 hands the encoded event to each receiving session's sink, numbered per
 subscription.
 
+It keeps the last event of each topic declared ``retained`` in its
+:class:`~daemoneye_eventbus.retained.RetainedStore` (bounded; a publish the
+store cannot keep is refused), which new subscriptions get first.
+
 It counts as it goes, for the broker's metrics: events published, delivered
 and dropped and bytes published per topic label (:meth:`Router.topic_counts`:
 a declared topic's name, a template's pattern, or ``"undeclared"``, so as many
@@ -57,6 +61,7 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.flow import HELD
 from daemoneye_eventbus.frames import batch_budget, event_budget
+from daemoneye_eventbus.retained import RetainedStore
 from daemoneye_eventbus.stamps import EventClock
 from daemoneye_eventbus.statistics import TopicFigures
 from daemoneye_eventbus.subscriptions import (
@@ -160,6 +165,8 @@ class TopicInfo:
     counts: TopicCounts = field(default_factory=TopicCounts)
     #: Declared lossless: held, not dropped, for a credit-based subscriber.
     lossless: bool = False
+    #: Declared retained: its last event is kept for new subscriptions.
+    retained: bool = False
 
 
 class Router:
@@ -190,6 +197,8 @@ class Router:
         self.invalid_payloads = 0
         #: The broker's event ids and receive times (one stamp per accepted publish).
         self.clock = EventClock()
+        #: The last event of each retained topic, replayed to new subscriptions.
+        self.retained = RetainedStore(config)
 
     def _refuse(self, exc: EventBusError) -> NoReturn:
         self.counts.refuse(exc.code)
@@ -288,6 +297,7 @@ class Router:
                 declared.payload_type,
                 counts,
                 declared.lossless,
+                declared.retained,
             )
         elif cfg.allow_undeclared_topics:
             info = TopicInfo(
@@ -351,6 +361,8 @@ class Router:
         counts.published_bytes += size
         lossless = info.lossless
         stamp = self.clock.stamp(count)
+        if info.retained:
+            self.retained.keep(topic, message, data, stamp, info)
         taken = 0
         for sub in subs:
             if sub.matcher is not None and not sub.matcher.matches(correlation):
@@ -447,6 +459,8 @@ class Router:
                 self._refuse(
                     InvalidCorrelation(str(exc), code=ErrorCode.ERROR_CODE_INVALID_CORRELATION)
                 )
+        if info.retained and (full := self.retained.refusal(topic, message, size)) is not None:
+            self._refuse(full)  # refused whole: the store cannot keep its (last) event
         endpoint.published += count
         subs = self._receivers.get(topic)
         if subs is None:

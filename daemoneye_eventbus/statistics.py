@@ -136,6 +136,10 @@ class BrokerStatistics:
     throttled_seconds: float = 0.0
     #: Events by topic label (declared names, template patterns, "undeclared").
     topic_stats: tuple[tuple[str, TopicFigures], ...] = ()
+    #: Retained events the broker holds now, and their encoded bytes (the memory
+    #: they are charged is that plus RETAINED_COST each).
+    retained_events: int = 0
+    retained_bytes: int = 0
 
     def to_proto(
         self, request_id: int = 0, max_bytes: int | None = None
@@ -171,6 +175,8 @@ class BrokerStatistics:
             refused=self.refused,
             invalid_payloads=self.invalid_payloads,
             throttled_seconds=self.throttled_seconds,
+            retained_events=self.retained_events,
+            retained_bytes=self.retained_bytes,
             topic_stats=[
                 frames_pb2.TopicStats(
                     topic=label,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from daemoneye.eventbus.v1 import events_pb2
-from daemoneye_eventbus.broker import Broker, BrokerConfig
+from daemoneye.eventbus.v1 import events_pb2, frames_pb2
+from daemoneye_eventbus.broker import Broker, BrokerConfig, BrokerStatistics
 from daemoneye_eventbus.delivery import ReceivedEvent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +82,27 @@ def worker_env() -> dict[str, str]:
         [str(REPO), str(REPO / "generated"), env.get("PYTHONPATH", "")]
     )
     return env
+
+
+#: The broker's own topic: it publishes a presence event there for every
+#: connection that completes its handshake, and another when it ends.
+PRESENCE_TOPIC = "control.presence"
+
+
+def peer_published(stats: BrokerStatistics | frames_pb2.StatsResponse | dict[str, Any]) -> int:
+    """Events the broker accepted from its peers: its ``published`` figure less the
+    presence events it published itself (docs/protocol.md §5, "Presence and last
+    will"). ``stats`` is a snapshot, a ``StatsResponse``, or ``stats --json``'s object."""
+    if isinstance(stats, dict):
+        own = sum(
+            int(t["published"]) for t in stats.get("topicStats", ()) if t["topic"] == PRESENCE_TOPIC
+        )
+        return int(stats["published"]) - own
+    if isinstance(stats, BrokerStatistics):
+        own = sum(t.published for label, t in stats.topic_stats if label == PRESENCE_TOPIC)
+    else:
+        own = sum(t.published for t in stats.topic_stats if t.topic == PRESENCE_TOPIC)
+    return stats.published - own
 
 
 def proc(pid: int) -> events_pb2.ProcessEvent:

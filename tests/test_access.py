@@ -19,6 +19,7 @@ from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
 from daemoneye_eventbus.access import (
     ANONYMOUS,
+    BROKER_COMPONENT,
     SCHEMA_COMPONENTS,
     AuditLog,
     Identity,
@@ -293,7 +294,9 @@ def test_schema_components_are_the_registrys_publishers_and_subscribers() -> Non
         named |= topic.publishers | topic.subscribers
     for template in registry.TEMPLATES:
         named |= template.publishers | template.subscribers
-    assert named == SCHEMA_COMPONENTS
+    # All but the broker's own, which publishes control.presence and no peer may claim.
+    assert named == SCHEMA_COMPONENTS | {BROKER_COMPONENT}
+    assert BROKER_COMPONENT not in SCHEMA_COMPONENTS
     assert {"daemoneye-agent", "procmond", "netmond"} <= SCHEMA_COMPONENTS
 
 

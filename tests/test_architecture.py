@@ -36,6 +36,8 @@ LAYERS: dict[str, int] = {
     "statistics": 1,
     "protocol": 1,
     "router": 1,
+    "retained": 1,
+    "presence": 1,
     "transports.pipes": 1,
     # the control plane's bookkeeping: pure, driven by an asyncio agent and collector
     "control": 1,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT, PROCMOND, worker_env
+from conftest import AGENT, PROCMOND, peer_published, worker_env
 
 from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.events_pb2 import ProcessEvent
@@ -167,6 +167,7 @@ def test_topics_table_lists_every_topic_with_access() -> None:
         "publishers",
         "subscribers",
         "delivery",
+        "retained",
     ]
     rows = {line.split()[0]: line.split() for line in lines}
     expected = {name: t.access for name, t in registry.TOPICS.items()}
@@ -177,6 +178,8 @@ def test_topics_table_lists_every_topic_with_access() -> None:
         assert rows[name][1] == level, name
     assert rows[INTEGRITY][5] == "lossless"
     assert rows[LIFECYCLE][5] == "at-most-once"
+    assert rows["control.collector.config"][6] == "retained"
+    assert rows[LIFECYCLE][6] == "-"
 
 
 def test_topics_json() -> None:
@@ -206,10 +209,14 @@ def test_topics_json() -> None:
             "subscribers",
             "control",
             "lossless",
+            "retained",
         }
         assert r["access"] in {"public", "restricted", "privileged"}
     assert by_name[INTEGRITY]["lossless"] is True
     assert by_name[LIFECYCLE]["lossless"] is False
+    retained = {r["topic"] for r in rows if r["retained"]}
+    assert retained == {"control.collector.config", "control.agent.policy", "control.health.status"}
+    assert by_name["control.presence"]["publishers"] == ["daemoneye-eventbus"]
 
 
 # -- pub / sub -------------------------------------------------------------------------
@@ -261,13 +268,29 @@ async def test_sub_lossless_asks_for_lossless_delivery(broker: Broker, sock_path
     assert broker.statistics().dropped == 0
 
 
+async def test_sub_marks_a_retained_event(broker: Broker, sock_path: str) -> None:
+    status = "control.health.status"  # retained, public
+    await pub(sock_path, topic=status, payload='{"componentId": "procmond-1", "message": "ok"}')
+    sub = await start_sub(status, "--json", "--count", "2", "--socket", sock_path)
+    await pub(sock_path, topic=status, payload='{"componentId": "procmond-1", "message": "busy"}')
+    result = await finish(sub)
+    assert result.returncode == 0, result
+    first, second = result.json_lines()
+    assert (first["sequence"], first["retained"], first["payload"]["message"]) == (1, True, "ok")
+    assert (second["sequence"], second["payload"]["message"]) == (2, "busy")
+    assert "retained" not in second
+    text = await start_sub(status, "--count", "1", "--socket", sock_path)
+    line = (await finish(text)).stdout.splitlines()[0]
+    assert line.startswith(f"{status} #1 (retained) ")
+
+
 async def test_pub_count(broker: Broker, sock_path: str) -> None:
     sub = await start_sub("#", "--json", "--count", "3", "--socket", sock_path)
     await pub(sock_path, "--count", "3")
     result = await finish(sub)
     assert result.returncode == 0, result
     assert [r["sequence"] for r in result.json_lines()] == [1, 2, 3]
-    assert broker.statistics().published == 3
+    assert peer_published(broker.statistics()) == 3
 
 
 async def test_sub_correlation_root_filters(broker: Broker, sock_path: str) -> None:
@@ -285,7 +308,7 @@ async def test_sub_correlation_root_filters(broker: Broker, sock_path: str) -> N
     assert {r["correlation"]["rootCorrelationId"] for r in records} == {"c1"}
     # The broker filtered: the other two never reached the subscriber.
     assert [r["sequence"] for r in records] == [1, 2]
-    assert broker.statistics().published == 4
+    assert peer_published(broker.statistics()) == 4
 
 
 async def test_sub_correlation_id_filters(broker: Broker, sock_path: str) -> None:
@@ -408,7 +431,9 @@ async def test_stats_text(broker: Broker, sock_path: str) -> None:
     text = result.stdout
     # The watcher and the stats command itself are connected; the publisher has left.
     assert "connections: 2 open, 3 since start" in text
-    assert "events:      3 published, 3 delivered, 0 dropped, 0 refused" in text
+    # 3 events of the publisher, and the broker's presence events: 3 connections, 1 gone.
+    assert "events:      7 published, 3 delivered, 0 dropped, 0 refused" in text
+    assert "retained:    0 events, 0 bytes" in text
     assert "'watcher'" in text
     assert "events.#" in text
     assert "delivered=3 dropped=0" in text
@@ -434,7 +459,7 @@ async def test_stats_json(broker: Broker, sock_path: str) -> None:
     # Counters are numbers (protobuf's JSON mapping would write uint64 as strings).
     assert stats["connections"] == 2
     assert stats["connectionsTotal"] == 3
-    assert stats["published"] == 2
+    assert peer_published(stats) == 2
     assert stats["delivered"] == 2
     assert stats["dropped"] == 0
     names = {c["clientName"] for c in stats["connectionStats"]}
@@ -491,7 +516,7 @@ def test_serve_instance_and_sigint(instance: str) -> None:
         assert published.returncode == 0, published
         stats = run_sync("stats", "--json", "--instance", instance)
         assert stats.returncode == 0, stats
-        assert json.loads(stats.stdout)["published"] == 2
+        assert peer_published(json.loads(stats.stdout)) == 2
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=PROC_TIMEOUT)
     finally:
@@ -499,7 +524,8 @@ def test_serve_instance_and_sigint(instance: str) -> None:
             server.kill()
             server.communicate()
     assert server.returncode == 0, err
-    assert "broker stopped: 2 published" in out
+    # pub's 2 events and the broker's presence events: pub and stats came and went.
+    assert "broker stopped: 6 published" in out
     assert "Traceback" not in err
     assert not os.path.exists(path)
 

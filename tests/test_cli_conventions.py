@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT, PROCMOND, worker_env
+from conftest import AGENT, PROCMOND, peer_published, worker_env
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from test_cli import (
@@ -165,7 +165,7 @@ async def test_a_refused_publish_is_reported_once(
     )
     refused = broker.statistics().refused
     assert refused == 1 if count == "1" else refused > 1
-    assert broker.statistics().published == 0
+    assert peer_published(broker.statistics()) == 0
 
 
 # -- help: units and defaults for every option ----------------------------------------------
@@ -207,6 +207,8 @@ SERVE_NUMBERS = {
     "--max-queue-bytes": ("bytes", str(D.max_queue_bytes)),
     "--max-subscription-bytes": ("bytes", str(D.max_subscription_bytes)),
     "--max-total-subscription-bytes": ("bytes", str(D.max_total_subscription_bytes)),
+    "--max-retained-events": ("events", str(D.max_retained_events)),
+    "--max-retained-bytes": ("bytes", str(D.max_retained_bytes)),
     "--max-frames-per-turn": ("frames", str(D.max_frames_per_turn)),
     "--handshake-timeout": ("seconds", str(D.handshake_timeout)),
     "--heartbeat-interval": ("seconds", str(D.heartbeat_interval)),
@@ -299,7 +301,7 @@ async def test_stats_json_counters_are_numbers_without_request_id(
     assert checked > len(top)  # the rows' counters too
     assert stats["connectionStats"]
     assert stats["subscriptionStats"]
-    assert (stats["published"], stats["delivered"], stats["dropped"]) == (3, 3, 0)
+    assert (peer_published(stats), stats["delivered"], stats["dropped"]) == (3, 3, 0)
     (lifecycle,) = [t for t in stats["topicStats"] if t["topic"] == LIFECYCLE]
     assert lifecycle["published"] == 3
 
@@ -355,7 +357,8 @@ def test_topics_table_columns_are_aligned() -> None:
     assert result.returncode == 0, result
     lines = result.stdout.splitlines()
     starts = [[m.start() for m in re.finditer(r"\S+", line)] for line in lines]
-    assert len(starts[0]) == 6  # topic, access, payload, publishers, subscribers, delivery
+    # topic, access, payload, publishers, subscribers, delivery, retained
+    assert len(starts[0]) == 7
     for line, columns in zip(lines, starts, strict=True):
         assert columns == starts[0], f"misaligned: {line!r}"
     assert len(lines) == 1 + len(registry.TOPICS) + len(registry.TEMPLATES)

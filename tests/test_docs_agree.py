@@ -22,7 +22,7 @@ from rawpeer import RawPeer, describe, hello, kind, ping
 
 from daemoneye.eventbus.v1 import frames_pb2, registry
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus import budget
+from daemoneye_eventbus import budget, retained
 from daemoneye_eventbus.access import MAX_COMPONENT_CHARS, Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.client import Client
@@ -336,6 +336,22 @@ def test_the_memory_figures_are_the_codes() -> None:
         "512 bytes + 2 \u00d7 filter length + 2 \u00d7 encoded correlation filter bytes" in protocol
     )
     assert "| 96 bytes" in protocol
+
+
+def test_the_retained_memory_figure_is_the_codes() -> None:
+    assert retained.RETAINED_COST == 512
+    assert retained.retained_cost(100) == 612
+    protocol, security = read(PROTOCOL_DOC), read(SECURITY_DOC)
+    assert (
+        "| memory charged per retained event (`RETAINED_COST`) | encoded `Publish` + 512 bytes |"
+        in (protocol)
+    )
+    table = security.split("## Limits, their defaults", 1)[1].split("\n## ", 1)[0]
+    for name in ("max_retained_events", "max_retained_bytes"):
+        assert f"| `{name}` |" in table, name
+    assert "| retained events | each retained event's encoded `Publish` + 512 bytes" in security
+    # The README no longer says the broker ignores the retained declarations.
+    assert "no retained delivery" not in read(README)
 
 
 def test_every_error_code_is_in_the_table_of_section_7() -> None:

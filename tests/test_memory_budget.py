@@ -159,3 +159,34 @@ async def test_partial_frames_of_many_connections_stay_within_budget(sock_path: 
         after = rss(broker.pid) - base
         print(f"partial frames: after +{after / MIB:.1f} MiB")
         assert after < 64 * MIB
+
+
+async def test_replacing_a_retained_event_keeps_one(sock_path: str) -> None:
+    """An anonymous peer replaces the retained ``control.health.status`` (public)
+    with an event of almost 1 MiB, a hundred times: the broker holds the last
+    one, not the hundred (docs/security.md, "Memory")."""
+    status = frames_pb2.Publish(
+        topic="control.health.status", payload_type="daemoneye.eventbus.v1.ComponentStatus"
+    )
+    async with broker_process(sock_path) as broker:
+        base = rss(broker.pid)
+        async with await RawPeer.connect(sock_path) as peer:
+            for i in range(100):
+                message = f"{i:03d}".ljust(900 * 1024, "x").encode()
+                status.payload = b"\x1a" + encode_varint(len(message)) + message  # field 3
+                await peer.send(Frame(publish=status))
+            await peer.roundtrip(timeout=30)
+            grown = rss(broker.pid) - base
+            # A late subscriber gets the last one: it was kept, and only it.
+            await peer.send(
+                Frame(
+                    subscribe=frames_pb2.Subscribe(
+                        subscription_id=1, filter="control.health.status"
+                    )
+                )
+            )
+            await peer.expect("subscribe_ack")
+            deliver = (await peer.expect("deliver")).deliver
+        assert deliver.retained
+        assert deliver.publish.payload[4:7] == b"099"
+        assert grown < 24 * MIB, f"{grown / MIB:.1f} MiB for one retained event of 0.9 MiB"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT, PROCMOND, TEST_CONFIG
+from conftest import AGENT, PROCMOND, TEST_CONFIG, peer_published
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -134,9 +134,13 @@ async def test_a_scrape_reports_the_broker_figures(broker: Broker, sock_path: st
     assert value(found, f"{NS}_events_delivered_total", **template) == 2
     # Every declared topic has its series, at 0 until used.
     assert value(found, f"{NS}_events_published_total", topic="events.network.connections") == 0
-    # The per-topic figures add up to the broker's statistics (still there as before).
+    # The per-topic figures add up to the broker's statistics (still there as before),
+    # the broker's own presence events included: one per connection made, one per end.
     published = [s for s in found if s.name == f"{NS}_events_published_total"]
-    assert sum(s.value for s in published) == stats.published == 5
+    assert sum(s.value for s in published) == stats.published
+    assert peer_published(stats) == 5
+    presence = value(found, f"{NS}_events_published_total", topic="control.presence")
+    assert presence == stats.published - 5 > 0
 
     refused = f"{NS}_events_refused_total"
     assert value(found, refused, reason="invalid_payload") == 1

@@ -85,6 +85,8 @@ PURE_MODULES = [
     "ratelimit",
     "flow",
     "stamps",
+    "retained",
+    "presence",
     "privileges",
     "control",
     "control.collectors",

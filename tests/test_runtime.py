@@ -9,7 +9,7 @@ import signal
 import sys
 
 import pytest
-from conftest import AGENT, PROCMOND, worker_env
+from conftest import AGENT, PROCMOND, peer_published, worker_env
 
 from daemoneye.eventbus.v1 import events_pb2, registry
 from daemoneye_eventbus.client import Client
@@ -104,7 +104,7 @@ async def test_broker_on_each_loop(sock_path: str, choice: str) -> None:
             # The broker read each peer's credentials from the kernel.
             assert {c.peer_pid for c in stats.connection_stats} == {os.getpid()}
             assert {c.peer_uid for c in stats.connection_stats} == {os.getuid()}
-            assert stats.published == 1000
+            assert peer_published(stats) == 1000
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await proc.wait() == 0

@@ -1,7 +1,9 @@
 """Publisher and subscriber processes for the integration tests.
 
-Run as ``python tests/workers.py publish|subscribe ...``. Each prints one JSON
-line per event received (subscribe) and a final JSON summary line.
+Run as ``python tests/workers.py publish|subscribe|watch|linger ...``. Each
+prints one JSON line per event received (subscribe, watch) and a final JSON
+summary line; ``linger`` connects with a last will, says it is ready and
+waits to be killed.
 
 ``--component`` is the component the client claims: by default ``procmond`` for
 ``publish`` (the publisher of ``events.process.*``) and ``daemoneye-agent`` for
@@ -13,8 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 
-from daemoneye.eventbus.v1 import events_pb2, registry
+from google.protobuf.json_format import MessageToDict
+
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
@@ -108,9 +113,51 @@ async def publish_raw(args: argparse.Namespace) -> None:
         print(json.dumps({"published": len(args.payloads), "errors": errors}), flush=True)
 
 
+async def watch(args: argparse.Namespace) -> None:
+    """Subscribe to any filter; print each event, its payload in protobuf's JSON mapping."""
+    async with Client(args.socket, name="watcher", component=args.component) as client:
+        sub = await client.subscribe(args.filter, include_control=args.include_control)
+        print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
+        got = 0
+        while args.count is None or got < args.count:
+            try:
+                event = await sub.get(timeout=args.timeout)
+            except RequestTimeout:
+                break
+            got += 1
+            record = {
+                "topic": event.topic,
+                "seq": event.sequence,
+                "eid": event.event_id,
+                "at": event.received_at_ns,
+                "retained": event.retained,
+                "payload": MessageToDict(event.message()),
+            }
+            print(json.dumps(record), flush=True)
+        print(json.dumps({"done": got, "missed": sub.missed}), flush=True)
+
+
+async def linger(args: argparse.Namespace) -> None:
+    """Connect with a last will (``ComponentStatus`` UNHEALTHY on ``control.health.status``),
+    say ready, and wait: the test kills this process."""
+    will = registry.CONTROL_HEALTH_STATUS(
+        control_pb2.ComponentStatus(
+            component_id=args.component, state=control_pb2.HEALTH_STATE_UNHEALTHY, message="gone"
+        )
+    )
+    async with Client(
+        args.socket, name=f"lingering-{args.component}", component=args.component, last_will=will
+    ) as client:
+        print(
+            json.dumps({"ready": True, "pid": os.getpid(), "session": client.session_id}),
+            flush=True,
+        )
+        await asyncio.sleep(args.timeout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["publish", "publish-raw", "subscribe"])
+    parser.add_argument("role", choices=["publish", "publish-raw", "subscribe", "watch", "linger"])
     parser.add_argument(
         "--payload", dest="payloads", action="append", default=[], help="publish-raw: hex"
     )
@@ -124,6 +171,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, help="publish at most this many events/s")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.add_argument("--lossless", action="store_true", help="subscribe: lossless delivery")
+    parser.add_argument("--include-control", action="store_true", help="watch: control topics")
     parser.add_argument("--window", type=int, help="subscribe: the credit window")
     parser.add_argument(
         "--slow", type=float, default=0.0, help="subscribe: sleep this long every 100 events"
@@ -137,6 +185,10 @@ def main() -> None:
         args.component = "daemoneye-agent" if args.role == "subscribe" else "procmond"
     if args.role == "publish-raw":
         asyncio.run(publish_raw(args))
+    elif args.role == "watch":
+        asyncio.run(watch(args))
+    elif args.role == "linger":
+        asyncio.run(linger(args))
     elif args.role == "publish":
         if args.correlation:
             args.correlation = args.correlation[0]

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from daemoneye.eventbus.v1 import frames_pb2
-from daemoneye.eventbus.v1.frames_pb2 import Frame
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.client.pump import ClientPump
 from daemoneye_eventbus.client.requests import PendingRequests, RequestKey, RequestKind
 from daemoneye_eventbus.client.writer import PublishWriter
@@ -28,14 +28,24 @@ from daemoneye_eventbus.errors import (
     ClosedResourceError,
     ConnectionClosed,
     EventBusError,
+    LimitExceeded,
     RequestTimeout,
 )
-from daemoneye_eventbus.protocol import PROTOCOL_VERSION, Connection, Role, State, error_from_frame
+from daemoneye_eventbus.frames import HANDSHAKE_MAX_FRAME_BYTES
+from daemoneye_eventbus.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    Role,
+    State,
+    build_publish,
+    error_from_frame,
+)
+from daemoneye_eventbus.registry_runtime import Publication
 from daemoneye_eventbus.subscription import Subscription
 from daemoneye_eventbus.transports import DEFAULT_ADDRESS
 from daemoneye_eventbus.transports import connect as transport_connect
 
-__all__ = ["ClientConnection"]
+__all__ = ["ClientConnection", "hello_frame"]
 
 log = logging.getLogger("daemoneye_eventbus.client")
 
@@ -49,7 +59,9 @@ class ClientConnection:
     Not re-entrant: one ``async with`` at a time. With ``reconnect=True`` the
     client reconnects after the broker goes away (with back-off) and
     re-subscribes; events published while disconnected raise
-    :class:`ConnectionClosed`.
+    :class:`ConnectionClosed`. ``last_will=topic(message, correlation=…)``: an
+    event the broker publishes for this client when a connection ends without
+    a goodbye (the process died, or went silent); :meth:`close` says goodbye.
     """
 
     def __init__(
@@ -65,6 +77,7 @@ class ClientConnection:
         reconnect: bool = False,
         reconnect_delay: float = 0.1,
         reconnect_max_delay: float = 5.0,
+        last_will: Publication[Any] | None = None,
     ) -> None:
         self.path = path
         self.name = name
@@ -76,6 +89,9 @@ class ClientConnection:
         self.reconnect = reconnect
         self.reconnect_delay = reconnect_delay
         self.reconnect_max_delay = reconnect_max_delay
+        #: Published by the broker for this client if a connection ends without a goodbye.
+        self.last_will = last_will
+        hello_frame(name, component, last_will)  # a will too large fails here, not at connect
         self.session_id = ""
         self.limits = frames_pb2.Limits()
         #: Called with the typed error when the broker refuses a publish (without
@@ -117,14 +133,7 @@ class ClientConnection:
                 self._writer.attach(self._conn, pump)
                 self._closed_error = None
                 self._welcome = loop.create_future()
-                hello = frames_pb2.Hello(
-                    protocol_version=PROTOCOL_VERSION,
-                    client_name=self.name,
-                    component=self.component,
-                    accept_batches=True,
-                    credit=True,
-                )
-                self._conn.send(Frame(hello=hello))
+                self._conn.send(hello_frame(self.name, self.component, self.last_will))
                 self._writer.write_now()
                 welcome = await self._welcome
         except TimeoutError:
@@ -329,3 +338,29 @@ class ClientConnection:
 
     async def _resubscribe(self, sub: Subscription[Any]) -> None:
         raise NotImplementedError("Client asks again for sub on a new connection")
+
+
+def hello_frame(name: str, component: str, last_will: Publication[Any] | None = None) -> Frame:
+    """The client's ``Hello`` [protocol §3], with ``last_will`` (a topic's call,
+    ``topic(message, correlation=…)``) as ``Hello.last_will``.
+
+    Raises :class:`LimitExceeded` when the frame would not fit the handshake's
+    frame limit (4096 bytes), which a large will can make it exceed.
+    """
+    hello = frames_pb2.Hello(
+        protocol_version=PROTOCOL_VERSION,
+        client_name=name,
+        component=component,
+        accept_batches=True,
+        credit=True,
+    )
+    if last_will is not None:
+        hello.last_will.CopyFrom(build_publish(*last_will))
+    frame = Frame(hello=hello)
+    if frame.ByteSize() > HANDSHAKE_MAX_FRAME_BYTES:
+        raise LimitExceeded(
+            f"the Hello with this last will is {frame.ByteSize()} bytes; the handshake "
+            f"allows {HANDSHAKE_MAX_FRAME_BYTES}",
+            code=ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
+        )
+    return frame

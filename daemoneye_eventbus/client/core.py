@@ -70,7 +70,9 @@ class Client(ClientConnection):
     Not re-entrant: one ``async with`` at a time. With ``reconnect=True`` the
     client reconnects after the broker goes away (with back-off) and
     re-subscribes; events published while disconnected raise
-    :class:`ConnectionClosed`.
+    :class:`ConnectionClosed`. ``last_will=topic(message, correlation=…)``: an
+    event the broker publishes for this client when a connection ends without
+    a goodbye (the process died, or went silent); :meth:`close` says goodbye.
     """
 
     # -- publishing ---------------------------------------------------------------

@@ -91,8 +91,13 @@ class SessionHost(Protocol):
         """Count a new connection in, or say why it is refused."""
         ...
 
+    def opened(self, session: Session) -> None:
+        """A socket session completed its handshake (the broker announces it)."""
+        ...
+
     def release(self, session: Session) -> None:
-        """Forget a session that ended: its connection slot and subscriptions."""
+        """Forget a session that ended: its connection slot and subscriptions
+        (and announce the end of a socket session, after its last will if due)."""
         ...
 
     def count_refusal(self, code: int, *, handshake: bool = False) -> None:

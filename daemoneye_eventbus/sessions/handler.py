@@ -13,16 +13,17 @@ import logging
 from typing import Final, Protocol
 
 from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1.control_pb2 import DisconnectReason
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.access import PeerCredentials
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.errors import (
-    AccessDenied,
     EventBusError,
     LocalProtocolError,
     RemoteProtocolError,
 )
 from daemoneye_eventbus.frames import error_frame
+from daemoneye_eventbus.presence import SessionEnd, SessionPresence, check_will, said_goodbye
 from daemoneye_eventbus.protocol import (
     MAX_CLIENT_NAME_CHARS,
     PROTOCOL_VERSION,
@@ -46,6 +47,12 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _client_error(error: frames_pb2.Error) -> SessionEnd:
+    """The end of a session whose client reported a fatal error: no goodbye."""
+    detail = f"the client reported a fatal error: {error.message}"
+    return SessionEnd(DisconnectReason.DISCONNECT_REASON_CONNECTION_LOST, detail=detail[:512])
+
+
 class HandledSession(Protocol):
     """What the handler needs of its socket session."""
 
@@ -56,6 +63,8 @@ class HandledSession(Protocol):
     conn: Connection
     client_name: str
     accepts_batches: bool
+    #: When the handshake completed, the checked last will, how it ended.
+    presence: SessionPresence
 
     @property
     def session_id(self) -> str: ...
@@ -146,6 +155,8 @@ class FrameHandler:
                 ack.window = sub.flow.window
                 ack.lossless = sub.flow.lossless
             self.session.send(Frame(subscribe_ack=ack))
+            if not req.respond:  # retained events first; a responder takes requests only
+                self.session.router.retained.replay(sub)
         elif kind == "unsubscribe":
             sid = frame.unsubscribe.subscription_id
             self.session.router.unsubscribe(self.session.endpoint, sid)
@@ -167,8 +178,11 @@ class FrameHandler:
             self.session.send(Frame(stats_response=stats))
         elif kind == "goodbye":
             log.debug("session %s said goodbye: %s", self.session.session_id, frame.goodbye.reason)
+            self.session.presence.note(said_goodbye(frame.goodbye.reason))
         elif kind == "error":
             log.info("session %s reported error: %s", self.session.session_id, frame.error.message)
+            if frame.error.fatal:  # it leaves without a goodbye: its will stands
+                self.session.presence.note(_client_error(frame.error))
 
     def _hello(self, hello: frames_pb2.Hello) -> None:
         host = self.session.host
@@ -186,21 +200,27 @@ class FrameHandler:
         executable = None
         if peer is not None and host.listener is not None and policy.needs_executable(claimed):
             executable = host.listener.executable(peer)
+        what = "component claim"
         try:
             identity = policy.authenticate(peer, claimed, executable)
-        except AccessDenied as exc:
-            host.count_refusal(ErrorCode.ERROR_CODE_ACCESS_DENIED, handshake=True)
+            if hello.HasField("last_will"):  # checked as a publish by this identity
+                what = "last will"
+                will = check_will(self.session.config, identity, hello.last_will)
+                self.session.presence.last_will = will
+        except EventBusError as exc:
+            code = ErrorCode.ValueType(exc.code or ErrorCode.ERROR_CODE_ACCESS_DENIED)
+            reason = str(exc) if what == "component claim" else f"{what} refused: {exc}"
+            host.count_refusal(code, handshake=True)
             host.audit.record(
                 "handshake_refused",
                 peer,
                 session=self.session.session_id,
                 claimed=claimed[:MAX_CLIENT_NAME_CHARS] or "-",
                 executable=executable or "-",
-                reason=str(exc),
+                reason=reason,
             )
-            raise RemoteProtocolError(str(exc), ErrorCode.ERROR_CODE_ACCESS_DENIED) from None
+            raise RemoteProtocolError(reason, code) from None
         self.session.endpoint.authenticate(identity)
-        self.session.handshake_complete()
         welcome = frames_pb2.Welcome(
             protocol_version=PROTOCOL_VERSION,
             session_id=self.session.session_id,
@@ -209,6 +229,7 @@ class FrameHandler:
             batches=True,
         )
         self.session.send(Frame(welcome=welcome))
+        self.session.handshake_complete()
 
     def refuse(self, exc: EventBusError, frame: Frame) -> None:
         """Answer a refused request with a non-fatal ``Error`` frame [protocol §7]."""

@@ -220,6 +220,7 @@ class LocalSession(Session):
         if entry.flow is not None:
             sub.credit_based(entry.flow.window, entry.flow.lossless, self._credits)
         self._subs[sid] = sub
+        self.router.retained.replay(entry)  # the retained events it may read, first
         return sub
 
     @overload

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Final, cast
 
 from daemoneye.eventbus.v1 import frames_pb2
@@ -32,6 +33,7 @@ from daemoneye_eventbus.budget import Account, queued_cost
 from daemoneye_eventbus.errors import (
     RemoteProtocolError,
 )
+from daemoneye_eventbus.presence import SHUTDOWN, SessionPresence
 from daemoneye_eventbus.protocol import (
     Connection,
     Role,
@@ -87,6 +89,8 @@ class SocketSession(Session, asyncio.Protocol):
         self.endpoint = Endpoint(self.output)
         #: Credit-based subscriptions' deliveries (lossless delivery).
         self.flows = self.output.flows
+        #: When the handshake completed, the last will, how the session ended.
+        self.presence = SessionPresence()
 
     # asyncio.Protocol ------------------------------------------------------
 
@@ -173,7 +177,8 @@ class SocketSession(Session, asyncio.Protocol):
                 timer.cancel()
         self._gate.cancel()
         self._account.release()
-        self.host.release(self)
+        self.presence.finish(self.conn.error, exc)
+        self.host.release(self)  # announces the end (after the last will, if due)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -237,12 +242,14 @@ class SocketSession(Session, asyncio.Protocol):
         return self._gate.throttled
 
     def handshake_complete(self) -> None:
-        """The peer is authenticated: its rate limit applies, its handshake
-        deadline no longer runs."""
+        """The peer is authenticated and welcome: its rate limit applies, its
+        handshake deadline no longer runs, the broker announces it."""
         self._gate.limit(self.endpoint.identity.rate)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        self.presence.connected_at = time.time_ns()
+        self.host.opened(self)
 
     def flush(self) -> None:
         """Write what is queued, unless the socket is backed up."""
@@ -338,6 +345,7 @@ class SocketSession(Session, asyncio.Protocol):
     def goodbye(self, reason: str) -> None:
         """Tell the client the broker is going away, then close after the queue drains."""
         if self.conn.state is State.OPEN:
+            self.presence.note(SHUTDOWN)
             self.conn.send(Frame(goodbye=frames_pb2.Goodbye(reason=reason)))
             self._paused_since = None
             self.flush()

@@ -125,6 +125,9 @@ def _publish(
 def vectors() -> list[Vector]:
     """Every vector, in a fixed order."""
     process = _process_event()
+    gone = control_pb2.ComponentStatus(
+        component_id="procmond-1", state=control_pb2.HEALTH_STATE_UNHEALTHY, message="gone"
+    )
     network = _network_event()
     status = control_pb2.ComponentStatus(
         component_id="procmond-1", state=control_pb2.HEALTH_STATE_HEALTHY
@@ -143,6 +146,22 @@ def vectors() -> list[Vector]:
             "hello_anonymous",
             "Client handshake of an anonymous client (no component claim).",
             Frame(hello=frames_pb2.Hello(protocol_version=1, client_name="ts-cli")),
+        ),
+        Vector(
+            "hello_last_will",
+            "Client handshake of procmond with a last will: the ComponentStatus the broker "
+            "publishes on control.health.status for it if its connection ends without a "
+            'goodbye (protocol §3, §5 "Presence and last will").',
+            Frame(
+                hello=frames_pb2.Hello(
+                    protocol_version=1,
+                    client_name="procmond",
+                    component="procmond",
+                    accept_batches=True,
+                    credit=True,
+                    last_will=_publish("control.health.status", gone, None),
+                )
+            ),
         ),
         Vector(
             "welcome",
