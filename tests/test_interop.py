@@ -18,9 +18,10 @@ field by field with what was published.
 * event ids and receive times seen alike by TypeScript and Python subscribers;
 * with a broker whose ``Welcome`` sets ``requests`` (skipped otherwise): a
   TypeScript requester and a Python responder, a Python requester and a
-  TypeScript responder, a retained event for a late TypeScript subscriber,
-  presence events, and a TypeScript client's last will (killed: published;
-  closed: none);
+  TypeScript responder;
+* with a broker that has them (skipped otherwise): a retained event for a
+  late TypeScript subscriber, presence events, and a TypeScript client's last
+  will (killed: published; closed: none);
 * the generated TypeScript registry agrees with the Python one, and the
   committed TypeScript code (clients/typescript/src/gen/) is fresh.
 
@@ -32,6 +33,7 @@ clients/typescript``). The pure tests of codegen/render_ts.py always run.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import shutil
 import signal
@@ -643,9 +645,9 @@ async def test_broker_goodbye_ends_iteration(broker: Broker, ts: list[TsProgram]
 
 # -- request/reply, retained events, presence, last will ---------------------------
 #
-# These need a broker whose Welcome sets `requests` (it routes requests,
-# delivers retained events, publishes presence and honours last wills); they
-# are skipped against one that does not.
+# Request/reply needs a broker whose Welcome sets `requests`; retained events,
+# presence and last wills a broker that has them (its `retained` and
+# `presence` modules). Each test is skipped against a broker without its feature.
 
 
 async def broker_features(path: str) -> frames_pb2.Welcome:
@@ -658,10 +660,19 @@ async def broker_features(path: str) -> frames_pb2.Welcome:
 
 
 @pytest.fixture
-async def stamping_broker(broker: Broker) -> Broker:
-    """The broker, if it routes requests, retains, publishes presence and honours wills."""
+async def requests_broker(broker: Broker) -> Broker:
+    """The broker, if it routes requests."""
     if not (await broker_features(broker.path)).requests:
         pytest.skip("the broker's Welcome does not set `requests` yet")
+    return broker
+
+
+@pytest.fixture
+def presence_broker(broker: Broker) -> Broker:
+    """The broker, if it has retained events, presence and last wills."""
+    for module in ("daemoneye_eventbus.retained", "daemoneye_eventbus.presence"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the broker has no {module} yet")
     return broker
 
 
@@ -683,10 +694,10 @@ def health_reply(request: control_pb2.HealthCheckRequest) -> control_pb2.HealthC
 
 @needs_node
 async def test_typescript_requester_python_responder(
-    stamping_broker: Broker, ts: list[TsProgram]
+    requests_broker: Broker, ts: list[TsProgram]
 ) -> None:
     """Typed replies from a Python responder; NoResponders and RequestFailed are typed."""
-    path = stamping_broker.path
+    path = requests_broker.path
     topic = registry.CONTROL_COLLECTOR_RPC_HEALTH.build(id="py-1")
     async with (
         Client(path, name="py-responder", component="procmond") as responder_client,
@@ -735,10 +746,10 @@ async def test_typescript_requester_python_responder(
 
 @needs_node
 async def test_python_requester_typescript_responder(
-    stamping_broker: Broker, ts: list[TsProgram]
+    requests_broker: Broker, ts: list[TsProgram]
 ) -> None:
     """A TypeScript responder's typed reply and failure reach a Python requester."""
-    path = stamping_broker.path
+    path = requests_broker.path
     responder = await start(
         ts,
         "rpc.ts",
@@ -769,10 +780,10 @@ async def test_python_requester_typescript_responder(
 
 @needs_node
 async def test_retained_event_reaches_a_late_typescript_subscriber(
-    stamping_broker: Broker, ts: list[TsProgram]
+    presence_broker: Broker, ts: list[TsProgram]
 ) -> None:
     """The topic's last event comes first to a new subscription, marked retained."""
-    path = stamping_broker.path
+    path = presence_broker.path
     statuses = [
         control_pb2.ComponentStatus(component_id=f"c-{i}", message=f"status {i}") for i in range(3)
     ]
@@ -806,10 +817,10 @@ async def test_retained_event_reaches_a_late_typescript_subscriber(
 
 @needs_node
 async def test_presence_reaches_a_typescript_subscriber(
-    stamping_broker: Broker, ts: list[TsProgram]
+    presence_broker: Broker, ts: list[TsProgram]
 ) -> None:
     """A component connecting and leaving: CONNECTED, then DISCONNECTED (GOODBYE)."""
-    path = stamping_broker.path
+    path = presence_broker.path
     subscriber = await start(
         ts,
         "subscribe.ts",
@@ -832,9 +843,9 @@ async def test_presence_reaches_a_typescript_subscriber(
 
 
 @needs_node
-async def test_typescript_last_will(stamping_broker: Broker, ts: list[TsProgram]) -> None:
+async def test_typescript_last_will(presence_broker: Broker, ts: list[TsProgram]) -> None:
     """A killed TypeScript client's will reaches a Python subscriber; a closed one leaves none."""
-    path = stamping_broker.path
+    path = presence_broker.path
     async with Client(path, name="py-will-watcher", component="daemoneye-agent") as watcher:
         sub = await watcher.subscribe(registry.CONTROL_HEALTH_STATUS)
         closing = await start(
