@@ -26,6 +26,8 @@ export type Reply = (frame: Frame, peer: Peer) => void;
 /** One connection to the fake broker. */
 export class Peer {
   readonly frames: Frame[] = [];
+  /** Every chunk read, as read. */
+  readonly received: Uint8Array[] = [];
   chunks = 0;
   private buf = new Uint8Array(0);
   ended = false;
@@ -36,6 +38,7 @@ export class Peer {
   ) {
     socket.on("data", (chunk: Buffer) => {
       this.chunks += 1;
+      this.received.push(new Uint8Array(chunk));
       this.buf = new Uint8Array(Buffer.concat([this.buf, chunk]));
       for (;;) {
         const prefix = decodeLengthPrefix(this.buf);

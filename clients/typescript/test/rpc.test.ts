@@ -4,6 +4,7 @@
 // Reply, deadlines, a full queue, close); the last will in Hello.
 
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { describe, test } from "node:test";
 
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
@@ -18,6 +19,7 @@ import {
   EVENTS_PROCESS_LIFECYCLE,
   HealthCheckReplySchema,
   HealthCheckRequestSchema,
+  HealthState,
   InvalidPayload,
   LimitExceeded,
   LocalProtocolError,
@@ -425,6 +427,29 @@ describe("responders against a fake broker", () => {
 });
 
 describe("the last will", () => {
+  test("the Hello has the bytes of the hello_last_will vector", async () => {
+    const vector = readFileSync(
+      new URL("../../../tests/vectors/hello_last_will.bin", import.meta.url),
+    );
+    const fake = await rpcBroker();
+    const client = await connect(fake.path, {
+      name: "procmond",
+      component: "procmond",
+      lastWill: publication(
+        CONTROL_HEALTH_STATUS,
+        create(ComponentStatusSchema, {
+          componentId: "procmond-1",
+          state: HealthState.UNHEALTHY,
+          message: "gone",
+        }),
+      ),
+    });
+    const sent = Buffer.concat(fake.peers[0]?.received ?? []);
+    assert.equal(sent.subarray(0, vector.length).toString("hex"), vector.toString("hex"));
+    await client.close();
+    await fake.close();
+  });
+
   test("travels in every Hello; a wrong one fails before connecting", async () => {
     const fake = await rpcBroker();
     const status = create(ComponentStatusSchema, { componentId: "procmond-1", message: "gone" });
