@@ -31,7 +31,9 @@ import { create, toBinary, type DescMessage, type MessageShape } from "@bufbuild
 import {
   CorrelationFilterSchema,
   CorrelationMetadataSchema,
+  type CorrelationFilter,
 } from "./gen/daemoneye/eventbus/v1/correlation_pb.js";
+import { PublishSchema } from "./gen/daemoneye/eventbus/v1/frames_pb.js";
 import type { Topic } from "./gen/daemoneye/eventbus/v1/registry.js";
 import { publishHeader, type PublishHeader } from "./batcher.js";
 import { validateCorrelationFilter } from "./correlation.js";
@@ -42,11 +44,17 @@ import {
   DEFAULT_SOCKET_PATH,
   type ClientOptions,
   type ClientStatistics,
+  type CorrelationFilterInit,
   type CorrelationMetadataInit,
   type PublishOptions,
   type SubscribeOptions,
 } from "./options.js";
-import { MAX_UINT32, frame } from "./protocol.js";
+import {
+  DEFAULT_MAX_FRAME_BYTES,
+  MAX_UINT32,
+  REQUEST_DELIVER_OVERHEAD,
+  frame,
+} from "./protocol.js";
 import type { RequestTopic, RequestTopicTemplate } from "./registry_runtime.js";
 import { Responder, type RawReply, type RequestOptions, type ServeOptions } from "./rpc.js";
 import { Subscription } from "./subscription.js";
@@ -78,6 +86,18 @@ export class Client extends BrokerConnection {
       this.headers.set(key, header);
     }
     return header;
+  }
+
+  /** A correlation filter as a message, checked against its bounds; undefined for none. */
+  private correlationFilter(
+    init: CorrelationFilterInit | undefined,
+  ): CorrelationFilter | undefined {
+    if (init === undefined) {
+      return undefined;
+    }
+    const filter = create(CorrelationFilterSchema, init);
+    validateCorrelationFilter(filter);
+    return filter;
   }
 
   private correlationBytes(init: CorrelationMetadataInit | undefined): Uint8Array | undefined {
@@ -183,13 +203,7 @@ export class Client extends BrokerConnection {
       maxBytes: this.limits?.maxTopicBytes,
       maxLevels: this.limits?.maxTopicLevels,
     });
-    const correlationFilter =
-      options.correlationFilter === undefined
-        ? undefined
-        : create(CorrelationFilterSchema, options.correlationFilter);
-    if (correlationFilter !== undefined) {
-      validateCorrelationFilter(correlationFilter);
-    }
+    const correlationFilter = this.correlationFilter(options.correlationFilter);
     const maxPending = options.maxPending ?? this.maxPending;
     const window = options.window ?? Math.min(Math.max(Math.floor(maxPending), 0), MAX_UINT32);
     if (!Number.isInteger(window) || window < 0 || window > MAX_UINT32) {
@@ -300,18 +314,16 @@ export class Client extends BrokerConnection {
       await this.writer.waitDrain();
       this.checkOpen();
     }
+    const publish = create(PublishSchema, { topic, payloadType, payload, correlation });
+    const size = toBinary(PublishSchema, publish).length;
+    const limit =
+      (this.limits?.maxFrameBytes || DEFAULT_MAX_FRAME_BYTES) - REQUEST_DELIVER_OVERHEAD;
+    if (size > limit) {
+      throw new LimitExceeded(`request of ${size} bytes exceeds the limit of ${limit} bytes`);
+    }
     const { id, reply } = this.requests.open(topic, timeoutMs, options.signal);
     try {
-      this.send(
-        frame({
-          case: "request",
-          value: {
-            requestId: id,
-            publish: { topic, payloadType, payload, correlation },
-            timeoutMs,
-          },
-        }),
-      );
+      this.send(frame({ case: "request", value: { requestId: id, publish, timeoutMs } }));
     } catch (err) {
       this.requests.fail(id, err instanceof Error ? err : new Error(String(err)));
     }
@@ -345,6 +357,7 @@ export class Client extends BrokerConnection {
       maxBytes: this.limits?.maxTopicBytes,
       maxLevels: this.limits?.maxTopicLevels,
     });
+    const correlationFilter = this.correlationFilter(options.correlationFilter);
     this.checkOpen();
     this.checkRequests();
     const id = this.nextId++;
@@ -355,7 +368,7 @@ export class Client extends BrokerConnection {
       schema,
       replySchema,
       options.maxPending ?? this.maxPending,
-      options.includeControl ?? false,
+      correlationFilter,
     );
     this.responders.set(id, responder);
     try {

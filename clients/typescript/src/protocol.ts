@@ -28,6 +28,8 @@ export const MAX_PREFIX_BYTES = 5;
 export const DELIVER_OVERHEAD = 51;
 /** Room a `PublishBatch` must leave for the `DeliverBatch` envelope [protocol §5]. */
 export const DELIVER_BATCH_OVERHEAD = 50;
+/** Room a request's `Publish` must leave for the `RequestDeliver` envelope [protocol §5]. */
+export const REQUEST_DELIVER_OVERHEAD = 570;
 
 /** The name of a `Frame.kind` member, e.g. `"subscribe_ack"` is `"subscribeAck"`. */
 export type FrameKind = NonNullable<Frame["kind"]["case"]>;

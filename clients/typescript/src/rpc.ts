@@ -20,6 +20,8 @@ import {
 } from "@bufbuild/protobuf";
 
 import type {
+  CorrelationFilter,
+  CorrelationFilterSchema,
   CorrelationMetadata,
   CorrelationMetadataSchema,
 } from "./gen/daemoneye/eventbus/v1/correlation_pb.js";
@@ -198,8 +200,12 @@ export interface ServeOptions {
    * `maxPending`).
    */
   maxPending?: number | undefined;
-  /** Also serve control request topics matched only through a wildcard (e.g. `#`). */
-  includeControl?: boolean | undefined;
+  /**
+   * Take only the requests whose correlation metadata this filter accepts
+   * (applied by the broker, as for a subscription); the others go to other
+   * responders, or get `NoResponders`.
+   */
+  correlationFilter?: MessageInitShape<typeof CorrelationFilterSchema> | undefined;
 }
 
 /**
@@ -397,7 +403,8 @@ export class Responder<
     /** The reply schema of a typed responder. */
     readonly replySchema: Rep | undefined,
     readonly maxPending: number,
-    readonly includeControl = false,
+    /** The requests it takes, by their correlation metadata (undefined: all). */
+    readonly correlationFilter: CorrelationFilter | undefined = undefined,
   ) {}
 
   /** Still serving. */
@@ -414,9 +421,9 @@ export class Responder<
   get request(): SubscriptionRequest & { respond: true } {
     return {
       filter: this.filter,
-      correlationFilter: undefined,
-      includeControl: this.includeControl,
-      lossless: false,
+      correlationFilter: this.correlationFilter,
+      includeControl: false, // the control-topic rule does not apply to responders
+      lossless: false, // refused for responders
       window: 0,
       respond: true,
     };

@@ -230,6 +230,18 @@ describe("requests against a fake broker", () => {
     await fake.close();
   });
 
+  test("a request too large for the RequestDeliver envelope is refused before it is sent", async () => {
+    const fake = await rpcBroker();
+    const client = await connect(fake.path, { component: "daemoneye-agent" });
+    const big = create(HealthCheckRequestSchema, { componentId: "x".repeat((1 << 20) - 500) });
+    await assert.rejects(client.request(HEALTH, big), LimitExceeded);
+    await client.flush();
+    assert.deepEqual(frames(fake.peers[0], "request"), []);
+    assert.equal(client.statistics().pendingRequests, 0);
+    await client.close();
+    await fake.close();
+  });
+
   test("a wrong message type, and a broker that does not route requests", async () => {
     const fake = await rpcBroker(undefined, false);
     const client = await connect(fake.path, { component: "daemoneye-agent" });
@@ -381,6 +393,26 @@ describe("responders against a fake broker", () => {
         [4n, "responder busy"],
         [2n, "responder closed"],
       ],
+    );
+    await client.close();
+    await fake.close();
+  });
+
+  test("a responder's correlation filter travels in its subscribe; never lossless or include_control", async () => {
+    const fake = await rpcBroker();
+    const client = await connect(fake.path, { component: "procmond" });
+    await client.serve(CONTROL_COLLECTOR_RPC_HEALTH, {
+      correlationFilter: { workflowStages: ["triage"] },
+    });
+    const subscribe = frames(fake.peers[0], "subscribe")[0];
+    assert.deepEqual(subscribe?.correlationFilter?.workflowStages, ["triage"]);
+    assert.deepEqual(
+      [subscribe?.respond, subscribe?.lossless, subscribe?.includeControl, subscribe?.window],
+      [true, false, false, 0],
+    );
+    await assert.rejects(
+      client.serve(CONTROL_COLLECTOR_RPC_HEALTH, { correlationFilter: { workflowStages: [""] } }),
+      (err: unknown) => (err as { name: string }).name === "InvalidCorrelation",
     );
     await client.close();
     await fake.close();
