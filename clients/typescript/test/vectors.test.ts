@@ -14,7 +14,15 @@ import {
   type Frame,
 } from "../src/gen/daemoneye/eventbus/v1/frames_pb.js";
 import { PAYLOAD_REGISTRY } from "../src/gen/daemoneye/eventbus/v1/registry.js";
-import { EventQueue, ReceivedEvent, Subscription } from "../src/index.js";
+import {
+  EventQueue,
+  ReceivedEvent,
+  RequestTimeout,
+  Responder,
+  Subscription,
+  errorFromFrame,
+} from "../src/index.js";
+import { PendingRequests } from "../src/rpc.js";
 import {
   ClientConnection,
   decodeLengthPrefix,
@@ -62,6 +70,8 @@ const BROKER_TO_CLIENT = new Set([
   "subscribe_ack",
   "unsubscribe_ack",
   "stats_response",
+  "request_deliver",
+  "reply_deliver",
 ]);
 const ALL_KINDS = FrameSchema.oneofs[0]?.fields.map((f) => f.name) ?? [];
 
@@ -162,6 +172,71 @@ describe("wire vectors", () => {
     assert.equal(events[1]?.topic, "control.health.status");
   });
 
+  const named = (name: string) => VECTORS.find((v) => v.name === name);
+  const requestVectors = ["request_deliver", "reply_deliver", "error_request"].every(named);
+
+  test(
+    "request/reply vectors reach the responder and the requester",
+    { skip: requestVectors ? false : "no request/reply vectors yet" },
+    async () => {
+      const frameOf = (name: string) => {
+        const v = named(name);
+        assert.ok(v);
+        return fromBinary(FrameSchema, body(v)).kind;
+      };
+      const deliver = frameOf("request_deliver");
+      assert.ok(deliver.case === "requestDeliver");
+      const replies: unknown[][] = [];
+      const owner = {
+        sendReply: (...args: unknown[]) => replies.push(args) > 0,
+        stopServing: () => Promise.resolve(),
+      };
+      const responder = new Responder(
+        owner,
+        3,
+        "control.collector.rpc.health.+",
+        undefined,
+        undefined,
+        10,
+      );
+      responder.deliver(deliver.value, 1);
+      const req = responder.getNowait();
+      assert.ok(req);
+      assert.deepEqual(
+        [req.token, req.eventId, req.receivedAtNs, req.requester, req.topic],
+        [
+          7n,
+          42n,
+          1714564800123456789n,
+          "daemoneye-agent",
+          "control.collector.rpc.health.procmond-1",
+        ],
+      );
+      assert.equal((req.message as unknown as { componentId: string }).componentId, "procmond-1");
+      assert.ok(req.remaining > 1900 && req.remaining <= 2000);
+      assert.equal(await req.fail("no"), true);
+      assert.deepEqual(replies, [[1, 7n, "", new Uint8Array(), "no"]]);
+
+      const pending = new PendingRequests();
+      const first = pending.open("control.collector.rpc.health.procmond-1", 5000);
+      const second = pending.open("control.collector.rpc.health.procmond-1", 5000);
+      assert.deepEqual([first.id, second.id], [1n, 2n]);
+      const reply = frameOf("reply_deliver");
+      assert.ok(reply.case === "replyDeliver");
+      assert.equal(pending.replied(reply.value), true);
+      const got = await first.reply;
+      assert.equal(got.responder, "procmond");
+      assert.equal(got.payloadType, "daemoneye.eventbus.v1.HealthCheckReply");
+      const timeout = frameOf("error_request");
+      assert.ok(timeout.case === "error");
+      const exc = errorFromFrame({ ...timeout.value, requestId: 2n });
+      assert.ok(exc instanceof RequestTimeout);
+      assert.equal(pending.fail(exc.requestId, exc), true);
+      await assert.rejects(second.reply, RequestTimeout);
+      assert.equal(pending.size, 0);
+    },
+  );
+
   for (const v of VECTORS) {
     describe(v.name, () => {
       test("header fields", () => {
@@ -227,6 +302,17 @@ describe("wire vectors", () => {
           }
         }
       });
+
+      if (["request", "reply", "subscribe"].includes(v.json.kind)) {
+        test(`the client's ${v.json.kind} frame has the same bytes`, () => {
+          const frame = fromBinary(FrameSchema, body(v));
+          const conn = new ClientConnection();
+          const welcome = VECTORS.find((w) => w.name === "welcome");
+          assert.ok(welcome);
+          conn.receiveData(welcome.data);
+          assert.equal(hex(conn.send(frame)), hex(v.data));
+        });
+      }
 
       if (v.json.kind === "credit") {
         test("the client's Credit frame has the same bytes", () => {
