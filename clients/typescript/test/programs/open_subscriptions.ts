@@ -44,6 +44,7 @@ const reason = await client.closed;
 const ended = await Promise.all(iterations);
 process.stdout.write(
   JSON.stringify({
+    requests: client.features.requests,
     closed: reason?.constructor.name ?? null,
     goodbye: reason instanceof ConnectionLost ? reason.goodbye : null,
     ended,
