@@ -819,27 +819,67 @@ async def test_retained_event_reaches_a_late_typescript_subscriber(
 async def test_presence_reaches_a_typescript_subscriber(
     presence_broker: Broker, ts: list[TsProgram]
 ) -> None:
-    """A component connecting and leaving: CONNECTED, then DISCONNECTED (GOODBYE)."""
+    """A component connecting and leaving: CONNECTED, then DISCONNECTED (GOODBYE).
+
+    ``control.presence`` is a control topic: ``#`` receives it only with
+    ``includeControl`` (a filter naming it always does).
+    """
     path = presence_broker.path
-    subscriber = await start(
-        ts,
-        "subscribe.ts",
-        {"socket": path, "component": "daemoneye-agent", "filter": "control.presence", "count": 2},
-    )
-    await subscriber.expect("ready")
+
+    def options(filter: str, count: int, include_control: bool = False) -> dict[str, Any]:
+        return {
+            "socket": path,
+            "component": "daemoneye-agent",
+            "filter": filter,
+            "count": count,
+            "includeControl": include_control,
+        }
+
+    plain = await start(ts, "subscribe.ts", options("#", 1))
+    await plain.expect("ready")
+    wide = await start(ts, "subscribe.ts", options("#", 5, include_control=True))
+    await wide.expect("ready")
+    named = await start(ts, "subscribe.ts", options("control.presence", 3))
+    await named.expect("ready")
+    marker = events_pb2.ProcessEvent(pid=4242, name="marker")
     async with Client(path, name="py-present", component="procmond") as client:
         session = client.session_id
-    events = [await subscriber.expect("event") for _ in range(2)]
-    await subscriber.expect("done")
-    await subscriber.finish()
-    states = [e["payload"] for e in events]
+        await client.publish(registry.EVENTS_PROCESS_ANOMALY, marker)
+        await client.flush()
+    # procmond's two events, and the first `#` subscriber leaving once it got
+    # the marker (before or after procmond's goodbye).
+    events = [await named.expect("event") for _ in range(3)]
+    await named.expect("done")
+    await named.finish()
+    assert all(e["topic"] == "control.presence" for e in events)
+    states = [e["payload"] for e in events if e["payload"].get("sessionId") == session]
     assert [s["state"] for s in states] == [
         "PRESENCE_STATE_CONNECTED",
         "PRESENCE_STATE_DISCONNECTED",
     ]
-    assert all(s["component"] == "procmond" and s["sessionId"] == session for s in states)
+    assert all(s["component"] == "procmond" for s in states)
     assert states[1]["reason"] == "DISCONNECT_REASON_GOODBYE"
     assert not states[1].get("lastWillPublished", False)
+    others = [e["payload"] for e in events if e["payload"].get("sessionId") != session]
+    assert [(s["component"], s["state"]) for s in others] == [
+        ("daemoneye-agent", "PRESENCE_STATE_DISCONNECTED")
+    ]
+    # Without include_control, `#` got the marker and no presence event before it.
+    first = await plain.expect("event")
+    assert_event(first, "events.process.anomaly", marker, None)
+    await plain.expect("done")
+    await plain.finish()
+    # With it, `#` got them all: the named subscriber connecting, procmond's
+    # two presence events around its marker, and the first `#` subscriber leaving.
+    seen = [await wide.expect("event") for _ in range(5)]
+    await wide.expect("done")
+    await wide.finish()
+    topics = [e["topic"] for e in seen]
+    assert topics.count("events.process.anomaly") == 1
+    assert topics.count("control.presence") == 4
+    procmond = [e["payload"]["state"] for e in seen if e["payload"].get("sessionId") == session]
+    assert procmond == ["PRESENCE_STATE_CONNECTED", "PRESENCE_STATE_DISCONNECTED"]
+    assert topics.index("events.process.anomaly") > 1  # after procmond's CONNECTED
 
 
 @needs_node
