@@ -116,6 +116,8 @@ class ConnectionStatistics:
     invalid_payloads: int = 0
     #: Seconds the broker stopped reading from it for its rate limit.
     throttled_seconds: float = 0.0
+    #: Its requests waiting for a reply.
+    pending_requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +138,12 @@ class BrokerStatistics:
     throttled_seconds: float = 0.0
     #: Events by topic label (declared names, template patterns, "undeclared").
     topic_stats: tuple[tuple[str, TopicFigures], ...] = ()
+    #: Requests routed to a responder since the broker started.
+    requests: int = 0
+    #: Requests answered at once with ERROR_CODE_NO_RESPONDERS.
+    no_responders: int = 0
+    #: Requests whose deadline passed without a reply.
+    request_timeouts: int = 0
 
     def to_proto(
         self, request_id: int = 0, max_bytes: int | None = None
@@ -171,6 +179,9 @@ class BrokerStatistics:
             refused=self.refused,
             invalid_payloads=self.invalid_payloads,
             throttled_seconds=self.throttled_seconds,
+            requests=self.requests,
+            no_responders=self.no_responders,
+            request_timeouts=self.request_timeouts,
             topic_stats=[
                 frames_pb2.TopicStats(
                     topic=label,
@@ -194,6 +205,7 @@ class BrokerStatistics:
                     published=c.published,
                     invalid_payloads=c.invalid_payloads,
                     throttled_seconds=c.throttled_seconds,
+                    pending_requests=c.pending_requests,
                 )
                 for c in self.connection_stats
             ],

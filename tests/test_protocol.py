@@ -119,6 +119,40 @@ SAMPLES: dict[str, Frame] = {
             ),
         )
     ),
+    "request": Frame(
+        request=frames_pb2.Request(
+            request_id=5,
+            publish=frames_pb2.Publish(
+                topic="control.collector.rpc.health.p-1",
+                payload_type="daemoneye.eventbus.v1.HealthCheckRequest",
+            ),
+            timeout_ms=1000,
+        )
+    ),
+    "request_deliver": Frame(
+        request_deliver=frames_pb2.RequestDeliver(
+            subscription_id=2,
+            token=11,
+            publish=frames_pb2.Publish(
+                topic="control.collector.rpc.health.p-1",
+                payload_type="daemoneye.eventbus.v1.HealthCheckRequest",
+            ),
+            remaining_ms=998,
+            event_id=3,
+            received_at_ns=1_714_564_800_000_000_000,
+            requester="daemoneye-agent",
+        )
+    ),
+    "reply": Frame(
+        reply=frames_pb2.Reply(token=11, payload_type="daemoneye.eventbus.v1.HealthCheckReply")
+    ),
+    "reply_deliver": Frame(
+        reply_deliver=frames_pb2.ReplyDeliver(
+            request_id=5,
+            payload_type="daemoneye.eventbus.v1.HealthCheckReply",
+            responder="procmond",
+        )
+    ),
 }
 
 
@@ -732,9 +766,9 @@ def test_undecodable_body_is_malformed(body: bytes) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        pytest.param(b"\x90\x01\x01", id="unknown-field-18"),
+        pytest.param(b"\x90\x03\x01", id="unknown-field-50"),
         pytest.param(b"\xa0\x06\x01", id="unknown-field-100"),
-        pytest.param(b"\x92\x01\x03abc", id="unknown-length-delimited"),
+        pytest.param(b"\x92\x03\x03abc", id="unknown-length-delimited"),
     ],
 )
 def test_frame_with_no_kind_is_malformed(body: bytes) -> None:
