@@ -130,6 +130,8 @@ def test_reference_receiver_accepts_vector(name: str) -> None:
         "subscribe_ack",
         "unsubscribe_ack",
         "stats_response",
+        "request_deliver",
+        "reply_deliver",
     }
     role = Role.CLIENT if broker_to_client else Role.BROKER
     for chunk in (len(data), 1):
