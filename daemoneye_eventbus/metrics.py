@@ -161,6 +161,12 @@ class Figures:
     held_events: dict[str, int] = field(default_factory=dict)
     #: Publishers a lossless subscriber holds now, by component label.
     held_publishers: dict[str, int] = field(default_factory=dict)
+    #: Requests routed to a responder, answered at once with no responders,
+    #: timed out; and waiting for a reply now.
+    requests: int = 0
+    no_responders: int = 0
+    request_timeouts: int = 0
+    pending_requests: int = 0
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -235,6 +241,10 @@ class BrokerCollector(Collector):
             throttled=self._throttled(source.throttled_by_component()),
             held_events=held,
             held_publishers=publishers,
+            requests=router.requests.requests,
+            no_responders=router.requests.no_responders,
+            request_timeouts=router.requests.timeouts,
+            pending_requests=len(router.requests.table),
         )
 
     def _throttled(self, by_component: dict[str, float]) -> dict[str, float]:
@@ -386,6 +396,20 @@ def _families(f: Figures) -> Iterator[Metric]:
         "events, by component.",
         f.held_publishers,
     )
+    yield CounterMetricFamily(
+        _name("requests"), "Requests routed to a responder (request/reply).", value=f.requests
+    )
+    yield CounterMetricFamily(
+        _name("requests_no_responders"),
+        "Requests answered at once with no responders: none serves the topic, or may read it.",
+        value=f.no_responders,
+    )
+    yield CounterMetricFamily(
+        _name("request_timeouts"),
+        "Requests whose deadline passed without a reply.",
+        value=f.request_timeouts,
+    )
+    yield gauge("pending_requests", "Requests waiting for a reply now.", f.pending_requests)
     yield gauge(
         "event_loop_lag_seconds",
         "How late the broker's last periodic housekeeping tick woke up.",

@@ -114,7 +114,8 @@ async def test_the_worked_welcome_is_what_the_broker_sends(sock_path: str) -> No
     ):
         await peer.send(hello("procmond", PROCMOND))
         frame = await peer.expect("welcome")
-    assert frame.welcome.batches and frame.welcome.requests
+    assert frame.welcome.batches
+    assert frame.welcome.requests
     assert re.fullmatch(r"[0-9a-f]{16}", frame.welcome.session_id)
     frame.welcome.session_id = "0123456789abcdef"
     assert encode_frame(frame).hex(" ") == WELCOME_HEX

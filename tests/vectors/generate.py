@@ -343,7 +343,7 @@ def vectors() -> list[Vector]:
         Vector(
             "request",
             "Request 1: ask collector procmond-1 for its health, waiting up to 2 s "
-            "(the worked example of protocol §5, \"Request/reply\").",
+            '(the worked example of protocol §5, "Request/reply").',
             Frame(
                 request=frames_pb2.Request(
                     request_id=1,
@@ -390,8 +390,7 @@ def vectors() -> list[Vector]:
         ),
         Vector(
             "reply_deliver",
-            "The broker hands the reply to request 1 to its requester alone, naming the "
-            "responder.",
+            "The broker hands the reply to request 1 to its requester alone, naming the responder.",
             Frame(
                 reply_deliver=frames_pb2.ReplyDeliver(
                     request_id=1,
@@ -407,7 +406,7 @@ def vectors() -> list[Vector]:
             Frame(
                 error=frames_pb2.Error(
                     code=ErrorCode.ERROR_CODE_REQUEST_TIMEOUT,
-                    message="no reply on 'control.collector.rpc.health.procmond-1' within 2000 ms",
+                    message="no reply within 2000 ms",
                     fatal=False,
                     request_id=1,
                 )
