@@ -1,11 +1,15 @@
-"""Publisher and subscriber processes for the integration tests.
+"""Publisher, subscriber and responder processes for the integration tests.
 
-Run as ``python tests/workers.py publish|subscribe ...``. Each prints one JSON
-line per event received (subscribe) and a final JSON summary line.
+Run as ``python tests/workers.py publish|subscribe|serve ...``. Each prints one JSON
+line per event received (subscribe) or request taken (serve) and a final
+JSON summary line.
 
 ``--component`` is the component the client claims: by default ``procmond`` for
-``publish`` (the publisher of ``events.process.*``) and ``daemoneye-agent`` for
-``subscribe`` (their subscriber).
+``publish`` (the publisher of ``events.process.*``) and ``serve`` (a responder
+of the collector request topics), ``daemoneye-agent`` for ``subscribe`` (their
+subscriber). ``serve`` answers the work queue ``control.collector.queue.{type}``
+with a ``TaskAck`` naming it ``r<--publisher>``, or with ``--hold`` takes the
+requests and never answers.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import argparse
 import asyncio
 import json
 
-from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
@@ -106,9 +110,42 @@ async def publish_raw(args: argparse.Namespace) -> None:
         print(json.dumps({"published": len(args.payloads), "errors": errors}), flush=True)
 
 
+async def serve(args: argparse.Namespace) -> None:
+    name = f"r{args.publisher}"
+    served = 0
+    async with (
+        Client(args.socket, name=f"responder-{name}", component=args.component) as client,
+        client.serve(registry.CONTROL_COLLECTOR_QUEUE) as requests,
+    ):
+        print(json.dumps({"ready": True}), flush=True)
+        async for request in requests:
+            served += 1
+            corr = request.correlation.correlation_id if request.correlation else None
+            record = {
+                "task": request.message.task_id,
+                "topic": request.topic,
+                "requester": request.requester,
+                "correlation": corr,
+                "event_id": request.event_id,
+                "remaining": request.remaining,
+            }
+            print(json.dumps(record), flush=True)
+            if args.hold:
+                continue  # taken, never answered
+            ack = control_pb2.TaskAck(
+                task_id=request.message.task_id,
+                collector_id=name,
+                status=control_pb2.RPC_STATUS_SUCCESS,
+            )
+            await request.reply(ack)
+            if args.count and served >= args.count:
+                break
+    print(json.dumps({"served": served}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["publish", "publish-raw", "subscribe"])
+    parser.add_argument("role", choices=["publish", "publish-raw", "subscribe", "serve"])
     parser.add_argument(
         "--payload", dest="payloads", action="append", default=[], help="publish-raw: hex"
     )
@@ -126,6 +163,7 @@ def main() -> None:
     parser.add_argument(
         "--slow", type=float, default=0.0, help="subscribe: sleep this long every 100 events"
     )
+    parser.add_argument("--hold", action="store_true", help="serve: never answer")
     parser.add_argument(
         "--component",
         help="component to claim (default: procmond to publish, daemoneye-agent to subscribe)",
@@ -135,6 +173,8 @@ def main() -> None:
         args.component = "daemoneye-agent" if args.role == "subscribe" else "procmond"
     if args.role == "publish-raw":
         asyncio.run(publish_raw(args))
+    elif args.role == "serve":
+        asyncio.run(serve(args))
     elif args.role == "publish":
         if args.correlation:
             args.correlation = args.correlation[0]
