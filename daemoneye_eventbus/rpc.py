@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError, Message
 
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
-from daemoneye_eventbus.access import AuditLog, TopicAccess
+from daemoneye_eventbus.access import MAX_COMPONENT_CHARS, AuditLog, TopicAccess
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.errors import (
     EventBusError,
@@ -321,7 +321,8 @@ class RequestRouter:
             remaining_ms=timeout_ms,
             event_id=stamp.event_id,
             received_at_ns=stamp.time_ns,
-            requester=endpoint.component,
+            # An in-process session's name may be longer than a claim may be.
+            requester=endpoint.component[:MAX_COMPONENT_CHARS],
         )
         responder = self._deliver(topic, candidates, deliver)
         if responder is None:
@@ -392,7 +393,9 @@ class RequestRouter:
                     code=ErrorCode.ERROR_CODE_UNKNOWN_REQUEST,
                 )
             )
-        out = frames_pb2.ReplyDeliver(request_id=entry.request_id, responder=endpoint.component)
+        out = frames_pb2.ReplyDeliver(
+            request_id=entry.request_id, responder=endpoint.component[:MAX_COMPONENT_CHARS]
+        )
         if reply.error:
             out.error = reply.error
         else:

@@ -132,6 +132,7 @@ class ClientConnection:
             raise BrokenResourceError(f"no broker at {self.path}: {exc.strerror}") from exc
         self.session_id = welcome.session_id
         self.limits = welcome.limits
+        self._rpc.routed = welcome.requests  # the broker routes requests
         self._conn.max_frame_bytes = welcome.limits.max_frame_bytes or self._conn.max_frame_bytes
         if welcome.batches:
             self._writer.enable_batches(

@@ -28,7 +28,12 @@ from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
 from daemoneye.eventbus.v1.frames_pb2 import Frame
 from daemoneye_eventbus.client.requests import PendingRequests, RequestKey, RequestKind
 from daemoneye_eventbus.client.writer import PublishWriter
-from daemoneye_eventbus.errors import ClosedResourceError, EventBusError, RequestTimeout
+from daemoneye_eventbus.errors import (
+    ClosedResourceError,
+    EventBusError,
+    LocalProtocolError,
+    RequestTimeout,
+)
 from daemoneye_eventbus.protocol import State, build_publish
 from daemoneye_eventbus.registry_runtime import RequestTopic, RequestTopicTemplate
 from daemoneye_eventbus.responders import (
@@ -86,6 +91,8 @@ class ClientRpc:
         self._responders: dict[int, Responder[Any, Any]] = {}
         #: Counts connections: a reply to a request of an earlier one is not sent.
         self._generation = 0
+        #: The broker's Welcome set ``requests``: it routes requests [protocol §3].
+        self.routed = False
 
     async def ask(self, key: RequestKey, frame: Frame) -> Any:
         """Send ``frame`` and wait for the broker's answer named ``key``, at most
@@ -103,6 +110,11 @@ class ClientRpc:
             ) from None
         finally:
             self.pending.discard(key)
+
+    def _check_routed(self) -> None:
+        self.check_open()
+        if not self.routed:
+            raise LocalProtocolError("this broker does not route requests (see Welcome.requests)")
 
     # -- requesting -------------------------------------------------------------------
 
@@ -129,7 +141,7 @@ class ClientRpc:
         key = RequestKey(RequestKind.REQUEST, request_id)
         fut = self.pending.open(key)
         try:
-            self.check_open()
+            self._check_routed()
             self.writer.send(Frame(request=request))
             self.writer.write_now()
             async with asyncio.timeout(wait):
@@ -154,6 +166,7 @@ class ClientRpc:
         )
 
     async def start_responder(self, responder: Responder[Any, Any]) -> None:
+        self._check_routed()
         responder.subscription_id = sid = next(self.ids)
         self._responders[sid] = responder
         try:
