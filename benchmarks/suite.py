@@ -93,6 +93,7 @@ WORKLOADS: Final[dict[str, str]] = {
     "F": "broker memory (idle clients; stalled subscriber)",
     "BL": "4 publishers → 1 subscriber, every event delivered (lossless)",
     "CL": "1 publisher → 4 subscribers, every event delivered (lossless)",
+    "R": "request/reply round trip, one request in flight",
 }
 #: Publishers and subscribers of the throughput workloads.
 SHAPES: Final[dict[str, tuple[int, int]]] = {
@@ -104,6 +105,11 @@ SHAPES: Final[dict[str, tuple[int, int]]] = {
 }
 #: The workloads where every event must be delivered.
 LOSSLESS: Final = frozenset({"BL", "CL"})
+#: The round-trip workloads, and the roles that answer and ask in each.
+ROUND_TRIPS: Final[dict[str, tuple[str, str]]] = {
+    "D": ("echo", "ping"),
+    "R": ("responder", "requester"),
+}
 #: Processes the idle clients of workload F are spread over.
 IDLE_PROCESSES: Final = 4
 _NS: Final = 1_000_000_000
@@ -631,25 +637,32 @@ def host_load(seconds: float = 1.0) -> float:
 
 
 def run_latency(
-    system: Adapter, settings: Settings, workdirs: _Workdirs, profile_dir: Path | None = None
+    system: Adapter,
+    settings: Settings,
+    workdirs: _Workdirs,
+    profile_dir: Path | None = None,
+    workload: str = "D",
 ) -> Result:
-    """A pinger publishes, an echo republishes, one message in flight."""
+    """One message in flight: a pinger publishes and an echo republishes (D), or
+    a requester asks and a responder replies through the system's own
+    request/reply (R)."""
     count, warmup = settings.latency_messages, settings.warmup
-    result = Result(system.name, system.label, "D", messages=count, expected=count)
+    result = Result(system.name, system.label, workload, messages=count, expected=count)
+    answer, ask = ROUND_TRIPS[workload]
 
     def body(run: _Run) -> None:
-        run.spawn("echo", 0, {})
-        run.wait(run.synced, {("echo", 0)})
-        run.spawn("ping", 0, {"count": count, "warmup": warmup})
-        run.wait(run.ready, {("ping", 0)})
+        run.spawn(answer, 0, {})
+        run.wait(run.synced, {(answer, 0)})
+        run.spawn(ask, 0, {"count": count, "warmup": warmup})
+        run.wait(run.ready, {(ask, 0)})
         run.sample()
-        run.start_profilers(("ping", "echo"))
+        run.start_profilers((ask, answer))
         run.go.set()
-        run.wait(run.done, {("ping", 0)})
+        run.wait(run.done, {(ask, 0)})
         run.sample()
         run.stop.set()
-        run.wait(run.done, {("echo", 0)})
-        ping = run.done[("ping", 0)]
+        run.wait(run.done, {(answer, 0)})
+        ping = run.done[(ask, 0)]
         rtts = sorted(ping["rtts_ns"])
         result.received = len(rtts)
         result.lost = ping["lost"]
@@ -794,6 +807,8 @@ def run_suite(
                 for system in ready:
                     if w in LOSSLESS and not system.lossless_mode:
                         continue  # it cannot deliver every event: no row
+                    if w == "R" and not system.request_reply:
+                        continue  # no request/reply of its own: no row
                     tag = f"[{system.label}] {w}"
                     if settings.repeat > 1:
                         tag += f" (run {rep + 1}/{settings.repeat})"
@@ -820,6 +835,7 @@ _MEDIAN_BY: Final[dict[str, tuple[str, Callable[[Result], float | None]]]] = {
     "BL": ("received/s", lambda r: r.received_per_s),
     "CL": ("received/s", lambda r: r.received_per_s),
     "D": ("p50", lambda r: r.latency_us["p50"] if r.latency_us else None),
+    "R": ("p50", lambda r: r.latency_us["p50"] if r.latency_us else None),
     "E": ("broker CPU µs/msg", lambda r: r.broker_us_per_msg),
     "F": ("peak RSS", lambda r: r.memory.get("peak_kib")),
 }
@@ -878,8 +894,8 @@ def _run_workload(
                 profile_dir=profile_dir,
             )
         ]
-    elif workload == "D":
-        out = [run_latency(system, settings, workdirs, profile_dir)]
+    elif workload in ROUND_TRIPS:
+        out = [run_latency(system, settings, workdirs, profile_dir, workload)]
     elif workload == "E":
         out = []
         for n in settings.filter_counts:
@@ -1253,7 +1269,7 @@ def markdown_report(
         out += [f"## {w}: {title}", ""]
         if w in SHAPES:
             out += _throughput_table(rows)
-        elif w == "D":
+        elif w in ROUND_TRIPS:
             out += _latency_table(rows)
         elif w == "E":
             out += _routing_tables(rows)

@@ -48,23 +48,25 @@ def test_daemoneye_runs_every_workload_and_the_report_renders(tmp_path: Path) ->
     failed = [(r.workload, r.status, r.errors) for r in results if not r.ok]
     assert not failed
     # One row per workload, E once per filter count.
-    assert [r.workload for r in results] == ["A", "B", "C", "D", "E", "E", "F", "BL", "CL"]
+    assert [r.workload for r in results] == ["A", "B", "C", "D", "E", "E", "F", "BL", "CL", "R"]
     for r in results:
         if r.workload in ("A", "B", "C", "E", "F", "BL", "CL"):
             assert r.received == r.expected > 0, r  # nothing is dropped at this pace
             assert r.received_per_s
             assert r.broker_cpu_pct is not None
-    latency = next(r for r in results if r.workload == "D")
-    assert latency.latency_us is not None
-    assert latency.latency_us["p50"] <= latency.latency_us["p99"] <= latency.latency_us["p99.9"]
+    for round_trip in ("D", "R"):
+        latency = next(r for r in results if r.workload == round_trip)
+        assert latency.latency_us is not None
+        assert latency.received == latency.expected > 0, latency
+        assert latency.latency_us["p50"] <= latency.latency_us["p99"] <= latency.latency_us["p99.9"]
     memory = next(r for r in results if r.workload == "F").memory
     assert {"rss_empty_kib", "rss_clients_kib", "rss_before_kib", "peak_kib"} <= set(memory)
 
     report = markdown_report(results, machine, TINY, "python -m benchmarks.suite (test)")
     for w, title in WORKLOADS.items():
         assert f"## {w}: {title}" in report
-    # A, B, C, D, F, BL, CL
-    assert report.count("| daemoneye-eventbus | Unix socket |") == 7
+    # A, B, C, D, F, BL, CL, R
+    assert report.count("| daemoneye-eventbus | Unix socket |") == 8
     assert "| daemoneye-eventbus | 300 |" in report  # E, per filter count
     assert "## Targets" in report
     assert machine["versions"]["protobuf"]

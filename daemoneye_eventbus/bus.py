@@ -24,6 +24,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, runtime_checkable
 
@@ -35,7 +36,7 @@ from daemoneye.eventbus.v1.events_pb2 import CollectionEvent
 from daemoneye_eventbus.broker import Broker, BrokerConfig, BrokerStatistics
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.correlation import new_correlation
-from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
+from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent, utc_datetime
 from daemoneye_eventbus.errors import (
     ClosedResourceError,
     InvalidPayload,
@@ -139,6 +140,17 @@ class BusEvent:
     correlation: CorrelationMetadata | None
     sequence: int
     subscriber_id: str
+    #: The broker's id of the event (see :attr:`ReceivedEvent.event_id`).
+    event_id: int = 0
+    #: When the broker accepted it, in nanoseconds since the Unix epoch.
+    received_at_ns: int = 0
+    #: The topic's retained event, delivered first to the new subscription.
+    retained: bool = False
+
+    @property
+    def received_at(self) -> datetime:
+        """When the broker accepted the event (UTC)."""
+        return utc_datetime(self.received_at_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +208,9 @@ class EventReceiver:
             received.correlation,
             received.sequence,
             self.subscriber_id,
+            received.event_id,
+            received.received_at_ns,
+            received.retained,
         )
 
     async def recv(self, timeout: float | None = None) -> BusEvent:

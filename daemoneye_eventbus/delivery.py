@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from itertools import count, repeat
 from operator import itemgetter
 from typing import Any, Final, Generic, NamedTuple, TypeVar
@@ -25,7 +26,14 @@ from daemoneye_eventbus.errors import (
     RequestTimeout,
 )
 
-__all__ = ["Credits", "EventQueue", "ReceivedEvent", "message_class", "received_batch"]
+__all__ = [
+    "Credits",
+    "EventQueue",
+    "ReceivedEvent",
+    "message_class",
+    "received_batch",
+    "utc_datetime",
+]
 
 P = TypeVar("P", bound=Message)
 
@@ -54,6 +62,19 @@ class ReceivedEvent(NamedTuple, Generic[P]):
     sequence: int
     subscription_id: int
     payload_class: type[P] | None = None
+    #: The broker's id of the event: unique for the broker's life, increasing in
+    #: the order the broker accepted events, the same for every subscriber (0
+    #: from a broker without ids) [protocol §5, "Event ids and receive times"].
+    event_id: int = 0
+    #: When the broker accepted the event, in nanoseconds since the Unix epoch.
+    received_at_ns: int = 0
+    #: The topic's retained event, delivered first because the subscription is new.
+    retained: bool = False
+
+    @property
+    def received_at(self) -> datetime:
+        """When the broker accepted the event (UTC)."""
+        return utc_datetime(self.received_at_ns)
 
     def message(self) -> P:
         """Decode the payload into its message type.
@@ -79,6 +100,13 @@ class ReceivedEvent(NamedTuple, Generic[P]):
         return msg
 
 
+def utc_datetime(ns: int) -> datetime:
+    """A time in nanoseconds since the Unix epoch as an aware UTC datetime
+    (to the microsecond)."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=nanos // 1000)
+
+
 def received_batch(
     topic: str,
     payload_type: str,
@@ -87,8 +115,11 @@ def received_batch(
     first_sequence: int,
     subscription_id: int,
     payload_class: type[P] | None = None,
+    first_event_id: int = 0,
+    received_at_ns: int = 0,
 ) -> list[ReceivedEvent[P]]:
-    """The events of one delivered batch, numbered from ``first_sequence``.
+    """The events of one delivered batch, numbered from ``first_sequence``, with
+    consecutive event ids from ``first_event_id`` (0: none).
 
     They share ``correlation`` (the batch's): treat it as read-only.
     """
@@ -103,6 +134,9 @@ def received_batch(
         count(first_sequence),
         repeat(subscription_id),
         repeat(payload_class),
+        count(first_event_id) if first_event_id else repeat(0),
+        repeat(received_at_ns),
+        repeat(False),
     )
     return list(map(tuple.__new__, repeat(ReceivedEvent), fields))
 
@@ -287,6 +321,9 @@ class EventQueue(Generic[P]):
         subscription_id: int,
         payload_class: type[P] | None = None,
         bounded: bool = True,
+        first_event_id: int = 0,
+        received_at_ns: int = 0,
+        retained: bool = False,
     ) -> bool:
         """Queue the events of one delivery (see :func:`received_batch`), all or none."""
         if len(payloads) == 1:  # one event in flight: no batch machinery
@@ -298,6 +335,9 @@ class EventQueue(Generic[P]):
                 first_sequence,
                 subscription_id,
                 payload_class,
+                first_event_id,
+                received_at_ns,
+                retained,
             )
             return self.put_nowait(event, bounded)
         events = received_batch(
@@ -308,6 +348,8 @@ class EventQueue(Generic[P]):
             first_sequence,
             subscription_id,
             payload_class,
+            first_event_id,
+            received_at_ns,
         )
         return self.put_batch(events, bounded)
 

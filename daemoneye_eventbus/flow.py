@@ -23,6 +23,7 @@ import collections
 from typing import Final, Protocol
 
 from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye_eventbus.stamps import Stamp
 
 __all__ = ["DROPPED", "HELD", "QUEUED", "Flow", "Holdable", "Published"]
 
@@ -62,8 +63,8 @@ class Flow:
         #: Every event is lossless (the subscription asked); otherwise only
         #: those of topics declared lossless.
         self.lossless = lossless
-        #: Events waiting for credit, in order: (message, encoded, first, count).
-        self.held: collections.deque[tuple[Published, bytes, int, int]] = collections.deque()
+        #: Events waiting for credit, in order: (message, encoded, first, count, stamp).
+        self.held: collections.deque[tuple[Published, bytes, int, int, Stamp]] = collections.deque()
         #: Bytes of the encoded events held.
         self.held_bytes = 0
         #: Publishers held until this flow has sent what it holds.
@@ -81,7 +82,7 @@ class Flow:
     @property
     def held_events(self) -> int:
         """Events held (a batch counts each of its events)."""
-        return sum(count for _, _, _, count in self.held)
+        return sum(item[3] for item in self.held)
 
     def can_send(self) -> bool:
         """Whether an event may go to the subscriber now: credit left and
@@ -92,9 +93,9 @@ class Flow:
         """``count`` events went to the subscriber."""
         self.credit -= count
 
-    def hold(self, message: Published, data: bytes, first: int, count: int) -> None:
+    def hold(self, message: Published, data: bytes, first: int, count: int, stamp: Stamp) -> None:
         """Keep ``count`` events (``data`` encoded), numbered from ``first``, for later."""
-        self.held.append((message, data, first, count))
+        self.held.append((message, data, first, count, stamp))
         self.held_bytes += len(data)
 
     def wait(self, publisher: Holdable) -> None:
@@ -109,7 +110,7 @@ class Flow:
         self.credit = min(self.credit + events, self.window)
         self.stalled_since = None
 
-    def take(self) -> tuple[Published, bytes, int, int]:
+    def take(self) -> tuple[Published, bytes, int, int, Stamp]:
         """The first held event (or batch), taken off to be sent now; its
         events are spent from the credit (the caller checks :attr:`credit`)."""
         item = self.held.popleft()

@@ -54,15 +54,17 @@ MAX_ERROR_MESSAGE: Final = 512
 MAX_PREFIX_BYTES: Final = 5
 #: The most a ``Deliver`` frame adds around the ``Publish`` it carries: the
 #: Frame and Publish tags and lengths (1 + 5 and 1 + 5) and the subscription
-#: id and sequence fields (1 + 5 and 1 + 10). A broker refuses a publish whose
-#: body exceeds ``max_frame_bytes - DELIVER_OVERHEAD`` [protocol §5].
-DELIVER_OVERHEAD: Final = 29
+#: id and sequence fields (1 + 5 and 1 + 10), and the event id, receive time and
+#: retained fields after it (1 + 10, 1 + 8 and 2). A broker refuses a publish
+#: whose body exceeds ``max_frame_bytes - DELIVER_OVERHEAD`` [protocol §5].
+DELIVER_OVERHEAD: Final = 51
 #: The most a ``DeliverBatch`` frame adds around the ``PublishBatch`` it
 #: carries: the Frame tag (2 bytes: field 16) and length (5), the subscription
 #: id and first sequence fields (1 + 5 and 1 + 10), the batch tag and length
-#: (1 + 5). A broker refuses a batch whose encoding exceeds
-#: ``max_frame_bytes - DELIVER_BATCH_OVERHEAD`` [protocol §5].
-DELIVER_BATCH_OVERHEAD: Final = 30
+#: (1 + 5), the first event id and receive time (1 + 10 and 1 + 8). A broker
+#: refuses a batch whose encoding exceeds ``max_frame_bytes -
+#: DELIVER_BATCH_OVERHEAD`` [protocol §5].
+DELIVER_BATCH_OVERHEAD: Final = 50
 #: The most a ``RequestDeliver`` frame adds around the request's ``Publish``:
 #: the Frame tag and length (1 + 5), the subscription id (1 + 5), the token
 #: (1 + 10), the Publish tag and length (1 + 5), ``remaining_ms`` (1 + 5), the
@@ -156,8 +158,12 @@ _TAG_DELIVER_SEQ: Final = b"\x10"
 _TAG_DELIVER_PUB: Final = b"\x1a"
 
 
-def _encode_delivery(frame_tag: bytes, subscription_id: int, sequence: int, body: bytes) -> bytes:
-    """A length-prefixed ``Frame`` holding a ``Deliver`` or ``DeliverBatch`` around ``body``."""
+def _encode_delivery(
+    frame_tag: bytes, subscription_id: int, sequence: int, body: bytes, suffix: bytes
+) -> bytes:
+    """A length-prefixed ``Frame`` holding a ``Deliver`` or ``DeliverBatch`` around
+    ``body``, followed by the encoded fields after it (``suffix``: the event id,
+    receive time and retained flag, see :mod:`daemoneye_eventbus.stamps`)."""
     varint = encode_varint
     head = b"".join(
         (
@@ -169,30 +175,38 @@ def _encode_delivery(frame_tag: bytes, subscription_id: int, sequence: int, body
             varint(len(body)),
         )
     )
-    inner_len = len(head) + len(body)
+    inner_len = len(head) + len(body) + len(suffix)
     inner_prefix = varint(inner_len)
     body_len = len(frame_tag) + len(inner_prefix) + inner_len
-    return b"".join((varint(body_len), frame_tag, inner_prefix, head, body))
+    return b"".join((varint(body_len), frame_tag, inner_prefix, head, body, suffix))
 
 
-def encode_deliver(subscription_id: int, sequence: int, publish: bytes) -> bytes:
+def encode_deliver(
+    subscription_id: int, sequence: int, publish: bytes, suffix: bytes = b""
+) -> bytes:
     """A length-prefixed ``Frame(deliver=Deliver(...))`` around an encoded ``Publish``.
 
     The broker forwards the publisher's event without decoding its payload or
     re-encoding the ``Publish`` for every subscriber [protocol §5]; the bytes
     are exactly what ``encode_frame`` would produce for the same message.
+    ``suffix`` holds the fields after ``publish`` (:attr:`Stamp.suffix
+    <daemoneye_eventbus.stamps.Stamp.suffix>`), encoded once per event.
     """
-    return _encode_delivery(_TAG_FRAME_DELIVER, subscription_id, sequence, publish)
+    return _encode_delivery(_TAG_FRAME_DELIVER, subscription_id, sequence, publish, suffix)
 
 
-def encode_deliver_batch(subscription_id: int, first_sequence: int, batch: bytes) -> bytes:
+def encode_deliver_batch(
+    subscription_id: int, first_sequence: int, batch: bytes, suffix: bytes = b""
+) -> bytes:
     """A length-prefixed ``Frame(deliver_batch=DeliverBatch(...))`` around an encoded
     ``PublishBatch``, byte-identical to :func:`encode_frame` of the same message.
 
     Every subscriber of a batch gets the same ``batch`` bytes; only this
     header differs [protocol §5].
     """
-    return _encode_delivery(_TAG_FRAME_DELIVER_BATCH, subscription_id, first_sequence, batch)
+    return _encode_delivery(
+        _TAG_FRAME_DELIVER_BATCH, subscription_id, first_sequence, batch, suffix
+    )
 
 
 # Field tags of Publish (numbers 1-4) and of Frame.publish (3), for encode_publish.

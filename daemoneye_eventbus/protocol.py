@@ -16,7 +16,7 @@ mapping between error codes and typed exceptions (:func:`error_for_code`,
 from __future__ import annotations
 
 import enum
-from typing import Final, NoReturn, TypeVar
+from typing import Final, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -234,6 +234,16 @@ def _bad_length(length: int, limit: int) -> RemoteProtocolError:
     return RemoteProtocolError(
         f"frame of {length} bytes exceeds the limit of {limit} bytes",
         ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
+    )
+
+
+def _undeliverable(conn: Connection, size: int) -> LocalProtocolError:
+    """Why ``conn`` cannot queue a delivery of a ``size``-byte event or batch."""
+    if conn.state is not State.OPEN or conn.role is not Role.BROKER:
+        return LocalProtocolError(f"cannot deliver while {conn.state.value}")
+    return LocalProtocolError(
+        f"a delivery of a {size}-byte event or batch would exceed the limit "
+        f"of {conn.max_frame_bytes} bytes"
     )
 
 
@@ -457,32 +467,27 @@ class Connection:
             raise LocalProtocolError(f"cannot send while {self.state.value}")
         self._append(data, messages)
 
-    def send_deliver(self, subscription_id: int, sequence: int, publish: bytes) -> int:
-        """Queue a ``Deliver`` frame (broker side, open state); return its size."""
+    def send_deliver(
+        self, subscription_id: int, sequence: int, publish: bytes, suffix: bytes = b""
+    ) -> int:
+        """Queue a ``Deliver`` frame (broker side, open state), ``suffix`` after its
+        ``publish`` (a stamp's event id, time, retained flag); return its size."""
         if self._delivering is not True or len(publish) > event_budget(self.max_frame_bytes):
-            self._refuse_delivery(len(publish))
-        data = encode_deliver(subscription_id, sequence, publish)
+            raise _undeliverable(self, len(publish))
+        data = encode_deliver(subscription_id, sequence, publish, suffix)
         self._append(data)
         return len(data)
 
     def send_deliver_batch(
-        self, subscription_id: int, first_sequence: int, batch: bytes, count: int
+        self, subscription_id: int, first: int, batch: bytes, count: int, suffix: bytes = b""
     ) -> int:
-        """Queue a ``DeliverBatch`` frame of ``count`` events (counted as ``count``
-        in :attr:`buffered_messages`); broker side, open state. Returns its size."""
+        """Queue a ``DeliverBatch`` frame of ``count`` events (so many in
+        :attr:`buffered_messages`), like :meth:`send_deliver`; return its size."""
         if self._delivering is not True or len(batch) > batch_budget(self.max_frame_bytes):
-            self._refuse_delivery(len(batch))
-        data = encode_deliver_batch(subscription_id, first_sequence, batch)
+            raise _undeliverable(self, len(batch))
+        data = encode_deliver_batch(subscription_id, first, batch, suffix)
         self._append(data, count)
         return len(data)
-
-    def _refuse_delivery(self, size: int) -> NoReturn:
-        if not self._delivering:
-            raise LocalProtocolError(f"cannot deliver while {self.state.value}")
-        raise LocalProtocolError(
-            f"a delivery of a {size}-byte event or batch would exceed the limit "
-            f"of {self.max_frame_bytes} bytes"
-        )
 
     def _append(self, data: bytes, messages: int = 1) -> None:
         self._out.append(data)

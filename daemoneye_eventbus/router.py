@@ -193,7 +193,7 @@ class Router:
         self._batch_limit = batch_budget(config.max_frame_bytes)
         #: Published events refused because a payload did not parse.
         self.invalid_payloads = 0
-        #: The broker's event ids and receive times.
+        #: The broker's event ids and receive times (one stamp per accepted publish).
         self.clock = EventClock()
         #: Requests waiting for replies, and who answers them.
         self.requests = RequestRouter(self)
@@ -367,13 +367,14 @@ class Router:
         counts.published += count
         counts.published_bytes += size
         lossless = info.lossless
+        stamp = self.clock.stamp(count)
         taken = 0
         for sub in subs:
             if sub.matcher is not None and not sub.matcher.matches(correlation):
                 continue
             first = sub.sequence + 1
             sub.sequence += count
-            queued = sub.enqueue(sub, message, data, first, count, lossless)
+            queued = sub.enqueue(sub, message, data, first, count, lossless, stamp)
             if queued:
                 sub.delivered += count
                 taken += count

@@ -16,6 +16,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 
 from google.protobuf.message import Message
 
+from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, CorrelationMetadata
 from daemoneye_eventbus.delivery import Credits, EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import ConnectionClosed, InvalidPayload
@@ -130,9 +131,13 @@ class Subscription(Generic[P]):
         correlation: CorrelationMetadata | None,
         first_sequence: int,
         bounded: bool | None = None,
+        first_event_id: int = 0,
+        received_at_ns: int = 0,
+        retained: bool = False,
     ) -> bool:
         """Queue delivered events, numbered from ``first_sequence`` (for the owner);
-        within the queue's bounds unless credit based (or ``bounded`` says)."""
+        within the queue's bounds unless credit based (or ``bounded`` says). The
+        broker's event ids follow from ``first_event_id``."""
         return self.queue.put_payloads(
             topic,
             payload_type,
@@ -142,6 +147,38 @@ class Subscription(Generic[P]):
             self.subscription_id,
             self.payload_class,
             not self.window if bounded is None else bounded,
+            first_event_id,
+            received_at_ns,
+            retained,
+        )
+
+    def deliver_frame(self, deliver: frames_pb2.Deliver) -> bool:
+        """Queue the event of a ``Deliver`` frame (for the owner)."""
+        publish = deliver.publish
+        return self.deliver(
+            publish.topic,
+            publish.payload_type,
+            (publish.payload,),
+            publish.correlation if publish.HasField("correlation") else None,
+            deliver.sequence,
+            None,
+            deliver.event_id,
+            deliver.received_at_ns,
+            deliver.retained,
+        )
+
+    def deliver_frame_batch(self, deliver_batch: frames_pb2.DeliverBatch) -> bool:
+        """Queue the events of a ``DeliverBatch`` frame (for the owner)."""
+        batch = deliver_batch.batch
+        return self.deliver(
+            batch.topic,
+            batch.payload_type,
+            batch.payloads,
+            batch.correlation if batch.HasField("correlation") else None,
+            deliver_batch.first_sequence,
+            None,
+            deliver_batch.first_event_id,
+            deliver_batch.received_at_ns,
         )
 
     def end(self, error: BaseException | None = None) -> None:

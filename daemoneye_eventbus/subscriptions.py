@@ -44,6 +44,7 @@ from daemoneye_eventbus.errors import (
 )
 from daemoneye_eventbus.flow import Flow, Published
 from daemoneye_eventbus.registry_runtime import RequestTopic, RequestTopicTemplate
+from daemoneye_eventbus.stamps import Stamp
 from daemoneye_eventbus.topics import SubscriptionTrie, validate_topic_filter
 
 __all__ = [
@@ -111,11 +112,13 @@ class Sink(Protocol):
         first: int,
         count: int,
         lossless: bool,
+        stamp: Stamp,
     ) -> int:
         """Queue the ``count`` events of ``message`` (``data`` encoded), numbered
         from ``first``, for ``sub``, all or none: ``flow.QUEUED``, ``flow.DROPPED``
         (0), or ``flow.HELD`` for a lossless subscription without credit
-        (``lossless``: the topic is declared lossless)."""
+        (``lossless``: the topic is declared lossless; ``stamp``: the broker's
+        id and receive time of the first event)."""
         ...
 
     def resume(self) -> None:
@@ -218,7 +221,7 @@ class SubscriptionEntry:
     #: Deliver control topics to this subscription.
     wants_control: bool
     #: The endpoint's sink's ``enqueue``, bound once for the delivery loop.
-    enqueue: Callable[[SubscriptionEntry, Published, bytes, int, int, bool], int]
+    enqueue: Callable[[SubscriptionEntry, Published, bytes, int, int, bool, Stamp], int]
     #: Broker memory the subscription is charged.
     cost: int = 0
     #: Credit-based delivery, for a client that grants credit and a

@@ -30,6 +30,7 @@ from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.delivery import Credits, EventQueue, ReceivedEvent
 from daemoneye_eventbus.errors import AccessDenied, ConnectionClosed, EventBusError, LimitExceeded
 from daemoneye_eventbus.flow import Flow
+from daemoneye_eventbus.stamps import Stamp
 from daemoneye_eventbus.subscription import Subscription
 
 LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
@@ -70,7 +71,7 @@ def test_held_events_keep_their_order_and_hold_each_publisher_once() -> None:
     a, b = Publisher(), Publisher()
     flow.sent(2)
     for first, publisher in ((3, a), (4, b), (5, a)):
-        flow.hold(frames_pb2.Publish(topic="t"), b"x" * first, first, 1)
+        flow.hold(frames_pb2.Publish(topic="t"), b"x" * first, first, 1, Stamp(first, 0))
         flow.wait(publisher)
     assert (a.held_by, b.held_by) == (1, 1)
     assert flow.held_events == 3

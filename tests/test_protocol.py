@@ -24,6 +24,7 @@ from daemoneye_eventbus.frames import (
     MAX_PREFIX_BYTES,
     decode_varint,
     encode_deliver,
+    encode_deliver_batch,
     encode_frame,
     encode_publish,
     encode_varint,
@@ -39,6 +40,7 @@ from daemoneye_eventbus.protocol import (
     Role,
     State,
 )
+from daemoneye_eventbus.stamps import Stamp
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -120,37 +122,17 @@ SAMPLES: dict[str, Frame] = {
         )
     ),
     "request": Frame(
-        request=frames_pb2.Request(
-            request_id=5,
-            publish=frames_pb2.Publish(
-                topic="control.collector.rpc.health.p-1",
-                payload_type="daemoneye.eventbus.v1.HealthCheckRequest",
-            ),
-            timeout_ms=1000,
-        )
+        request=frames_pb2.Request(request_id=9, publish=publish().publish, timeout_ms=250)
     ),
     "request_deliver": Frame(
         request_deliver=frames_pb2.RequestDeliver(
-            subscription_id=2,
-            token=11,
-            publish=frames_pb2.Publish(
-                topic="control.collector.rpc.health.p-1",
-                payload_type="daemoneye.eventbus.v1.HealthCheckRequest",
-            ),
-            remaining_ms=998,
-            event_id=3,
-            received_at_ns=1_714_564_800_000_000_000,
-            requester="daemoneye-agent",
+            subscription_id=1, token=5, publish=publish().publish, remaining_ms=240
         )
     ),
-    "reply": Frame(
-        reply=frames_pb2.Reply(token=11, payload_type="daemoneye.eventbus.v1.HealthCheckReply")
-    ),
+    "reply": Frame(reply=frames_pb2.Reply(token=5, payload_type="daemoneye.eventbus.v1.TaskAck")),
     "reply_deliver": Frame(
         reply_deliver=frames_pb2.ReplyDeliver(
-            request_id=5,
-            payload_type="daemoneye.eventbus.v1.HealthCheckReply",
-            responder="procmond",
+            request_id=9, payload_type="daemoneye.eventbus.v1.TaskAck"
         )
     ),
 }
@@ -766,9 +748,9 @@ def test_undecodable_body_is_malformed(body: bytes) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        pytest.param(b"\x90\x03\x01", id="unknown-field-50"),
+        pytest.param(b"\xb0\x03\x01", id="unknown-field-54"),
         pytest.param(b"\xa0\x06\x01", id="unknown-field-100"),
-        pytest.param(b"\x92\x03\x03abc", id="unknown-length-delimited"),
+        pytest.param(b"\xb2\x03\x03abc", id="unknown-length-delimited"),
     ],
 )
 def test_frame_with_no_kind_is_malformed(body: bytes) -> None:
@@ -908,6 +890,56 @@ def test_encode_deliver_matches_encode_frame(
         )
     )
     assert encode_deliver(subscription_id, sequence, pub_bytes) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    subscription_id=st.integers(1, UINT32_MAX),
+    sequence=st.integers(1, UINT64_MAX),
+    event_id=st.integers(1, UINT64_MAX),
+    time_ns=st.integers(1, UINT64_MAX),  # never 0: protobuf would omit it
+    retained=st.booleans(),
+    count=st.integers(1, 3),
+)
+def test_stamped_deliveries_match_encode_frame(
+    subscription_id: int, sequence: int, event_id: int, time_ns: int, retained: bool, count: int
+) -> None:
+    """protocol §5, "Event ids and receive times": the hand-built Deliver and
+    DeliverBatch with a stamp are what protobuf writes for the same message."""
+    stamp = Stamp(event_id, time_ns, retained)
+    pub = frames_pb2.Publish(topic="a.b", payload_type="t", payload=b"xyz")
+    expected = encode_frame(
+        Frame(
+            deliver=frames_pb2.Deliver(
+                subscription_id=subscription_id,
+                sequence=sequence,
+                publish=pub,
+                event_id=event_id,
+                received_at_ns=time_ns,
+                retained=retained,
+            )
+        )
+    )
+    assert encode_deliver(subscription_id, sequence, pub.SerializeToString(), stamp.suffix) == (
+        expected
+    )
+    batch = frames_pb2.PublishBatch(topic="a.b", payload_type="t", payloads=[b"x"] * count)
+    plain = Stamp(event_id, time_ns)
+    expected = encode_frame(
+        Frame(
+            deliver_batch=frames_pb2.DeliverBatch(
+                subscription_id=subscription_id,
+                first_sequence=sequence,
+                batch=batch,
+                first_event_id=event_id,
+                received_at_ns=time_ns,
+            )
+        )
+    )
+    got = encode_deliver_batch(subscription_id, sequence, batch.SerializeToString(), plain.suffix)
+    assert got == expected
+    assert len(stamp.suffix) <= DELIVER_OVERHEAD - 29
+    assert plain.at(count - 1).event_id == event_id + count - 1
 
 
 @settings(max_examples=100, deadline=None)

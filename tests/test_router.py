@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -43,6 +44,7 @@ from daemoneye_eventbus.router import (
     Router,
     SubscriptionEntry,
 )
+from daemoneye_eventbus.stamps import Stamp
 from daemoneye_eventbus.statistics import TopicFigures
 from daemoneye_eventbus.subscriptions import DECLARED_TOPICS
 
@@ -79,6 +81,8 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
+        #: (subscription id, event id of the first event, receive time) per delivery.
+        self.stamps: list[tuple[int, int, int]] = []
         self.full = False
 
     def enqueue(
@@ -89,7 +93,9 @@ class RecordingSink:
         first: int,
         count: int,
         lossless: bool,
+        stamp: Stamp,
     ) -> int:
+        self.stamps.append((sub.subscription_id, stamp.event_id, stamp.time_ns))
         if isinstance(message, frames_pb2.PublishBatch):
             payloads = tuple(message.payloads)
             assert frames_pb2.PublishBatch.FromString(data) == message
@@ -190,6 +196,33 @@ def test_publish_reaches_matching_subscriptions_numbered_per_subscription() -> N
     assert (router.dropped, router.refused) == (0, 0)
     entry = agent.subscriptions[1]
     assert (entry.delivered, entry.dropped) == (6, 0)
+
+
+def test_every_accepted_event_gets_the_next_id_and_each_subscriber_the_same_one() -> None:
+    """protocol §5, "Event ids and receive times": ids from 1, consecutive within a
+    batch, increasing across publishes and publishers, the same for every
+    subscriber; a refused publish takes none."""
+    router = Router(BrokerConfig())
+    agent, agent_sink = endpoint(AGENT)
+    other, other_sink = endpoint(AGENT)
+    procmond, _ = endpoint(PROCMOND)
+    anonymous, _ = endpoint(ANONYMOUS)
+    router.subscribe(agent, 1, LIFECYCLE.name)
+    router.subscribe(other, 7, "events.process.#")
+    before = time.time_ns()
+    router.route(procmond, event(1))
+    router.route(procmond, batch([2, 3, 4]))
+    with pytest.raises(AccessDenied):
+        router.route(anonymous, event(5))  # refused: no id spent
+    router.route(procmond, event(6, topic="events.process.metadata"))  # nobody on 1 reads it
+    router.route(procmond, event(7))
+    after = time.time_ns()
+    assert [(sid, eid) for sid, eid, _ in agent_sink.stamps] == [(1, 1), (1, 2), (1, 6)]
+    assert [(sid, eid) for sid, eid, _ in other_sink.stamps] == [(7, 1), (7, 2), (7, 5), (7, 6)]
+    assert all(before <= t <= after for _, _, t in agent_sink.stamps + other_sink.stamps)
+    times = [t for _, _, t in other_sink.stamps]
+    assert times == sorted(times)
+    assert router.clock.next_id == 7
 
 
 def test_payloads_reach_the_sink_unchanged_and_in_order() -> None:

@@ -34,6 +34,7 @@ from daemoneye_eventbus.frames import REQUEST_DELIVER_OVERHEAD, request_budget
 from daemoneye_eventbus.protocol import build_publish
 from daemoneye_eventbus.router import Endpoint, Published, Router, SubscriptionEntry
 from daemoneye_eventbus.rpc import REQUEST_COST, PendingRequest, RequestTable
+from daemoneye_eventbus.stamps import Stamp
 
 EC = ErrorCode
 HEALTH = registry.CONTROL_COLLECTOR_RPC_HEALTH
@@ -65,6 +66,7 @@ class Peer:
         first: int,
         count: int,
         lossless: bool,
+        stamp: Stamp,
     ) -> int:
         self.events.append(message.topic)
         return 1

@@ -195,3 +195,19 @@ def test_worked_examples_of_the_protocol_page(name: str) -> None:
     hex_columns = " ".join(line.strip().split("   ")[0] for line in section.splitlines())
     expected = bytes.fromhex("".join(re.findall(r"\b[0-9a-f]{2}\b", hex_columns)))
     assert data == expected
+
+
+def test_the_stamp_example_of_the_protocol_is_the_vectors_bytes() -> None:
+    """docs/protocol.md §5, "Event ids and receive times": the worked example's
+    bytes end the deliver_stamped vector, and retained adds ``30 01``."""
+    here = Path(__file__).resolve().parent
+    doc = (here.parent / "docs" / "protocol.md").read_text()
+    lines = [
+        line.split("  ")[0] for line in doc.splitlines() if line.startswith(("20 e8 07 ", "29 06 "))
+    ]
+    assert len(lines) == 2
+    suffix = bytes.fromhex(" ".join(lines))
+    stamped = (here / "vectors" / "deliver_stamped.bin").read_bytes()
+    assert stamped.endswith(suffix)
+    retained = (here / "vectors" / "deliver_retained.bin").read_bytes()
+    assert retained.endswith(b"\x30\x01")

@@ -81,6 +81,8 @@ async def subscribe(args: argparse.Namespace) -> None:
             record = {
                 "topic": event.topic,
                 "seq": event.sequence,
+                "eid": event.event_id,
+                "at": event.received_at_ns,
                 "pid": msg.pid,
                 "publisher": msg.ppid,
                 "corr": corr,

@@ -48,6 +48,7 @@ __all__ = [
     "ECHO_TOPIC",
     "IDLE_TOPIC",
     "PAYLOAD_BYTES",
+    "REQUEST_BYTES",
     "PROBE_TOPIC",
     "TOPIC",
     "WILDCARD",
@@ -68,6 +69,9 @@ __all__ = [
 
 #: Size of every event's payload in bytes.
 PAYLOAD_BYTES: Final = 256
+#: Bytes of a workload R request or reply for peers without the schema: about
+#: this bus's HealthCheckRequest and HealthCheckReply there (an id of 10 digits).
+REQUEST_BYTES: Final = 16
 
 Levels = tuple[str, ...]
 
@@ -405,6 +409,10 @@ class Adapter(abc.ABC):
     #: How the system delivers every event, for workloads BL and CL ("" if it
     #: cannot: it then has no row there).
     lossless_mode: str = ""
+    #: The system has request/reply of its own (workload R: one responder
+    #: answers each request, the reply goes to the requester alone); without
+    #: it, no row there.
+    request_reply: bool = False
 
     @abc.abstractmethod
     def ensure(self, install: bool) -> str | None:

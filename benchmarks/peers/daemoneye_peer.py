@@ -74,6 +74,7 @@ class DaemoneyeAdapter(Adapter):
     module = "benchmarks.peers.daemoneye_peer"
     python_broker = True
     lossless_mode = "lossless subscriptions (credit-based backpressure)"
+    request_reply = True
 
     def ensure(self, install: bool) -> str | None:
         try:
@@ -489,6 +490,92 @@ def _ping(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
     return _run(run)
 
 
+def _health_topic() -> Any:
+    """The request topic of workload R: a collector's health, answered by it."""
+    from daemoneye.eventbus.v1 import registry
+
+    return registry.CONTROL_COLLECTOR_RPC_HEALTH.build(id="bench")
+
+
+def _responder(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
+    from daemoneye.eventbus.v1 import control_pb2
+    from daemoneye_eventbus.client import Client
+
+    async def run() -> dict[str, Any]:
+        answered = 0
+        reply = control_pb2.HealthCheckReply(status=control_pb2.RPC_STATUS_SUCCESS)
+        async with (
+            Client(path, name="bench-responder", component=PUBLISHER, request_timeout=30.0) as c,
+            c.serve(_health_topic()) as requests,
+        ):
+
+            async def answer() -> None:
+                nonlocal answered
+                async for request in requests:
+                    reply.component.component_id = request.message.component_id
+                    await request.reply(reply)
+                    answered += 1
+
+            ctl.ready()
+            ctl.synced()
+            task = asyncio.ensure_future(answer())
+            while not (ctl.stop.is_set() or ctl.expired() or task.done()):
+                await asyncio.wait({task}, timeout=0.25)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return {"echoed": answered}
+
+    return _run(run)
+
+
+def _requester(ctl: Ctl, path: str, params: dict[str, Any]) -> dict[str, Any]:
+    from daemoneye.eventbus.v1 import control_pb2
+    from daemoneye_eventbus.client import Client
+    from daemoneye_eventbus.errors import RequestTimeout
+
+    count: int = params["count"]
+    warmup: int = params["warmup"]
+
+    async def run() -> dict[str, Any]:
+        topic = _health_topic()
+        request = control_pb2.HealthCheckRequest()
+        rtts: list[int] = []
+        lost = stale = 0
+        async with Client(
+            path, name="bench-requester", component=SUBSCRIBER, request_timeout=30.0
+        ) as client:
+            ctl.ready()
+            ctl.wait_go()  # blocks the loop: nothing to do before the start
+            start_ns = end_ns = time.perf_counter_ns()
+            for i in range(warmup + count):
+                if ctl.expired():
+                    break
+                request.component_id = str(PID_BASE + i)
+                t0 = time.perf_counter_ns()
+                try:
+                    reply = await client.request(topic, request, timeout=2.0)
+                except RequestTimeout:
+                    lost += 1
+                    continue
+                t1 = time.perf_counter_ns()
+                if reply.component.component_id != request.component_id:
+                    stale += 1  # never: each reply goes to its own request
+                elif i >= warmup:
+                    rtts.append(t1 - t0)
+            end_ns = time.perf_counter_ns()
+        return {
+            "rtts_ns": rtts,
+            "lost": lost,
+            "stale": stale,
+            "start_ns": start_ns,
+            "end_ns": end_ns,
+            "round_trips": warmup + count - lost,
+        }
+
+    return _run(run)
+
+
 ROLES: Final[dict[str, RoleFunction]] = {
     "pub": _pub,
     "sub": _sub,
@@ -497,4 +584,6 @@ ROLES: Final[dict[str, RoleFunction]] = {
     "idle": _idle,
     "echo": _echo,
     "ping": _ping,
+    "responder": _responder,
+    "requester": _requester,
 }

@@ -25,6 +25,7 @@ from benchmarks.peers.base import (
     IDLE_AFTER_PUBLISHERS,
     IDLE_TOPIC,
     PAYLOAD_BYTES,
+    REQUEST_BYTES,
     TOPIC,
     YIELD_EVERY,
     Adapter,
@@ -59,6 +60,7 @@ class NatsAdapter(Adapter):
     label = "NATS"
     module = "benchmarks.peers.nats_peer"
     lossless_mode = "core NATS, defaults: the server buffers up to 64 MiB per client"
+    request_reply = True
 
     def ensure(self, install: bool) -> str | None:
         return apt_install("nats-server", "nats-server", install) or pip_install("nats", install)
@@ -359,6 +361,73 @@ def _ping(ctl: Ctl, url: str, params: dict[str, Any]) -> dict[str, Any]:
     return _run(run)
 
 
+def _responder(ctl: Ctl, url: str, params: dict[str, Any]) -> dict[str, Any]:
+    """NATS request/reply: a queue-group subscriber answers each request on the
+    request's reply subject."""
+
+    async def run() -> dict[str, Any]:
+        nc = await _connect(url, "bench-responder")
+        answered = 0
+
+        async def on_request(msg: Msg) -> None:
+            nonlocal answered
+            await msg.respond(msg.data)
+            answered += 1
+
+        await nc.subscribe(subject(TOPIC), queue="responders", cb=on_request)
+        await nc.flush(timeout=30)
+        ctl.ready()
+        ctl.synced()
+        await asyncio.to_thread(ctl.wait_stop)
+        await _close(nc)
+        return {"echoed": answered}
+
+    return _run(run)
+
+
+def _requester(ctl: Ctl, url: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``nc.request``: one request in flight, its reply on the client's inbox."""
+    count: int = params["count"]
+    warmup: int = params["warmup"]
+
+    async def run() -> dict[str, Any]:
+        nc = await _connect(url, "bench-requester")
+        topic = subject(TOPIC)
+        data = bytearray(REQUEST_BYTES)
+        rtts: list[int] = []
+        lost = stale = 0
+        ctl.ready()
+        ctl.wait_go()  # blocks the loop: nothing to do before the start
+        start_ns = end_ns = time.perf_counter_ns()
+        for i in range(warmup + count):
+            if ctl.expired():
+                break
+            struct.pack_into(">Q", data, 0, i)
+            t0 = time.perf_counter_ns()
+            try:
+                reply = await nc.request(topic, bytes(data), timeout=2.0)
+            except TimeoutError:
+                lost += 1
+                continue
+            t1 = time.perf_counter_ns()
+            if struct.unpack_from(">Q", reply.data)[0] != i:
+                stale += 1
+            elif i >= warmup:
+                rtts.append(t1 - t0)
+        end_ns = time.perf_counter_ns()
+        await _close(nc)
+        return {
+            "rtts_ns": rtts,
+            "lost": lost,
+            "stale": stale,
+            "start_ns": start_ns,
+            "end_ns": end_ns,
+            "round_trips": warmup + count - lost,
+        }
+
+    return _run(run)
+
+
 ROLES: Final[dict[str, RoleFunction]] = {
     "pub": _pub,
     "sub": _sub,
@@ -367,4 +436,6 @@ ROLES: Final[dict[str, RoleFunction]] = {
     "idle": _idle,
     "echo": _echo,
     "ping": _ping,
+    "responder": _responder,
+    "requester": _requester,
 }

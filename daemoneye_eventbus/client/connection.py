@@ -257,26 +257,12 @@ class ClientConnection:
                 deliver_batch = frame.deliver_batch
                 sub = self._subs.get(deliver_batch.subscription_id)
                 if sub is not None:
-                    batch = deliver_batch.batch
-                    sub.deliver(
-                        batch.topic,
-                        batch.payload_type,
-                        batch.payloads,
-                        batch.correlation if batch.HasField("correlation") else None,
-                        deliver_batch.first_sequence,
-                    )
+                    sub.deliver_frame_batch(deliver_batch)
             elif kind == "deliver":
                 deliver = frame.deliver
                 sub = self._subs.get(deliver.subscription_id)
                 if sub is not None:
-                    publish = deliver.publish
-                    sub.deliver(
-                        publish.topic,
-                        publish.payload_type,
-                        (publish.payload,),
-                        publish.correlation if publish.HasField("correlation") else None,
-                        deliver.sequence,
-                    )
+                    sub.deliver_frame(deliver)
             elif kind == "ping":
                 if not conn.close_expected:  # no answers once closing [protocol §8]
                     conn.send(Frame(pong=frames_pb2.Pong(nonce=frame.ping.nonce)))

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from daemoneye_eventbus.flow import DROPPED, HELD, QUEUED, Flow, Published
 from daemoneye_eventbus.router import SubscriptionEntry
+from daemoneye_eventbus.stamps import Stamp
 
 __all__ = ["FlowDelivery", "FlowHost"]
 
@@ -36,13 +37,25 @@ class FlowHost(Protocol):
         ...
 
     def deliver(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        stamp: Stamp,
     ) -> None:
         """Queue the events for the subscriber, whatever its bounds."""
         ...
 
     def deliver_at_most_once(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        stamp: Stamp,
     ) -> bool:
         """Queue the events within the at-most-once bounds; False if they do not fit."""
         ...
@@ -78,6 +91,7 @@ class FlowDelivery:
         first: int,
         count: int,
         lossless: bool,
+        stamp: Stamp,
     ) -> int:
         """Send, hold or drop events for ``sub`` (see the module's description);
         ``lossless``: their topic is declared lossless."""
@@ -86,17 +100,19 @@ class FlowDelivery:
             return DROPPED
         if not (flow.lossless or lossless):
             # At most once, within the usual bounds, and within the credit.
-            if flow.can_send() and host.deliver_at_most_once(sub, message, data, first, count):
+            if flow.can_send() and host.deliver_at_most_once(
+                sub, message, data, first, count, stamp
+            ):
                 flow.sent(count)
                 return QUEUED
             return DROPPED
         if flow.can_send() and host.room(len(data), True):
-            host.deliver(sub, message, data, first, count)
+            host.deliver(sub, message, data, first, count, stamp)
             flow.sent(count)
             return QUEUED
         if not host.may_hold():
             return DROPPED
-        flow.hold(message, data, first, count)
+        flow.hold(message, data, first, count, stamp)
         self.holding.add(sub)
         return HELD
 
@@ -118,8 +134,7 @@ class FlowDelivery:
         while held and flow.credit > 0 and host.delivering:
             if not host.room(len(held[0][1]), may_flush):
                 break
-            message, data, first, count = flow.take()
-            host.deliver(sub, message, data, first, count)
+            host.deliver(sub, *flow.take())
             sent = True
         if not held:
             self.holding.discard(sub)

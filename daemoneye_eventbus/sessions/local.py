@@ -40,6 +40,7 @@ from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
 from daemoneye_eventbus.sessions.flows import FlowDelivery
 from daemoneye_eventbus.sessions.local_rpc import LocalRpc
+from daemoneye_eventbus.stamps import Stamp
 from daemoneye_eventbus.subscription import Subscription, subscription_target
 
 __all__ = ["LocalSession"]
@@ -298,26 +299,15 @@ class LocalSession(Session, RequestReply[LocalRpc]):
         first: int,
         count: int,
         lossless: bool,
+        stamp: Stamp,
     ) -> int:
         local = self._subs.get(sub.subscription_id)
         if local is None or self._closed:
             return DROPPED
         flow = sub.flow
         if flow is not None:
-            return self.flows.enqueue(sub, flow, message, data, first, count, lossless)
-        return QUEUED if self._put(local, message, first) else DROPPED
-
-    def _put(
-        self, local: Subscription[Any], message: Published, first: int, bounded: bool = True
-    ) -> bool:
-        payloads: Sequence[bytes] = (
-            message.payloads if isinstance(message, frames_pb2.PublishBatch) else (message.payload,)
-        )
-        # One copy of the correlation per subscriber: the publisher may reuse its message.
-        correlation = _copy_correlation(message) if message.HasField("correlation") else None
-        return local.deliver(
-            message.topic, message.payload_type, payloads, correlation, first, bounded
-        )
+            return self.flows.enqueue(sub, flow, message, data, first, count, lossless, stamp)
+        return QUEUED if _put(local, message, first, stamp) else DROPPED
 
     def grant(self, subscription_id: int, events: int) -> None:
         """The application read ``events`` events of a credit-based subscription."""
@@ -376,16 +366,53 @@ class _QueueOutput:
         return True
 
     def deliver(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        stamp: Stamp,
     ) -> None:
         if (local := self.session._subs.get(sub.subscription_id)) is not None:
-            self.session._put(local, message, first, bounded=False)
+            _put(local, message, first, stamp, bounded=False)
 
     def deliver_at_most_once(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        stamp: Stamp,
     ) -> bool:
         local = self.session._subs.get(sub.subscription_id)
-        return local is not None and self.session._put(local, message, first)
+        return local is not None and _put(local, message, first, stamp)
+
+
+def _put(
+    local: Subscription[Any],
+    message: Published,
+    first: int,
+    stamp: Stamp,
+    bounded: bool = True,
+) -> bool:
+    payloads: Sequence[bytes] = (
+        message.payloads if isinstance(message, frames_pb2.PublishBatch) else (message.payload,)
+    )
+    # One copy of the correlation per subscriber: the publisher may reuse its message.
+    correlation = _copy_correlation(message) if message.HasField("correlation") else None
+    return local.deliver(
+        message.topic,
+        message.payload_type,
+        payloads,
+        correlation,
+        first,
+        bounded,
+        stamp.event_id,
+        stamp.time_ns,
+        stamp.retained,
+    )
 
 
 def _copy_correlation(publish: Published) -> CorrelationMetadata:

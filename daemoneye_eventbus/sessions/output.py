@@ -31,6 +31,7 @@ from daemoneye_eventbus.frames import error_frame, publish_body, publish_header
 from daemoneye_eventbus.protocol import Connection, State
 from daemoneye_eventbus.router import SubscriptionEntry
 from daemoneye_eventbus.sessions.flows import FlowDelivery
+from daemoneye_eventbus.stamps import Stamp
 
 __all__ = ["OutputOwner", "SocketOutput"]
 
@@ -87,41 +88,58 @@ class SocketOutput:
         first: int,
         count: int,
         lossless: bool,
+        stamp: Stamp,
     ) -> int:
         """The router's delivery of ``count`` events for ``sub`` (see ``Sink``)."""
         flow = sub.flow
         if flow is not None:
-            return self.flows.enqueue(sub, flow, message, data, first, count, lossless)
-        return QUEUED if self.deliver_at_most_once(sub, message, data, first, count) else DROPPED
+            return self.flows.enqueue(sub, flow, message, data, first, count, lossless, stamp)
+        if not self._make_room(count, len(data)):
+            return DROPPED
+        self.deliver(sub, message, data, first, count, stamp)
+        return QUEUED
 
     def deliver_at_most_once(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        stamp: Stamp,
     ) -> bool:
         """Queue the events if they fit the queue's bounds (flushing if need be)."""
         if not self._make_room(count, len(data)):
             return False
-        self.deliver(sub, message, data, first, count)
+        self.deliver(sub, message, data, first, count, stamp)
         return True
 
     def deliver(
-        self, sub: SubscriptionEntry, message: Published, data: bytes, first: int, count: int
+        self,
+        sub: SubscriptionEntry,
+        message: Published,
+        data: bytes,
+        first: int,
+        count: int,
+        stamp: Stamp,
     ) -> None:
         """Queue the events in the connection's output (the bounds are the caller's)."""
         session = self.session
         conn = session.conn
         sid = sub.subscription_id
         if isinstance(message, frames_pb2.Publish):
-            conn.send_deliver(sid, first, data)
+            conn.send_deliver(sid, first, data, stamp.suffix)
         elif session.accepts_batches:
-            conn.send_deliver_batch(sid, first, data, count)
+            conn.send_deliver_batch(sid, first, data, count, stamp.suffix)
         else:
             # A client without batch support gets one Deliver per event.
             header = publish_header(message.topic, message.payload_type)
             corr = (
                 message.correlation.SerializeToString() if message.HasField("correlation") else None
             )
-            for sequence, payload in enumerate(message.payloads, first):
-                conn.send_deliver(sid, sequence, publish_body(header, payload, corr))
+            for index, payload in enumerate(message.payloads):
+                body = publish_body(header, payload, corr)
+                conn.send_deliver(sid, first + index, body, stamp.at(index).suffix)
         self._mark_pending(session)
 
     def deliver_request(self, sub: SubscriptionEntry, deliver: frames_pb2.RequestDeliver) -> bool:

@@ -139,6 +139,9 @@ def vectors() -> list[Vector]:
     """Every vector, in a fixed order."""
     process = _process_event()
     network = _network_event()
+    status = control_pb2.ComponentStatus(
+        component_id="procmond-1", state=control_pb2.HEALTH_STATE_HEALTHY
+    )
     return [
         Vector(
             "hello",
@@ -231,6 +234,62 @@ def vectors() -> list[Vector]:
                         payload_type="daemoneye.eventbus.v1.ProcessEvent",
                         payloads=[process.SerializeToString(deterministic=True), b"\x08\x02"],
                     ),
+                )
+            ),
+        ),
+        Vector(
+            "deliver_stamped",
+            "The delivery of a broker that stamps events: event id 1000 (the same for "
+            "every subscriber of the event) and its receive time, 2026-01-02T03:04:05.000000006Z "
+            "in nanoseconds since the Unix epoch (fixed64).",
+            Frame(
+                deliver=frames_pb2.Deliver(
+                    subscription_id=7,
+                    sequence=42,
+                    publish=_publish("events.process.lifecycle", process, _correlation()),
+                    event_id=1000,
+                    received_at_ns=1767323045000000006,
+                )
+            ),
+            process,
+        ),
+        Vector(
+            "deliver_retained",
+            "The retained event of control.health.status (procmond-1 is healthy), "
+            "delivered first to a new subscription (sequence 1) and marked retained; it "
+            "keeps the id and receive time the broker gave it when it was published.",
+            Frame(
+                deliver=frames_pb2.Deliver(
+                    subscription_id=3,
+                    sequence=1,
+                    publish=frames_pb2.Publish(
+                        topic="control.health.status",
+                        payload_type="daemoneye.eventbus.v1.ComponentStatus",
+                        payload=status.SerializeToString(deterministic=True),
+                    ),
+                    event_id=17,
+                    received_at_ns=1767323045000000006,
+                    retained=True,
+                )
+            ),
+            status,
+        ),
+        Vector(
+            "deliver_batch_stamped",
+            "Two ProcessEvents for subscription 7 as sequences 42 and 43, with event ids "
+            "1000 and 1001 (first_event_id; the next event has the next id) and their "
+            "receive time.",
+            Frame(
+                deliver_batch=frames_pb2.DeliverBatch(
+                    subscription_id=7,
+                    first_sequence=42,
+                    batch=frames_pb2.PublishBatch(
+                        topic="events.process.lifecycle",
+                        payload_type="daemoneye.eventbus.v1.ProcessEvent",
+                        payloads=[process.SerializeToString(deterministic=True), b"\x08\x02"],
+                    ),
+                    first_event_id=1000,
+                    received_at_ns=1767323045000000006,
                 )
             ),
         ),

@@ -25,7 +25,7 @@ export const HANDSHAKE_MAX_FRAME_BYTES = 4096;
 /** A length prefix is at most 5 bytes. */
 export const MAX_PREFIX_BYTES = 5;
 /** Room a `Publish` must leave for the `Deliver` envelope [protocol §1, §5]. */
-export const DELIVER_OVERHEAD = 29;
+export const DELIVER_OVERHEAD = 51;
 
 /** The name of a `Frame.kind` member, e.g. `"subscribe_ack"` is `"subscribeAck"`. */
 export type FrameKind = NonNullable<Frame["kind"]["case"]>;
