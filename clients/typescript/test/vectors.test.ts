@@ -110,7 +110,7 @@ describe("wire vectors", () => {
     const batches = VECTORS.map((v) => fromBinary(FrameSchema, body(v)).kind).flatMap((k) =>
       k.case === "publishBatch" ? [k.value] : k.case === "deliverBatch" ? [k.value.batch] : [],
     );
-    assert.equal(batches.length, 2);
+    assert.equal(batches.length, 3);
     for (const batch of batches) {
       assert.ok(batch && batch.payloads.length >= 2);
       const schema = PAYLOAD_REGISTRY.getMessage(batch.payloadType);
