@@ -167,7 +167,8 @@ async def test_pending_requests_stay_within_budget(sock_path: str) -> None:
     answers: the broker holds at most ``max_total_pending_requests`` (65,536)
     of them, 448 bytes each, and refuses the rest."""
     queue = registry.control_collector_queue(type="scan")
-    async with broker_process(sock_path) as broker:
+    # The attackers send their requests and fall silent: keep them connected.
+    async with broker_process(sock_path, "--idle-timeout", "120") as broker:
         base = rss(broker.pid)
         responder = await RawPeer.connect(sock_path, component="procmond")
         await responder.send(
@@ -186,25 +187,27 @@ async def test_pending_requests_stay_within_budget(sock_path: str) -> None:
         reader = asyncio.ensure_future(take_and_forget())
         agents = [await RawPeer.connect(sock_path, component="daemoneye-agent") for _ in range(65)]
         publish = build_publish(queue, control_pb2.TaskAssignment(task_id="t", task_type="scan"))
-        for agent in agents[:64]:
-            await agent.write(
-                b"".join(
-                    encode_frame(
-                        Frame(
-                            request=frames_pb2.Request(
-                                request_id=i, publish=publish, timeout_ms=120_000
-                            )
-                        )
-                    )
-                    for i in range(1, 1025)
-                )
+        requests = b"".join(
+            encode_frame(
+                Frame(request=frames_pb2.Request(request_id=i, publish=publish, timeout_ms=120_000))
             )
+            for i in range(1, 1025)
+        )
         async with Client(sock_path) as watcher:  # anonymous: the totals only
-            for _ in range(600):
-                if (await watcher.broker_statistics()).requests == 64 * 1024:
-                    break
-                await asyncio.sleep(0.05)
-            assert (await watcher.broker_statistics()).requests == 64 * 1024
+
+            async def routed(count: int) -> None:
+                for _ in range(1000):
+                    stats = await watcher.broker_statistics()
+                    assert stats.no_responders == 0  # the responder kept up
+                    if stats.requests == count:
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"{stats.requests} of {count} requests routed")
+
+            # One agent at a time, so that the responder's reads keep up.
+            for n, agent in enumerate(agents[:64], 1):
+                await agent.write(requests)
+                await routed(n * 1024)
             during = rss(broker.pid) - base
             # One more, from a connection with none waiting: over the broker's total.
             last = agents[64]
