@@ -604,6 +604,12 @@ PROCESS_RESTRICTED = {
     "events.process.integrity",
     "events.process.batch",
 }
+#: What every collector tells the agent: who it is, and its tasks' progress and results.
+COLLECTOR_CONTROL = {
+    "control.collector.registration",
+    "control.collector.result",
+    "control.collector.progress",
+}
 PRIVILEGED_CONTROL = {
     "control.collector.lifecycle",
     "control.collector.config",
@@ -640,7 +646,7 @@ def test_registry_procmond() -> None:
     procmond = Identity(P, "procmond")
     published = _publishable(procmond)
     assert published >= PROCESS_RESTRICTED
-    assert published == PUBLIC_TOPICS | PROCESS_RESTRICTED | {"control.collector.registration"}
+    assert published == PUBLIC_TOPICS | PROCESS_RESTRICTED | COLLECTOR_CONTROL
     assert not published & PRIVILEGED_CONTROL
     # Not another collector's events.
     assert "events.network.connections" not in published
@@ -653,7 +659,7 @@ def test_registry_procmond() -> None:
     assert "control.collector.task.{type}.{id}" in readable
     # It does not read its own restricted events: only the agent does.
     assert not readable & PROCESS_RESTRICTED
-    assert "control.collector.registration" not in readable
+    assert not readable & COLLECTOR_CONTROL
 
 
 def test_registry_agent() -> None:
@@ -664,7 +670,8 @@ def test_registry_agent() -> None:
     readable = _readable(agent)
     events = {_name(d) for d in DECLS if _name(d).startswith("events.")}
     assert events <= readable
-    assert "control.collector.registration" in readable
+    assert readable >= COLLECTOR_CONTROL
+    assert not published & COLLECTOR_CONTROL
     assert "control.collector.lifecycle" not in readable  # a command for collectors
     assert "control.agent.policy" in readable
     # The same component without the privileged flag publishes no privileged topic.

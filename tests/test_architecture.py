@@ -38,6 +38,15 @@ LAYERS: dict[str, int] = {
     "router": 1,
     "rpc": 1,
     "transports.pipes": 1,
+    # the control plane's bookkeeping: pure, driven by an asyncio agent and collector
+    "control": 1,
+    "control.collectors": 1,
+    "control.registry": 1,
+    "control.strategies": 1,
+    "control.tasks": 1,
+    "control.distribution": 1,
+    "control.aggregation": 1,
+    "control.tracker": 1,
     # asyncio
     "runtime": 2,
     "delivery": 2,

@@ -184,10 +184,10 @@ def test_topics_json() -> None:
     assert result.returncode == 0, result
     rows = json.loads(result.stdout)
     assert isinstance(rows, list)
-    # 19 topics and 6 templates (5 of them request topics).
-    assert len(rows) == 25
+    # 21 topics and 6 templates (5 of them request topics).
+    assert len(rows) == 27
     by_name = {r["topic"]: r for r in rows}
-    assert len(by_name) == 25
+    assert len(by_name) == 27
     template = by_name["control.collector.task.{type}.{id}"]
     assert template["access"] == "privileged"
     assert template["payload"] == "daemoneye.eventbus.v1.TaskAssignment"

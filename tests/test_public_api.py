@@ -65,6 +65,14 @@ PUBLIC_MODULES = [
     "cli",
     "demo",
     "watch",
+    "control",
+    "control.collectors",
+    "control.registry",
+    "control.strategies",
+    "control.tasks",
+    "control.distribution",
+    "control.aggregation",
+    "control.tracker",
 ]
 #: Modules that must stay free of I/O and of the event loop.
 PURE_MODULES = [
@@ -84,6 +92,14 @@ PURE_MODULES = [
     "flow",
     "stamps",
     "privileges",
+    "control",
+    "control.collectors",
+    "control.registry",
+    "control.strategies",
+    "control.tasks",
+    "control.distribution",
+    "control.aggregation",
+    "control.tracker",
 ]
 PACKAGE_DIR = Path(daemoneye_eventbus.__file__).resolve().parent
 
@@ -321,9 +337,15 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def module_path(module_name: str) -> Path:
+    """The source file of ``daemoneye_eventbus.<module_name>`` (a package's ``__init__``)."""
+    path = PACKAGE_DIR.joinpath(*module_name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 @pytest.mark.parametrize("module_name", PURE_MODULES)
 def test_pure_module_source_has_no_asyncio(module_name: str) -> None:
-    imports = imported_modules(PACKAGE_DIR / f"{module_name}.py")
+    imports = imported_modules(module_path(module_name))
     assert imports, module_name
     assert not {m for m in imports if m.split(".")[0] == "asyncio"}
     assert "<dynamic>" not in imports
@@ -347,6 +369,6 @@ def test_pure_module_import_leaves_asyncio_out(module_name: str) -> None:
     )
     no_asyncio, protobuf_loaded = out.splitlines()
     assert no_asyncio == "[]"
-    if module_name in ("correlation", "protocol"):
+    if module_name in ("correlation", "protocol") or module_name.startswith("control"):
         # They use the generated messages: protobuf itself runs without asyncio.
         assert protobuf_loaded == "True"

@@ -82,7 +82,11 @@ describe("registry", () => {
 
   test("the topics the schema declares lossless, and only those, carry the flag", () => {
     const lossless = [...TOPICS.values()].filter((t) => t.lossless).map((t) => t.name);
-    assert.deepEqual(lossless, ["events.process.integrity", "control.collector.task"]);
+    assert.deepEqual(lossless, [
+      "events.process.integrity",
+      "control.collector.task",
+      "control.collector.result",
+    ]);
     assert.equal(EVENTS_PROCESS_LIFECYCLE.lossless, false);
     assert.deepEqual(
       TEMPLATES.filter((t) => t.lossless).map((t) => t.pattern),

@@ -381,6 +381,8 @@ class TaskAssignment(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    REQUIRED_CAPABILITY_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Identifies the task."""
     task_type: _builtins.str
@@ -389,6 +391,16 @@ class TaskAssignment(_message.Message):
     """The collector that should run it."""
     priority: _builtins.int
     """Higher runs first."""
+    required_capability: _builtins.str
+    """The capability a collector must offer to run the task (a
+    `CollectorCapability.name`); empty: any collector that lists `task_type`
+    in its `CollectorRegistration.task_types` may run it.
+    """
+    attempt: _builtins.int
+    """Which hand-out of the task this is: 1 for the first, one more for each
+    re-assignment to another collector. The task id stays the same, so a
+    collector that has seen the task already ignores it.
+    """
     @_builtins.property
     def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Task parameters by name."""
@@ -406,10 +418,12 @@ class TaskAssignment(_message.Message):
         parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         priority: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        required_capability: _builtins.str = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "deadline", b"deadline", "parameters", b"parameters", "priority", b"priority", "task_id", b"task_id", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "collector_id", b"collector_id", "deadline", b"deadline", "parameters", b"parameters", "priority", b"priority", "required_capability", b"required_capability", "task_id", b"task_id", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -479,6 +493,11 @@ class CollectorRegistration(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     TOPICS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_TASKS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     collector_id: _builtins.str
     """The collector's id."""
     collector_type: _builtins.str
@@ -487,6 +506,13 @@ class CollectorRegistration(_message.Message):
     """The collector's software version."""
     pid: _builtins.int
     """The collector's process id."""
+    max_concurrent_tasks: _builtins.int
+    """How many tasks the collector runs at once; 0 means one."""
+    session_id: _builtins.str
+    """The broker's id of the collector's session (from its `Welcome`): the
+    agent matches `PresenceEvent.session_id` against it to learn that the
+    collector went away.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollectorCapability]:
         """What it can do."""
@@ -494,6 +520,20 @@ class CollectorRegistration(_message.Message):
     @_builtins.property
     def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Topics the collector will publish on."""
+
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The task types the collector runs (`TaskAssignment.task_type`), e.g.
+        `scan`; it answers on `control.collector.queue.{type}` for each.
+        """
+
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The kinds of event the collector produces, e.g. `process.lifecycle`."""
+
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """How often the collector sends a `Heartbeat`; unset: the agent's default."""
 
     def __init__(
         self,
@@ -504,10 +544,15 @@ class CollectorRegistration(_message.Message):
         capabilities: _abc.Iterable[Global___CollectorCapability] | None = ...,
         pid: _builtins.int = ...,
         topics: _abc.Iterable[_builtins.str] | None = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        max_concurrent_tasks: _builtins.int = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "collector_id", b"collector_id", "collector_type", b"collector_type", "pid", b"pid", "topics", b"topics", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "collector_id", b"collector_id", "collector_type", b"collector_type", "event_types", b"event_types", "heartbeat_interval", b"heartbeat_interval", "max_concurrent_tasks", b"max_concurrent_tasks", "pid", b"pid", "session_id", b"session_id", "task_types", b"task_types", "topics", b"topics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -620,13 +665,29 @@ class Heartbeat(_message.Message):
     COMPONENT_ID_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    ACTIVE_TASKS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_TASKS_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
     component_id: _builtins.str
     """The component sending it."""
     sequence: _builtins.int
     """Monotonic heartbeat counter."""
+    active_tasks: _builtins.int
+    """Tasks the component is running now."""
+    max_concurrent_tasks: _builtins.int
+    """How many tasks the component runs at once; 0 means one."""
+    load: _builtins.float
+    """The component's own load figure, from 0 (idle) to 1 (saturated)."""
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp:
         """When it was sent."""
+
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """When to expect the next heartbeat; unset: the interval declared at
+        registration.
+        """
 
     def __init__(
         self,
@@ -634,10 +695,14 @@ class Heartbeat(_message.Message):
         component_id: _builtins.str = ...,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
         sequence: _builtins.int = ...,
+        active_tasks: _builtins.int = ...,
+        max_concurrent_tasks: _builtins.int = ...,
+        load: _builtins.float = ...,
+        interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component_id", b"component_id", "sent_at", b"sent_at", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_tasks", b"active_tasks", "component_id", b"component_id", "interval", b"interval", "load", b"load", "max_concurrent_tasks", b"max_concurrent_tasks", "sent_at", b"sent_at", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -950,6 +1015,143 @@ class TaskAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskAck: _TypeAlias = TaskAck  # noqa: Y015
+
+@_typing.final
+class TaskResult(_message.Message):
+    """The outcome of a task, published by the collector that ran it on
+    `control.collector.result`. The workflow the task belongs to travels in
+    the event's correlation metadata, as for every event on the bus.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task (`TaskAssignment.task_id`)."""
+    collector_id: _builtins.str
+    """The collector that ran it."""
+    status: Global___RpcStatus.ValueType
+    """SUCCESS: done; ERROR: failed, `error` says why; TIMEOUT: stopped at the
+    task's deadline; CANCELLED: stopped by a lifecycle command.
+    """
+    error: _builtins.str
+    """Why the task failed, when `status` is not SUCCESS."""
+    task_type: _builtins.str
+    """The kind of task (`TaskAssignment.task_type`)."""
+    attempt: _builtins.int
+    """The hand-out that produced this result (`TaskAssignment.attempt`)."""
+    payload: _builtins.bytes
+    """The result document, in the format named by `content_type`."""
+    content_type: _builtins.str
+    """Media type of `payload`, e.g. `application/json`; empty when there is
+    no payload.
+    """
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Small result figures by name, e.g. `processes_scanned`."""
+
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the collector started the task."""
+
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """When the collector finished it."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        collector_id: _builtins.str = ...,
+        status: Global___RpcStatus.ValueType = ...,
+        error: _builtins.str = ...,
+        task_type: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        payload: _builtins.bytes = ...,
+        content_type: _builtins.str = ...,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "collector_id", b"collector_id", "content_type", b"content_type", "error", b"error", "fields", b"fields", "finished_at", b"finished_at", "payload", b"payload", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskResult: _TypeAlias = TaskResult  # noqa: Y015
+
+@_typing.final
+class TaskProgress(_message.Message):
+    """How far a running task has got, published by the collector running it on
+    `control.collector.progress`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task (`TaskAssignment.task_id`)."""
+    collector_id: _builtins.str
+    """The collector running it."""
+    percent: _builtins.float
+    """Estimated share done, from 0 to 100."""
+    detail: _builtins.str
+    """Human-readable detail, e.g. the stage the task is in."""
+    @_builtins.property
+    def reported_at(self) -> _timestamp_pb2.Timestamp:
+        """When the collector measured it."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        collector_id: _builtins.str = ...,
+        percent: _builtins.float = ...,
+        detail: _builtins.str = ...,
+        reported_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reported_at", b"reported_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "detail", b"detail", "percent", b"percent", "reported_at", b"reported_at", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskProgress: _TypeAlias = TaskProgress  # noqa: Y015
 
 @_typing.final
 class PresenceEvent(_message.Message):

@@ -27,8 +27,10 @@ __all__ = [
     "CONTROL_AGENT_POLICY",
     "CONTROL_COLLECTOR_CONFIG",
     "CONTROL_COLLECTOR_LIFECYCLE",
+    "CONTROL_COLLECTOR_PROGRESS",
     "CONTROL_COLLECTOR_QUEUE",
     "CONTROL_COLLECTOR_REGISTRATION",
+    "CONTROL_COLLECTOR_RESULT",
     "CONTROL_COLLECTOR_RPC_CONFIG",
     "CONTROL_COLLECTOR_RPC_HEALTH",
     "CONTROL_COLLECTOR_RPC_LIFECYCLE",
@@ -334,6 +336,27 @@ CONTROL_PRESENCE: Final[Topic[control_pb2.PresenceEvent]] = Topic(
     True,
 )
 
+#: Outcomes of tasks: each collector publishes the result of every task it ran, the agent collects them. Lossless: a result is never dropped.
+CONTROL_COLLECTOR_RESULT: Final[Topic[control_pb2.TaskResult]] = Topic(
+    'control.collector.result',
+    control_pb2.TaskResult,
+    AccessLevel.ACCESS_LEVEL_RESTRICTED,
+    frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
+    frozenset({'daemoneye-agent'}),
+    True,
+    lossless=True,
+)
+
+#: Progress of running tasks, from the collectors running them to the agent. A dropped report is superseded by the next.
+CONTROL_COLLECTOR_PROGRESS: Final[Topic[control_pb2.TaskProgress]] = Topic(
+    'control.collector.progress',
+    control_pb2.TaskProgress,
+    AccessLevel.ACCESS_LEVEL_RESTRICTED,
+    frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
+    frozenset({'daemoneye-agent'}),
+    True,
+)
+
 
 def control_collector_task_targeted(*, type: str, id: str) -> Topic[control_pb2.TaskAssignment]:
     """Build a concrete ``control.collector.task.{type}.{id}`` topic."""
@@ -386,6 +409,8 @@ TOPICS: Final[Mapping[str, Topic[Any]]] = MappingProxyType({
     CONTROL_HEALTH_STATUS.name: CONTROL_HEALTH_STATUS,
     CONTROL_HEALTH_DIAGNOSTICS.name: CONTROL_HEALTH_DIAGNOSTICS,
     CONTROL_PRESENCE.name: CONTROL_PRESENCE,
+    CONTROL_COLLECTOR_RESULT.name: CONTROL_COLLECTOR_RESULT,
+    CONTROL_COLLECTOR_PROGRESS.name: CONTROL_COLLECTOR_PROGRESS,
 })
 
 #: Every topic template.
@@ -425,6 +450,8 @@ ACCESS_TABLE: Final[Mapping[str, AccessLevel.ValueType]] = MappingProxyType({
     'control.collector.rpc.task.{id}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
     'control.collector.queue.{type}': AccessLevel.ACCESS_LEVEL_PRIVILEGED,
     'control.presence': AccessLevel.ACCESS_LEVEL_RESTRICTED,
+    'control.collector.result': AccessLevel.ACCESS_LEVEL_RESTRICTED,
+    'control.collector.progress': AccessLevel.ACCESS_LEVEL_RESTRICTED,
 })
 
 #: The topic of each ProcessEventKind value, from the schema's (event_topic) options.

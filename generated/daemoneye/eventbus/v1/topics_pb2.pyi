@@ -88,6 +88,14 @@ class _TopicEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Topic.ValueType
     Published by the broker alone (the component name `daemoneye-eventbus`
     is reserved for it: no peer may claim it).
     """
+    TOPIC_CONTROL_COLLECTOR_RESULT: _Topic.ValueType  # 36
+    """Outcomes of tasks: each collector publishes the result of every task it
+    ran, the agent collects them. Lossless: a result is never dropped.
+    """
+    TOPIC_CONTROL_COLLECTOR_PROGRESS: _Topic.ValueType  # 37
+    """Progress of running tasks, from the collectors running them to the
+    agent. A dropped report is superseded by the next.
+    """
 
 class Topic(_Topic, metaclass=_TopicEnumTypeWrapper):
     """Every topic of the bus."""
@@ -152,5 +160,13 @@ TOPIC_CONTROL_PRESENCE: Topic.ValueType  # 35
 """Components connecting to the broker and going away, with the reason.
 Published by the broker alone (the component name `daemoneye-eventbus`
 is reserved for it: no peer may claim it).
+"""
+TOPIC_CONTROL_COLLECTOR_RESULT: Topic.ValueType  # 36
+"""Outcomes of tasks: each collector publishes the result of every task it
+ran, the agent collects them. Lossless: a result is never dropped.
+"""
+TOPIC_CONTROL_COLLECTOR_PROGRESS: Topic.ValueType  # 37
+"""Progress of running tasks, from the collectors running them to the
+agent. A dropped report is superseded by the next.
 """
 Global___Topic: _TypeAlias = Topic  # noqa: Y015

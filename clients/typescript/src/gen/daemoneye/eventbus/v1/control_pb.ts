@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file daemoneye/eventbus/v1/control.proto.
  */
 export const file_daemoneye_eventbus_v1_control: GenFile = /*@__PURE__*/
-  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvY29udHJvbC5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIqYBChlDb2xsZWN0b3JMaWZlY3ljbGVDb21tYW5kEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRI2CgZhY3Rpb24YAiABKA4yJi5kYWVtb25leWUuZXZlbnRidXMudjEuTGlmZWN5Y2xlQWN0aW9uEg4KBnJlYXNvbhgDIAEoCRIrCghkZWFkbGluZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLaAQoTQ29uZmlndXJhdGlvblVwZGF0ZRIUCgxjb2xsZWN0b3JfaWQYASABKAkSFgoOY29uZmlnX3ZlcnNpb24YAiABKAQSSgoIc2V0dGluZ3MYAyADKAsyOC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29uZmlndXJhdGlvblVwZGF0ZS5TZXR0aW5nc0VudHJ5EhgKEHJlcXVpcmVzX3Jlc3RhcnQYBCABKAgaLwoNU2V0dGluZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIogCCg5UYXNrQXNzaWdubWVudBIPCgd0YXNrX2lkGAEgASgJEhEKCXRhc2tfdHlwZRgCIAEoCRIUCgxjb2xsZWN0b3JfaWQYAyABKAkSSQoKcGFyYW1ldGVycxgEIAMoCzI1LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5UYXNrQXNzaWdubWVudC5QYXJhbWV0ZXJzRW50cnkSEAoIcHJpb3JpdHkYBSABKAUSLAoIZGVhZGxpbmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrcBChNDb2xsZWN0b3JDYXBhYmlsaXR5EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRJOCgpwYXJhbWV0ZXJzGAMgAygLMjouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkuUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrUBChVDb2xsZWN0b3JSZWdpc3RyYXRpb24SFAoMY29sbGVjdG9yX2lkGAEgASgJEhYKDmNvbGxlY3Rvcl90eXBlGAIgASgJEg8KB3ZlcnNpb24YAyABKAkSQAoMY2FwYWJpbGl0aWVzGAQgAygLMiouZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbGxlY3RvckNhcGFiaWxpdHkSCwoDcGlkGAUgASgNEg4KBnRvcGljcxgGIAMoCSL7AQoSQWdlbnRPcmNoZXN0cmF0aW9uEhAKCGFnZW50X2lkGAEgASgJEjoKBmFjdGlvbhgCIAEoDjIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5PcmNoZXN0cmF0aW9uQWN0aW9uEhUKDWNvbGxlY3Rvcl9pZHMYAyADKAkSTQoKcGFyYW1ldGVycxgEIAMoCzI5LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5BZ2VudE9yY2hlc3RyYXRpb24uUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpIBCgxQb2xpY3lVcGRhdGUSEQoJcG9saWN5X2lkGAEgASgJEhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEg8KB2NvbnRlbnQYAyABKAwSFAoMY29udGVudF90eXBlGAQgASgJEjAKDGVmZmVjdGl2ZV9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYAoJSGVhcnRiZWF0EhQKDGNvbXBvbmVudF9pZBgBIAEoCRIrCgdzZW50X2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghzZXF1ZW5jZRgDIAEoBCKMAgoPQ29tcG9uZW50U3RhdHVzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRIxCgVzdGF0ZRgCIAEoDjIiLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5IZWFsdGhTdGF0ZRIPCgdtZXNzYWdlGAMgASgJEikKBnVwdGltZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhJECgdtZXRyaWNzGAUgAygLMjMuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkNvbXBvbmVudFN0YXR1cy5NZXRyaWNzRW50cnkaLgoMTWV0cmljc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEibQoPRGlhZ25vc3RpY0VudHJ5EjsKCHNldmVyaXR5GAEgASgOMikuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNTZXZlcml0eRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkijgEKC0RpYWdub3N0aWNzEhQKDGNvbXBvbmVudF9pZBgBIAEoCRI3CgdlbnRyaWVzGAIgAygLMiYuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNFbnRyeRIwCgxjb2xsZWN0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkcKEkhlYWx0aENoZWNrUmVxdWVzdBIUCgxjb21wb25lbnRfaWQYASABKAkSGwoTaW5jbHVkZV9kaWFnbm9zdGljcxgCIAEoCCLHAQoQSGVhbHRoQ2hlY2tSZXBseRIwCgZzdGF0dXMYASABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAIgASgJEjkKCWNvbXBvbmVudBgDIAEoCzImLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db21wb25lbnRTdGF0dXMSNwoLZGlhZ25vc3RpY3MYBCABKAsyIi5kYWVtb25leWUuZXZlbnRidXMudjEuRGlhZ25vc3RpY3MimwEKEENvbmZpZ3VyYXRpb25BY2sSFAoMY29sbGVjdG9yX2lkGAEgASgJEjAKBnN0YXR1cxgCIAEoDjIgLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5ScGNTdGF0dXMSDQoFZXJyb3IYAyABKAkSFwoPYXBwbGllZF92ZXJzaW9uGAQgASgEEhcKD3Jlc3RhcnRfcGVuZGluZxgFIAEoCCKaAQoOTGlmZWN5Y2xlUmVwbHkSFAoMY29sbGVjdG9yX2lkGAEgASgJEjAKBnN0YXR1cxgCIAEoDjIgLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5ScGNTdGF0dXMSDQoFZXJyb3IYAyABKAkSMQoFc3RhdGUYBCABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuSGVhbHRoU3RhdGUicQoHVGFza0FjaxIPCgd0YXNrX2lkGAEgASgJEhQKDGNvbGxlY3Rvcl9pZBgCIAEoCRIwCgZzdGF0dXMYAyABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAQgASgJIv8CCg1QcmVzZW5jZUV2ZW50EjMKBXN0YXRlGAEgASgOMiQuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlByZXNlbmNlU3RhdGUSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCgljb21wb25lbnQYAyABKAkSEwoLY2xpZW50X25hbWUYBCABKAkSEAoIcGVlcl9waWQYBSABKA0SEAoIcGVlcl91aWQYBiABKA0SEAoIcGVlcl9zaWQYByABKAkSNwoGcmVhc29uGAggASgOMicuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpc2Nvbm5lY3RSZWFzb24SLwoFZXJyb3IYCSABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuRXJyb3JDb2RlEg4KBmRldGFpbBgKIAEoCRIbChNsYXN0X3dpbGxfcHVibGlzaGVkGAsgASgIEjAKDGNvbm5lY3RlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqiAEKD0xpZmVjeWNsZUFjdGlvbhIgChxMSUZFQ1lDTEVfQUNUSU9OX1VOU1BFQ0lGSUVEEAASGgoWTElGRUNZQ0xFX0FDVElPTl9TVEFSVBABEhkKFUxJRkVDWUNMRV9BQ1RJT05fU1RPUBACEhwKGExJRkVDWUNMRV9BQ1RJT05fUkVTVEFSVBADKs8BChNPcmNoZXN0cmF0aW9uQWN0aW9uEiQKIE9SQ0hFU1RSQVRJT05fQUNUSU9OX1VOU1BFQ0lGSUVEEAASIgoeT1JDSEVTVFJBVElPTl9BQ1RJT05fUkVCQUxBTkNFEAESIgoeT1JDSEVTVFJBVElPTl9BQ1RJT05fUEFVU0VfQUxMEAISIwofT1JDSEVTVFJBVElPTl9BQ1RJT05fUkVTVU1FX0FMTBADEiUKIU9SQ0hFU1RSQVRJT05fQUNUSU9OX1NIVVRET1dOX0FMTBAEKrIBCgtIZWFsdGhTdGF0ZRIcChhIRUFMVEhfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRIRUFMVEhfU1RBVEVfSEVBTFRIWRABEhkKFUhFQUxUSF9TVEFURV9ERUdSQURFRBACEhoKFkhFQUxUSF9TVEFURV9VTkhFQUxUSFkQAxIZChVIRUFMVEhfU1RBVEVfU1RBUlRJTkcQBBIZChVIRUFMVEhfU1RBVEVfU1RPUFBJTkcQBSqXAQoSRGlhZ25vc3RpY1NldmVyaXR5EiMKH0RJQUdOT1NUSUNfU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIcChhESUFHTk9TVElDX1NFVkVSSVRZX0lORk8QARIfChtESUFHTk9TVElDX1NFVkVSSVRZX1dBUk5JTkcQAhIdChlESUFHTk9TVElDX1NFVkVSSVRZX0VSUk9SEAMqvwEKCVJwY1N0YXR1cxIaChZSUENfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSUlBDX1NUQVRVU19TVUNDRVNTEAESFAoQUlBDX1NUQVRVU19FUlJPUhACEhoKFlJQQ19TVEFUVVNfSU5fUFJPR1JFU1MQAxIWChJSUENfU1RBVFVTX1RJTUVPVVQQBBIYChRSUENfU1RBVFVTX0NBTkNFTExFRBAFEhoKFlJQQ19TVEFUVVNfVU5BVkFJTEFCTEUQBipuCg1QcmVzZW5jZVN0YXRlEh4KGlBSRVNFTkNFX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYUFJFU0VOQ0VfU1RBVEVfQ09OTkVDVEVEEAESHwobUFJFU0VOQ0VfU1RBVEVfRElTQ09OTkVDVEVEEAIq4wEKEERpc2Nvbm5lY3RSZWFzb24SIQodRElTQ09OTkVDVF9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlESVNDT05ORUNUX1JFQVNPTl9HT09EQllFEAESJQohRElTQ09OTkVDVF9SRUFTT05fQ09OTkVDVElPTl9MT1NUEAISJwojRElTQ09OTkVDVF9SRUFTT05fSEVBUlRCRUFUX1RJTUVPVVQQAxIdChlESVNDT05ORUNUX1JFQVNPTl9SRUZVU0VEEAQSHgoaRElTQ09OTkVDVF9SRUFTT05fU0hVVERPV04QBWIGcHJvdG8z", [file_daemoneye_eventbus_v1_frames, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiNkYWVtb25leWUvZXZlbnRidXMvdjEvY29udHJvbC5wcm90bxIVZGFlbW9uZXllLmV2ZW50YnVzLnYxIqYBChlDb2xsZWN0b3JMaWZlY3ljbGVDb21tYW5kEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRI2CgZhY3Rpb24YAiABKA4yJi5kYWVtb25leWUuZXZlbnRidXMudjEuTGlmZWN5Y2xlQWN0aW9uEg4KBnJlYXNvbhgDIAEoCRIrCghkZWFkbGluZRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLaAQoTQ29uZmlndXJhdGlvblVwZGF0ZRIUCgxjb2xsZWN0b3JfaWQYASABKAkSFgoOY29uZmlnX3ZlcnNpb24YAiABKAQSSgoIc2V0dGluZ3MYAyADKAsyOC5kYWVtb25leWUuZXZlbnRidXMudjEuQ29uZmlndXJhdGlvblVwZGF0ZS5TZXR0aW5nc0VudHJ5EhgKEHJlcXVpcmVzX3Jlc3RhcnQYBCABKAgaLwoNU2V0dGluZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrYCCg5UYXNrQXNzaWdubWVudBIPCgd0YXNrX2lkGAEgASgJEhEKCXRhc2tfdHlwZRgCIAEoCRIUCgxjb2xsZWN0b3JfaWQYAyABKAkSSQoKcGFyYW1ldGVycxgEIAMoCzI1LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5UYXNrQXNzaWdubWVudC5QYXJhbWV0ZXJzRW50cnkSEAoIcHJpb3JpdHkYBSABKAUSLAoIZGVhZGxpbmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhsKE3JlcXVpcmVkX2NhcGFiaWxpdHkYByABKAkSDwoHYXR0ZW1wdBgIIAEoDRoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASK3AQoTQ29sbGVjdG9yQ2FwYWJpbGl0eRIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAkSTgoKcGFyYW1ldGVycxgDIAMoCzI6LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db2xsZWN0b3JDYXBhYmlsaXR5LlBhcmFtZXRlcnNFbnRyeRoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLHAgoVQ29sbGVjdG9yUmVnaXN0cmF0aW9uEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRIWCg5jb2xsZWN0b3JfdHlwZRgCIAEoCRIPCgd2ZXJzaW9uGAMgASgJEkAKDGNhcGFiaWxpdGllcxgEIAMoCzIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db2xsZWN0b3JDYXBhYmlsaXR5EgsKA3BpZBgFIAEoDRIOCgZ0b3BpY3MYBiADKAkSEgoKdGFza190eXBlcxgHIAMoCRITCgtldmVudF90eXBlcxgIIAMoCRIcChRtYXhfY29uY3VycmVudF90YXNrcxgJIAEoDRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYCiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEgoKc2Vzc2lvbl9pZBgLIAEoCSL7AQoSQWdlbnRPcmNoZXN0cmF0aW9uEhAKCGFnZW50X2lkGAEgASgJEjoKBmFjdGlvbhgCIAEoDjIqLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5PcmNoZXN0cmF0aW9uQWN0aW9uEhUKDWNvbGxlY3Rvcl9pZHMYAyADKAkSTQoKcGFyYW1ldGVycxgEIAMoCzI5LmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5BZ2VudE9yY2hlc3RyYXRpb24uUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpIBCgxQb2xpY3lVcGRhdGUSEQoJcG9saWN5X2lkGAEgASgJEhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEg8KB2NvbnRlbnQYAyABKAwSFAoMY29udGVudF90eXBlGAQgASgJEjAKDGVmZmVjdGl2ZV9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAizwEKCUhlYXJ0YmVhdBIUCgxjb21wb25lbnRfaWQYASABKAkSKwoHc2VudF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIc2VxdWVuY2UYAyABKAQSFAoMYWN0aXZlX3Rhc2tzGAQgASgNEhwKFG1heF9jb25jdXJyZW50X3Rhc2tzGAUgASgNEgwKBGxvYWQYBiABKAESKwoIaW50ZXJ2YWwYByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24ijAIKD0NvbXBvbmVudFN0YXR1cxIUCgxjb21wb25lbnRfaWQYASABKAkSMQoFc3RhdGUYAiABKA4yIi5kYWVtb25leWUuZXZlbnRidXMudjEuSGVhbHRoU3RhdGUSDwoHbWVzc2FnZRgDIAEoCRIpCgZ1cHRpbWUYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SRAoHbWV0cmljcxgFIAMoCzIzLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5Db21wb25lbnRTdGF0dXMuTWV0cmljc0VudHJ5Gi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIm0KD0RpYWdub3N0aWNFbnRyeRI7CghzZXZlcml0eRgBIAEoDjIpLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EaWFnbm9zdGljU2V2ZXJpdHkSDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIo4BCgtEaWFnbm9zdGljcxIUCgxjb21wb25lbnRfaWQYASABKAkSNwoHZW50cmllcxgCIAMoCzImLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5EaWFnbm9zdGljRW50cnkSMAoMY29sbGVjdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJHChJIZWFsdGhDaGVja1JlcXVlc3QSFAoMY29tcG9uZW50X2lkGAEgASgJEhsKE2luY2x1ZGVfZGlhZ25vc3RpY3MYAiABKAgixwEKEEhlYWx0aENoZWNrUmVwbHkSMAoGc3RhdHVzGAEgASgOMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlJwY1N0YXR1cxINCgVlcnJvchgCIAEoCRI5Cgljb21wb25lbnQYAyABKAsyJi5kYWVtb25leWUuZXZlbnRidXMudjEuQ29tcG9uZW50U3RhdHVzEjcKC2RpYWdub3N0aWNzGAQgASgLMiIuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpYWdub3N0aWNzIpsBChBDb25maWd1cmF0aW9uQWNrEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRIwCgZzdGF0dXMYAiABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAMgASgJEhcKD2FwcGxpZWRfdmVyc2lvbhgEIAEoBBIXCg9yZXN0YXJ0X3BlbmRpbmcYBSABKAgimgEKDkxpZmVjeWNsZVJlcGx5EhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRIwCgZzdGF0dXMYAiABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAMgASgJEjEKBXN0YXRlGAQgASgOMiIuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkhlYWx0aFN0YXRlInEKB1Rhc2tBY2sSDwoHdGFza19pZBgBIAEoCRIUCgxjb2xsZWN0b3JfaWQYAiABKAkSMAoGc3RhdHVzGAMgASgOMiAuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlJwY1N0YXR1cxINCgVlcnJvchgEIAEoCSKOAwoKVGFza1Jlc3VsdBIPCgd0YXNrX2lkGAEgASgJEhQKDGNvbGxlY3Rvcl9pZBgCIAEoCRIwCgZzdGF0dXMYAyABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuUnBjU3RhdHVzEg0KBWVycm9yGAQgASgJEhEKCXRhc2tfdHlwZRgFIAEoCRIPCgdhdHRlbXB0GAYgASgNEg8KB3BheWxvYWQYByABKAwSFAoMY29udGVudF90eXBlGAggASgJEj0KBmZpZWxkcxgJIAMoCzItLmRhZW1vbmV5ZS5ldmVudGJ1cy52MS5UYXNrUmVzdWx0LkZpZWxkc0VudHJ5Ei4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBotCgtGaWVsZHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIocBCgxUYXNrUHJvZ3Jlc3MSDwoHdGFza19pZBgBIAEoCRIUCgxjb2xsZWN0b3JfaWQYAiABKAkSDwoHcGVyY2VudBgDIAEoAhIOCgZkZXRhaWwYBCABKAkSLwoLcmVwb3J0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIv8CCg1QcmVzZW5jZUV2ZW50EjMKBXN0YXRlGAEgASgOMiQuZGFlbW9uZXllLmV2ZW50YnVzLnYxLlByZXNlbmNlU3RhdGUSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCgljb21wb25lbnQYAyABKAkSEwoLY2xpZW50X25hbWUYBCABKAkSEAoIcGVlcl9waWQYBSABKA0SEAoIcGVlcl91aWQYBiABKA0SEAoIcGVlcl9zaWQYByABKAkSNwoGcmVhc29uGAggASgOMicuZGFlbW9uZXllLmV2ZW50YnVzLnYxLkRpc2Nvbm5lY3RSZWFzb24SLwoFZXJyb3IYCSABKA4yIC5kYWVtb25leWUuZXZlbnRidXMudjEuRXJyb3JDb2RlEg4KBmRldGFpbBgKIAEoCRIbChNsYXN0X3dpbGxfcHVibGlzaGVkGAsgASgIEjAKDGNvbm5lY3RlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqiAEKD0xpZmVjeWNsZUFjdGlvbhIgChxMSUZFQ1lDTEVfQUNUSU9OX1VOU1BFQ0lGSUVEEAASGgoWTElGRUNZQ0xFX0FDVElPTl9TVEFSVBABEhkKFUxJRkVDWUNMRV9BQ1RJT05fU1RPUBACEhwKGExJRkVDWUNMRV9BQ1RJT05fUkVTVEFSVBADKs8BChNPcmNoZXN0cmF0aW9uQWN0aW9uEiQKIE9SQ0hFU1RSQVRJT05fQUNUSU9OX1VOU1BFQ0lGSUVEEAASIgoeT1JDSEVTVFJBVElPTl9BQ1RJT05fUkVCQUxBTkNFEAESIgoeT1JDSEVTVFJBVElPTl9BQ1RJT05fUEFVU0VfQUxMEAISIwofT1JDSEVTVFJBVElPTl9BQ1RJT05fUkVTVU1FX0FMTBADEiUKIU9SQ0hFU1RSQVRJT05fQUNUSU9OX1NIVVRET1dOX0FMTBAEKrIBCgtIZWFsdGhTdGF0ZRIcChhIRUFMVEhfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRIRUFMVEhfU1RBVEVfSEVBTFRIWRABEhkKFUhFQUxUSF9TVEFURV9ERUdSQURFRBACEhoKFkhFQUxUSF9TVEFURV9VTkhFQUxUSFkQAxIZChVIRUFMVEhfU1RBVEVfU1RBUlRJTkcQBBIZChVIRUFMVEhfU1RBVEVfU1RPUFBJTkcQBSqXAQoSRGlhZ25vc3RpY1NldmVyaXR5EiMKH0RJQUdOT1NUSUNfU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIcChhESUFHTk9TVElDX1NFVkVSSVRZX0lORk8QARIfChtESUFHTk9TVElDX1NFVkVSSVRZX1dBUk5JTkcQAhIdChlESUFHTk9TVElDX1NFVkVSSVRZX0VSUk9SEAMqvwEKCVJwY1N0YXR1cxIaChZSUENfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSUlBDX1NUQVRVU19TVUNDRVNTEAESFAoQUlBDX1NUQVRVU19FUlJPUhACEhoKFlJQQ19TVEFUVVNfSU5fUFJPR1JFU1MQAxIWChJSUENfU1RBVFVTX1RJTUVPVVQQBBIYChRSUENfU1RBVFVTX0NBTkNFTExFRBAFEhoKFlJQQ19TVEFUVVNfVU5BVkFJTEFCTEUQBipuCg1QcmVzZW5jZVN0YXRlEh4KGlBSRVNFTkNFX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYUFJFU0VOQ0VfU1RBVEVfQ09OTkVDVEVEEAESHwobUFJFU0VOQ0VfU1RBVEVfRElTQ09OTkVDVEVEEAIq4wEKEERpc2Nvbm5lY3RSZWFzb24SIQodRElTQ09OTkVDVF9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlESVNDT05ORUNUX1JFQVNPTl9HT09EQllFEAESJQohRElTQ09OTkVDVF9SRUFTT05fQ09OTkVDVElPTl9MT1NUEAISJwojRElTQ09OTkVDVF9SRUFTT05fSEVBUlRCRUFUX1RJTUVPVVQQAxIdChlESVNDT05ORUNUX1JFQVNPTl9SRUZVU0VEEAQSHgoaRElTQ09OTkVDVF9SRUFTT05fU0hVVERPV04QBWIGcHJvdG8z", [file_daemoneye_eventbus_v1_frames, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Asks a collector to start, stop or restart.
@@ -149,6 +149,24 @@ export type TaskAssignment = Message<"daemoneye.eventbus.v1.TaskAssignment"> & {
    * @generated from field: google.protobuf.Timestamp deadline = 6;
    */
   deadline?: Timestamp | undefined;
+
+  /**
+   * The capability a collector must offer to run the task (a
+   * `CollectorCapability.name`); empty: any collector that lists `task_type`
+   * in its `CollectorRegistration.task_types` may run it.
+   *
+   * @generated from field: string required_capability = 7;
+   */
+  requiredCapability: string;
+
+  /**
+   * Which hand-out of the task this is: 1 for the first, one more for each
+   * re-assignment to another collector. The task id stays the same, so a
+   * collector that has seen the task already ignores it.
+   *
+   * @generated from field: uint32 attempt = 8;
+   */
+  attempt: number;
 };
 
 /**
@@ -240,6 +258,44 @@ export type CollectorRegistration = Message<"daemoneye.eventbus.v1.CollectorRegi
    * @generated from field: repeated string topics = 6;
    */
   topics: string[];
+
+  /**
+   * The task types the collector runs (`TaskAssignment.task_type`), e.g.
+   * `scan`; it answers on `control.collector.queue.{type}` for each.
+   *
+   * @generated from field: repeated string task_types = 7;
+   */
+  taskTypes: string[];
+
+  /**
+   * The kinds of event the collector produces, e.g. `process.lifecycle`.
+   *
+   * @generated from field: repeated string event_types = 8;
+   */
+  eventTypes: string[];
+
+  /**
+   * How many tasks the collector runs at once; 0 means one.
+   *
+   * @generated from field: uint32 max_concurrent_tasks = 9;
+   */
+  maxConcurrentTasks: number;
+
+  /**
+   * How often the collector sends a `Heartbeat`; unset: the agent's default.
+   *
+   * @generated from field: google.protobuf.Duration heartbeat_interval = 10;
+   */
+  heartbeatInterval?: Duration | undefined;
+
+  /**
+   * The broker's id of the collector's session (from its `Welcome`): the
+   * agent matches `PresenceEvent.session_id` against it to learn that the
+   * collector went away.
+   *
+   * @generated from field: string session_id = 11;
+   */
+  sessionId: string;
 };
 
 /**
@@ -366,6 +422,35 @@ export type Heartbeat = Message<"daemoneye.eventbus.v1.Heartbeat"> & {
    * @generated from field: uint64 sequence = 3;
    */
   sequence: bigint;
+
+  /**
+   * Tasks the component is running now.
+   *
+   * @generated from field: uint32 active_tasks = 4;
+   */
+  activeTasks: number;
+
+  /**
+   * How many tasks the component runs at once; 0 means one.
+   *
+   * @generated from field: uint32 max_concurrent_tasks = 5;
+   */
+  maxConcurrentTasks: number;
+
+  /**
+   * The component's own load figure, from 0 (idle) to 1 (saturated).
+   *
+   * @generated from field: double load = 6;
+   */
+  load: number;
+
+  /**
+   * When to expect the next heartbeat; unset: the interval declared at
+   * registration.
+   *
+   * @generated from field: google.protobuf.Duration interval = 7;
+   */
+  interval?: Duration | undefined;
 };
 
 /**
@@ -704,6 +789,151 @@ export const TaskAckSchema: GenMessage<TaskAck> = /*@__PURE__*/
   messageDesc(file_daemoneye_eventbus_v1_control, 15);
 
 /**
+ * The outcome of a task, published by the collector that ran it on
+ * `control.collector.result`. The workflow the task belongs to travels in
+ * the event's correlation metadata, as for every event on the bus.
+ *
+ * @generated from message daemoneye.eventbus.v1.TaskResult
+ */
+export type TaskResult = Message<"daemoneye.eventbus.v1.TaskResult"> & {
+  /**
+   * The task (`TaskAssignment.task_id`).
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * The collector that ran it.
+   *
+   * @generated from field: string collector_id = 2;
+   */
+  collectorId: string;
+
+  /**
+   * SUCCESS: done; ERROR: failed, `error` says why; TIMEOUT: stopped at the
+   * task's deadline; CANCELLED: stopped by a lifecycle command.
+   *
+   * @generated from field: daemoneye.eventbus.v1.RpcStatus status = 3;
+   */
+  status: RpcStatus;
+
+  /**
+   * Why the task failed, when `status` is not SUCCESS.
+   *
+   * @generated from field: string error = 4;
+   */
+  error: string;
+
+  /**
+   * The kind of task (`TaskAssignment.task_type`).
+   *
+   * @generated from field: string task_type = 5;
+   */
+  taskType: string;
+
+  /**
+   * The hand-out that produced this result (`TaskAssignment.attempt`).
+   *
+   * @generated from field: uint32 attempt = 6;
+   */
+  attempt: number;
+
+  /**
+   * The result document, in the format named by `content_type`.
+   *
+   * @generated from field: bytes payload = 7;
+   */
+  payload: Uint8Array;
+
+  /**
+   * Media type of `payload`, e.g. `application/json`; empty when there is
+   * no payload.
+   *
+   * @generated from field: string content_type = 8;
+   */
+  contentType: string;
+
+  /**
+   * Small result figures by name, e.g. `processes_scanned`.
+   *
+   * @generated from field: map<string, string> fields = 9;
+   */
+  fields: { [key: string]: string };
+
+  /**
+   * When the collector started the task.
+   *
+   * @generated from field: google.protobuf.Timestamp started_at = 10;
+   */
+  startedAt?: Timestamp | undefined;
+
+  /**
+   * When the collector finished it.
+   *
+   * @generated from field: google.protobuf.Timestamp finished_at = 11;
+   */
+  finishedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.TaskResult.
+ * Use `create(TaskResultSchema)` to create a new message.
+ */
+export const TaskResultSchema: GenMessage<TaskResult> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_control, 16);
+
+/**
+ * How far a running task has got, published by the collector running it on
+ * `control.collector.progress`.
+ *
+ * @generated from message daemoneye.eventbus.v1.TaskProgress
+ */
+export type TaskProgress = Message<"daemoneye.eventbus.v1.TaskProgress"> & {
+  /**
+   * The task (`TaskAssignment.task_id`).
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * The collector running it.
+   *
+   * @generated from field: string collector_id = 2;
+   */
+  collectorId: string;
+
+  /**
+   * Estimated share done, from 0 to 100.
+   *
+   * @generated from field: float percent = 3;
+   */
+  percent: number;
+
+  /**
+   * Human-readable detail, e.g. the stage the task is in.
+   *
+   * @generated from field: string detail = 4;
+   */
+  detail: string;
+
+  /**
+   * When the collector measured it.
+   *
+   * @generated from field: google.protobuf.Timestamp reported_at = 5;
+   */
+  reportedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message daemoneye.eventbus.v1.TaskProgress.
+ * Use `create(TaskProgressSchema)` to create a new message.
+ */
+export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
+  messageDesc(file_daemoneye_eventbus_v1_control, 17);
+
+/**
  * A component connected to the broker or went away (published by the broker
  * on `control.presence`).
  *
@@ -800,7 +1030,7 @@ export type PresenceEvent = Message<"daemoneye.eventbus.v1.PresenceEvent"> & {
  * Use `create(PresenceEventSchema)` to create a new message.
  */
 export const PresenceEventSchema: GenMessage<PresenceEvent> = /*@__PURE__*/
-  messageDesc(file_daemoneye_eventbus_v1_control, 16);
+  messageDesc(file_daemoneye_eventbus_v1_control, 18);
 
 /**
  * A lifecycle action on a collector.

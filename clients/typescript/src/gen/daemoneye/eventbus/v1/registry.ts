@@ -7,7 +7,7 @@
 
 import type { Registry } from "@bufbuild/protobuf";
 import { createRegistry } from "@bufbuild/protobuf";
-import { AgentOrchestrationSchema, CollectorLifecycleCommandSchema, CollectorRegistrationSchema, ComponentStatusSchema, ConfigurationAckSchema, ConfigurationUpdateSchema, DiagnosticsSchema, HealthCheckReplySchema, HealthCheckRequestSchema, HeartbeatSchema, LifecycleReplySchema, PolicyUpdateSchema, PresenceEventSchema, TaskAckSchema, TaskAssignmentSchema, file_daemoneye_eventbus_v1_control } from "./control_pb.js";
+import { AgentOrchestrationSchema, CollectorLifecycleCommandSchema, CollectorRegistrationSchema, ComponentStatusSchema, ConfigurationAckSchema, ConfigurationUpdateSchema, DiagnosticsSchema, HealthCheckReplySchema, HealthCheckRequestSchema, HeartbeatSchema, LifecycleReplySchema, PolicyUpdateSchema, PresenceEventSchema, TaskAckSchema, TaskAssignmentSchema, TaskProgressSchema, TaskResultSchema, file_daemoneye_eventbus_v1_control } from "./control_pb.js";
 import { FilesystemEventSchema, NetworkEventSchema, PerformanceEventSchema, ProcessBatchSchema, ProcessEventSchema, file_daemoneye_eventbus_v1_events } from "./events_pb.js";
 import { AccessLevel } from "./options_pb.js";
 import { RequestTopic, RequestTopicTemplate, Topic, TopicRegistry, TopicTemplate } from "../../../../registry_runtime.js";
@@ -292,6 +292,28 @@ export const CONTROL_PRESENCE: Topic<typeof PresenceEventSchema> = new Topic(
   true,
 );
 
+/** Outcomes of tasks: each collector publishes the result of every task it ran, the agent collects them. Lossless: a result is never dropped. */
+export const CONTROL_COLLECTOR_RESULT: Topic<typeof TaskResultSchema> = new Topic(
+  "control.collector.result",
+  TaskResultSchema,
+  AccessLevel.RESTRICTED,
+  ["fsmond", "netmond", "perfmond", "procmond"],
+  ["daemoneye-agent"],
+  true,
+  undefined, // template
+  true, // lossless
+);
+
+/** Progress of running tasks, from the collectors running them to the agent. A dropped report is superseded by the next. */
+export const CONTROL_COLLECTOR_PROGRESS: Topic<typeof TaskProgressSchema> = new Topic(
+  "control.collector.progress",
+  TaskProgressSchema,
+  AccessLevel.RESTRICTED,
+  ["fsmond", "netmond", "perfmond", "procmond"],
+  ["daemoneye-agent"],
+  true,
+);
+
 /** Build a concrete `control.collector.task.{type}.{id}` topic. */
 export function controlCollectorTaskTargeted(values: { readonly type: string; readonly id: string }): Topic<typeof TaskAssignmentSchema> {
   return CONTROL_COLLECTOR_TASK_TARGETED.build(values);
@@ -343,6 +365,8 @@ export interface TopicsByName {
   "control.health.status": Topic<typeof ComponentStatusSchema>;
   "control.health.diagnostics": Topic<typeof DiagnosticsSchema>;
   "control.presence": Topic<typeof PresenceEventSchema>;
+  "control.collector.result": Topic<typeof TaskResultSchema>;
+  "control.collector.progress": Topic<typeof TaskProgressSchema>;
 }
 
 /** Every concrete topic by name. */
@@ -366,6 +390,8 @@ export const TOPICS: ReadonlyMap<string, Topic> = new Map<string, Topic>([
   [CONTROL_HEALTH_STATUS.name, CONTROL_HEALTH_STATUS],
   [CONTROL_HEALTH_DIAGNOSTICS.name, CONTROL_HEALTH_DIAGNOSTICS],
   [CONTROL_PRESENCE.name, CONTROL_PRESENCE],
+  [CONTROL_COLLECTOR_RESULT.name, CONTROL_COLLECTOR_RESULT],
+  [CONTROL_COLLECTOR_PROGRESS.name, CONTROL_COLLECTOR_PROGRESS],
 ]);
 
 /** Every topic template. */
@@ -405,6 +431,8 @@ export const ACCESS_TABLE: ReadonlyMap<string, AccessLevel> = new Map<string, Ac
   ["control.collector.rpc.task.{id}", AccessLevel.PRIVILEGED],
   ["control.collector.queue.{type}", AccessLevel.PRIVILEGED],
   ["control.presence", AccessLevel.RESTRICTED],
+  ["control.collector.result", AccessLevel.RESTRICTED],
+  ["control.collector.progress", AccessLevel.RESTRICTED],
 ]);
 
 /** The topic of each `ProcessEventKind` value, from the schema's (event_topic) options. */
