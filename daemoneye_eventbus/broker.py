@@ -34,7 +34,13 @@ from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.errors import BrokerError, ClosedResourceError
 from daemoneye_eventbus.presence import Presence
 from daemoneye_eventbus.router import Router
-from daemoneye_eventbus.sessions import LocalSession, Outbox, Session, SocketSession
+from daemoneye_eventbus.sessions import (
+    LocalSession,
+    Outbox,
+    RequestDeadlines,
+    Session,
+    SocketSession,
+)
 from daemoneye_eventbus.statistics import (
     BrokerStatistics,
     BrokerTally,
@@ -98,6 +104,8 @@ class Broker:
         self._outbox = Outbox()
         #: Presence events on control.presence, and the last wills of sessions.
         self._presence = Presence(self._router, self._outbox.schedule)
+        # The timer of the requests waiting for replies (REQUEST_TIMEOUT).
+        self._deadlines = RequestDeadlines(self._router.requests, self._outbox)
         self._budget = MemoryBudget(self._config)
         self._listener: Listener | None = None
         self._sessions: set[SocketSession] = set()
@@ -113,8 +121,7 @@ class Broker:
         #: Refusals the broker makes itself, by code, and its event loop's lag.
         self.tally = BrokerTally()
         self._metrics: CollectorRegistry | None = None
-        #: Seconds of rate limiting of the connections that have ended, by
-        #: component (only components the policy limits ever have any).
+        #: Seconds of rate limiting of ended connections, by (rate-limited) component.
         self._throttled_gone: dict[str, float] = {}
 
     # -- the seam sessions use (SessionHost) ------------------------------------------
@@ -311,8 +318,7 @@ class Broker:
         return len(self._sessions)
 
     def connections_per_uid(self) -> dict[int | str, int]:
-        """Open socket connections by peer uid (on Windows: by user SID; -1:
-        credentials unknown)."""
+        """Open socket connections by peer uid (Windows: user SID; -1: unknown)."""
         return dict(self._per_uid)
 
     @property
@@ -403,6 +409,7 @@ def _snapshot(broker: Broker) -> BrokerStatistics:
                 s.published,
                 s.endpoint.invalid_payloads,
                 s.throttled,
+                broker.router.requests.pending(s.endpoint),
             )
         )
         subs.extend(
@@ -431,6 +438,9 @@ def _snapshot(broker: Broker) -> BrokerStatistics:
         topic_stats=tuple(sorted(broker.router.topic_counts().items())),
         retained_events=len(broker.router.retained),
         retained_bytes=broker.router.retained.encoded_bytes,
+        requests=broker.router.requests.requests,
+        no_responders=broker.router.requests.no_responders,
+        request_timeouts=broker.router.requests.timeouts,
     )
 
 

@@ -13,7 +13,8 @@ Users of the Rust crate this project follows know these names::
 twice: in process, on the agent's own broker (``from_broker``: no socket), and
 over the socket from any other process (``connect``). Both route through the
 same broker code, with correlation filters applied by the broker and control
-topics delivered only to subscriptions that opt in.
+topics delivered only to subscriptions that opt in. Either also asks and
+answers requests (``request``, ``serve``: docs/protocol.md §5, "Request/reply").
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final, ParamSpec, Protocol, Self, runtime_checkable
+from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, runtime_checkable
 
 from google.protobuf.message import Message
 
@@ -43,7 +44,13 @@ from daemoneye_eventbus.errors import (
     SubscriptionExists,
     UnknownSubscription,
 )
-from daemoneye_eventbus.registry_runtime import Publication, Topic
+from daemoneye_eventbus.registry_runtime import (
+    Publication,
+    RequestTopic,
+    RequestTopicTemplate,
+    Topic,
+)
+from daemoneye_eventbus.responders import Responder
 from daemoneye_eventbus.sessions import LocalSession
 from daemoneye_eventbus.subscription import Subscription
 from daemoneye_eventbus.transports import DEFAULT_ADDRESS
@@ -299,6 +306,9 @@ class DaemoneyeBroker:
 
 #: What a topic's call takes (Topic.__call__): the message, the correlation by keyword.
 A = ParamSpec("A")
+#: A request topic's request and reply types.
+P = TypeVar("P", bound=Message)
+R = TypeVar("R", bound=Message)
 
 
 class _Backend(Protocol):
@@ -321,6 +331,23 @@ class _Backend(Protocol):
     ) -> Subscription[Message]: ...
 
     def new_queue(self, max_pending: int | None = None) -> EventQueue[Any]: ...
+
+    async def request(
+        self,
+        topic: RequestTopic[P, R],
+        message: P,
+        /,
+        *,
+        timeout: float | None = None,
+        correlation: CorrelationMetadata | None = None,
+    ) -> R: ...
+
+    def serve(
+        self,
+        topic: RequestTopic[P, R] | RequestTopicTemplate[P, R],
+        *,
+        max_pending: int | None = None,
+    ) -> Responder[P, R]: ...
 
     async def flush(self) -> float: ...
 
@@ -394,6 +421,38 @@ class DaemoneyeEventBus:
         self._check()
         await self._backend.publish(topic, message, correlation=_correlation(correlation))
         self._published += 1
+
+    async def request(
+        self,
+        topic: RequestTopic[P, R],
+        message: P,
+        *,
+        timeout: float | None = None,
+        correlation: str | CorrelationMetadata | None = None,
+    ) -> R:
+        """Ask one responder of the request topic ``topic`` and return its typed
+        reply (a string correlation becomes a new correlation with that id).
+
+        Raises :class:`~daemoneye_eventbus.errors.RequestTimeout` past ``timeout``
+        seconds (the broker's default if None), ``NoResponders`` at once when
+        nobody may answer, ``RequestFailed`` when the responder could not.
+        """
+        self._check()
+        return await self._backend.request(
+            topic, message, timeout=timeout, correlation=_correlation(correlation)
+        )
+
+    def serve(
+        self,
+        topic: RequestTopic[P, R] | RequestTopicTemplate[P, R],
+        *,
+        max_pending: int | None = None,
+    ) -> Responder[P, R]:
+        """Answer the requests on ``topic`` (or on every topic of a template):
+        ``async with bus.serve(topic) as requests: async for request in requests:
+        await request.reply(answer)``."""
+        self._check()
+        return self._backend.serve(topic, max_pending=max_pending)
 
     async def flush(self) -> None:
         """Return once the broker has routed everything published before."""

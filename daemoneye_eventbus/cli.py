@@ -345,12 +345,17 @@ async def _stats(args: argparse.Namespace) -> int:
         f"{stats.dropped} dropped, {stats.refused} refused"
     )
     print(f"retained:    {stats.retained_events} events, {stats.retained_bytes} bytes")
+    print(
+        f"requests:    {stats.requests} routed, {stats.no_responders} without responders, "
+        f"{stats.request_timeouts} timed out"
+    )
     for c in stats.connection_stats:
         print(
             f"  session {c.session_id} {c.client_name!r} component={c.component or '-'} "
             f"pid={c.peer_pid} {f'sid={c.peer_sid}' if c.peer_sid else f'uid={c.peer_uid}'} "
             f"published={c.published} "
             f"queued={c.queue_messages}/{c.queue_bytes}B"
+            + (f" pending_requests={c.pending_requests}" if c.pending_requests else "")
         )
     for s in stats.subscription_stats:
         print(

@@ -71,6 +71,15 @@ class BrokerConfig:
     #: Most credit (events) a lossless subscription may be granted; also its
     #: window when the client leaves the choice to the broker.
     max_credit_window: int = 1_000_000
+    #: Requests one connection may have waiting for their replies at once.
+    max_pending_requests: int = 1024
+    #: Requests all connections together may have waiting for their replies.
+    max_total_pending_requests: int = 65_536
+    #: Seconds a request waits for its reply when it asks for no deadline.
+    default_request_timeout: float = 5.0
+    #: The longest deadline a request may ask for, in seconds; a longer one is
+    #: shortened to it.
+    max_request_timeout: float = 300.0
     #: Seconds of silence after which the broker pings a client.
     heartbeat_interval: float = 5.0
     #: Seconds of silence after which the broker disconnects a client.
@@ -111,4 +120,9 @@ class BrokerConfig:
             max_queue_bytes=self.max_queue_bytes,
             heartbeat_interval_ms=int(self.heartbeat_interval * 1000),
             idle_timeout_ms=int(self.idle_timeout * 1000),
+            max_pending_requests=self.max_pending_requests,
+            max_request_timeout_ms=int(self.max_request_timeout * 1000),
+            default_request_timeout_ms=int(
+                min(self.default_request_timeout, self.max_request_timeout) * 1000
+            ),
         )

@@ -29,7 +29,10 @@ code in an ``Error`` frame, and an in-process caller gets the same exception::
     │   ├── BrokerAlreadyRunning             another broker answers on the socket
     │   └── PrivilegeError                   no such user or group, or privileges not dropped
     ├── ServerError                          the broker answered with an Error frame
-    └── RequestTimeout (TimeoutError)        an answer did not come in time
+    ├── RequestTimeout (TimeoutError)        an answer did not come in time
+    ├── NoResponders (LookupError)           no responder may answer a request on that topic
+    ├── UnknownRequest (LookupError)         a reply names a request that is not waiting for it
+    └── RequestFailed                        the responder could not answer (its reason)
 """
 
 from __future__ import annotations
@@ -47,15 +50,18 @@ __all__ = [
     "InvalidTopic",
     "LimitExceeded",
     "LocalProtocolError",
+    "NoResponders",
     "PayloadTypeMismatch",
     "PolicyError",
     "PrivilegeError",
     "ProtocolError",
     "RemoteProtocolError",
+    "RequestFailed",
     "RequestTimeout",
     "SchemaError",
     "ServerError",
     "SubscriptionExists",
+    "UnknownRequest",
     "UnknownSubscription",
     "UnknownTopic",
 ]
@@ -198,4 +204,29 @@ class ServerError(EventBusError):
 
 
 class RequestTimeout(EventBusError, TimeoutError):
-    """An answer from the broker did not arrive in time."""
+    """An answer did not arrive in time: the broker's, or the reply to a request
+    by its deadline (``ERROR_CODE_REQUEST_TIMEOUT``)."""
+
+
+class NoResponders(EventBusError, LookupError):
+    """Nobody may answer the request: no responder serves its topic, or none
+    that may read it (``ERROR_CODE_NO_RESPONDERS``, at once)."""
+
+
+class UnknownRequest(EventBusError, LookupError):
+    """A reply names a request this connection does not hold: answered already,
+    past its deadline, or never delivered to it (``ERROR_CODE_UNKNOWN_REQUEST``)."""
+
+
+class RequestFailed(EventBusError):
+    """The responder took the request but could not answer it; ``reason`` is its word."""
+
+    def __init__(self, reason: str, *, responder: str = "", topic: str = "") -> None:
+        where = f" on {topic!r}" if topic else ""
+        super().__init__(f"{responder or 'the responder'} failed the request{where}: {reason}")
+        #: Why, as the responder said it.
+        self.reason = reason
+        #: The component that answered ("" if anonymous).
+        self.responder = responder
+        #: The request topic.
+        self.topic = topic

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_ERROR_MESSAGE",
     "MAX_PREFIX_BYTES",
     "PublishBatcher",
+    "REQUEST_DELIVER_OVERHEAD",
     "batch_budget",
     "decode_varint",
     "encode_deliver",
@@ -39,6 +40,7 @@ __all__ = [
     "event_budget",
     "publish_body",
     "publish_header",
+    "request_budget",
 ]
 
 #: Default limit on a frame body, in bytes [protocol §1].
@@ -63,6 +65,14 @@ DELIVER_OVERHEAD: Final = 51
 #: refuses a batch whose encoding exceeds ``max_frame_bytes -
 #: DELIVER_BATCH_OVERHEAD`` [protocol §5].
 DELIVER_BATCH_OVERHEAD: Final = 50
+#: The most a ``RequestDeliver`` frame adds around the request's ``Publish``:
+#: the Frame tag and length (1 + 5), the subscription id (1 + 5), the token
+#: (1 + 10), the Publish tag and length (1 + 5), ``remaining_ms`` (1 + 5), the
+#: event id (1 + 10), the receive time (1 + 8) and the requester's component
+#: (1 + 2 + 512: 128 characters of up to 4 bytes). A broker refuses a request
+#: whose ``Publish`` exceeds ``max_frame_bytes - REQUEST_DELIVER_OVERHEAD``
+#: [protocol §5, "Request/reply"].
+REQUEST_DELIVER_OVERHEAD: Final = 570
 
 
 def event_budget(frame_limit: int) -> int:
@@ -75,6 +85,12 @@ def batch_budget(frame_limit: int) -> int:
     """The largest encoded ``PublishBatch`` that a broker can deliver within
     ``frame_limit`` bytes of frame body [protocol §5]."""
     return frame_limit - DELIVER_BATCH_OVERHEAD
+
+
+def request_budget(frame_limit: int) -> int:
+    """The largest encoded request ``Publish`` that a broker can deliver to a
+    responder within ``frame_limit`` bytes of frame body."""
+    return frame_limit - REQUEST_DELIVER_OVERHEAD
 
 
 # One-byte varints, prebuilt: most lengths, ids and tags on the hot path are
@@ -407,6 +423,7 @@ def error_frame(
     subscription_id: int = 0,
     topic: str = "",
     limit: int | None = None,
+    request_id: int = 0,
 ) -> Frame:
     """An ``Error`` frame; within ``limit`` bytes of body if one is given.
 
@@ -421,6 +438,7 @@ def error_frame(
             fatal=fatal,
             subscription_id=subscription_id,
             topic=topic,
+            request_id=request_id,
         )
     )
     if limit is not None and frame.ByteSize() > limit:

@@ -171,6 +171,12 @@ class Figures:
     retained_bytes: int = 0
     #: Last wills published for sessions that ended without a goodbye.
     last_wills: int = 0
+    #: Requests routed to a responder, answered at once with no responders,
+    #: timed out; and waiting for a reply now.
+    requests: int = 0
+    no_responders: int = 0
+    request_timeouts: int = 0
+    pending_requests: int = 0
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -248,6 +254,10 @@ class BrokerCollector(Collector):
             retained_events=len(router.retained),
             retained_bytes=router.retained.encoded_bytes,
             last_wills=source.last_wills,
+            requests=router.requests.requests,
+            no_responders=router.requests.no_responders,
+            request_timeouts=router.requests.timeouts,
+            pending_requests=len(router.requests.table),
         )
 
     def _throttled(self, by_component: dict[str, float]) -> dict[str, float]:
@@ -399,6 +409,20 @@ def _families(f: Figures) -> Iterator[Metric]:
         "events, by component.",
         f.held_publishers,
     )
+    yield CounterMetricFamily(
+        _name("requests"), "Requests routed to a responder (request/reply).", value=f.requests
+    )
+    yield CounterMetricFamily(
+        _name("requests_no_responders"),
+        "Requests answered at once with no responders: none serves the topic, or may read it.",
+        value=f.no_responders,
+    )
+    yield CounterMetricFamily(
+        _name("request_timeouts"),
+        "Requests whose deadline passed without a reply.",
+        value=f.request_timeouts,
+    )
+    yield gauge("pending_requests", "Requests waiting for a reply now.", f.pending_requests)
     yield gauge(
         "retained_events",
         "Retained events the broker holds (the last event of each retained topic).",

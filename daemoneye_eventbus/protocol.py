@@ -32,10 +32,13 @@ from daemoneye_eventbus.errors import (
     InvalidTopic,
     LimitExceeded,
     LocalProtocolError,
+    NoResponders,
     PayloadTypeMismatch,
     RemoteProtocolError,
+    RequestTimeout,
     ServerError,
     SubscriptionExists,
+    UnknownRequest,
     UnknownSubscription,
 )
 from daemoneye_eventbus.frames import (
@@ -166,6 +169,9 @@ _ERRORS: Final[dict[int, type[EventBusError]]] = {
     ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION: UnknownSubscription,
     ErrorCode.ERROR_CODE_INVALID_SUBSCRIPTION_ID: SubscriptionExists,
     ErrorCode.ERROR_CODE_INVALID_PAYLOAD: InvalidPayload,
+    ErrorCode.ERROR_CODE_NO_RESPONDERS: NoResponders,
+    ErrorCode.ERROR_CODE_REQUEST_TIMEOUT: RequestTimeout,
+    ErrorCode.ERROR_CODE_UNKNOWN_REQUEST: UnknownRequest,
 }
 
 

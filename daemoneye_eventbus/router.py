@@ -60,8 +60,10 @@ from daemoneye_eventbus.errors import (
     ServerError,
 )
 from daemoneye_eventbus.flow import HELD
-from daemoneye_eventbus.frames import batch_budget, event_budget
+from daemoneye_eventbus.frames import batch_budget, event_budget, request_budget
+from daemoneye_eventbus.registry_runtime import RequestTopic
 from daemoneye_eventbus.retained import RetainedStore
+from daemoneye_eventbus.rpc import RequestRouter
 from daemoneye_eventbus.stamps import EventClock
 from daemoneye_eventbus.statistics import TopicFigures
 from daemoneye_eventbus.subscriptions import (
@@ -167,6 +169,9 @@ class TopicInfo:
     lossless: bool = False
     #: Declared retained: its last event is kept for new subscriptions.
     retained: bool = False
+    #: A request topic's reply type (None for any other topic): only requests
+    #: may use it, never a plain publish.
+    reply: type[ProtoMessage] | None = None
 
 
 class Router:
@@ -197,6 +202,8 @@ class Router:
         self.invalid_payloads = 0
         #: The broker's event ids and receive times (one stamp per accepted publish).
         self.clock = EventClock()
+        #: Requests waiting for replies, and who answers them.
+        self.requests = RequestRouter(self)
         #: The last event of each retained topic, replayed to new subscriptions.
         self.retained = RetainedStore(config)
 
@@ -215,11 +222,19 @@ class Router:
         include_control: bool = False,
         lossless: bool = False,
         window: int = 0,
+        respond: bool = False,
     ) -> SubscriptionEntry:
-        """Add a subscription; raise a typed error with the reason if refused
-        (``lossless`` and ``window``: see :meth:`SubscriptionTable.subscribe`)."""
+        """Add a subscription; raise a typed error with the reason if refused (``lossless``,
+        ``window`` and ``respond``: see :meth:`SubscriptionTable.subscribe`)."""
         return self.table.subscribe(
-            endpoint, subscription_id, filter, correlation_filter, include_control, lossless, window
+            endpoint,
+            subscription_id,
+            filter,
+            correlation_filter,
+            include_control,
+            lossless,
+            window,
+            respond,
         )
 
     def unsubscribe(self, endpoint: Endpoint, subscription_id: int) -> None:
@@ -227,8 +242,9 @@ class Router:
         self.table.unsubscribe(endpoint, subscription_id)
 
     def detach(self, endpoint: Endpoint) -> None:
-        """Drop every subscription of ``endpoint`` (its session has ended)."""
+        """Drop every subscription and request of ``endpoint`` (its session has ended)."""
         self.table.detach(endpoint)
+        self.requests.detach(endpoint)
 
     def subscriptions(self) -> Iterator[SubscriptionEntry]:
         """Every subscription, in no particular order."""
@@ -298,6 +314,7 @@ class Router:
                 counts,
                 declared.lossless,
                 declared.retained,
+                declared.reply_type if isinstance(declared, RequestTopic) else None,
             )
         elif cfg.allow_undeclared_topics:
             info = TopicInfo(
@@ -398,67 +415,7 @@ class Router:
         Returns the subscriptions that may receive them (correlation filters
         not yet applied); raises a typed error when they are refused.
         """
-        payload_type = message.payload_type
-        checks = endpoint.publish_checks
-        denied = checks.get(topic, _UNCHECKED)
-        if denied is _UNCHECKED:
-            # The identity is fixed at the handshake: remember the verdict per topic.
-            denied = may_publish(endpoint.identity, info.access)
-            if len(checks) >= _PUBLISH_CHECKS_SIZE:
-                checks.clear()
-            checks[topic] = denied
-        if denied is not None:
-            self.audit.record(
-                "publish_refused",
-                endpoint.peer,
-                session=endpoint.session_id,
-                component=endpoint.identity.component or "-",
-                topic=topic,
-                reason=denied,
-            )
-            self._refuse(
-                AccessDenied(
-                    f"publish on {topic!r}: {denied}", code=ErrorCode.ERROR_CODE_ACCESS_DENIED
-                )
-            )
-        if size > limit:
-            what = f"event of {size} bytes" if count == 1 else f"batch of {count} events"
-            self._refuse(
-                LimitExceeded(
-                    f"{what} cannot be delivered within the frame limit; "
-                    f"an encoded event or batch may be at most {limit} bytes, this is {size}",
-                    code=ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
-                )
-            )
-        if info.payload_type is not None and payload_type != info.payload_type:
-            self._refuse(
-                PayloadTypeMismatch(
-                    f"topic {topic!r} carries {info.payload_type}, not {payload_type!r}",
-                    code=ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH,
-                )
-            )
-        parser = info.parser
-        if (
-            parser is not None
-            and self._validate
-            and not (self._trust_local and endpoint.identity.trusted)
-        ):
-            try:
-                if isinstance(message, frames_pb2.Publish):
-                    parser.FromString(message.payload)
-                else:
-                    parse = parser.FromString
-                    for payload in message.payloads:
-                        parse(payload)
-            except (DecodeError, RecursionError):
-                self._refuse(_invalid_payload(self, endpoint, parser, topic, payload_type, message))
-        if correlation is not None:
-            try:
-                validate_metadata(correlation)
-            except InvalidCorrelation as exc:
-                self._refuse(
-                    InvalidCorrelation(str(exc), code=ErrorCode.ERROR_CODE_INVALID_CORRELATION)
-                )
+        _check(self, endpoint, message, topic, info, correlation, size, limit, count)
         if info.retained and (full := self.retained.refusal(topic, message, size)) is not None:
             self._refuse(full)  # refused whole: the store cannot keep its (last) event
         endpoint.published += count
@@ -467,6 +424,99 @@ class Router:
             # Cached until a subscription changes, so every delivery is checked.
             subs = self.table.receivers(topic, info.control, info.access)
         return subs
+
+    def check_request(self, endpoint: Endpoint, publish: frames_pb2.Publish) -> TopicInfo:
+        """Check the ``Publish`` of ``endpoint``'s request as a publish on a
+        request topic (unknown fields discarded); what the schema says of its
+        topic. Raises the typed refusal [protocol §5, "Request/reply"]."""
+        publish.DiscardUnknownFields()
+        topic = publish.topic
+        info = self._topic_cache.get(topic) or self.topic_info(topic)
+        correlation = publish.correlation if publish.HasField("correlation") else None
+        size = publish.ByteSize()
+        limit = request_budget(self.config.max_frame_bytes)
+        _check(self, endpoint, publish, topic, info, correlation, size, limit, 1, request=True)
+        return info
+
+
+def _check(
+    router: Router,
+    endpoint: Endpoint,
+    message: Published,
+    topic: str,
+    info: TopicInfo,
+    correlation: CorrelationMetadata | None,
+    size: int,
+    limit: int,
+    count: int,
+    request: bool = False,
+) -> None:
+    """The checks of a publish [protocol §5] (of a request's publish with
+    ``request``): raises the typed refusal, counted."""
+    if (info.reply is not None) != request:
+        why = "is a request topic: send a Request" if request is False else "is not a request topic"
+        router._refuse(
+            InvalidTopic(f"topic {topic!r} {why}", code=ErrorCode.ERROR_CODE_INVALID_TOPIC)
+        )
+    payload_type = message.payload_type
+    checks = endpoint.publish_checks
+    denied = checks.get(topic, _UNCHECKED)
+    if denied is _UNCHECKED:
+        # The identity is fixed at the handshake: remember the verdict per topic.
+        denied = may_publish(endpoint.identity, info.access)
+        if len(checks) >= _PUBLISH_CHECKS_SIZE:
+            checks.clear()
+        checks[topic] = denied
+    if denied is not None:
+        router.audit.record(
+            "publish_refused",
+            endpoint.peer,
+            session=endpoint.session_id,
+            component=endpoint.identity.component or "-",
+            topic=topic,
+            reason=denied,
+        )
+        router._refuse(
+            AccessDenied(f"publish on {topic!r}: {denied}", code=ErrorCode.ERROR_CODE_ACCESS_DENIED)
+        )
+    if size > limit:
+        what = f"event of {size} bytes" if count == 1 else f"batch of {count} events"
+        router._refuse(
+            LimitExceeded(
+                f"{what} cannot be delivered within the frame limit; "
+                f"an encoded event or batch may be at most {limit} bytes, this is {size}",
+                code=ErrorCode.ERROR_CODE_FRAME_TOO_LARGE,
+            )
+        )
+    if info.payload_type is not None and payload_type != info.payload_type:
+        router._refuse(
+            PayloadTypeMismatch(
+                f"topic {topic!r} carries {info.payload_type}, not {payload_type!r}",
+                code=ErrorCode.ERROR_CODE_PAYLOAD_MISMATCH,
+            )
+        )
+    parser = info.parser
+    if (
+        parser is not None
+        and router._validate
+        and not (router._trust_local and endpoint.identity.trusted)
+    ):
+        try:
+            if isinstance(message, frames_pb2.Publish):
+                parser.FromString(message.payload)
+            else:
+                parse = parser.FromString
+                for payload in message.payloads:
+                    parse(payload)
+        except (DecodeError, RecursionError):
+            router._refuse(_invalid_payload(router, endpoint, parser, topic, payload_type, message))
+    if correlation is not None:
+        try:
+            validate_metadata(correlation)
+        except InvalidCorrelation as exc:
+            router._refuse(
+                InvalidCorrelation(str(exc), code=ErrorCode.ERROR_CODE_INVALID_CORRELATION)
+            )
 
 
 def _invalid_payload(

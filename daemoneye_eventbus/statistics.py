@@ -116,6 +116,8 @@ class ConnectionStatistics:
     invalid_payloads: int = 0
     #: Seconds the broker stopped reading from it for its rate limit.
     throttled_seconds: float = 0.0
+    #: Its requests waiting for a reply.
+    pending_requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +142,12 @@ class BrokerStatistics:
     #: they are charged is that plus RETAINED_COST each).
     retained_events: int = 0
     retained_bytes: int = 0
+    #: Requests routed to a responder since the broker started.
+    requests: int = 0
+    #: Requests answered at once with ERROR_CODE_NO_RESPONDERS.
+    no_responders: int = 0
+    #: Requests whose deadline passed without a reply.
+    request_timeouts: int = 0
 
     def to_proto(
         self, request_id: int = 0, max_bytes: int | None = None
@@ -177,6 +185,9 @@ class BrokerStatistics:
             throttled_seconds=self.throttled_seconds,
             retained_events=self.retained_events,
             retained_bytes=self.retained_bytes,
+            requests=self.requests,
+            no_responders=self.no_responders,
+            request_timeouts=self.request_timeouts,
             topic_stats=[
                 frames_pb2.TopicStats(
                     topic=label,
@@ -200,6 +211,7 @@ class BrokerStatistics:
                     published=c.published,
                     invalid_payloads=c.invalid_payloads,
                     throttled_seconds=c.throttled_seconds,
+                    pending_requests=c.pending_requests,
                 )
                 for c in self.connection_stats
             ],

@@ -1,12 +1,14 @@
 """Subscriptions: who subscribed to what, and who may receive a topic (pure).
 
 Sessions, socket or in-process, are :class:`Endpoint` objects here: an
-identity, the subscriptions it owns, and a :class:`Sink` that queues its
-deliveries. :class:`SubscriptionTable` checks each subscribe request (grammar,
-declared topics, access, limits, the memory it would hold) and keeps the
-subscriptions in a topic trie; the :class:`~daemoneye_eventbus.router.Router`
-asks it who receives a topic. Refusals are typed errors carrying their wire
-code [protocol §7].
+identity, the subscriptions it owns, a :class:`Sink` that queues its
+deliveries and a :class:`RequestSink` for its requests and replies.
+:class:`SubscriptionTable` checks each subscribe request (grammar, declared
+topics, access, limits, the memory it would hold) and keeps the subscriptions
+in a topic trie, responder subscriptions (``Subscribe.respond``) in one of
+their own; the :class:`~daemoneye_eventbus.router.Router` asks it who receives
+a topic, and its :class:`~daemoneye_eventbus.rpc.RequestRouter` who may answer
+a request. Refusals are typed errors carrying their wire code [protocol §7].
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, NoReturn, Protocol
 
-from daemoneye.eventbus.v1 import registry
+from daemoneye.eventbus.v1 import frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
 from daemoneye_eventbus.access import (
@@ -41,13 +43,16 @@ from daemoneye_eventbus.errors import (
     UnknownSubscription,
 )
 from daemoneye_eventbus.flow import Flow, Published
+from daemoneye_eventbus.registry_runtime import RequestTopic, RequestTopicTemplate
 from daemoneye_eventbus.stamps import Stamp
 from daemoneye_eventbus.topics import SubscriptionTrie, validate_topic_filter
 
 __all__ = [
     "DECLARED_TOPICS",
+    "REQUEST_TOPICS",
     "Endpoint",
     "Published",
+    "RequestSink",
     "Sink",
     "SubscriptionEntry",
     "SubscriptionTable",
@@ -64,6 +69,21 @@ DECLARED_TOPICS: Final[tuple[tuple[str, TopicAccess], ...]] = (
         for t in registry.TOPICS.values()
     ),
     *((t.filter, TopicAccess(t.access, t.publishers, t.subscribers)) for t in registry.TEMPLATES),
+)
+
+#: The declared request topics and templates (those with a reply type), as
+#: :data:`DECLARED_TOPICS`: what a responder subscription may reach.
+REQUEST_TOPICS: Final[tuple[tuple[str, TopicAccess], ...]] = (
+    *(
+        (t.name, TopicAccess(t.access, t.publishers, t.subscribers))
+        for t in registry.TOPICS.values()
+        if isinstance(t, RequestTopic)
+    ),
+    *(
+        (t.filter, TopicAccess(t.access, t.publishers, t.subscribers))
+        for t in registry.TEMPLATES
+        if isinstance(t, RequestTopicTemplate)
+    ),
 )
 
 #: The declared topics and templates that are lossless, as :data:`DECLARED_TOPICS`.
@@ -106,6 +126,24 @@ class Sink(Protocol):
         ...
 
 
+class RequestSink(Protocol):
+    """Where the router hands one session's requests (as a responder) and the
+    answers to its own requests (as a requester) [protocol §5, "Request/reply"]."""
+
+    def deliver_request(self, sub: SubscriptionEntry, deliver: frames_pb2.RequestDeliver) -> bool:
+        """Queue a request for the responder subscription ``sub``; False if the
+        session cannot take it now (closing, or its output is full)."""
+        ...
+
+    def deliver_reply(self, reply: frames_pb2.ReplyDeliver) -> None:
+        """Queue the answer to one of the session's requests."""
+        ...
+
+    def request_failed(self, request_id: int, error: EventBusError) -> None:
+        """One of the session's requests ended without a reply (its deadline passed)."""
+        ...
+
+
 class Endpoint:
     """One session as the router sees it: who it is, what it subscribed, its figures."""
 
@@ -117,6 +155,7 @@ class Endpoint:
         "peer",
         "publish_checks",
         "published",
+        "rpc",
         "session_id",
         "sink",
         "subscription_bytes",
@@ -130,8 +169,11 @@ class Endpoint:
         identity: Identity = ANONYMOUS,
         peer: PeerCredentials | None = None,
         session_id: str | None = None,
+        rpc: RequestSink | None = None,
     ) -> None:
         self.sink = sink
+        #: Where its requests and replies go (None: it takes part in no request).
+        self.rpc = rpc
         self.session_id = session_id or secrets.token_hex(8)
         #: Who the session is; set once its handshake is complete.
         self.identity = identity
@@ -185,6 +227,8 @@ class SubscriptionEntry:
     #: Credit-based delivery, for a client that grants credit and a
     #: subscription that asked for lossless delivery or reaches a lossless topic.
     flow: Flow | None = None
+    #: A responder subscription: it receives requests, never events.
+    respond: bool = False
     sequence: int = 0
     delivered: int = 0
     dropped: int = 0
@@ -208,8 +252,14 @@ class SubscriptionTable:
         self._trie: SubscriptionTrie[SubscriptionEntry] = SubscriptionTrie(
             max_bytes=config.max_topic_bytes, max_levels=config.max_topic_levels
         )
+        #: Responder subscriptions, apart: they never receive events.
+        self._responders: SubscriptionTrie[SubscriptionEntry] = SubscriptionTrie(
+            max_bytes=config.max_topic_bytes, max_levels=config.max_topic_levels
+        )
         #: Receivers by topic (see :meth:`receivers`); cleared on every change.
         self.route_cache: dict[str, tuple[SubscriptionEntry, ...]] = {}
+        #: Responders by request topic (see :meth:`responders`); cleared likewise.
+        self.responder_cache: dict[str, tuple[SubscriptionEntry, ...]] = {}
         #: Broker memory all subscriptions are charged.
         self.subscription_bytes = 0
 
@@ -226,11 +276,14 @@ class SubscriptionTable:
         include_control: bool = False,
         lossless: bool = False,
         window: int = 0,
+        respond: bool = False,
     ) -> SubscriptionEntry:
         """Add a subscription; raise a typed error with the reason if refused.
 
         ``lossless`` asks for lossless delivery of every event, ``window`` is
         the credit the client offers (0: the broker's ``max_credit_window``).
+        ``respond`` makes it a responder subscription: it must reach a request
+        topic the peer may read, and gets requests instead of events.
         """
         cfg = self.config
         if subscription_id <= 0 or subscription_id in endpoint.subscriptions:
@@ -253,31 +306,18 @@ class SubscriptionTable:
             )
         except InvalidTopic as exc:
             self._refuse(InvalidTopic(str(exc), code=ErrorCode.ERROR_CODE_INVALID_FILTER))
-        identity = endpoint.identity
-        if not cfg.allow_undeclared_topics:
-            declared, readable = filter_reach(identity, filter, DECLARED_TOPICS)
-            if not declared:
+        if respond:
+            if lossless:
                 self._refuse(
                     InvalidTopic(
-                        f"filter {filter!r} matches no topic declared in the schema",
+                        "a responder subscription cannot be lossless (requests have deadlines)",
                         code=ErrorCode.ERROR_CODE_INVALID_FILTER,
                     )
                 )
-            if not readable:
-                self.audit.record(
-                    "subscribe_refused",
-                    endpoint.peer,
-                    session=endpoint.session_id,
-                    component=identity.component or "-",
-                    filter=filter,
-                )
-                self._refuse(
-                    AccessDenied(
-                        f"filter {filter!r} matches no topic that "
-                        f"{identity.component or 'an anonymous peer'} may read",
-                        code=ErrorCode.ERROR_CODE_ACCESS_DENIED,
-                    )
-                )
+            # Undeclared topics have no reply type: a responder always needs a declared one.
+            self._reach(endpoint, filter, REQUEST_TOPICS, "request topic")
+        elif not cfg.allow_undeclared_topics:
+            self._reach(endpoint, filter, DECLARED_TOPICS, "topic")
         corr_bytes = correlation_filter.ByteSize() if correlation_filter is not None else 0
         cost = subscription_cost(filter, corr_bytes)
         if endpoint.subscription_bytes + cost > cfg.max_subscription_bytes:
@@ -307,17 +347,58 @@ class SubscriptionTable:
                 )
         # A filter that names the control tree explicitly asks for control topics.
         wants_control = include_control or filter.startswith("control.") or filter == "control"
-        flow = self._flow(endpoint, filter, lossless, window)
+        flow = None if respond else self._flow(endpoint, filter, lossless, window)
         sub = SubscriptionEntry(
             endpoint, subscription_id, filter, matcher, wants_control, endpoint.sink.enqueue, cost
         )
         sub.flow = flow
-        self._trie.insert(filter, sub)
+        sub.respond = respond
+        self._trie_of(sub).insert(filter, sub)
         endpoint.subscriptions[subscription_id] = sub
         endpoint.subscription_bytes += cost
         self.subscription_bytes += cost
-        self.route_cache.clear()
+        self._changed(sub)
         return sub
+
+    def _reach(
+        self,
+        endpoint: Endpoint,
+        filter: str,
+        declared: tuple[tuple[str, TopicAccess], ...],
+        what: str,
+    ) -> None:
+        """Refuse ``filter`` unless it can match a ``declared`` topic the peer may read."""
+        identity = endpoint.identity
+        reaches, readable = filter_reach(identity, filter, declared)
+        if not reaches:
+            self._refuse(
+                InvalidTopic(
+                    f"filter {filter!r} matches no {what} declared in the schema",
+                    code=ErrorCode.ERROR_CODE_INVALID_FILTER,
+                )
+            )
+        if not readable:
+            self.audit.record(
+                "subscribe_refused",
+                endpoint.peer,
+                session=endpoint.session_id,
+                component=identity.component or "-",
+                filter=filter,
+            )
+            self._refuse(
+                AccessDenied(
+                    f"filter {filter!r} matches no {what} that "
+                    f"{identity.component or 'an anonymous peer'} may read",
+                    code=ErrorCode.ERROR_CODE_ACCESS_DENIED,
+                )
+            )
+
+    def _trie_of(self, sub: SubscriptionEntry) -> SubscriptionTrie[SubscriptionEntry]:
+        return self._responders if sub.respond else self._trie
+
+    def _changed(self, sub: SubscriptionEntry) -> None:
+        """``sub`` came or went: forget the routes it may change."""
+        (self.responder_cache if sub.respond else self.route_cache).clear()
 
     def unsubscribe(self, endpoint: Endpoint, subscription_id: int) -> None:
         """Remove a subscription; raise if the endpoint has no such subscription."""
@@ -329,10 +410,10 @@ class SubscriptionTable:
                     code=ErrorCode.ERROR_CODE_UNKNOWN_SUBSCRIPTION,
                 )
             )
-        self._trie.remove(sub.filter, sub)
+        self._trie_of(sub).remove(sub.filter, sub)
         endpoint.subscription_bytes -= sub.cost
         self.subscription_bytes -= sub.cost
-        self.route_cache.clear()
+        self._changed(sub)
         if sub.flow is not None:
             sub.dropped += sub.flow.discard()
 
@@ -369,22 +450,25 @@ class SubscriptionTable:
         if not subs:
             return
         for sub in subs.values():
-            self._trie.remove(sub.filter, sub)
+            self._trie_of(sub).remove(sub.filter, sub)
             if sub.flow is not None:
                 sub.flow.discard()
         self.subscription_bytes -= endpoint.subscription_bytes
         endpoint.subscription_bytes = 0
         subs.clear()
         self.route_cache.clear()
+        self.responder_cache.clear()
 
     def subscriptions(self) -> Iterator[SubscriptionEntry]:
-        """Every subscription, in no particular order."""
+        """Every subscription, responders included, in no particular order."""
         for _, sub in self._trie.items():
+            yield sub
+        for _, sub in self._responders.items():
             yield sub
 
     def __len__(self) -> int:
-        """The number of subscriptions."""
-        return len(self._trie)
+        """The number of subscriptions, responders included."""
+        return len(self._trie) + len(self._responders)
 
     def receivers(
         self, topic: str, control: bool, access: TopicAccess
@@ -402,3 +486,29 @@ class SubscriptionTable:
                 self.route_cache.clear()
             self.route_cache[topic] = subs
         return subs
+
+    def responders(self, topic: str, access: TopicAccess) -> tuple[SubscriptionEntry, ...]:
+        """The responder subscriptions that match the request topic ``topic`` and
+        whose owner may read it (correlation filters not applied), in a stable
+        order; cached until a responder subscription changes."""
+        subs = self.responder_cache.get(topic)
+        if subs is None:
+            subs = tuple(
+                sorted(
+                    (
+                        s
+                        for s in self._responders.match(topic)
+                        if may_read(s.endpoint.identity, access)
+                    ),
+                    key=_responder_order,
+                )
+            )
+            if len(self.responder_cache) >= _ROUTE_CACHE_SIZE:
+                self.responder_cache.clear()
+            self.responder_cache[topic] = subs
+        return subs
+
+
+def _responder_order(sub: SubscriptionEntry) -> tuple[str, int]:
+    """A stable order of responders, for taking turns."""
+    return sub.endpoint.session_id, sub.subscription_id

@@ -83,7 +83,7 @@ def test_request_keys_compare_by_kind_and_id() -> None:
     assert key != RequestKey(RequestKind.SUBSCRIBE, 2)
     table = {key: "a", RequestKey(RequestKind.UNSUBSCRIBE, 1): "b"}
     assert table[RequestKey(RequestKind.SUBSCRIBE, 1)] == "a"
-    assert len({RequestKey(k, 1) for k in RequestKind}) == len(RequestKind) == 4
+    assert len({RequestKey(k, 1) for k in RequestKind}) == len(RequestKind) == 5
 
 
 async def test_pending_request_is_resolved_by_its_own_key_only() -> None:

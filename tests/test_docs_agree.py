@@ -39,9 +39,9 @@ LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE  # restricted: procmond -> daemone
 
 #: The worked Welcome of docs/protocol.md §3, as this test expects it.
 WELCOME_HEX = (
-    "3e 12 3c 08 01 12 10 30 31 32 33 34 35 36 37 38 39 61 62 63 64 65 66 1a 1a"
+    "4a 12 48 08 01 12 10 30 31 32 33 34 35 36 37 38 39 61 62 63 64 65 66 1a 24"
     " 08 80 80 40 10 ff 01 18 10 20 80 08 28 e8 07 30 80 80 80 04 38 88 27 40 98 75"
-    " 22 08 70 72 6f 63 6d 6f 6e 64 28 01"
+    " 48 80 08 50 e0 a7 12 58 88 27 22 08 70 72 6f 63 6d 6f 6e 64 28 01 30 01"
 )
 
 
@@ -115,6 +115,7 @@ async def test_the_worked_welcome_is_what_the_broker_sends(sock_path: str) -> No
         await peer.send(hello("procmond", PROCMOND))
         frame = await peer.expect("welcome")
     assert frame.welcome.batches
+    assert frame.welcome.requests
     assert re.fullmatch(r"[0-9a-f]{16}", frame.welcome.session_id)
     frame.welcome.session_id = "0123456789abcdef"
     assert encode_frame(frame).hex(" ") == WELCOME_HEX

@@ -14,10 +14,11 @@ import pytest
 from rawpeer import RawPeer
 from serving import broker_process
 
-from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1 import control_pb2, frames_pb2, registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus import correlation as corr
+from daemoneye_eventbus.client import Client, build_publish
 from daemoneye_eventbus.frames import encode_frame, encode_varint
 
 MIB = 1024 * 1024
@@ -190,3 +191,74 @@ async def test_replacing_a_retained_event_keeps_one(sock_path: str) -> None:
         assert deliver.retained
         assert deliver.publish.payload[4:7] == b"099"
         assert grown < 24 * MIB, f"{grown / MIB:.1f} MiB for one retained event of 0.9 MiB"
+
+
+async def test_pending_requests_stay_within_budget(sock_path: str) -> None:
+    """65 agents each ask 1024 requests of a responder that reads them and never
+    answers: the broker holds at most ``max_total_pending_requests`` (65,536)
+    of them, 448 bytes each, and refuses the rest."""
+    queue = registry.control_collector_queue(type="scan")
+    # The attackers send their requests and fall silent: keep them connected.
+    async with broker_process(sock_path, "--idle-timeout", "120") as broker:
+        base = rss(broker.pid)
+        responder = await RawPeer.connect(sock_path, component="procmond")
+        await responder.send(
+            Frame(
+                subscribe=frames_pb2.Subscribe(
+                    subscription_id=1, filter="control.collector.queue.+", respond=True
+                )
+            )
+        )
+        assert (await responder.recv()).WhichOneof("kind") == "subscribe_ack"
+
+        async def take_and_forget() -> None:  # reads every request, answers none
+            while await responder.read_some():
+                pass
+
+        reader = asyncio.ensure_future(take_and_forget())
+        agents = [await RawPeer.connect(sock_path, component="daemoneye-agent") for _ in range(65)]
+        publish = build_publish(queue, control_pb2.TaskAssignment(task_id="t", task_type="scan"))
+        requests = b"".join(
+            encode_frame(
+                Frame(request=frames_pb2.Request(request_id=i, publish=publish, timeout_ms=120_000))
+            )
+            for i in range(1, 1025)
+        )
+        async with Client(sock_path) as watcher:  # anonymous: the totals only
+
+            async def routed(count: int) -> None:
+                for _ in range(1000):
+                    stats = await watcher.broker_statistics()
+                    assert stats.no_responders == 0  # the responder kept up
+                    if stats.requests == count:
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"{stats.requests} of {count} requests routed")
+
+            # One agent at a time, so that the responder's reads keep up.
+            for n, agent in enumerate(agents[:64], 1):
+                await agent.write(requests)
+                await routed(n * 1024)
+            during = rss(broker.pid) - base
+            # One more, from a connection with none waiting: over the broker's total.
+            last = agents[64]
+            await last.send(Frame(request=frames_pb2.Request(request_id=1, publish=publish)))
+            error = (await last.recv(timeout=10)).error
+            assert (error.code, error.request_id) == (ErrorCode.ERROR_CODE_LIMIT_EXCEEDED, 1)
+            print(f"pending requests: 65,536 held, +{during / MIB:.1f} MiB")
+            # 65,536 x 448 bytes charged: 28 MiB.
+            assert during < 64 * MIB, f"broker grew {during / MIB:.0f} MiB"
+            for agent in agents[:64]:
+                agent.close()
+            await asyncio.sleep(1.0)
+            # Their requests went with them: room again.
+            await last.send(Frame(request=frames_pb2.Request(request_id=2, publish=publish)))
+            await last.roundtrip()
+            stats = await watcher.broker_statistics()
+            assert stats.requests == 64 * 1024 + 1
+        after = rss(broker.pid) - base
+        print(f"pending requests: after +{after / MIB:.1f} MiB")
+        assert after < 64 * MIB
+        last.close()
+        reader.cancel()
+        responder.close()

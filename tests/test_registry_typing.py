@@ -129,7 +129,7 @@ def test_expectations_are_parsed() -> None:
     assert any('Missing named argument "id"' in f for f in fragments)
     assert any("Topic[NetworkEvent]" in f for f in fragments)
     # Request topics: a wrong request type and a wrong reply type.
-    assert any('type parameter "Req" of "request"' in f for f in fragments)
+    assert any('type parameter "P" of "request"' in f for f in fragments)
     assert any('variable has type "TaskAck"' in f for f in fragments)
     assert expectations(CASES / "right_payload.py") == {}
 

@@ -130,6 +130,8 @@ def test_reference_receiver_accepts_vector(name: str) -> None:
         "subscribe_ack",
         "unsubscribe_ack",
         "stats_response",
+        "request_deliver",
+        "reply_deliver",
     }
     role = Role.CLIENT if broker_to_client else Role.BROKER
     for chunk in (len(data), 1):
@@ -177,12 +179,17 @@ def test_fast_encoders_match_vectors() -> None:
     assert encode_deliver(deliver.subscription_id, deliver.sequence, inner) == data
 
 
-@pytest.mark.parametrize("name", ["hello", "welcome"])
+@pytest.mark.parametrize("name", ["hello", "welcome", "request"])
 def test_worked_examples_of_the_protocol_page(name: str) -> None:
-    """hello.bin and welcome.bin are the worked examples of docs/protocol.md §3."""
+    """hello.bin and welcome.bin are the worked examples of docs/protocol.md §3,
+    request.bin the one of §5, "Request/reply"."""
     data, _ = _load(name)
     text = PROTOCOL_DOC.read_text(encoding="utf-8")
-    title = {"hello": "a Hello frame", "welcome": "the answering Welcome"}[name]
+    title = {
+        "hello": "a Hello frame",
+        "welcome": "the answering Welcome",
+        "request": "a request and its reply",
+    }[name]
     section = text.split(f"### Worked example: {title}", 1)[1].split("```", 2)[1]
     # Each line of the dump: hex bytes, then three or more spaces and a comment.
     hex_columns = " ".join(line.strip().split("   ")[0] for line in section.splitlines())

@@ -1,13 +1,16 @@
-"""Publisher and subscriber processes for the integration tests.
+"""Publisher, subscriber and responder processes for the integration tests.
 
-Run as ``python tests/workers.py publish|subscribe|watch|linger ...``. Each
-prints one JSON line per event received (subscribe, watch) and a final JSON
-summary line; ``linger`` connects with a last will, says it is ready and
-waits to be killed.
+Run as ``python tests/workers.py publish|subscribe|serve|watch|linger ...``.
+Each prints one JSON line per event received (subscribe, watch) or request
+taken (serve) and a final JSON summary line; ``linger`` connects with a last
+will, says it is ready and waits to be killed.
 
 ``--component`` is the component the client claims: by default ``procmond`` for
-``publish`` (the publisher of ``events.process.*``) and ``daemoneye-agent`` for
-``subscribe`` (their subscriber).
+``publish`` (the publisher of ``events.process.*``) and ``serve`` (a responder
+of the collector request topics), ``daemoneye-agent`` for ``subscribe`` (their
+subscriber). ``serve`` answers the work queue ``control.collector.queue.{type}``
+with a ``TaskAck`` naming it ``r<--publisher>``, or with ``--hold`` takes the
+requests and never answers.
 """
 
 from __future__ import annotations
@@ -155,9 +158,44 @@ async def linger(args: argparse.Namespace) -> None:
         await asyncio.sleep(args.timeout)
 
 
+async def serve(args: argparse.Namespace) -> None:
+    name = f"r{args.publisher}"
+    served = 0
+    async with (
+        Client(args.socket, name=f"responder-{name}", component=args.component) as client,
+        client.serve(registry.CONTROL_COLLECTOR_QUEUE) as requests,
+    ):
+        print(json.dumps({"ready": True}), flush=True)
+        async for request in requests:
+            served += 1
+            corr = request.correlation.correlation_id if request.correlation else None
+            record = {
+                "task": request.message.task_id,
+                "topic": request.topic,
+                "requester": request.requester,
+                "correlation": corr,
+                "event_id": request.event_id,
+                "remaining": request.remaining,
+            }
+            print(json.dumps(record), flush=True)
+            if args.hold:
+                continue  # taken, never answered
+            ack = control_pb2.TaskAck(
+                task_id=request.message.task_id,
+                collector_id=name,
+                status=control_pb2.RPC_STATUS_SUCCESS,
+            )
+            await request.reply(ack)
+            if args.count and served >= args.count:
+                break
+    print(json.dumps({"served": served}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["publish", "publish-raw", "subscribe", "watch", "linger"])
+    parser.add_argument(
+        "role", choices=["publish", "publish-raw", "subscribe", "serve", "watch", "linger"]
+    )
     parser.add_argument(
         "--payload", dest="payloads", action="append", default=[], help="publish-raw: hex"
     )
@@ -176,6 +214,7 @@ def main() -> None:
     parser.add_argument(
         "--slow", type=float, default=0.0, help="subscribe: sleep this long every 100 events"
     )
+    parser.add_argument("--hold", action="store_true", help="serve: never answer")
     parser.add_argument(
         "--component",
         help="component to claim (default: procmond to publish, daemoneye-agent to subscribe)",
@@ -189,6 +228,8 @@ def main() -> None:
         asyncio.run(watch(args))
     elif args.role == "linger":
         asyncio.run(linger(args))
+    elif args.role == "serve":
+        asyncio.run(serve(args))
     elif args.role == "publish":
         if args.correlation:
             args.correlation = args.correlation[0]

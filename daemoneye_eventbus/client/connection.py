@@ -21,6 +21,7 @@ from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.client.pump import ClientPump
 from daemoneye_eventbus.client.requests import PendingRequests, RequestKey, RequestKind
+from daemoneye_eventbus.client.rpc import ClientRpc
 from daemoneye_eventbus.client.writer import PublishWriter
 from daemoneye_eventbus.delivery import Credits
 from daemoneye_eventbus.errors import (
@@ -54,15 +55,8 @@ _UNSUBSCRIBE = RequestKind.UNSUBSCRIBE
 
 
 class ClientConnection:
-    """A client's connection to a broker: lifecycle, reconnect, what it receives.
-
-    Not re-entrant: one ``async with`` at a time. With ``reconnect=True`` the
-    client reconnects after the broker goes away (with back-off) and
-    re-subscribes; events published while disconnected raise
-    :class:`ConnectionClosed`. ``last_will=topic(message, correlation=…)``: an
-    event the broker publishes for this client when a connection ends without
-    a goodbye (the process died, or went silent); :meth:`close` says goodbye.
-    """
+    """A client's connection to a broker: lifecycle, reconnect, what it receives
+    (the :class:`~daemoneye_eventbus.client.Client` says how to use it)."""
 
     def __init__(
         self,
@@ -94,8 +88,7 @@ class ClientConnection:
         hello_frame(name, component, last_will)  # a will too large fails here, not at connect
         self.session_id = ""
         self.limits = frames_pb2.Limits()
-        #: Called with the typed error when the broker refuses a publish (without
-        #: one, the refusal is logged as a warning).
+        #: Called with the typed error of a refused publish (else it is logged as a warning).
         self.on_error: Callable[[EventBusError], None] | None = None
         #: The last non-fatal error the broker sent.
         self.last_error: EventBusError | None = None
@@ -114,6 +107,7 @@ class ClientConnection:
         self._refused = 0
         self._reconnects = 0
         self._credits = Credits(self._writer.grant)  # reads of credit-based subscriptions
+        self._rpc = ClientRpc(self, self._writer, self._requests, self._ids, self._check_open)
 
     # -- connection -------------------------------------------------------------
 
@@ -145,6 +139,7 @@ class ClientConnection:
             raise BrokenResourceError(f"no broker at {self.path}: {exc.strerror}") from exc
         self.session_id = welcome.session_id
         self.limits = welcome.limits
+        self._rpc.routed = welcome.requests  # the broker routes requests
         self._conn.max_frame_bytes = welcome.limits.max_frame_bytes or self._conn.max_frame_bytes
         if welcome.batches:
             self._writer.enable_batches(
@@ -204,6 +199,7 @@ class ClientConnection:
         if self._welcome is not None and not self._welcome.done():
             self._welcome.set_exception(error)
         self._requests.fail_all(error)
+        self._rpc.connection_lost(error, not self.reconnect or self._closing)
         if not self.reconnect or self._closing:
             for sub in self._subs.values():
                 sub.end(None if isinstance(error, ClosedResourceError) else error)
@@ -238,13 +234,7 @@ class ClientConnection:
                 delay = min(delay * 2, self.reconnect_max_delay)
                 continue
             self._reconnects += 1
-            for sub in list(self._subs.values()):
-                sub.queue.restart_sequence(sub.subscription_id)
-                try:
-                    await self._resubscribe(sub)
-                except EventBusError as exc:
-                    self._subs.pop(sub.subscription_id, None)
-                    sub.end(exc)
+            await self._resubscribe()
             log.info("reconnected to %s (session %s)", self.path, self.session_id)
             return
 
@@ -259,11 +249,8 @@ class ClientConnection:
     def _check_open(self) -> None:
         if self._conn.state is not State.OPEN or self._closing:
             if self._closed_error is not None:
-                raise (
-                    ClosedResourceError(str(self._closed_error))
-                    if self._closing
-                    else BrokenResourceError(str(self._closed_error))
-                )
+                closed = ClosedResourceError if self._closing else BrokenResourceError
+                raise closed(str(self._closed_error))
             raise ClosedResourceError("client is not connected")
 
     # -- receiving ----------------------------------------------------------------
@@ -294,6 +281,11 @@ class ClientConnection:
             elif kind == "unsubscribe_ack":
                 sid = frame.unsubscribe_ack.subscription_id
                 self._requests.resolve(RequestKey(_UNSUBSCRIBE, sid), None)
+            elif kind == "reply_deliver":
+                reply = frame.reply_deliver
+                self._requests.resolve(RequestKey(RequestKind.REQUEST, reply.request_id), reply)
+            elif kind == "request_deliver":
+                self._rpc.received(frame.request_deliver)
             elif kind == "stats_response":
                 stats = frame.stats_response
                 self._requests.resolve(RequestKey(RequestKind.STATS, stats.request_id), stats)
@@ -323,6 +315,9 @@ class ClientConnection:
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(exc)
             return
+        if error.request_id:  # its request() raises it (unless it has given up already)
+            self._requests.reject(RequestKey(RequestKind.REQUEST, error.request_id), exc)
+            return
         sid = error.subscription_id
         if sid and (
             self._requests.reject(RequestKey(_SUBSCRIBE, sid), exc)
@@ -336,8 +331,8 @@ class ClientConnection:
         else:
             log.warning("broker refused a request: %s", exc)
 
-    async def _resubscribe(self, sub: Subscription[Any]) -> None:
-        raise NotImplementedError("Client asks again for sub on a new connection")
+    async def _resubscribe(self) -> None:
+        raise NotImplementedError("Client makes its subscriptions again on a new connection")
 
 
 def hello_frame(name: str, component: str, last_will: Publication[Any] | None = None) -> Frame:

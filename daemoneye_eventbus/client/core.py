@@ -3,7 +3,8 @@
 Publishing goes through the :class:`~daemoneye_eventbus.client.writer.PublishWriter`,
 answers to requests through
 :class:`~daemoneye_eventbus.client.requests.PendingRequests`, events to
-:class:`~daemoneye_eventbus.subscription.Subscription` queues.
+:class:`~daemoneye_eventbus.subscription.Subscription` queues, request/reply
+through :class:`~daemoneye_eventbus.client.rpc.ClientRpc`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter, Correlation
 from daemoneye.eventbus.v1.frames_pb2 import Frame
 from daemoneye_eventbus.client.connection import ClientConnection
 from daemoneye_eventbus.client.requests import RequestKey, RequestKind
+from daemoneye_eventbus.client.rpc import ClientRpc
 from daemoneye_eventbus.delivery import EventQueue
-from daemoneye_eventbus.errors import (
-    LimitExceeded,
-    RequestTimeout,
-)
+from daemoneye_eventbus.errors import EventBusError, LimitExceeded
 from daemoneye_eventbus.registry_runtime import Publication, Topic
+from daemoneye_eventbus.responders import RequestReply
 from daemoneye_eventbus.subscription import Subscription, subscription_target
 from daemoneye_eventbus.topics import (
     DEFAULT_MAX_TOPIC_BYTES,
@@ -64,15 +64,17 @@ class ClientStatistics:
     reconnects: int
 
 
-class Client(ClientConnection):
+class Client(ClientConnection, RequestReply[ClientRpc]):
     """A connection to a broker.
 
     Not re-entrant: one ``async with`` at a time. With ``reconnect=True`` the
     client reconnects after the broker goes away (with back-off) and
-    re-subscribes; events published while disconnected raise
-    :class:`ConnectionClosed`. ``last_will=topic(message, correlation=…)``: an
-    event the broker publishes for this client when a connection ends without
-    a goodbye (the process died, or went silent); :meth:`close` says goodbye.
+    subscribes again (responders too); events published while disconnected
+    raise :class:`ConnectionClosed`. ``request()`` and ``serve()`` are
+    request/reply (:class:`~daemoneye_eventbus.responders.RequestReply`).
+    ``last_will=topic(message, correlation=…)``: an event the broker publishes
+    for this client when a connection ends without a goodbye (the process
+    died, or went silent); :meth:`close` says goodbye.
     """
 
     # -- publishing ---------------------------------------------------------------
@@ -160,19 +162,7 @@ class Client(ClientConnection):
     # -- requests -----------------------------------------------------------------
 
     async def _request(self, key: RequestKey, frame: Frame) -> Any:
-        fut = self._requests.open(key)
-        try:
-            self._check_open()
-            self._writer.send(frame)
-            self._writer.write_now()
-            async with asyncio.timeout(self.request_timeout):
-                return await fut
-        except TimeoutError:
-            raise RequestTimeout(
-                f"no answer from the broker within {self.request_timeout} s"
-            ) from None
-        finally:
-            self._requests.discard(key)
+        return await self._rpc.ask(key, frame)
 
     @overload
     async def subscribe(
@@ -256,8 +246,16 @@ class Client(ClientConnection):
         """An empty event queue of ``max_pending`` events (the client's default if None)."""
         return EventQueue(max_pending or self.max_pending)
 
-    async def _resubscribe(self, sub: Subscription[Any]) -> None:
-        await self._request_subscribe(sub)
+    async def _resubscribe(self) -> None:
+        """Make every subscription (responders included) again on a new connection."""
+        for sub in list(self._subs.values()):
+            sub.queue.restart_sequence(sub.subscription_id)
+            try:
+                await self._request_subscribe(sub)
+            except EventBusError as exc:
+                self._subs.pop(sub.subscription_id, None)
+                sub.end(exc)
+        await self._rpc.resubscribe()
 
     async def _request_subscribe(self, sub: Subscription[Any]) -> None:
         req = frames_pb2.Subscribe(

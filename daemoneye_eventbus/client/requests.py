@@ -1,4 +1,8 @@
-"""Requests waiting for the broker's answer: one future per key, popped in ``finally``."""
+"""Requests waiting for an answer: one future per key, popped in ``finally``.
+
+The answers come from the broker (acks, pongs, statistics) or, through it,
+from a responder (``ReplyDeliver``, for the requests of request/reply).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ class RequestKind(enum.Enum):
     UNSUBSCRIBE = "unsubscribe"  # UnsubscribeAck(subscription_id)
     PING = "ping"  # Pong(nonce)
     STATS = "stats"  # StatsResponse(request_id)
+    REQUEST = "request"  # ReplyDeliver(request_id), or an Error naming the request_id
 
 
 class RequestKey(NamedTuple):

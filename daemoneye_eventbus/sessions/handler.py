@@ -1,7 +1,8 @@
 """What a socket session does with each frame its peer sends.
 
 :class:`FrameHandler` turns the frames of an open connection into router
-calls (publish, subscribe, unsubscribe) and answers (acks, pongs, statistics),
+calls (publish, subscribe, unsubscribe, request, reply) and answers (acks,
+pongs, statistics),
 authenticates the ``Hello`` [protocol §3], and words refusals as non-fatal
 ``Error`` frames [protocol §7]. The pump around it is
 :class:`~daemoneye_eventbus.sessions.socket.SocketSession`.
@@ -138,6 +139,10 @@ class FrameHandler:
             self.session.router.route(self.session.endpoint, frame.publish)
         elif kind == "credit":
             self.session.grant(frame.credit.subscription_id, frame.credit.events)
+        elif kind == "request":
+            self.session.router.requests.request(self.session.endpoint, frame.request)
+        elif kind == "reply":
+            self.session.router.requests.reply(self.session.endpoint, frame.reply)
         elif kind == "subscribe":
             req = frame.subscribe
             flt = req.correlation_filter if req.HasField("correlation_filter") else None
@@ -149,6 +154,7 @@ class FrameHandler:
                 req.include_control,
                 req.lossless,
                 req.window,
+                req.respond,
             )
             ack = frames_pb2.SubscribeAck(subscription_id=req.subscription_id)
             if sub.flow is not None:
@@ -227,6 +233,7 @@ class FrameHandler:
             limits=self.session.config.limits(),
             component=self.session.component,
             batches=True,
+            requests=True,
         )
         self.session.send(Frame(welcome=welcome))
         self.session.handshake_complete()
@@ -237,9 +244,12 @@ class FrameHandler:
         if not exc.code:  # every refusal names its code: this one is a bug
             log.error("session %s: refusal without an error code: %r", self.session.session_id, exc)
         kind = frame.WhichOneof("kind")
-        sub_id = 0
+        sub_id = request_id = 0
         topic = ""
-        if kind == "publish":
+        if kind == "request":
+            request_id = frame.request.request_id
+            topic = frame.request.publish.topic[:256]
+        elif kind == "publish":
             topic = frame.publish.topic[:256]
         elif kind == "publish_batch":
             topic = frame.publish_batch.topic[:256]
@@ -258,5 +268,6 @@ class FrameHandler:
             subscription_id=sub_id,
             topic=topic,
             limit=self.session.conn.max_frame_bytes,
+            request_id=request_id,
         )
         self.session.send(error)

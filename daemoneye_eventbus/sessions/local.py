@@ -6,7 +6,9 @@ the socket client's shape (``publish``, ``publish_nowait``, ``publish_raw``,
 ``subscribe`` returning a :class:`~daemoneye_eventbus.subscription.Subscription`,
 ``unsubscribe``, ``close``), so code written against one runs on the other;
 the difference is that a refusal is raised at once, as the typed error the
-router raised, instead of arriving later from the broker.
+router raised, instead of arriving later from the broker. ``request()`` and
+``serve()`` are request/reply, through its
+:class:`~daemoneye_eventbus.sessions.local_rpc.LocalRpc`.
 
 Lossless subscriptions work in process too: the queue's reads grant credit
 straight to the session's flows, and an in-process publisher held by a
@@ -33,9 +35,11 @@ from daemoneye_eventbus.errors import ClosedResourceError, LimitExceeded
 from daemoneye_eventbus.flow import DROPPED, QUEUED
 from daemoneye_eventbus.protocol import build_publish, error_for_code
 from daemoneye_eventbus.registry_runtime import Publication, Topic
+from daemoneye_eventbus.responders import RequestReply
 from daemoneye_eventbus.router import Endpoint, Published, SubscriptionEntry
 from daemoneye_eventbus.sessions.base import Session, SessionHost
 from daemoneye_eventbus.sessions.flows import FlowDelivery
+from daemoneye_eventbus.sessions.local_rpc import LocalRpc
 from daemoneye_eventbus.stamps import Stamp
 from daemoneye_eventbus.subscription import Subscription, subscription_target
 
@@ -55,7 +59,7 @@ def _own_credentials() -> PeerCredentials:
     return PeerCredentials(os.getpid(), os.getuid(), os.getgid())
 
 
-class LocalSession(Session):
+class LocalSession(Session, RequestReply[LocalRpc]):
     """An in-process session: publishes and subscribes without a socket.
 
     Each subscription delivers into an :class:`EventQueue` (several may share
@@ -79,6 +83,7 @@ class LocalSession(Session):
         self._subs: dict[int, Subscription[Any]] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._rpc = self.endpoint.rpc = LocalRpc(self, self._ids)  # request/reply
         #: Credit-based subscriptions' deliveries (lossless delivery).
         self.flows = FlowDelivery(_QueueOutput(self))
         self._credits = Credits(self.grant)
@@ -336,6 +341,7 @@ class LocalSession(Session):
         for sub in self._subs.values():
             sub.end()
         self._subs.clear()
+        self._rpc.end()
         self.resume()  # a publish waiting for a lossless subscriber ends too
 
     async def close(self) -> None:

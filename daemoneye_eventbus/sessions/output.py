@@ -9,7 +9,11 @@ connection's output (``DeliverBatch`` frames, or one ``Deliver`` per event for
 a client without batches). At most once by default: what does not fit is
 dropped [protocol §5]. Credit-based subscriptions go through its
 :class:`~daemoneye_eventbus.sessions.flows.FlowDelivery` instead
-[protocol §5, "Lossless delivery"]. Writing the output is the session's (``flush``).
+[protocol §5, "Lossless delivery"]. It is the endpoint's
+:class:`~daemoneye_eventbus.subscriptions.RequestSink` too: requests for its
+responder subscriptions are queued within the same bounds as events, and the
+answers to its own requests like the session's other replies
+[protocol §5, "Request/reply"]. Writing the output is the session's (``flush``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from daemoneye.eventbus.v1 import frames_pb2
+from daemoneye.eventbus.v1.frames_pb2 import ErrorCode, Frame
 from daemoneye_eventbus.budget import MemoryBudget
 from daemoneye_eventbus.config import BrokerConfig
+from daemoneye_eventbus.errors import EventBusError
 from daemoneye_eventbus.flow import DROPPED, QUEUED, Published
-from daemoneye_eventbus.frames import publish_body, publish_header
+from daemoneye_eventbus.frames import error_frame, publish_body, publish_header
 from daemoneye_eventbus.protocol import Connection, State
 from daemoneye_eventbus.router import SubscriptionEntry
 from daemoneye_eventbus.sessions.flows import FlowDelivery
@@ -44,6 +50,10 @@ class OutputOwner(Protocol):
         ...
 
     def flush(self) -> None: ...
+
+    def send(self, frame: Frame) -> None:
+        """Queue a reply for the peer (within the bounds of replies)."""
+        ...
 
     def fail_slow(self, message: str) -> None:
         """End the connection with a fatal ``SLOW_CONSUMER`` error."""
@@ -130,6 +140,29 @@ class SocketOutput:
             for index, payload in enumerate(message.payloads):
                 body = publish_body(header, payload, corr)
                 conn.send_deliver(sid, first + index, body, stamp.at(index).suffix)
+        self._mark_pending(session)
+
+    def deliver_request(self, sub: SubscriptionEntry, deliver: frames_pb2.RequestDeliver) -> bool:
+        """A request for the responder subscription ``sub``: queued within the
+        bounds of events (``RequestSink``); False if it does not fit."""
+        frame = Frame(request_deliver=deliver)
+        if not self._make_room(1, frame.ByteSize()):
+            return False
+        self.session.conn.send(frame)
+        self._mark_pending(self.session)
+        return True
+
+    def deliver_reply(self, reply: frames_pb2.ReplyDeliver) -> None:
+        """The answer to one of the peer's requests, queued like its other replies."""
+        self.session.send(Frame(reply_deliver=reply))
+        self._mark_pending(self.session)
+
+    def request_failed(self, request_id: int, error: EventBusError) -> None:
+        """One of the peer's requests ended without a reply: a non-fatal ``Error``."""
+        session = self.session
+        code = ErrorCode.ValueType(error.code)
+        limit = session.conn.max_frame_bytes
+        session.send(error_frame(code, str(error), fatal=False, request_id=request_id, limit=limit))
         self._mark_pending(session)
 
     @property

@@ -86,7 +86,7 @@ class SocketSession(Session, asyncio.Protocol):
         self._read = 0  # bytes read this turn, for the rate limit
         #: What is queued for the peer, within which bounds: the router's sink.
         self.output = SocketOutput(self, budget, host.outbox.pending.add, self.resume)
-        self.endpoint = Endpoint(self.output)
+        self.endpoint = Endpoint(self.output, rpc=self.output)
         #: Credit-based subscriptions' deliveries (lossless delivery).
         self.flows = self.output.flows
         #: When the handshake completed, the last will, how the session ended.

@@ -6,7 +6,7 @@ and ruff runs.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, assert_type
+from typing import Any, assert_type
 
 from daemoneye.eventbus.v1 import control_pb2, events_pb2, frames_pb2
 from daemoneye.eventbus.v1.registry import (
@@ -28,6 +28,7 @@ from daemoneye.eventbus.v1.registry import (
     lookup,
     topics_for_payload,
 )
+from daemoneye_eventbus import DaemoneyeEventBus, IncomingRequest, Responder
 from daemoneye_eventbus.client import Client, build_publish
 from daemoneye_eventbus.correlation import new_correlation
 from daemoneye_eventbus.registry_runtime import Publication
@@ -83,15 +84,6 @@ async def publish_right(client: Client, session: LocalSession, message: Message)
 
 # -- request topics: the reply type is part of the topic's type ---------------------------------
 
-Req = TypeVar("Req", bound=Message)
-Rep = TypeVar("Rep", bound=Message)
-
-
-async def request(topic: RequestTopic[Req, Rep], message: Req, /) -> Rep:
-    """The shape of the client's request call to come (issue 19): typed by the topic."""
-    raise NotImplementedError
-
-
 health = control_collector_rpc_health(id="procmond-1")
 assert_type(health, RequestTopic[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply])
 assert_type(
@@ -110,14 +102,38 @@ health_template: TopicTemplate[control_pb2.HealthCheckRequest] = CONTROL_COLLECT
 assert_type(CONTROL_COLLECTOR_CONFIG.retained, bool)
 
 
-async def ask_right() -> None:
-    reply = await request(health, control_pb2.HealthCheckRequest(component_id="procmond-1"))
+async def ask_right(client: Client, session: LocalSession, bus: DaemoneyeEventBus) -> None:
+    # The reply's type comes from the topic.
+    reply = await client.request(health, control_pb2.HealthCheckRequest(component_id="procmond-1"))
     assert_type(reply, control_pb2.HealthCheckReply)
     status: control_pb2.RpcStatus.ValueType = reply.status
-    ack = await request(control_collector_queue(type="scan"), control_pb2.TaskAssignment())
+    ack = await session.request(
+        control_collector_queue(type="scan"), control_pb2.TaskAssignment(), timeout=2.5
+    )
     assert_type(ack, control_pb2.TaskAck)
     config = control_collector_rpc_config(id="procmond-1")
-    applied: control_pb2.ConfigurationAck = await request(
-        config, control_pb2.ConfigurationUpdate(config_version=2)
+    applied: control_pb2.ConfigurationAck = await client.request(
+        config, control_pb2.ConfigurationUpdate(config_version=2), correlation=None
     )
+    assert_type(await bus.request(health, control_pb2.HealthCheckRequest()), control_pb2.HealthCheckReply)
     print(status, applied.applied_version)
+
+
+async def serve_right(client: Client, session: LocalSession) -> None:
+    # A template serves every topic built from it; each request is typed both ways.
+    async with client.serve(CONTROL_COLLECTOR_RPC_HEALTH) as requests:
+        assert_type(
+            requests, Responder[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply]
+        )
+        async for request in requests:
+            assert_type(
+                request,
+                IncomingRequest[control_pb2.HealthCheckRequest, control_pb2.HealthCheckReply],
+            )
+            assert_type(request.message, control_pb2.HealthCheckRequest)
+            assert_type(request.remaining, float)
+            await request.reply(control_pb2.HealthCheckReply(status=control_pb2.RPC_STATUS_SUCCESS))
+    async with session.serve(control_collector_queue(type="scan"), max_pending=10) as tasks:
+        task = await tasks.get(timeout=1.0)
+        assert_type(task.message, control_pb2.TaskAssignment)
+        await task.fail("not now")

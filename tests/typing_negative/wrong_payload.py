@@ -6,10 +6,9 @@ and ruff runs.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 from daemoneye.eventbus.v1 import control_pb2, events_pb2
 from daemoneye.eventbus.v1.registry import (
+    CONTROL_COLLECTOR_RPC_HEALTH,
     CONTROL_HEALTH_STATUS,
     EVENTS_PROCESS_LIFECYCLE,
     RequestTopic,
@@ -18,7 +17,6 @@ from daemoneye.eventbus.v1.registry import (
     control_collector_rpc_health,
     control_collector_task_targeted,
 )
-from google.protobuf.message import Message
 from daemoneye_eventbus.client import Client, build_publish
 from daemoneye_eventbus.sessions import LocalSession
 
@@ -55,29 +53,34 @@ async def publish_wrong(client: Client, session: LocalSession) -> None:
 
 # -- request topics: a wrong request or reply type ----------------------------------------------
 
-Req = TypeVar("Req", bound=Message)
-Rep = TypeVar("Rep", bound=Message)
-
-
-async def request(topic: RequestTopic[Req, Rep], message: Req, /) -> Rep:
-    """The shape of the client's request call to come (issue 19): typed by the topic."""
-    raise NotImplementedError
-
-
-async def ask_wrong() -> None:
+async def ask_wrong(client: Client, session: LocalSession) -> None:
     health = control_collector_rpc_health(id="procmond-1")
     # A TaskAssignment on the health request topic, which takes HealthCheckRequest.
-    await request(health, control_pb2.TaskAssignment())  # E: Cannot infer value of type parameter "Req" of "request"
+    await client.request(health, control_pb2.TaskAssignment())  # E: Cannot infer value of type parameter "P" of "request" of "RequestReply"
+    await session.request(health, control_pb2.TaskAssignment())  # E: Cannot infer value of type parameter "P" of "request" of "RequestReply"
     # The reply of a health request is a HealthCheckReply, not a TaskAck.
-    answer = await request(health, control_pb2.HealthCheckRequest())
+    answer = await client.request(health, control_pb2.HealthCheckRequest())
     ack: control_pb2.TaskAck = answer  # E: Incompatible types in assignment (expression has type "HealthCheckReply", variable has type "TaskAck")
     # The same, the expected type given at the call: the topic does not answer with it.
-    ack = await request(health, control_pb2.HealthCheckRequest())  # E: Argument 1 to "request" has incompatible type "RequestTopic[HealthCheckRequest, HealthCheckReply]"; expected "RequestTopic[HealthCheckRequest, TaskAck]"
+    ack = await client.request(health, control_pb2.HealthCheckRequest())  # E: Argument 1 to "request" of "RequestReply" has incompatible type "RequestTopic[HealthCheckRequest, HealthCheckReply]"; expected "RequestTopic[HealthCheckRequest, TaskAck]"
     # The work queue answers with a TaskAck.
-    reply: control_pb2.HealthCheckReply = await request(control_collector_queue(type="scan"), control_pb2.TaskAssignment())  # E: Argument 1 to "request" has incompatible type "RequestTopic[TaskAssignment, TaskAck]"; expected "RequestTopic[TaskAssignment, HealthCheckReply]"
+    reply: control_pb2.HealthCheckReply = await session.request(control_collector_queue(type="scan"), control_pb2.TaskAssignment())  # E: Argument 1 to "request" of "RequestReply" has incompatible type "RequestTopic[TaskAssignment, TaskAck]"; expected "RequestTopic[TaskAssignment, HealthCheckReply]"
     # A publish/subscribe topic is not a request topic.
-    await request(CONTROL_HEALTH_STATUS, control_pb2.ComponentStatus())  # E: Argument 1 to "request" has incompatible type "Topic[ComponentStatus]"; expected "RequestTopic[ComponentStatus, Never]"
+    await client.request(CONTROL_HEALTH_STATUS, control_pb2.ComponentStatus())  # E: Argument 1 to "request" of "RequestReply" has incompatible type "Topic[ComponentStatus]"; expected "RequestTopic[ComponentStatus, Never]"
+    # A template is served, not asked.
+    await client.request(CONTROL_COLLECTOR_RPC_HEALTH, control_pb2.HealthCheckRequest())  # E: Argument 1 to "request" of "RequestReply" has incompatible type "RequestTopicTemplate[HealthCheckRequest, HealthCheckReply]"
     print(ack, reply)
+
+
+async def serve_wrong(client: Client) -> None:
+    # Only request topics (and their templates) are served.
+    client.serve(CONTROL_HEALTH_STATUS)  # E: Argument 1 to "serve" of "RequestReply" has incompatible type "Topic[ComponentStatus]"
+    async with client.serve(CONTROL_COLLECTOR_RPC_HEALTH) as requests:
+        async for request in requests:
+            # A health request is answered with a HealthCheckReply.
+            await request.reply(control_pb2.TaskAck())  # E: Argument 1 to "reply" of "IncomingRequest" has incompatible type "TaskAck"; expected "HealthCheckReply"
+            task: control_pb2.TaskAssignment = request.message  # E: Incompatible types in assignment (expression has type "HealthCheckRequest", variable has type "TaskAssignment")
+            print(task)
 
 
 # The reply type is part of a request topic's type.

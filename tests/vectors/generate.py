@@ -109,6 +109,19 @@ def _correlation() -> CorrelationMetadata:
     )
 
 
+def _health_request() -> control_pb2.HealthCheckRequest:
+    return control_pb2.HealthCheckRequest(component_id="procmond-1")
+
+
+def _health_reply() -> control_pb2.HealthCheckReply:
+    return control_pb2.HealthCheckReply(
+        status=control_pb2.RPC_STATUS_SUCCESS,
+        component=control_pb2.ComponentStatus(
+            component_id="procmond-1", state=control_pb2.HEALTH_STATE_HEALTHY
+        ),
+    )
+
+
 def _publish(
     topic: str, payload: Message, correlation: CorrelationMetadata | None
 ) -> frames_pb2.Publish:
@@ -179,9 +192,13 @@ def vectors() -> list[Vector]:
                         max_queue_bytes=8_388_608,
                         heartbeat_interval_ms=5000,
                         idle_timeout_ms=15000,
+                        max_pending_requests=1024,
+                        max_request_timeout_ms=300_000,
+                        default_request_timeout_ms=5000,
                     ),
                     component="procmond",
                     batches=True,
+                    requests=True,
                 )
             ),
         ),
@@ -390,6 +407,88 @@ def vectors() -> list[Vector]:
             "credit",
             "The client took 125 events of subscription 2: the broker may send 125 more.",
             Frame(credit=frames_pb2.Credit(subscription_id=2, events=125)),
+        ),
+        Vector(
+            "subscribe_respond",
+            "Subscription 3 answers the health requests of every collector id "
+            "(a responder subscription).",
+            Frame(
+                subscribe=frames_pb2.Subscribe(
+                    subscription_id=3, filter="control.collector.rpc.health.+", respond=True
+                )
+            ),
+        ),
+        Vector(
+            "request",
+            "Request 1: ask collector procmond-1 for its health, waiting up to 2 s "
+            '(the worked example of protocol §5, "Request/reply").',
+            Frame(
+                request=frames_pb2.Request(
+                    request_id=1,
+                    publish=_publish(
+                        "control.collector.rpc.health.procmond-1", _health_request(), None
+                    ),
+                    timeout_ms=2000,
+                )
+            ),
+        ),
+        Vector(
+            "request_deliver",
+            "The broker gives request 1 to responder subscription 3 as token 7, with "
+            "2000 ms left, its event id and receive time, and who asked.",
+            Frame(
+                request_deliver=frames_pb2.RequestDeliver(
+                    subscription_id=3,
+                    token=7,
+                    publish=_publish(
+                        "control.collector.rpc.health.procmond-1", _health_request(), None
+                    ),
+                    remaining_ms=2000,
+                    event_id=42,
+                    received_at_ns=1_714_564_800_123_456_789,
+                    requester="daemoneye-agent",
+                )
+            ),
+        ),
+        Vector(
+            "reply",
+            "The responder answers token 7 with a HealthCheckReply.",
+            Frame(
+                reply=frames_pb2.Reply(
+                    token=7,
+                    payload_type="daemoneye.eventbus.v1.HealthCheckReply",
+                    payload=_health_reply().SerializeToString(deterministic=True),
+                )
+            ),
+        ),
+        Vector(
+            "reply_error",
+            "The responder could not answer token 7: the reason, no payload.",
+            Frame(reply=frames_pb2.Reply(token=7, error="collector is shutting down")),
+        ),
+        Vector(
+            "reply_deliver",
+            "The broker hands the reply to request 1 to its requester alone, naming the responder.",
+            Frame(
+                reply_deliver=frames_pb2.ReplyDeliver(
+                    request_id=1,
+                    payload_type="daemoneye.eventbus.v1.HealthCheckReply",
+                    payload=_health_reply().SerializeToString(deterministic=True),
+                    responder="procmond",
+                )
+            ),
+        ),
+        Vector(
+            "error_request",
+            "Request 1 got no reply by its deadline: a non-fatal error naming it.",
+            Frame(
+                error=frames_pb2.Error(
+                    code=ErrorCode.ERROR_CODE_REQUEST_TIMEOUT,
+                    message="no reply within 2000 ms",
+                    fatal=False,
+                    request_id=1,
+                )
+            ),
         ),
         Vector(
             "stats_request",

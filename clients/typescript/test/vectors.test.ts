@@ -105,7 +105,7 @@ function publishOf(frame: Frame) {
 
 describe("wire vectors", () => {
   test("every Frame.kind member has a vector", () => {
-    assert.equal(ALL_KINDS.length, 21);
+    assert.ok(ALL_KINDS.length === 21);
     assert.deepEqual(new Set(VECTORS.map((v) => v.json.kind)), new Set(ALL_KINDS));
   });
 
@@ -121,7 +121,7 @@ describe("wire vectors", () => {
     const batches = VECTORS.map((v) => fromBinary(FrameSchema, body(v)).kind).flatMap((k) =>
       k.case === "publishBatch" ? [k.value] : k.case === "deliverBatch" ? [k.value.batch] : [],
     );
-    assert.ok(batches.length >= 2);
+    assert.equal(batches.length, 3);
     for (const batch of batches) {
       assert.ok(batch && batch.payloads.length >= 2);
       const schema = PAYLOAD_REGISTRY.getMessage(batch.payloadType);
