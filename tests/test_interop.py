@@ -676,13 +676,6 @@ def presence_broker(broker: Broker) -> Broker:
     return broker
 
 
-def rpc(client: Client) -> Any:
-    """The client, for its request/reply calls (``request``, ``serve``): built
-    alongside the broker's request routing, they are called untyped here so
-    that this file type-checks before they exist."""
-    return client
-
-
 def health_reply(request: control_pb2.HealthCheckRequest) -> control_pb2.HealthCheckReply:
     return control_pb2.HealthCheckReply(
         status=control_pb2.RPC_STATUS_SUCCESS,
@@ -701,7 +694,7 @@ async def test_typescript_requester_python_responder(
     topic = registry.CONTROL_COLLECTOR_RPC_HEALTH.build(id="py-1")
     async with (
         Client(path, name="py-responder", component="procmond") as responder_client,
-        rpc(responder_client).serve(topic) as requests,
+        responder_client.serve(topic) as requests,
     ):
 
         async def answer() -> list[str]:
@@ -759,14 +752,14 @@ async def test_python_requester_typescript_responder(
     assert responder.lines[-1]["filter"] == "control.collector.rpc.health.ts-1"
     topic = registry.CONTROL_COLLECTOR_RPC_HEALTH.build(id="ts-1")
     async with Client(path, name="py-requester", component="daemoneye-agent") as client:
-        reply = await rpc(client).request(
+        reply = await client.request(
             topic, control_pb2.HealthCheckRequest(component_id="abc"), timeout=5.0
         )
         assert reply.status == control_pb2.RPC_STATUS_SUCCESS
         assert reply.component.component_id == "abc"
         assert reply.component.message == "ts answered daemoneye-agent"
         with pytest.raises(EventBusError, match="refused by ts"):
-            await rpc(client).request(
+            await client.request(
                 topic, control_pb2.HealthCheckRequest(component_id="fail-me"), timeout=5.0
             )
     served = [await responder.expect("served") for _ in range(2)]
