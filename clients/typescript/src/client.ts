@@ -64,6 +64,8 @@ export { EventQueue, ReceivedEvent, dateFromNs, decodePayload } from "./events.j
 export * from "./options.js";
 export { Subscription, type SubscriptionOwner, type SubscriptionRequest } from "./subscription.js";
 
+/** The longest request deadline without the broker's word on it (protocol §10), in ms. */
+const MAX_REQUEST_TIMEOUT_MS = 300_000;
 /** Publish headers kept per (topic, payload type); cleared when the cache grows past this. */
 const HEADER_CACHE_SIZE = 1024;
 
@@ -259,7 +261,7 @@ export class Client extends BrokerConnection {
     if (!(ms > 0) || !Number.isFinite(ms)) {
       throw new RangeError(`a request timeout must be a positive number of ms, got ${ms}`);
     }
-    return Math.min(Math.ceil(ms), this.limits?.maxRequestTimeoutMs || MAX_UINT32);
+    return Math.min(Math.ceil(ms), this.limits?.maxRequestTimeoutMs || MAX_REQUEST_TIMEOUT_MS);
   }
 
   /**

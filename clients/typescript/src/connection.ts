@@ -53,7 +53,7 @@ import {
   frame,
 } from "./protocol.js";
 import { reconnectDelay, reconnectPolicy, type ReconnectPolicy } from "./reconnect.js";
-import { PendingRequests, Responder } from "./rpc.js";
+import { PendingRequests, Responder, STOPPED } from "./rpc.js";
 import { Subscription, type SubscriptionRequest } from "./subscription.js";
 import { Writer } from "./writer.js";
 
@@ -586,9 +586,20 @@ export class BrokerConnection {
       case "deliverBatch":
         this.subs.get(kind.value.subscriptionId)?.deliverBatch(kind.value);
         break;
-      case "requestDeliver":
-        this.responders.get(kind.value.subscriptionId)?.deliver(kind.value, this.generation);
+      case "requestDeliver": {
+        const responder = this.responders.get(kind.value.subscriptionId);
+        if (responder !== undefined) {
+          responder.deliver(kind.value, this.generation);
+        } else if (!this.conn.closeExpected) {
+          // Stopped (sent before our unsubscribe arrived): its requester learns it at once.
+          this.writer.send(
+            this.conn.send(
+              frame({ case: "reply", value: { token: kind.value.token, error: STOPPED } }),
+            ),
+          );
+        }
         break;
+      }
       case "replyDeliver":
         this.requests.replied(kind.value);
         break;

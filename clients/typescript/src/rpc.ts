@@ -192,11 +192,16 @@ export interface ResponderOwner {
   stopServing(responder: Responder<DescMessage, DescMessage>): Promise<void>;
 }
 
+/** The reason a request is failed with when its responder's queue is full (as in the Python client). */
+export const BUSY = "the responder is busy";
+/** The reason a request is failed with when its responder has stopped (as in the Python client). */
+export const STOPPED = "the responder has stopped";
+
 /** Options of `Client.serve`. */
 export interface ServeOptions {
   /**
    * Requests kept waiting for the application before new ones are failed
-   * at once with the reason "responder busy" (default: the client's
+   * at once with the reason "the responder is busy" (default: the client's
    * `maxPending`).
    */
   maxPending?: number | undefined;
@@ -370,7 +375,7 @@ export class IncomingRequest<
  * every request to one responder among those that serve its topic, in turn).
  *
  * Requests wait in a bounded queue; when it is full, new ones are failed at
- * once ("responder busy", counted in {@link busy}). A request whose deadline
+ * once ("the responder is busy", counted in {@link busy}). A request whose deadline
  * passed before the application took it is dropped (counted in
  * {@link expired}). Iteration ends after {@link close} or the client's
  * `close()`, and throws a `ConnectionLost` if the broker went away and the
@@ -439,12 +444,12 @@ export class Responder<
     const request = new IncomingRequest(this, this.owner, frame, generation);
     this.received += 1;
     if (this.closedWith !== undefined) {
-      request.dismiss("responder closed");
+      request.dismiss(STOPPED);
     } else if (frame.remainingMs === 0) {
       this.expired += 1; // nobody waits for it any more
     } else if (this.items.length >= this.maxPending) {
       this.busy += 1;
-      request.dismiss(`responder busy: ${this.items.length} requests waiting`);
+      request.dismiss(BUSY);
     } else {
       this.items.push(request);
       this.waiter?.();
@@ -514,8 +519,8 @@ export class Responder<
   }
 
   /**
-   * No more requests will come: those still queued are failed ("responder
-   * closed") so that their requesters do not wait for the deadline, and
+   * No more requests will come: those still queued are failed ("the
+   * responder has stopped") so that their requesters do not wait for the deadline, and
    * iteration ends (with `error`, if given). @internal
    */
   end(error?: EventBusError): void {
@@ -523,7 +528,7 @@ export class Responder<
       this.closedWith = { error };
     }
     for (const request of this.items.splice(0)) {
-      request.dismiss("responder closed");
+      request.dismiss(STOPPED);
     }
     this.waiter?.();
   }

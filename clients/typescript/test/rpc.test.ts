@@ -389,9 +389,9 @@ describe("responders against a fake broker", () => {
     assert.deepEqual(
       replies(peer).map((r) => [r.token, r.error.replace(/:.*/, "")]),
       [
-        [3n, "responder busy"],
-        [4n, "responder busy"],
-        [2n, "responder closed"],
+        [3n, "the responder is busy"],
+        [4n, "the responder is busy"],
+        [2n, "the responder has stopped"],
       ],
     );
     await client.close();
@@ -413,6 +413,23 @@ describe("responders against a fake broker", () => {
     await assert.rejects(
       client.serve(CONTROL_COLLECTOR_RPC_HEALTH, { correlationFilter: { workflowStages: [""] } }),
       (err: unknown) => (err as { name: string }).name === "InvalidCorrelation",
+    );
+    await client.close();
+    await fake.close();
+  });
+
+  test("a request for a responder already stopped is failed at once", async () => {
+    const { fake, client, responder, peer } = await served();
+    await responder.close();
+    peer.send(requestDeliver(responder.subscriptionId, 31n, 5000));
+    peer.send(requestDeliver(999, 32n, 5000)); // never ours: the same
+    await client.flush();
+    assert.deepEqual(
+      replies(peer).map((r) => [r.token, r.error]),
+      [
+        [31n, "the responder has stopped"],
+        [32n, "the responder has stopped"],
+      ],
     );
     await client.close();
     await fake.close();
