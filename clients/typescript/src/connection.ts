@@ -435,7 +435,6 @@ export class BrokerConnection {
     }
     this.disconnected = error;
     this.failPending(error);
-    this.onDisconnect?.(error);
     this.reconnecting ??= this.reconnectLoop(this.reconnect)
       .catch((err: unknown) => {
         this.finish(err instanceof ConnectionClosed ? err : this.lostError());
@@ -443,6 +442,16 @@ export class BrokerConnection {
       .finally(() => {
         this.reconnecting = undefined;
       });
+    this.notify(() => this.onDisconnect?.(error));
+  }
+
+  /**
+   * Call an application callback once the client's own state is settled: an
+   * exception it throws is the application's (uncaught, as from an event
+   * listener) and cannot stop the client reconnecting.
+   */
+  protected notify(callback: () => void): void {
+    queueMicrotask(callback);
   }
 
   /** Wait `ms`, or less if {@link stopReconnect} is called. */
@@ -495,7 +504,7 @@ export class BrokerConnection {
       await this.resubscribeAll();
       if (this.isConnected) {
         this.reconnects += 1;
-        this.onReconnect?.();
+        this.notify(() => this.onReconnect?.());
         return;
       }
       attempt = 0; // lost again at once: start over
