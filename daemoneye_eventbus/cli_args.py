@@ -147,6 +147,18 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
             "bytes of broker memory the retained events may hold",
         ),
         (
+            "--max-pending-requests",
+            d.max_pending_requests,
+            "N",
+            "requests one connection may have waiting for a reply",
+        ),
+        (
+            "--max-total-pending-requests",
+            d.max_total_pending_requests,
+            "N",
+            "requests all connections together may have waiting for a reply",
+        ),
+        (
             "--max-frames-per-turn",
             d.max_frames_per_turn,
             "FRAMES",
@@ -172,6 +184,16 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
             "--drain-timeout",
             d.drain_timeout,
             "seconds a shutdown may spend draining queues",
+        ),
+        (
+            "--default-request-timeout",
+            d.default_request_timeout,
+            "seconds a request waits for its reply when it asks for no deadline",
+        ),
+        (
+            "--max-request-timeout",
+            d.max_request_timeout,
+            "longest deadline a request may ask for, in seconds (a longer one is shortened)",
         ),
     ):
         deadlines.add_argument(flag, type=float, default=value, metavar="SECONDS", help=text)

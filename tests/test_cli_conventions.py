@@ -209,12 +209,16 @@ SERVE_NUMBERS = {
     "--max-total-subscription-bytes": ("bytes", str(D.max_total_subscription_bytes)),
     "--max-retained-events": ("events", str(D.max_retained_events)),
     "--max-retained-bytes": ("bytes", str(D.max_retained_bytes)),
+    "--max-pending-requests": ("requests", str(D.max_pending_requests)),
+    "--max-total-pending-requests": ("requests", str(D.max_total_pending_requests)),
     "--max-frames-per-turn": ("frames", str(D.max_frames_per_turn)),
     "--handshake-timeout": ("seconds", str(D.handshake_timeout)),
     "--heartbeat-interval": ("seconds", str(D.heartbeat_interval)),
     "--idle-timeout": ("seconds", str(D.idle_timeout)),
     "--slow-consumer-timeout": ("seconds", str(D.slow_consumer_timeout)),
     "--drain-timeout": ("seconds", str(D.drain_timeout)),
+    "--default-request-timeout": ("seconds", str(D.default_request_timeout)),
+    "--max-request-timeout": ("seconds", str(D.max_request_timeout)),
     "--socket-mode": ("octal", "0600"),
 }
 

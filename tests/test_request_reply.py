@@ -689,3 +689,38 @@ async def test_real_users_collectors_answer_and_the_agent_asks(
         finally:
             collector.proc.kill()
             await collector.proc.wait()
+
+
+async def test_serve_options_set_the_request_limits_announced_in_welcome(sock_dir: Path) -> None:
+    """``serve --max-pending-requests … --default-request-timeout …``: the limits
+    the broker announces (Welcome.limits) and enforces are the ones given."""
+    path = str(sock_dir / "opts.sock")
+    options = (
+        "--max-pending-requests",
+        "2",
+        "--max-total-pending-requests",
+        "100",
+        "--default-request-timeout",
+        "0.4",
+        "--max-request-timeout",
+        "3",
+    )
+    async with broker_process(path, *options), Client(path, component=AGENT) as agent:
+        limits = agent.limits
+        assert (limits.max_pending_requests, limits.default_request_timeout_ms) == (2, 400)
+        assert limits.max_request_timeout_ms == 3000
+        queue = registry.control_collector_queue(type="scan")
+        async with Client(path, component=PROCMOND) as collector, collector.serve(queue):
+            # The responder takes requests and never answers: the broker's
+            # default deadline (0.4 s, asked for by timeout=None) ends them.
+            started = time.monotonic()
+            waiting = [
+                asyncio.ensure_future(agent.request(queue, control_pb2.TaskAssignment()))
+                for _ in range(3)
+            ]
+            done = await asyncio.gather(*waiting, return_exceptions=True)
+            elapsed = time.monotonic() - started
+        kinds = sorted(type(result).__name__ for result in done)
+        # Two wait for their deadline; the third is over max_pending_requests.
+        assert kinds == ["LimitExceeded", "RequestTimeout", "RequestTimeout"], done
+        assert 0.3 < elapsed < 3
