@@ -21,6 +21,7 @@ from daemoneye.eventbus.v1.control_pb2 import (
     RPC_STATUS_SUCCESS,
     RPC_STATUS_TIMEOUT,
     RPC_STATUS_UNAVAILABLE,
+    CollectorLifecycleCommand,
     ConfigurationUpdate,
     HealthCheckRequest,
     TaskAssignment,
@@ -132,9 +133,11 @@ async def test_registration_and_capability_matching(broker: Broker, agent: Agent
             yara.task_id = f"y{n}"
             agent.distribute(yara, strategy=RoundRobin())
             outcome = await agent.result(yara.task_id, timeout=10)
-            assert outcome.ok and outcome.collector_id == "procmond-1"
+            assert outcome.ok
+            assert outcome.collector_id == "procmond-1"
         hashed = agent.distribute(TaskAssignment(task_id="h", task_type="hash"))
-        assert isinstance(hashed, Assignment) and hashed.collector_id == "procmond-1"
+        assert isinstance(hashed, Assignment)
+        assert hashed.collector_id == "procmond-1"
         nobody = agent.distribute(TaskAssignment(task_id="n", task_type="netscan"))
         assert isinstance(nobody, Queued)
         assert (await agent.result("h", timeout=10)).ok
@@ -170,7 +173,8 @@ async def test_each_strategy_choice(
         outcomes = [await agent.result(f"t{n}", timeout=10) for n in range(4)]
         assert [o.collector_id for o in outcomes] == chosen
         figures = agent.statistics().distribution.by_strategy[strategy.name]  # type: ignore[attr-defined]
-        assert figures.assigned == 4 and figures.completed == 4
+        assert figures.assigned == 4
+        assert figures.completed == 4
 
 
 async def test_priority_order(broker: Broker, agent: Agent) -> None:
@@ -190,23 +194,28 @@ async def test_priority_order(broker: Broker, agent: Agent) -> None:
 
 async def test_deadline_expiry(broker: Broker, agent: Agent) -> None:
     late = agent.distribute(task("late"), deadline=-1.0)
-    assert isinstance(late, TaskFailed) and late.reason is FailureReason.EXPIRED
+    assert isinstance(late, TaskFailed)
+    assert late.reason is FailureReason.EXPIRED
     assert (await agent.result("late")).status == RPC_STATUS_TIMEOUT
     # Nobody can run it before its deadline: it fails while it waits.
     assert isinstance(agent.distribute(task("waits"), deadline=0.3), Queued)
     outcome = await agent.result("waits", timeout=5)
     assert outcome.status == RPC_STATUS_TIMEOUT
-    assert outcome.failure is not None and outcome.failure.reason is FailureReason.EXPIRED
+    assert outcome.failure is not None
+    assert outcome.failure.reason is FailureReason.EXPIRED
     assert agent.statistics().distribution.expired == 2
 
 
 async def test_queued_until_a_collector_registers(broker: Broker, agent: Agent) -> None:
     first = agent.distribute(task("early"))
-    assert isinstance(first, Queued) and first.pending == 1
+    assert isinstance(first, Queued)
+    assert first.pending == 1
     async with collector(sock_of(broker), "procmond-1"):
         outcome = await agent.result("early", timeout=15)
-    assert outcome.ok and outcome.collector_id == "procmond-1"
-    assert outcome.result is not None and outcome.result.fields["by"] == "procmond-1"
+    assert outcome.ok
+    assert outcome.collector_id == "procmond-1"
+    assert outcome.result is not None
+    assert outcome.result.fields["by"] == "procmond-1"
 
 
 async def test_collector_killed_mid_task_is_reassigned_and_finished_once(
@@ -216,20 +225,25 @@ async def test_collector_killed_mid_task_is_reassigned_and_finished_once(
     async with collector(sock, "procmond-1") as one, collector(sock, "procmond-2") as two:
         await agent.wait_ready(2, timeout=10)
         decision = agent.distribute(task("t", sleep="1.0"), strategy=FirstAvailable())
-        assert isinstance(decision, Assignment) and decision.collector_id == "procmond-1"
+        assert isinstance(decision, Assignment)
+        assert decision.collector_id == "procmond-1"
         await one.expect("start t")
         one.signal(signal.SIGKILL)  # no goodbye: presence says the connection was lost
         outcome = await agent.result("t", timeout=15)
-        assert outcome.ok and outcome.collector_id == "procmond-2"
-        assert outcome.result is not None and outcome.result.attempt == 2
+        assert outcome.ok
+        assert outcome.collector_id == "procmond-2"
+        assert outcome.result is not None
+        assert outcome.result.attempt == 2
         await two.expect("start t")
         aggregate = await agent.aggregate(AggregateKind.TASK, "t", timeout=5)
         assert aggregate.state is AggregateState.COMPLETE
         assert [r.collector_id for r in aggregate.results] == ["procmond-2"]
         stats = agent.statistics().distribution
-        assert stats.reassigned == 1 and stats.completed == 1
+        assert stats.reassigned == 1
+        assert stats.completed == 1
         gone = agent.registry.get("procmond-1")
-        assert gone is not None and gone.state is CollectorState.GONE
+        assert gone is not None
+        assert gone.state is CollectorState.GONE
         assert gone.gone_reason.startswith("connection lost")
 
 
@@ -252,7 +266,8 @@ async def test_duplicate_results_count_once(broker: Broker, agent: Agent) -> Non
     assert sorted(r.task_id for r in workflow.results) == ["a", "b"]
     assert workflow.duplicates == 1
     record = agent.workflow(root.correlation_id)
-    assert record is not None and set(record.collectors) == {"procmond-1", "procmond-2"}
+    assert record is not None
+    assert set(record.collectors) == {"procmond-1", "procmond-2"}
 
 
 async def test_partial_aggregate_names_the_missing(broker: Broker, agent: Agent) -> None:
@@ -269,7 +284,8 @@ async def test_partial_aggregate_names_the_missing(broker: Broker, agent: Agent)
     assert aggregate.missing == {"netmond-1"}
     assert [r.collector_id for r in aggregate.results] == ["procmond-1"]
     health = agent.aggregator.health("netmond-1")
-    assert health is not None and health.timeouts == 1
+    assert health is not None
+    assert health.timeouts == 1
 
 
 async def test_unresponsive_after_missed_heartbeats(broker: Broker, agent: Agent) -> None:
@@ -289,17 +305,21 @@ async def test_rpc_statuses(broker: Broker, agent: Agent) -> None:
     async with collector(sock_of(broker), "procmond-1") as worker:
         await agent.wait_ready(1, timeout=10)
         health = await agent.rpc.health("procmond-1")
-        assert health.ok and health.reply is not None
+        assert health.ok
+        assert health.reply is not None
         assert health.reply.component.component_id == "procmond-1"
         configured = await agent.rpc.configure("procmond-1", {"depth": "2"}, version=3)
-        assert configured.ok and configured.reply is not None
+        assert configured.ok
+        assert configured.reply is not None
         assert configured.reply.applied_version == 3
         older = await agent.rpc.configure("procmond-1", {"depth": "1"}, version=2)
-        assert older.reply is not None and older.reply.applied_version == 3
+        assert older.reply is not None
+        assert older.reply.applied_version == 3
         stopped = await agent.rpc.lifecycle("procmond-1", LIFECYCLE_ACTION_STOP)
         assert stopped.ok
         refused = await agent.rpc.execute("procmond-1", task("x"))
-        assert refused.status_name == "error" and refused.error == "stopped"
+        assert refused.status_name == "error"
+        assert refused.error == "stopped"
         assert (await agent.rpc.lifecycle("procmond-1", LIFECYCLE_ACTION_START)).ok
         nobody = await agent.rpc.health("netmond-9")
         assert nobody.status == RPC_STATUS_UNAVAILABLE
@@ -324,7 +344,8 @@ async def test_retained_configuration_applied_on_start(broker: Broker, agent: Ag
     async with collector(sock_of(broker), "procmond-1"):
         await agent.wait_ready(1, timeout=10)
         ack = await agent.rpc.configure("procmond-1", {"a": "0"}, version=4)
-    assert ack.reply is not None and ack.reply.applied_version == 5
+    assert ack.reply is not None
+    assert ack.reply.applied_version == 5
 
 
 @pytest.mark.parametrize("component", [PROCMOND, ""], ids=["procmond", "anonymous"])
@@ -344,8 +365,6 @@ async def test_unprivileged_peer_cannot_issue_tasks_or_lifecycle(
             await peer.request(
                 registry.control_collector_queue(type="scan"), task("evil"), timeout=2
             )
-        from daemoneye.eventbus.v1.control_pb2 import CollectorLifecycleCommand
-
         with pytest.raises(AccessDenied):
             await peer.request(
                 registry.control_collector_rpc_lifecycle(id="procmond-1"),

@@ -77,7 +77,7 @@ from daemoneye_eventbus.errors import ClosedResourceError, EventBusError, LimitE
 from daemoneye_eventbus.registry_runtime import Topic
 from daemoneye_eventbus.subscription import Subscription
 
-__all__ = ["Agent", "AgentStatistics", "root_of"]
+__all__ = ["Agent", "AgentDriver", "AgentStatistics", "root_of"]
 
 log = logging.getLogger("daemoneye_eventbus.control")
 
@@ -109,13 +109,9 @@ class AgentStatistics:
     refused: int
 
 
-class Agent:
-    """The collector control plane, run by the agent on ``bus``.
-
-    ``async with Agent(bus) as agent:`` subscribes and starts; the pure
-    parts are its attributes (:attr:`registry`, :attr:`distributor`,
-    :attr:`aggregator`, :attr:`tracker`) and :attr:`rpc` makes typed calls.
-    """
+class AgentDriver:
+    """The inside of :class:`Agent`: its state, what it does with each
+    message it reads, and how it carries out the bookkeeping's decisions."""
 
     def __init__(
         self,
@@ -161,186 +157,6 @@ class Agent:
         self._counts = dict.fromkeys(
             ("results", "duplicate_results", "progress_reports", "handed_out", "refused"), 0
         )
-
-    # -- life --------------------------------------------------------------------------
-
-    async def start(self) -> Self:
-        """Subscribe to the control topics and start reading them."""
-        if self._group is not None:
-            return self
-        group = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._group = group
-        feeds: list[tuple[Topic[Any], Callable[[ReceivedEvent[Any], Any], None]]] = [
-            (topics.CONTROL_COLLECTOR_REGISTRATION, self._on_registration),
-            (topics.CONTROL_HEALTH_HEARTBEAT, self._on_heartbeat),
-            (topics.CONTROL_PRESENCE, self._on_presence),
-            (topics.CONTROL_COLLECTOR_RESULT, self._on_result),
-            (topics.CONTROL_COLLECTOR_PROGRESS, self._on_progress),
-        ]
-        try:
-            for topic, handler in feeds:
-                sub = await self.bus.subscribe(topic, include_control=True)
-                self._subs.append(sub)
-                group.create_task(self._read(sub, handler), name=f"agent.{topic.name}")
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def close(self) -> None:
-        """Stop: unsubscribe, cancel the calls in flight; waiters get
-        :class:`ClosedResourceError` (idempotent)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.rpc.cancel()
-        for sub in self._subs:
-            with contextlib.suppress(EventBusError):
-                await sub.unsubscribe()
-        self._subs.clear()
-        self._change_feed.close()
-        self._aggregate_feed.close()
-        closed = ClosedResourceError("the agent has closed")
-        futures: list[asyncio.Future[Any]] = [*self._outcomes.values(), *self._aggregates.values()]
-        for fut in futures:
-            if not fut.done():
-                fut.set_exception(closed)
-                fut.exception()  # retrieved: nobody may be waiting
-        self._group = None
-        await self._stack.aclose()
-
-    async def __aenter__(self) -> Self:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # -- queries -----------------------------------------------------------------------
-
-    def collectors(self, state: CollectorState | None = None) -> list[CollectorInfo]:
-        """The collectors (in ``state``, if given), in registration order."""
-        return self.registry.collectors(state)
-
-    def changes(self) -> FeedReader[CollectorChange]:
-        """Every registry change from now on: ``async for change in agent.changes()``."""
-        return self._change_feed.reader()
-
-    def aggregates(self) -> FeedReader[Aggregate]:
-        """Every aggregate closed from now on (COMPLETE or PARTIAL)."""
-        return self._aggregate_feed.reader()
-
-    def workflow(self, root_id: str) -> WorkflowRecord | None:
-        """What the tracker knows of a workflow: stages, collectors, times."""
-        return self.tracker.workflow(root_id)
-
-    def statistics(self) -> AgentStatistics:
-        return AgentStatistics(
-            self.registry.statistics(),
-            self.distributor.statistics(),
-            self.aggregator.statistics(),
-            self.tracker.statistics(),
-            **self._counts,
-        )
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
-        """Until ``predicate()`` holds, checked after every message and timer
-        the agent handles; ``TimeoutError`` after ``timeout`` seconds."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                if self._changed is None or self._changed.done():
-                    self._changed = asyncio.get_running_loop().create_future()
-                await asyncio.shield(self._changed)
-
-    async def wait_ready(
-        self, count: int = 1, *, task_type: str = "", timeout: float | None = None
-    ) -> list[CollectorInfo]:
-        """Until ``count`` collectors (of ``task_type``, if given) are READY."""
-
-        await self.wait_for(lambda: len(self.registry.capable(task_type)) >= count, timeout)
-        return self.registry.capable(task_type)
-
-    # -- tasks -------------------------------------------------------------------------
-
-    def distribute(
-        self,
-        task: TaskAssignment,
-        *,
-        deadline: float | None = None,
-        strategy: Strategy | None = None,
-        correlation: CorrelationMetadata | None = None,
-    ) -> Decision:
-        """Hand ``task`` to a capable collector (or queue it): its
-        :class:`Assignment`, :class:`Queued`, or :class:`TaskFailed` if refused.
-
-        ``deadline``: seconds from now (else the task's own ``deadline``);
-        ``correlation`` travels with the task and its result (its root names
-        the workflow). :meth:`result` waits for the outcome.
-        """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        copy = TaskAssignment()
-        copy.CopyFrom(task)
-        if deadline is not None:
-            copy.deadline.FromNanoseconds(time.time_ns() + int(deadline * 1e9))
-        at = task_deadline(copy, now=now, wall_now=time.time())
-        task_id = copy.task_id
-        mine = task_id not in self._outcomes and task_id not in self._tasks
-        if mine and task_id:
-            self._outcomes[task_id] = loop.create_future()
-            self._tasks[task_id] = (now, correlation)
-            root = root_of(correlation)
-            if root and correlation is not None:
-                stage = correlation.workflow_stage if correlation.HasField("workflow_stage") else ""
-                self.tracker.observe(root, now=now, stage=stage, task=True)
-        decision = self.distributor.distribute(copy, now=now, deadline=at, strategy=strategy)
-        if isinstance(decision, TaskFailed) and mine:
-            self._finish_task(
-                decision.task_id,
-                TaskOutcome(decision.task_id, failure_status(decision), failure=decision),
-            )
-        self._settle()
-        return decision
-
-    async def result(self, task_id: str, timeout: float | None = None) -> TaskOutcome:
-        """The outcome of a task distributed here (``LookupError`` if unknown
-        or forgotten): its result, or why it failed without one."""
-        fut = self._outcomes.get(task_id)
-        if fut is None:
-            raise LookupError(f"no task {task_id!r} distributed here")
-        async with asyncio.timeout(timeout):
-            return await asyncio.shield(fut)
-
-    def cancel(self, task_id: str) -> bool:
-        """Drop a task that has not finished; its outcome is CANCELLED."""
-        done = self.distributor.cancel(task_id, now=asyncio.get_running_loop().time())
-        self._settle()
-        return done
-
-    # -- aggregates --------------------------------------------------------------------
-
-    def expect_workflow(
-        self, root_id: str, collectors: list[str], *, deadline: float | None = None
-    ) -> Aggregate:
-        """Gather the results of the workflow ``root_id`` (tasks distributed
-        with that correlation root) from ``collectors``, for at most
-        ``deadline`` seconds (then PARTIAL, naming who is missing)."""
-        now = asyncio.get_running_loop().time()
-        at = now + deadline if deadline is not None else None
-        opened = self.aggregator.expect_workflow(root_id, collectors, now=now, deadline=at)
-        self._aggregate_future(AggregateKind.WORKFLOW, root_id)
-        self._settle()
-        return opened
-
-    async def aggregate(
-        self, kind: AggregateKind, key: str, timeout: float | None = None
-    ) -> Aggregate:
-        """The aggregate of a task or workflow once it closes (``LookupError``
-        if none was opened here)."""
-        fut = self._aggregates.get((kind, key))
-        if fut is None:
-            raise LookupError(f"no {kind.value} aggregate {key!r}")
-        async with asyncio.timeout(timeout):
-            return await asyncio.shield(fut)
 
     def _aggregate_future(self, kind: AggregateKind, key: str) -> asyncio.Future[Aggregate]:
         fut = self._aggregates.get((kind, key))
@@ -530,6 +346,195 @@ class Agent:
         self.aggregator.tick(now)
         self.tracker.expire(now)
         self._settle()
+
+
+class Agent(AgentDriver):
+    """The collector control plane, run by the agent on ``bus``.
+
+    ``async with Agent(bus) as agent:`` subscribes and starts; the pure
+    parts are its attributes (:attr:`registry`, :attr:`distributor`,
+    :attr:`aggregator`, :attr:`tracker`) and :attr:`rpc` makes typed calls.
+    """
+
+    # -- life --------------------------------------------------------------------------
+
+    async def start(self) -> Self:
+        """Subscribe to the control topics and start reading them."""
+        if self._group is not None:
+            return self
+        group = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._group = group
+        feeds: list[tuple[Topic[Any], Callable[[ReceivedEvent[Any], Any], None]]] = [
+            (topics.CONTROL_COLLECTOR_REGISTRATION, self._on_registration),
+            (topics.CONTROL_HEALTH_HEARTBEAT, self._on_heartbeat),
+            (topics.CONTROL_PRESENCE, self._on_presence),
+            (topics.CONTROL_COLLECTOR_RESULT, self._on_result),
+            (topics.CONTROL_COLLECTOR_PROGRESS, self._on_progress),
+        ]
+        try:
+            for topic, handler in feeds:
+                sub = await self.bus.subscribe(topic, include_control=True)
+                self._subs.append(sub)
+                group.create_task(self._read(sub, handler), name=f"agent.{topic.name}")
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        """Stop: unsubscribe, cancel the calls in flight; waiters get
+        :class:`ClosedResourceError` (idempotent)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.rpc.cancel()
+        for sub in self._subs:
+            with contextlib.suppress(EventBusError):
+                await sub.unsubscribe()
+        self._subs.clear()
+        self._change_feed.close()
+        self._aggregate_feed.close()
+        closed = ClosedResourceError("the agent has closed")
+        futures: list[asyncio.Future[Any]] = [*self._outcomes.values(), *self._aggregates.values()]
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(closed)
+                fut.exception()  # retrieved: nobody may be waiting
+        self._group = None
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- queries -----------------------------------------------------------------------
+
+    def collectors(self, state: CollectorState | None = None) -> list[CollectorInfo]:
+        """The collectors (in ``state``, if given), in registration order."""
+        return self.registry.collectors(state)
+
+    def changes(self) -> FeedReader[CollectorChange]:
+        """Every registry change from now on: ``async for change in agent.changes()``."""
+        return self._change_feed.reader()
+
+    def aggregates(self) -> FeedReader[Aggregate]:
+        """Every aggregate closed from now on (COMPLETE or PARTIAL)."""
+        return self._aggregate_feed.reader()
+
+    def workflow(self, root_id: str) -> WorkflowRecord | None:
+        """What the tracker knows of a workflow: stages, collectors, times."""
+        return self.tracker.workflow(root_id)
+
+    def statistics(self) -> AgentStatistics:
+        return AgentStatistics(
+            self.registry.statistics(),
+            self.distributor.statistics(),
+            self.aggregator.statistics(),
+            self.tracker.statistics(),
+            **self._counts,
+        )
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+        """Until ``predicate()`` holds, checked after every message and timer
+        the agent handles; ``TimeoutError`` after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                if self._changed is None or self._changed.done():
+                    self._changed = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._changed)
+
+    async def wait_ready(
+        self, count: int = 1, *, task_type: str = "", timeout: float | None = None
+    ) -> list[CollectorInfo]:
+        """Until ``count`` collectors (of ``task_type``, if given) are READY."""
+
+        await self.wait_for(lambda: len(self.registry.capable(task_type)) >= count, timeout)
+        return self.registry.capable(task_type)
+
+    # -- tasks -------------------------------------------------------------------------
+
+    def distribute(
+        self,
+        task: TaskAssignment,
+        *,
+        deadline: float | None = None,
+        strategy: Strategy | None = None,
+        correlation: CorrelationMetadata | None = None,
+    ) -> Decision:
+        """Hand ``task`` to a capable collector (or queue it): its
+        :class:`Assignment`, :class:`Queued`, or :class:`TaskFailed` if refused.
+
+        ``deadline``: seconds from now (else the task's own ``deadline``);
+        ``correlation`` travels with the task and its result (its root names
+        the workflow). :meth:`result` waits for the outcome.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        copy = TaskAssignment()
+        copy.CopyFrom(task)
+        if deadline is not None:
+            copy.deadline.FromNanoseconds(time.time_ns() + int(deadline * 1e9))
+        at = task_deadline(copy, now=now, wall_now=time.time())
+        task_id = copy.task_id
+        mine = task_id not in self._outcomes and task_id not in self._tasks
+        if mine and task_id:
+            self._outcomes[task_id] = loop.create_future()
+            self._tasks[task_id] = (now, correlation)
+            root = root_of(correlation)
+            if root and correlation is not None:
+                stage = correlation.workflow_stage if correlation.HasField("workflow_stage") else ""
+                self.tracker.observe(root, now=now, stage=stage, task=True)
+        decision = self.distributor.distribute(copy, now=now, deadline=at, strategy=strategy)
+        if isinstance(decision, TaskFailed) and mine:
+            self._finish_task(
+                decision.task_id,
+                TaskOutcome(decision.task_id, failure_status(decision), failure=decision),
+            )
+        self._settle()
+        return decision
+
+    async def result(self, task_id: str, timeout: float | None = None) -> TaskOutcome:
+        """The outcome of a task distributed here (``LookupError`` if unknown
+        or forgotten): its result, or why it failed without one."""
+        fut = self._outcomes.get(task_id)
+        if fut is None:
+            raise LookupError(f"no task {task_id!r} distributed here")
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(fut)
+
+    def cancel(self, task_id: str) -> bool:
+        """Drop a task that has not finished; its outcome is CANCELLED."""
+        done = self.distributor.cancel(task_id, now=asyncio.get_running_loop().time())
+        self._settle()
+        return done
+
+    # -- aggregates --------------------------------------------------------------------
+
+    def expect_workflow(
+        self, root_id: str, collectors: list[str], *, deadline: float | None = None
+    ) -> Aggregate:
+        """Gather the results of the workflow ``root_id`` (tasks distributed
+        with that correlation root) from ``collectors``, for at most
+        ``deadline`` seconds (then PARTIAL, naming who is missing)."""
+        now = asyncio.get_running_loop().time()
+        at = now + deadline if deadline is not None else None
+        opened = self.aggregator.expect_workflow(root_id, collectors, now=now, deadline=at)
+        self._aggregate_future(AggregateKind.WORKFLOW, root_id)
+        self._settle()
+        return opened
+
+    async def aggregate(
+        self, kind: AggregateKind, key: str, timeout: float | None = None
+    ) -> Aggregate:
+        """The aggregate of a task or workflow once it closes (``LookupError``
+        if none was opened here)."""
+        fut = self._aggregates.get((kind, key))
+        if fut is None:
+            raise LookupError(f"no {kind.value} aggregate {key!r}")
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(fut)
 
 
 def _trim(memory: OrderedDict[Any, Any], limit: int) -> None:

@@ -60,7 +60,7 @@ from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import EventBusError
 from daemoneye_eventbus.responders import IncomingRequest, Responder
 
-__all__ = ["Collector", "Progress", "TaskHandler"]
+__all__ = ["Collector", "Progress", "TaskHandler", "TaskRunner"]
 
 log = logging.getLogger("daemoneye_eventbus.control")
 
@@ -74,6 +74,123 @@ TaskHandler = Callable[[TaskAssignment, Progress], Awaitable[TaskResult | Mappin
 
 async def _nothing(task: TaskAssignment, progress: Progress) -> None:
     return None
+
+
+class TaskRunner:
+    """The tasks of one collector: accepts or refuses each hand-out, runs the
+    handler (at most ``max_concurrent_tasks`` at once), remembers the last
+    ``remember`` results by task id, publishes progress and results."""
+
+    def __init__(
+        self,
+        client: Client,
+        collector_id: str,
+        handler: TaskHandler,
+        max_concurrent_tasks: int,
+        remember: int,
+    ) -> None:
+        self.client = client
+        self.collector_id = collector_id
+        self.handler = handler
+        self.max_concurrent_tasks = max(1, max_concurrent_tasks)
+        self.remember = remember
+        #: Set by the collector while it serves.
+        self.group: asyncio.TaskGroup | None = None
+        #: True after a lifecycle STOP: tasks are refused until START.
+        self.paused = False
+        #: Tasks accepted, finished, refused, and hand-outs answered from memory.
+        self.accepted = 0
+        self.finished = 0
+        self.refused = 0
+        self.repeated = 0
+        #: The tasks running, by id; the results of those finished, with their correlation.
+        self.active: dict[str, asyncio.Task[None]] = {}
+        self.done: OrderedDict[str, tuple[TaskResult, CorrelationMetadata | None]] = OrderedDict()
+
+    @property
+    def load(self) -> float:
+        return min(1.0, len(self.active) / self.max_concurrent_tasks)
+
+    def cancel_all(self) -> None:
+        for task in list(self.active.values()):
+            task.cancel()
+
+    async def offer(self, request: IncomingRequest[TaskAssignment, TaskAck]) -> None:
+        task = request.message
+        ack = TaskAck(task_id=task.task_id, collector_id=self.collector_id)
+        done = self.done.get(task.task_id)
+        if done is not None:  # handed out again: answer from memory
+            self.repeated += 1
+            ack.status = RPC_STATUS_SUCCESS
+            await request.reply(ack)
+            await self.client.publish(topics.CONTROL_COLLECTOR_RESULT, done[0], correlation=done[1])
+            return
+        if task.task_id in self.active:
+            ack.status = RPC_STATUS_IN_PROGRESS
+        elif not task.task_id:
+            ack.status, ack.error = RPC_STATUS_ERROR, "a task needs an id"
+        elif self.paused:
+            ack.status, ack.error = RPC_STATUS_ERROR, "stopped"
+        elif len(self.active) >= self.max_concurrent_tasks:
+            ack.status, ack.error = RPC_STATUS_ERROR, "at its limit of tasks"
+        elif self.group is None:
+            ack.status, ack.error = RPC_STATUS_ERROR, "closing"
+        else:
+            ack.status = RPC_STATUS_SUCCESS
+            self.accepted += 1
+            self.active[task.task_id] = self.group.create_task(
+                self.run(task, request.correlation), name=f"{self.collector_id}.task"
+            )
+        if ack.status == RPC_STATUS_ERROR:
+            self.refused += 1
+        await request.reply(ack)
+
+    async def run(self, task: TaskAssignment, correlation: CorrelationMetadata | None) -> None:
+        started = time.time_ns()
+
+        async def progress(percent: float, detail: str = "") -> None:
+            report = TaskProgress(
+                task_id=task.task_id,
+                collector_id=self.collector_id,
+                percent=percent,
+                detail=detail,
+            )
+            report.reported_at.GetCurrentTime()
+            await self.client.publish(
+                topics.CONTROL_COLLECTOR_PROGRESS, report, correlation=correlation
+            )
+
+        result = TaskResult()
+        try:
+            returned = await self.handler(task, progress)
+            if isinstance(returned, TaskResult):
+                result.CopyFrom(returned)
+            elif returned is not None:
+                result.fields.update(returned)
+            result.status = result.status or RPC_STATUS_SUCCESS
+        except asyncio.CancelledError:
+            self.active.pop(task.task_id, None)
+            raise
+        except Exception as exc:  # the task failed, not the collector
+            result.status = RPC_STATUS_ERROR
+            result.error = str(exc) or type(exc).__name__
+        result.task_id = task.task_id
+        result.collector_id = self.collector_id
+        result.task_type = task.task_type
+        result.attempt = task.attempt
+        if not result.HasField("started_at"):
+            result.started_at.FromNanoseconds(started)
+        if not result.HasField("finished_at"):
+            result.finished_at.GetCurrentTime()
+        self.done[task.task_id] = (result, correlation)
+        while len(self.done) > self.remember:
+            self.done.popitem(last=False)
+        self.active.pop(task.task_id, None)
+        self.finished += 1
+        with contextlib.suppress(EventBusError):
+            await self.client.publish(
+                topics.CONTROL_COLLECTOR_RESULT, result, correlation=correlation
+            )
 
 
 class Collector:
@@ -110,11 +227,9 @@ class Collector:
             for c in capabilities
         )
         self.event_types = tuple(event_types)
-        self.handler = handler
         self.max_concurrent_tasks = max(1, max_concurrent_tasks)
         self.heartbeat_interval = heartbeat_interval
         self.version = version
-        self.remember = remember
         gone = ComponentStatus(
             component_id=collector_id, state=HEALTH_STATE_UNHEALTHY, message="connection lost"
         )
@@ -127,15 +242,10 @@ class Collector:
         #: The configuration in effect, and its version.
         self.settings: dict[str, str] = {}
         self.config_version = 0
-        #: False after a lifecycle STOP: tasks are refused until START.
-        self.running = True
-        #: Tasks accepted, finished, refused, and hand-outs answered from memory.
-        self.accepted = 0
-        self.finished = 0
-        self.refused = 0
-        self.repeated = 0
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._done: OrderedDict[str, tuple[TaskResult, CorrelationMetadata | None]] = OrderedDict()
+        #: Its tasks: what runs, what finished, the figures.
+        self.tasks = TaskRunner(
+            self.client, collector_id, handler, self.max_concurrent_tasks, remember
+        )
         self._stack = contextlib.AsyncExitStack()
         self._group: asyncio.TaskGroup | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -143,12 +253,17 @@ class Collector:
         self._started = 0.0
 
     @property
+    def running(self) -> bool:
+        """False after a lifecycle STOP, until START or RESTART."""
+        return not self.tasks.paused
+
+    @property
     def active_tasks(self) -> int:
-        return len(self._running)
+        return len(self.tasks.active)
 
     @property
     def load(self) -> float:
-        return min(1.0, len(self._running) / self.max_concurrent_tasks)
+        return self.tasks.load
 
     # -- life --------------------------------------------------------------------------
 
@@ -161,10 +276,10 @@ class Collector:
                 await stack.enter_async_context(self.client)
             await self._apply_retained()
             group = await stack.enter_async_context(asyncio.TaskGroup())
-            self._group = group
+            self._group = self.tasks.group = group
             cid = self.collector_id
             serving: list[tuple[Responder[Any, Any], Callable[[Any], Awaitable[None]]]] = [
-                (self.client.serve(topics.control_collector_rpc_task(id=cid)), self._on_task),
+                (self.client.serve(topics.control_collector_rpc_task(id=cid)), self.tasks.offer),
                 (self.client.serve(topics.control_collector_rpc_health(id=cid)), self._on_health),
                 (self.client.serve(topics.control_collector_rpc_config(id=cid)), self._on_config),
                 (
@@ -173,7 +288,7 @@ class Collector:
                 ),
             ]
             serving += [
-                (self.client.serve(topics.control_collector_queue(type=t)), self._on_task)
+                (self.client.serve(topics.control_collector_queue(type=t)), self.tasks.offer)
                 for t in self.task_types
             ]
             for responder, handle in serving:
@@ -189,9 +304,10 @@ class Collector:
     async def close(self) -> None:
         """Stop serving and leave with a goodbye (no last will). Tasks still
         running are cancelled."""
-        for task in [*self._running.values(), *self._background]:
+        self.tasks.cancel_all()
+        for task in list(self._background):
             task.cancel()
-        self._group = None
+        self._group = self.tasks.group = None
         await self._stack.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -230,7 +346,7 @@ class Collector:
         beat = Heartbeat(
             component_id=self.collector_id,
             sequence=self._sequence,
-            active_tasks=len(self._running),
+            active_tasks=self.active_tasks,
             max_concurrent_tasks=self.max_concurrent_tasks,
             load=self.load,
             interval=_duration(self.heartbeat_interval),
@@ -295,10 +411,10 @@ class Collector:
             state=state,
             message="running" if self.running else "stopped",
             metrics={
-                "active_tasks": float(len(self._running)),
-                "tasks_accepted": float(self.accepted),
-                "tasks_finished": float(self.finished),
-                "tasks_refused": float(self.refused),
+                "active_tasks": float(self.active_tasks),
+                "tasks_accepted": float(self.tasks.accepted),
+                "tasks_finished": float(self.tasks.finished),
+                "tasks_refused": float(self.tasks.refused),
                 "load": self.load,
             },
         )
@@ -312,97 +428,18 @@ class Collector:
         action = request.message.action
         reply = LifecycleReply(collector_id=self.collector_id, status=RPC_STATUS_SUCCESS)
         if action == LIFECYCLE_ACTION_STOP:
-            self.running = False
+            self.tasks.paused = True
             reply.state = HEALTH_STATE_STOPPING
         elif action == LIFECYCLE_ACTION_START:
-            self.running = True
+            self.tasks.paused = False
             reply.state = HEALTH_STATE_HEALTHY
         elif action == LIFECYCLE_ACTION_RESTART:
-            self.running = True
+            self.tasks.paused = False
             reply.state = HEALTH_STATE_STARTING
         else:
             reply.status = RPC_STATUS_ERROR
             reply.error = f"unknown lifecycle action {action}"
         await request.reply(reply)
-
-    # -- tasks -------------------------------------------------------------------------
-
-    async def _on_task(self, request: IncomingRequest[TaskAssignment, TaskAck]) -> None:
-        task = request.message
-        ack = TaskAck(task_id=task.task_id, collector_id=self.collector_id)
-        done = self._done.get(task.task_id)
-        if done is not None:  # handed out again: answer from memory
-            self.repeated += 1
-            ack.status = RPC_STATUS_SUCCESS
-            await request.reply(ack)
-            await self.client.publish(topics.CONTROL_COLLECTOR_RESULT, done[0], correlation=done[1])
-            return
-        if task.task_id in self._running:
-            ack.status = RPC_STATUS_IN_PROGRESS
-        elif not task.task_id:
-            ack.status, ack.error = RPC_STATUS_ERROR, "a task needs an id"
-        elif not self.running:
-            ack.status, ack.error = RPC_STATUS_ERROR, "stopped"
-        elif len(self._running) >= self.max_concurrent_tasks:
-            ack.status, ack.error = RPC_STATUS_ERROR, "at its limit of tasks"
-        elif self._group is None:
-            ack.status, ack.error = RPC_STATUS_ERROR, "closing"
-        else:
-            ack.status = RPC_STATUS_SUCCESS
-            self.accepted += 1
-            self._running[task.task_id] = self._group.create_task(
-                self._run(task, request.correlation), name=f"{self.collector_id}.task"
-            )
-        if ack.status == RPC_STATUS_ERROR:
-            self.refused += 1
-        await request.reply(ack)
-
-    async def _run(self, task: TaskAssignment, correlation: CorrelationMetadata | None) -> None:
-        started = time.time_ns()
-
-        async def progress(percent: float, detail: str = "") -> None:
-            report = TaskProgress(
-                task_id=task.task_id,
-                collector_id=self.collector_id,
-                percent=percent,
-                detail=detail,
-            )
-            report.reported_at.GetCurrentTime()
-            await self.client.publish(
-                topics.CONTROL_COLLECTOR_PROGRESS, report, correlation=correlation
-            )
-
-        result = TaskResult()
-        try:
-            returned = await self.handler(task, progress)
-            if isinstance(returned, TaskResult):
-                result.CopyFrom(returned)
-            elif returned is not None:
-                result.fields.update(returned)
-            result.status = result.status or RPC_STATUS_SUCCESS
-        except asyncio.CancelledError:
-            self._running.pop(task.task_id, None)
-            raise
-        except Exception as exc:  # the task failed, not the collector
-            result.status = RPC_STATUS_ERROR
-            result.error = str(exc) or type(exc).__name__
-        result.task_id = task.task_id
-        result.collector_id = self.collector_id
-        result.task_type = task.task_type
-        result.attempt = task.attempt
-        if not result.HasField("started_at"):
-            result.started_at.FromNanoseconds(started)
-        if not result.HasField("finished_at"):
-            result.finished_at.GetCurrentTime()
-        self._done[task.task_id] = (result, correlation)
-        while len(self._done) > self.remember:
-            self._done.popitem(last=False)
-        self._running.pop(task.task_id, None)
-        self.finished += 1
-        with contextlib.suppress(EventBusError):
-            await self.client.publish(
-                topics.CONTROL_COLLECTOR_RESULT, result, correlation=correlation
-            )
 
 
 def _duration(seconds: float) -> Duration:
