@@ -77,6 +77,11 @@ LAYERS: dict[str, int] = {
     "client.writer": 2,
     "broker": 2,
     "metrics": 2,
+    # the control plane on the bus: the agent and the collector drive the bookkeeping
+    "control.rpc": 2,
+    "control.watch": 2,
+    "control.agent": 2,
+    "control.collector": 2,
     # faces
     "bus": 3,
     "cli": 3,

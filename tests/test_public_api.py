@@ -73,6 +73,10 @@ PUBLIC_MODULES = [
     "control.distribution",
     "control.aggregation",
     "control.tracker",
+    "control.rpc",
+    "control.watch",
+    "control.agent",
+    "control.collector",
 ]
 #: Modules that must stay free of I/O and of the event loop.
 PURE_MODULES = [
