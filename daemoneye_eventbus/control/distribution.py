@@ -15,7 +15,8 @@ is free. A task's life::
     PENDING, ASSIGNED, ACKNOWLEDGED ──complete──> COMPLETED (or FAILED)
                                     ──deadline passed, attempts used up, cancel──> FAILED
 
-A task whose collector is GONE, UNRESPONSIVE or restarted (a new
+A task that names its ``collector_id`` goes to that collector only (it
+waits while that one is not free). A task whose collector is GONE, UNRESPONSIVE or restarted (a new
 incarnation) before it finished goes back to the queue and to another
 collector (never the same incarnation of one that already failed it), at
 most ``max_attempts`` hand-outs in all. The task keeps its id, so a
@@ -387,7 +388,7 @@ class TaskDistributor:
             return
         free = {c.collector_id: c for c in self.registry.collectors(CollectorState.READY)}
         kept: list[tuple[int, int, str]] = []
-        blocked: set[tuple[str, str]] = set()  # kinds of task no free collector runs
+        blocked: set[tuple[str, str, str]] = set()  # kinds of task no free collector runs
         while self._queue and free and self.in_flight < self.max_in_flight:
             entry = heapq.heappop(self._queue)
             record = self._tasks.get(entry[2])
@@ -397,17 +398,20 @@ class TaskDistributor:
                 self._fail(record, FailureReason.EXPIRED, "its deadline passed", now)
                 continue
             kind = (record.task.task_type, record.task.required_capability)
-            if kind in blocked:
+            pinned = record.task.collector_id  # the collector that should run it, if named
+            if (*kind, pinned) in blocked:
                 kept.append(entry)
                 continue
             candidates = [
                 c
                 for c in free.values()
-                if c.can_run(*kind) and (c.collector_id, c.incarnation) not in record.excluded
+                if c.can_run(*kind)
+                and (not pinned or c.collector_id == pinned)
+                and (c.collector_id, c.incarnation) not in record.excluded
             ]
             if not candidates:
                 if not record.excluded:
-                    blocked.add(kind)
+                    blocked.add((*kind, pinned))
                 kept.append(entry)
                 continue
             chosen = self._assign(record, record.strategy.choose(record.task, candidates), now)
