@@ -109,6 +109,20 @@ class _Task:
         #: It occupies a task slot of ``collector_id``.
         self.holding = False
 
+    def kind(self) -> tuple[str, str, str]:
+        """What a collector must be to run it: task type, capability, the collector named."""
+        return (self.task.task_type, self.task.required_capability, self.task.collector_id)
+
+    def may_go_to(self, info: CollectorInfo) -> bool:
+        """Whether ``info`` can run it, is the collector it names (if any), and has
+        not failed it."""
+        pinned = self.task.collector_id
+        return (
+            info.can_run(self.task.task_type, self.task.required_capability)
+            and (not pinned or info.collector_id == pinned)
+            and (info.collector_id, info.incarnation) not in self.excluded
+        )
+
     def entry(self) -> tuple[int, int, str]:
         """Its place in the queue: higher priority first, then first come."""
         return (-self.task.priority, self.seq, self.task.task_id)
@@ -397,21 +411,14 @@ class TaskDistributor:
             if record.deadline is not None and record.deadline <= now:
                 self._fail(record, FailureReason.EXPIRED, "its deadline passed", now)
                 continue
-            kind = (record.task.task_type, record.task.required_capability)
-            pinned = record.task.collector_id  # the collector that should run it, if named
-            if (*kind, pinned) in blocked:
+            kind = record.kind()
+            if kind in blocked:
                 kept.append(entry)
                 continue
-            candidates = [
-                c
-                for c in free.values()
-                if c.can_run(*kind)
-                and (not pinned or c.collector_id == pinned)
-                and (c.collector_id, c.incarnation) not in record.excluded
-            ]
+            candidates = [c for c in free.values() if record.may_go_to(c)]
             if not candidates:
                 if not record.excluded:
-                    blocked.add((*kind, pinned))
+                    blocked.add(kind)
                 kept.append(entry)
                 continue
             chosen = self._assign(record, record.strategy.choose(record.task, candidates), now)
