@@ -1,6 +1,7 @@
 """``daemoneye-eventbus``: run a broker, publish, subscribe, inspect.
 
-Commands: ``serve``, ``pub``, ``sub``, ``stats``, ``topics``, ``demo``. Every
+Commands: ``serve``, ``pub``, ``sub``, ``stats``, ``collectors``, ``task``
+(:mod:`daemoneye_eventbus.cli_control`), ``topics``, ``demo``. Every
 command takes ``--socket PATH`` and ``--instance NAME``. An error is one line
 on stderr, ``daemoneye-eventbus COMMAND: error: …``, and a non-zero exit
 status: 1 when the command failed, 2 for a usage or configuration error (a
@@ -32,6 +33,7 @@ from google.protobuf.message import Message
 from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
+from daemoneye_eventbus import cli_control
 from daemoneye_eventbus.access import Policy
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.cli_args import EXIT_ERROR, EXIT_USAGE, parser
@@ -446,7 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return run(_serve(args, _identity(args)))
-        runner = {"pub": _pub, "sub": _sub, "stats": _stats, "demo": _demo}
+        runner = {
+            "pub": _pub,
+            "sub": _sub,
+            "stats": _stats,
+            "collectors": cli_control.collectors,
+            "task": cli_control.task,
+            "demo": _demo,
+        }
         return run(runner[args.command](args))
     except KeyboardInterrupt:
         # Interrupting a live view is how it ends; anything else was cut short.

@@ -262,6 +262,116 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     )
 
 
+def _param(text: str) -> tuple[str, str]:
+    """A task parameter, ``KEY=VALUE``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} seconds: give a positive, finite number")
+    return value
+
+
+def _control_commands(cmds: Any, common: argparse.ArgumentParser) -> None:
+    """``collectors`` and ``task``: an agent on the bus, for a moment."""
+    agent = argparse.ArgumentParser(add_help=False)
+    agent.add_argument(
+        "--name", default="daemoneye-eventbus-cli", help="client name for the broker's logs"
+    )
+    agent.add_argument(
+        "--component",
+        default="daemoneye-agent",
+        help="component to claim: one allowed to ask collectors for their health and hand "
+        "them tasks",
+    )
+
+    collectors = _command(
+        cmds,
+        "collectors",
+        [common, agent],
+        "list the collectors: id, type, state, task types, capabilities, load, last heartbeat",
+    )
+    collectors.add_argument(
+        "--wait",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds to listen for registrations and heartbeats before printing (a "
+        "collector is known about one of its heartbeat intervals after the command starts)",
+    )
+    collectors.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object, {"collectors": [...]}, numbers as numbers',
+    )
+    collectors.add_argument(
+        "--watch", action="store_true", help="redraw the table until interrupted"
+    )
+    collectors.add_argument(
+        "--interval",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="with --watch, seconds between redraws",
+    )
+
+    task = _command(
+        cmds,
+        "task",
+        [common, agent],
+        "hand one task to a collector, wait for its outcome and print it "
+        "(exit status 0 if it succeeded, 1 if not)",
+    )
+    task.add_argument("task_type", metavar="TYPE", help="the kind of task, e.g. scan")
+    task.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        metavar="KEY=VALUE",
+        help="a task parameter (repeat for more)",
+    )
+    task.add_argument(
+        "--priority", type=int, default=0, metavar="N", help="higher runs first, as a number"
+    )
+    task.add_argument(
+        "--deadline",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds the task may take, waiting for a collector included; then it fails "
+        "as timed out",
+    )
+    task.add_argument(
+        "--collector", metavar="ID", help="only this collector may run it (default: any able to)"
+    )
+    task.add_argument(
+        "--capability",
+        metavar="NAME",
+        help="only a collector offering this capability may run it (default: any)",
+    )
+    task.add_argument(
+        "--strategy",
+        choices=["least-loaded", "round-robin", "first-available", "random"],
+        default="least-loaded",
+        help="how the collector is chosen among those able to run it",
+    )
+    task.add_argument("--task-id", metavar="ID", help="the task's id (default: a new random one)")
+    task.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: status, collector, attempts, error, result fields",
+    )
+
+
 def _common(socket_default: str) -> argparse.ArgumentParser:
     """The options every command takes."""
     common = argparse.ArgumentParser(add_help=False)
@@ -372,6 +482,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --watch, seconds between redraws",
     )
+
+    _control_commands(cmds, common)
 
     topics = _command(cmds, "topics", [common], "list the topic registry")
     topics.add_argument("--json", action="store_true", help="a JSON array, one object per topic")

@@ -87,6 +87,7 @@ LAYERS: dict[str, int] = {
     "cli": 3,
     "cli_args": 3,
     "cli_output": 3,
+    "cli_control": 3,
     "demo": 3,
     "watch": 3,
     "__init__": 3,

@@ -93,6 +93,8 @@ COMMANDS_ON_A_LOOP = [
     ["sub", "#"],
     ["stats"],
     ["stats", "--json"],
+    ["collectors"],
+    ["task", "scan"],
     ["demo"],
 ]
 
@@ -237,6 +239,18 @@ DEFAULTS = {
     "pub": {"--count": "1", "--name": "daemoneye-eventbus-cli"},
     "sub": {"--name": "daemoneye-eventbus-cli"},
     "stats": {"--interval": "1.0", "--name": "daemoneye-eventbus-cli"},
+    "collectors": {
+        "--wait": "2.0",
+        "--interval": "1.0",
+        "--name": "daemoneye-eventbus-cli",
+        "--component": "daemoneye-agent",
+    },
+    "task": {
+        "--priority": "0",
+        "--deadline": "30.0",
+        "--strategy": "least-loaded",
+        "--component": "daemoneye-agent",
+    },
     "topics": {},
     "demo": {"--count": "20"},
 }
@@ -260,6 +274,9 @@ def test_every_option_has_help(command: str) -> None:
 def test_seconds_options_say_seconds() -> None:
     assert "SECONDS" in help_entries("sub")["--timeout"]
     assert "SECONDS" in help_entries("stats")["--interval"]
+    for flag in ("--wait", "--interval"):
+        assert "seconds" in help_text(help_entries("collectors")[flag])
+    assert "seconds" in help_text(help_entries("task")["--deadline"])
 
 
 # -- JSON: numbers as numbers, no internal fields ------------------------------------------------
@@ -435,8 +452,8 @@ def test_require_count_needs_count_and_timeout(args: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["pub", LIFECYCLE, "--json", PAYLOAD], ["sub", "#"], ["stats"]],
-    ids=["pub", "sub", "stats"],
+    [["pub", LIFECYCLE, "--json", PAYLOAD], ["sub", "#"], ["stats"], ["collectors"], ["task", "x"]],
+    ids=["pub", "sub", "stats", "collectors", "task"],
 )
 async def test_an_unknown_component_is_refused_at_connect(
     broker: Broker, sock_path: str, caplog: pytest.LogCaptureFixture, args: list[str]

@@ -117,6 +117,24 @@ def test_first_available_takes_the_first_registered_with_room() -> None:
     assert isinstance(d.distribute(task("t3"), now=0.0), Queued)
 
 
+def test_a_task_naming_its_collector_goes_to_that_one_only() -> None:
+    d = setup("a", "b", strategy=FirstAvailable())
+    pinned = task("p1")
+    pinned.collector_id = "b"
+    assert assigned(d.distribute(pinned, now=0.0)).collector_id == "b"
+    # b is busy: the next task for b waits, though a is free; others still go to a.
+    pinned.task_id = "p2"
+    assert isinstance(d.distribute(pinned, now=0.0), Queued)
+    assert assigned(d.distribute(task("t1"), now=0.0)).collector_id == "a"
+    d.take_actions()
+    d.complete("p1", "b", now=1.0)
+    d.tick(1.0)
+    assert handed(d) == [("p2", "b")]
+    # Nobody of that name: it waits.
+    pinned.task_id, pinned.collector_id = "p3", "nobody"
+    assert isinstance(d.distribute(pinned, now=1.0), Queued)
+
+
 def test_random_is_repeatable_with_a_seed_and_picks_only_candidates() -> None:
     def picks(seed: int) -> list[str]:
         reg = CollectorRegistry()

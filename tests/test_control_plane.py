@@ -380,3 +380,42 @@ async def test_unprivileged_peer_cannot_issue_tasks_or_lifecycle(
         # The collector still runs the agent's tasks.
         agent.distribute(task("fine"))
         assert (await agent.result("fine", timeout=10)).status == RPC_STATUS_SUCCESS
+
+
+async def test_a_late_agent_learns_of_collectors_started_before_it(broker: Broker) -> None:
+    sock = sock_of(broker)
+    async with (
+        collector(sock, "procmond-1", "--interval", "1.0", "--tasks", "scan,hash"),
+        collector(sock, "procmond-2", "--interval", "1.0"),
+    ):
+        # Both registered before any agent listened: their registrations are gone.
+        for _ in range(2):  # an agent that starts late, and one that restarts
+            async with Agent(broker.local_session("late-agent", AGENT), ack_timeout=1.0) as late:
+                # Each heartbeat of an unknown collector makes the agent ask for its
+                # health; the collector registers again and heartbeats: READY, within
+                # about one heartbeat interval (1 s), well within two and a half.
+                ready = await late.wait_ready(2, timeout=2.5)
+                assert sorted(c.collector_id for c in ready) == ["procmond-1", "procmond-2"]
+                one = late.registry.get("procmond-1")
+                assert one is not None
+                assert one.task_types == {"scan", "hash"}
+                assert one.session_id
+                stats = late.statistics()
+                assert 2 <= stats.discovery_requests <= 4
+                assert stats.registry.registrations == 2
+                late.distribute(task("late"))
+                assert (await late.result("late", timeout=10)).ok
+
+
+async def test_health_requests_to_a_known_collector_keep_its_incarnation(
+    broker: Broker, agent: Agent
+) -> None:
+    async with collector(sock_of(broker), "procmond-1"):
+        await agent.wait_ready(1, timeout=10)
+        for _ in range(2):
+            assert (await agent.rpc.health("procmond-1")).ok
+        await agent.wait_ready(1, timeout=5)
+        info = agent.registry.get("procmond-1")
+        assert info is not None
+        assert info.incarnation == 1
+        assert agent.statistics().discovery_requests == 0

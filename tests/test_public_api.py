@@ -63,6 +63,7 @@ PUBLIC_MODULES = [
     "delivery",
     "bus",
     "cli",
+    "cli_control",
     "demo",
     "watch",
     "control",

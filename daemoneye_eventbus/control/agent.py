@@ -16,6 +16,9 @@ they decide:
   the distributor hands it to another collector;
 - a ``TaskResult`` finishes its task (once) and joins the task's and the
   workflow's aggregates;
+- a heartbeat from a collector it does not know (one that registered
+  before the agent started) is answered with a health request, which the
+  collector answers by registering again;
 - one loop timer, at the earliest ``next_deadline()`` of the four, lets
   time pass for them (missed heartbeats, task deadlines, aggregate
   deadlines, idle workflows).
@@ -107,6 +110,8 @@ class AgentStatistics:
     #: Hand-outs sent, and of them refused (ERROR ack, no responder, no ack in time).
     handed_out: int
     refused: int
+    #: Health requests sent to collectors heard from but not registered here.
+    discovery_requests: int
 
 
 class AgentDriver:
@@ -125,6 +130,7 @@ class AgentDriver:
         ack_timeout: float = 2.0,
         rpc_timeout: float = 5.0,
         max_remembered: int = 4096,
+        discover_every: float = 2.0,
     ) -> None:
         self.bus = bus
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -139,6 +145,10 @@ class AgentDriver:
         #: Seconds a collector has to acknowledge a task before it goes to another.
         self.ack_timeout = ack_timeout
         self.max_remembered = max_remembered
+        #: Seconds between two health requests to the same unknown collector.
+        self.discover_every = discover_every
+        #: When each unknown collector heard from was last asked to register again.
+        self._asked: OrderedDict[str, float] = OrderedDict()
         #: The last progress report of each running task.
         self.progress: OrderedDict[str, TaskProgress] = OrderedDict()
         self._change_feed: Feed[CollectorChange] = Feed()
@@ -155,7 +165,15 @@ class AgentDriver:
         self._timer_at: float | None = None
         self._changed: asyncio.Future[None] | None = None
         self._counts = dict.fromkeys(
-            ("results", "duplicate_results", "progress_reports", "handed_out", "refused"), 0
+            (
+                "results",
+                "duplicate_results",
+                "progress_reports",
+                "handed_out",
+                "refused",
+                "discovery_requests",
+            ),
+            0,
         )
 
     def _aggregate_future(self, kind: AggregateKind, key: str) -> asyncio.Future[Aggregate]:
@@ -190,6 +208,38 @@ class AgentDriver:
         now = self._now()
         if self.registry.heartbeat(message, now=now) is not None:
             self.distributor.tick(now)
+            return
+        known = self.registry.get(message.component_id)
+        if known is None or known.state is CollectorState.GONE:
+            self._discover(message.component_id, now)
+
+    def _discover(self, collector_id: str, now: float) -> None:
+        """A heartbeat from a collector the registry does not know (it
+        registered before this agent started, or the agent forgot it): ask it
+        for its health, which a :class:`Collector` answers by publishing its
+        registration again. At most once per ``discover_every`` seconds each."""
+        if not collector_id or self._group is None:
+            return
+        last = self._asked.get(collector_id)
+        if last is not None and now - last < self.discover_every:
+            return
+        self._asked[collector_id] = now
+        self._asked.move_to_end(collector_id)
+        while len(self._asked) > self.registry.max_collectors:
+            self._asked.popitem(last=False)
+        self._counts["discovery_requests"] += 1
+        self._group.create_task(
+            self._ask_health(collector_id), name=f"agent.discover[{collector_id}]"
+        )
+
+    async def _ask_health(self, collector_id: str) -> None:
+        try:
+            outcome = await self.rpc.health(collector_id, timeout=self.ack_timeout)
+        except EventBusError as exc:  # the broker refused the request
+            log.warning("agent: health of %s: %s", collector_id, exc)
+            return
+        if not outcome.ok:
+            log.debug("agent: health of %s: %s", collector_id, outcome.status_name)
 
     def _on_presence(self, event: ReceivedEvent[Any], message: Any) -> None:
         now = self._now()

@@ -7,12 +7,14 @@ so that a collector that dies is noticed), applies the retained
 (``control.collector.rpc.{task,health,config,lifecycle}.{id}`` and the work
 queue ``control.collector.queue.{type}`` of each task type), registers on
 ``control.collector.registration`` and heartbeats at its interval with its
-load. Each task it accepts runs the ``handler`` (at most
-``max_concurrent_tasks`` at once; beyond that it refuses with an ERROR
-ack), which reports progress and returns the result; the collector
-publishes the ``TaskResult`` on ``control.collector.result`` with the
-task's correlation. Task ids are remembered: a task handed out again after
-it finished is answered from memory (its result published again), one
+load. It registers again whenever it is asked for its health: an agent that
+started after it hears its heartbeats, asks, and so learns of it. Each
+task it accepts runs the ``handler`` (at most ``max_concurrent_tasks`` at
+once; beyond that it refuses with an ERROR ack), which reports progress
+and returns the result; the collector publishes the ``TaskResult`` on
+``control.collector.result`` with the task's correlation. Task ids are
+remembered: a task handed out again after it finished is answered from
+memory (its result published again), one
 still running is acknowledged IN_PROGRESS and not run twice.
 """
 
@@ -423,6 +425,10 @@ class Collector:
 
     async def _on_health(self, request: IncomingRequest[Any, Any]) -> None:
         await request.reply(HealthCheckReply(status=RPC_STATUS_SUCCESS, component=self.status()))
+        # An agent that started after us asks this when it hears a heartbeat from a
+        # collector it does not know: announce ourselves again (and a heartbeat, READY).
+        # An agent that knows us takes it as the same registration again.
+        await self.register()
 
     async def _on_lifecycle(self, request: IncomingRequest[Any, Any]) -> None:
         action = request.message.action

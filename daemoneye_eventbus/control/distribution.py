@@ -15,7 +15,8 @@ is free. A task's life::
     PENDING, ASSIGNED, ACKNOWLEDGED ──complete──> COMPLETED (or FAILED)
                                     ──deadline passed, attempts used up, cancel──> FAILED
 
-A task whose collector is GONE, UNRESPONSIVE or restarted (a new
+A task that names its ``collector_id`` goes to that collector only (it
+waits while that one is not free). A task whose collector is GONE, UNRESPONSIVE or restarted (a new
 incarnation) before it finished goes back to the queue and to another
 collector (never the same incarnation of one that already failed it), at
 most ``max_attempts`` hand-outs in all. The task keeps its id, so a
@@ -107,6 +108,20 @@ class _Task:
         self.holders: set[str] = set()
         #: It occupies a task slot of ``collector_id``.
         self.holding = False
+
+    def kind(self) -> tuple[str, str, str]:
+        """What a collector must be to run it: task type, capability, the collector named."""
+        return (self.task.task_type, self.task.required_capability, self.task.collector_id)
+
+    def may_go_to(self, info: CollectorInfo) -> bool:
+        """Whether ``info`` can run it, is the collector it names (if any), and has
+        not failed it."""
+        pinned = self.task.collector_id
+        return (
+            info.can_run(self.task.task_type, self.task.required_capability)
+            and (not pinned or info.collector_id == pinned)
+            and (info.collector_id, info.incarnation) not in self.excluded
+        )
 
     def entry(self) -> tuple[int, int, str]:
         """Its place in the queue: higher priority first, then first come."""
@@ -387,7 +402,7 @@ class TaskDistributor:
             return
         free = {c.collector_id: c for c in self.registry.collectors(CollectorState.READY)}
         kept: list[tuple[int, int, str]] = []
-        blocked: set[tuple[str, str]] = set()  # kinds of task no free collector runs
+        blocked: set[tuple[str, str, str]] = set()  # kinds of task no free collector runs
         while self._queue and free and self.in_flight < self.max_in_flight:
             entry = heapq.heappop(self._queue)
             record = self._tasks.get(entry[2])
@@ -396,15 +411,11 @@ class TaskDistributor:
             if record.deadline is not None and record.deadline <= now:
                 self._fail(record, FailureReason.EXPIRED, "its deadline passed", now)
                 continue
-            kind = (record.task.task_type, record.task.required_capability)
+            kind = record.kind()
             if kind in blocked:
                 kept.append(entry)
                 continue
-            candidates = [
-                c
-                for c in free.values()
-                if c.can_run(*kind) and (c.collector_id, c.incarnation) not in record.excluded
-            ]
+            candidates = [c for c in free.values() if record.may_go_to(c)]
             if not candidates:
                 if not record.excluded:
                     blocked.add(kind)
