@@ -88,6 +88,7 @@ LAYERS: dict[str, int] = {
     "cli_args": 3,
     "cli_output": 3,
     "demo": 3,
+    "demo_collectors": 3,
     "watch": 3,
     "__init__": 3,
 }

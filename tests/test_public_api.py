@@ -64,6 +64,7 @@ PUBLIC_MODULES = [
     "bus",
     "cli",
     "demo",
+    "demo_collectors",
     "watch",
     "control",
     "control.collectors",
