@@ -492,9 +492,9 @@ def parser() -> argparse.ArgumentParser:
         cmds,
         "demo",
         [_common("a private socket in a new temporary directory")],
-        "broker + collector process + agent subscriber, end to end",
+        "agent + embedded broker + three collector processes, end to end",
     )
     demo.add_argument(
-        "--count", type=int, default=20, metavar="N", help="process events the collector sends"
+        "--count", type=int, default=20, metavar="N", help="items each scan task reports at most"
     )
     return top

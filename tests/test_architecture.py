@@ -89,6 +89,7 @@ LAYERS: dict[str, int] = {
     "cli_output": 3,
     "cli_control": 3,
     "demo": 3,
+    "demo_collectors": 3,
     "watch": 3,
     "__init__": 3,
 }

@@ -65,6 +65,7 @@ PUBLIC_MODULES = [
     "cli",
     "cli_control",
     "demo",
+    "demo_collectors",
     "watch",
     "control",
     "control.collectors",

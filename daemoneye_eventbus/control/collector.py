@@ -27,6 +27,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any, Self
 
 from google.protobuf.duration_pb2 import Duration
@@ -62,7 +63,7 @@ from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import EventBusError
 from daemoneye_eventbus.responders import IncomingRequest, Responder
 
-__all__ = ["Collector", "Progress", "TaskHandler", "TaskRunner"]
+__all__ = ["Collector", "Progress", "TaskHandler", "TaskRunner", "task_correlation"]
 
 log = logging.getLogger("daemoneye_eventbus.control")
 
@@ -72,6 +73,17 @@ Progress = Callable[[float, str], Awaitable[None]]
 #: status and times left unset), its result fields, or None. An exception
 #: fails the task (status ERROR, its text as the error).
 TaskHandler = Callable[[TaskAssignment, Progress], Awaitable[TaskResult | Mapping[str, str] | None]]
+
+
+_TASK_CORRELATION: ContextVar[CorrelationMetadata | None] = ContextVar(
+    "daemoneye_task_correlation", default=None
+)
+
+
+def task_correlation() -> CorrelationMetadata | None:
+    """The correlation the running task came with, for a handler to publish
+    its events under (None outside a task, or for a task sent without one)."""
+    return _TASK_CORRELATION.get()
 
 
 async def _nothing(task: TaskAssignment, progress: Progress) -> None:
@@ -149,6 +161,7 @@ class TaskRunner:
 
     async def run(self, task: TaskAssignment, correlation: CorrelationMetadata | None) -> None:
         started = time.time_ns()
+        _TASK_CORRELATION.set(correlation)  # this task's own context
 
         async def progress(percent: float, detail: str = "") -> None:
             report = TaskProgress(
