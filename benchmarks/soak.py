@@ -912,7 +912,10 @@ def run_soak(args: argparse.Namespace) -> SoakResult:
         if cpu_start is not None and cpu_end is not None:
             result.broker_cpu_percent = 100 * (cpu_end - cpu_start) / max(result.duration_s, 1e-9)
         stats = asyncio.run(asyncio.wait_for(_broker_statistics(path), PHASE_TIMEOUT))
-        result.broker_published = stats.published
+        # The presence events the broker publishes itself (control.presence:
+        # every connection and disconnection) are not the publishers' events.
+        presence = sum(t.published for t in stats.topic_stats if t.topic == "control.presence")
+        result.broker_published = stats.published - presence
         result.broker_delivered = stats.delivered
         result.broker_dropped = stats.dropped
         result.broker_refused = stats.refused
@@ -948,13 +951,12 @@ def _broker_exit(broker: _Broker, result: SoakResult) -> None:
         result.failures.append(f"the broker exited with {broker.exit_code}")
     match = _STOPPED_RE.search(output)
     if match:
-        published, delivered, dropped = (int(g) for g in match.groups())
-        # The exit line is the final word: it counts what happened after our query.
-        result.broker_published, result.broker_delivered, result.broker_dropped = (
-            published,
-            delivered,
-            dropped,
-        )
+        _, delivered, dropped = (int(g) for g in match.groups())
+        # The exit line is the final word on deliveries: it counts what happened
+        # after our query. Its published figure also counts the presence events
+        # of the connections that ended since (and at shutdown), so the
+        # publishers' figure stays the query's, less presence events.
+        result.broker_delivered, result.broker_dropped = delivered, dropped
     elif not result.failures:
         result.failures.append("the broker printed no statistics line on exit")
     if "Traceback" in output:
