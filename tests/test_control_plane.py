@@ -252,15 +252,15 @@ async def test_duplicate_results_count_once(broker: Broker, agent: Agent) -> Non
     root = with_stage(new_correlation(), "scan")
     async with collector(sock, "procmond-1"), collector(sock, "procmond-2"):
         await agent.wait_ready(2, timeout=10)
-        agent.expect_workflow(root.correlation_id, ["procmond-1", "procmond-2"], deadline=10)
+        agent.expect_workflow(root.correlation_id, deadline=10)
         turns = RoundRobin()
         agent.distribute(task("a"), strategy=turns, correlation=root)
+        agent.distribute(task("b", sleep="2"), strategy=turns, correlation=root)  # procmond-2
         assert (await agent.result("a", timeout=10)).collector_id == "procmond-1"
         # Handed to procmond-1 again: it answers from memory and sends its result again.
         ack = await agent.rpc.execute("procmond-1", task("a"), correlation=root)
         assert ack.ok
         await agent.wait_for(lambda: agent.statistics().duplicate_results == 1, timeout=5)
-        agent.distribute(task("b"), strategy=turns, correlation=root)  # procmond-2's turn
         workflow = await agent.aggregate(AggregateKind.WORKFLOW, root.correlation_id, timeout=10)
     assert workflow.state is AggregateState.COMPLETE
     assert sorted(r.task_id for r in workflow.results) == ["a", "b"]
@@ -272,20 +272,44 @@ async def test_duplicate_results_count_once(broker: Broker, agent: Agent) -> Non
 
 async def test_partial_aggregate_names_the_missing(broker: Broker, agent: Agent) -> None:
     root = new_correlation()
-    async with collector(sock_of(broker), "procmond-1"):
+    async with collector(sock_of(broker), "procmond-1", "--max", "2"):
         await agent.wait_ready(1, timeout=10)
-        agent.expect_workflow(root.correlation_id, ["procmond-1", "netmond-1"], deadline=1.5)
+        agent.expect_workflow(root.correlation_id, deadline=1.5)
         agent.distribute(task("a"), correlation=root)
+        agent.distribute(task("slow", sleep="5"), correlation=root)
+        netscan = TaskAssignment(task_id="n", task_type="netscan")
+        assert isinstance(agent.distribute(netscan, correlation=root), Queued)  # no netmond
         async with agent.aggregates() as closed:
             aggregate = await closed.get(timeout=10)
             while aggregate.kind is not AggregateKind.WORKFLOW:
                 aggregate = await closed.get(timeout=10)
+        health = agent.aggregator.health("procmond-1")  # before "slow"'s own aggregate closes
+        agent.cancel("slow")
+        agent.cancel("n")
     assert aggregate.state is AggregateState.PARTIAL
-    assert aggregate.missing == {"netmond-1"}
-    assert [r.collector_id for r in aggregate.results] == ["procmond-1"]
-    health = agent.aggregator.health("netmond-1")
+    assert aggregate.tasks == {"a", "slow", "n"}
+    assert aggregate.missing_tasks == {"slow", "n"}
+    assert aggregate.missing == {"procmond-1"}  # holds "slow"; nobody holds "n"
+    assert [r.task_id for r in aggregate.results] == ["a"]
     assert health is not None
     assert health.timeouts == 1
+
+
+async def test_a_workflow_waits_for_each_of_its_tasks_on_one_collector(
+    broker: Broker, agent: Agent
+) -> None:
+    root = new_correlation()
+    async with collector(sock_of(broker), "procmond-1", "--max", "2"):
+        await agent.wait_ready(1, timeout=10)
+        agent.distribute(task("slow", sleep="1.5"), correlation=root)  # before the aggregate
+        agent.expect_workflow(root.correlation_id, deadline=20)
+        agent.distribute(task("fast"), correlation=root)
+        assert (await agent.result("fast", timeout=10)).ok
+        assert agent.aggregator.get(AggregateKind.WORKFLOW, root.correlation_id) is not None
+        workflow = await agent.aggregate(AggregateKind.WORKFLOW, root.correlation_id, timeout=10)
+    assert workflow.state is AggregateState.COMPLETE
+    assert sorted(r.task_id for r in workflow.results) == ["fast", "slow"]
+    assert {r.collector_id for r in workflow.results} == {"procmond-1"}
 
 
 async def test_unresponsive_after_missed_heartbeats(broker: Broker, agent: Agent) -> None:

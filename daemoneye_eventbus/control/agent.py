@@ -319,6 +319,8 @@ class AgentDriver:
                 deadline = status.deadline if status is not None else None
                 self.aggregator.expect_task(task_id, [cid], now=now, deadline=deadline)
                 self._aggregate_future(AggregateKind.TASK, task_id)
+                if root:
+                    self.aggregator.workflow_task(root, task_id, cid, now=now)
         except LimitExceeded as exc:
             log.warning("agent: task %s not aggregated: %s", task_id, exc)
         if root:
@@ -367,16 +369,13 @@ class AgentDriver:
         """One timer, at the earliest deadline of the bookkeeping."""
         if self._group is None:
             return
-        times = [
-            t
-            for t in (
-                self.registry.next_deadline(),
-                self.distributor.next_deadline(),
-                self.aggregator.next_deadline(),
-                self.tracker.next_deadline(),
-            )
-            if t is not None
-        ]
+        deadlines = (
+            self.registry.next_deadline(),
+            self.distributor.next_deadline(),
+            self.aggregator.next_deadline(),
+            self.tracker.next_deadline(),
+        )
+        times = [t for t in deadlines if t is not None]
         at = min(times) + _SLACK if times else None
         if at == self._timer_at:
             return
@@ -542,6 +541,8 @@ class Agent(AgentDriver):
                 decision.task_id,
                 TaskOutcome(decision.task_id, failure_status(decision), failure=decision),
             )
+        elif mine:  # its workflow's aggregate, if open, waits for it (queued or handed out)
+            self.aggregator.workflow_task(root_of(correlation), task_id, now=now)
         self._settle()
         return decision
 
@@ -562,15 +563,15 @@ class Agent(AgentDriver):
 
     # -- aggregates --------------------------------------------------------------------
 
-    def expect_workflow(
-        self, root_id: str, collectors: list[str], *, deadline: float | None = None
-    ) -> Aggregate:
-        """Gather the results of the workflow ``root_id`` (tasks distributed
-        with that correlation root) from ``collectors``, for at most
-        ``deadline`` seconds (then PARTIAL, naming who is missing)."""
+    def expect_workflow(self, root_id: str, *, deadline: float | None = None) -> Aggregate:
+        """Gather the results of the tasks distributed here with the correlation root ``root_id``
+        (unfinished or to come) for at most ``deadline`` seconds: COMPLETE once each has its
+        result, else PARTIAL, naming the tasks missing and the collectors holding them."""
         now = asyncio.get_running_loop().time()
         at = now + deadline if deadline is not None else None
-        opened = self.aggregator.expect_workflow(root_id, collectors, now=now, deadline=at)
+        mine = [t for t, (_, c) in self._tasks.items() if root_of(c) == root_id]
+        running = {t: s.collector_id if (s := self.distributor.task(t)) else "" for t in mine}
+        opened = self.aggregator.expect_workflow(root_id, now=now, deadline=at, tasks=running)
         self._aggregate_future(AggregateKind.WORKFLOW, root_id)
         self._settle()
         return opened

@@ -1,17 +1,21 @@
 """Results put together per task and per workflow, and each collector's health (pure).
 
-The agent says whose results it expects with :meth:`ResultAggregator.expect`:
-for one task (keyed by its task id) or for a whole workflow (keyed by the
-root correlation id its events carry), from a set of collectors, before an
-optional deadline (the caller's monotonic clock, in seconds). Each
-``TaskResult`` the collectors publish on ``control.collector.result`` is
-then :meth:`~ResultAggregator.add`-ed, with the root correlation id of the
-event that carried it: it joins the open aggregate of its task and the one
-of its workflow, once per (task id, collector id) whatever the number of
-copies. An aggregate is::
+The agent says whose results it expects, before an optional deadline (the
+caller's monotonic clock, in seconds): for one task (keyed by its task id)
+from a set of collectors, with :meth:`ResultAggregator.expect_task`; for a
+whole workflow (keyed by the root correlation id its events carry) with
+:meth:`~ResultAggregator.expect_workflow`, then each task of the workflow as
+it is handed out, with :meth:`~ResultAggregator.workflow_task` (the task and
+the collector holding it). Each ``TaskResult`` the collectors publish on
+``control.collector.result`` is then :meth:`~ResultAggregator.add`-ed, with
+the root correlation id of the event that carried it: it joins the open
+aggregate of its task and the one of its workflow, once per (task id,
+collector id) whatever the number of copies; a workflow keeps one result
+per task (a second one, from another collector that held the task, is a
+duplicate). An aggregate is::
 
-    OPEN ──every expected collector answered──> COMPLETE
-         ──deadline passed, or closed early with someone missing──> PARTIAL (names the missing)
+    OPEN ──every expected collector (task) / every task (workflow) answered──> COMPLETE
+         ──deadline passed, or closed early with something missing──> PARTIAL (names the missing)
 
 and once closed it waits in a bounded queue until the asyncio layer takes it
 with :meth:`~ResultAggregator.completed` (it turns that into an async
@@ -30,7 +34,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -62,9 +66,9 @@ class AggregateKind(enum.Enum):
 
 class AggregateState(enum.Enum):
     OPEN = "open"
-    #: Every expected collector answered.
+    #: Every expected collector (a task's aggregate) or every task (a workflow's) answered.
     COMPLETE = "complete"
-    #: Closed (deadline passed, or closed early) with expected collectors missing.
+    #: Closed (deadline passed, or closed early) with collectors or tasks missing.
     PARTIAL = "partial"
 
 
@@ -106,9 +110,10 @@ class Aggregate:
     #: The task id or the workflow's root correlation id.
     key: str
     state: AggregateState
+    #: The collectors expected (a task's), or holding its tasks (a workflow's).
     expected: frozenset[str]
     results: tuple[CollectedResult, ...]
-    #: Expected collectors without a result.
+    #: Expected collectors without a result; in a workflow, those holding its missing tasks.
     missing: frozenset[str]
     opened_at: float
     closed_at: float | None
@@ -117,6 +122,10 @@ class Aggregate:
     duplicates: int
     #: Results beyond its bound, not kept.
     dropped: int
+    #: The tasks it gathers: the task's id, or the workflow's tasks.
+    tasks: frozenset[str] = frozenset()
+    #: Its tasks without a result.
+    missing_tasks: frozenset[str] = frozenset()
 
     @property
     def partial(self) -> bool:
@@ -212,6 +221,7 @@ class _Open:
     """An open aggregate."""
 
     __slots__ = (
+        "answered",
         "deadline",
         "dropped",
         "duplicates",
@@ -222,6 +232,7 @@ class _Open:
         "results",
         "seen",
         "since",
+        "tasks",
     )
 
     def __init__(self, kind: AggregateKind, key: str, now: float, deadline: float | None) -> None:
@@ -230,22 +241,56 @@ class _Open:
         self.opened_at = now
         self.deadline = deadline
         self.expected: set[str] = set()
-        #: When each expected collector was expected (for its latency).
+        #: When each expected collector (a task's) or task (a workflow's) was
+        #: expected, for the latency of its result.
         self.since: dict[str, float] = {}
         self.seen: set[tuple[str, str]] = set()
         self.results: list[CollectedResult] = []
         self.duplicates = 0
         self.dropped = 0
+        #: A workflow's tasks and the collector holding each ("" while queued).
+        self.tasks: dict[str, str] = {}
+        #: A workflow's tasks with a result (ones it does not wait for included).
+        self.answered: set[str] = set()
+
+    @property
+    def workflow(self) -> bool:
+        return self.kind is AggregateKind.WORKFLOW
 
     def missing(self) -> frozenset[str]:
+        if self.workflow:
+            return frozenset(c for t, c in self.tasks.items() if c and t not in self.answered)
         return frozenset(self.expected - {r.collector_id for r in self.results})
+
+    def missing_tasks(self) -> frozenset[str]:
+        if self.workflow:
+            return frozenset(self.tasks.keys() - self.answered)
+        return frozenset({self.key}) if self.missing() else frozenset()
+
+    def complete(self) -> bool:
+        if self.workflow:
+            return bool(self.tasks) and self.tasks.keys() <= self.answered
+        return bool(self.expected) and not self.missing()
+
+    def repeats(self, pair: tuple[str, str]) -> bool:
+        """A copy of a result it has, or (a workflow's) a second result for a task."""
+        return pair in self.seen or (self.workflow and pair[0] in self.answered)
+
+    def answer(self, pair: tuple[str, str]) -> None:
+        self.seen.add(pair)
+        if self.workflow:
+            self.answered.add(pair[0])
+            if pair[0] in self.tasks:  # its holder now: whoever finished it
+                self.tasks[pair[0]] = pair[1]
 
     def snapshot(self, state: AggregateState, closed_at: float | None) -> Aggregate:
         return Aggregate(
             self.kind,
             self.key,
             state,
-            frozenset(self.expected),
+            frozenset(c for c in self.tasks.values() if c)
+            if self.workflow
+            else frozenset(self.expected),
             tuple(self.results),
             self.missing(),
             self.opened_at,
@@ -253,6 +298,8 @@ class _Open:
             self.deadline,
             self.duplicates,
             self.dropped,
+            frozenset(self.tasks) if self.workflow else frozenset({self.key}),
+            self.missing_tasks(),
         )
 
 
@@ -340,8 +387,12 @@ class ResultAggregator:
         its deadline, if given). Raises :class:`LimitExceeded` when
         ``max_open`` aggregates are open, or the collectors exceed
         ``max_results``. An aggregate with nobody expected closes only at its
-        deadline or by :meth:`close`.
+        deadline or by :meth:`close`. A workflow expects tasks, not
+        collectors (:meth:`expect_workflow`): ``collectors`` must be empty.
         """
+        collectors = list(collectors)
+        if kind is AggregateKind.WORKFLOW and collectors:
+            raise ValueError("a workflow expects tasks (workflow_task), not collectors")
         record = self._open.get((kind, key))
         if record is None:
             if len(self._open) >= self.max_open:
@@ -366,19 +417,59 @@ class ResultAggregator:
         return self.expect(AggregateKind.TASK, task_id, collectors, now=now, deadline=deadline)
 
     def expect_workflow(
-        self, root_id: str, collectors: Iterable[str], *, now: float, deadline: float | None = None
+        self,
+        root_id: str,
+        *,
+        now: float,
+        deadline: float | None = None,
+        tasks: Mapping[str, str] | None = None,
     ) -> Aggregate:
-        return self.expect(AggregateKind.WORKFLOW, root_id, collectors, now=now, deadline=deadline)
+        """Gather the results of the workflow ``root_id``, by ``deadline``:
+        opens its aggregate (or moves the open one's deadline, if given), with
+        ``tasks`` (task id to the collector holding it, "" if none yet) as by
+        :meth:`workflow_task`. It is COMPLETE once every task it knows has a
+        result; with no task, it closes only at its deadline or by :meth:`close`."""
+        self.expect(AggregateKind.WORKFLOW, root_id, (), now=now, deadline=deadline)
+        for task_id, collector_id in (tasks or {}).items():
+            self.workflow_task(root_id, task_id, collector_id, now=now)
+        record = self._open.get((AggregateKind.WORKFLOW, root_id))
+        return record.snapshot(AggregateState.OPEN, None) if record is not None else self._done[-1]
+
+    def workflow_task(
+        self, root_id: str, task_id: str, collector_id: str = "", *, now: float
+    ) -> bool:
+        """The task ``task_id`` of the workflow ``root_id`` is held by
+        ``collector_id`` ("" while it waits): its aggregate waits for the
+        task's result too. False if no aggregate of the workflow is open, or
+        it has ``max_results`` tasks already (the task is counted as dropped)."""
+        record = self._open.get((AggregateKind.WORKFLOW, root_id))
+        if record is None:
+            return False
+        if record.tasks.get(task_id) == collector_id:
+            return True
+        if task_id not in record.tasks and len(record.tasks) >= self.max_results:
+            record.dropped += 1
+            self._counts["dropped"] += 1
+            return False
+        if task_id in record.answered:  # its result came first: held by its sender
+            mine = (r.collector_id for r in record.results if r.task_id == task_id)
+            record.tasks[task_id] = next(mine, collector_id)
+        else:
+            if task_id not in record.tasks or collector_id:
+                record.since[task_id] = now
+            record.tasks[task_id] = collector_id
+        self._settle(record, now)
+        return True
 
     def reassigned(
         self, task_id: str, previous: str, collector_id: str, *, now: float, root_id: str = ""
     ) -> None:
-        """The task went from ``previous`` to ``collector_id``: expect the new
-        collector instead of the old one (unless the old one has answered)."""
-        for key in ((AggregateKind.TASK, task_id), (AggregateKind.WORKFLOW, root_id)):
-            record = self._open.get(key)
-            if record is None or previous not in record.expected:
-                continue
+        """The task went from ``previous`` to ``collector_id``: its aggregate
+        expects the new collector instead of the old one (unless the old one
+        has answered); its workflow's, if ``root_id`` is given, waits for the
+        task from the new collector."""
+        record = self._open.get((AggregateKind.TASK, task_id))
+        if record is not None and previous in record.expected:
             if all(r.collector_id != previous for r in record.results):
                 record.expected.discard(previous)
                 record.since.pop(previous, None)
@@ -386,6 +477,8 @@ class ResultAggregator:
                 record.expected.add(collector_id)
                 record.since[collector_id] = now
             self._settle(record, now)
+        if root_id:
+            self.workflow_task(root_id, task_id, collector_id, now=now)
 
     def add(self, result: TaskResult, *, now: float, root_id: str = "") -> AddOutcome:
         """A collector's result arrived, in a workflow if ``root_id`` is given."""
@@ -399,7 +492,7 @@ class ResultAggregator:
             record = self._open.get(key)
             if record is None:
                 continue
-            if pair in record.seen:
+            if record.repeats(pair):
                 record.duplicates += 1
                 duplicate = True
                 continue
@@ -407,10 +500,10 @@ class ResultAggregator:
                 record.dropped += 1
                 self._counts["dropped"] += 1
                 continue
-            since = record.since.get(result.collector_id)
+            since = record.since.get(pair[0] if record.workflow else pair[1])
             mine = now - since if since is not None else None
             latency = latency if latency is not None else mine
-            record.seen.add(pair)
+            record.answer(pair)
             copy = TaskResult()
             copy.CopyFrom(result)
             record.results.append(CollectedResult(*pair, result.status, now, mine, copy))
@@ -445,8 +538,8 @@ class ResultAggregator:
     # -- inside -------------------------------------------------------------------------
 
     def _settle(self, record: _Open, now: float) -> None:
-        """Close the aggregate if every expected collector has answered."""
-        if record.expected and not record.missing():
+        """Close the aggregate if nothing it expects is missing."""
+        if record.complete():
             self._finish(record, now)
 
     def _finish(self, record: _Open, now: float) -> Aggregate:
