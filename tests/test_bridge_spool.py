@@ -196,8 +196,9 @@ def test_errors_are_typed(tmp_path: Path) -> None:
         spool.peek(1)
     with pytest.raises(SpoolError):
         spool.put("a", b"")
-    with pytest.raises(SpoolError):
+    with pytest.raises(SpoolError, match="cannot be opened") as info:
         Spool(tmp_path / "missing-dir" / "s.db", max_events=1, max_bytes=100)
+    assert type(info.value) is SpoolError
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,8 @@ def _wrap(exc: sqlite3.Error, path: Path) -> SpoolError:
     text = str(exc)
     if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
         return SpoolLocked(f"spool {path} is in use by another spool: {text}")
+    if isinstance(exc, sqlite3.OperationalError) and "unable to open" in text:
+        return SpoolError(f"spool {path} cannot be opened: {text}")
     if isinstance(exc, sqlite3.ProgrammingError):
         return SpoolError(f"spool {path}: {text}")
     if isinstance(exc, sqlite3.DatabaseError):
