@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats_server import NatsServer, running_nats_server
 
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2
 from daemoneye_eventbus.broker import Broker, BrokerConfig, BrokerStatistics
@@ -52,6 +53,14 @@ def sock_path(sock_dir: Path) -> str:
     if sys.platform == "win32":
         return rf"\\.\pipe\deb-{sock_dir.name}"
     return str(sock_dir / "bus.sock")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A ``nats-server -js`` of its own (tests/nats_server.py); skipped where the
+    binary is missing, except under CI."""
+    with running_nats_server(tmp_path / "nats") as server:
+        yield server
 
 
 @pytest.fixture

@@ -49,6 +49,12 @@ LAYERS: dict[str, int] = {
     "control.distribution": 1,
     "control.aggregation": 1,
     "control.tracker": 1,
+    # the NATS bridge's groundwork: the subject mapping is pure; the spool does
+    # file I/O (sqlite3) but runs no event loop, so it sits here too (it is not
+    # in tests/test_public_api.py's PURE_MODULES, which are free of I/O)
+    "bridge": 1,
+    "bridge.subjects": 1,
+    "bridge.spool": 1,
     # asyncio
     "runtime": 2,
     "delivery": 2,

@@ -108,6 +108,8 @@ PURE_MODULES = [
     "control.distribution",
     "control.aggregation",
     "control.tracker",
+    "bridge",
+    "bridge.subjects",
 ]
 PACKAGE_DIR = Path(daemoneye_eventbus.__file__).resolve().parent
 
