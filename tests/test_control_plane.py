@@ -443,3 +443,31 @@ async def test_health_requests_to_a_known_collector_keep_its_incarnation(
         assert info is not None
         assert info.incarnation == 1
         assert agent.statistics().discovery_requests == 0
+
+
+async def test_a_task_published_on_the_targeted_topic_is_run_once(
+    broker: Broker, agent: Agent
+) -> None:
+    """``control.collector.task.{type}.{id}`` (declared lossless): a task published
+    there, with no reply to give, is run by that collector alone; published again
+    after it finished, its result is published again, not the task run twice."""
+    sock = sock_of(broker)
+    async with collector(sock, "procmond-1", "--tasks", "scan"):
+        await agent.wait_ready(1, timeout=10)
+        sender = broker.local_session("sender", AGENT)
+        results = await sender.subscribe(registry.CONTROL_COLLECTOR_RESULT)
+        targeted = registry.control_collector_task_targeted(type="scan", id="procmond-1")
+        got = []
+        for _ in range(2):  # the second time after it finished
+            await sender.publish(targeted, task("pub-1"))
+            got.append((await results.get(timeout=10)).message())
+        assert [(r.task_id, r.collector_id, r.status) for r in got] == [
+            ("pub-1", "procmond-1", RPC_STATUS_SUCCESS)
+        ] * 2
+        assert got[0] == got[1]  # the same result, published again
+        # A task type it does not run is left alone: the next result is the next task's.
+        hashed = registry.control_collector_task_targeted(type="hash", id="procmond-1")
+        await sender.publish(hashed, TaskAssignment(task_id="h-1", task_type="hash"))
+        await sender.publish(targeted, task("pub-2"))
+        assert (await results.get(timeout=10)).message().task_id == "pub-2"
+        await sender.close()

@@ -5,7 +5,9 @@ with a last will (``ComponentStatus`` UNHEALTHY on ``control.health.status``,
 so that a collector that dies is noticed), applies the retained
 ``control.collector.config``, serves its request topics
 (``control.collector.rpc.{task,health,config,lifecycle}.{id}`` and the work
-queue ``control.collector.queue.{type}`` of each task type), registers on
+queue ``control.collector.queue.{type}`` of each task type), takes the tasks
+published to it alone on ``control.collector.task.{type}.{id}`` (lossless; a
+refusal there is published as the task's ERROR result), registers on
 ``control.collector.registration`` and heartbeats at its interval with its
 load. It registers again whenever it is asked for its health: an agent that
 started after it hears its heartbeats, asks, and so learns of it. Each
@@ -31,6 +33,7 @@ from contextvars import ContextVar
 from typing import Any, Self
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 
 from daemoneye.eventbus.v1 import registry as topics
 from daemoneye.eventbus.v1.control_pb2 import (
@@ -62,6 +65,7 @@ from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.errors import EventBusError
 from daemoneye_eventbus.responders import IncomingRequest, Responder
+from daemoneye_eventbus.subscription import Subscription
 
 __all__ = ["Collector", "Progress", "TaskHandler", "TaskRunner", "task_correlation"]
 
@@ -130,15 +134,46 @@ class TaskRunner:
             task.cancel()
 
     async def offer(self, request: IncomingRequest[TaskAssignment, TaskAck]) -> None:
+        """A task handed out as a request: accepted or refused in the reply."""
         task = request.message
+        repeated = task.task_id in self.done
+        await request.reply(self.decide(task, request.correlation))
+        if repeated:
+            await self.republish(task.task_id)
+
+    async def take(self, task: TaskAssignment, correlation: CorrelationMetadata | None) -> None:
+        """A task published on the collector's targeted topic, with no reply to
+        give: a refusal is published as the task's ERROR result."""
+        if task.task_id in self.done:
+            self.decide(task, correlation)
+            await self.republish(task.task_id)
+            return
+        ack = self.decide(task, correlation)
+        if ack.status == RPC_STATUS_ERROR:
+            refused = TaskResult(
+                task_id=task.task_id,
+                collector_id=self.collector_id,
+                status=RPC_STATUS_ERROR,
+                error=f"refused: {ack.error}",
+                task_type=task.task_type,
+                attempt=task.attempt,
+            )
+            await self.client.publish(
+                topics.CONTROL_COLLECTOR_RESULT, refused, correlation=correlation
+            )
+
+    async def republish(self, task_id: str) -> None:
+        """Publish again the result of a task handed out again after it finished."""
+        result, correlation = self.done[task_id]
+        await self.client.publish(topics.CONTROL_COLLECTOR_RESULT, result, correlation=correlation)
+
+    def decide(self, task: TaskAssignment, correlation: CorrelationMetadata | None) -> TaskAck:
+        """Accept (and start) or refuse ``task``; the acknowledgement that says which."""
         ack = TaskAck(task_id=task.task_id, collector_id=self.collector_id)
-        done = self.done.get(task.task_id)
-        if done is not None:  # handed out again: answer from memory
+        if task.task_id in self.done:  # handed out again: answered from memory
             self.repeated += 1
             ack.status = RPC_STATUS_SUCCESS
-            await request.reply(ack)
-            await self.client.publish(topics.CONTROL_COLLECTOR_RESULT, done[0], correlation=done[1])
-            return
+            return ack
         if task.task_id in self.active:
             ack.status = RPC_STATUS_IN_PROGRESS
         elif not task.task_id:
@@ -153,11 +188,11 @@ class TaskRunner:
             ack.status = RPC_STATUS_SUCCESS
             self.accepted += 1
             self.active[task.task_id] = self.group.create_task(
-                self.run(task, request.correlation), name=f"{self.collector_id}.task"
+                self.run(task, correlation), name=f"{self.collector_id}.task"
             )
         if ack.status == RPC_STATUS_ERROR:
             self.refused += 1
-        await request.reply(ack)
+        return ack
 
     async def run(self, task: TaskAssignment, correlation: CorrelationMetadata | None) -> None:
         started = time.time_ns()
@@ -309,6 +344,12 @@ class Collector:
             for responder, handle in serving:
                 await stack.enter_async_context(responder)
                 self._spawn(self._serve(responder, handle), f"{cid}.{responder.filter}")
+            # Tasks published to this collector alone (declared lossless: none is
+            # dropped while it falls behind), for every task type it runs.
+            targeted = await stack.enter_async_context(
+                await self.client.subscribe(f"control.collector.task.+.{cid}")
+            )
+            self._spawn(self._take(targeted), f"{cid}.task")
             await self.register()
             self._spawn(self._heartbeats(), f"{cid}.heartbeat")
         except BaseException:
@@ -374,6 +415,17 @@ class Collector:
             while True:
                 await asyncio.sleep(self.heartbeat_interval)
                 await self.heartbeat()
+
+    async def _take(self, targeted: Subscription[Message]) -> None:
+        with contextlib.suppress(EventBusError):
+            async for event in targeted:
+                task = event.message()
+                if not isinstance(task, TaskAssignment) or task.task_type not in self.task_types:
+                    continue  # a task type this collector does not run
+                try:
+                    await self.tasks.take(task, event.correlation)
+                except EventBusError as exc:
+                    log.warning("%s: %s: %s", self.collector_id, event.topic, exc)
 
     async def _serve(
         self, responder: Responder[Any, Any], handle: Callable[[Any], Awaitable[None]]
