@@ -168,7 +168,7 @@ def test_mypy_strict_reports_each_mistake_and_nothing_in_right_code(
     ]
     assert checked.returncode == 1, output
     expected = expectations(MISTAKES)
-    assert len(expected) == 3
+    assert len(expected) == 5
     unexpected = [e for e in errors if e[0] != MISTAKES.name or e[1] not in expected]
     assert not unexpected, output
     for line, fragment in expected.items():

@@ -17,7 +17,12 @@ from daemoneye_eventbus import (
     new_correlation,
     registry,
 )
-from daemoneye.eventbus.v1.control_pb2 import TaskAssignment
+from daemoneye.eventbus.v1.control_pb2 import (
+    HealthCheckReply,
+    HealthCheckRequest,
+    TaskAck,
+    TaskAssignment,
+)
 
 
 async def agent(client: Client) -> None:
@@ -38,3 +43,18 @@ async def collector(client: Client) -> None:
     )
     client.publish_nowait(registry.EVENTS_NETWORK_CONNECTIONS, NetworkEvent())
     print(ProcessEvent(pid=1).pid + 1)
+
+
+async def ask(client: Client) -> None:
+    health = registry.control_collector_rpc_health(id="procmond-1")
+    reply = await client.request(health, HealthCheckRequest(component_id="procmond-1"))
+    assert_type(reply, HealthCheckReply)
+    print(reply.status)
+
+
+async def answer(client: Client) -> None:
+    async with client.serve(registry.CONTROL_COLLECTOR_QUEUE) as requests:
+        async for request in requests:
+            task = request.message
+            assert_type(task, TaskAssignment)
+            await request.reply(TaskAck(task_id=task.task_id))
