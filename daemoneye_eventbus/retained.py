@@ -34,7 +34,7 @@ from typing import Final, Protocol
 
 from daemoneye.eventbus.v1 import frames_pb2
 from daemoneye.eventbus.v1.frames_pb2 import ErrorCode
-from daemoneye_eventbus.access import TopicAccess, may_read
+from daemoneye_eventbus.access import TopicAccess
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.errors import LimitExceeded
 from daemoneye_eventbus.flow import Published
@@ -210,10 +210,9 @@ class RetainedStore:
         correlation filter), marked retained, numbered in its sequence; return
         how many its queue took."""
         taken = 0
-        identity = sub.endpoint.identity
         for event in self.matching(sub.filter):
             what = event.what
-            if (what.control and not sub.wants_control) or not may_read(identity, what.access):
+            if not sub.may_receive(what.control, what.access):
                 continue
             message = event.message()
             if sub.matcher is not None and not sub.matcher.matches(

@@ -233,6 +233,12 @@ class SubscriptionEntry:
     delivered: int = 0
     dropped: int = 0
 
+    def may_receive(self, control: bool, access: TopicAccess) -> bool:
+        """Whether events of a topic this subscription's filter matches reach it:
+        it wants control topics if the topic is one, and its owner may read it
+        (its correlation filter is applied per event)."""
+        return (self.wants_control or not control) and may_read(self.endpoint.identity, access)
+
 
 class SubscriptionTable:
     """Every subscription of one broker, indexed by filter, with its costs.
@@ -477,11 +483,7 @@ class SubscriptionTable:
         is one, and whose owner may read it (correlation filters not applied)."""
         subs = self.route_cache.get(topic)
         if subs is None:
-            subs = tuple(
-                s
-                for s in self._trie.match(topic)
-                if (s.wants_control or not control) and may_read(s.endpoint.identity, access)
-            )
+            subs = tuple(s for s in self._trie.match(topic) if s.may_receive(control, access))
             if len(self.route_cache) >= _ROUTE_CACHE_SIZE:
                 self.route_cache.clear()
             self.route_cache[topic] = subs
