@@ -175,3 +175,21 @@ def _machine() -> dict[str, object]:
         "versions": {},
         "date": "today",
     }
+
+
+@pytest.mark.timeout(60)
+def test_no_responders_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/no_responders.py, bounded: every request fails with NoResponders."""
+    import asyncio
+
+    from benchmarks.no_responders import measure, start_broker
+
+    path = str(tmp_path / "bus.sock")
+    broker = start_broker(path)
+    try:
+        times = asyncio.run(measure(path, 20, 2))
+    finally:
+        broker.terminate()
+        broker.wait()
+    assert len(times) == 20
+    assert times == sorted(times)
