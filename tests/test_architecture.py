@@ -55,6 +55,10 @@ LAYERS: dict[str, int] = {
     "bridge": 1,
     "bridge.subjects": 1,
     "bridge.spool": 1,
+    "bridge.headers": 1,
+    "bridge.inbound_check": 1,
+    # reads the TLS files and secrets it is given, runs no event loop
+    "bridge.config": 1,
     # asyncio
     "runtime": 2,
     "delivery": 2,

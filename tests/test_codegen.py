@@ -541,7 +541,8 @@ def test_real_schema_request_and_retained_topics(real_decls: list[TopicDecl]) ->
             assert isinstance(obj, RequestTopicTemplate), d.name
             assert obj.reply_name == d.reply, d.name
             assert (obj.access, obj.control) == (PRIVILEGED, True), d.name
-            assert obj.publishers == {"daemoneye-agent"}, d.name
+            # the agent on this host, and the fleet through the bridge (privileged only by policy)
+            assert obj.publishers == {"daemoneye-agent", "bridge"}, d.name
         else:
             assert not isinstance(obj, RequestTopic | RequestTopicTemplate), d.name
     health = registry.control_collector_rpc_health(id="procmond-1")

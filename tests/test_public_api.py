@@ -110,6 +110,8 @@ PURE_MODULES = [
     "control.tracker",
     "bridge",
     "bridge.subjects",
+    "bridge.headers",
+    "bridge.inbound_check",
 ]
 PACKAGE_DIR = Path(daemoneye_eventbus.__file__).resolve().parent
 

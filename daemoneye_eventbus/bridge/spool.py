@@ -50,7 +50,7 @@ import builtins
 import json
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -213,39 +213,59 @@ class Spool:
     ) -> int:
         """Append an event; return its ``seq``. Drops the oldest events if the
         bounds require it (counted in :attr:`dropped`)."""
-        encoded = json.dumps(dict(headers or {}), separators=(",", ":"), sort_keys=True)
-        size = len(subject.encode("utf-8")) + len(encoded.encode("utf-8")) + len(payload)
-        if size > self.max_bytes:
-            raise ValueError(f"event of {size} bytes is larger than the spool ({self.max_bytes})")
-        with self._lock:
-            with self._transaction():
-                drop, freed = self._room_for(size)
-                db = self._db
-                if drop:
-                    db.execute(
-                        "DELETE FROM events WHERE seq IN"
-                        " (SELECT seq FROM events ORDER BY seq LIMIT ?)",
-                        (drop,),
-                    )
-                    db.execute(
-                        "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (drop,)
-                    )
-                cursor = db.execute(
-                    "INSERT INTO events (subject, headers, payload, bytes) VALUES (?, ?, ?, ?)",
-                    (subject, encoded, bytes(payload), size),
-                )
-                seq = cursor.lastrowid
-                assert seq is not None
-            # Committed (the transaction raised otherwise): only now do the figures change.
-            self._depth += 1 - drop
-            self._bytes += size - freed
-            self._dropped += drop
-        return seq
+        return self.put_many([(subject, payload, headers)])[0]
 
-    def _room_for(self, size: int) -> tuple[int, int]:
-        """How many of the oldest events to drop, and their bytes, to fit ``size`` more."""
-        excess_events = self._depth + 1 - self.max_events
-        excess_bytes = self._bytes + size - self.max_bytes
+    def put_many(
+        self, events: Sequence[tuple[str, builtins.bytes, Mapping[str, str] | None]]
+    ) -> list[int]:
+        """Append ``(subject, payload, headers)`` events in one transaction; return
+        their ``seq``. The same as :meth:`put` for each, in order, but one commit.
+        A refused event (larger than the spool) refuses the whole call."""
+        rows: list[tuple[str, str, builtins.bytes, int]] = []
+        for subject, payload, headers in events:
+            encoded = json.dumps(dict(headers or {}), separators=(",", ":"), sort_keys=True)
+            size = len(subject.encode("utf-8")) + len(encoded.encode("utf-8")) + len(payload)
+            if size > self.max_bytes:
+                raise ValueError(
+                    f"event of {size} bytes is larger than the spool ({self.max_bytes})"
+                )
+            rows.append((subject, encoded, bytes(payload), size))
+        seqs: list[int] = []
+        with self._lock:
+            depth, nbytes, dropped = self._depth, self._bytes, self._dropped
+            with self._transaction():
+                db = self._db
+                for row in rows:
+                    drop, freed = self._room_for(row[3], depth, nbytes)
+                    if drop:
+                        db.execute(
+                            "DELETE FROM events WHERE seq IN"
+                            " (SELECT seq FROM events ORDER BY seq LIMIT ?)",
+                            (drop,),
+                        )
+                        db.execute(
+                            "UPDATE counters SET value = value + ? WHERE name = 'dropped'",
+                            (drop,),
+                        )
+                    cursor = db.execute(
+                        "INSERT INTO events (subject, headers, payload, bytes)"
+                        " VALUES (?, ?, ?, ?)",
+                        row,
+                    )
+                    assert cursor.lastrowid is not None
+                    seqs.append(cursor.lastrowid)
+                    depth += 1 - drop
+                    nbytes += row[3] - freed
+                    dropped += drop
+            # Committed (the transaction raised otherwise): only now do the figures change.
+            self._depth, self._bytes, self._dropped = depth, nbytes, dropped
+        return seqs
+
+    def _room_for(self, size: int, depth: int, nbytes: int) -> tuple[int, int]:
+        """How many of the oldest events to drop, and their bytes, to fit ``size``
+        more into ``depth`` events of ``nbytes``."""
+        excess_events = depth + 1 - self.max_events
+        excess_bytes = nbytes + size - self.max_bytes
         if excess_events <= 0 and excess_bytes <= 0:
             return 0, 0
         drop = freed = 0
@@ -255,6 +275,16 @@ class Spool:
             drop += 1
             freed += nbytes
         return drop, freed
+
+    def peek_after(self, seq: int, n: int) -> list[SpooledEvent]:
+        """The oldest ``n`` events after ``seq`` (those not yet sent), oldest first."""
+        with self._lock:
+            rows = self._execute(
+                "SELECT seq, subject, headers, payload FROM events WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (seq, max(n, 0)),
+            ).fetchall()
+        return [SpooledEvent(seq, subject, json.loads(h), bytes(p)) for seq, subject, h, p in rows]
 
     def peek(self, n: int) -> list[SpooledEvent]:
         """The oldest ``n`` events (fewer if the spool holds fewer), oldest first."""

@@ -73,8 +73,10 @@ __all__ = [
     "control_subjects",
     "escape_level",
     "filter_to_subjects",
+    "host_pattern",
     "is_control_topic",
     "msg_id",
+    "subject_covers",
     "subject_to_topic",
     "topic_to_subject",
     "unescape_level",
@@ -305,3 +307,30 @@ def msg_id(host: str, event_id: int, received_at_ns: int) -> str:
     if received_at_ns < 0:
         raise ValueError(f"receive time must not be negative, not {received_at_ns}")
     return f"{host}:{received_at_ns}:{event_id}"
+
+
+def subject_covers(pattern: str, subject: str) -> bool:
+    """Whether every subject that ``subject`` matches is matched by ``pattern``.
+
+    Both are NATS subjects, either may hold wildcards (``*`` one token, ``>``
+    one or more trailing tokens). ``subject_covers("daemoneye.*.events.>",
+    "daemoneye.web-01.events.process.>")`` holds; the bridge checks with it
+    that the stream it publishes to stores every subject it forwards.
+    """
+    wanted = subject.split(".")
+    for i, token in enumerate(pattern.split(".")):
+        if token == ">":
+            return len(wanted) > i
+        if i >= len(wanted) or wanted[i] == ">":
+            return False
+        if token != "*" and (wanted[i] == "*" or wanted[i] != token):
+            return False
+    return len(wanted) == len(pattern.split("."))
+
+
+def host_pattern(subject: str) -> str:
+    """``subject`` with its host token replaced by ``*``: the same layout for every host
+    (``daemoneye.web-01.events.>`` → ``daemoneye.*.events.>``)."""
+    tokens = _split_subject(subject)
+    tokens[1] = "*"
+    return ".".join(tokens)

@@ -75,7 +75,7 @@ EVENTS_PROCESS_LIFECYCLE: Final[Topic[events_pb2.ProcessEvent]] = Topic(
     events_pb2.ProcessEvent,
     AccessLevel.ACCESS_LEVEL_RESTRICTED,
     frozenset({'procmond'}),
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     False,
 )
 
@@ -85,7 +85,7 @@ EVENTS_PROCESS_METADATA: Final[Topic[events_pb2.ProcessEvent]] = Topic(
     events_pb2.ProcessEvent,
     AccessLevel.ACCESS_LEVEL_RESTRICTED,
     frozenset({'procmond'}),
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     False,
 )
 
@@ -95,7 +95,7 @@ EVENTS_PROCESS_TREE: Final[Topic[events_pb2.ProcessEvent]] = Topic(
     events_pb2.ProcessEvent,
     AccessLevel.ACCESS_LEVEL_RESTRICTED,
     frozenset({'procmond'}),
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     False,
 )
 
@@ -105,7 +105,7 @@ EVENTS_PROCESS_INTEGRITY: Final[Topic[events_pb2.ProcessEvent]] = Topic(
     events_pb2.ProcessEvent,
     AccessLevel.ACCESS_LEVEL_RESTRICTED,
     frozenset({'procmond'}),
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     False,
     lossless=True,
 )
@@ -126,7 +126,7 @@ EVENTS_PROCESS_BATCH: Final[Topic[events_pb2.ProcessBatch]] = Topic(
     events_pb2.ProcessBatch,
     AccessLevel.ACCESS_LEVEL_RESTRICTED,
     frozenset({'procmond'}),
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     False,
 )
 
@@ -136,7 +136,7 @@ EVENTS_NETWORK_CONNECTIONS: Final[Topic[events_pb2.NetworkEvent]] = Topic(
     events_pb2.NetworkEvent,
     AccessLevel.ACCESS_LEVEL_RESTRICTED,
     frozenset({'netmond'}),
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     False,
 )
 
@@ -146,7 +146,7 @@ EVENTS_FILESYSTEM_CHANGES: Final[Topic[events_pb2.FilesystemEvent]] = Topic(
     events_pb2.FilesystemEvent,
     AccessLevel.ACCESS_LEVEL_RESTRICTED,
     frozenset({'fsmond'}),
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     False,
 )
 
@@ -156,7 +156,7 @@ EVENTS_PERFORMANCE_METRICS: Final[Topic[events_pb2.PerformanceEvent]] = Topic(
     events_pb2.PerformanceEvent,
     AccessLevel.ACCESS_LEVEL_RESTRICTED,
     frozenset({'perfmond'}),
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     False,
 )
 
@@ -165,7 +165,7 @@ CONTROL_COLLECTOR_LIFECYCLE: Final[Topic[control_pb2.CollectorLifecycleCommand]]
     'control.collector.lifecycle',
     control_pb2.CollectorLifecycleCommand,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
 )
@@ -175,7 +175,7 @@ CONTROL_COLLECTOR_CONFIG: Final[Topic[control_pb2.ConfigurationUpdate]] = Topic(
     'control.collector.config',
     control_pb2.ConfigurationUpdate,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     retained=True,
@@ -186,7 +186,7 @@ CONTROL_COLLECTOR_TASK: Final[Topic[control_pb2.TaskAssignment]] = Topic(
     'control.collector.task',
     control_pb2.TaskAssignment,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     lossless=True,
@@ -198,7 +198,7 @@ CONTROL_COLLECTOR_TASK_TARGETED: Final[TopicTemplate[control_pb2.TaskAssignment]
     ('type', 'id'),
     control_pb2.TaskAssignment,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     lossless=True,
@@ -219,7 +219,7 @@ CONTROL_AGENT_ORCHESTRATION: Final[Topic[control_pb2.AgentOrchestration]] = Topi
     'control.agent.orchestration',
     control_pb2.AgentOrchestration,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'daemoneye-agent', 'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
 )
@@ -229,7 +229,7 @@ CONTROL_AGENT_POLICY: Final[Topic[control_pb2.PolicyUpdate]] = Topic(
     'control.agent.policy',
     control_pb2.PolicyUpdate,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'daemoneye-agent', 'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     retained=True,
@@ -272,7 +272,7 @@ CONTROL_COLLECTOR_RPC_HEALTH: Final[RequestTopicTemplate[control_pb2.HealthCheck
     ('id',),
     control_pb2.HealthCheckRequest,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     reply_type=control_pb2.HealthCheckReply,
@@ -284,7 +284,7 @@ CONTROL_COLLECTOR_RPC_CONFIG: Final[RequestTopicTemplate[control_pb2.Configurati
     ('id',),
     control_pb2.ConfigurationUpdate,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     reply_type=control_pb2.ConfigurationAck,
@@ -296,7 +296,7 @@ CONTROL_COLLECTOR_RPC_LIFECYCLE: Final[RequestTopicTemplate[control_pb2.Collecto
     ('id',),
     control_pb2.CollectorLifecycleCommand,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     reply_type=control_pb2.LifecycleReply,
@@ -308,7 +308,7 @@ CONTROL_COLLECTOR_RPC_TASK: Final[RequestTopicTemplate[control_pb2.TaskAssignmen
     ('id',),
     control_pb2.TaskAssignment,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     reply_type=control_pb2.TaskAck,
@@ -320,7 +320,7 @@ CONTROL_COLLECTOR_QUEUE: Final[RequestTopicTemplate[control_pb2.TaskAssignment, 
     ('type',),
     control_pb2.TaskAssignment,
     AccessLevel.ACCESS_LEVEL_PRIVILEGED,
-    frozenset({'daemoneye-agent'}),
+    frozenset({'bridge', 'daemoneye-agent'}),
     frozenset({'fsmond', 'netmond', 'perfmond', 'procmond'}),
     True,
     reply_type=control_pb2.TaskAck,

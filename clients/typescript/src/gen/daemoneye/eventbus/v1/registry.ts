@@ -23,7 +23,7 @@ export const EVENTS_PROCESS_LIFECYCLE: Topic<typeof ProcessEventSchema> = new To
   ProcessEventSchema,
   AccessLevel.RESTRICTED,
   ["procmond"],
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   false,
 );
 
@@ -33,7 +33,7 @@ export const EVENTS_PROCESS_METADATA: Topic<typeof ProcessEventSchema> = new Top
   ProcessEventSchema,
   AccessLevel.RESTRICTED,
   ["procmond"],
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   false,
 );
 
@@ -43,7 +43,7 @@ export const EVENTS_PROCESS_TREE: Topic<typeof ProcessEventSchema> = new Topic(
   ProcessEventSchema,
   AccessLevel.RESTRICTED,
   ["procmond"],
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   false,
 );
 
@@ -53,7 +53,7 @@ export const EVENTS_PROCESS_INTEGRITY: Topic<typeof ProcessEventSchema> = new To
   ProcessEventSchema,
   AccessLevel.RESTRICTED,
   ["procmond"],
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   false,
   undefined, // template
   true, // lossless
@@ -75,7 +75,7 @@ export const EVENTS_PROCESS_BATCH: Topic<typeof ProcessBatchSchema> = new Topic(
   ProcessBatchSchema,
   AccessLevel.RESTRICTED,
   ["procmond"],
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   false,
 );
 
@@ -85,7 +85,7 @@ export const EVENTS_NETWORK_CONNECTIONS: Topic<typeof NetworkEventSchema> = new 
   NetworkEventSchema,
   AccessLevel.RESTRICTED,
   ["netmond"],
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   false,
 );
 
@@ -95,7 +95,7 @@ export const EVENTS_FILESYSTEM_CHANGES: Topic<typeof FilesystemEventSchema> = ne
   FilesystemEventSchema,
   AccessLevel.RESTRICTED,
   ["fsmond"],
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   false,
 );
 
@@ -105,7 +105,7 @@ export const EVENTS_PERFORMANCE_METRICS: Topic<typeof PerformanceEventSchema> = 
   PerformanceEventSchema,
   AccessLevel.RESTRICTED,
   ["perfmond"],
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   false,
 );
 
@@ -114,7 +114,7 @@ export const CONTROL_COLLECTOR_LIFECYCLE: Topic<typeof CollectorLifecycleCommand
   "control.collector.lifecycle",
   CollectorLifecycleCommandSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
 );
@@ -124,7 +124,7 @@ export const CONTROL_COLLECTOR_CONFIG: Topic<typeof ConfigurationUpdateSchema> =
   "control.collector.config",
   ConfigurationUpdateSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
   undefined, // template
@@ -137,7 +137,7 @@ export const CONTROL_COLLECTOR_TASK: Topic<typeof TaskAssignmentSchema> = new To
   "control.collector.task",
   TaskAssignmentSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
   undefined, // template
@@ -150,7 +150,7 @@ export const CONTROL_COLLECTOR_TASK_TARGETED: TopicTemplate<typeof TaskAssignmen
   ["type", "id"],
   TaskAssignmentSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
   true, // lossless
@@ -171,7 +171,7 @@ export const CONTROL_AGENT_ORCHESTRATION: Topic<typeof AgentOrchestrationSchema>
   "control.agent.orchestration",
   AgentOrchestrationSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["daemoneye-agent", "fsmond", "netmond", "perfmond", "procmond"],
   true,
 );
@@ -181,7 +181,7 @@ export const CONTROL_AGENT_POLICY: Topic<typeof PolicyUpdateSchema> = new Topic(
   "control.agent.policy",
   PolicyUpdateSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["daemoneye-agent", "fsmond", "netmond", "perfmond", "procmond"],
   true,
   undefined, // template
@@ -229,7 +229,7 @@ export const CONTROL_COLLECTOR_RPC_HEALTH: RequestTopicTemplate<typeof HealthChe
   HealthCheckRequestSchema,
   HealthCheckReplySchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
 );
@@ -241,7 +241,7 @@ export const CONTROL_COLLECTOR_RPC_CONFIG: RequestTopicTemplate<typeof Configura
   ConfigurationUpdateSchema,
   ConfigurationAckSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
 );
@@ -253,7 +253,7 @@ export const CONTROL_COLLECTOR_RPC_LIFECYCLE: RequestTopicTemplate<typeof Collec
   CollectorLifecycleCommandSchema,
   LifecycleReplySchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
 );
@@ -265,7 +265,7 @@ export const CONTROL_COLLECTOR_RPC_TASK: RequestTopicTemplate<typeof TaskAssignm
   TaskAssignmentSchema,
   TaskAckSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
 );
@@ -277,7 +277,7 @@ export const CONTROL_COLLECTOR_QUEUE: RequestTopicTemplate<typeof TaskAssignment
   TaskAssignmentSchema,
   TaskAckSchema,
   AccessLevel.PRIVILEGED,
-  ["daemoneye-agent"],
+  ["bridge", "daemoneye-agent"],
   ["fsmond", "netmond", "perfmond", "procmond"],
   true,
 );
