@@ -92,6 +92,12 @@ LAYERS: dict[str, int] = {
     "control.watch": 2,
     "control.agent": 2,
     "control.collector": 2,
+    # the NATS bridge on the bus and on NATS
+    "bridge.stats": 1,
+    "bridge.link": 2,
+    "bridge.outbound": 2,
+    "bridge.inbound": 2,
+    "bridge.runner": 2,
     # faces
     "bus": 3,
     "cli": 3,

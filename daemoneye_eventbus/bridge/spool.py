@@ -248,8 +248,7 @@ class Spool:
                             (drop,),
                         )
                     cursor = db.execute(
-                        "INSERT INTO events (subject, headers, payload, bytes)"
-                        " VALUES (?, ?, ?, ?)",
+                        "INSERT INTO events (subject, headers, payload, bytes) VALUES (?, ?, ?, ?)",
                         row,
                     )
                     assert cursor.lastrowid is not None
