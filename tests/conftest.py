@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nats_server import NatsServer, running_nats_server
+from nats_server import NatsServer, NatsServerProcess, running_nats_server
 
 from daemoneye.eventbus.v1 import events_pb2, frames_pb2
 from daemoneye_eventbus.broker import Broker, BrokerConfig, BrokerStatistics
@@ -61,6 +61,16 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     binary is missing, except under CI."""
     with running_nats_server(tmp_path / "nats") as server:
         yield server
+
+
+@pytest.fixture
+def nats_server_control(tmp_path: Path) -> Iterator[NatsServerProcess]:
+    """A running ``nats-server -js`` that the test may ``kill()`` and ``start()``
+    again (same port, same JetStream store); ``.server`` is the running one.
+    Whatever runs at the end of the test is stopped, failed or not."""
+    with NatsServerProcess(tmp_path / "nats") as process:
+        process.start()
+        yield process
 
 
 @pytest.fixture

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
-from nats_server import NatsServer, find_nats_server, import_nats, running_nats_server
+from nats_server import (
+    NatsServer,
+    NatsServerProcess,
+    find_nats_server,
+    import_nats,
+    port_is_closed,
+    running_nats_server,
+    wait_until_stored,
+)
 
 from daemoneye_eventbus.bridge.subjects import msg_id, topic_to_subject
 
@@ -65,3 +74,86 @@ async def test_jetstream_drops_a_resent_event_by_its_msg_id(nats_server: NatsSer
         assert stored.headers["Nats-Msg-Id"] == headers["Nats-Msg-Id"]
     finally:
         await nc.close()
+
+
+async def test_a_killed_server_restarts_with_its_streams(
+    nats_server_control: NatsServerProcess,
+) -> None:
+    nats = import_nats()
+    first = nats_server_control.server
+    payloads = [b"restart-event-%d" % i for i in range(3)]
+    ids = [msg_id("test", i + 1, 1_700_000_000_000_000_000) for i in range(3)]
+    subject = topic_to_subject("test", "events.process.lifecycle")
+    nc = await nats.connect(first.url, connect_timeout=5, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="DAEMONEYE_RESTART", subjects=["daemoneye.test.>"])
+        acks = [
+            await js.publish(subject, payload, headers={"Nats-Msg-Id": mid})
+            for payload, mid in zip(payloads, ids, strict=True)
+        ]
+    finally:
+        await nc.close()
+    wait_until_stored(first.store_dir, "DAEMONEYE_RESTART", payloads)
+
+    nats_server_control.kill()
+    assert not nats_server_control.running
+    assert port_is_closed(first.port)
+    with pytest.raises(ProcessLookupError):
+        os.kill(first.pid, 0)
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = nats_server_control.server
+
+    second = nats_server_control.start()
+    assert (second.url, second.port, second.store_dir) == (first.url, first.port, first.store_dir)
+    assert second.pid != first.pid
+    assert nats_server_control.pids == [first.pid, second.pid]
+    nc = await nats.connect(second.url, connect_timeout=5, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("DAEMONEYE_RESTART")
+        assert info.config.subjects == ["daemoneye.test.>"]
+        assert (info.state.messages, info.state.first_seq, info.state.last_seq) == (3, 1, 3)
+        for ack, payload, mid in zip(acks, payloads, ids, strict=True):
+            stored = await js.get_msg("DAEMONEYE_RESTART", ack.seq)
+            assert (stored.subject, stored.data) == (subject, payload)
+            assert stored.headers is not None
+            assert stored.headers["Nats-Msg-Id"] == mid
+        # The duplicate window outlives the crash: a re-sent event is still dropped.
+        again = await js.publish(subject, payloads[0], headers={"Nats-Msg-Id": ids[0]})
+        assert again.duplicate
+        assert again.seq == acks[0].seq
+        assert (await js.stream_info("DAEMONEYE_RESTART")).state.messages == 3
+    finally:
+        await nc.close()
+
+
+def test_the_control_stops_whatever_it_started(tmp_path: Path) -> None:
+    with NatsServerProcess(tmp_path) as process:
+        first = process.start()
+        process.kill()
+        second = process.start()
+        with pytest.raises(RuntimeError, match="already running"):
+            process.start()
+    assert not process.running
+    for pid in (first.pid, second.pid):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert port_is_closed(second.port)
+    process.stop()  # idempotent
+    with pytest.raises(RuntimeError, match="not running"):
+        process.kill()
+
+
+def test_a_restart_on_a_port_taken_meanwhile_fails_with_the_log(tmp_path: Path) -> None:
+    with NatsServerProcess(tmp_path) as process:
+        server = process.start()
+        process.kill()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind(("127.0.0.1", server.port))
+            squatter.listen()
+            with pytest.raises(RuntimeError, match="did not start; its log"):
+                process.start(attempts=1)
+        assert not process.running
+        assert process.port == server.port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -234,3 +235,149 @@ def test_calls_from_threads_are_serialised(tmp_path: Path) -> None:
         for t in range(4):
             mine = [e.subject for e in held if e.subject.startswith(f"t{t}.")]
             assert mine == [f"t{t}.{i}" for i in range(50)]
+
+
+# -- put_many and peek_after --------------------------------------------------------------------
+
+
+def held(spool: Spool) -> list[tuple[str, bytes, dict[str, str]]]:
+    return [(e.subject, e.payload, dict(e.headers)) for e in spool.peek(10_000)]
+
+
+def test_put_many_appends_in_order_and_returns_the_seqs(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db", max_events=100, max_bytes=100_000) as spool:
+        first = spool.put("before", b"0")
+        batch: list[tuple[str, bytes, dict[str, str] | None]] = [
+            (f"daemoneye.h.t{i}", bytes([i]) * i, {"Nats-Msg-Id": f"h:1:{i}"} if i % 2 else None)
+            for i in range(6)
+        ]
+        seqs = spool.put_many(batch)
+        assert len(seqs) == 6
+        assert seqs == sorted(seqs)
+        assert len(set(seqs)) == 6
+        assert seqs[0] > first
+        events = spool.peek(100)
+        assert [e.seq for e in events] == [first, *seqs]
+        assert events[1:] == [
+            SpooledEvent(seq, subject, headers or {}, payload)
+            for seq, (subject, payload, headers) in zip(seqs, batch, strict=True)
+        ]
+        assert spool.depth == 7
+        assert spool.bytes == size("before", b"0") + sum(
+            size(s, p, json.dumps(h or {}, separators=(",", ":"))) for s, p, h in batch
+        )
+        assert spool.put("after", b"") > seqs[-1]
+        assert spool.put_many([]) == []
+        assert spool.depth == 8
+
+
+def test_a_refused_event_refuses_the_whole_batch(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db", max_events=3, max_bytes=200) as spool:
+        spool.put_many([("a", b"1", None), ("b", b"2", None)])
+        before = (held(spool), spool.depth, spool.bytes, spool.dropped)
+        # The first two would drop "a" (three events at most): the refusal undoes that too.
+        batch: list[tuple[str, bytes, dict[str, str] | None]] = [
+            ("c", b"3", None),
+            ("d", b"4", None),
+            ("big", b"x" * 300, None),
+            ("e", b"5", None),
+        ]
+        with pytest.raises(ValueError, match="larger than the spool"):
+            spool.put_many(batch)
+        assert (held(spool), spool.depth, spool.bytes, spool.dropped) == before
+    with Spool(tmp_path / "s.db", max_events=3, max_bytes=200) as spool:
+        assert (held(spool), spool.depth, spool.bytes, spool.dropped) == before
+
+
+def test_a_batch_into_a_full_spool_keeps_the_newest(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db", max_events=3, max_bytes=10_000) as spool:
+        spool.put_many([("old0", b"", None), ("old1", b"", None)])
+        seqs = spool.put_many([(f"new{i}", b"", None) for i in range(4)])
+        assert [e.subject for e in spool.peek(10)] == ["new1", "new2", "new3"]
+        assert [e.seq for e in spool.peek(10)] == seqs[1:]
+        assert (spool.depth, spool.dropped) == (3, 3)
+        # A batch longer than the spool: only its last events stay.
+        seqs = spool.put_many([(f"n{i}", b"", None) for i in range(10)])
+        assert [e.subject for e in spool.peek(10)] == ["n7", "n8", "n9"]
+        assert [e.seq for e in spool.peek(10)] == seqs[7:]
+        assert (spool.depth, spool.dropped) == (3, 3 + 10)
+    with Spool(tmp_path / "s.db", max_events=3, max_bytes=10_000) as spool:
+        assert (spool.depth, spool.dropped) == (3, 13)
+
+
+def test_a_batch_over_the_byte_bound_drops_exactly_what_it_must(tmp_path: Path) -> None:
+    one = size("s0", b"x" * 10)
+    with Spool(tmp_path / "s.db", max_events=1000, max_bytes=4 * one) as spool:
+        spool.put_many([(f"s{i}", b"x" * 10, None) for i in range(3)])
+        # Three more of the same size: two of the oldest go (4 fit).
+        spool.put_many([(f"t{i}", b"x" * 10, None) for i in range(3)])
+        assert [e.subject for e in spool.peek(10)] == ["s2", "t0", "t1", "t2"]
+        assert (spool.bytes, spool.dropped) == (4 * one, 2)
+        # One of twice the size: two more go.
+        spool.put_many([("u0", b"x" * (10 + one), None)])
+        assert [e.subject for e in spool.peek(10)] == ["t1", "t2", "u0"]
+        assert (spool.bytes, spool.dropped) == (4 * one, 4)
+
+
+batches = st.lists(
+    st.lists(
+        st.tuples(st.integers(0, 60), st.booleans()),
+        max_size=8,
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches)
+def test_put_many_is_put_for_each_in_order(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[list[tuple[int, bool]]]
+) -> None:
+    directory = tmp_path_factory.mktemp("spool")
+    with (
+        Spool(directory / "many.db", max_events=5, max_bytes=200) as many,
+        Spool(directory / "one.db", max_events=5, max_bytes=200) as one,
+    ):
+        n = 0
+        for batch in ops:
+            events: list[tuple[str, bytes, dict[str, str] | None]] = []
+            for k, with_headers in batch:
+                events.append(
+                    (f"s{n}", b"y" * k, {"Nats-Msg-Id": f"h:1:{n}"} if with_headers else None)
+                )
+                n += 1
+            seqs = many.put_many(events)
+            assert len(seqs) == len(events)
+            assert seqs == sorted(set(seqs))
+            for subject, payload, headers in events:
+                one.put(subject, payload, headers)
+            assert held(many) == held(one)
+            assert (many.depth, many.bytes, many.dropped) == (one.depth, one.bytes, one.dropped)
+            kept = {e.seq for e in many.peek(100)}
+            # What is kept of the batch is a tail of it, with the seqs it was given.
+            tail = [s for s in seqs if s in kept]
+            assert tail == seqs[len(seqs) - len(tail) :]
+
+
+def test_peek_after(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db", max_events=100, max_bytes=10_000) as spool:
+        seqs = spool.put_many([(f"s{i}", bytes([i]), {"i": str(i)}) for i in range(6)])
+        everything = spool.peek(100)
+        assert spool.peek_after(0, 100) == everything
+        assert spool.peek_after(0, 2) == spool.peek(2) == everything[:2]
+        assert spool.peek_after(seqs[1], 2) == everything[2:4]
+        assert spool.peek_after(seqs[1], 100) == everything[2:]
+        assert spool.peek_after(seqs[-1], 10) == []
+        assert spool.peek_after(seqs[2], 0) == spool.peek_after(seqs[2], -1) == []
+        # Not removing anything: peek_after pages through what is not yet sent.
+        pages, after = [], 0
+        while page := spool.peek_after(after, 4):
+            pages.append([e.subject for e in page])
+            after = page[-1].seq
+        assert pages == [["s0", "s1", "s2", "s3"], ["s4", "s5"]]
+        assert spool.depth == 6
+        # After an ack, from a seq that is gone or between events.
+        spool.ack(seqs[2])
+        assert [e.subject for e in spool.peek_after(seqs[0], 10)] == ["s3", "s4", "s5"]
+        assert [e.subject for e in spool.peek_after(seqs[3], 1)] == ["s4"]
+        assert spool.peek_after(-5, 1) == spool.peek(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -16,8 +17,10 @@ from daemoneye_eventbus.bridge.subjects import (
     control_subjects,
     escape_level,
     filter_to_subjects,
+    host_pattern,
     is_control_topic,
     msg_id,
+    subject_covers,
     subject_to_topic,
     topic_to_subject,
     unescape_level,
@@ -296,3 +299,135 @@ def test_msg_id_refusals(
 ) -> None:
     with pytest.raises(error):
         msg_id(host, event_id, received_at_ns)
+
+
+# -- subject_covers and host_pattern ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "covers"),
+    [
+        ("a.b", "a.b", True),
+        ("a.b", "a.c", False),
+        ("a.b", "a.b.c", False),
+        ("a.b.c", "a.b", False),
+        # '>' covers longer subjects, and the same length ending in '>', never shorter.
+        (">", "a", True),
+        (">", "a.b.c", True),
+        (">", ">", True),
+        (">", "*", True),
+        ("a.>", "a.b", True),
+        ("a.>", "a.b.c.d", True),
+        ("a.>", "a.>", True),
+        ("a.>", "a.*", True),
+        ("a.>", "a.b.>", True),
+        ("a.>", "a", False),
+        ("a.b.>", "a.>", False),
+        ("a.>", "b.c", False),
+        ("*.>", "a", False),
+        # '*' covers a literal and '*', not '>' (which may stand for several tokens).
+        ("a.*", "a.b", True),
+        ("a.*", "a.*", True),
+        ("a.*", "a.>", False),
+        ("*", ">", False),
+        ("a.*", "a.b.c", False),
+        ("a.*.c", "a.b.c", True),
+        ("*.*", "a.*", True),
+        # A literal covers neither wildcard.
+        ("a.b", "a.*", False),
+        ("a.b", "a.>", False),
+        ("a.b.c", "a.*.c", False),
+        ("daemoneye.*.events.>", "daemoneye.web-01.events.process.>", True),
+        ("daemoneye.*.events.>", "daemoneye.web-01.events", False),
+        ("daemoneye.*.events", "daemoneye.web-01.events", True),
+        ("daemoneye.*.events.network.>", "daemoneye.web-01.events.>", False),
+    ],
+)
+def test_subject_covers_examples(pattern: str, subject: str, covers: bool) -> None:
+    assert subject_covers(pattern, subject) is covers
+
+
+TOKENS = ["a", "b", "*", ">"]
+#: Concrete subjects to test the claims on: up to 5 tokens over an alphabet that
+#: has a token ("c") no pattern names. A pattern of at most 4 tokens that does
+#: not cover another has a counterexample among them: where a length decides,
+#: it is at most one more than the longer of the two (a trailing '>' matches
+#: that length and the one before).
+CONCRETE = [".".join(tokens) for n in range(1, 6) for tokens in itertools.product("abc", repeat=n)]
+
+
+def well_formed(tokens: list[str]) -> bool:
+    return ">" not in tokens[:-1]
+
+
+nats_patterns = (
+    st.lists(st.sampled_from(TOKENS), min_size=1, max_size=4).filter(well_formed).map(".".join)
+)
+
+
+def test_the_reference_matcher() -> None:
+    assert nats_subject_matches("a.>", "a.b.c")
+    assert not nats_subject_matches("a.>", "a")
+    assert nats_subject_matches("*.b", "c.b")
+    assert not nats_subject_matches("*.b", "c.b.a")
+    assert len(CONCRETE) == 3 + 9 + 27 + 81 + 243
+
+
+@given(nats_patterns, nats_patterns)
+def test_subject_covers_means_what_it_says(pattern: str, subject: str) -> None:
+    matched = [c for c in CONCRETE if nats_subject_matches(subject, c)]
+    uncovered = [c for c in matched if not nats_subject_matches(pattern, c)]
+    if subject_covers(pattern, subject):
+        assert uncovered == []
+    else:
+        assert uncovered, f"{pattern!r} does not cover {subject!r}, but no subject shows it"
+
+
+def test_subject_covers_every_pair_of_short_patterns() -> None:
+    # The same claim exhaustively for patterns of up to 3 tokens.
+    patterns = [
+        ".".join(tokens)
+        for n in range(1, 4)
+        for tokens in itertools.product(TOKENS, repeat=n)
+        if well_formed(list(tokens))
+    ]
+    matches = {p: {c for c in CONCRETE if nats_subject_matches(p, c)} for p in patterns}
+    for pattern, subject in itertools.product(patterns, repeat=2):
+        expected = matches[subject] <= matches[pattern]
+        assert subject_covers(pattern, subject) is expected, (pattern, subject)
+
+
+@pytest.mark.parametrize(
+    ("subject", "pattern"),
+    [
+        ("daemoneye.web-01.events.>", "daemoneye.*.events.>"),
+        ("daemoneye.h.events", "daemoneye.*.events"),
+        ("daemoneye.h.events.*.lifecycle", "daemoneye.*.events.*.lifecycle"),
+        ("daemoneye.*.x", "daemoneye.*.x"),
+        ("daemoneye.all.control.>", "daemoneye.*.control.>"),
+    ],
+)
+def test_host_pattern(subject: str, pattern: str) -> None:
+    assert host_pattern(subject) == pattern
+
+
+@pytest.mark.parametrize(
+    "subject", ["daemoneye.h", "daemoneye", "other.h.events", "", "h.events.>"]
+)
+def test_host_pattern_refuses_what_is_not_a_bridge_subject(subject: str) -> None:
+    with pytest.raises(InvalidSubject):
+        host_pattern(subject)
+
+
+@given(hosts, hosts, filters)
+def test_the_host_pattern_of_a_filter_covers_it_on_every_host(
+    host: str, other: str, filter: str
+) -> None:
+    for subject in filter_to_subjects(host, filter):
+        pattern = host_pattern(subject)
+        assert subject_covers(pattern, subject)
+        assert pattern.split(".")[1] == "*"
+    for subject in filter_to_subjects(other, filter):
+        assert any(
+            subject_covers(host_pattern(s), subject) for s in filter_to_subjects(host, filter)
+        )

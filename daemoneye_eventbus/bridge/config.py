@@ -104,12 +104,18 @@ class NatsOptions:
             raise BridgeConfigError("the NATS connect timeout must be positive")
 
     def tls_context(self) -> ssl.SSLContext | None:
-        """The TLS context for the connection, or None without TLS options."""
+        """The TLS context for the connection, or None without TLS options.
+
+        Raises :class:`BridgeConfigError` if a TLS file cannot be read or used.
+        """
         if self.tls_ca is None and self.tls_cert is None:
             return None
-        context = ssl.create_default_context(cafile=self.tls_ca)
-        if self.tls_cert is not None and self.tls_key is not None:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
+        try:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert is not None and self.tls_key is not None:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+        except OSError as exc:  # ssl.SSLError too: a file that is no PEM, a key of another cert
+            raise BridgeConfigError(f"NATS TLS files: {exc}") from None
         return context
 
     def connect_options(self) -> dict[str, Any]:

@@ -159,9 +159,12 @@ def event_headers(
     return headers
 
 
-def _int(name: str, value: str) -> int:
+def _int(name: str, value: str, maximum: int) -> int:
     if not value.isascii() or not value.isdigit():
         raise InvalidHeader(f"header {name}: {value!r} is not a decimal number")
+    # Checked on the digits first: int() refuses more than 4300 of them (ValueError).
+    if len(value.lstrip("0")) > len(str(maximum)) or int(value) > maximum:
+        raise InvalidHeader(f"header {name}: {value[:40]} is above {maximum}")
     return int(value)
 
 
@@ -187,10 +190,7 @@ def correlation_from_headers(headers: Mapping[str, str] | None) -> CorrelationMe
     if (stage := headers.get(WORKFLOW_STAGE)) is not None:
         meta.workflow_stage = decode_value(WORKFLOW_STAGE, stage)
     if (number := headers.get(SEQUENCE_NUMBER)) is not None:
-        value = _int(SEQUENCE_NUMBER, number)
-        if value > MAX_SEQUENCE_NUMBER:
-            raise InvalidHeader(f"header {SEQUENCE_NUMBER}: {value} is above {MAX_SEQUENCE_NUMBER}")
-        meta.sequence_number = value
+        meta.sequence_number = _int(SEQUENCE_NUMBER, number, MAX_SEQUENCE_NUMBER)
     if (created := headers.get(CREATED_AT)) is not None:
         stamp = timestamp_pb2.Timestamp()
         try:
@@ -201,13 +201,16 @@ def correlation_from_headers(headers: Mapping[str, str] | None) -> CorrelationMe
     if (tags := headers.get(TAGS)) is not None:
         try:
             parsed = json.loads(tags)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise InvalidHeader(f"header {TAGS}: not JSON: {exc}") from None
         if not isinstance(parsed, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
         ):
             raise InvalidHeader(f"header {TAGS}: not a JSON object of strings")
-        meta.tags.update(parsed)
+        try:
+            meta.tags.update(parsed)
+        except UnicodeEncodeError:  # a lone surrogate: valid JSON, no UTF-8 text
+            raise InvalidHeader(f"header {TAGS}: not UTF-8 text") from None
     try:
         validate_metadata(meta)
     except ValueError as exc:

@@ -123,7 +123,10 @@ def check_inbound(
                 f"{target.topic!r} is a request topic: send a NATS request (with a reply subject)"
             )
         if (raw := headers.get(TIMEOUT_MS)) is not None:
-            if not raw.isascii() or not raw.isdigit() or int(raw) == 0:
+            digits = raw.lstrip("0")
+            if not raw.isascii() or not raw.isdigit() or not digits:
                 raise InvalidHeader(f"header {TIMEOUT_MS}: {raw!r} is not a positive number")
-            timeout = min(int(raw) / 1000, max_timeout)
+            # More digits than any deadline needs: capped without int(), which
+            # refuses more than 4300 digits (ValueError).
+            timeout = max_timeout if len(digits) > 15 else min(int(digits) / 1000, max_timeout)
     return InboundCommand(topic, message, payload, correlation, target.broadcast, request, timeout)
