@@ -50,7 +50,7 @@ def process_event(pid: int) -> events_pb2.ProcessEvent:
     return events_pb2.ProcessEvent(pid=pid, name=f"proc-{pid}")
 
 
-async def read_stream(url: str, subject: str = f"daemoneye.{HOST}.>") -> list[Msg]:
+async def read_stream(url: str, subject: str = f"daemoneye.{HOST}.events.>") -> list[Msg]:
     """Every message the stream holds on ``subject``, in stream order (an
     ephemeral pull consumer that acknowledges nothing)."""
     nats = import_nats()

@@ -105,7 +105,7 @@ def test_stream_name_bounds() -> None:
     [
         (("daemoneye.*.events.network.>",), ("events.#",)),
         (("daemoneye.*.events.>",), ("events.#",)),  # does not take daemoneye.web-01.events
-        (("daemoneye.web-02.>",), ("events.#",)),
+        (("daemoneye.web-02.events.>",), ("events.#",)),
         (("daemoneye.*.events.process.*",), ("events.process.#",)),
         (("daemoneye.*.events.*.lifecycle",), ("events.+.+",)),
         ((), ("events.#",)),
@@ -121,7 +121,7 @@ def test_stream_subjects_must_take_the_forwarded_subjects(
 @pytest.mark.parametrize(
     ("stream_subjects", "forward"),
     [
-        (("daemoneye.>",), ("events.#",)),
+        (("daemoneye.*.*",), ("events",)),
         (("daemoneye.*.events", "daemoneye.*.events.>"), ("events.#",)),
         (("daemoneye.web-01.events.process.>",), ("events.process.lifecycle",)),
         (("daemoneye.*.events.*.*",), ("events.+.lifecycle", "events.network.connections")),
@@ -136,7 +136,23 @@ def test_stream_subjects_that_take_them(
 @pytest.mark.parametrize("subject", ["", "daemoneye..events", "daemoneye.*.", ".daemoneye.>"])
 def test_stream_subjects_must_be_subjects(subject: str) -> None:
     with pytest.raises(BridgeConfigError, match="is not a NATS subject"):
-        config(stream_subjects=(subject, "daemoneye.>")).check()
+        config(stream_subjects=(subject, "daemoneye.*.events", "daemoneye.*.events.>")).check()
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["daemoneye.>", "daemoneye.*.>", "daemoneye.web-01.>", "daemoneye.*.*.collector.>", ">"],
+)
+def test_stream_subjects_must_leave_the_control_subjects_alone(subject: str) -> None:
+    # JetStream would store the fleet's control messages and answer its requests.
+    with pytest.raises(BridgeConfigError, match="takes the inbound control subjects"):
+        config(stream_subjects=(subject,)).check()
+
+
+@pytest.mark.parametrize("flt", ["#", "+.process.lifecycle", "+.#"])
+def test_forward_filters_begin_with_a_name(flt: str) -> None:
+    with pytest.raises(BridgeConfigError, match="the first level must be a name"):
+        config(forward=(flt,)).check()
 
 
 @pytest.mark.parametrize(
@@ -166,9 +182,9 @@ def test_stream_subjects_must_be_subjects(subject: str) -> None:
             ("daemoneye.*.events.*.lifecycle",),
         ),
         (
-            config(stream_subjects=("daemoneye.>",)),
+            config(stream_subjects=("daemoneye.*.events.>", "daemoneye.*.events")),
             ("daemoneye.web-01.events", "daemoneye.web-01.events.>"),
-            ("daemoneye.>",),
+            ("daemoneye.*.events.>", "daemoneye.*.events"),
         ),
     ],
 )

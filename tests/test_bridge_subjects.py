@@ -22,6 +22,7 @@ from daemoneye_eventbus.bridge.subjects import (
     msg_id,
     subject_covers,
     subject_to_topic,
+    subjects_overlap,
     topic_to_subject,
     unescape_level,
     validate_host_id,
@@ -431,3 +432,23 @@ def test_the_host_pattern_of_a_filter_covers_it_on_every_host(
         assert any(
             subject_covers(host_pattern(s), subject) for s in filter_to_subjects(host, filter)
         )
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("daemoneye.*.events.>", "daemoneye.*.control.>", False),
+        ("daemoneye.>", "daemoneye.*.control.>", True),
+        ("daemoneye.*.*", "daemoneye.*.control.>", False),
+        ("daemoneye.*.*.x", "daemoneye.*.control.>", True),
+        ("a.b", "a.b", True),
+        ("a.b", "a.c", False),
+        ("a.*", "a", False),
+        ("a.>", "a", False),
+        ("*.b", "a.*", True),
+        (">", "a.b.c", True),
+    ],
+)
+def test_subjects_overlap(a: str, b: str, overlap: bool) -> None:
+    assert subjects_overlap(a, b) is overlap
+    assert subjects_overlap(b, a) is overlap

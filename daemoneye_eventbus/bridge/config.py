@@ -14,9 +14,11 @@ from typing import Any, Final
 
 from daemoneye_eventbus.bridge.subjects import (
     InvalidSubject,
+    control_subject_pattern,
     filter_to_subjects,
     host_pattern,
     subject_covers,
+    subjects_overlap,
     validate_host_id,
 )
 from daemoneye_eventbus.errors import EventBusError, InvalidTopic
@@ -220,6 +222,13 @@ class BridgeConfig:
         for subject in self.effective_stream_subjects():
             if not subject or any(t == "" for t in subject.split(".")):
                 raise BridgeConfigError(f"stream subject {subject!r} is not a NATS subject")
+            if subjects_overlap(subject, control_subject_pattern()):
+                # JetStream would store the fleet's control messages and answer
+                # its requests with a publish acknowledgement.
+                raise BridgeConfigError(
+                    f"stream subject {subject!r} takes the inbound control subjects "
+                    f"({control_subject_pattern()})"
+                )
         for subject in self.forward_subjects():
             if not any(subject_covers(p, subject) for p in self.effective_stream_subjects()):
                 raise BridgeConfigError(
@@ -267,10 +276,17 @@ class BridgeConfig:
                 validate_topic_filter(flt)
             except InvalidTopic as exc:
                 raise BridgeConfigError(f"forward filter {flt!r}: {exc}") from None
-            if split_topic(flt)[0] == "control":
+            first = split_topic(flt)[0]
+            if first == "control":
                 raise BridgeConfigError(
                     f"forward filter {flt!r}: control topics are not forwarded (their "
                     "subjects are the inbound control subjects of this host)"
+                )
+            if first in ("+", "#"):
+                raise BridgeConfigError(
+                    f"forward filter {flt!r}: the first level must be a name (say "
+                    "events.#): a wildcard there would take the stream over the inbound "
+                    "control subjects"
                 )
         for i, a in enumerate(self.forward):
             for b in self.forward[i + 1 :]:

@@ -56,6 +56,18 @@ SEND_BATCH: Final = 256
 RETRY_WAIT: Final = 1.0
 
 
+def _reraise_cancellation() -> None:
+    """Raise :class:`asyncio.CancelledError` if the current task is being cancelled.
+
+    nats-py turns a cancellation that arrives while ``publish_async`` waits
+    for its in-flight semaphore into ``TooManyStalledMsgsError`` (a nats
+    error): caught as a failed publish, it would keep a closing bridge running.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Forwarder:
     """The bridge's subscriptions on the local bus, written to the spool."""
 
@@ -196,6 +208,7 @@ class Sender:
                 self._wake.set()
                 return
             except (TimeoutError, NatsError, OSError) as exc:
+                _reraise_cancellation()
                 reason = str(exc) or type(exc).__name__
                 log.warning("JetStream is not answering (%s); trying again", reason)
                 await asyncio.sleep(RETRY_WAIT)
@@ -203,6 +216,7 @@ class Sender:
             try:
                 await self._pump(generation)
             except (NatsError, OSError) as exc:
+                _reraise_cancellation()
                 log.warning("publishing to JetStream failed: %s", exc or type(exc).__name__)
             self._go_back()
             if self._failure is not None:
@@ -234,8 +248,7 @@ class Sender:
                 if self._in_flight:
                     oldest = next(iter(self._in_flight.values()))
                     wait = max(0.0, oldest.sent_at + self._config.ack_timeout - now) + 0.01
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                await self._sleep(wait)
                 continue
             for event in events:
                 future = await js.publish_async(
@@ -275,6 +288,17 @@ class Sender:
 
         return done
 
+    async def _sleep(self, timeout: float | None) -> None:
+        """Until woken (an acknowledgement, new events, the link), at most ``timeout`` s.
+
+        ``asyncio.timeout`` rather than ``wait_for``: Python 3.11's ``wait_for``
+        can lose a cancellation that arrives as the wait ends, and a closing
+        bridge would then wait here for ever.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
     def _settle(self) -> None:
         """Remove from the spool every event acknowledged with all before it."""
         last = 0
@@ -305,6 +329,5 @@ class Sender:
             self._wake.clear()
             if not self._in_flight:
                 break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - loop.time()))
+            await self._sleep(max(0.0, deadline - loop.time()))
         self._go_back()

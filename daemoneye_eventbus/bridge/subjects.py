@@ -69,6 +69,7 @@ __all__ = [
     "PREFIX",
     "ControlMessage",
     "InvalidSubject",
+    "control_subject_pattern",
     "control_subject_to_topic",
     "control_subjects",
     "escape_level",
@@ -78,6 +79,7 @@ __all__ = [
     "msg_id",
     "subject_covers",
     "subject_to_topic",
+    "subjects_overlap",
     "topic_to_subject",
     "unescape_level",
     "validate_host_id",
@@ -334,3 +336,24 @@ def host_pattern(subject: str) -> str:
     tokens = _split_subject(subject)
     tokens[1] = "*"
     return ".".join(tokens)
+
+
+def subjects_overlap(a: str, b: str) -> bool:
+    """Whether some concrete subject matches both NATS subjects ``a`` and ``b``
+    (either may hold ``*`` and a trailing ``>``)."""
+    left, right = a.split("."), b.split(".")
+    for i in range(max(len(left), len(right))):
+        x = left[i] if i < len(left) else None
+        y = right[i] if i < len(right) else None
+        if x is None or y is None:
+            return False
+        if x == ">" or y == ">":
+            return True
+        if x != "*" and y != "*" and x != y:
+            return False
+    return True
+
+
+def control_subject_pattern() -> str:
+    """Every host's inbound control subjects: ``daemoneye.*.control.>``."""
+    return f"{PREFIX}.*.{CONTROL}.>"

@@ -1,0 +1,100 @@
+"""The bridge while NATS is away: spooled, drained in order, nothing lost, bounded.
+
+The broker runs in a process of its own (``serve``), the bridge and the
+publishers in the test's event loop, nats-server is killed (SIGKILL) and
+started again on the same port with the same store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+from bridge_helpers import bridge_config, process_event, read_stream, until
+from conftest import PROCMOND
+from nats_server import NatsServerProcess
+from serving import broker_process
+
+from daemoneye.eventbus.v1 import events_pb2, registry
+from daemoneye_eventbus.bridge import headers as h
+from daemoneye_eventbus.bridge.runner import Bridge
+from daemoneye_eventbus.client import Client
+
+LIFECYCLE = registry.EVENTS_PROCESS_LIFECYCLE
+EVENTS = 100_000
+
+
+async def test_events_cross_a_nats_crash_each_stored_once(
+    sock_path: str, tmp_path: Path, nats_server_control: NatsServerProcess
+) -> None:
+    url = nats_server_control.server.url
+    async with (
+        broker_process(sock_path),
+        Bridge(bridge_config(tmp_path, sock_path, url)) as bridge,
+        Client(sock_path, component=PROCMOND) as procmond,
+    ):
+        await until(lambda: bridge.link_up, "the link")
+
+        async def publish(first: int, last: int) -> None:
+            for pid in range(first, last + 1):
+                await procmond.publish(LIFECYCLE, process_event(pid))
+            await procmond.flush()
+
+        # A first part, and NATS killed while it is being forwarded: some
+        # events in flight lose their acknowledgement.
+        await publish(1, 40_000)
+        await until(lambda: bridge.statistics().acknowledged >= 10_000, "10,000 acknowledged")
+        await asyncio.to_thread(nats_server_control.kill)
+        await until(lambda: not bridge.link_up, "the bridge to see the link down")
+        # A second part while NATS is away: spooled.
+        await publish(40_001, 70_000)
+        await until(lambda: bridge.statistics().received == 70_000, "70,000 received")
+        down = bridge.statistics()
+        assert down.spool_depth >= 30_000
+        assert not down.link_up
+        # NATS is back; the rest comes while the spool drains.
+        await asyncio.to_thread(nats_server_control.start)
+        await publish(70_001, EVENTS)
+        await until(
+            lambda: bridge.statistics().received == EVENTS and bridge.statistics().spool_depth == 0,
+            "the spool to drain",
+        )
+        stats = bridge.statistics()
+    assert stats.missed == 0  # lossless from the broker to the bridge
+    assert stats.disconnects >= 1
+    assert stats.forwarded == EVENTS
+    assert stats.spool_dropped == 0
+    stored = await read_stream(url)
+    ids = Counter(m.headers[h.MSG_ID] for m in stored if m.headers)
+    assert len(stored) == EVENTS, f"{len(stored)} stored, {stats}"
+    assert len(ids) == EVENTS
+    assert max(ids.values()) == 1
+    pids = [events_pb2.ProcessEvent.FromString(m.data).pid for m in stored]
+    assert sorted(pids) == list(range(1, EVENTS + 1))
+
+
+async def test_a_full_spool_drops_the_oldest_and_counts_them(
+    sock_path: str, tmp_path: Path, nats_server_control: NatsServerProcess
+) -> None:
+    url = nats_server_control.server.url
+    config = bridge_config(tmp_path, sock_path, url, spool_max_events=100)
+    async with (
+        broker_process(sock_path),
+        Bridge(config) as bridge,
+        Client(sock_path, component=PROCMOND) as procmond,
+    ):
+        await until(lambda: bridge.link_up, "the link")
+        await asyncio.to_thread(nats_server_control.kill)
+        await until(lambda: not bridge.link_up, "the bridge to see the link down")
+        for pid in range(1, 151):
+            await procmond.publish(LIFECYCLE, process_event(pid))
+        await until(lambda: bridge.statistics().received == 150, "150 received")
+        stats = bridge.statistics()
+        assert (stats.spooled, stats.spool_depth, stats.spool_dropped) == (150, 100, 50)
+        await asyncio.to_thread(nats_server_control.start)
+        await until(lambda: bridge.statistics().spool_depth == 0, "the spool to drain")
+        assert bridge.statistics().spool_dropped == 50
+    stored = await read_stream(url)
+    # The newest 100, in order: the oldest 50 were dropped.
+    assert [events_pb2.ProcessEvent.FromString(m.data).pid for m in stored] == list(range(51, 151))
