@@ -381,3 +381,17 @@ def test_peek_after(tmp_path: Path) -> None:
         assert [e.subject for e in spool.peek_after(seqs[0], 10)] == ["s3", "s4", "s5"]
         assert [e.subject for e in spool.peek_after(seqs[3], 1)] == ["s4"]
         assert spool.peek_after(-5, 1) == spool.peek(1)
+
+
+def test_a_new_spool_is_its_owners_alone(tmp_path: Path) -> None:
+    path = tmp_path / "new.spool"
+    with Spool(path, max_events=10, max_bytes=10_000) as spool:
+        spool.put("daemoneye.h.events.x", b"secret")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes[path.name] == 0o600
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+
+def test_a_spool_in_a_missing_directory_is_a_spool_error(tmp_path: Path) -> None:
+    with pytest.raises(SpoolError, match="cannot be opened"):
+        Spool(tmp_path / "missing" / "x.spool", max_events=10, max_bytes=10_000)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
@@ -141,6 +142,16 @@ class Spool:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        try:
+            # A new spool is the bridge's alone (SQLite gives its -wal and -shm
+            # files the database file's permissions). Only a new file: closing a
+            # descriptor of a file releases this process's POSIX locks on it,
+            # those of a spool already open on it too.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path} cannot be opened: {exc.strerror}") from None
         try:
             self._db = sqlite3.connect(
                 self.path, timeout=lock_timeout, isolation_level=None, check_same_thread=False
