@@ -1,13 +1,15 @@
 """``daemoneye-eventbus``: run a broker, publish, subscribe, inspect.
 
 Commands: ``serve``, ``pub``, ``sub``, ``stats``, ``collectors``, ``task``
-(:mod:`daemoneye_eventbus.cli_control`), ``topics``, ``demo``. Every
+(:mod:`daemoneye_eventbus.cli_control`), ``bridge``
+(:mod:`daemoneye_eventbus.cli_bridge`), ``topics``, ``demo``. Every
 command takes ``--socket PATH`` and ``--instance NAME``. An error is one line
 on stderr, ``daemoneye-eventbus COMMAND: error: …``, and a non-zero exit
 status: 1 when the command failed, 2 for a usage or configuration error (a
 bad command line, a bad ``DAEMONEYE_EVENTBUS_LOOP``, a policy file that does
 not load, an unknown user or group, ``serve`` refusing to run as root or
-failing to drop its privileges), 130 when interrupted.
+failing to drop its privileges, a bridge configuration the bridge refuses),
+130 when interrupted.
 ``serve --metrics-listen`` serves the broker's Prometheus metrics
 (:mod:`daemoneye_eventbus.metrics`). The command line itself is
 :mod:`daemoneye_eventbus.cli_args`; tables and JSON are
@@ -22,9 +24,8 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format, text_format
@@ -33,8 +34,9 @@ from google.protobuf.message import Message
 from daemoneye.eventbus.v1 import registry
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationFilter
 from daemoneye.eventbus.v1.options_pb2 import AccessLevel
-from daemoneye_eventbus import cli_control
+from daemoneye_eventbus import cli_bridge, cli_control
 from daemoneye_eventbus.access import Policy
+from daemoneye_eventbus.bridge.config import BridgeConfigError
 from daemoneye_eventbus.broker import Broker, BrokerConfig
 from daemoneye_eventbus.cli_args import EXIT_ERROR, EXIT_USAGE, parser
 from daemoneye_eventbus.cli_output import listening_line, message_json, table
@@ -49,7 +51,7 @@ from daemoneye_eventbus.errors import (
     PrivilegeError,
     RequestTimeout,
 )
-from daemoneye_eventbus.runtime import loop_factory, run
+from daemoneye_eventbus.runtime import loop_factory, run, stop_on_signals
 from daemoneye_eventbus.transports import default_address
 from daemoneye_eventbus.transports.pipes import broad_grants
 from daemoneye_eventbus.watch import watch
@@ -140,32 +142,6 @@ def _drop_to(broker: Broker, uid: int, gid: int) -> None:
         )
 
 
-def _stop_on_signals(stop: Callable[[], None]) -> Callable[[], None]:
-    """Call ``stop`` on SIGINT or SIGTERM (Windows: Ctrl+C or Ctrl+Break); returns the undo."""
-    loop = asyncio.get_running_loop()
-    if sys.platform == "win32":
-        # The proactor loop has no add_signal_handler: a plain handler wakes it
-        # through call_soon_threadsafe instead.
-        signals = (signal.SIGINT, signal.SIGBREAK)
-        previous = {sig: signal.getsignal(sig) for sig in signals}
-        for sig in signals:
-            signal.signal(sig, lambda _sig, _frame: loop.call_soon_threadsafe(stop))
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
-
-    def remove() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-    return remove
-
-
 async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = None) -> int:
     policy = Policy.load(args.policy) if args.policy else None
     broad = broad_grants(args.pipe_sddl) if args.pipe_sddl is not None else []
@@ -218,7 +194,7 @@ async def _serve(args: argparse.Namespace, identity: tuple[int, int] | None = No
     broker = Broker(_socket(args), config, before_serving=drop if identity else None)
     await broker.start()  # bound, and privileges dropped: only then the metrics endpoint
     stop = asyncio.Event()
-    restore = _stop_on_signals(stop.set)
+    restore = stop_on_signals(stop.set)
     metrics = None
     try:
         if args.metrics_listen is not None:
@@ -454,13 +430,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stats": _stats,
             "collectors": cli_control.collectors,
             "task": cli_control.task,
+            "bridge": cli_bridge.bridge,
             "demo": _demo,
         }
         return run(runner[args.command](args))
     except KeyboardInterrupt:
         # Interrupting a live view is how it ends; anything else was cut short.
         return 0 if getattr(args, "watch", False) else 130
-    except (PrivilegeError, PolicyError) as exc:  # the configuration of serve
+    except (PrivilegeError, PolicyError, BridgeConfigError) as exc:  # serve's, bridge's
         return error(exc, EXIT_USAGE)
     except (EventBusError, json_format.ParseError, ValueError, OSError) as exc:
         return error(exc, EXIT_ERROR)

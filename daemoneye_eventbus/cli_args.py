@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any, Final
 
+from daemoneye_eventbus.cli_bridge import add_bridge_options
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.transports import DEFAULT_ADDRESS, default_address
 from daemoneye_eventbus.transports.pipes import check_sddl
@@ -22,8 +23,9 @@ __all__ = ["EXIT_ERROR", "EXIT_USAGE", "HelpFormatter", "parser"]
 EXIT_ERROR: Final = 1
 #: Exit status of a usage or configuration error: argparse's own for a bad
 #: command line, and the CLI's for a bad ``DAEMONEYE_EVENTBUS_LOOP``, a policy
-#: file that does not load, an unknown user or group, and ``serve`` refusing
-#: to run as root or failing to drop privileges.
+#: file that does not load, an unknown user or group, ``serve`` refusing
+#: to run as root or failing to drop privileges, and a bridge configuration
+#: the bridge refuses.
 EXIT_USAGE: Final = 2
 
 
@@ -484,6 +486,15 @@ def parser() -> argparse.ArgumentParser:
     )
 
     _control_commands(cmds, common)
+
+    bridge = _command(
+        cmds,
+        "bridge",
+        [common],
+        "forward this host's events to NATS JetStream (and, with --control, the fleet's "
+        "control messages to the bus) until SIGINT/SIGTERM",
+    )
+    add_bridge_options(bridge)
 
     topics = _command(cmds, "topics", [common], "list the topic registry")
     topics.add_argument("--json", action="store_true", help="a JSON array, one object per topic")

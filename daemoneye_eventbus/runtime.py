@@ -4,6 +4,8 @@ uvloop (the ``fast`` extra) is a drop-in asyncio event loop on libuv; the
 broker and clients use only the asyncio API, so they run the same on either.
 The CLI, the demo and the benchmarks start their loop through :func:`run`;
 an application embedding the broker or a client chooses its own loop.
+:func:`stop_on_signals` is how the long-running commands (``serve``,
+``bridge``) end on SIGINT and SIGTERM.
 ``DAEMONEYE_EVENTBUS_LOOP=asyncio`` forces the standard loop, ``=uvloop``
 requires uvloop (an error if it is missing); the default, ``auto``, takes
 uvloop when it imports.
@@ -14,10 +16,19 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import signal
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
 
-__all__ = ["LOOP_ENV", "loop_factory", "loop_name", "run", "running_loop_name"]
+__all__ = [
+    "LOOP_ENV",
+    "loop_factory",
+    "loop_name",
+    "run",
+    "running_loop_name",
+    "stop_on_signals",
+]
 
 T = TypeVar("T")
 
@@ -71,3 +82,32 @@ def running_loop_name() -> str:
     """``uvloop`` or ``asyncio``: the loop running now (call from a coroutine)."""
     module = type(asyncio.get_running_loop()).__module__
     return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
+def stop_on_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """Call ``stop`` on SIGINT or SIGTERM (Windows: Ctrl+C or Ctrl+Break); returns the undo.
+
+    Call from a coroutine: the handlers wake the running loop.
+    """
+    loop = asyncio.get_running_loop()
+    if sys.platform == "win32":
+        # The proactor loop has no add_signal_handler: a plain handler wakes it
+        # through call_soon_threadsafe instead.
+        signals = (signal.SIGINT, signal.SIGBREAK)
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+        for sig in signals:
+            signal.signal(sig, lambda _sig, _frame: loop.call_soon_threadsafe(stop))
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+    def remove() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    return remove

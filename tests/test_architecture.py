@@ -98,12 +98,15 @@ LAYERS: dict[str, int] = {
     "bridge.outbound": 2,
     "bridge.inbound": 2,
     "bridge.runner": 2,
+    # the bridge's figures for Prometheus, read on its loop (like "metrics")
+    "bridge.metrics": 2,
     # faces
     "bus": 3,
     "cli": 3,
     "cli_args": 3,
     "cli_output": 3,
     "cli_control": 3,
+    "cli_bridge": 3,
     "demo": 3,
     "demo_collectors": 3,
     "watch": 3,

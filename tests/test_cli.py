@@ -27,7 +27,7 @@ from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.runtime import loop_name
 
 CLI = [sys.executable, "-m", "daemoneye_eventbus.cli"]
-COMMANDS = ["serve", "pub", "sub", "stats", "collectors", "task", "topics", "demo"]
+COMMANDS = ["serve", "pub", "sub", "stats", "collectors", "task", "bridge", "topics", "demo"]
 #: As root ``serve`` refuses to run on without --user or --allow-root (tests/test_privileges.py).
 ROOT = ["--allow-root"] if os.geteuid() == 0 else []
 #: Generous: a loaded 2-core CI machine starts Python + protobuf slowly.

@@ -95,6 +95,7 @@ COMMANDS_ON_A_LOOP = [
     ["stats", "--json"],
     ["collectors"],
     ["task", "scan"],
+    ["bridge", "--host-id", "web-01"],
     ["demo"],
 ]
 
@@ -251,6 +252,13 @@ DEFAULTS = {
         "--strategy": "least-loaded",
         "--component": "daemoneye-agent",
     },
+    "bridge": {
+        "--stream": "DAEMONEYE_EVENTS",
+        "--max-in-flight": "1024",
+        "--ack-timeout": "5.0",
+        "--spool-max-events": "1000000",
+        "--replicas": "1",
+    },
     "topics": {},
     "demo": {"--count": "20"},
 }
@@ -277,6 +285,22 @@ def test_seconds_options_say_seconds() -> None:
     for flag in ("--wait", "--interval"):
         assert "seconds" in help_text(help_entries("collectors")[flag])
     assert "seconds" in help_text(help_entries("task")["--deadline"])
+
+
+def test_bridge_numbers_name_their_units() -> None:
+    entries = help_entries("bridge")
+    for flag, unit in {
+        "--ack-timeout": "seconds",
+        "--request-timeout": "seconds",
+        "--max-request-timeout": "seconds",
+        "--max-age": "seconds",
+        "--duplicate-window": "seconds",
+        "--spool-max-events": "events",
+        "--spool-max-bytes": "bytes",
+        "--stream-max-bytes": "bytes",
+        "--max-in-flight": "events",
+    }.items():
+        assert unit in help_text(entries[flag]), entries[flag]
 
 
 # -- JSON: numbers as numbers, no internal fields ------------------------------------------------

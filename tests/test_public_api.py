@@ -64,6 +64,8 @@ PUBLIC_MODULES = [
     "bus",
     "cli",
     "cli_control",
+    "cli_bridge",
+    "bridge.metrics",
     "demo",
     "demo_collectors",
     "watch",

@@ -6,8 +6,10 @@
   the bounded on-disk FIFO that holds events while the link to NATS is down.
 
 This package module imports neither of them, nor NATS, nor asyncio: import
-the submodule you need. The bridge process itself (forwarding, inbound
-control, the command line, metrics) is not built yet.
+the submodule you need. The bridge itself is
+:class:`daemoneye_eventbus.bridge.runner.Bridge`, its Prometheus metrics
+:mod:`daemoneye_eventbus.bridge.metrics`, and ``daemoneye-eventbus bridge``
+(:mod:`daemoneye_eventbus.cli_bridge`) runs it.
 """
 
 from __future__ import annotations

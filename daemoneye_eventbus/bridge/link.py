@@ -133,7 +133,14 @@ class NatsLink:
         """Stop connecting, or close the connection."""
         self._closing = True
         if self._task is not None:
-            self._task.cancel()
+            # nats.connect may swallow a cancellation: when a connection attempt
+            # fails at the same moment, asyncio.wait_for (Python 3.11) raises the
+            # attempt's error instead, and nats-py's endless retry loop catches it.
+            # So cancel until the task has ended (the next cancel lands in its
+            # wait between two attempts).
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=RECONNECT_WAIT)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         if self._nc is not None:

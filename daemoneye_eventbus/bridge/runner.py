@@ -64,6 +64,7 @@ class Bridge:
         self._tasks: list[asyncio.Task[None]] = []
         self._done = asyncio.Event()
         self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -72,6 +73,7 @@ class Bridge:
         connecting to NATS. Raises if the spool or the broker cannot be used;
         NATS being away is not an error (events are spooled)."""
         config = self.config
+        self._loop = asyncio.get_running_loop()
         self._spool = Spool(
             config.spool_path,
             max_events=config.spool_max_events,
@@ -189,6 +191,11 @@ class Bridge:
         await self.close()
 
     # -- figures -------------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the bridge runs on, once started (None before)."""
+        return self._loop
 
     @property
     def link_up(self) -> bool:
