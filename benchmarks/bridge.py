@@ -147,6 +147,36 @@ async def run(path: str, url: str, workdir: Path, events: int, rate: float) -> R
     return Result(events, seconds, latencies, await stored_messages(url), resent)
 
 
+async def baseline(url: str, events: int, window: int = 1024) -> float:
+    """nats-py alone: ``events`` publishes of the same size to JetStream, up to
+    ``window`` awaiting acknowledgement (the bridge's own limit); events/s."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream(publish_async_max_pending=window)
+        with contextlib.suppress(Exception):
+            await js.delete_stream(STREAM)
+        await js.add_stream(name=STREAM, subjects=["daemoneye.*.events.>"])
+        data = events_pb2.ProcessEvent(pid=1, name="x" * 180).SerializeToString()
+        headers = {"Nats-Msg-Id": "", "Daemoneye-Topic": "events.process.lifecycle"}
+        start = time.perf_counter()
+        futures = []
+        for i in range(events):
+            headers["Nats-Msg-Id"] = f"bench:{i}"
+            futures.append(
+                await js.publish_async(
+                    "daemoneye.bench.events.process.lifecycle", data, headers=dict(headers)
+                )
+            )
+        await asyncio.gather(*futures)
+        seconds = time.perf_counter() - start
+        await js.delete_stream(STREAM)
+        return events / seconds
+    finally:
+        await nc.close()
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
@@ -157,6 +187,7 @@ async def main_async(args: argparse.Namespace) -> None:
     broker = start_broker(path)
     try:
         with nats_server(workdir) as url:
+            raw = await baseline(url, args.events)
             burst = await run(path, url, workdir, args.events, 0.0)
             steady = await run(path, url, workdir, int(args.rate * args.seconds), args.rate)
     finally:
@@ -178,6 +209,10 @@ async def main_async(args: argparse.Namespace) -> None:
         f"| latency ({args.rate:,.0f} events/s) | {steady.events:,} | {steady.per_second:,.0f} | "
         f"{_ms(percentile(lat, 0.5))} | {_ms(percentile(lat, 0.99))} | {_ms(max(lat))} | "
         f"{steady.resent} |"
+    )
+    print(
+        f"| nats-py alone, for comparison (publish_async, 1024 in flight) | {args.events:,} "
+        f"| {raw:,.0f} | | | | |"
     )
     print(
         "\nLatency: from the broker accepting an event to JetStream acknowledging it "

@@ -52,6 +52,8 @@ log = logging.getLogger("daemoneye_eventbus.bridge")
 SPOOL_BATCH: Final = 512
 #: Events read from the spool at a time, at most.
 SEND_BATCH: Final = 256
+#: Topics whose subjects the forwarder remembers, at most.
+SUBJECT_CACHE: Final = 4096
 #: Seconds to wait before trying again after JetStream refused a publish.
 RETRY_WAIT: Final = 1.0
 
@@ -86,6 +88,7 @@ class Forwarder:
         self._wake = wake
         self._queue: EventQueue[Any] = client.new_queue()
         self._subs: list[Subscription[Any]] = []
+        self._subjects: dict[str, str] = {}
 
     @property
     def missed(self) -> int:
@@ -108,6 +111,13 @@ class Forwarder:
                 batch.append(event)
             self._spool_batch(batch)
 
+    def _subject(self, topic: str) -> str:
+        """The subject of ``topic``, remembered (for a bounded number of topics)."""
+        if len(self._subjects) >= SUBJECT_CACHE:
+            self._subjects.clear()
+        subject = self._subjects[topic] = topic_to_subject(self._config.host_id, topic)
+        return subject
+
     async def stop(self) -> None:
         """Unsubscribe, then spool what is still queued."""
         for sub in self._subs:
@@ -125,7 +135,9 @@ class Forwarder:
         rows: list[tuple[str, bytes, dict[str, str] | None]] = []
         for event in batch:
             try:
-                subject = topic_to_subject(host, event.topic)
+                subject = self._subjects.get(event.topic)
+                if subject is None:
+                    subject = self._subject(event.topic)
                 headers = event_headers(
                     host,
                     event.topic,
