@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from nats_server import NatsServer, import_nats
 
 from daemoneye.eventbus.v1 import control_pb2, registry
 from daemoneye_eventbus.bridge import headers as h
-from daemoneye_eventbus.bridge.config import BridgeConfigError
+from daemoneye_eventbus.bridge.config import BridgeConfigError, NatsOptions
 from daemoneye_eventbus.bridge.runner import Bridge
 from daemoneye_eventbus.bridge.spool import SpoolLocked
 from daemoneye_eventbus.bridge.subjects import msg_id, topic_to_subject
@@ -135,3 +137,28 @@ def test_a_bad_configuration_is_refused_before_anything_connects(tmp_path: Path)
     config = bridge_config(tmp_path, "/nonexistent", "nats://127.0.0.1:1")
     with pytest.raises(BridgeConfigError, match="control topics are not forwarded"):
         Bridge(dataclasses.replace(config, forward=("control.#",)))
+
+
+async def test_unusable_nats_options_stop_the_bridge_with_the_reason(
+    broker: Broker, sock_path: str, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    # A secret file that cannot be read: an error of the start.
+    options = NatsOptions(servers=(nats_server.url,), token_file=str(tmp_path / "missing"))
+    config = bridge_config(tmp_path, sock_path, nats_server.url, nats=options)
+    with pytest.raises(BridgeConfigError, match="cannot read"):
+        await Bridge(config).start()
+    # An nkey seed: without the nkeys package, refused at once; with it, a seed
+    # nats-py cannot use fails the connection for good, and the bridge stops
+    # saying why rather than spool for ever in silence.
+    seed = tmp_path / "seed"
+    seed.write_text("not a seed\n")
+    options = NatsOptions(servers=(nats_server.url,), nkey_seed=str(seed))
+    config = bridge_config(tmp_path, sock_path, nats_server.url, nats=options)
+    if importlib.util.find_spec("nkeys") is None:
+        with pytest.raises(BridgeConfigError, match="needs the nkeys package"):
+            Bridge(config)
+        return
+    async with Bridge(config) as bridge:
+        with pytest.raises(Exception, match=r"(?i)seed") as caught:
+            await asyncio.wait_for(bridge.wait(), 30)
+    assert not isinstance(caught.value, TimeoutError)

@@ -431,3 +431,35 @@ async def test_no_stream_and_no_create_stream_stops_the_bridge(
     finally:
         await nc.close()
     assert os.path.exists(tmp_path / "bridge.spool")
+
+
+@pytest.mark.timeout(240)
+async def test_a_killed_bridge_loses_nothing_it_spooled(
+    sock_path: str, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    spool = tmp_path / "bridge.spool"
+    nowhere = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    common = ("--socket", sock_path, "--host-id", HOST, "--spool", str(spool))
+    async with broker_process(sock_path):
+        # NATS away: 5,000 events wait in the spool, and the bridge is killed.
+        async with bridge_process(*common, "--nats", nowhere) as bridge:
+            await publish(sock_path, range(5000))
+            await bridge.until(f"{NS}_spool_depth", 5000)
+            result = await bridge.stop(signal.SIGKILL)
+        assert result.returncode == -signal.SIGKILL
+        # NATS there: killed again while it forwards 20,000 more (some sent and
+        # not yet acknowledged, most still in the spool).
+        async with bridge_process(*common, "--nats", nats_server.url) as bridge:
+            assert "(5000 events waiting)" in bridge.started
+            await publish(sock_path, range(5000, 25_000))
+            found = await bridge.until(f"{NS}_spooled_total", 20_000)
+            result = await bridge.stop(signal.SIGKILL)
+        assert result.returncode == -signal.SIGKILL
+        acknowledged_before_the_kill = found[f"{NS}_acknowledged_total"]
+        # Started again: the rest goes, JetStream drops the copies of what it had.
+        async with bridge_process(*common, "--nats", nats_server.url) as bridge:
+            await bridge.until(f"{NS}_spool_depth", 0)
+            pids = await stored_pids(nats_server.url, 25_000)
+            result = await bridge.stop()
+    assert result.returncode == 0, result
+    assert sorted(pids) == list(range(25_000)), acknowledged_before_the_kill

@@ -293,14 +293,15 @@ def test_topic_info_from_the_schema() -> None:
     info = router.topic_info(AGENT_POLICY.name)
     assert (info.payload_type, info.control) == (AGENT_POLICY.payload_name, True)
     assert info.access.access == AccessLevel.ACCESS_LEVEL_PRIVILEGED
-    assert info.access.publishers == frozenset({"daemoneye-agent"})
+    # the agent, and the fleet through the bridge when the policy makes it privileged
+    assert info.access.publishers == frozenset({"daemoneye-agent", "bridge"})
     # An instance of a template is declared too.
     targeted = router.topic_info("control.collector.task.scan.c1")
     assert targeted.control
     assert targeted.payload_type == control_pb2.TaskAssignment.DESCRIPTOR.full_name
     lifecycle = router.topic_info(LIFECYCLE.name)
     assert not lifecycle.control
-    assert lifecycle.access.subscribers == frozenset({"daemoneye-agent"})
+    assert lifecycle.access.subscribers == frozenset({"daemoneye-agent", "bridge"})
     # Every topic and template of the registry is in DECLARED_TOPICS.
     patterns = {pattern for pattern, _ in DECLARED_TOPICS}
     assert set(registry.TOPICS) <= patterns

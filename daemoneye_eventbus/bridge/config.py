@@ -6,6 +6,7 @@ Pure code: no event loop, no I/O but reading TLS files when
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import ssl
@@ -102,6 +103,10 @@ class NatsOptions:
             raise BridgeConfigError(
                 "give one of NATS credentials, nkey seed, token or user and password"
             )
+        if self.nkey_seed is not None and importlib.util.find_spec("nkeys") is None:
+            raise BridgeConfigError(
+                "an nkey seed needs the nkeys package (pip install 'nats-py[nkeys]')"
+            )
         if not self.connect_timeout > 0:
             raise BridgeConfigError("the NATS connect timeout must be positive")
 
@@ -117,7 +122,9 @@ class NatsOptions:
             if self.tls_cert is not None and self.tls_key is not None:
                 context.load_cert_chain(self.tls_cert, self.tls_key)
         except OSError as exc:  # ssl.SSLError too: a file that is no PEM, a key of another cert
-            raise BridgeConfigError(f"NATS TLS files: {exc}") from None
+            files = ", ".join(f for f in (self.tls_ca, self.tls_cert, self.tls_key) if f)
+            reason = exc.strerror or str(exc)
+            raise BridgeConfigError(f"NATS TLS files {files}: {reason}") from None
         return context
 
     def connect_options(self) -> dict[str, Any]:

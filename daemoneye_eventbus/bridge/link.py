@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -80,16 +80,30 @@ class NatsLink:
             raise RuntimeError("not connected to NATS yet")
         return self._js
 
-    def start(self) -> None:
-        """Begin connecting (in the background)."""
-        self._task = asyncio.get_running_loop().create_task(self._connect())
+    def start(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Begin connecting (in the background).
+
+        The secret and TLS files are read here, so that a missing or unusable
+        one is an error of the start (:class:`BridgeConfigError`); an error of
+        the connection that retrying cannot mend (nats-py refusing the options,
+        say an nkey seed without the ``nkeys`` package) goes to ``on_failure``.
+        """
+        options = self._options.connect_options()
+        task = asyncio.get_running_loop().create_task(self._connect(options))
+
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and not self._closing and task.exception() is not None:
+                on_failure(task.exception() or RuntimeError("NATS connection failed"))
+
+        task.add_done_callback(done)
+        self._task = task
 
     async def wait_up(self) -> None:
         await self._up.wait()
 
-    async def _connect(self) -> None:
+    async def _connect(self, options: dict[str, Any]) -> None:
         self._nc = await nats.connect(
-            **self._options.connect_options(),
+            **options,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
             reconnect_time_wait=RECONNECT_WAIT,

@@ -101,7 +101,7 @@ class Bridge:
             )
             await self._forwarder.subscribe()
             self._sender = Sender(self._spool, self._link, config, self._counters, self._wake)
-            self._link.start()
+            self._link.start(self._fail)
             self._spawn(self._forwarder.run(), "forwarder")
             self._spawn(self._send(), "sender")
             if config.control:
@@ -130,7 +130,13 @@ class Bridge:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None and self._error is None:
+        if exc is not None:
+            self._fail(exc)
+        self._done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop with ``exc`` (what :meth:`wait` raises)."""
+        if self._error is None:
             self._error = exc
             log.error("the bridge stops: %s", exc)
         self._done.set()
