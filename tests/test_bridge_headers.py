@@ -8,7 +8,6 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nats_server import NatsServer, import_nats
 
 from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
 from daemoneye_eventbus.bridge.headers import (
@@ -396,31 +395,3 @@ def test_ids_over_the_size_limits(name: str, field: str, limit: int) -> None:
 def test_empty_ids_are_refused(name: str) -> None:
     with pytest.raises(InvalidHeader, match="is empty"):
         correlation_from_headers({CORRELATION_ID: "c", name: ""})
-
-
-# -- through a real server ----------------------------------------------------------------------
-
-
-async def test_headers_survive_a_trip_through_nats(nats_server: NatsServer) -> None:
-    nats = import_nats()
-    metas = [full_meta(), CorrelationMetadata(correlation_id="c", root_correlation_id="c")]
-    tricky = CorrelationMetadata(
-        correlation_id=" \r\n%00%\t ",
-        root_correlation_id="\U0001f600",
-        workflow_stage="\x00",
-        sequence_number=MAX_SEQUENCE_NUMBER,
-    )
-    tricky.tags.update({" k ": " v\r\n", "\U0001f600": "\x7f", "e": ""})
-    metas.append(tricky)
-    nc = await nats.connect(nats_server.url, connect_timeout=5, allow_reconnect=False)
-    try:
-        sub = await nc.subscribe("daemoneye.h.>")
-        for i, meta in enumerate(metas):
-            headers = event_headers("h", "events.process.lifecycle", "a.B", i + 1, 5, meta)
-            await nc.publish("daemoneye.h.events.process.lifecycle", b"p", headers=headers)
-        for meta in metas:
-            msg = await sub.next_msg(timeout=5)
-            assert msg.headers is not None
-            assert correlation_from_headers(msg.headers) == meta
-    finally:
-        await nc.close()

@@ -18,7 +18,10 @@ from nats_server import (
     wait_until_stored,
 )
 
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
+from daemoneye_eventbus.bridge.headers import correlation_from_headers, event_headers
 from daemoneye_eventbus.bridge.subjects import msg_id, topic_to_subject
+from daemoneye_eventbus.correlation import MAX_SEQUENCE_NUMBER
 
 
 def test_the_fixture_runs_a_server_of_its_own(nats_server: NatsServer) -> None:
@@ -157,3 +160,40 @@ def test_a_restart_on_a_port_taken_meanwhile_fails_with_the_log(tmp_path: Path) 
                 process.start(attempts=1)
         assert not process.running
         assert process.port == server.port
+
+
+# -- the bridge's headers through a real server ------------------------------------------------
+
+
+async def test_headers_survive_a_trip_through_nats(nats_server: NatsServer) -> None:
+    nats = import_nats()
+    full = CorrelationMetadata(
+        correlation_id="scan 42%\n",
+        root_correlation_id="root/1",
+        parent_correlation_id="parent:é",
+        workflow_stage="triage 🚨",
+        sequence_number=7,
+    )
+    full.created_at.FromJsonString("2024-05-06T07:08:09.123Z")
+    full.tags.update({"zone": "eu west", "b": "1", "a": "2"})
+    metas = [full, CorrelationMetadata(correlation_id="c", root_correlation_id="c")]
+    tricky = CorrelationMetadata(
+        correlation_id=" \r\n%00%\t ",
+        root_correlation_id="\U0001f600",
+        workflow_stage="\x00",
+        sequence_number=MAX_SEQUENCE_NUMBER,
+    )
+    tricky.tags.update({" k ": " v\r\n", "\U0001f600": "\x7f", "e": ""})
+    metas.append(tricky)
+    nc = await nats.connect(nats_server.url, connect_timeout=5, allow_reconnect=False)
+    try:
+        sub = await nc.subscribe("daemoneye.h.>")
+        for i, meta in enumerate(metas):
+            headers = event_headers("h", "events.process.lifecycle", "a.B", i + 1, 5, meta)
+            await nc.publish("daemoneye.h.events.process.lifecycle", b"p", headers=headers)
+        for meta in metas:
+            msg = await sub.next_msg(timeout=5)
+            assert msg.headers is not None
+            assert correlation_from_headers(msg.headers) == meta
+    finally:
+        await nc.close()
