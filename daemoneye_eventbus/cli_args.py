@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any, Final
 
-from daemoneye_eventbus.cli_bridge import add_bridge_options
+from daemoneye_eventbus.cli_bridge import add_bridge_options, metrics_listen
 from daemoneye_eventbus.config import BrokerConfig
 from daemoneye_eventbus.transports import DEFAULT_ADDRESS, default_address
 from daemoneye_eventbus.transports.pipes import check_sddl
@@ -67,17 +67,6 @@ def _sddl(text: str) -> str:
         return check_sddl(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _metrics_listen(text: str) -> str:
-    """``HOST:PORT`` or a Unix socket path, checked (the metrics module parses it again)."""
-    from daemoneye_eventbus.metrics import listen_address  # imports prometheus_client
-
-    try:
-        listen_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _command(
@@ -249,7 +238,7 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--metrics-listen",
-        type=_metrics_listen,
+        type=metrics_listen,
         metavar="HOST:PORT|PATH",
         help="serve Prometheus metrics over HTTP on HOST:PORT (e.g. 127.0.0.1:9464), or on a "
         "Unix socket at PATH (any value with a '/'; mode and group as --socket-mode and "

@@ -45,6 +45,7 @@ __all__ = [
     "add_bridge_options",
     "bridge",
     "bridge_config",
+    "metrics_listen",
     "check_nats_files",
     "default_spool_path",
 ]
@@ -76,8 +77,9 @@ def default_spool_path(host_id: str) -> str:
 # -- the command line ---------------------------------------------------------------------
 
 
-def _metrics_listen(text: str) -> str:
-    """``HOST:PORT`` or a Unix socket path, checked (serve_metrics parses it again)."""
+def metrics_listen(text: str) -> str:
+    """``--metrics-listen`` of ``serve`` and ``bridge``: ``HOST:PORT`` or a Unix
+    socket path, checked (serve_metrics parses it again)."""
     from daemoneye_eventbus.metrics import listen_address  # imports prometheus_client
 
     try:
@@ -242,7 +244,7 @@ def add_bridge_options(bridge: argparse.ArgumentParser) -> None:
         security.add_argument(flag, metavar=metavar, help=text)
     bridge.add_argument(
         "--metrics-listen",
-        type=_metrics_listen,
+        type=metrics_listen,
         metavar="HOST:PORT|PATH",
         help="serve the bridge's Prometheus metrics over HTTP on HOST:PORT (e.g. "
         "127.0.0.1:9465), or on a Unix socket at PATH (any value with a '/', mode 0600) "

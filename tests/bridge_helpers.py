@@ -14,6 +14,7 @@ from nats.js.errors import NotFoundError
 from nats_server import import_nats
 
 from daemoneye.eventbus.v1 import events_pb2
+from daemoneye.eventbus.v1.correlation_pb2 import CorrelationMetadata
 from daemoneye_eventbus.bridge.config import BridgeConfig, NatsOptions
 
 #: How long a test waits for a condition before it fails: long enough for a
@@ -100,3 +101,17 @@ async def stream_info(url: str) -> js_api.StreamInfo:
                 await asyncio.sleep(0.05)
     finally:
         await nc.close()
+
+
+def full_meta() -> CorrelationMetadata:
+    """Correlation metadata with every field set, and text that needs encoding."""
+    meta = CorrelationMetadata(
+        correlation_id="scan 42%\n",
+        root_correlation_id="root/1",
+        parent_correlation_id="parent:é",
+        workflow_stage="triage 🚨",
+        sequence_number=7,
+    )
+    meta.created_at.FromJsonString("2024-05-06T07:08:09.123Z")
+    meta.tags.update({"zone": "eu west", "b": "1", "a": "2"})
+    return meta

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from bridge_helpers import full_meta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,19 +93,6 @@ def is_plain_header_value(value: str) -> bool:
         and value == value.strip()
         and value != ""
     )
-
-
-def full_meta() -> CorrelationMetadata:
-    meta = CorrelationMetadata(
-        correlation_id="scan 42%\n",
-        root_correlation_id="root/1",
-        parent_correlation_id="parent:é",
-        workflow_stage="triage 🚨",
-        sequence_number=7,
-    )
-    meta.created_at.FromJsonString("2024-05-06T07:08:09.123Z")
-    meta.tags.update({"zone": "eu west", "b": "1", "a": "2"})
-    return meta
 
 
 # -- event_headers ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from bridge_helpers import full_meta
 from nats_server import (
     NatsServer,
     NatsServerProcess,
@@ -167,16 +168,7 @@ def test_a_restart_on_a_port_taken_meanwhile_fails_with_the_log(tmp_path: Path) 
 
 async def test_headers_survive_a_trip_through_nats(nats_server: NatsServer) -> None:
     nats = import_nats()
-    full = CorrelationMetadata(
-        correlation_id="scan 42%\n",
-        root_correlation_id="root/1",
-        parent_correlation_id="parent:é",
-        workflow_stage="triage 🚨",
-        sequence_number=7,
-    )
-    full.created_at.FromJsonString("2024-05-06T07:08:09.123Z")
-    full.tags.update({"zone": "eu west", "b": "1", "a": "2"})
-    metas = [full, CorrelationMetadata(correlation_id="c", root_correlation_id="c")]
+    metas = [full_meta(), CorrelationMetadata(correlation_id="c", root_correlation_id="c")]
     tricky = CorrelationMetadata(
         correlation_id=" \r\n%00%\t ",
         root_correlation_id="\U0001f600",

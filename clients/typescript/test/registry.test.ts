@@ -39,7 +39,7 @@ describe("registry", () => {
     assert.equal(EVENTS_PROCESS_LIFECYCLE.payloadName, "daemoneye.eventbus.v1.ProcessEvent");
     assert.equal(EVENTS_PROCESS_LIFECYCLE.access, AccessLevel.RESTRICTED);
     assert.deepEqual(EVENTS_PROCESS_LIFECYCLE.publishers, ["procmond"]);
-    assert.deepEqual(EVENTS_PROCESS_LIFECYCLE.subscribers, ["daemoneye-agent"]);
+    assert.deepEqual(EVENTS_PROCESS_LIFECYCLE.subscribers, ["bridge", "daemoneye-agent"]);
     assert.equal(EVENTS_PROCESS_LIFECYCLE.control, false);
     assert.equal(String(EVENTS_PROCESS_LIFECYCLE), "events.process.lifecycle");
     assert.ok(Object.isFrozen(EVENTS_PROCESS_LIFECYCLE));
