@@ -395,15 +395,3 @@ def test_a_new_spool_is_its_owners_alone(tmp_path: Path) -> None:
 def test_a_spool_in_a_missing_directory_is_a_spool_error(tmp_path: Path) -> None:
     with pytest.raises(SpoolError, match="cannot be opened"):
         Spool(tmp_path / "missing" / "x.spool", max_events=10, max_bytes=10_000)
-
-
-def test_the_newest_dropped_seq_is_known(tmp_path: Path) -> None:
-    with Spool(tmp_path / "s.spool", max_events=3, max_bytes=10_000) as spool:
-        assert spool.last_dropped_seq == 0
-        seqs = spool.put_many([("a", b"1", None), ("a", b"2", None), ("a", b"3", None)])
-        assert spool.last_dropped_seq == 0
-        spool.put_many([("a", b"4", None), ("a", b"5", None)])
-        assert spool.last_dropped_seq == seqs[1]
-        assert spool.peek(1)[0].seq == seqs[1] + 1
-        spool.ack(seqs[2] + 2)  # acknowledged, not dropped
-        assert spool.last_dropped_seq == seqs[1]

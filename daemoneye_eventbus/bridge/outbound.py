@@ -27,8 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -38,7 +37,7 @@ from nats.js import api as js_api
 from daemoneye_eventbus.bridge.config import BridgeConfig, BridgeConfigError
 from daemoneye_eventbus.bridge.headers import RECEIVED_AT, event_headers
 from daemoneye_eventbus.bridge.link import NatsLink, ensure_stream
-from daemoneye_eventbus.bridge.spool import Spool, SpooledEvent, SpoolError
+from daemoneye_eventbus.bridge.spool import Spool, SpoolError
 from daemoneye_eventbus.bridge.stats import BridgeCounters
 from daemoneye_eventbus.bridge.subjects import topic_to_subject
 from daemoneye_eventbus.client import Client
@@ -55,8 +54,6 @@ SPOOL_BATCH: Final = 512
 SEND_BATCH: Final = 256
 #: Topics whose subjects the forwarder remembers, at most.
 SUBJECT_CACHE: Final = 4096
-#: Spooled events the sender keeps in memory to send without reading them back.
-FRESH_EVENTS: Final = 4096
 #: Seconds to wait before trying again after JetStream refused a publish.
 RETRY_WAIT: Final = 1.0
 
@@ -83,10 +80,8 @@ class Forwarder:
         config: BridgeConfig,
         counters: BridgeCounters,
         wake: asyncio.Event,
-        spooled: Callable[[list[SpooledEvent]], None] | None = None,
     ) -> None:
         self._client = client
-        self._spooled = spooled
         self._spool = spool
         self._config = config
         self._counters = counters
@@ -160,7 +155,7 @@ class Forwarder:
         if not rows:
             return
         try:
-            seqs = self._spool.put_many(rows)
+            self._spool.put_many(rows)
         except (SpoolError, ValueError) as exc:
             # The disk is full or failing, or an event is larger than the spool:
             # these events are lost, and counted so.
@@ -168,13 +163,6 @@ class Forwarder:
             log.error("%d events could not be spooled: %s", len(rows), exc)
             return
         self._counters.spooled += len(rows)
-        if self._spooled is not None:
-            self._spooled(
-                [
-                    SpooledEvent(seq, subject, headers or {}, payload)
-                    for seq, (subject, payload, headers) in zip(seqs, rows, strict=True)
-                ]
-            )
         self._wake.set()
 
 
@@ -212,9 +200,6 @@ class Sender:
         #: The highest seq ever sent in this run: sending up to it again is a re-send.
         self._highest_sent = 0
         self._failure: BaseException | None = None
-        #: The events the forwarder has just spooled, in order: sent from here
-        #: rather than read back from the file when they are next in line.
-        self._fresh: deque[SpooledEvent] = deque()
         #: A configuration problem JetStream revealed (the stream does not
         #: store the bridge's subjects): the bridge stops with it.
         self.fatal: BridgeConfigError | None = None
@@ -269,7 +254,7 @@ class Sender:
                     )
                     return
             room = self._config.max_in_flight - len(self._in_flight)
-            events = self._next(min(room, SEND_BATCH)) if room else []
+            events = self._spool.peek_after(self._cursor, min(room, SEND_BATCH)) if room else []
             if not events:
                 wait = None
                 if self._in_flight:
@@ -290,27 +275,6 @@ class Sender:
                     self._counters.forwarded += 1
                     self._highest_sent = event.seq
                 self._cursor = event.seq
-
-    def offer(self, events: list[SpooledEvent]) -> None:
-        """The forwarder has just spooled ``events`` (in order)."""
-        if len(self._fresh) + len(events) > FRESH_EVENTS:
-            self._fresh.clear()  # behind: read from the file until caught up
-            return
-        self._fresh.extend(events)
-
-    def _next(self, n: int) -> list[SpooledEvent]:
-        """The next ``n`` events after the cursor: from memory when the first
-        of the fresh events is the very next one, else from the spool."""
-        fresh = self._fresh
-        # Sent already, or dropped from a full spool since it was offered.
-        gone = max(self._cursor, self._spool.last_dropped_seq)
-        while fresh and fresh[0].seq <= gone:
-            fresh.popleft()
-        if not fresh or fresh[0].seq != self._cursor + 1:
-            # Seqs are consecutive (the spool's AUTOINCREMENT, one writer), so
-            # the event after the cursor is either the first fresh one or in the file.
-            return self._spool.peek_after(self._cursor, n)
-        return [fresh.popleft() for _ in range(min(n, len(fresh)))]
 
     def _acknowledged(
         self, seq: int, pending: _Pending

@@ -96,16 +96,11 @@ class Bridge:
                 max_in_flight=config.max_in_flight,
                 on_change=self._wake.set,
             )
-            self._sender = Sender(self._spool, self._link, config, self._counters, self._wake)
             self._forwarder = Forwarder(
-                self._client,
-                self._spool,
-                config,
-                self._counters,
-                self._wake,
-                spooled=self._sender.offer,
+                self._client, self._spool, config, self._counters, self._wake
             )
             await self._forwarder.subscribe()
+            self._sender = Sender(self._spool, self._link, config, self._counters, self._wake)
             self._link.start(self._fail)
             self._spawn(self._forwarder.run(), "forwarder")
             self._spawn(self._send(), "sender")

@@ -194,7 +194,6 @@ class Spool:
             (self._dropped,) = db.execute(
                 "SELECT value FROM counters WHERE name = 'dropped'"
             ).fetchone()
-            self._last_dropped = 0
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -212,12 +211,6 @@ class Spool:
     def bytes(self) -> int:
         """How many bytes the spool's events take (their sizes, not the file's)."""
         return int(self._bytes)
-
-    @property
-    def last_dropped_seq(self) -> int:
-        """The seq of the newest event dropped to make room since the spool was
-        opened (0 if none): an event up to it may no longer be in the spool."""
-        return self._last_dropped
 
     @property
     def dropped(self) -> int:
@@ -251,13 +244,11 @@ class Spool:
         seqs: list[int] = []
         with self._lock:
             depth, nbytes, dropped = self._depth, self._bytes, self._dropped
-            newest_dropped = self._last_dropped
             with self._transaction():
                 db = self._db
                 for row in rows:
-                    drop, freed, last_dropped = self._room_for(row[3], depth, nbytes)
+                    drop, freed = self._room_for(row[3], depth, nbytes)
                     if drop:
-                        newest_dropped = max(newest_dropped, last_dropped)
                         db.execute(
                             "DELETE FROM events WHERE seq IN"
                             " (SELECT seq FROM events ORDER BY seq LIMIT ?)",
@@ -278,24 +269,22 @@ class Spool:
                     dropped += drop
             # Committed (the transaction raised otherwise): only now do the figures change.
             self._depth, self._bytes, self._dropped = depth, nbytes, dropped
-            self._last_dropped = newest_dropped
         return seqs
 
-    def _room_for(self, size: int, depth: int, nbytes: int) -> tuple[int, int, int]:
-        """How many of the oldest events to drop, their bytes and the last one's
-        seq, to fit ``size`` more into ``depth`` events of ``nbytes``."""
+    def _room_for(self, size: int, depth: int, nbytes: int) -> tuple[int, int]:
+        """How many of the oldest events to drop, and their bytes, to fit ``size``
+        more into ``depth`` events of ``nbytes``."""
         excess_events = depth + 1 - self.max_events
         excess_bytes = nbytes + size - self.max_bytes
         if excess_events <= 0 and excess_bytes <= 0:
-            return 0, 0, 0
-        drop = freed = last = 0
-        for seq, nbytes in self._db.execute("SELECT seq, bytes FROM events ORDER BY seq"):
+            return 0, 0
+        drop = freed = 0
+        for (nbytes,) in self._db.execute("SELECT bytes FROM events ORDER BY seq"):
             if drop >= excess_events and freed >= excess_bytes:
                 break
             drop += 1
             freed += nbytes
-            last = seq
-        return drop, freed, last
+        return drop, freed
 
     def peek_after(self, seq: int, n: int) -> list[SpooledEvent]:
         """The oldest ``n`` events after ``seq`` (those not yet sent), oldest first."""
