@@ -74,7 +74,10 @@ class Bridge:
         NATS being away is not an error (events are spooled)."""
         config = self.config
         self._loop = asyncio.get_running_loop()
-        self._spool = Spool(
+        # In a thread: opening waits for the file's lock (``SpoolLocked`` after
+        # its timeout), which the event loop should not.
+        self._spool = await asyncio.to_thread(
+            Spool,
             config.spool_path,
             max_events=config.spool_max_events,
             max_bytes=config.spool_max_bytes,
