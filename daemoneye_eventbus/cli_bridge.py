@@ -127,6 +127,14 @@ def add_bridge_options(bridge: argparse.ArgumentParser) -> None:
         help="subscribe to the local bus at most once: the broker drops events when the "
         "bridge falls behind (default: lossless, the broker holds the publishers instead)",
     )
+    nats.add_argument(
+        "--window",
+        type=int,
+        default=d.window,
+        metavar="EVENTS",
+        help="lossless: events the broker may send ahead of what the bridge has spooled, "
+        "at most (what a killed bridge can lose)",
+    )
     what = bridge.add_argument_group("what is forwarded")
     what.add_argument(
         "--forward",
@@ -275,6 +283,7 @@ def bridge_config(args: argparse.Namespace) -> BridgeConfig:
         forward=tuple(args.forward or (DEFAULT_FORWARD,)),
         control=args.control,
         lossless=not args.at_most_once,
+        window=args.window,
         stream=args.stream,
         stream_subjects=tuple(args.stream_subject) if args.stream_subject else None,
         create_stream=not args.no_create_stream,

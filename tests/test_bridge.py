@@ -52,6 +52,14 @@ async def test_events_are_forwarded_with_their_subject_headers_and_payload(
         await until(lambda: bridge.statistics().acknowledged == 2, "two acknowledgements")
         stats = bridge.statistics()
         assert (stats.received, stats.spooled, stats.forwarded, stats.resent) == (2, 2, 2, 0)
+        # The bridge's subscription is lossless: the broker never drops its events.
+        broker_stats = await agent.broker_statistics()
+        bridges = {c.session_id for c in broker_stats.connection_stats if c.component == "bridge"}
+        assert [
+            (s.filter, s.lossless)
+            for s in broker_stats.subscription_stats
+            if s.session_id in bridges
+        ] == [("events.#", True)]
         assert (stats.spool_depth, stats.in_flight, stats.link_up) == (0, 0, True)
 
     stored = await read_stream(nats_server.url, "daemoneye.>")

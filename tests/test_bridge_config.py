@@ -238,7 +238,14 @@ def test_request_timeout_within_the_longest() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["replicas", "spool_max_events", "spool_max_bytes", "max_in_flight", "max_inbound_pending"],
+    [
+        "replicas",
+        "spool_max_events",
+        "spool_max_bytes",
+        "max_in_flight",
+        "window",
+        "max_inbound_pending",
+    ],
 )
 @pytest.mark.parametrize("value", [0, -1])
 def test_bounds_at_least_one(name: str, value: int) -> None:

@@ -182,6 +182,9 @@ class BridgeConfig:
     #: Ask the broker for lossless delivery (it holds the publishers rather
     #: than drop events the bridge has not read yet).
     lossless: bool = True
+    #: With ``lossless``: events the broker may send ahead of what the bridge
+    #: has read (and so spooled), at most: what a killed bridge can lose.
+    window: int = 1024
     stream: str = DEFAULT_STREAM
     #: The stream's subjects, when the bridge creates it: the forwarded subjects
     #: of every host.
@@ -268,6 +271,7 @@ class BridgeConfig:
             "spool_max_events",
             "spool_max_bytes",
             "max_in_flight",
+            "window",
             "max_inbound_pending",
         ):
             if getattr(self, name) < 1:

@@ -99,7 +99,10 @@ class Forwarder:
         """Subscribe to every forward filter (control topics never match them)."""
         for flt in self._config.forward:
             sub = await self._client.subscribe(
-                flt, queue=self._queue, lossless=self._config.lossless
+                flt,
+                queue=self._queue,
+                lossless=self._config.lossless,
+                window=self._config.window if self._config.lossless else None,
             )
             self._subs.append(sub)
 
