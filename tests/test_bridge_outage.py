@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from bridge_helpers import bridge_config, process_event, read_stream, until
-from conftest import PROCMOND
+from conftest import AGENT, PROCMOND
 from nats_server import NatsServerProcess
 from serving import broker_process
 
@@ -98,3 +98,53 @@ async def test_a_full_spool_drops_the_oldest_and_counts_them(
     stored = await read_stream(url)
     # The newest 100, in order: the oldest 50 were dropped.
     assert [events_pb2.ProcessEvent.FromString(m.data).pid for m in stored] == list(range(51, 151))
+
+
+async def test_the_bridge_follows_a_broker_restart(
+    sock_path: str, tmp_path: Path, nats_server_control: NatsServerProcess
+) -> None:
+    # The agent (and its broker) restarts: the bridge reconnects, subscribes
+    # again, and what the new broker accepts is forwarded too. Its event ids
+    # start again at 1, but the receive time in Nats-Msg-Id keeps them apart.
+    url = nats_server_control.server.url
+    async with broker_process(sock_path):
+        bridge = Bridge(bridge_config(tmp_path, sock_path, url))
+        await bridge.start()
+        try:
+            async with Client(sock_path, component=PROCMOND) as procmond:
+                for pid in range(1, 101):
+                    await procmond.publish(LIFECYCLE, process_event(pid))
+            await until(lambda: bridge.statistics().acknowledged == 100, "100 acknowledged")
+        except BaseException:
+            await bridge.close()
+            raise
+    try:
+        async with broker_process(sock_path):
+            # Published once the bridge has subscribed again (a new broker
+            # keeps nothing for a subscription it does not know yet).
+            async with Client(sock_path, component=AGENT) as agent:
+                await until_bridge_subscribed(agent)
+            async with Client(sock_path, component=PROCMOND) as procmond:
+                for pid in range(101, 201):
+                    await procmond.publish(LIFECYCLE, process_event(pid))
+            await until(lambda: bridge.statistics().acknowledged == 200, "200 acknowledged")
+    finally:
+        await bridge.close()
+    stored = await read_stream(url)
+    assert [events_pb2.ProcessEvent.FromString(m.data).pid for m in stored] == list(range(1, 201))
+    ids = [m.headers[h.EVENT_ID] for m in stored if m.headers]
+    assert len(set(ids)) < len(ids)  # the new broker's ids repeat the old one's ...
+    assert len({m.headers[h.MSG_ID] for m in stored if m.headers}) == 200  # ... the msg ids do not
+
+
+async def until_bridge_subscribed(agent: Client) -> None:
+    """Until the broker lists a subscription of the component ``bridge``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        stats = await agent.broker_statistics()
+        bridges = {c.session_id for c in stats.connection_stats if c.component == "bridge"}
+        if any(s.session_id in bridges for s in stats.subscription_stats):
+            return
+        assert loop.time() < deadline, "the bridge did not subscribe again"
+        await asyncio.sleep(0.05)
