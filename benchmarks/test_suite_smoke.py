@@ -195,24 +195,24 @@ def test_no_responders_benchmark_runs(tmp_path: Path) -> None:
     assert times == sorted(times)
 
 
-def test_bridge_benchmark_runs() -> None:
-    """benchmarks/bridge.py, bounded: each run's stream holds exactly the events
-    sent (the benchmark exits non-zero otherwise) and the table is printed."""
+def _run_bridge_benchmark(module: str, *args: str) -> str:
+    """``python -m benchmarks.MODULE *args``, which must exit 0; its output.
+
+    Like the bridge's tests, it needs nats-server: skipped without it, failed
+    under CI (which installs it).
+    """
     import os
     import subprocess
     import sys
 
     from benchmarks.peers.base import find_binary
 
-    if find_binary("nats-server") is None:  # as the bridge's tests: CI installs it
+    if find_binary("nats-server") is None:
         if os.environ.get("CI"):
-            pytest.fail("nats-server is not installed, and CI must run the bridge benchmark")
+            pytest.fail("nats-server is not installed, and CI must run the bridge benchmarks")
         pytest.skip("nats-server is not installed (apt-get install nats-server)")
     out = subprocess.run(
-        [
-            *(sys.executable, "-m", "benchmarks.bridge"),
-            *("--events", "2000", "--rate", "1000", "--seconds", "1"),
-        ],
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -221,9 +221,24 @@ def test_bridge_benchmark_runs() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.returncode == 0, out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    return out.stdout
+
+
+def test_bridge_benchmark_runs() -> None:
+    """benchmarks/bridge.py, bounded: each run's stream holds exactly the events
+    sent (the benchmark exits non-zero otherwise) and the table is printed."""
+    stdout = _run_bridge_benchmark("bridge", "--events", "2000", "--rate", "1000", "--seconds", "1")
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == [
         "| throughput (as fast as possible)",
         "| latency (1,000 events/s)",
         "| nats-py alone, for comparison (publish_async, 1024 in flight)",
     ]
+
+
+def test_bridge_outage_benchmark_runs() -> None:
+    """benchmarks/bridge_outage.py, bounded: 3,000 events spooled while NATS is
+    away, then drained, each once (the benchmark exits non-zero otherwise)."""
+    stdout = _run_bridge_benchmark("bridge_outage", "--events", "3000")
+    assert "The stream holds 3,000 events: each once." in stdout
+    assert stdout.count("events spooled, NATS away") == 3
