@@ -20,7 +20,7 @@ from bridge_helpers import (
 from conftest import AGENT, PROCMOND
 from nats_server import NatsServer, import_nats
 
-from daemoneye.eventbus.v1 import control_pb2, registry
+from daemoneye.eventbus.v1 import control_pb2, events_pb2, registry
 from daemoneye_eventbus.bridge import headers as h
 from daemoneye_eventbus.bridge.config import BridgeConfigError, NatsOptions
 from daemoneye_eventbus.bridge.runner import Bridge
@@ -170,3 +170,21 @@ async def test_unusable_nats_options_stop_the_bridge_with_the_reason(
         with pytest.raises(Exception, match=r"(?i)seed") as caught:
             await asyncio.wait_for(bridge.wait(), 30)
     assert not isinstance(caught.value, TimeoutError)
+
+
+async def test_an_event_larger_than_the_spool_is_lost_alone_and_counted(
+    broker: Broker, sock_path: str, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    config = bridge_config(tmp_path, sock_path, nats_server.url, spool_max_bytes=4096)
+    async with Bridge(config) as bridge, Client(sock_path, component=PROCMOND) as procmond:
+        await procmond.publish(LIFECYCLE, process_event(1))
+        big = process_event(2)
+        big.name = "x" * 8192
+        await procmond.publish(LIFECYCLE, big)
+        await procmond.publish(LIFECYCLE, process_event(3))
+        await until(lambda: bridge.statistics().received == 3, "three received")
+        await until(lambda: bridge.statistics().acknowledged == 2, "two acknowledged")
+        stats = bridge.statistics()
+        assert (stats.spooled, stats.unforwardable) == (2, 1)
+    stored = await read_stream(nats_server.url)
+    assert [events_pb2.ProcessEvent.FromString(m.data).pid for m in stored] == [1, 3]

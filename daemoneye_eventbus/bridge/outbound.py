@@ -54,6 +54,8 @@ SPOOL_BATCH: Final = 512
 SEND_BATCH: Final = 256
 #: Topics whose subjects the forwarder remembers, at most.
 SUBJECT_CACHE: Final = 4096
+#: At most one log line about lost events per this many seconds.
+ERROR_LOG_EVERY: Final = 10.0
 #: Seconds to wait before trying again after JetStream refused a publish.
 RETRY_WAIT: Final = 1.0
 
@@ -89,6 +91,7 @@ class Forwarder:
         self._queue: EventQueue[Any] = client.new_queue()
         self._subs: list[Subscription[Any]] = []
         self._subjects: dict[str, str] = {}
+        self._last_error_log = -ERROR_LOG_EVERY
 
     @property
     def missed(self) -> int:
@@ -150,8 +153,7 @@ class Forwarder:
                     event.correlation,
                 )
             except ValueError as exc:
-                self._counters.unforwardable += 1
-                log.error("event on %s cannot be forwarded: %s", event.topic, exc)
+                self._lost(1, f"an event on {event.topic} cannot be forwarded: {exc}")
                 continue
             rows.append((subject, event.payload, headers))
         self._counters.received += len(batch)
@@ -159,14 +161,31 @@ class Forwarder:
             return
         try:
             self._spool.put_many(rows)
-        except (SpoolError, ValueError) as exc:
-            # The disk is full or failing, or an event is larger than the spool:
-            # these events are lost, and counted so.
-            self._counters.unforwardable += len(rows)
-            log.error("%d events could not be spooled: %s", len(rows), exc)
+        except ValueError:
+            # An event larger than the whole spool refuses its batch: put the
+            # others one by one, and lose only it.
+            for row in rows:
+                try:
+                    self._spool.put_many([row])
+                except (SpoolError, ValueError) as exc:
+                    self._lost(1, f"an event could not be spooled: {exc}")
+                else:
+                    self._counters.spooled += 1
+        except SpoolError as exc:
+            # The disk is full or failing: these events are lost, and counted so.
+            self._lost(len(rows), f"{len(rows)} events could not be spooled: {exc}")
             return
-        self._counters.spooled += len(rows)
+        else:
+            self._counters.spooled += len(rows)
         self._wake.set()
+
+    def _lost(self, count: int, why: str) -> None:
+        """Count ``count`` events as unforwardable; log why (at most every few seconds)."""
+        self._counters.unforwardable += count
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_EVERY:
+            self._last_error_log = now
+            log.error("%s (%d lost so far)", why, self._counters.unforwardable)
 
 
 @dataclass(slots=True)
