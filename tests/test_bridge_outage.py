@@ -148,3 +148,34 @@ async def until_bridge_subscribed(agent: Client) -> None:
             return
         assert loop.time() < deadline, "the bridge did not subscribe again"
         await asyncio.sleep(0.05)
+
+
+async def test_an_event_larger_than_the_server_takes_is_counted_not_retried(
+    sock_path: str, tmp_path: Path
+) -> None:
+    # A server that takes at most 4 KiB per message: a larger event would be
+    # refused (and the connection closed) every time it was sent again.
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 4096\n")
+    with NatsServerProcess(tmp_path / "nats", args=("-c", str(conf))) as server:
+        url = server.start().url
+        async with (
+            broker_process(sock_path),
+            Bridge(bridge_config(tmp_path, sock_path, url)) as bridge,
+            Client(sock_path, component=PROCMOND) as procmond,
+        ):
+            await procmond.publish(LIFECYCLE, process_event(1))
+            big = process_event(2)
+            big.name = "x" * 8192
+            await procmond.publish(LIFECYCLE, big)
+            await procmond.publish(LIFECYCLE, process_event(3))
+            await until(lambda: bridge.statistics().received == 3, "three received")
+            await until(
+                lambda: bridge.statistics().acknowledged == 2
+                and bridge.statistics().spool_depth == 0,
+                "the two others stored, and the spool empty",
+            )
+            stats = bridge.statistics()
+        assert (stats.acknowledged, stats.unforwardable, stats.disconnects) == (2, 1, 0)
+        stored = await read_stream(url)
+    assert [events_pb2.ProcessEvent.FromString(m.data).pid for m in stored] == [1, 3]

@@ -35,16 +35,16 @@ from nats.errors import Error as NatsError
 from nats.js import api as js_api
 
 from daemoneye_eventbus.bridge.config import BridgeConfig, BridgeConfigError
-from daemoneye_eventbus.bridge.headers import RECEIVED_AT, event_headers
+from daemoneye_eventbus.bridge.headers import MSG_ID, RECEIVED_AT, event_headers
 from daemoneye_eventbus.bridge.link import NatsLink, ensure_stream
-from daemoneye_eventbus.bridge.spool import Spool, SpoolError
+from daemoneye_eventbus.bridge.spool import Spool, SpooledEvent, SpoolError
 from daemoneye_eventbus.bridge.stats import BridgeCounters
 from daemoneye_eventbus.bridge.subjects import topic_to_subject
 from daemoneye_eventbus.client import Client
 from daemoneye_eventbus.delivery import EventQueue, ReceivedEvent
 from daemoneye_eventbus.subscription import Subscription
 
-__all__ = ["Forwarder", "Sender"]
+__all__ = ["Forwarder", "Sender", "wire_size"]
 
 log = logging.getLogger("daemoneye_eventbus.bridge")
 
@@ -188,6 +188,13 @@ class Forwarder:
             log.error("%s (%d lost so far)", why, self._counters.unforwardable)
 
 
+def wire_size(event: SpooledEvent) -> int:
+    """The bytes of ``event``'s headers and payload as nats-py sends them (what the
+    server holds against its ``max_payload``)."""
+    headers = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in event.headers.items())
+    return len("NATS/1.0\r\n") + headers + 2 + len(event.payload)
+
+
 @dataclass(slots=True)
 class _Pending:
     """One event sent to JetStream, awaiting its acknowledgement."""
@@ -284,7 +291,13 @@ class Sender:
                     wait = max(0.0, oldest.sent_at + self._config.ack_timeout - now) + 0.01
                 await self._sleep(wait)
                 continue
+            max_payload = self._link.nc.max_payload
             for event in events:
+                if wire_size(event) > max_payload:
+                    # The server would refuse it (and close the connection) every
+                    # time: it can never be forwarded. Settled at once, counted.
+                    self._too_large(event, max_payload, loop.create_future())
+                    continue
                 future = await js.publish_async(
                     event.subject, event.payload, headers=dict(event.headers)
                 )
@@ -297,6 +310,22 @@ class Sender:
                     self._counters.forwarded += 1
                     self._highest_sent = event.seq
                 self._cursor = event.seq
+
+    def _too_large(
+        self, event: SpooledEvent, max_payload: int, future: asyncio.Future[js_api.PubAck]
+    ) -> None:
+        """Settle ``event`` without sending it: larger than the server takes."""
+        self._in_flight[event.seq] = _Pending(future, 0.0, 0, acked=True)
+        self._cursor = event.seq
+        if event.seq > self._highest_sent:  # counted once, not again after a go-back
+            self._highest_sent = event.seq
+            self._counters.unforwardable += 1
+            log.error(
+                "event %s on %s is larger than the NATS server takes (%d bytes): not forwarded",
+                event.headers.get(MSG_ID, event.seq),
+                event.subject,
+                max_payload,
+            )
 
     def _acknowledged(
         self, seq: int, pending: _Pending
