@@ -28,24 +28,22 @@
 
 import { create, toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 
-import {
-  CorrelationFilterSchema,
-  CorrelationMetadataSchema,
-  type CorrelationFilter,
-} from "./gen/daemoneye/eventbus/v1/correlation_pb.js";
 import { PublishSchema } from "./gen/daemoneye/eventbus/v1/frames_pb.js";
 import type { Topic } from "./gen/daemoneye/eventbus/v1/registry.js";
 import { publishHeader, type PublishHeader } from "./batcher.js";
-import { validateCorrelationFilter } from "./correlation.js";
+import {
+  correlationBytes,
+  correlationFilter,
+  correlationMetadata,
+  payloadTypeOf,
+  requestDeadline,
+} from "./checks.js";
 import { BrokerConnection } from "./connection.js";
 import { LimitExceeded, LocalProtocolError } from "./errors.js";
 import { EventQueue, decodePayload } from "./events.js";
 import {
   DEFAULT_SOCKET_PATH,
   type ClientOptions,
-  type ClientStatistics,
-  type CorrelationFilterInit,
-  type CorrelationMetadataInit,
   type PublishOptions,
   type SubscribeOptions,
 } from "./options.js";
@@ -64,8 +62,6 @@ export { EventQueue, ReceivedEvent, dateFromNs, decodePayload } from "./events.j
 export * from "./options.js";
 export { Subscription, type SubscriptionOwner, type SubscriptionRequest } from "./subscription.js";
 
-/** The longest request deadline without the broker's word on it (protocol §10), in ms. */
-const MAX_REQUEST_TIMEOUT_MS = 300_000;
 /** Publish headers kept per (topic, payload type); cleared when the cache grows past this. */
 const HEADER_CACHE_SIZE = 1024;
 
@@ -90,33 +86,16 @@ export class Client extends BrokerConnection {
     return header;
   }
 
-  /** A correlation filter as a message, checked against its bounds; undefined for none. */
-  private correlationFilter(
-    init: CorrelationFilterInit | undefined,
-  ): CorrelationFilter | undefined {
-    if (init === undefined) {
-      return undefined;
-    }
-    const filter = create(CorrelationFilterSchema, init);
-    validateCorrelationFilter(filter);
-    return filter;
-  }
-
-  private correlationBytes(init: CorrelationMetadataInit | undefined): Uint8Array | undefined {
-    const correlation = this.correlation(init);
-    return correlation === undefined ? undefined : toBinary(CorrelationMetadataSchema, correlation);
-  }
-
   private queueTyped<Desc extends DescMessage>(
     topic: Topic<Desc>,
     message: MessageShape<Desc>,
     options: PublishOptions,
   ): void {
-    const payloadType = this.checkedPublish(topic, message);
+    const payloadType = payloadTypeOf(topic, message);
     this.writer.queuePublish(
       this.header(topic.name, payloadType),
       toBinary(topic.schema, message),
-      this.correlationBytes(options.correlation),
+      correlationBytes(options.correlation),
     );
   }
 
@@ -177,7 +156,7 @@ export class Client extends BrokerConnection {
     this.writer.queuePublish(
       this.header(topic, payloadType),
       payload,
-      this.correlationBytes(options.correlation),
+      correlationBytes(options.correlation),
     );
   }
 
@@ -205,30 +184,30 @@ export class Client extends BrokerConnection {
       maxBytes: this.limits?.maxTopicBytes,
       maxLevels: this.limits?.maxTopicLevels,
     });
-    const correlationFilter = this.correlationFilter(options.correlationFilter);
+    const filterMessage = correlationFilter(options.correlationFilter);
     const maxPending = options.maxPending ?? this.maxPending;
     const window = options.window ?? Math.min(Math.max(Math.floor(maxPending), 0), MAX_UINT32);
     if (!Number.isInteger(window) || window < 0 || window > MAX_UINT32) {
       throw new RangeError(`window must be an integer from 0 to ${MAX_UINT32}, got ${window}`);
     }
     this.checkOpen();
-    const id = this.nextId++;
+    const id = this.registrations.newId();
     const sub = new Subscription<DescMessage>(
       this,
       id,
       text,
-      correlationFilter,
+      filterMessage,
       options.includeControl ?? false,
       schema,
       new EventQueue(maxPending),
       options.lossless ?? false,
       window,
     );
-    this.subs.set(id, sub);
+    this.registrations.addSubscription(sub);
     try {
       await this.requestSubscribe(id, sub.request, false);
     } catch (err) {
-      this.subs.delete(id);
+      this.registrations.delete(id);
       sub.end();
       throw err;
     }
@@ -238,7 +217,7 @@ export class Client extends BrokerConnection {
   /** End a subscription; events still queued for it are kept for reading. */
   async unsubscribe<Desc extends DescMessage>(sub: Subscription<Desc>): Promise<void> {
     const id = sub.subscriptionId;
-    const known = this.subs.get(id) === (sub as unknown) && this.subs.delete(id);
+    const known = this.registrations.removeSubscription(sub);
     sub.end();
     if (known && this.isConnected) {
       await this.ask(`unsub:${id}`, frame({ case: "unsubscribe", value: { subscriptionId: id } }));
@@ -253,15 +232,6 @@ export class Client extends BrokerConnection {
         `the broker at ${this.path} does not route requests (its Welcome did not set requests)`,
       );
     }
-  }
-
-  /** The deadline of a request, in ms: what was asked, or the broker's default, at most its maximum. */
-  private requestDeadline(asked: number | undefined): number {
-    const ms = asked ?? (this.limits?.defaultRequestTimeoutMs || this.requestTimeoutMs);
-    if (!(ms > 0) || !Number.isFinite(ms)) {
-      throw new RangeError(`a request timeout must be a positive number of ms, got ${ms}`);
-    }
-    return Math.min(Math.ceil(ms), this.limits?.maxRequestTimeoutMs || MAX_REQUEST_TIMEOUT_MS);
   }
 
   /**
@@ -280,7 +250,7 @@ export class Client extends BrokerConnection {
     message: NoInfer<MessageShape<Req>>,
     options: RequestOptions = {},
   ): Promise<MessageShape<Rep>> {
-    const payloadType = this.checkedPublish(topic, message);
+    const payloadType = payloadTypeOf(topic, message);
     const reply = await this.requestRaw(
       topic.name,
       payloadType,
@@ -309,8 +279,8 @@ export class Client extends BrokerConnection {
     });
     this.checkOpen();
     this.checkRequests();
-    const timeoutMs = this.requestDeadline(options.timeoutMs);
-    const correlation = this.correlation(options.correlation);
+    const timeoutMs = requestDeadline(options.timeoutMs, this.limits, this.requestTimeoutMs);
+    const correlation = correlationMetadata(options.correlation);
     options.signal?.throwIfAborted();
     if (this.writer.isBackedUp) {
       await this.writer.waitDrain();
@@ -359,10 +329,10 @@ export class Client extends BrokerConnection {
       maxBytes: this.limits?.maxTopicBytes,
       maxLevels: this.limits?.maxTopicLevels,
     });
-    const correlationFilter = this.correlationFilter(options.correlationFilter);
+    const filterMessage = correlationFilter(options.correlationFilter);
     this.checkOpen();
     this.checkRequests();
-    const id = this.nextId++;
+    const id = this.registrations.newId();
     const responder = new Responder(
       this,
       id,
@@ -370,13 +340,13 @@ export class Client extends BrokerConnection {
       schema,
       replySchema,
       options.maxPending ?? this.maxPending,
-      correlationFilter,
+      filterMessage,
     );
-    this.responders.set(id, responder);
+    this.registrations.addResponder(responder);
     try {
       await this.requestSubscribe(id, responder.request, true);
     } catch (err) {
-      this.responders.delete(id);
+      this.registrations.delete(id);
       responder.end();
       throw err;
     }
@@ -386,54 +356,11 @@ export class Client extends BrokerConnection {
   /** @internal */
   async stopServing(responder: Responder): Promise<void> {
     const id = responder.subscriptionId;
-    const known = this.responders.get(id) === responder && this.responders.delete(id);
+    const known = this.registrations.removeResponder(responder);
     responder.end();
     if (known && this.isConnected) {
       await this.ask(`unsub:${id}`, frame({ case: "unsubscribe", value: { subscriptionId: id } }));
     }
-  }
-
-  /** @internal */
-  sendReply(
-    generation: number,
-    token: bigint,
-    payloadType: string,
-    payload: Uint8Array,
-    error: string,
-  ): boolean {
-    if (generation !== this.generation || !this.isConnected) {
-      return false; // the token belonged to a connection that is gone
-    }
-    this.writer.send(
-      this.conn.send(frame({ case: "reply", value: { token, payloadType, payload, error } })),
-    );
-    return true;
-  }
-
-  // -- round trips ---------------------------------------------------------------------
-
-  /** A snapshot of this client's figures. */
-  statistics(): ClientStatistics {
-    const queues = new Set([...this.subs.values()].map((s) => s.queue));
-    let received = 0;
-    let dropped = 0;
-    let missed = 0;
-    for (const q of queues) {
-      received += q.received;
-      dropped += q.dropped;
-      missed += q.missed;
-    }
-    return {
-      published: this.writer.published,
-      received,
-      dropped,
-      missed,
-      refused: this.refused,
-      subscriptions: this.subs.size,
-      responders: this.responders.size,
-      pendingRequests: this.requests.size,
-      reconnects: this.reconnects,
-    };
   }
 }
 
