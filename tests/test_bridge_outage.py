@@ -171,8 +171,9 @@ async def test_an_event_larger_than_the_server_takes_is_counted_not_retried(
             await procmond.publish(LIFECYCLE, process_event(3))
             await until(lambda: bridge.statistics().received == 3, "three received")
             await until(
-                lambda: bridge.statistics().acknowledged == 2
-                and bridge.statistics().spool_depth == 0,
+                lambda: (
+                    bridge.statistics().acknowledged == 2 and bridge.statistics().spool_depth == 0
+                ),
                 "the two others stored, and the spool empty",
             )
             stats = bridge.statistics()
