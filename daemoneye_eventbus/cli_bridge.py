@@ -25,9 +25,9 @@ import importlib.util
 import os
 import ssl
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from daemoneye_eventbus.bridge.config import (
     DEFAULT_STREAM,
@@ -38,6 +38,10 @@ from daemoneye_eventbus.bridge.config import (
 from daemoneye_eventbus.errors import EventBusError
 from daemoneye_eventbus.runtime import running_loop_name, stop_on_signals
 from daemoneye_eventbus.transports import default_address
+
+if TYPE_CHECKING:  # nats-py and prometheus_client: loaded by the command alone
+    from daemoneye_eventbus.bridge.runner import Bridge
+    from daemoneye_eventbus.metrics import MetricsServer
 
 __all__ = [
     "DEFAULT_FORWARD",
@@ -355,8 +359,10 @@ def _started_line(config: BridgeConfig, depth: int) -> str:
     )
 
 
-async def bridge(args: argparse.Namespace) -> int:
-    """Run the bridge until SIGINT or SIGTERM (0), or until it stops on an error (raises)."""
+def bridge(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    """The ``bridge`` command: check the configuration and load the bridge's
+    modules (nats-py, prometheus_client) now, before the event loop runs (a
+    configuration error raises here); the coroutine runs the bridge."""
     config = bridge_config(args)
     config.check()
     check_nats_files(config.nats)
@@ -374,14 +380,25 @@ async def bridge(args: argparse.Namespace) -> int:
     if args.spool is None:
         _make_spool_directory(config.spool_path)
     runner = Bridge(config)
+    listen: str | None = args.metrics_listen
+
+    def serve() -> MetricsServer | None:
+        return None if listen is None else serve_metrics(listen, bridge_registry(runner))
+
+    return _run(config, runner, serve)
+
+
+async def _run(
+    config: BridgeConfig, runner: Bridge, serve: Callable[[], MetricsServer | None]
+) -> int:
+    """Run the bridge until SIGINT or SIGTERM (0), or until it stops on an error (raises)."""
     stop = asyncio.Event()
     restore = stop_on_signals(stop.set)
     try:
         await runner.start()  # closes the bridge again if it raises
         metrics = None
         try:
-            if args.metrics_listen is not None:
-                metrics = serve_metrics(args.metrics_listen, bridge_registry(runner))
+            metrics = serve()
             print(_started_line(config, runner.statistics().spool_depth), flush=True)
             if metrics is not None:
                 print(f"daemoneye-eventbus bridge metrics on {metrics.url}", flush=True)
