@@ -38,7 +38,7 @@ from daemoneye.eventbus.v1 import events_pb2, registry
 from daemoneye_eventbus import Client
 from daemoneye_eventbus.bridge.config import BridgeConfig, NatsOptions
 from daemoneye_eventbus.bridge.runner import Bridge
-from daemoneye_eventbus.bridge.stats import percentile
+from daemoneye_eventbus.statistics import nearest_rank
 
 STREAM = "DAEMONEYE_EVENTS"
 
@@ -197,17 +197,18 @@ async def main_async(args: argparse.Namespace) -> None:
     for name, result in (("throughput", burst), ("latency", steady)):
         if result.stored != result.events:
             raise SystemExit(f"{name}: the stream holds {result.stored} of {result.events}")
-    lat = steady.latencies
+    lat = sorted(steady.latencies)
     print("| run | events | forwarded and acknowledged / s | p50 ms | p99 ms | max ms | re-sent |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    b = burst.latencies
+    b = sorted(burst.latencies)
     print(
         f"| throughput (as fast as possible) | {burst.events:,} | {burst.per_second:,.0f} | "
-        f"{_ms(percentile(b, 0.5))} | {_ms(percentile(b, 0.99))} | {_ms(max(b))} | {burst.resent} |"
+        f"{_ms(nearest_rank(b, 0.5))} | {_ms(nearest_rank(b, 0.99))} | {_ms(max(b))} | "
+        f"{burst.resent} |"
     )
     print(
         f"| latency ({args.rate:,.0f} events/s) | {steady.events:,} | {steady.per_second:,.0f} | "
-        f"{_ms(percentile(lat, 0.5))} | {_ms(percentile(lat, 0.99))} | {_ms(max(lat))} | "
+        f"{_ms(nearest_rank(lat, 0.5))} | {_ms(nearest_rank(lat, 0.99))} | {_ms(max(lat))} | "
         f"{steady.resent} |"
     )
     print(

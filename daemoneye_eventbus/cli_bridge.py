@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
-import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -50,7 +48,6 @@ __all__ = [
     "bridge",
     "bridge_config",
     "metrics_listen",
-    "check_nats_files",
     "default_spool_path",
 ]
 
@@ -304,35 +301,6 @@ def bridge_config(args: argparse.Namespace) -> BridgeConfig:
     )
 
 
-def check_nats_files(options: NatsOptions) -> None:
-    """Read the secret and TLS files now, and check that nats-py can use the nkey
-    ones: :class:`BridgeConfigError` if not.
-
-    The bridge connects to NATS in the background, for as long as it runs: a
-    file it cannot read there would stop it connecting without a word.
-    """
-    for flag, path in (("--nats-creds", options.credentials), ("--nats-nkey", options.nkey_seed)):
-        if path is None:
-            continue
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise BridgeConfigError(f"{flag} {path}: {exc.strerror}") from None
-        if importlib.util.find_spec("nkeys") is None:
-            raise BridgeConfigError(f"{flag} needs the nkeys package (pip install nkeys)")
-    try:
-        options.connect_options()  # reads the token and password, builds the TLS context
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        if isinstance(exc, BridgeConfigError):
-            raise
-        files = ", ".join(
-            p for p in (options.tls_ca, options.tls_cert, options.tls_key) if p is not None
-        )
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise BridgeConfigError(f"TLS files {files}: {reason}") from None
-
-
 # -- running ------------------------------------------------------------------------------
 
 
@@ -365,7 +333,6 @@ def bridge(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     configuration error raises here); the coroutine runs the bridge."""
     config = bridge_config(args)
     config.check()
-    check_nats_files(config.nats)
     try:
         from daemoneye_eventbus.bridge.metrics import bridge_registry
         from daemoneye_eventbus.bridge.runner import Bridge

@@ -11,6 +11,8 @@ lag: both are read by :mod:`daemoneye_eventbus.metrics` at scrape time.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from daemoneye.eventbus.v1 import frames_pb2
@@ -18,6 +20,7 @@ from daemoneye_eventbus.access import PeerCredentials
 from daemoneye_eventbus.frames import event_budget
 
 __all__ = [
+    "nearest_rank",
     "BrokerStatistics",
     "BrokerTally",
     "ConnectionStatistics",
@@ -228,3 +231,11 @@ class BrokerStatistics:
                 for s in self.subscription_stats
             ],
         )
+
+
+def nearest_rank(ordered: Sequence[float], share: float) -> float:
+    """The ``share`` quantile (0..1) of the sorted ``ordered`` by nearest rank;
+    NaN if there is none."""
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]

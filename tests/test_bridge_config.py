@@ -345,6 +345,8 @@ def test_connect_options_user_and_password_from_a_file(tmp_path: Path) -> None:
 def test_connect_options_credentials_and_nkey_are_paths(tmp_path: Path) -> None:
     creds = str(tmp_path / "bridge.creds")
     seed = str(tmp_path / "bridge.nk")
+    Path(creds).write_text("creds\n")
+    Path(seed).write_text("seed\n")
     out = NatsOptions(credentials=creds).connect_options()
     assert out["user_credentials"] == creds
     assert "nkeys_seed" not in out

@@ -103,9 +103,11 @@ class NatsOptions:
             raise BridgeConfigError(
                 "give one of NATS credentials, nkey seed, token or user and password"
             )
-        if self.nkey_seed is not None and importlib.util.find_spec("nkeys") is None:
+        nkey = self.nkey_seed if self.nkey_seed is not None else self.credentials
+        if nkey is not None and importlib.util.find_spec("nkeys") is None:
             raise BridgeConfigError(
-                "an nkey seed needs the nkeys package (pip install 'nats-py[nkeys]')"
+                f"{nkey}: an nkey seed or credentials file needs the nkeys package "
+                "(pip install 'nats-py[nkeys]')"
             )
         if not self.connect_timeout > 0:
             raise BridgeConfigError("the NATS connect timeout must be positive")
@@ -135,9 +137,9 @@ class NatsOptions:
             "connect_timeout": self.connect_timeout,
         }
         if self.credentials is not None:
-            out["user_credentials"] = self.credentials
+            out["user_credentials"] = _readable(self.credentials)
         if self.nkey_seed is not None:
-            out["nkeys_seed"] = self.nkey_seed
+            out["nkeys_seed"] = _readable(self.nkey_seed)
         if self.token_file is not None:
             out["token"] = _read_secret(self.token_file)
         if self.user is not None:
@@ -150,6 +152,15 @@ class NatsOptions:
             if self.tls_hostname is not None:
                 out["tls_hostname"] = self.tls_hostname
         return out
+
+
+def _readable(path: str) -> str:
+    """``path``, once it is known to be readable (nats-py reads it when connecting)."""
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        raise BridgeConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _read_secret(path: str) -> str:

@@ -80,15 +80,12 @@ class NatsLink:
             raise RuntimeError("not connected to NATS yet")
         return self._js
 
-    def start(self, on_failure: Callable[[BaseException], None]) -> None:
-        """Begin connecting (in the background).
-
-        The secret and TLS files are read here, so that a missing or unusable
-        one is an error of the start (:class:`BridgeConfigError`); an error of
-        the connection that retrying cannot mend (nats-py refusing the options,
-        say an nkey seed without the ``nkeys`` package) goes to ``on_failure``.
+    def start(self, options: dict[str, Any], on_failure: Callable[[BaseException], None]) -> None:
+        """Begin connecting (in the background) with ``options``
+        (:meth:`NatsOptions.connect_options`, read by the caller before it opens
+        anything). An error of the connection that retrying cannot mend
+        (nats-py refusing the options) goes to ``on_failure``.
         """
-        options = self._options.connect_options()
         task = asyncio.get_running_loop().create_task(self._connect(options))
 
         def done(task: asyncio.Task[None]) -> None:
@@ -125,7 +122,6 @@ class NatsLink:
             self._up.clear()
             self.generation += 1
             self._counters.disconnects += 1
-        self._counters.link_up = up
         self._on_change()
 
     async def _disconnected(self) -> None:
@@ -161,7 +157,6 @@ class NatsLink:
             with contextlib.suppress(Exception):
                 await self._nc.close()
         self._up.clear()
-        self._counters.link_up = False
 
 
 async def ensure_stream(js: JetStreamContext, config: BridgeConfig) -> js_api.StreamInfo:

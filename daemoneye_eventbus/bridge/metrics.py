@@ -40,12 +40,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from daemoneye_eventbus.bridge.stats import (
-    LATENCY_SAMPLES,
-    BridgeCounters,
-    BridgeStatistics,
-    percentile,
-)
+from daemoneye_eventbus.bridge.stats import LATENCY_SAMPLES, BridgeCounters, BridgeStatistics
+from daemoneye_eventbus.statistics import nearest_rank
 
 __all__ = [
     "COUNTERS",
@@ -136,7 +132,9 @@ class _Reading:
 
 
 _NOTHING: Final = _Reading(
-    BridgeCounters().snapshot(missed=0, spool_dropped=0, spool_depth=0, spool_bytes=0, in_flight=0),
+    BridgeCounters().snapshot(
+        missed=0, spool_dropped=0, spool_depth=0, spool_bytes=0, in_flight=0, link_up=False
+    ),
     [],
 )
 
@@ -213,7 +211,7 @@ def _families(stats: BridgeStatistics, latencies: list[float]) -> Iterator[Metri
     )
     ordered = sorted(latencies)
     for quantile in QUANTILES:
-        latency.add_metric([str(quantile)], percentile(ordered, quantile))
+        latency.add_metric([str(quantile)], nearest_rank(ordered, quantile))
     yield latency
 
 

@@ -76,6 +76,9 @@ class Bridge:
         self._loop = asyncio.get_running_loop()
         # In a thread: opening waits for the file's lock (``SpoolLocked`` after
         # its timeout), which the event loop should not.
+        # The secret and TLS files first: one missing is a configuration error
+        # before anything is opened or connected.
+        options = config.nats.connect_options()
         self._spool = await asyncio.to_thread(
             Spool,
             config.spool_path,
@@ -104,7 +107,7 @@ class Bridge:
             )
             await self._forwarder.subscribe()
             self._sender = Sender(self._spool, self._link, config, self._counters, self._wake)
-            self._link.start(self._fail)
+            self._link.start(options, self._fail)
             self._spawn(self._forwarder.run(), "forwarder")
             self._spawn(self._send(), "sender")
             if config.control:
@@ -220,6 +223,7 @@ class Bridge:
             spool_depth=spool.depth if spool is not None else 0,
             spool_bytes=spool.bytes if spool is not None else 0,
             in_flight=self._sender.in_flight if self._sender is not None else 0,
+            link_up=self.link_up,
         )
 
     def latencies(self) -> list[float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["LATENCY_SAMPLES", "BridgeCounters", "BridgeStatistics", "percentile"]
+__all__ = ["LATENCY_SAMPLES", "BridgeCounters", "BridgeStatistics"]
 
 #: How many of the latest forward latencies the bridge keeps (for p50 / p99).
 LATENCY_SAMPLES = 100_000
@@ -74,7 +74,6 @@ class BridgeCounters:
     duplicates: int = 0
     resent: int = 0
     disconnects: int = 0
-    link_up: bool = False
     inbound_received: int = 0
     inbound_published: int = 0
     inbound_refused: int = 0
@@ -91,6 +90,7 @@ class BridgeCounters:
         spool_depth: int,
         spool_bytes: int,
         in_flight: int,
+        link_up: bool,
     ) -> BridgeStatistics:
         """A frozen copy, with the figures the counters do not hold."""
         return BridgeStatistics(
@@ -106,7 +106,7 @@ class BridgeCounters:
             spool_depth=spool_depth,
             spool_bytes=spool_bytes,
             in_flight=in_flight,
-            link_up=self.link_up,
+            link_up=link_up,
             disconnects=self.disconnects,
             inbound_received=self.inbound_received,
             inbound_published=self.inbound_published,
@@ -114,12 +114,3 @@ class BridgeCounters:
             requests_answered=self.requests_answered,
             requests_failed=self.requests_failed,
         )
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    """The ``fraction`` quantile (0..1) of ``samples`` by nearest rank; NaN if empty."""
-    if not samples:
-        return float("nan")
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
-    return ordered[index]

@@ -32,7 +32,6 @@ over its last ``latency_window`` results).
 from __future__ import annotations
 
 import enum
-import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Final, TypeVar
 
 from daemoneye.eventbus.v1.control_pb2 import RPC_STATUS_SUCCESS, RpcStatus, TaskResult
 from daemoneye_eventbus.errors import LimitExceeded
+from daemoneye_eventbus.statistics import nearest_rank
 
 __all__ = [
     "AddOutcome",
@@ -187,11 +187,6 @@ def _remember(memory: OrderedDict[K, None], key: K, limit: int) -> None:
         memory.popitem(last=False)
 
 
-def _percentile(ordered: list[float], share: float) -> float:
-    """Nearest-rank percentile of a sorted, non-empty list."""
-    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
-
-
 class _Health:
     __slots__ = ("latencies", "results", "successes", "timeouts")
 
@@ -212,8 +207,8 @@ class _Health:
             self.timeouts,
             n,
             sum(ordered) / n if n else None,
-            _percentile(ordered, 0.5) if n else None,
-            _percentile(ordered, 0.95) if n else None,
+            nearest_rank(ordered, 0.5) if n else None,
+            nearest_rank(ordered, 0.95) if n else None,
         )
 
 
